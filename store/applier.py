@@ -1,0 +1,161 @@
+"""Applies committed commands to a shard's state on a thread of its own.
+
+pysyncobj calls its apply hook on the Raft tick thread, the same thread that
+sends heartbeats. Applying an optimizer step to a 64 MB tensor there would
+stall heartbeats and trigger elections, so the hook only enqueues the command
+here and returns a Future; this thread applies commands in log order. Reads,
+version waits and snapshots all observe the state this thread maintains.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Mapping
+
+from .errors import StoreError
+from .state import ShardState
+
+log = logging.getLogger(__name__)
+
+
+class Applier:
+    def __init__(self, state: ShardState, resolve: Callable[[Mapping[str, Any], int], Any],
+                 on_payload_used: Callable[[str, int, int], None]) -> None:
+        self.state = state
+        self.applied_index = 0
+        self._resolve = resolve
+        self._on_payload_used = on_payload_used
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._watch_lock = threading.Lock()
+        self._watchers: dict[str, list[tuple[int, Future]]] = {}
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self.apply_seconds = 0.0
+        self.applied_count = 0
+        self._thread = threading.Thread(target=self._run, name=f"applier-{state.shard}", daemon=True)
+        self._stopping = False
+        self._thread.start()
+
+    # ---- called from the Raft tick thread ----------------------------------
+    def submit(self, index: int, cmd: Mapping[str, Any]) -> Future:
+        fut: Future = Future()
+        self._enqueue(("apply", index, cmd, fut))
+        return fut
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the applier thread after everything queued before it."""
+        fut: Future = Future()
+        self._enqueue(("call", fn, fut))
+        return fut
+
+    def _enqueue(self, job: tuple) -> None:
+        with self._pending_lock:
+            self._pending += 1
+            self._idle.clear()
+        self._queue.put(job)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    # ---- watchers (any thread) ---------------------------------------------
+    def watch(self, name: str, min_version: int) -> Future:
+        """A Future that resolves with the version once `name` reaches `min_version`."""
+        fut: Future = Future()
+        with self._watch_lock:
+            current = self.state.version_of(name)
+            if current >= min_version:
+                fut.set_result(current)
+                return fut
+            self._watchers.setdefault(name, []).append((min_version, fut))
+        return fut
+
+    def unwatch(self, name: str, fut: Future) -> None:
+        with self._watch_lock:
+            lst = self._watchers.get(name)
+            if lst:
+                lst[:] = [(v, f) for v, f in lst if f is not fut]
+                if not lst:
+                    del self._watchers[name]
+
+    def _notify(self, names: set[str]) -> None:
+        if not names or not self._watchers:
+            return
+        with self._watch_lock:
+            for name in names:
+                lst = self._watchers.get(name)
+                if not lst:
+                    continue
+                version = self.state.version_of(name)
+                keep = []
+                for want, fut in lst:
+                    if version >= want:
+                        if not fut.done():
+                            fut.set_result(version)
+                    else:
+                        keep.append((want, fut))
+                if keep:
+                    self._watchers[name] = keep
+                else:
+                    del self._watchers[name]
+
+    # ---- the thread ----------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                if job[0] == "apply":
+                    self._apply(*job[1:])
+                else:
+                    _, fn, fut = job
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # reported to whoever waits on it
+                        fut.set_exception(e)
+            except Exception:
+                log.exception("applier %s: unexpected failure", self.state.shard)
+            finally:
+                with self._pending_lock:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.set()
+
+    def _apply(self, index: int, cmd: Mapping[str, Any], fut: Future) -> None:
+        started = time.perf_counter()
+        used: list[Mapping[str, Any]] = []
+
+        def resolve(ref: Mapping[str, Any]):
+            if "inline" in ref:
+                return ref["inline"]
+            used.append(ref)
+            return self._resolve(ref, index)
+
+        try:
+            result = self.state.apply(cmd, resolve)
+            fut.set_result(result)
+        except StoreError as e:
+            fut.set_exception(e)
+        except Exception as e:  # a bug: the command changed nothing, report it
+            log.exception("applier %s: command at index %d failed", self.state.shard, index)
+            fut.set_exception(StoreError(f"internal error applying command: {e}"))
+        self.applied_index = max(self.applied_index, index)
+        for ref in used:
+            self._on_payload_used(ref["id"], int(ref.get("size", 0)), index)
+        self.apply_seconds += time.perf_counter() - started
+        self.applied_count += 1
+        self._notify(self.state.changed)
+
+    def install(self, state: ShardState, index: int) -> None:
+        """Replace the state (snapshot load). Called with the applier idle."""
+        self.state = state
+        self.applied_index = index
+        self._notify(set(state.tensors) | set(self._watchers))
+
+    def stop(self) -> None:
+        self._queue.put(None)

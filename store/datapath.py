@@ -1,0 +1,214 @@
+"""The data path: moves payload bytes between replicas over plain TCP.
+
+Raft entries stay small; tensor bytes go here, with no pickle and no
+compression. One request per connection:
+
+    client -> server   one JSON line {"op": "put"|"get", "shard", "id", "size", "mac"}
+    put:  client sends `size` raw bytes; server answers {"ok": true} once the
+          bytes are stored and their SHA-256 matches `id`
+    get:  server answers {"ok": true, "size": n} and the n raw bytes
+
+When a Raft password is configured every request carries an HMAC of its
+header under that password; unauthenticated requests are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import socket
+import socketserver
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Sequence
+
+from .config import Address
+from .errors import CorruptData, Unavailable
+from .payloads import PayloadStore
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER = 4096
+CHUNK = 4 << 20
+SOCKET_BUFFER = 4 << 20
+
+
+def _mac(secret: bytes | None, op: str, shard: int, payload_id: str, size: int) -> str:
+    if secret is None:
+        return ""
+    return hmac.new(secret, f"{op}:{shard}:{payload_id}:{size}".encode(), hashlib.sha256).hexdigest()
+
+
+def _read_line(sock: socket.socket) -> dict:
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError("connection closed while reading a header")
+        buf += chunk
+        if len(buf) > MAX_HEADER:
+            raise ConnectionError("header too long")
+    msg = json.loads(buf)
+    if not isinstance(msg, dict):
+        raise ConnectionError("header is not an object")
+    return msg
+
+
+def _send_line(sock: socket.socket, msg: dict) -> None:
+    sock.sendall(json.dumps(msg).encode() + b"\n")
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], min(CHUNK, size - got))
+        if n == 0:
+            raise ConnectionError(f"connection closed after {got} of {size} bytes")
+        got += n
+    return buf
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+
+
+class DataPathServer:
+    def __init__(self, address: Address, payloads: Mapping[int, PayloadStore], secret: bytes | None,
+                 max_size: int) -> None:
+        self.payloads = payloads
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                outer._handle(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.secret = secret
+        self.max_size = max_size
+        self._server = Server((address.host, address.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="datapath", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handle(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(30)
+            _tune(sock)
+            msg = _read_line(sock)
+            op, pid, size = msg.get("op"), str(msg.get("id", "")), msg.get("size", 0)
+            shard = msg.get("shard")
+            if not isinstance(size, int) or not 0 <= size <= self.max_size:
+                return _send_line(sock, {"ok": False, "error": "bad size"})
+            if not hmac.compare_digest(_mac(self.secret, op, shard, pid, size), str(msg.get("mac", ""))):
+                return _send_line(sock, {"ok": False, "error": "authentication failed"})
+            store = self.payloads.get(shard) if isinstance(shard, int) else None
+            if store is None:
+                return _send_line(sock, {"ok": False, "error": f"shard {shard!r} is not hosted here"})
+            if op == "put":
+                data = _recv_exact(sock, size)
+                store.put(data, pid)
+                _send_line(sock, {"ok": True})
+            elif op == "get":
+                data = store.get(pid)
+                if data is None:
+                    return _send_line(sock, {"ok": False, "error": "not here"})
+                _send_line(sock, {"ok": True, "size": len(data)})
+                sock.sendall(data)
+            else:
+                _send_line(sock, {"ok": False, "error": "unknown op"})
+        except (OSError, ConnectionError, ValueError, CorruptData) as e:
+            log.warning("data path request failed: %s", e)
+            try:
+                _send_line(sock, {"ok": False, "error": str(e)})
+            except OSError:
+                pass
+
+
+class DataPathClient:
+    def __init__(self, secret: bytes | None, timeout: float = 30.0) -> None:
+        self.secret = secret
+        self.timeout = timeout
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="datapath-push")
+
+    def _connect(self, addr: Address) -> socket.socket:
+        sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout)
+        _tune(sock)
+        return sock
+
+    def push(self, addr: Address, shard: int, payload_id: str, data) -> None:
+        with self._connect(addr) as sock:
+            size = len(data)
+            _send_line(sock, {"op": "put", "shard": shard, "id": payload_id, "size": size,
+                              "mac": _mac(self.secret, "put", shard, payload_id, size)})
+            sock.sendall(data)
+            reply = _read_line(sock)
+        if not reply.get("ok"):
+            raise ConnectionError(f"{addr} refused payload: {reply.get('error')}")
+
+    def fetch(self, addr: Address, shard: int, payload_id: str) -> bytearray | None:
+        with self._connect(addr) as sock:
+            _send_line(sock, {"op": "get", "shard": shard, "id": payload_id, "size": 0,
+                              "mac": _mac(self.secret, "get", shard, payload_id, 0)})
+            reply = _read_line(sock)
+            if not reply.get("ok"):
+                return None
+            return _recv_exact(sock, int(reply["size"]))
+
+    def replicate(self, peers: Sequence[Address], shard: int, payload_id: str, data, need: int,
+                  timeout: float) -> None:
+        """Push to every peer in parallel; return once `need` of them hold it.
+
+        The remaining pushes go on in the background, so a slow replica does
+        not slow the write, and a replica that misses it fetches it at apply.
+        """
+        if need <= 0:
+            for p in peers:
+                self._pool.submit(self._quiet_push, p, shard, payload_id, data)
+            return
+        cond = threading.Condition()
+        counts = {"ok": 0, "failed": 0}
+        errors: list[str] = []
+
+        def one(peer: Address) -> None:
+            try:
+                self.push(peer, shard, payload_id, data)
+                outcome = "ok"
+            except (OSError, ConnectionError, ValueError) as e:
+                outcome = "failed"
+                errors.append(f"{peer}: {e}")
+            with cond:
+                counts[outcome] += 1
+                cond.notify_all()
+
+        for p in peers:
+            self._pool.submit(one, p)
+        with cond:
+            cond.wait_for(lambda: counts["ok"] >= need or counts["failed"] > len(peers) - need,
+                          timeout)
+            if counts["ok"] >= need:
+                return
+            acks = counts["ok"]
+        raise Unavailable(f"payload reached {acks} of the {need} peers a majority needs"
+                          + (f" ({'; '.join(errors)})" if errors else ""))
+
+    def _quiet_push(self, peer: Address, shard: int, payload_id: str, data) -> None:
+        try:
+            self.push(peer, shard, payload_id, data)
+        except (OSError, ConnectionError, ValueError) as e:
+            log.info("background payload push to %s failed: %s", peer, e)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,157 @@
+"""Server-side update rules, applied inside the replicated state machine.
+
+Each rule follows torch.optim's single-tensor reference update, operation for
+operation, so every replica computes the same bytes and a trainer can move from
+a local torch optimizer to the store without changing its maths.
+
+Updates are functional: they return new arrays and never write into the ones
+they were given, so readers and snapshots can hold stored arrays without locks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import Unprocessable
+
+# name -> {field: default}
+SPECS: dict[str, dict[str, Any]] = {
+    "assign": {},
+    "sgd": {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0},
+    "adam": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+    "adagrad": {"lr": 0.01, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
+                "eps": 1e-10},
+}
+
+
+def normalize_spec(spec: Any) -> dict[str, Any]:
+    """Validate an optimizer spec from a client and fill in defaults."""
+    if spec is None:
+        return {"type": "assign"}
+    if not isinstance(spec, dict):
+        raise Unprocessable("optimizer: expected a JSON object such as {\"type\": \"sgd\", \"lr\": 0.1}")
+    kind = spec.get("type")
+    if kind not in SPECS:
+        raise Unprocessable(f"optimizer.type: {kind!r} is not one of {', '.join(SPECS)}")
+    defaults = SPECS[kind]
+    unknown = set(spec) - set(defaults) - {"type"}
+    if unknown:
+        raise Unprocessable(
+            f"optimizer.{sorted(unknown)[0]}: unknown field for {kind} (known: {', '.join(defaults) or 'none'})")
+    out: dict[str, Any] = {"type": kind}
+    for key, default in defaults.items():
+        value = spec.get(key, default)
+        where = f"optimizer.{key}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise Unprocessable(f"{where}: expected true or false, got {value!r}")
+        elif isinstance(default, tuple):
+            if (not isinstance(value, (list, tuple)) or len(value) != 2
+                    or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)):
+                raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {value!r}")
+            value = [float(v) for v in value]
+        else:
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise Unprocessable(f"{where}: expected a finite number >= 0, got {value!r}")
+            value = float(value)
+        out[key] = value
+    if kind == "sgd" and out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
+        raise Unprocessable("optimizer.nesterov: needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    value: np.ndarray
+    state: dict[str, Any]
+
+
+def _assign(spec, state, param, grad, lr_scale) -> StepResult:
+    return StepResult(grad, state)
+
+
+def _sgd(spec, state, param, grad, lr_scale) -> StepResult:
+    lr = spec["lr"] * lr_scale
+    d_p = grad
+    if spec["weight_decay"] != 0:
+        d_p = d_p + param * param.dtype.type(spec["weight_decay"])
+    new_state = dict(state)
+    momentum = spec["momentum"]
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = d_p  # arrays are never written in place, so no clone is needed
+        else:
+            buf = buf * param.dtype.type(momentum) + d_p * param.dtype.type(1 - spec["dampening"])
+        new_state["momentum_buffer"] = buf
+        d_p = d_p + buf * param.dtype.type(momentum) if spec["nesterov"] else buf
+    return StepResult(param + d_p * param.dtype.type(-lr), new_state)
+
+
+def _adam(spec, state, param, grad, lr_scale, decoupled: bool = False) -> StepResult:
+    t = param.dtype.type
+    lr = spec["lr"] * lr_scale
+    beta1, beta2 = spec["betas"]
+    wd = spec["weight_decay"]
+    step = int(state.get("step", 0)) + 1
+    if wd != 0:
+        if decoupled:
+            param = param * t(1 - lr * wd)
+        else:
+            grad = grad + param * t(wd)
+    m = state.get("exp_avg")
+    v = state.get("exp_avg_sq")
+    if m is None:
+        m = np.zeros_like(param)
+        v = np.zeros_like(param)
+    m = m + (grad - m) * t(1 - beta1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+    v = v * t(beta2) + grad * grad * t(1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    denom = np.sqrt(v) / t(math.sqrt(bias_correction2)) + t(spec["eps"])
+    value = param + (m / denom) * t(-step_size)
+    return StepResult(value, {"step": step, "exp_avg": m, "exp_avg_sq": v})
+
+
+def _adamw(spec, state, param, grad, lr_scale) -> StepResult:
+    return _adam(spec, state, param, grad, lr_scale, decoupled=True)
+
+
+def _adagrad(spec, state, param, grad, lr_scale) -> StepResult:
+    t = param.dtype.type
+    step = int(state.get("step", 0)) + 1
+    if spec["weight_decay"] != 0:
+        grad = grad + param * t(spec["weight_decay"])
+    clr = spec["lr"] * lr_scale / (1 + (step - 1) * spec["lr_decay"])
+    acc = state.get("sum")
+    if acc is None:
+        acc = np.full_like(param, spec["initial_accumulator_value"])
+    acc = acc + grad * grad
+    std = np.sqrt(acc) + t(spec["eps"])
+    return StepResult(param + (grad / std) * t(-clr), {"step": step, "sum": acc})
+
+
+RULES: dict[str, Callable[..., StepResult]] = {
+    "assign": _assign, "sgd": _sgd, "adam": _adam, "adamw": _adamw, "adagrad": _adagrad,
+}
+
+
+def apply_step(spec: dict, state: dict, param: np.ndarray, grad: np.ndarray,
+               lr_scale: float = 1.0) -> StepResult:
+    """One optimizer step. Integer tensors only take `assign`."""
+    if param.dtype.kind != "f" and spec["type"] != "assign":
+        raise Unprocessable(f"optimizer {spec['type']} needs a float tensor, this one is {param.dtype}")
+    with np.errstate(all="ignore"):
+        result = RULES[spec["type"]](spec, state, param, grad, lr_scale)
+    value = np.ascontiguousarray(result.value, dtype=param.dtype)
+    value.flags.writeable = False
+    return StepResult(value, result.state)

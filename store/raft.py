@@ -1,0 +1,207 @@
+"""pysyncobj wiring for one shard: a SyncObj whose single replicated method
+hands committed commands to the shard's Applier, and whose snapshots are our
+binary format written off the tick thread.
+
+Traps handled here (see docs/architecture.md):
+- the apply hook runs on the tick thread: it only enqueues;
+- a custom serializer runs on the tick thread too: it only enqueues a capture
+  on the applier, a writer thread writes the file and renames it, and
+  `serializeChecker` reports the outcome;
+- pysyncobj binds 0.0.0.0 unless told: `bindAddress` is always the node's own;
+- pysyncobj's forwarded commands report FAIL_REASON codes: mapped to typed errors.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.node import TCPNode
+
+from .applier import Applier
+from .config import Address, RaftSettings
+from .errors import StoreError, Unavailable
+from .snapshot import read_snapshot, write_snapshot
+
+log = logging.getLogger(__name__)
+
+_FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
+
+
+class ShardReplica(SyncObj):
+    def __init__(self, shard: int, self_addr: Address, peers: list[Address], settings: RaftSettings,
+                 shard_dir: Path, applier: Applier, on_snapshot: Callable[[int, int, float], None],
+                 preloaded: tuple[Any, int, dict] | None = None) -> None:
+        self.shard = shard
+        self._applier = applier
+        self._on_snapshot = on_snapshot
+        self._dump_path = shard_dir / "snapshot.bin"
+        self._snapshot_status = SERIALIZER_STATE.NOT_SERIALIZING
+        self._snapshot_lock = threading.Lock()
+        self._preloaded = preloaded
+        self._fsync = settings.fsync
+        self.term_changes = 0
+        self.leader_changes = 0
+        self.snapshots = 0
+        self.last_snapshot_seconds = 0.0
+        self.last_snapshot_bytes = 0
+        self._last_leader: Any = None
+        conf = SyncObjConf(
+            autoTickPeriod=settings.auto_tick_period,
+            appendEntriesPeriod=settings.append_entries_period,
+            raftMinTimeout=settings.min_timeout,
+            raftMaxTimeout=settings.max_timeout,
+            connectionTimeout=settings.connection_timeout,
+            connectionRetryTime=min(1.0, settings.connection_timeout),
+            leaderFallbackTimeout=settings.leader_fallback_timeout,
+            appendEntriesBatchSizeBytes=2 ** 16,
+            sendBufferSize=settings.socket_buffer_bytes,
+            recvBufferSize=settings.socket_buffer_bytes,
+            logCompactionMinEntries=settings.compaction_min_entries,
+            logCompactionMinTime=settings.compaction_min_seconds,
+            commandsWaitLeader=True,
+            bindAddress=str(self_addr),
+            password=settings.password,
+            journalFile=str(shard_dir / "journal.bin"),
+            fullDumpFile=str(self._dump_path),
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            serializeChecker=self._check_serialize,
+            onStateChanged=self._state_changed,
+            dynamicMembershipChange=False,
+            maxBindRetries=10,
+            bindRetryTime=0.5,
+        )
+        super().__init__(str(self_addr), [str(p) for p in peers], conf)
+
+    # ---- commands ------------------------------------------------------------
+    @replicated
+    def _apply(self, cmd: dict) -> Future:
+        return self._applier.submit(self.raftLastApplied + 1, cmd)
+
+    def propose(self, cmd: dict) -> Future:
+        """Replicate `cmd`; the Future resolves with its result on this replica
+        once applied here, or fails with a StoreError."""
+        outer: Future = Future()
+
+        def done(res: Any, err: int) -> None:
+            if err != FAIL_REASON.SUCCESS:
+                name = _FAIL_NAMES.get(err, str(err))
+                if err in (FAIL_REASON.DISCARDED, FAIL_REASON.UNKNOWN_OUTCOME):
+                    detail = f"shard {self.shard}: leader changed, outcome unknown ({name}); retry"
+                else:
+                    detail = f"shard {self.shard}: no leader can take the write ({name})"
+                outer.set_exception(Unavailable(detail, reason=name.lower()))
+                return
+            _chain(res, outer)
+
+        self._apply(cmd, callback=done)
+        return outer
+
+    # ---- snapshots -----------------------------------------------------------
+    def _serialize(self, tmp_file: str, meta: tuple) -> None:
+        """Tick thread: queue a capture; the applier reaches it at exactly this index."""
+        last, prev, cluster = meta
+        raft_meta = {
+            "entries": [[base64.b64encode(e[0]).decode(), e[1], e[2]] for e in (last, prev)],
+            "cluster": sorted(n.id for n in cluster),
+        }
+        index = last[1]
+        with self._snapshot_lock:
+            self._snapshot_status = SERIALIZER_STATE.SERIALIZING
+        self._applier.call(lambda: self._capture_and_write(index, raft_meta))
+
+    def _capture_and_write(self, index: int, raft_meta: dict) -> None:
+        state = self._applier.state
+        tensors = dict(state.tensors)  # arrays are immutable: a shallow copy is a consistent capture
+        dedupe = state.dedupe.copy()
+        threading.Thread(target=self._write, args=(tensors, dedupe, index, raft_meta),
+                         name=f"snapshot-{self.shard}", daemon=True).start()
+
+    def _write(self, tensors, dedupe, index, raft_meta) -> None:
+        started = time.perf_counter()
+        partial = self._dump_path.with_suffix(".writing")
+        try:
+            size = write_snapshot(partial, tensors, dedupe, self.shard, index, raft_meta, self._fsync)
+            os.replace(partial, self._dump_path)
+            status = SERIALIZER_STATE.SUCCESS
+            self.snapshots += 1
+            self.last_snapshot_seconds = time.perf_counter() - started
+            self.last_snapshot_bytes = size
+            log.info("shard %d: snapshot at index %d, %d bytes in %.2fs",
+                     self.shard, index, size, self.last_snapshot_seconds)
+            self._on_snapshot(index, size, self.last_snapshot_seconds)
+        except Exception:
+            log.exception("shard %d: snapshot at index %d failed", self.shard, index)
+            status = SERIALIZER_STATE.FAILED
+        with self._snapshot_lock:
+            self._snapshot_status = status
+
+    def _check_serialize(self) -> int:
+        with self._snapshot_lock:
+            status = self._snapshot_status
+            if status in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+                self._snapshot_status = SERIALIZER_STATE.NOT_SERIALIZING
+            return status
+
+    def _deserialize(self, path: str) -> tuple:
+        """Tick thread, at start or when a leader sent a snapshot: install it."""
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is not None:
+            state, index, raft_meta = preloaded
+        else:
+            state, index, raft_meta = read_snapshot(path, self._applier.state.dedupe_window)
+        self._applier.call(lambda: self._applier.install(state, index)).result()
+        entries = [(base64.b64decode(c), i, t) for c, i, t in raft_meta["entries"]]
+        cluster = {TCPNode(addr) for addr in raft_meta["cluster"]}
+        log.info("shard %d: installed snapshot at index %d (%d tensors)",
+                 self.shard, index, len(state.tensors))
+        return entries[0], entries[1], cluster
+
+    # ---- status --------------------------------------------------------------
+    def _state_changed(self, old: int, new: int) -> None:
+        leader = self._getLeader()
+        if leader != self._last_leader:
+            self.leader_changes += 1
+            self._last_leader = leader
+        log.info("shard %d: raft state %s -> %s (term %d)", self.shard, old, new, self.raftCurrentTerm)
+
+    @property
+    def leader_address(self) -> str | None:
+        leader = self._getLeader()
+        return None if leader is None else leader.id
+
+    @property
+    def role(self) -> str:
+        state = self._SyncObj__raftState
+        return {0: "follower", 1: "candidate", 2: "leader"}.get(state, "unknown")
+
+    @property
+    def leader_commit_index(self) -> int | None:
+        return self._SyncObj__leaderCommitIndex
+
+    @property
+    def log_entries(self) -> int:
+        return self._getRaftLogSize()
+
+
+def _chain(inner: Any, outer: Future) -> None:
+    if not isinstance(inner, Future):
+        outer.set_result(inner)
+        return
+
+    def copy(f: Future) -> None:
+        exc = f.exception()
+        if exc is not None:
+            outer.set_exception(exc)
+        else:
+            outer.set_result(f.result())
+
+    inner.add_done_callback(copy)

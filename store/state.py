@@ -1,0 +1,284 @@
+"""The pure state machine of one shard: tensors, versions, optimizer state.
+
+`ShardState.apply` is deterministic: given the same commands in the same
+order, every replica ends with identical bytes. It never touches the network
+or Raft; the Raft wiring feeds it committed commands in log order.
+
+Commands are small dicts of primitives. Tensor bytes travel beside them: a
+command carries either the bytes inline (small tensors) or a reference to a
+payload that the replica resolves from its payload store.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from . import dtypes
+from .errors import Conflict, NotFound, PreconditionFailed, StoreError, Unprocessable
+from .optimizers import apply_step, normalize_spec
+
+PayloadResolver = Callable[[Mapping[str, Any]], "bytes | memoryview | bytearray"]
+
+STALENESS_POLICIES = ("reject", "scale")
+
+
+@dataclass
+class Tensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    value: np.ndarray  # read-only; replaced, never written in place
+    version: int
+    optimizer: dict[str, Any]
+    opt_state: dict[str, Any] = field(default_factory=dict)
+    allow_nonfinite: bool = False
+    max_staleness: int | None = None
+    staleness_policy: str = "reject"
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.value.nbytes)
+
+    def describe(self, shard: int) -> dict[str, Any]:
+        return {
+            "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+            "version": self.version, "shard": shard, "optimizer": self.optimizer,
+            "nbytes": self.nbytes, "allow_nonfinite": self.allow_nonfinite,
+            "max_staleness": self.max_staleness, "staleness_policy": self.staleness_policy,
+        }
+
+
+class ShardState:
+    def __init__(self, shard: int, dedupe_window: int = 100_000) -> None:
+        self.shard = shard
+        self.tensors: dict[str, Tensor] = {}
+        self.dedupe: OrderedDict[str, dict] = OrderedDict()
+        self.dedupe_window = dedupe_window
+        self.changed: set[str] = set()  # names touched by the last apply
+
+    # ---- applying commands -------------------------------------------------
+    def apply(self, cmd: Mapping[str, Any], resolve: PayloadResolver) -> dict[str, Any]:
+        """Apply one committed command; return its result or raise a StoreError.
+
+        A failed command changes nothing. A command carrying a request id
+        (`rid`) that was already applied returns the recorded outcome again
+        instead of applying twice, so clients may retry timed-out writes.
+        """
+        self.changed = set()
+        op = cmd.get("op")
+        if op == "noop":
+            return {}
+        if op == "batch":
+            return self._recorded(cmd, lambda: self._batch(cmd["ops"], resolve))
+        handler = self._HANDLERS.get(op)
+        if handler is None:
+            raise Unprocessable(f"unknown operation {op!r}")
+        return self._recorded(cmd, lambda: handler(self, cmd, resolve))
+
+    def _recorded(self, cmd: Mapping[str, Any], run: Callable[[], dict]) -> dict:
+        rid = cmd.get("rid")
+        if rid is not None and rid in self.dedupe:
+            outcome = self.dedupe[rid]
+            if "error" in outcome:
+                raise StoreError.from_dict(outcome)
+            return dict(outcome, duplicate=True)
+        try:
+            result = run()
+        except StoreError as e:
+            self._remember(rid, e.to_dict())
+            raise
+        self._remember(rid, result)
+        return result
+
+    def _remember(self, rid: str | None, outcome: dict) -> None:
+        if rid is None:
+            return
+        self.dedupe[rid] = outcome
+        while len(self.dedupe) > self.dedupe_window:
+            self.dedupe.popitem(last=False)
+
+    def _batch(self, ops: list[Mapping[str, Any]], resolve: PayloadResolver) -> dict:
+        """All ops or none: each op is computed against a scratch copy of the
+        touched tensors, then all are committed together."""
+        staged: dict[str, Tensor | None] = {}
+        results = []
+        saved = self.tensors
+        self.tensors = _Overlay(saved, staged)
+        try:
+            for op in ops:
+                handler = self._HANDLERS.get(op.get("op"))
+                if handler is None:
+                    raise Unprocessable(f"unknown operation {op.get('op')!r} in batch")
+                results.append(handler(self, op, resolve))
+        finally:
+            self.tensors = saved
+        for name, t in staged.items():
+            if t is None:
+                self.tensors.pop(name, None)
+            else:
+                self.tensors[name] = t
+        self.changed = set(staged)
+        return {"results": results}
+
+    def _put(self, cmd, resolve) -> dict:
+        name = cmd["name"]
+        existing = self.tensors.get(name)
+        _check_preconditions(existing, cmd)
+        dtype, shape = cmd["dtype"], tuple(cmd["shape"])
+        if existing is not None and (existing.dtype, existing.shape) != (dtype, shape):
+            raise Unprocessable(
+                f"tensor {name!r} is {existing.dtype}{list(existing.shape)}; a replace must keep "
+                f"dtype and shape (got {dtype}{list(shape)}); delete and recreate to change them")
+        value = dtypes.array_from_bytes(resolve(cmd["data"]), dtype, shape)
+        allow = cmd.get("allow_nonfinite")
+        if allow is None:
+            allow = existing.allow_nonfinite if existing else False
+        if not allow and not dtypes.all_finite(value):
+            raise Unprocessable(f"tensor {name!r}: value contains NaN or Inf (create it with "
+                                "allow_nonfinite to store such values)")
+        spec = normalize_spec(cmd["optimizer"]) if cmd.get("optimizer") is not None else None
+        max_staleness, policy = _staleness(cmd, existing)
+        if existing is None:
+            t = Tensor(name, dtype, shape, value, 1, spec or {"type": "assign"},
+                       allow_nonfinite=allow, max_staleness=max_staleness, staleness_policy=policy)
+            created = True
+        else:
+            keep_state = spec is None or spec == existing.optimizer
+            t = Tensor(name, dtype, shape, value, existing.version + 1,
+                       existing.optimizer if keep_state else spec,
+                       existing.opt_state if keep_state else {},
+                       allow_nonfinite=allow, max_staleness=max_staleness, staleness_policy=policy)
+            created = False
+        self.tensors[name] = t
+        self.changed.add(name)
+        return {"name": name, "version": t.version, "shard": self.shard, "created": created}
+
+    def _grad(self, cmd, resolve) -> dict:
+        name = cmd["name"]
+        t = self.tensors.get(name)
+        if t is None:
+            raise NotFound(f"tensor {name!r} does not exist")
+        _check_preconditions(t, cmd)
+        if (cmd["dtype"], tuple(cmd["shape"])) != (t.dtype, t.shape):
+            raise Unprocessable(
+                f"gradient is {cmd['dtype']}{list(cmd['shape'])} but tensor {name!r} is "
+                f"{t.dtype}{list(t.shape)}")
+        grad = dtypes.array_from_bytes(resolve(cmd["data"]), t.dtype, t.shape)
+        if not t.allow_nonfinite and not dtypes.all_finite(grad):
+            raise Unprocessable(f"gradient for {name!r} contains NaN or Inf")
+        lr_scale = 1.0
+        base = cmd.get("base_version")
+        if base is not None:
+            if base > t.version:
+                raise Conflict(f"base_version {base} is newer than tensor {name!r} (version {t.version})",
+                               current_version=t.version)
+            staleness = t.version - base
+            if t.staleness_policy == "scale":
+                lr_scale = 1.0 / (1 + staleness)
+            elif t.max_staleness is not None and staleness > t.max_staleness:
+                raise Conflict(
+                    f"gradient for {name!r} was computed on version {base}, {staleness} versions behind "
+                    f"{t.version} (max_staleness {t.max_staleness}); pull and recompute",
+                    current_version=t.version)
+        step = apply_step(t.optimizer, t.opt_state, t.value, grad, lr_scale)
+        new = Tensor(t.name, t.dtype, t.shape, step.value, t.version + 1, t.optimizer, step.state,
+                     t.allow_nonfinite, t.max_staleness, t.staleness_policy)
+        self.tensors[name] = new
+        self.changed.add(name)
+        return {"name": name, "version": new.version, "shard": self.shard}
+
+    def _delete(self, cmd, resolve) -> dict:
+        name = cmd["name"]
+        t = self.tensors.get(name)
+        if t is None:
+            raise NotFound(f"tensor {name!r} does not exist")
+        _check_preconditions(t, cmd)
+        del self.tensors[name]
+        self.changed.add(name)
+        return {"name": name, "version": t.version, "shard": self.shard, "deleted": True}
+
+    _HANDLERS: dict[str, Callable[..., dict]] = {"put": _put, "grad": _grad, "delete": _delete}
+
+    # ---- reading -----------------------------------------------------------
+    def get(self, name: str) -> Tensor:
+        t = self.tensors.get(name)
+        if t is None:
+            raise NotFound(f"tensor {name!r} does not exist")
+        return t
+
+    def version_of(self, name: str) -> int:
+        t = self.tensors.get(name)
+        return 0 if t is None else t.version
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes + _state_nbytes(t.opt_state) for t in self.tensors.values())
+
+
+def _state_nbytes(state: Mapping[str, Any]) -> int:
+    return sum(v.nbytes for v in state.values() if isinstance(v, np.ndarray))
+
+
+def _check_preconditions(existing: Tensor | None, cmd: Mapping[str, Any]) -> None:
+    current = existing.version if existing else None
+    if cmd.get("if_none_match") and existing is not None:
+        raise PreconditionFailed(f"tensor {existing.name!r} already exists (If-None-Match: *)",
+                                 current_version=current)
+    want = cmd.get("if_match")
+    if want == "*":
+        if existing is None:
+            raise PreconditionFailed(f"tensor {cmd['name']!r} does not exist (If-Match: *)",
+                                     current_version=None)
+    elif want is not None and current != want:
+        what = f"is at version {current}" if existing else "does not exist"
+        raise PreconditionFailed(f"tensor {cmd['name']!r} {what}, If-Match asked for {want}",
+                                 current_version=current)
+
+
+def _staleness(cmd: Mapping[str, Any], existing: Tensor | None) -> tuple[int | None, str]:
+    max_staleness = cmd.get("max_staleness", existing.max_staleness if existing else None)
+    policy = cmd.get("staleness_policy") or (existing.staleness_policy if existing else "reject")
+    if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
+        raise Unprocessable(f"max_staleness: expected an integer >= 0, got {max_staleness!r}")
+    if policy not in STALENESS_POLICIES:
+        raise Unprocessable(f"staleness_policy: {policy!r} is not one of {', '.join(STALENESS_POLICIES)}")
+    return max_staleness, policy
+
+
+class _Overlay(dict):
+    """A dict view for batches: reads fall through to `base`, writes go to `staged`."""
+
+    def __init__(self, base: dict, staged: dict) -> None:
+        super().__init__()
+        self._base, self._staged = base, staged
+
+    def get(self, key, default=None):
+        if key in self._staged:
+            v = self._staged[key]
+            return default if v is None else v
+        return self._base.get(key, default)
+
+    def __getitem__(self, key):
+        v = self.get(key)
+        if v is None:
+            raise KeyError(key)
+        return v
+
+    def __setitem__(self, key, value) -> None:
+        self._staged[key] = value
+
+    def __delitem__(self, key) -> None:
+        self[key]  # KeyError if absent
+        self._staged[key] = None
+
+    def pop(self, key, *default):
+        v = self.get(key)
+        if v is None:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        self._staged[key] = None
+        return v
