@@ -1,0 +1,36 @@
+# Everything installs itself: a fresh machine needs only python3 and make.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-dev
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast test-cluster install clean
+
+$(PY):
+	python3 -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv $(VENV))
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+## A local 3-replica cluster on loopback, plus a trainer working against it.
+run: install
+	$(VENV)/bin/paramstore dev --replicas 3 --http-port 8700 --data-dir data/dev \
+		--then "$(PY) examples/train_digits.py --workers 4"
+
+## The whole suite (unit, API and real multi-process cluster tests).
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+## Unit and in-process API tests only (under a minute).
+test-fast: install
+	$(PY) -m pytest -q -m "not cluster" tests
+
+test-cluster: install
+	$(PY) -m pytest -q -m cluster tests
+
+clean:
+	rm -rf $(VENV) data *.egg-info

@@ -1,0 +1,41 @@
+"""The FastAPI application of one replica."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import anyio
+from fastapi import FastAPI
+
+from store.config import Config
+from store.node import Store
+
+from . import cluster, errors, tensors
+
+log = logging.getLogger(__name__)
+
+
+def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
+    """An app serving `store`; if none is given, one is built from `cfg` and
+    started and stopped with the app's lifespan."""
+    owned = store is None
+    the_store = store if store is not None else Store(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if owned:
+            await anyio.to_thread.run_sync(the_store.start)
+        try:
+            yield
+        finally:
+            if owned:
+                await anyio.to_thread.run_sync(the_store.close)
+
+    app = FastAPI(title="paramstore", version="0.1.0", lifespan=lifespan,
+                  description="A Raft-replicated, versioned parameter store for distributed training.")
+    app.state.store = the_store
+    errors.install(app)
+    app.include_router(tensors.router)
+    app.include_router(cluster.router)
+    return app

@@ -1,0 +1,29 @@
+"""Awaiting the store's concurrent Futures from the event loop, with deadlines."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from store.errors import Timeout
+
+T = TypeVar("T")
+
+
+async def wait(fut: "Future[T]", timeout: float, what: str) -> T:
+    """Await a store Future; on deadline raise Timeout (the outcome may still
+    happen later, which is why writes carry request ids)."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+    except asyncio.TimeoutError:
+        raise Timeout(f"{what} did not complete within {timeout:g}s; outcome unknown, "
+                      "retry with the same X-Request-Id to be safe") from None
+
+
+async def wait_optional(fut: "Future[Any]", timeout: float) -> bool:
+    """True if `fut` completed within `timeout`."""
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False

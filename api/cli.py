@@ -1,0 +1,66 @@
+"""The `paramstore` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from store.config import load_config
+from store.errors import ConfigError
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = {"node.id": args.node, "node.data_dir": args.data_dir, "raft.password": args.raft_password,
+           "log_level": args.log_level}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="paramstore", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one replica")
+    serve.add_argument("--config", help="cluster TOML file (or PARAMSTORE_CONFIG)")
+    serve.add_argument("--node", help="this replica's node id (or PARAMSTORE_NODE)")
+    serve.add_argument("--data-dir", help="data directory (or PARAMSTORE_DATA_DIR)")
+    serve.add_argument("--raft-password", help="Raft password (prefer PARAMSTORE_RAFT_PASSWORD)")
+    serve.add_argument("--log-level", help="debug, info, warning")
+    serve.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override any setting, e.g. --set raft.min_timeout=0.8")
+
+    dev = sub.add_parser("dev", help="run a local cluster on loopback in the foreground")
+    dev.add_argument("--replicas", type=int, default=3)
+    dev.add_argument("--http-port", type=int, default=8700)
+    dev.add_argument("--raft-port", type=int, default=9700)
+    dev.add_argument("--shards", type=int, default=4)
+    dev.add_argument("--replication", type=int, default=3)
+    dev.add_argument("--data-dir", default="data/dev")
+    dev.add_argument("--then", help="shell command to run once the cluster is ready "
+                     "(gets PARAMSTORE_URLS)")
+    dev.add_argument("--exit-after", action="store_true",
+                     help="stop the cluster when the --then command finishes")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            cfg = load_config(args.config, overrides=_overrides(args))
+            from .server import serve as run_serve
+            run_serve(cfg)
+            return 0
+        if args.command == "dev":
+            from .devcluster import run_dev
+            return run_dev(args.replicas, args.http_port, args.raft_port, args.shards, args.replication,
+                           Path(args.data_dir), args.then, args.exit_after)
+    except ConfigError as e:
+        print(f"paramstore: configuration error: {e.detail}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""`paramstore dev`: a whole local cluster in the foreground, on loopback."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from store.config import config_from_mapping, render_toml
+
+
+def dev_config(replicas: int, http_port: int, raft_port: int, shards: int, replication: int) -> dict:
+    nodes = []
+    for i in range(replicas):
+        raft_base = raft_port + i * (shards + 2)
+        nodes.append({"id": f"n{i + 1}", "http": f"127.0.0.1:{http_port + i}",
+                      "raft": f"127.0.0.1:{raft_base}", "data": f"127.0.0.1:{raft_base + shards}"})
+    return {"cluster": {"shards": shards, "replication": min(replication, replicas)}, "nodes": nodes}
+
+
+def run_dev(replicas: int, http_port: int, raft_port: int, shards: int, replication: int,
+            data_dir: Path, then: str | None, exit_after: bool, ready_timeout: float = 60.0) -> int:
+    cfg = config_from_mapping(dev_config(replicas, http_port, raft_port, shards, replication))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config_path = data_dir / "cluster.toml"
+    config_path.write_text(render_toml(cfg))
+    procs: dict[str, subprocess.Popen] = {}
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for n in cfg.nodes:
+        log_file = open(data_dir / f"{n.id}.log", "ab")
+        procs[n.id] = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--config", str(config_path), "--node", n.id,
+             "--data-dir", str(data_dir / n.id)],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    urls = [n.url for n in cfg.nodes]
+    print(f"paramstore dev: {replicas} replicas, {cfg.shards} shards, replication {cfg.replication}")
+    for n in cfg.nodes:
+        print(f"  {n.id}  {n.url}   (log: {data_dir / (n.id + '.log')})")
+    code = 0
+    try:
+        if not _wait_ready(urls, procs, ready_timeout, lambda: stopping):
+            print("paramstore dev: cluster did not become ready; see the logs above", file=sys.stderr)
+            return 1
+        print(f"paramstore dev: ready. Try: curl {urls[0]}/v1/cluster")
+        if then:
+            env = dict(os.environ, PARAMSTORE_URLS=",".join(urls))
+            print(f"paramstore dev: running {then!r}")
+            child = subprocess.Popen(then, shell=True, env=env)
+            while child.poll() is None and not stopping:
+                time.sleep(0.2)
+            if child.poll() is None:
+                child.terminate()
+            code = child.wait()
+            if exit_after:
+                return code
+        print("paramstore dev: serving; Ctrl-C stops every replica")
+        while not stopping:
+            for node_id, p in procs.items():
+                if p.poll() is not None:
+                    print(f"paramstore dev: replica {node_id} exited with {p.returncode}", file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+        return code
+    finally:
+        print("paramstore dev: stopping replicas")
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        print("paramstore dev: stopped")
+
+
+def _wait_ready(urls, procs, timeout, stopping) -> bool:
+    deadline = time.monotonic() + timeout
+    pending = set(urls)
+    with httpx.Client(timeout=1.0) as client:
+        while pending and time.monotonic() < deadline and not stopping():
+            for p in procs.values():
+                if p.poll() is not None:
+                    return False
+            for url in list(pending):
+                try:
+                    if client.get(url + "/readyz").status_code == 200:
+                        pending.discard(url)
+                        print(f"  ready: {url}")
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.1)
+    return not pending

@@ -1,0 +1,77 @@
+"""The one place where store errors become HTTP statuses and JSON bodies."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from store import errors as e
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[e.StoreError], int] = {
+    e.InvalidRequest: 400,
+    e.NotFound: 404,
+    e.NotAcceptable: 406,
+    e.AlreadyExists: 409,
+    e.Conflict: 409,
+    e.PreconditionFailed: 412,
+    e.PayloadTooLarge: 413,
+    e.UnsupportedMediaType: 415,
+    e.Unprocessable: 422,
+    e.Unavailable: 503,
+    e.Timeout: 503,
+    e.CorruptData: 500,
+}
+
+
+def status_of(err: e.StoreError) -> int:
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_response(err: e.StoreError, request: Request | None = None) -> Response:
+    if isinstance(err, e.NotHosted) and request is not None and err.extra.get("hosts"):
+        target = str(err.extra["hosts"][0]).rstrip("/") + request.url.path
+        if request.url.query:
+            target += "?" + request.url.query
+        return RedirectResponse(target, status_code=307)
+    status = status_of(err)
+    if status >= 500 and not isinstance(err, e.Unavailable):
+        log.error("internal error: %s", err.detail)
+    headers = {}
+    if isinstance(err, e.Unavailable):
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return JSONResponse(err.to_dict(), status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(e.StoreError)
+    async def _store_error(request: Request, exc: e.StoreError) -> Response:
+        return error_response(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}")
+        return JSONResponse({"error": e.InvalidRequest.code, "detail": "; ".join(parts)},
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"},
+                            status_code=500)

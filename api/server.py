@@ -1,0 +1,43 @@
+"""Run one replica: the app under uvicorn, one process, one worker."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import uvicorn
+
+from store.config import Config
+
+from .app import create_app
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure_logging(level: str, node_id: str | None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("pysyncobj").setLevel("WARNING")
+
+
+def serve(cfg: Config) -> None:
+    configure_logging(cfg.log_level, cfg.node_id)
+    node = cfg.node
+    app = create_app(cfg)
+    config = uvicorn.Config(
+        app, host=node.http.host, port=node.http.port, workers=1, log_config=None,
+        access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1024,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,159 @@
+"""/v1/tensors: create, replace, read, push gradients, delete, list."""
+from __future__ import annotations
+
+import hashlib
+
+import anyio
+from fastapi import APIRouter, Query, Request
+from starlette.responses import JSONResponse, Response
+
+from store.errors import InvalidRequest, NotFound, Unavailable
+from store.node import Store
+
+from . import headers as h
+from . import wire
+from .bridge import wait, wait_optional
+
+router = APIRouter()
+
+DECODE_IN_THREAD_BYTES = 1 << 20
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+async def _decode(request: Request, store: Store, default=None) -> wire.WireTensor:
+    body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
+    args = (request.headers.get("content-type"), request.headers, body,
+            store.cfg.limits.json_max_elements, default)
+    if len(body) > DECODE_IN_THREAD_BYTES and wire.media_type(args[0]) != wire.OCTET:
+        return await anyio.to_thread.run_sync(wire.decode, *args)
+    return wire.decode(*args)
+
+
+def _written(result: dict, status: int = 200) -> JSONResponse:
+    version = result["version"]
+    body = {k: v for k, v in result.items() if k in ("name", "version", "shard", "deleted", "duplicate")}
+    return JSONResponse(body, status_code=status,
+                        headers={"ETag": f'"{version}"', "X-Version": str(version)})
+
+
+@router.put("/v1/tensors/{name}", status_code=201)
+async def put_tensor(name: str, request: Request) -> Response:
+    """Create or replace a tensor (201 on create, 200 on replace)."""
+    store = _store(request)
+    h.tensor_name(name)
+    hd = request.headers
+    inm = hd.get("if-none-match")
+    if inm is not None and inm.strip() != "*":
+        raise InvalidRequest("If-None-Match on PUT only takes '*' (create only)")
+    cmd = {
+        "op": "put",
+        "if_none_match": inm is not None,
+        "if_match": h.version_tag(hd.get("if-match"), "If-Match", allow_star=True),
+        "optimizer": h.optimizer(hd.get("x-optimizer")),
+        "allow_nonfinite": h.boolean(hd.get("x-allow-nonfinite"), "X-Allow-Nonfinite"),
+        "staleness_policy": h.staleness_policy(hd.get("x-staleness-policy")),
+    }
+    max_staleness = h.integer(hd.get("x-max-staleness"), "X-Max-Staleness")
+    if max_staleness is not None:
+        cmd["max_staleness"] = max_staleness
+    rid = h.request_id(hd.get("x-request-id"))
+    if rid:
+        cmd["rid"] = rid
+    t = await _decode(request, store)
+    cmd.update(dtype=t.dtype, shape=list(t.shape))
+    result = await wait(store.write(name, cmd, t.data), store.cfg.limits.request_timeout, "write")
+    return _written(result, 201 if result.get("created") else 200)
+
+
+@router.post("/v1/tensors/{name}/grad")
+async def push_grad(name: str, request: Request) -> Response:
+    """Apply a gradient with the tensor's optimizer; returns the new version."""
+    store = _store(request)
+    h.tensor_name(name)
+    hd = request.headers
+    cmd = {
+        "op": "grad",
+        "base_version": h.integer(hd.get("x-base-version"), "X-Base-Version"),
+        "if_match": h.version_tag(hd.get("if-match"), "If-Match"),
+    }
+    rid = h.request_id(hd.get("x-request-id"))
+    if rid:
+        cmd["rid"] = rid
+    try:
+        local, _ = store.get(name)
+        default = (local.dtype, local.shape)
+    except NotFound:
+        default = None
+    t = await _decode(request, store, default)
+    cmd.update(dtype=t.dtype, shape=list(t.shape))
+    result = await wait(store.write(name, cmd, t.data), store.cfg.limits.request_timeout, "push")
+    return _written(result)
+
+
+@router.delete("/v1/tensors/{name}")
+async def delete_tensor(name: str, request: Request) -> Response:
+    store = _store(request)
+    h.tensor_name(name)
+    cmd = {"op": "delete", "if_match": h.version_tag(request.headers.get("if-match"), "If-Match")}
+    rid = h.request_id(request.headers.get("x-request-id"))
+    if rid:
+        cmd["rid"] = rid
+    result = await wait(store.write(name, cmd), store.cfg.limits.request_timeout, "delete")
+    return _written(result)
+
+
+@router.get("/v1/tensors")
+async def list_tensors(request: Request) -> list[dict]:
+    return _store(request).list()
+
+
+@router.api_route("/v1/tensors/{name}", methods=["GET", "HEAD"])
+async def get_tensor(
+    name: str,
+    request: Request,
+    consistency: str = Query("local", pattern="^(local|linearizable)$"),
+    min_version: int | None = Query(None, ge=0),
+    wait_version_gt: int | None = Query(None, ge=0),
+    timeout: float | None = Query(None, ge=0, le=3600),
+    digest: bool = False,
+) -> Response:
+    """Read a tensor at the asked consistency; see docs/api.md."""
+    store = _store(request)
+    h.tensor_name(name)
+    limits = store.cfg.limits
+    kind = wire.negotiate(request.headers.get("accept"))
+    deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
+    inm = h.version_tags(request.headers.get("if-none-match"), "If-None-Match")
+    shard = store.shard_of(name)
+    if consistency == "linearizable":
+        await wait(store.barrier(shard), deadline, "linearizable read barrier")
+    if min_version is not None:
+        await _wait_version(store, name, min_version, deadline, must=True)
+    if wait_version_gt is not None:
+        if not await _wait_version(store, name, wait_version_gt + 1, deadline, must=False):
+            t, shard = store.get(name)
+            return Response(status_code=304, headers=wire.tensor_headers(t.dtype, t.shape, t.version, shard))
+    t, shard = store.get(name)
+    hdrs = wire.tensor_headers(t.dtype, t.shape, t.version, shard)
+    if inm == "*" or (isinstance(inm, list) and t.version in inm):
+        return Response(status_code=304, headers=hdrs)
+    if digest:
+        value = t.value
+        hdrs["X-Digest"] = "sha256:" + await anyio.to_thread.run_sync(
+            lambda: hashlib.sha256(wire.raw_view(value)).hexdigest())
+    return wire.encode(kind, name, t.value, hdrs, limits.json_max_elements,
+                       head_only=request.method == "HEAD")
+
+
+async def _wait_version(store: Store, name: str, version: int, deadline: float, must: bool) -> bool:
+    fut = store.watch(name, version)
+    if await wait_optional(fut, deadline):
+        return True
+    store.unwatch(name, fut)
+    if must:
+        raise Unavailable(f"this replica has not applied version {version} of {name!r} within "
+                          f"{deadline:g}s; retry or read from another replica")
+    return False

@@ -1,0 +1,240 @@
+"""Tensor wire formats: raw little-endian bytes with headers, .npy, and JSON.
+
+Decoding never unpickles (`.npy` headers are parsed with pickling off and
+object dtypes refused) and never copies the bytes of a raw body. Encoding
+serves the stored, read-only array buffer without copying it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import numpy as np
+from numpy.lib import format as npf
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from store import dtypes
+from store.errors import (InvalidRequest, NotAcceptable, PayloadTooLarge, Unprocessable,
+                          UnsupportedMediaType)
+
+OCTET = "application/octet-stream"
+NPY = "application/x-npy"
+JSON = "application/json"
+SAFETENSORS = "application/x-safetensors"
+TENSOR_TYPES = (OCTET, NPY, JSON)
+
+
+@dataclass
+class WireTensor:
+    dtype: str
+    shape: tuple[int, ...]
+    data: Any  # bytes-like, little-endian, C order
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The request body, refused with 413 as soon as it passes `limit` bytes
+    (by Content-Length up front, or while streaming a chunked body)."""
+    length_header = request.headers.get("content-length")
+    if length_header is not None:
+        try:
+            length = int(length_header)
+        except ValueError:
+            raise InvalidRequest(f"Content-Length {length_header!r} is not a number") from None
+        if length > limit:
+            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit} bytes",
+                                  limit=limit)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        async for chunk in request.stream():
+            if got + len(chunk) > length:
+                raise InvalidRequest("body is longer than its Content-Length")
+            view[got:got + len(chunk)] = chunk
+            got += len(chunk)
+        if got != length:
+            raise InvalidRequest(f"body ended after {got} of {length} bytes")
+        return buf
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", limit=limit)
+    return buf
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def decode(content_type: str | None, headers, body, json_max_elements: int,
+           default: tuple[str, tuple[int, ...]] | None = None) -> WireTensor:
+    """Parse a tensor body. `default` (dtype, shape) fills in absent X-Dtype /
+    X-Shape headers for raw bodies (gradients of an existing tensor)."""
+    kind = media_type(content_type) or OCTET
+    if kind == OCTET:
+        return _decode_raw(headers, body, default)
+    if kind == NPY:
+        return _decode_npy(body)
+    if kind == JSON:
+        return _decode_json(body, json_max_elements)
+    raise UnsupportedMediaType(
+        f"Content-Type {kind!r} is not supported for tensors (use {', '.join(TENSOR_TYPES)})")
+
+
+def _decode_raw(headers, body, default) -> WireTensor:
+    dtype_text = headers.get("x-dtype")
+    shape_text = headers.get("x-shape")
+    if dtype_text is None or shape_text is None:
+        if default is None:
+            missing = "X-Dtype" if dtype_text is None else "X-Shape"
+            raise InvalidRequest(f"{missing} header is required with {OCTET}")
+        dtype_text = dtype_text if dtype_text is not None else default[0]
+        shape = dtypes.parse_shape(shape_text) if shape_text is not None else default[1]
+    else:
+        shape = dtypes.parse_shape(shape_text)
+    dtype = dtype_text.strip().lower()
+    dtypes.dtype_of(dtype)
+    want = dtypes.expected_nbytes(dtype, shape)
+    if len(body) != want:
+        raise Unprocessable(
+            f"body has {len(body)} bytes but X-Dtype {dtype} and X-Shape {list(shape)} need {want}")
+    return WireTensor(dtype, shape, body)
+
+
+def _decode_npy(body) -> WireTensor:
+    view = memoryview(body)
+    head = io.BytesIO(bytes(view[:65536]))
+    try:
+        version = npf.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, dt = npf.read_array_header_1_0(head)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dt = npf.read_array_header_2_0(head)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, SyntaxError, TypeError, EOFError) as e:
+        raise InvalidRequest(f"body is not a valid .npy file: {e}") from None
+    if dt.hasobject or dt.kind not in "fi":
+        raise Unprocessable(f".npy dtype {dt} is not supported (object arrays are never accepted)")
+    name = dtypes.dtype_name(dt)
+    shape = dtypes.check_shape(shape)
+    offset = head.tell()
+    want = dtypes.element_count(shape) * dt.itemsize
+    if len(view) - offset != want:
+        raise Unprocessable(f".npy data has {len(view) - offset} bytes, dtype {dt} and shape "
+                            f"{list(shape)} need {want}")
+    data = view[offset:]
+    if fortran or dt.byteorder == ">":
+        arr = np.frombuffer(data, dtype=dt)
+        arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+        arr = np.ascontiguousarray(arr, dtype=dtypes.dtype_of(name))
+        data = memoryview(arr.reshape(-1)).cast("B")
+    return WireTensor(name, shape, data)
+
+
+def _decode_json(body, max_elements: int) -> WireTensor:
+    if len(body) > max(1 << 20, max_elements * 32):
+        raise PayloadTooLarge(f"JSON tensor bodies are limited to {max_elements} elements; "
+                              f"use {OCTET} or {NPY} for large tensors")
+    try:
+        doc = json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or "data" not in doc:
+        raise InvalidRequest('JSON tensor body must be an object {"dtype": ..., "shape": [...], "data": [...]}')
+    dtype = str(doc.get("dtype", "float32")).lower()
+    np_dtype = dtypes.dtype_of(dtype)
+    try:
+        arr = np.asarray(doc["data"], dtype=np_dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise Unprocessable(f"data cannot be read as {dtype}: {e}") from None
+    if "shape" in doc:
+        shape = dtypes.check_shape(doc["shape"]) if isinstance(doc["shape"], list) else None
+        if shape is None:
+            raise InvalidRequest("shape must be a list of integers")
+        if arr.size != dtypes.element_count(shape):
+            raise Unprocessable(f"data has {arr.size} elements, shape {list(shape)} needs "
+                                f"{dtypes.element_count(shape)}")
+        arr = arr.reshape(shape)
+    if arr.size > max_elements:
+        raise PayloadTooLarge(f"JSON tensor bodies are limited to {max_elements} elements")
+    arr = np.ascontiguousarray(arr)
+    return WireTensor(dtype, tuple(arr.shape), arr.tobytes())
+
+
+def negotiate(accept: str | None, offered: tuple[str, ...] = TENSOR_TYPES) -> str:
+    """Pick the best of `offered` for an Accept header; the first is the default."""
+    if not accept:
+        return offered[0]
+    ranges = []
+    for i, part in enumerate(accept.split(",")):
+        fields = [f.strip() for f in part.split(";")]
+        q = 1.0
+        for f in fields[1:]:
+            if f.startswith("q="):
+                try:
+                    q = float(f[2:])
+                except ValueError:
+                    q = 0.0
+        ranges.append((-q, i, fields[0].lower()))
+    for neg_q, _, mt in sorted(ranges):
+        if -neg_q <= 0:
+            continue
+        if mt in offered:
+            return mt
+        if mt in ("*/*", "application/*"):
+            return offered[0]
+    raise NotAcceptable(f"none of {accept!r} can be served; available: {', '.join(offered)}")
+
+
+def raw_view(arr: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")
+
+
+def tensor_headers(dtype: str, shape: tuple[int, ...], version: int, shard: int) -> dict[str, str]:
+    return {
+        "X-Dtype": dtype, "X-Shape": ",".join(str(d) for d in shape), "X-Version": str(version),
+        "ETag": f'"{version}"', "X-Shard": str(shard),
+    }
+
+
+def encode(kind: str, name: str, arr: np.ndarray, headers: dict[str, str], json_max: int,
+           head_only: bool = False) -> Response:
+    if kind == JSON:
+        if arr.size > json_max:
+            raise NotAcceptable(f"tensor {name!r} has {arr.size} elements; JSON is offered up to "
+                                f"{json_max}; ask for {OCTET} or {NPY}")
+        doc = {"name": name, "dtype": headers["X-Dtype"], "shape": list(arr.shape),
+               "version": int(headers["X-Version"]), "data": arr.tolist()}
+        body = json.dumps(doc, allow_nan=True, separators=(",", ":")).encode()
+        return Response(b"" if head_only else body, media_type=JSON, headers=headers)
+    if kind == NPY:
+        header = _npy_header(arr)
+        total = len(header) + arr.nbytes
+        hdrs = dict(headers, **{"Content-Length": str(total)})
+        if head_only:
+            return Response(b"", media_type=NPY, headers=hdrs)
+        return StreamingResponse(_chunks(header, raw_view(arr)), media_type=NPY, headers=hdrs)
+    hdrs = dict(headers)
+    if head_only:
+        return Response(b"", media_type=OCTET, headers=dict(hdrs, **{"Content-Length": str(arr.nbytes)}))
+    return Response(raw_view(arr), media_type=OCTET, headers=hdrs)
+
+
+async def _chunks(*parts: Any) -> AsyncIterator[Any]:
+    for p in parts:
+        yield p
+
+
+def _npy_header(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    npf.write_array_header_1_0(buf, npf.header_data_from_array_1_0(arr))
+    return buf.getvalue()
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
