@@ -1,0 +1,24 @@
+"""Free loopback port ranges for test clusters."""
+from __future__ import annotations
+
+import random
+import socket
+
+
+def _free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_range(count: int, host: str = "127.0.0.1") -> int:
+    """A base port such that base..base+count-1 are all free right now."""
+    for _ in range(500):
+        base = random.randrange(20000, 60000 - count)
+        if all(_free(base + i, host) for i in range(count)):
+            return base
+    raise RuntimeError("no free port range found")
