@@ -1,0 +1,169 @@
+"""The pure state machine: every op, every conflict, version arithmetic."""
+import numpy as np
+import pytest
+
+from store.errors import Conflict, NotFound, PreconditionFailed, Unprocessable
+from store.state import ShardState
+
+
+def inline(arr):
+    return {"inline": np.ascontiguousarray(arr).tobytes()}
+
+
+def resolve(ref):
+    return ref["inline"]
+
+
+def put(s, name, arr, **kw):
+    cmd = {"op": "put", "name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
+           "data": inline(arr), **kw}
+    return s.apply(cmd, resolve)
+
+
+def grad(s, name, arr, **kw):
+    return s.apply({"op": "grad", "name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
+                    "data": inline(arr), **kw}, resolve)
+
+
+def test_versions_start_at_one_and_rise_by_one():
+    s = ShardState(0)
+    assert put(s, "w", np.zeros(3, np.float32)) == {"name": "w", "version": 1, "shard": 0, "created": True}
+    assert put(s, "w", np.ones(3, np.float32))["version"] == 2
+    assert grad(s, "w", np.ones(3, np.float32))["version"] == 3
+    assert s.get("w").version == 3
+
+
+def test_assign_push_replaces_value_and_values_are_read_only():
+    s = ShardState(0)
+    put(s, "w", np.zeros(3, np.float32))
+    grad(s, "w", np.array([1, 2, 3], np.float32))
+    v = s.get("w").value
+    assert v.tolist() == [1, 2, 3]
+    with pytest.raises(ValueError):
+        v[0] = 5
+
+
+def test_sgd_push_applies_learning_rate():
+    s = ShardState(0)
+    put(s, "w", np.ones(2, np.float32), optimizer={"type": "sgd", "lr": 0.5})
+    grad(s, "w", np.array([2, 4], np.float32))
+    assert s.get("w").value.tolist() == [0, -1]
+
+
+def test_create_only_conflicts_and_changes_nothing():
+    s = ShardState(0)
+    put(s, "w", np.zeros(2, np.float32))
+    with pytest.raises(PreconditionFailed) as e:
+        put(s, "w", np.ones(2, np.float32), if_none_match=True)
+    assert e.value.extra["current_version"] == 1
+    assert s.get("w").value.tolist() == [0, 0] and s.get("w").version == 1
+
+
+def test_if_match_compare_and_set():
+    s = ShardState(0)
+    put(s, "w", np.zeros(2, np.float32))
+    assert put(s, "w", np.ones(2, np.float32), if_match=1)["version"] == 2
+    with pytest.raises(PreconditionFailed):
+        put(s, "w", np.zeros(2, np.float32), if_match=1)
+    with pytest.raises(PreconditionFailed):
+        put(s, "new", np.zeros(2, np.float32), if_match=1)
+    with pytest.raises(PreconditionFailed):
+        put(s, "new", np.zeros(2, np.float32), if_match="*")
+    assert s.get("w").version == 2 and "new" not in s.tensors
+
+
+def test_replace_keeps_dtype_and_shape():
+    s = ShardState(0)
+    put(s, "w", np.zeros(2, np.float32))
+    with pytest.raises(Unprocessable):
+        put(s, "w", np.zeros(3, np.float32))
+    with pytest.raises(Unprocessable):
+        put(s, "w", np.zeros(2, np.float64))
+    assert s.get("w").version == 1
+
+
+def test_nonfinite_refused_unless_allowed():
+    s = ShardState(0)
+    with pytest.raises(Unprocessable):
+        put(s, "w", np.array([1, np.nan], np.float32))
+    put(s, "w", np.zeros(2, np.float32))
+    with pytest.raises(Unprocessable):
+        grad(s, "w", np.array([np.inf, 0], np.float32))
+    put(s, "ok", np.array([np.nan], np.float32), allow_nonfinite=True)
+    assert np.isnan(s.get("ok").value[0])
+    assert s.get("w").version == 1
+
+
+def test_grad_errors():
+    s = ShardState(0)
+    with pytest.raises(NotFound):
+        grad(s, "missing", np.zeros(2, np.float32))
+    put(s, "w", np.zeros(2, np.float32))
+    with pytest.raises(Unprocessable):
+        grad(s, "w", np.zeros(3, np.float32))
+    with pytest.raises(Unprocessable):
+        grad(s, "w", np.zeros(2, np.float64))
+
+
+def test_staleness_reject_and_scale():
+    s = ShardState(0)
+    put(s, "r", np.zeros(1, np.float32), optimizer={"type": "sgd", "lr": 1.0}, max_staleness=1)
+    grad(s, "r", np.ones(1, np.float32), base_version=1)  # -> v2
+    grad(s, "r", np.ones(1, np.float32), base_version=1)  # staleness 1: ok -> v3
+    with pytest.raises(Conflict) as e:
+        grad(s, "r", np.ones(1, np.float32), base_version=1)  # staleness 2 > 1
+    assert e.value.extra["current_version"] == 3
+    with pytest.raises(Conflict):
+        grad(s, "r", np.ones(1, np.float32), base_version=9)  # from the future
+    put(s, "s", np.zeros(1, np.float32), optimizer={"type": "sgd", "lr": 1.0}, staleness_policy="scale")
+    grad(s, "s", np.ones(1, np.float32), base_version=1)  # staleness 0: full step
+    grad(s, "s", np.ones(1, np.float32), base_version=1)  # staleness 1: half step
+    assert s.get("s").value.tolist() == [-1.5]
+
+
+def test_delete_with_if_match():
+    s = ShardState(0)
+    put(s, "w", np.zeros(1, np.float32))
+    with pytest.raises(PreconditionFailed):
+        s.apply({"op": "delete", "name": "w", "if_match": 7}, resolve)
+    assert s.apply({"op": "delete", "name": "w", "if_match": 1}, resolve)["deleted"]
+    with pytest.raises(NotFound):
+        s.get("w")
+
+
+def test_request_id_applies_once_and_replays_outcome():
+    s = ShardState(0)
+    put(s, "w", np.zeros(1, np.float32), optimizer={"type": "sgd", "lr": 1.0})
+    first = grad(s, "w", np.ones(1, np.float32), rid="abc")
+    again = grad(s, "w", np.ones(1, np.float32), rid="abc")
+    assert first["version"] == again["version"] == 2 and again["duplicate"]
+    assert s.get("w").value.tolist() == [-1]
+    with pytest.raises(PreconditionFailed):
+        put(s, "w", np.zeros(1, np.float32), if_match=9, rid="bad")
+    with pytest.raises(PreconditionFailed):
+        put(s, "w", np.zeros(1, np.float32), if_match=9, rid="bad")
+
+
+def test_batch_is_all_or_nothing():
+    s = ShardState(0)
+    put(s, "a", np.zeros(1, np.float32))
+    ops = [
+        {"op": "put", "name": "a", "dtype": "float32", "shape": [1], "data": inline(np.ones(1, np.float32))},
+        {"op": "grad", "name": "missing", "dtype": "float32", "shape": [1],
+         "data": inline(np.ones(1, np.float32))},
+    ]
+    with pytest.raises(NotFound):
+        s.apply({"op": "batch", "ops": ops}, resolve)
+    assert s.get("a").version == 1 and s.get("a").value[0] == 0
+    ops[1] = {"op": "put", "name": "b", "dtype": "float32", "shape": [1], "data": inline(np.ones(1, np.float32))}
+    out = s.apply({"op": "batch", "ops": ops}, resolve)
+    assert [r["version"] for r in out["results"]] == [2, 1]
+
+
+def test_unknown_optimizer_field_refused():
+    s = ShardState(0)
+    with pytest.raises(Unprocessable):
+        put(s, "w", np.zeros(1, np.float32), optimizer={"type": "sgd", "lr": 0.1, "bogus": 1})
+    with pytest.raises(Unprocessable):
+        put(s, "w", np.zeros(1, np.float32), optimizer={"type": "rmsprop"})
+    assert "w" not in s.tensors
