@@ -79,7 +79,24 @@ class ShardReplica(SyncObj):
             maxBindRetries=10,
             bindRetryTime=0.5,
         )
+        self._sent_mark = (0, 0)
         super().__init__(str(self_addr), [str(p) for p in peers], conf)
+        self.addOnTickCallback(self._send_eagerly)
+
+    def _send_eagerly(self) -> None:
+        """Ship new entries and a new commit index in the tick that produced them.
+
+        pysyncobj otherwise waits for the next appendEntriesPeriod: a write
+        waits up to one period for replication and a forwarded write another
+        for the follower to learn the commit (~100 ms at the defaults). Runs
+        on the tick thread, after commands were appended and entries applied.
+        """
+        if self._SyncObj__raftState != 2:  # leader
+            return
+        mark = (self._SyncObj__getCurrentLogIndex(), self.raftCommitIndex)
+        if mark != self._sent_mark:
+            self._sent_mark = mark
+            self._SyncObj__sendAppendEntries()
 
     # ---- commands ------------------------------------------------------------
     @replicated
