@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from store.config import load_config
-from store.errors import ConfigError
+from store.errors import ConfigError, StoreError
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"paramstore: configuration error: {e.detail}", file=sys.stderr)
         return 2
+    except StoreError as e:
+        print(f"paramstore: cannot start: {e.detail}", file=sys.stderr)
+        return 3
+    except OSError as e:
+        print(f"paramstore: cannot start: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -8,7 +8,8 @@ import time
 
 import uvicorn
 
-from store.config import Config
+from store.config import Config, NodeConfig
+from store.node import Store
 
 from .app import create_app
 
@@ -32,9 +33,19 @@ def configure_logging(level: str, node_id: str | None) -> None:
 
 
 def serve(cfg: Config) -> None:
+    """Start the store first, so that a corrupt data dir or a busy port stops
+    the process with a clear message before any request is accepted."""
     configure_logging(cfg.log_level, cfg.node_id)
     node = cfg.node
-    app = create_app(cfg)
+    store = Store(cfg)
+    store.start()
+    try:
+        _run_http(create_app(cfg, store), node)
+    finally:
+        store.close()
+
+
+def _run_http(app, node: NodeConfig) -> None:
     config = uvicorn.Config(
         app, host=node.http.host, port=node.http.port, workers=1, log_config=None,
         access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=5,

@@ -35,3 +35,33 @@ def test_kill_all_after_compaction_loses_no_acknowledged_write(make_cluster):
             got, v = c.get(nid, name, consistency="linearizable")
             assert v == version, (nid, name, v, version)
             assert np.array_equal(got, value), (nid, name)
+
+
+def test_compaction_triggers_on_payload_bytes(make_cluster):
+    c = make_cluster(raft={"compaction_min_entries": 1_000_000, "compaction_min_bytes": 2 << 20})
+    shard = c.shard_of("bytes")
+    for i in range(6):  # 6 x 1 MB pushes > 2 MB of payload bytes
+        r = c.put(c.ids[i % 3], "bytes", np.full(1 << 18, i, np.float32))
+        assert r.status_code in (200, 201), r.text
+    wait_until(lambda: all(c.status(n)["shards"][shard]["snapshots"] >= 1 for n in c.ids), 30,
+               "a byte-triggered snapshot on every replica")
+
+
+def test_corrupt_snapshot_stops_the_replica_with_a_clear_message(make_cluster):
+    c = make_cluster(raft={"compaction_min_entries": 10})
+    for i in range(40):
+        assert c.put("n1", f"c{i}", np.full(8, i, np.float32)).status_code == 201
+    wait_until(lambda: c.status("n3")["shards"][0]["snapshots"] >= 1, 30, "a snapshot of shard 0 on n3")
+    c.kill("n3")
+    snap = c.tmp / "n3" / "shard-0" / "snapshot.bin"
+    data = bytearray(snap.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    data = data[:-3]
+    snap.write_bytes(bytes(data))
+    c.start("n3")
+    code = c.procs["n3"].wait(30)
+    assert code == 3
+    assert "cannot start" in c.log_tail("n3") and "snapshot" in c.log_tail("n3")
+    # the other replicas keep serving
+    c.procs.pop("n3")
+    assert c.put("n1", "after", np.ones(2, np.float32)).status_code == 201
