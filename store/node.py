@@ -22,6 +22,7 @@ from .applier import Applier
 from .config import Address, Config, NodeConfig
 from .datapath import DataPathClient, DataPathServer
 from .errors import ConfigError, NotHosted, StoreError, Unavailable
+from .futures import forward
 from .payloads import PayloadStore
 from .raft import ShardReplica
 from .snapshot import read_snapshot
@@ -155,7 +156,7 @@ class Store:
                     [p.data for p in host.peers], host.shard, payload_id, data, need=host.majority - 1,
                     timeout=self.cfg.limits.request_timeout)
                 cmd["data"] = {"id": payload_id, "size": len(data)}
-                _forward(host.replica.propose(cmd), outer)
+                forward(host.replica.propose(cmd), outer)
             except StoreError as e:
                 outer.set_exception(e)
             except Exception as e:
@@ -269,16 +270,6 @@ class Store:
             if removed:
                 log.info("shard %d: collected %d payloads covered by the snapshot", host.shard, removed)
         return done
-
-
-def _forward(src: Future, dst: Future) -> None:
-    def copy(f: Future) -> None:
-        exc = f.exception()
-        if exc is not None:
-            dst.set_exception(exc)
-        else:
-            dst.set_result(f.result())
-    src.add_done_callback(copy)
 
 
 def _node_for_raft(cfg: Config, shard: int, raft_addr: str | None) -> str | None:

@@ -27,7 +27,8 @@ from pysyncobj.node import TCPNode
 
 from .applier import Applier
 from .config import Address, RaftSettings
-from .errors import StoreError, Unavailable
+from .errors import Unavailable
+from .futures import forward
 from .snapshot import read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class ShardReplica(SyncObj):
                     detail = f"shard {self.shard}: no leader can take the write ({name})"
                 outer.set_exception(Unavailable(detail, reason=name.lower()))
                 return
-            _chain(res, outer)
+            forward(res, outer)
 
         self._apply(cmd, callback=done)
         return outer
@@ -208,17 +209,3 @@ class ShardReplica(SyncObj):
     def log_entries(self) -> int:
         return self._getRaftLogSize()
 
-
-def _chain(inner: Any, outer: Future) -> None:
-    if not isinstance(inner, Future):
-        outer.set_result(inner)
-        return
-
-    def copy(f: Future) -> None:
-        exc = f.exception()
-        if exc is not None:
-            outer.set_exception(exc)
-        else:
-            outer.set_result(f.result())
-
-    inner.add_done_callback(copy)
