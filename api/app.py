@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from store.config import Config
 from store.node import Store
 
-from . import cluster, errors, tensors
+from . import batch, cluster, errors, tensors
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
                   description="A Raft-replicated, versioned parameter store for distributed training.")
     app.state.store = the_store
     errors.install(app)
+    app.include_router(batch.router)  # before tensors: /v1/tensors:batch is not a tensor name
     app.include_router(tensors.router)
     app.include_router(cluster.router)
     return app

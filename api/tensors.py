@@ -4,10 +4,11 @@ from __future__ import annotations
 import hashlib
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
-from store.errors import InvalidRequest, NotFound, Unavailable
+from store.errors import InvalidRequest, NotFound, Unavailable, UnsupportedMediaType, Unprocessable
 from store.node import Store
 
 from . import headers as h
@@ -83,13 +84,44 @@ async def push_grad(name: str, request: Request) -> Response:
     if rid:
         cmd["rid"] = rid
     try:
-        local, _ = store.get(name)
+        local, _ = store.peek(name)
         default = (local.dtype, local.shape)
     except NotFound:
         default = None
     t = await _decode(request, store, default)
     cmd.update(dtype=t.dtype, shape=list(t.shape))
     result = await wait(store.write(name, cmd, t.data), store.cfg.limits.request_timeout, "push")
+    return _written(result)
+
+
+@router.post("/v1/tensors/{name}/grad-rows")
+async def push_grad_rows(name: str, request: Request) -> Response:
+    """Sparse push: a safetensors body with `indices` (int64, k) and `values`
+    (k x row shape); only those rows and their optimizer state change."""
+    store = _store(request)
+    h.tensor_name(name)
+    hd = request.headers
+    if wire.media_type(hd.get("content-type")) != wire.SAFETENSORS:
+        raise UnsupportedMediaType(f"grad-rows takes {wire.SAFETENSORS} with 'indices' and 'values'")
+    body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
+    parts = await anyio.to_thread.run_sync(wire.decode_safetensors, body)
+    if set(parts) != {"indices", "values"}:
+        raise InvalidRequest(f"grad-rows body must hold exactly 'indices' and 'values', got {sorted(parts)}")
+    idx, vals = parts["indices"], parts["values"]
+    if idx.dtype != "int64" or len(idx.shape) != 1:
+        raise Unprocessable("indices must be a 1-D int64 tensor")
+    if not vals.shape or vals.shape[0] != idx.shape[0]:
+        raise Unprocessable(f"values must have {idx.shape[0]} rows (one per index), shape is {list(vals.shape)}")
+    cmd = {
+        "op": "grad_rows", "k": idx.shape[0], "dtype": vals.dtype, "row_shape": list(vals.shape[1:]),
+        "base_version": h.integer(hd.get("x-base-version"), "X-Base-Version"),
+        "if_match": h.version_tag(hd.get("if-match"), "If-Match"),
+    }
+    rid = h.request_id(hd.get("x-request-id"))
+    if rid:
+        cmd["rid"] = rid
+    result = await wait(store.write(name, cmd, indices=idx.data, values=vals.data),
+                        store.cfg.limits.request_timeout, "sparse push")
     return _written(result)
 
 
@@ -119,6 +151,7 @@ async def get_tensor(
     wait_version_gt: int | None = Query(None, ge=0),
     timeout: float | None = Query(None, ge=0, le=3600),
     digest: bool = False,
+    rows: str | None = Query(None, description="comma-separated row indices: pull only these rows"),
 ) -> Response:
     """Read a tensor at the asked consistency; see docs/api.md."""
     store = _store(request)
@@ -136,16 +169,33 @@ async def get_tensor(
         if not await _wait_version(store, name, wait_version_gt + 1, deadline, must=False):
             t, shard = store.get(name)
             return Response(status_code=304, headers=wire.tensor_headers(t.dtype, t.shape, t.version, shard))
-    t, shard = store.get(name)
-    hdrs = wire.tensor_headers(t.dtype, t.shape, t.version, shard)
-    if inm == "*" or (isinstance(inm, list) and t.version in inm):
+    if rows is not None:
+        return await _get_rows(store, name, rows, kind, request.method == "HEAD")
+    live, shard = store.peek(name)
+    hdrs = wire.tensor_headers(live.dtype, live.shape, live.version, shard)
+    if inm == "*" or (isinstance(inm, list) and live.version in inm):
         return Response(status_code=304, headers=hdrs)
+    if live.in_place and live.nbytes > DECODE_IN_THREAD_BYTES:
+        t, shard = await anyio.to_thread.run_sync(store.get, name)  # a copy: don't stall the loop
+    else:
+        t, shard = store.get(name)
+    hdrs = wire.tensor_headers(t.dtype, t.shape, t.version, shard)
     if digest:
         value = t.value
         hdrs["X-Digest"] = "sha256:" + await anyio.to_thread.run_sync(
             lambda: hashlib.sha256(wire.raw_view(value)).hexdigest())
     return wire.encode(kind, name, t.value, hdrs, limits.json_max_elements,
                        head_only=request.method == "HEAD")
+
+
+async def _get_rows(store: Store, name: str, rows_text: str, kind: str, head_only: bool) -> Response:
+    try:
+        rows = np.array([int(r) for r in rows_text.split(",") if r.strip()], dtype=np.int64)
+    except ValueError:
+        raise InvalidRequest("rows: expected comma-separated integers") from None
+    arr, t, shard = store.get_rows(name, rows)
+    hdrs = wire.tensor_headers(t.dtype, arr.shape, t.version, shard)
+    return wire.encode(kind, name, arr, hdrs, store.cfg.limits.json_max_elements, head_only=head_only)
 
 
 async def _wait_version(store: Store, name: str, version: int, deadline: float, must: bool) -> bool:

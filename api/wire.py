@@ -238,3 +238,30 @@ def _npy_header(arr: np.ndarray) -> bytes:
 
 def is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I32": "int32", "I64": "int64"}
+
+
+def decode_safetensors(body) -> dict[str, WireTensor]:
+    """Many tensors in one body, parsed by the safetensors library."""
+    import safetensors
+
+    try:
+        items = safetensors.deserialize(bytes(body))
+    except Exception as e:  # SafetensorError and friends: the body is malformed
+        raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
+    out = {}
+    for name, spec in items:
+        dtype = _ST_DTYPES.get(spec["dtype"])
+        if dtype is None:
+            raise Unprocessable(f"tensor {name!r}: safetensors dtype {spec['dtype']} is not supported "
+                                f"(supported: {', '.join(_ST_DTYPES)})")
+        out[name] = WireTensor(dtype, dtypes.check_shape(spec["shape"]), spec["data"])
+    return out
+
+
+def encode_safetensors(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)

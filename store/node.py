@@ -133,8 +133,9 @@ class Store:
         return host
 
     # ---- writes ------------------------------------------------------------------
-    def write(self, name: str, cmd: dict[str, Any], data=None) -> Future:
-        """Replicate a command for tensor `name`, its bytes sideloaded if large.
+    def write(self, name: str, cmd: dict[str, Any], data=None, **blobs: Any) -> Future:
+        """Replicate a command for tensor `name`; its byte blobs (`data`, and any
+        other named field) ride inline if small, else are sideloaded.
 
         `cmd` gets a request id unless it has one; retrying with the same `rid`
         never applies twice.
@@ -142,20 +143,39 @@ class Store:
         host = self.host(self.shard_of(name))
         cmd = dict(cmd, name=name)
         cmd.setdefault("rid", uuid.uuid4().hex)
-        if data is None:
-            return host.replica.propose(cmd)
-        if len(data) <= self.cfg.limits.inline_payload_bytes:
-            cmd["data"] = {"inline": bytes(data)}
+        if data is not None:
+            blobs["data"] = data
+        return self._submit(host, cmd, [(cmd, field, blob) for field, blob in blobs.items()])
+
+    def write_batch(self, shard: int, ops: list[tuple[dict[str, Any], dict[str, Any]]],
+                    rid: str | None = None) -> Future:
+        """Several (command, blobs) pairs of one shard as ONE Raft entry: all
+        apply or none. Resolves with {"results": [...]} in order."""
+        host = self.host(shard)
+        cmds = [dict(cmd) for cmd, _ in ops]
+        slots = [(c, field, blob) for c, (_, blobs) in zip(cmds, ops) for field, blob in blobs.items()]
+        return self._submit(host, {"op": "batch", "ops": cmds, "rid": rid or uuid.uuid4().hex}, slots)
+
+    def _submit(self, host: ShardHost, cmd: dict[str, Any], slots: list[tuple[dict, str, Any]]) -> Future:
+        inline_limit = self.cfg.limits.inline_payload_bytes
+        large = []
+        for target, field, blob in slots:
+            if len(blob) <= inline_limit:
+                target[field] = {"inline": bytes(blob)}
+            else:
+                large.append((target, field, blob))
+        if not large:
             return host.replica.propose(cmd)
         outer: Future = Future()
 
         def stage() -> None:
             try:
-                payload_id = host.payloads.put(data)
-                self.peer_client.replicate(
-                    [p.data for p in host.peers], host.shard, payload_id, data, need=host.majority - 1,
-                    timeout=self.cfg.limits.request_timeout)
-                cmd["data"] = {"id": payload_id, "size": len(data)}
+                for target, field, blob in large:
+                    payload_id = host.payloads.put(blob)
+                    self.peer_client.replicate(
+                        [p.data for p in host.peers], host.shard, payload_id, blob,
+                        need=host.majority - 1, timeout=self.cfg.limits.request_timeout)
+                    target[field] = {"id": payload_id, "size": len(blob)}
                 forward(host.replica.propose(cmd), outer)
             except StoreError as e:
                 outer.set_exception(e)
@@ -173,8 +193,21 @@ class Store:
 
     # ---- reads -------------------------------------------------------------------
     def get(self, name: str) -> tuple[Tensor, int]:
+        """The tensor, safe to read while writes go on (copied only for
+        tensors that sparse pushes update in place: see `peek`)."""
+        shard = self.shard_of(name)
+        return self.host(shard).state.read(name), shard
+
+    def peek(self, name: str) -> tuple[Tensor, int]:
+        """The live record, for metadata: its value may be updated in place if
+        `in_place` is set."""
         shard = self.shard_of(name)
         return self.host(shard).state.get(name), shard
+
+    def get_rows(self, name: str, rows) -> tuple[Any, Tensor, int]:
+        shard = self.shard_of(name)
+        arr, t = self.host(shard).state.read_rows(name, rows)
+        return arr, t, shard
 
     def watch(self, name: str, min_version: int) -> Future:
         return self.host(self.shard_of(name)).applier.watch(name, min_version)

@@ -138,7 +138,7 @@ class ShardReplica(SyncObj):
 
     def _capture_and_write(self, index: int, raft_meta: dict) -> None:
         state = self._applier.state
-        tensors = dict(state.tensors)  # arrays are immutable: a shallow copy is a consistent capture
+        tensors = state.capture()
         dedupe = state.dedupe.copy()
         threading.Thread(target=self._write, args=(tensors, dedupe, index, raft_meta),
                          name=f"snapshot-{self.shard}", daemon=True).start()

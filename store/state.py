@@ -10,8 +10,9 @@ payload that the replica resolves from its payload store.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -37,6 +38,9 @@ class Tensor:
     allow_nonfinite: bool = False
     max_staleness: int | None = None
     staleness_policy: str = "reject"
+    # Set once sparse row pushes update this record's arrays in place: readers
+    # and snapshots then copy under the shard lock instead of sharing buffers.
+    in_place: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +62,7 @@ class ShardState:
         self.dedupe: OrderedDict[str, dict] = OrderedDict()
         self.dedupe_window = dedupe_window
         self.changed: set[str] = set()  # names touched by the last apply
+        self.lock = threading.RLock()  # guards in-place (sparse row) updates only
 
     # ---- applying commands -------------------------------------------------
     def apply(self, cmd: Mapping[str, Any], resolve: PayloadResolver) -> dict[str, Any]:
@@ -110,6 +115,8 @@ class ShardState:
         try:
             for op in ops:
                 handler = self._HANDLERS.get(op.get("op"))
+                if op.get("op") == "grad_rows":
+                    raise Unprocessable("grad_rows cannot be part of a batch")
                 if handler is None:
                     raise Unprocessable(f"unknown operation {op.get('op')!r} in batch")
                 results.append(handler(self, op, resolve))
@@ -169,26 +176,61 @@ class ShardState:
         grad = dtypes.array_from_bytes(resolve(cmd["data"]), t.dtype, t.shape)
         if not t.allow_nonfinite and not dtypes.all_finite(grad):
             raise Unprocessable(f"gradient for {name!r} contains NaN or Inf")
-        lr_scale = 1.0
-        base = cmd.get("base_version")
-        if base is not None:
-            if base > t.version:
-                raise Conflict(f"base_version {base} is newer than tensor {name!r} (version {t.version})",
-                               current_version=t.version)
-            staleness = t.version - base
-            if t.staleness_policy == "scale":
-                lr_scale = 1.0 / (1 + staleness)
-            elif t.max_staleness is not None and staleness > t.max_staleness:
-                raise Conflict(
-                    f"gradient for {name!r} was computed on version {base}, {staleness} versions behind "
-                    f"{t.version} (max_staleness {t.max_staleness}); pull and recompute",
-                    current_version=t.version)
+        lr_scale = _lr_scale(t, cmd.get("base_version"))
         step = apply_step(t.optimizer, t.opt_state, t.value, grad, lr_scale)
         new = Tensor(t.name, t.dtype, t.shape, step.value, t.version + 1, t.optimizer, step.state,
                      t.allow_nonfinite, t.max_staleness, t.staleness_policy)
         self.tensors[name] = new
         self.changed.add(name)
         return {"name": name, "version": new.version, "shard": self.shard}
+
+    def _grad_rows(self, cmd, resolve) -> dict:
+        """Sparse push: only the given rows of the value and of the optimizer
+        state change, in place (a 1,000-row push to a 1M-row table copies 1,000
+        rows, not the table). Duplicate indices are summed."""
+        name = cmd["name"]
+        t = self.tensors.get(name)
+        if t is None:
+            raise NotFound(f"tensor {name!r} does not exist")
+        _check_preconditions(t, cmd)
+        if not t.shape:
+            raise Unprocessable(f"tensor {name!r} is a scalar; grad-rows needs rank >= 1")
+        if t.value.dtype.kind != "f":
+            raise Unprocessable(f"grad-rows needs a float tensor, {name!r} is {t.dtype}")
+        if (cmd.get("dtype", t.dtype), tuple(cmd.get("row_shape", t.shape[1:]))) != (t.dtype, t.shape[1:]):
+            raise Unprocessable(f"rows are {cmd.get('dtype')}{cmd.get('row_shape')} but rows of {name!r} are "
+                                f"{t.dtype}{list(t.shape[1:])}")
+        k = int(cmd["k"])
+        idx = dtypes.array_from_bytes(resolve(cmd["indices"]), "int64", (k,))
+        vals = dtypes.array_from_bytes(resolve(cmd["values"]), t.dtype, (k,) + t.shape[1:])
+        if k and (idx.min() < 0 or idx.max() >= t.shape[0]):
+            raise Unprocessable(f"row indices must be in [0, {t.shape[0]}) for {name!r}")
+        if not t.allow_nonfinite and not dtypes.all_finite(vals):
+            raise Unprocessable(f"gradient rows for {name!r} contain NaN or Inf")
+        lr_scale = _lr_scale(t, cmd.get("base_version"))
+        rows, inverse = np.unique(idx, return_inverse=True)
+        summed = np.zeros((len(rows),) + t.shape[1:], dtype=t.value.dtype)
+        np.add.at(summed, inverse, vals)
+        with self.lock:
+            if not t.in_place:  # own writable copies: earlier readers may hold the old buffers
+                t = replace(t, value=np.array(t.value), in_place=True, opt_state={
+                    k2: np.array(v) if isinstance(v, np.ndarray) else v for k2, v in t.opt_state.items()})
+                self.tensors[name] = t
+            row_state = {k2: (v[rows] if isinstance(v, np.ndarray) else v) for k2, v in t.opt_state.items()}
+            step = apply_step(t.optimizer, row_state, t.value[rows], summed, lr_scale)
+            t.value[rows] = step.value
+            for key, v in step.state.items():
+                if isinstance(v, np.ndarray):
+                    full = t.opt_state.get(key)
+                    if full is None:
+                        fill = t.optimizer.get("initial_accumulator_value", 0.0) if key == "sum" else 0.0
+                        full = t.opt_state[key] = np.full_like(t.value, fill)
+                    full[rows] = v
+                else:
+                    t.opt_state[key] = v
+            t.version += 1
+        self.changed.add(name)
+        return {"name": name, "version": t.version, "shard": self.shard, "rows": int(len(rows))}
 
     def _delete(self, cmd, resolve) -> dict:
         name = cmd["name"]
@@ -200,7 +242,8 @@ class ShardState:
         self.changed.add(name)
         return {"name": name, "version": t.version, "shard": self.shard, "deleted": True}
 
-    _HANDLERS: dict[str, Callable[..., dict]] = {"put": _put, "grad": _grad, "delete": _delete}
+    _HANDLERS: dict[str, Callable[..., dict]] = {
+        "put": _put, "grad": _grad, "grad_rows": _grad_rows, "delete": _delete}
 
     # ---- reading -----------------------------------------------------------
     def get(self, name: str) -> Tensor:
@@ -208,6 +251,32 @@ class ShardState:
         if t is None:
             raise NotFound(f"tensor {name!r} does not exist")
         return t
+
+    def read(self, name: str) -> Tensor:
+        """A record whose value nobody will write to while the caller reads it
+        (a copy for tensors updated in place by sparse pushes)."""
+        t = self.get(name)
+        if not t.in_place:
+            return t
+        with self.lock:
+            return replace(t, value=t.value.copy(), opt_state={}, in_place=False)
+
+    def read_rows(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, Tensor]:
+        t = self.get(name)
+        if not t.shape:
+            raise Unprocessable(f"tensor {name!r} is a scalar; it has no rows")
+        if rows.size and (rows.min() < 0 or rows.max() >= t.shape[0]):
+            raise Unprocessable(f"rows must be in [0, {t.shape[0]}) for {name!r}")
+        with self.lock:
+            return t.value[rows], replace(t, value=t.value[:0])
+
+    def capture(self) -> dict[str, Tensor]:
+        """A consistent copy of the tensor map for a snapshot (applier thread):
+        shared buffers, except for records updated in place."""
+        with self.lock:
+            return {n: (replace(t, value=t.value.copy(), opt_state={
+                k: v.copy() if isinstance(v, np.ndarray) else v for k, v in t.opt_state.items()})
+                if t.in_place else t) for n, t in self.tensors.items()}
 
     def version_of(self, name: str) -> int:
         t = self.tensors.get(name)
@@ -236,6 +305,25 @@ def _check_preconditions(existing: Tensor | None, cmd: Mapping[str, Any]) -> Non
         what = f"is at version {current}" if existing else "does not exist"
         raise PreconditionFailed(f"tensor {cmd['name']!r} {what}, If-Match asked for {want}",
                                  current_version=current)
+
+
+def _lr_scale(t: Tensor, base: int | None) -> float:
+    """Bounded staleness: reject a push computed on too old a version, or
+    scale its learning rate by 1 / (1 + staleness)."""
+    if base is None:
+        return 1.0
+    if base > t.version:
+        raise Conflict(f"base_version {base} is newer than tensor {t.name!r} (version {t.version})",
+                       current_version=t.version)
+    staleness = t.version - base
+    if t.staleness_policy == "scale":
+        return 1.0 / (1 + staleness)
+    if t.max_staleness is not None and staleness > t.max_staleness:
+        raise Conflict(
+            f"gradient for {t.name!r} was computed on version {base}, {staleness} versions behind "
+            f"{t.version} (max_staleness {t.max_staleness}); pull and recompute",
+            current_version=t.version)
+    return 1.0
 
 
 def _staleness(cmd: Mapping[str, Any], existing: Tensor | None) -> tuple[int | None, str]:

@@ -167,3 +167,48 @@ def test_unknown_optimizer_field_refused():
     with pytest.raises(Unprocessable):
         put(s, "w", np.zeros(1, np.float32), optimizer={"type": "rmsprop"})
     assert "w" not in s.tensors
+
+
+def rows_cmd(name, idx, vals, **kw):
+    idx = np.asarray(idx, np.int64)
+    return {"op": "grad_rows", "name": name, "k": len(idx), "dtype": str(vals.dtype),
+            "row_shape": list(vals.shape[1:]), "indices": inline(idx), "values": inline(vals), **kw}
+
+
+def test_grad_rows_touches_only_those_rows_and_sums_duplicates():
+    s = ShardState(0)
+    table = np.zeros((1000, 4), np.float32)
+    put(s, "emb", table, optimizer={"type": "sgd", "lr": 1.0})
+    before = s.get("emb").value  # a reader holding the old buffer
+    out = s.apply(rows_cmd("emb", [3, 7, 3], np.ones((3, 4), np.float32)), resolve)
+    assert out["version"] == 2 and out["rows"] == 2
+    now = s.read("emb").value
+    assert now[3].tolist() == [-2] * 4 and now[7].tolist() == [-1] * 4
+    assert np.count_nonzero(now) == 8
+    assert np.count_nonzero(before) == 0  # earlier readers never see in-place writes
+
+
+def test_grad_rows_adam_state_per_row_and_snapshot_capture_is_a_copy():
+    s = ShardState(0)
+    put(s, "emb", np.ones((50, 2), np.float32), optimizer={"type": "adam", "lr": 0.1})
+    s.apply(rows_cmd("emb", [1], np.ones((1, 2), np.float32)), resolve)
+    captured = s.capture()["emb"].value
+    s.apply(rows_cmd("emb", [1], np.ones((1, 2), np.float32)), resolve)
+    t = s.get("emb")
+    assert t.opt_state["exp_avg"].shape == (50, 2) and t.opt_state["step"] == 2
+    assert np.count_nonzero(t.opt_state["exp_avg"][2:]) == 0
+    assert captured[1, 0] != t.value[1, 0]  # the capture did not move with later pushes
+    rows, meta = s.read_rows("emb", np.array([1, 2]))
+    assert rows.shape == (2, 2) and meta.version == 3
+
+
+def test_grad_rows_errors_change_nothing():
+    s = ShardState(0)
+    put(s, "emb", np.zeros((10, 2), np.float32))
+    with pytest.raises(Unprocessable):
+        s.apply(rows_cmd("emb", [10], np.ones((1, 2), np.float32)), resolve)
+    with pytest.raises(Unprocessable):
+        s.apply(rows_cmd("emb", [1], np.ones((1, 3), np.float32)), resolve)
+    with pytest.raises(Unprocessable):
+        s.apply(rows_cmd("emb", [1], np.full((1, 2), np.nan, np.float32)), resolve)
+    assert s.get("emb").version == 1 and not s.get("emb").in_place

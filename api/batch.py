@@ -1,0 +1,104 @@
+"""Many tensors per request, as safetensors: batch pulls and batch pushes.
+
+A batch push is grouped by shard; each shard's group is one Raft entry,
+applied atomically (all or none). Different shards commit independently.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import anyio
+from fastapi import APIRouter, Query, Request
+from starlette.responses import JSONResponse, Response
+
+from store.errors import InvalidRequest, StoreError
+
+from . import headers as h
+from . import wire
+from .bridge import wait
+from .errors import error_response
+
+router = APIRouter()
+
+
+@router.get("/v1/tensors:batch")
+async def pull_batch(
+    request: Request,
+    names: str = Query(..., description="comma-separated tensor names"),
+    consistency: str = Query("local", pattern="^(local|linearizable)$"),
+) -> Response:
+    """Several tensors as one safetensors file; versions in its metadata."""
+    store = request.app.state.store
+    wanted = [h.tensor_name(n) for n in names.split(",") if n]
+    if not wanted or len(wanted) > 10_000:
+        raise InvalidRequest("names: give 1 to 10000 comma-separated tensor names")
+    if consistency == "linearizable":
+        shards = {store.shard_of(n) for n in wanted}
+        await asyncio.gather(*(wait(store.barrier(s), store.cfg.limits.request_timeout,
+                                    "linearizable read barrier") for s in shards))
+
+    def build() -> bytes:
+        arrays, versions = {}, {}
+        for n in wanted:
+            t, _ = store.get(n)
+            arrays[n], versions[n] = t.value, t.version
+        return wire.encode_safetensors(arrays, {"versions": json.dumps(versions)})
+
+    body = await anyio.to_thread.run_sync(build)
+    return Response(body, media_type=wire.SAFETENSORS)
+
+
+@router.post("/v1/grads:batch")
+async def push_batch(request: Request) -> Response:
+    """Push gradients for many tensors: {"versions": {name: new version}}."""
+    store = request.app.state.store
+    hd = request.headers
+    if wire.media_type(hd.get("content-type")) != wire.SAFETENSORS:
+        from store.errors import UnsupportedMediaType
+        raise UnsupportedMediaType(f"batch pushes take {wire.SAFETENSORS}")
+    base_versions = _base_versions(hd.get("x-base-versions"))
+    rid = h.request_id(hd.get("x-request-id"))
+    body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
+    grads = await anyio.to_thread.run_sync(wire.decode_safetensors, body)
+    if not grads:
+        raise InvalidRequest("the safetensors body holds no tensors")
+    by_shard: dict[int, list] = {}
+    for name, t in grads.items():
+        h.tensor_name(name)
+        cmd = {"op": "grad", "name": name, "dtype": t.dtype, "shape": list(t.shape),
+               "base_version": base_versions.get(name)}
+        by_shard.setdefault(store.shard_of(name), []).append((cmd, {"data": t.data}))
+    shards = sorted(by_shard)
+    outcomes = await asyncio.gather(*(
+        wait(store.write_batch(s, by_shard[s], f"{rid}:{s}" if rid else None),
+             store.cfg.limits.request_timeout, f"batch push to shard {s}")
+        for s in shards), return_exceptions=True)
+    versions, failure = {}, None
+    for shard, outcome in zip(shards, outcomes):
+        if isinstance(outcome, StoreError):
+            failure = failure or outcome
+            continue
+        if isinstance(outcome, BaseException):
+            raise outcome
+        for r in outcome["results"]:
+            versions[r["name"]] = r["version"]
+    if failure is not None:
+        resp = error_response(failure, request)
+        doc = json.loads(resp.body)
+        doc["versions"] = versions  # the shards that did commit
+        return JSONResponse(doc, status_code=resp.status_code, headers={
+            k: v for k, v in resp.headers.items() if k.lower() == "retry-after"})
+    return JSONResponse({"versions": versions})
+
+
+def _base_versions(value: str | None) -> dict[str, int]:
+    if value is None:
+        return {}
+    try:
+        doc = json.loads(value)
+    except ValueError as e:
+        raise InvalidRequest(f"X-Base-Versions: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, int) and v >= 0 for v in doc.values()):
+        raise InvalidRequest('X-Base-Versions: expected {"name": version, ...}')
+    return doc
