@@ -162,7 +162,7 @@ def _decode_json(body, max_elements: int) -> WireTensor:
         arr = arr.reshape(shape)
     if arr.size > max_elements:
         raise PayloadTooLarge(f"JSON tensor bodies are limited to {max_elements} elements")
-    arr = np.ascontiguousarray(arr)
+    arr = np.asarray(arr, order="C")  # ascontiguousarray would turn a scalar into shape (1,)
     return WireTensor(dtype, tuple(arr.shape), arr.tobytes())
 
 

@@ -78,11 +78,18 @@ def _assign(spec, state, param, grad, lr_scale) -> StepResult:
     return StepResult(grad, state)
 
 
+def _axpy(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    """x + alpha * y rounded once, like torch's fused `add_(y, alpha=alpha)`:
+    computed in float64 (exact for float16/32 products) and cast back."""
+    a = np.float64(x.dtype.type(alpha))
+    return (x.astype(np.float64) + y.astype(np.float64) * a).astype(x.dtype)
+
+
 def _sgd(spec, state, param, grad, lr_scale) -> StepResult:
     lr = spec["lr"] * lr_scale
     d_p = grad
     if spec["weight_decay"] != 0:
-        d_p = d_p + param * param.dtype.type(spec["weight_decay"])
+        d_p = _axpy(d_p, param, spec["weight_decay"])
     new_state = dict(state)
     momentum = spec["momentum"]
     if momentum != 0:
@@ -90,10 +97,10 @@ def _sgd(spec, state, param, grad, lr_scale) -> StepResult:
         if buf is None:
             buf = d_p  # arrays are never written in place, so no clone is needed
         else:
-            buf = buf * param.dtype.type(momentum) + d_p * param.dtype.type(1 - spec["dampening"])
+            buf = _axpy(buf * param.dtype.type(momentum), d_p, 1 - spec["dampening"])
         new_state["momentum_buffer"] = buf
-        d_p = d_p + buf * param.dtype.type(momentum) if spec["nesterov"] else buf
-    return StepResult(param + d_p * param.dtype.type(-lr), new_state)
+        d_p = _axpy(d_p, buf, momentum) if spec["nesterov"] else buf
+    return StepResult(_axpy(param, d_p, -lr), new_state)
 
 
 def _adam(spec, state, param, grad, lr_scale, decoupled: bool = False) -> StepResult:

@@ -209,3 +209,10 @@ def test_health_cluster(client):
     status = client.get("/v1/cluster").json()
     assert status["node"] == "n0" and len(status["shards"]) == 2
     assert all(s["leader"] == "n0" and s["role"] == "leader" for s in status["shards"])
+
+
+def test_json_scalar_keeps_its_shape(client):
+    r = client.put("/v1/tensors/scalar", json={"dtype": "float32", "shape": [], "data": 2.5})
+    assert r.status_code == 201
+    r = client.get("/v1/tensors/scalar")
+    assert r.headers["X-Shape"] == "" and np.frombuffer(r.content, np.float32).tolist() == [2.5]

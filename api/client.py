@@ -1,0 +1,385 @@
+"""Python SDK for paramstore: numpy arrays in and out over the HTTP API.
+
+    with ParamStoreClient(["http://127.0.0.1:8800", "http://127.0.0.1:8801"]) as ps:
+        ps.create("w", np.zeros((784, 10), np.float32), optimizer={"type": "sgd", "lr": 0.1},
+                  exist_ok=True)
+        w, version = ps.pull("w")
+        ps.push_grad("w", grad, base_version=version)
+
+Wire format: raw little-endian C-order bytes (`application/octet-stream`) with
+`X-Dtype` / `X-Shape`. Arrays are sent from their own buffer without a copy and
+pulled arrays are read-only `np.frombuffer` views of the response body.
+
+Retries and failover. A request that fails with a connection error, a
+transport timeout or a 503 (`unavailable` / `timeout`) is retried on the next
+replica with bounded, jittered exponential backoff until the client's
+`deadline`; then `UnavailableError` is raised. The replica that answered last
+is tried first next time. Which calls are safe to retry:
+
+* reads (`pull`, `pull_many`, `list`, `wait_for`, `cluster`): always.
+* every write (`create`, `set`, `push_grad`, `push_grads`, `delete`): the
+  client gives each call a fresh `X-Request-Id` and sends the SAME id on every
+  retry of that call. Replicas record the outcome per id, so a retried write is
+  applied at most once and the retry returns the first outcome, even when the
+  first attempt timed out after it was committed. The guarantee holds while
+  the id is in the store's dedupe window (`limits.dedupe_window` requests per
+  shard), i.e. for any realistic retry horizon.
+* calling a write method again yourself (a new call) is a NEW request: a
+  second `push_grad` applies the gradient twice. Use `if_version` (If-Match) or
+  `create` (If-None-Match: *) when a repeated call must not apply twice.
+
+Session consistency. The client remembers, per tensor, the highest version it
+wrote or read and sends it as `min_version` on later pulls, so it reads its own
+writes from any replica (a lagging replica waits, or the client moves on to
+another). `session` can be shared between clients to carry this guarantee
+over. `delete` forgets the tensor (a re-created tensor restarts at version 1).
+
+PyTorch helpers live in `torch_utils`; torch is imported only when they run.
+"""
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import uuid
+from typing import Any, Iterable, Mapping
+
+import httpx
+import numpy as np
+
+__all__ = [
+    "ParamStoreClient", "ParamStoreError", "NotFoundError", "PreconditionFailedError",
+    "ConflictError", "InvalidError", "UnavailableError", "torch_utils",
+]
+
+OCTET = "application/octet-stream"
+_BACKOFF_BASE = 0.05
+_BACKOFF_CAP = 1.0
+
+
+# ---- errors -------------------------------------------------------------------------
+class ParamStoreError(Exception):
+    """Any error the store reported; `status`, `code` and `body` are the HTTP answer."""
+
+    def __init__(self, detail: str, status: int | None = None, code: str | None = None,
+                 body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(f"{code or 'error'} ({status}): {detail}" if status else detail)
+        self.detail = detail
+        self.status = status
+        self.code = code
+        self.body = dict(body or {})
+
+
+class NotFoundError(ParamStoreError):
+    """404: the tensor does not exist."""
+
+
+class PreconditionFailedError(ParamStoreError):
+    """412: If-Match / If-None-Match did not hold."""
+
+    @property
+    def current_version(self) -> int | None:
+        return self.body.get("current_version")
+
+
+class ConflictError(ParamStoreError):
+    """409: e.g. a gradient staler than the tensor's max_staleness."""
+
+    @property
+    def current_version(self) -> int | None:
+        return self.body.get("current_version")
+
+
+class InvalidError(ParamStoreError):
+    """400 / 406 / 413 / 415 / 422: the request itself is wrong; retrying will not help."""
+
+
+class UnavailableError(ParamStoreError):
+    """No replica answered usefully before the deadline (the last cause is chained)."""
+
+
+_BY_STATUS: dict[int, type[ParamStoreError]] = {
+    400: InvalidError, 404: NotFoundError, 406: InvalidError, 409: ConflictError,
+    412: PreconditionFailedError, 413: InvalidError, 415: InvalidError, 422: InvalidError,
+    503: UnavailableError,
+}
+
+
+def _error_from(r: httpx.Response) -> ParamStoreError:
+    try:
+        body = r.json()
+        if not isinstance(body, dict):
+            body = {}
+    except ValueError:
+        body = {}
+    detail = str(body.get("detail") or r.text[:500] or r.reason_phrase)
+    cls = _BY_STATUS.get(r.status_code, ParamStoreError)
+    return cls(detail, status=r.status_code, code=body.get("error"), body=body)
+
+
+class _Retry(Exception):
+    """An attempt that another replica (or a later try) may succeed at."""
+
+    def __init__(self, cause: BaseException | ParamStoreError, retry_after: float = 0.0) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+# ---- wire helpers -----------------------------------------------------------------------
+def _le_contiguous(value: Any) -> np.ndarray:
+    """`value` as a C-contiguous little-endian array; no copy if it already is one."""
+    arr = np.asarray(value)
+    # Not np.ascontiguousarray: it turns a 0-d array (a scalar tensor) into shape (1,).
+    return np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")
+
+
+def _tensor_request(value: Any) -> tuple[list[memoryview], dict[str, str]]:
+    """The body (one zero-copy chunk; httpx treats a bare memoryview as an
+    iterable of ints) and headers of a raw tensor upload."""
+    arr = _le_contiguous(value)
+    view = memoryview(arr.reshape(-1)).cast("B")
+    headers = {"Content-Type": OCTET, "Content-Length": str(view.nbytes),
+               "X-Dtype": arr.dtype.name, "X-Shape": ",".join(str(d) for d in arr.shape)}
+    return [view], headers
+
+
+def _array_from(r: httpx.Response) -> np.ndarray:
+    text = r.headers["X-Shape"].strip()
+    shape = tuple(int(d) for d in text.split(",") if d.strip()) if text else ()
+    dtype = np.dtype(r.headers["X-Dtype"]).newbyteorder("<")
+    return np.frombuffer(r.content, dtype=dtype).reshape(shape)
+
+
+def _version_of(r: httpx.Response) -> int:
+    if "X-Version" in r.headers:
+        return int(r.headers["X-Version"])
+    return int(r.json()["version"])
+
+
+# ---- the client ---------------------------------------------------------------------------
+class ParamStoreClient:
+    """A thread-safe client for one cluster. `urls`: any replicas (a list or a
+    comma-separated string); `timeout`: per HTTP attempt; `deadline`: per call,
+    across all retries."""
+
+    def __init__(self, urls: list[str] | str, timeout: float = 10.0, deadline: float = 30.0,
+                 session: dict[str, int] | None = None) -> None:
+        if isinstance(urls, str):
+            urls = [u for u in urls.split(",")]
+        self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not self.urls:
+            raise ValueError("ParamStoreClient needs at least one replica URL")
+        self.timeout = timeout
+        self.deadline = deadline
+        self.session: dict[str, int] = session if session is not None else {}
+        self._lock = threading.Lock()
+        self._preferred = 0
+        self._http = [httpx.Client(base_url=u, timeout=timeout, follow_redirects=True,
+                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
+                      for u in self.urls]
+
+    # ---- lifecycle ------------------------------------------------------------------
+    def close(self) -> None:
+        for c in self._http:
+            c.close()
+
+    def __enter__(self) -> "ParamStoreClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- writes ----------------------------------------------------------------------
+    def create(self, name: str, value: np.ndarray, optimizer: dict | None = None,
+               max_staleness: int | None = None, staleness_policy: str | None = None,
+               exist_ok: bool = False) -> int:
+        """Create `name` (If-None-Match: *). Returns its version: 1, or with
+        `exist_ok` the current version of an existing tensor (left unchanged)."""
+        body, headers = _tensor_request(value)
+        headers["If-None-Match"] = "*"
+        if optimizer is not None:
+            headers["X-Optimizer"] = json.dumps(optimizer)
+        if max_staleness is not None:
+            headers["X-Max-Staleness"] = str(int(max_staleness))
+        if staleness_policy is not None:
+            headers["X-Staleness-Policy"] = staleness_policy
+        try:
+            r = self._request("PUT", f"/v1/tensors/{name}", headers=headers, content=body, write=True)
+        except PreconditionFailedError as e:
+            if not exist_ok or e.current_version is None:
+                raise
+            self._saw(name, e.current_version)
+            return int(e.current_version)
+        version = _version_of(r)
+        with self._lock:
+            self.session[name] = version  # a fresh tensor: forget any older incarnation
+        return version
+
+    def set(self, name: str, value: np.ndarray, if_version: int | None = None) -> int:
+        """Replace the value (same dtype and shape); compare-and-set with `if_version`."""
+        body, headers = _tensor_request(value)
+        if if_version is not None:
+            headers["If-Match"] = f'"{int(if_version)}"'
+        r = self._request("PUT", f"/v1/tensors/{name}", headers=headers, content=body, write=True)
+        return self._saw(name, _version_of(r))
+
+    def push_grad(self, name: str, grad: np.ndarray, base_version: int | None = None) -> int:
+        """Apply `grad` with the tensor's server-side optimizer; returns the new
+        version. `base_version`: the version the gradient was computed on (for
+        max_staleness / the `scale` staleness policy)."""
+        body, headers = _tensor_request(grad)
+        if base_version is not None:
+            headers["X-Base-Version"] = str(int(base_version))
+        r = self._request("POST", f"/v1/tensors/{name}/grad", headers=headers, content=body, write=True)
+        return self._saw(name, _version_of(r))
+
+    def push_grads(self, grads: Mapping[str, np.ndarray],
+                   base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
+        """`push_grad` for each tensor (one request each, not atomic)."""
+        base_versions = base_versions or {}
+        return {name: self.push_grad(name, g, base_versions.get(name)) for name, g in grads.items()}
+
+    def delete(self, name: str, if_version: int | None = None) -> None:
+        headers = {"If-Match": f'"{int(if_version)}"'} if if_version is not None else {}
+        self._request("DELETE", f"/v1/tensors/{name}", headers=headers, write=True)
+        with self._lock:
+            self.session.pop(name, None)
+
+    # ---- reads -----------------------------------------------------------------------
+    def pull(self, name: str) -> tuple[np.ndarray, int]:
+        """(value, version); the value is a read-only view of the response body.
+        Never older than what this session already wrote or read."""
+        params: dict[str, Any] = {}
+        seen = self.session.get(name)
+        if seen is not None:
+            # Bound the replica-side wait so a lagging replica gives way to another.
+            params = {"min_version": seen, "timeout": max(0.5, self.timeout / 2)}
+        r = self._request("GET", f"/v1/tensors/{name}", params=params, headers={"Accept": OCTET})
+        arr = _array_from(r)
+        return arr, self._saw(name, _version_of(r))
+
+    def pull_many(self, names: Iterable[str]) -> dict[str, tuple[np.ndarray, int]]:
+        return {name: self.pull(name) for name in names}
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/tensors").json()
+
+    def wait_for(self, name: str, version_gt: int, timeout: float) -> int | None:
+        """Block until `name` has a version > `version_gt` (returned), or
+        `timeout` seconds pass (None). The server caps one wait at
+        limits.max_wait_seconds (60 s by default)."""
+        r = self._request("HEAD", f"/v1/tensors/{name}",
+                          params={"wait_version_gt": int(version_gt), "timeout": timeout},
+                          attempt_timeout=timeout + self.timeout, deadline=timeout + self.deadline,
+                          ok=(200, 304))
+        if r.status_code == 304:
+            return None
+        return self._saw(name, _version_of(r))
+
+    def cluster(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/cluster").json()
+
+    # ---- plumbing ---------------------------------------------------------------------
+    def _saw(self, name: str, version: int) -> int:
+        with self._lock:
+            if version > self.session.get(name, 0):
+                self.session[name] = version
+        return version
+
+    def _request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                 params: dict[str, Any] | None = None, content: Any = None, write: bool = False,
+                 attempt_timeout: float | None = None, deadline: float | None = None,
+                 ok: tuple[int, ...] = (200, 201)) -> httpx.Response:
+        """One logical call: retried across replicas until it gets a definite
+        answer or the deadline passes. Writes keep one X-Request-Id throughout."""
+        headers = dict(headers or {})
+        if write:
+            headers["X-Request-Id"] = uuid.uuid4().hex
+        end = time.monotonic() + (self.deadline if deadline is None else deadline)
+        per_try = self.timeout if attempt_timeout is None else attempt_timeout
+        n = len(self.urls)
+        start = self._preferred
+        attempt = 0
+        while True:
+            i = (start + attempt) % n
+            remaining = end - time.monotonic()
+            try:
+                r = self._attempt(i, method, path, headers, params, content,
+                                  max(0.05, min(per_try, remaining)), ok)
+                self._preferred = i
+                return r
+            except _Retry as e:
+                cause, retry_after = e.cause, e.retry_after
+            attempt += 1
+            # After a full round of replicas, honour the server's Retry-After (capped).
+            pause = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(attempt - 1, 10))
+            pause *= random.uniform(0.5, 1.5)
+            if attempt % n == 0:
+                pause = max(pause, min(retry_after, _BACKOFF_CAP))
+            if time.monotonic() + pause >= end:
+                msg = (f"{method} {path}: no replica answered within the deadline "
+                       f"({attempt} attempts over {', '.join(self.urls)}); last: {cause}")
+                if isinstance(cause, ParamStoreError):
+                    raise UnavailableError(msg, status=cause.status, code=cause.code,
+                                           body=cause.body) from cause
+                raise UnavailableError(msg) from cause
+            time.sleep(pause)
+
+    def _attempt(self, i: int, method: str, path: str, headers: dict[str, str],
+                 params: dict[str, Any] | None, content: Any, timeout: float,
+                 ok: tuple[int, ...]) -> httpx.Response:
+        http = self._http[i]
+        try:
+            request = http.build_request(method, path, headers=headers, params=params,
+                                         content=content, timeout=timeout)
+            r = http.send(request)
+        except httpx.TransportError as e:  # refused, reset, timed out: outcome may be unknown
+            raise _Retry(e) from e
+        if r.status_code in ok:
+            return r
+        err = _error_from(r)
+        if r.status_code == 503:
+            try:
+                retry_after = float(r.headers.get("Retry-After", "0"))
+            except ValueError:
+                retry_after = 0.0
+            raise _Retry(err, retry_after)
+        raise err
+
+
+# ---- optional PyTorch helpers -------------------------------------------------------------
+class torch_utils:
+    """Helpers for torch modules; torch is imported on first use only.
+    Tensor names are `prefix + parameter name` (e.g. "net.fc1.weight")."""
+
+    @staticmethod
+    def create_module(client: ParamStoreClient, module: Any, optimizer: dict | None = None,
+                      prefix: str = "") -> dict[str, int]:
+        """Create one tensor per parameter from the module's current values (exist_ok)."""
+        return {prefix + n: client.create(prefix + n, p.detach().cpu().contiguous().numpy(),
+                                          optimizer=optimizer, exist_ok=True)
+                for n, p in module.named_parameters()}
+
+    @staticmethod
+    def load_module(client: ParamStoreClient, module: Any, prefix: str = "") -> dict[str, int]:
+        """Copy the stored values into the module's parameters; returns
+        {tensor name: version}, the base versions for `push_module_grads`."""
+        import torch
+
+        versions = {}
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                arr, version = client.pull(prefix + n)
+                p.copy_(torch.from_numpy(np.array(arr)).reshape(p.shape))  # copy: pulled arrays are read-only
+                versions[prefix + n] = version
+        return versions
+
+    @staticmethod
+    def push_module_grads(client: ParamStoreClient, module: Any, prefix: str = "",
+                          base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Push every parameter's `.grad` (parameters without one are skipped)."""
+        grads = {prefix + n: p.grad.detach().cpu().contiguous().numpy()
+                 for n, p in module.named_parameters() if p.grad is not None}
+        return client.push_grads(grads, base_versions)
