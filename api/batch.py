@@ -17,6 +17,7 @@ from store.errors import InvalidRequest, StoreError
 from . import headers as h
 from . import wire
 from .bridge import wait
+from .tensors import wait_version
 from .errors import error_response
 
 router = APIRouter()
@@ -27,15 +28,23 @@ async def pull_batch(
     request: Request,
     names: str = Query(..., description="comma-separated tensor names"),
     consistency: str = Query("local", pattern="^(local|linearizable)$"),
+    timeout: float | None = Query(None, ge=0, le=3600),
 ) -> Response:
-    """Several tensors as one safetensors file; versions in its metadata."""
+    """Several tensors as one safetensors file; versions in its metadata.
+    `X-Min-Versions: {"name": v}` waits (bounded) until this replica has
+    applied those versions: read-your-writes for a session."""
     store = request.app.state.store
     wanted = [h.tensor_name(n) for n in names.split(",") if n]
     if not wanted or len(wanted) > 10_000:
         raise InvalidRequest("names: give 1 to 10000 comma-separated tensor names")
+    limits = store.cfg.limits
+    deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
+    min_versions = _versions_header(request.headers.get("x-min-versions"), "X-Min-Versions")
+    for name, version in min_versions.items():
+        await wait_version(store, name, version, deadline)
     if consistency == "linearizable":
         shards = {store.shard_of(n) for n in wanted}
-        await asyncio.gather(*(wait(store.barrier(s), store.cfg.limits.request_timeout,
+        await asyncio.gather(*(wait(store.barrier(s), deadline,
                                     "linearizable read barrier") for s in shards))
 
     def build() -> bytes:
@@ -57,7 +66,7 @@ async def push_batch(request: Request) -> Response:
     if wire.media_type(hd.get("content-type")) != wire.SAFETENSORS:
         from store.errors import UnsupportedMediaType
         raise UnsupportedMediaType(f"batch pushes take {wire.SAFETENSORS}")
-    base_versions = _base_versions(hd.get("x-base-versions"))
+    base_versions = _versions_header(hd.get("x-base-versions"), "X-Base-Versions")
     rid = h.request_id(hd.get("x-request-id"))
     body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
     grads = await anyio.to_thread.run_sync(wire.decode_safetensors, body)
@@ -92,13 +101,14 @@ async def push_batch(request: Request) -> Response:
     return JSONResponse({"versions": versions})
 
 
-def _base_versions(value: str | None) -> dict[str, int]:
+def _versions_header(value: str | None, header: str) -> dict[str, int]:
     if value is None:
         return {}
     try:
         doc = json.loads(value)
     except ValueError as e:
-        raise InvalidRequest(f"X-Base-Versions: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not all(isinstance(v, int) and v >= 0 for v in doc.values()):
-        raise InvalidRequest('X-Base-Versions: expected {"name": version, ...}')
+        raise InvalidRequest(f"{header}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in doc.values()):
+        raise InvalidRequest(f'{header}: expected {{"name": version, ...}}')
     return doc

@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 OCTET = "application/octet-stream"
+SAFETENSORS = "application/x-safetensors"
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 1.0
 
@@ -143,6 +144,13 @@ def _tensor_request(value: Any) -> tuple[list[memoryview], dict[str, str]]:
     headers = {"Content-Type": OCTET, "Content-Length": str(view.nbytes),
                "X-Dtype": arr.dtype.name, "X-Shape": ",".join(str(d) for d in arr.shape)}
     return [view], headers
+
+
+def _safetensors_metadata(body: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file: its 8-byte header length and
+    JSON header are the format's documented framing."""
+    n = int.from_bytes(body[:8], "little")
+    return json.loads(body[8:8 + n]).get("__metadata__", {})
 
 
 def _array_from(r: httpx.Response) -> np.ndarray:
@@ -237,9 +245,16 @@ class ParamStoreClient:
 
     def push_grads(self, grads: Mapping[str, np.ndarray],
                    base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
-        """`push_grad` for each tensor (one request each, not atomic)."""
-        base_versions = base_versions or {}
-        return {name: self.push_grad(name, g, base_versions.get(name)) for name, g in grads.items()}
+        """Push many gradients in ONE request (safetensors). The tensors of each
+        shard are applied atomically as one Raft entry; returns new versions."""
+        from safetensors.numpy import save
+
+        body = save({name: _le_contiguous(g) for name, g in grads.items()})
+        headers = {"Content-Type": SAFETENSORS}
+        if base_versions:
+            headers["X-Base-Versions"] = json.dumps({k: int(v) for k, v in base_versions.items()})
+        r = self._request("POST", "/v1/grads:batch", headers=headers, content=body, write=True)
+        return {name: self._saw(name, v) for name, v in r.json()["versions"].items()}
 
     def delete(self, name: str, if_version: int | None = None) -> None:
         headers = {"If-Match": f'"{int(if_version)}"'} if if_version is not None else {}
@@ -261,7 +276,19 @@ class ParamStoreClient:
         return arr, self._saw(name, _version_of(r))
 
     def pull_many(self, names: Iterable[str]) -> dict[str, tuple[np.ndarray, int]]:
-        return {name: self.pull(name) for name in names}
+        """Many tensors in ONE request (safetensors), with session consistency."""
+        from safetensors.numpy import load
+
+        names = list(names)
+        with self._lock:
+            seen = {n: self.session[n] for n in names if n in self.session}
+        headers = {"Accept": SAFETENSORS}
+        if seen:
+            headers["X-Min-Versions"] = json.dumps(seen)
+        r = self._request("GET", "/v1/tensors:batch", params={"names": ",".join(names)}, headers=headers)
+        arrays = load(r.content)
+        versions = json.loads(_safetensors_metadata(r.content)["versions"])
+        return {n: (arrays[n], self._saw(n, versions[n])) for n in names}
 
     def list(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/tensors").json()

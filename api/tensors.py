@@ -164,9 +164,9 @@ async def get_tensor(
     if consistency == "linearizable":
         await wait(store.barrier(shard), deadline, "linearizable read barrier")
     if min_version is not None:
-        await _wait_version(store, name, min_version, deadline, must=True)
+        await wait_version(store, name, min_version, deadline, must=True)
     if wait_version_gt is not None:
-        if not await _wait_version(store, name, wait_version_gt + 1, deadline, must=False):
+        if not await wait_version(store, name, wait_version_gt + 1, deadline, must=False):
             t, shard = store.get(name)
             return Response(status_code=304, headers=wire.tensor_headers(t.dtype, t.shape, t.version, shard))
     if rows is not None:
@@ -198,7 +198,7 @@ async def _get_rows(store: Store, name: str, rows_text: str, kind: str, head_onl
     return wire.encode(kind, name, arr, hdrs, store.cfg.limits.json_max_elements, head_only=head_only)
 
 
-async def _wait_version(store: Store, name: str, version: int, deadline: float, must: bool) -> bool:
+async def wait_version(store: Store, name: str, version: int, deadline: float, must: bool = True) -> bool:
     fut = store.watch(name, version)
     if await wait_optional(fut, deadline):
         return True

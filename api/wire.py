@@ -264,4 +264,4 @@ def decode_safetensors(body) -> dict[str, WireTensor]:
 def encode_safetensors(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
     from safetensors.numpy import save
 
-    return save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
+    return save({k: np.asarray(v, order="C") for k, v in arrays.items()}, metadata=metadata)

@@ -159,6 +159,8 @@ def apply_step(spec: dict, state: dict, param: np.ndarray, grad: np.ndarray,
         raise Unprocessable(f"optimizer {spec['type']} needs a float tensor, this one is {param.dtype}")
     with np.errstate(all="ignore"):
         result = RULES[spec["type"]](spec, state, param, grad, lr_scale)
-    value = np.ascontiguousarray(result.value, dtype=param.dtype)
+    value = np.asarray(result.value, dtype=param.dtype, order="C")  # keeps 0-d (scalar) shapes
     value.flags.writeable = False
-    return StepResult(value, result.state)
+    # 0-d arithmetic yields numpy scalars: keep optimizer state as arrays.
+    state = {k: np.asarray(v) if isinstance(v, np.generic) else v for k, v in result.state.items()}
+    return StepResult(value, state)

@@ -49,7 +49,7 @@ def write_snapshot(path: str | os.PathLike, state: dict[str, Tensor], dedupe: Or
             if not isinstance(arr, np.ndarray):
                 described["scalars"][key] = arr
                 continue
-            arr = np.ascontiguousarray(arr)
+            arr = np.asarray(arr, order="C")  # not ascontiguousarray: it makes scalars 1-d
             described["arrays"][key] = {
                 "offset": offset, "nbytes": int(arr.nbytes), "dtype": dtypes.dtype_name(arr.dtype),
                 "shape": list(arr.shape), "crc32": zlib.crc32(arr.data) if arr.nbytes else 0,

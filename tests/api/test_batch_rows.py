@@ -81,3 +81,19 @@ def test_sparse_rows_bad_input(client):
     assert client.get("/v1/tensors/emb2", params={"rows": "1,x"}).status_code == 400
     assert client.get("/v1/tensors/emb2", params={"rows": "10"}).status_code == 422
     assert client.get("/v1/tensors/emb2").headers["X-Version"] == "1"
+
+
+def test_batch_pull_min_versions(client):
+    create(client, "mv", np.zeros(2, np.float32))
+    r = client.get("/v1/tensors:batch", params={"names": "mv"}, headers={"X-Min-Versions": '{"mv": 1}'})
+    assert r.status_code == 200 and json.loads(load_meta(r.content)["versions"]) == {"mv": 1}
+    r = client.get("/v1/tensors:batch", params={"names": "mv", "timeout": 0.2},
+                   headers={"X-Min-Versions": '{"mv": 5}'})
+    assert r.status_code == 503
+    r = client.get("/v1/tensors:batch", params={"names": "mv"}, headers={"X-Min-Versions": '{"mv": -1}'})
+    assert r.status_code == 400
+
+
+def load_meta(body: bytes) -> dict:
+    n = int.from_bytes(body[:8], "little")
+    return json.loads(body[8:8 + n])["__metadata__"]

@@ -212,3 +212,14 @@ def test_grad_rows_errors_change_nothing():
     with pytest.raises(Unprocessable):
         s.apply(rows_cmd("emb", [1], np.full((1, 2), np.nan, np.float32)), resolve)
     assert s.get("emb").version == 1 and not s.get("emb").in_place
+
+
+def test_scalar_tensors_keep_shape_through_optimizer_and_snapshot(tmp_path):
+    from store.snapshot import read_snapshot, write_snapshot
+    s = ShardState(0)
+    put(s, "lr", np.array(1.0, np.float32), optimizer={"type": "adam"})
+    grad(s, "lr", np.array(0.5, np.float32))
+    assert s.get("lr").value.shape == () and s.get("lr").opt_state["exp_avg"].shape == ()
+    write_snapshot(tmp_path / "s", s.tensors, s.dedupe, 0, 3, {})
+    loaded, _, _ = read_snapshot(tmp_path / "s")
+    assert loaded.get("lr").value.shape == () and loaded.get("lr").opt_state["exp_avg_sq"].shape == ()
