@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast test-cluster install clean
+.PHONY: run test test-fast test-cluster test-faults install clean
 
 $(PY):
 	python3 -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv $(VENV))
@@ -16,21 +16,32 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# Fault tests cut links with nftables inside a private network namespace (root only).
+SYSDEPS := $(VENV)/.sysdeps
+$(SYSDEPS): | $(PY)
+	@if [ "$$(id -u)" = 0 ] && ! command -v nft >/dev/null; then \
+		(apt-get update -q && apt-get install -y -q nftables iproute2) >/dev/null; fi
+	touch $@
+
 ## A local 3-replica cluster on loopback, plus a trainer working against it.
 run: install
 	$(VENV)/bin/paramstore dev --replicas 3 --http-port 8700 --data-dir data/dev \
 		--then "$(PY) examples/train_digits.py --workers 4"
 
 ## The whole suite (unit, API and real multi-process cluster tests).
-test: install
+test: install $(SYSDEPS)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 ## Unit and in-process API tests only (under a minute).
 test-fast: install
 	$(PY) -m pytest -q -m "not cluster" tests
 
-test-cluster: install
+test-cluster: install $(SYSDEPS)
 	$(PY) -m pytest -q -m cluster tests
+
+## Jepsen-style fault scenarios alone (real partitions need root).
+test-faults: install $(SYSDEPS)
+	$(PY) -m pytest -q -m faults tests
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -138,13 +138,16 @@ class DataPathServer:
 
 
 class DataPathClient:
-    def __init__(self, secret: bytes | None, timeout: float = 30.0) -> None:
+    def __init__(self, secret: bytes | None, timeout: float = 30.0,
+                 source: tuple[str, int] | None = None) -> None:
         self.secret = secret
         self.timeout = timeout
+        self.source = source
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="datapath-push")
 
     def _connect(self, addr: Address) -> socket.socket:
-        sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout)
+        sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout,
+                                        source_address=self.source)
         _tune(sock)
         return sock
 

@@ -26,6 +26,7 @@ from .futures import forward
 from .payloads import PayloadStore
 from .raft import ShardReplica
 from .snapshot import read_snapshot
+from .sockets import bind_outgoing_raft, source_address
 from .state import ShardState, Tensor
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Store:
         self.started = time.monotonic()
         secret = (hashlib.sha256(b"paramstore-datapath:" + cfg.raft.password.encode()).digest()
                   if cfg.raft.password else None)
-        self.peer_client = DataPathClient(secret)
+        self.peer_client = DataPathClient(secret, source=source_address(self.node.data.host))
         self._stage_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage")
         self._closed = threading.Event()
         self.shards: dict[int, ShardHost] = {}
@@ -96,6 +97,7 @@ class Store:
             if dump.exists():
                 preloaded[shard] = read_snapshot(dump, self.cfg.limits.dedupe_window)
         self.datapath.start()
+        bind_outgoing_raft(self.node.raft.host)
         for shard, host in self.shards.items():
             host.replica = ShardReplica(
                 shard, self.node.raft_address(shard), [h.raft_address(shard) for h in host.peers],

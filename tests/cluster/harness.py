@@ -21,15 +21,26 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Cluster:
     def __init__(self, tmp: Path, replicas: int = 3, shards: int = 2, raft: dict | None = None,
-                 limits: dict | None = None) -> None:
+                 limits: dict | None = None, hosts: list[str] | None = None,
+                 launcher: list[str] | None = None, http: Any = None) -> None:
+        """`hosts`: one loopback address per node (all share ports then);
+        `launcher`: a command prefix (e.g. `ip netns exec NS`); `http`: an
+        httpx.Client-like object that can reach the nodes."""
         self.tmp = tmp
+        self.launcher = launcher or []
         per_node = shards + 2
-        base = free_range(replicas * per_node)
         nodes = []
-        for i in range(replicas):
-            b = base + i * per_node
-            nodes.append({"id": f"n{i + 1}", "http": f"127.0.0.1:{b}", "raft": f"127.0.0.1:{b + 1}",
-                          "data": f"127.0.0.1:{b + 1 + shards}"})
+        if hosts:
+            b = 7000
+            for i, host in enumerate(hosts):
+                nodes.append({"id": f"n{i + 1}", "http": f"{host}:{b}", "raft": f"{host}:{b + 1}",
+                              "data": f"{host}:{b + 1 + shards}"})
+        else:
+            base = free_range(replicas * per_node)
+            for i in range(replicas):
+                b = base + i * per_node
+                nodes.append({"id": f"n{i + 1}", "http": f"127.0.0.1:{b}", "raft": f"127.0.0.1:{b + 1}",
+                              "data": f"127.0.0.1:{b + 1 + shards}"})
         raw: dict[str, Any] = {"cluster": {"shards": shards, "replication": replicas}, "nodes": nodes}
         if raft:
             raw["raft"] = raft
@@ -41,14 +52,14 @@ class Cluster:
         self.ids = [n.id for n in self.cfg.nodes]
         self.urls = {n.id: n.url for n in self.cfg.nodes}
         self.procs: dict[str, subprocess.Popen] = {}
-        self.http = httpx.Client(timeout=10.0)
+        self.http = http if http is not None else httpx.Client(timeout=10.0)
 
     # ---- processes ---------------------------------------------------------------
     def start(self, node_id: str | None = None) -> None:
         for nid in [node_id] if node_id else self.ids:
             log = open(self.tmp / f"{nid}.log", "ab")
             self.procs[nid] = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config_path),
+                self.launcher + [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config_path),
                  "--node", nid, "--data-dir", str(self.tmp / nid)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
