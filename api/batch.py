@@ -44,8 +44,8 @@ async def pull_batch(
         await wait_version(store, name, version, deadline)
     if consistency == "linearizable":
         shards = {store.shard_of(n) for n in wanted}
-        await asyncio.gather(*(wait(store.barrier(s), deadline,
-                                    "linearizable read barrier") for s in shards))
+        await asyncio.gather(*(wait(store.barrier(s), max(deadline, limits.request_timeout),
+                                    "linearizable read barrier", write=False) for s in shards))
 
     def build() -> bytes:
         arrays, versions = {}, {}

@@ -142,7 +142,8 @@ async def list_tensors(request: Request) -> list[dict]:
     return _store(request).list()
 
 
-@router.api_route("/v1/tensors/{name}", methods=["GET", "HEAD"])
+@router.get("/v1/tensors/{name}", operation_id="get_tensor")
+@router.head("/v1/tensors/{name}", operation_id="head_tensor")
 async def get_tensor(
     name: str,
     request: Request,
@@ -162,7 +163,8 @@ async def get_tensor(
     inm = h.version_tags(request.headers.get("if-none-match"), "If-None-Match")
     shard = store.shard_of(name)
     if consistency == "linearizable":
-        await wait(store.barrier(shard), deadline, "linearizable read barrier")
+        await wait(store.barrier(shard), max(deadline, limits.request_timeout), "linearizable read barrier",
+                   write=False)
     if min_version is not None:
         await wait_version(store, name, min_version, deadline, must=True)
     if wait_version_gt is not None:
