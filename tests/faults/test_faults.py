@@ -52,6 +52,7 @@ def test_leader_partitioned_from_majority(fault_cluster):
         new = c.leader_of(shard, timeout=20, among=majority)
         assert new != leader
         wait_until(lambda: load.acked_writes_after(cut_at + 0.5) >= 5, 20, "the majority commits writes")
+        print(f"leader partitioned: first write acknowledged {load.recovery_seconds(cut_at):.2f}s after the cut")
         # the minority serves no linearizable read
         r = c.http.get(f"{c.urls[leader]}/v1/tensors/{load.tensor}",
                        params={"consistency": "linearizable", "timeout": 1})
@@ -83,6 +84,7 @@ def test_follower_partitioned(fault_cluster):
     cut_at = time.monotonic()
     try:
         wait_until(lambda: load.acked_writes_after(cut_at + 0.5) >= 10, 20, "writes continue")
+        print(f"follower partitioned: first write acknowledged {load.recovery_seconds(cut_at):.2f}s after the cut")
         assert c.status(leader)["shards"][shard]["leader"] == leader
         assert c.status(leader)["shards"][shard]["term"] == term, "the leader was disturbed"
     finally:
@@ -102,6 +104,7 @@ def test_leader_paused(fault_cluster):
         others = [n for n in c.ids if n != leader]
         assert c.leader_of(shard, timeout=20, among=others) != leader
         wait_until(lambda: load.acked_writes_after(paused_at + 0.5) >= 5, 20, "writes continue")
+        print(f"leader paused: first write acknowledged {load.recovery_seconds(paused_at):.2f}s after SIGSTOP")
         run_for(1)
     finally:
         c.resume(leader)
@@ -120,6 +123,7 @@ def test_leader_killed_twice(fault_cluster):
         others = [n for n in c.ids if n != leader]
         c.leader_of(shard, timeout=20, among=others)
         wait_until(lambda: load.acked_writes_after(killed_at + 0.2) >= 5, 20, "writes continue")
+        print(f"leader killed: first write acknowledged {load.recovery_seconds(killed_at):.2f}s after SIGKILL")
         c.restart(leader, timeout=40)
     run_for(2)
     converge_and_check(c, load, load.finish())

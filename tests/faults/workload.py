@@ -43,6 +43,12 @@ class Workload:
         return sum(1 for o in self.history.ops
                    if o.kind == "write" and o.status == "ok" and o.invoke > t)
 
+    def recovery_seconds(self, fault_at: float) -> float | None:
+        """From the fault to the first write acknowledged after it."""
+        done = [o.complete for o in self.history.ops
+                if o.kind == "write" and o.status == "ok" and o.invoke >= fault_at]
+        return min(done) - fault_at if done else None
+
     def _loop(self, client: int) -> None:
         http = netns.client(timeout=3.0)
         rng = random.Random(client)
