@@ -39,7 +39,9 @@ PyTorch helpers live in `torch_utils`; torch is imported only when they run.
 from __future__ import annotations
 
 import json
+import os
 import random
+import ssl
 import threading
 import time
 import uuid
@@ -50,7 +52,7 @@ import numpy as np
 
 __all__ = [
     "ParamStoreClient", "ParamStoreError", "NotFoundError", "PreconditionFailedError",
-    "ConflictError", "InvalidError", "UnavailableError", "torch_utils",
+    "ConflictError", "InvalidError", "UnavailableError", "AuthError", "torch_utils",
 ]
 
 OCTET = "application/octet-stream"
@@ -100,8 +102,12 @@ class UnavailableError(ParamStoreError):
     """No replica answered usefully before the deadline (the last cause is chained)."""
 
 
+class AuthError(ParamStoreError):
+    """401 / 403: missing or invalid token, or a read-only token writing."""
+
+
 _BY_STATUS: dict[int, type[ParamStoreError]] = {
-    400: InvalidError, 404: NotFoundError, 406: InvalidError, 409: ConflictError,
+    400: InvalidError, 401: AuthError, 403: AuthError, 404: NotFoundError, 406: InvalidError, 409: ConflictError,
     412: PreconditionFailedError, 413: InvalidError, 415: InvalidError, 422: InvalidError,
     503: UnavailableError,
 }
@@ -170,10 +176,12 @@ def _version_of(r: httpx.Response) -> int:
 class ParamStoreClient:
     """A thread-safe client for one cluster. `urls`: any replicas (a list or a
     comma-separated string); `timeout`: per HTTP attempt; `deadline`: per call,
-    across all retries."""
+    across all retries; `token`: an API bearer token (default: env
+    PARAMSTORE_TOKEN); `verify`: TLS verification (True, False or a CA file)."""
 
     def __init__(self, urls: list[str] | str, timeout: float = 10.0, deadline: float = 30.0,
-                 session: dict[str, int] | None = None) -> None:
+                 session: dict[str, int] | None = None, token: str | None = None,
+                 verify: bool | str | ssl.SSLContext = True) -> None:
         if isinstance(urls, str):
             urls = [u for u in urls.split(",")]
         self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
@@ -184,7 +192,12 @@ class ParamStoreClient:
         self.session: dict[str, int] = session if session is not None else {}
         self._lock = threading.Lock()
         self._preferred = 0
-        self._http = [httpx.Client(base_url=u, timeout=timeout, follow_redirects=True,
+        token = token if token is not None else os.environ.get("PARAMSTORE_TOKEN")
+        if isinstance(verify, str):  # a CA bundle file
+            verify = ssl.create_default_context(cafile=verify)
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = [httpx.Client(base_url=u, timeout=timeout, follow_redirects=True, headers=auth,
+                                   verify=verify,
                                    limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
                       for u in self.urls]
 

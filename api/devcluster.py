@@ -19,7 +19,9 @@ def dev_config(replicas: int, http_port: int, raft_port: int, shards: int, repli
         raft_base = raft_port + i * (shards + 2)
         nodes.append({"id": f"n{i + 1}", "http": f"127.0.0.1:{http_port + i}",
                       "raft": f"127.0.0.1:{raft_base}", "data": f"127.0.0.1:{raft_base + shards}"})
-    return {"cluster": {"shards": shards, "replication": min(replication, replicas)}, "nodes": nodes}
+    # Loopback development only: API tokens off (the replicas log a warning).
+    return {"cluster": {"shards": shards, "replication": min(replication, replicas)}, "nodes": nodes,
+            "auth": {"insecure_no_auth": True}}
 
 
 def run_dev(replicas: int, http_port: int, raft_port: int, shards: int, replication: int,
@@ -45,6 +47,7 @@ def run_dev(replicas: int, http_port: int, raft_port: int, shards: int, replicat
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     urls = [n.url for n in cfg.nodes]
     print(f"paramstore dev: {replicas} replicas, {cfg.shards} shards, replication {cfg.replication}")
+    print("paramstore dev: WARNING: API authentication is off (loopback development only)")
     for n in cfg.nodes:
         print(f"  {n.id}  {n.url}   (log: {data_dir / (n.id + '.log')})")
     code = 0

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[type[e.StoreError], int] = {
     e.InvalidRequest: 400,
+    e.Unauthorized: 401,
+    e.Forbidden: 403,
     e.NotFound: 404,
     e.NotAcceptable: 406,
     e.AlreadyExists: 409,
@@ -45,6 +47,8 @@ def error_response(err: e.StoreError, request: Request | None = None) -> Respons
     if status >= 500 and not isinstance(err, e.Unavailable):
         log.error("internal error: %s", err.detail)
     headers = {}
+    if isinstance(err, e.Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="paramstore"'
     if isinstance(err, e.Unavailable):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     return JSONResponse(err.to_dict(), status_code=status, headers=headers)

@@ -99,6 +99,26 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Bearer tokens for the HTTP API. A write token also reads."""
+    read_tokens: tuple[str, ...] = ()
+    write_tokens: tuple[str, ...] = ()
+    insecure_no_auth: bool = False  # only allowed when every node address is loopback
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.read_tokens or self.write_tokens)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS for the HTTP API (uvicorn's ssl options); client_ca_file asks for mutual TLS."""
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     shards: int
     replication: int
@@ -107,6 +127,8 @@ class Config:
     data_dir: Path | None = None
     raft: RaftSettings = field(default_factory=RaftSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     log_level: str = "info"
 
     @property
@@ -130,6 +152,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Coerce a TOML or environment value to a settings field's type."""
     text_type = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:
+        if "tuple" in text_type:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+                raise ValueError(value)
+            return tuple(i.strip() for i in items if i.strip())
         if "bool" in text_type:
             if isinstance(value, bool):
                 return value
@@ -208,7 +235,7 @@ def _nodes(raw: Any, shards: int) -> tuple[NodeConfig, ...]:
 
 
 def config_from_mapping(raw: Mapping[str, Any]) -> Config:
-    unknown = set(raw) - {"cluster", "nodes", "raft", "limits", "node", "log_level"}
+    unknown = set(raw) - {"cluster", "nodes", "raft", "limits", "auth", "tls", "node", "log_level"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section")
     cluster = dict(raw.get("cluster", {}))
@@ -234,11 +261,15 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
     limits = _settings(LimitSettings, raw.get("limits", {}), "limits")
     if limits.inline_payload_bytes > 32 << 10:
         raise ConfigError("limits.inline_payload_bytes: at most 32768 (pysyncobj mangles entries >= 64 KB)")
+    auth = _settings(AuthSettings, raw.get("auth", {}), "auth")
+    tls = _settings(TlsSettings, raw.get("tls", {}), "tls")
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError("tls.cert_file: cert_file and key_file go together")
     cfg = Config(
         shards=shards, replication=replication, nodes=nodes,
         node_id=node.get("id"),
         data_dir=Path(node["data_dir"]) if node.get("data_dir") else None,
-        raft=raft, limits=limits, log_level=str(raw.get("log_level", "info")),
+        raft=raft, limits=limits, auth=auth, tls=tls, log_level=str(raw.get("log_level", "info")),
     )
     if cfg.node_id is not None:
         cfg.node  # validates the id
@@ -279,7 +310,8 @@ def load_config(
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
     shortcuts = {"NODE": "node.id", "DATA_DIR": "node.data_dir", "RAFT_PASSWORD": "raft.password",
-                 "LOG_LEVEL": "log_level"}
+                 "LOG_LEVEL": "log_level", "READ_TOKENS": "auth.read_tokens",
+                 "WRITE_TOKENS": "auth.write_tokens"}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
@@ -295,16 +327,26 @@ def load_config(
     return config_from_mapping(raw)
 
 
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml_value(i) for i in v) + "]"
+    return str(v)
+
+
 def render_toml(cfg: Config) -> str:
     """The cluster part of a config as TOML (used by `paramstore dev`)."""
     lines = ["[cluster]", f"shards = {cfg.shards}", f"replication = {cfg.replication}", ""]
-    for section, obj in (("raft", cfg.raft), ("limits", cfg.limits)):
+    for section, obj in (("raft", cfg.raft), ("limits", cfg.limits), ("auth", cfg.auth), ("tls", cfg.tls)):
         diffs = [(f.name, getattr(obj, f.name)) for f in fields(obj)
                  if getattr(obj, f.name) != f.default and getattr(obj, f.name) is not None]
         if diffs:
             lines.append(f"[{section}]")
             for k, v in diffs:
-                lines.append(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else v}")
+                lines.append(f"{k} = {_toml_value(v)}")
             lines.append("")
     for n in cfg.nodes:
         lines += ["[[nodes]]", f'id = "{n.id}"', f'http = "{n.http}"', f'raft = "{n.raft}"',

@@ -30,6 +30,16 @@ class InvalidRequest(StoreError):
     code = "invalid_request"
 
 
+class Unauthorized(StoreError):
+    """No valid credentials (HTTP 401 with WWW-Authenticate)."""
+    code = "unauthorized"
+
+
+class Forbidden(StoreError):
+    """Valid credentials without the needed scope (a read token writing)."""
+    code = "forbidden"
+
+
 class NotFound(StoreError):
     code = "not_found"
 
@@ -95,7 +105,7 @@ class CorruptData(StoreError):
 _BY_CODE = {
     cls.code: cls
     for cls in [
-        StoreError, InvalidRequest, NotFound, AlreadyExists, PreconditionFailed,
+        StoreError, InvalidRequest, Unauthorized, Forbidden, NotFound, AlreadyExists, PreconditionFailed,
         Conflict, Unprocessable, UnsupportedMediaType, NotAcceptable, PayloadTooLarge,
         Unavailable, Timeout, NotHosted, ConfigError, CorruptData,
     ]

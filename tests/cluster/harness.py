@@ -41,7 +41,8 @@ class Cluster:
                 b = base + i * per_node
                 nodes.append({"id": f"n{i + 1}", "http": f"127.0.0.1:{b}", "raft": f"127.0.0.1:{b + 1}",
                               "data": f"127.0.0.1:{b + 1 + shards}"})
-        raw: dict[str, Any] = {"cluster": {"shards": shards, "replication": replicas}, "nodes": nodes}
+        raw: dict[str, Any] = {"cluster": {"shards": shards, "replication": replicas}, "nodes": nodes,
+                               "auth": {"insecure_no_auth": True}}
         if raft:
             raw["raft"] = raft
         if limits:

@@ -1,0 +1,72 @@
+"""Bearer-token authentication with read and write scopes.
+
+Tokens come from the config (`[auth] read_tokens`, `write_tokens`) or the
+environment (PARAMSTORE_READ_TOKENS, PARAMSTORE_WRITE_TOKENS, comma-separated).
+Every token is compared in constant time. Probes (/healthz, /readyz) and
+/metrics stay open; everything else needs a token: GET/HEAD a read or write
+token, any other method a write token.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from store.config import Config
+from store.errors import ConfigError, Forbidden, Unauthorized
+
+from .errors import error_response
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def check_policy(cfg: Config) -> None:
+    """A served replica needs tokens, unless explicitly insecure on loopback."""
+    if cfg.auth.enabled:
+        return
+    if not cfg.auth.insecure_no_auth:
+        raise ConfigError("auth.write_tokens: no API tokens configured; set PARAMSTORE_WRITE_TOKENS "
+                          "(and PARAMSTORE_READ_TOKENS), or auth.insecure_no_auth = true on loopback")
+    if not cfg.all_loopback():
+        raise ConfigError("auth.insecure_no_auth: only allowed when every node address is loopback")
+    log.warning("API authentication is OFF (auth.insecure_no_auth): loopback development only")
+
+
+def _matches(token: bytes, candidates: tuple[str, ...]) -> bool:
+    found = False
+    for c in candidates:  # no early exit: time does not depend on which token matched
+        found |= hmac.compare_digest(token, c.encode())
+    return found
+
+
+class BearerAuth:
+    def __init__(self, app: ASGIApp, cfg: Config) -> None:
+        self.app = app
+        self.read = cfg.auth.read_tokens
+        self.write = cfg.auth.write_tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        err = None
+        if scheme.lower() != "bearer" or not token:
+            err = Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+        else:
+            raw = token.strip().encode()
+            can_write = _matches(raw, self.write)
+            can_read = can_write or _matches(raw, self.read)
+            if not can_read:
+                err = Unauthorized("the bearer token is not valid")
+            elif scope["method"] not in READ_METHODS and not can_write:
+                err = Forbidden("this token may only read")
+        if err is None:
+            return await self.app(scope, receive, send)
+        await error_response(err, request)(scope, receive, send)
