@@ -223,3 +223,23 @@ def test_scalar_tensors_keep_shape_through_optimizer_and_snapshot(tmp_path):
     write_snapshot(tmp_path / "s", s.tensors, s.dedupe, 0, 3, {})
     loaded, _, _ = read_snapshot(tmp_path / "s")
     assert loaded.get("lr").value.shape == () and loaded.get("lr").opt_state["exp_avg_sq"].shape == ()
+
+
+def test_sparse_push_on_a_1m_by_64_table_does_not_copy_the_table():
+    import tracemalloc
+    s = ShardState(0)
+    table = np.zeros((1_000_000, 64), np.float32)  # 256 MB
+    put(s, "emb", table, optimizer={"type": "sgd", "lr": 0.1})
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 1_000_000, 1000)
+    s.apply(rows_cmd("emb", idx, np.ones((1000, 64), np.float32)), resolve)  # takes ownership once
+    tracemalloc.start()
+    try:
+        for _ in range(3):
+            s.apply(rows_cmd("emb", rng.integers(0, 1_000_000, 1000), np.ones((1000, 64), np.float32)),
+                    resolve)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"a 1,000-row push allocated {peak >> 20} MB"
+    assert s.get("emb").version == 5
