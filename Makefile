@@ -26,7 +26,7 @@ $(SYSDEPS): | $(PY)
 ## A local 3-replica cluster on loopback, plus a trainer working against it.
 run: install
 	$(VENV)/bin/paramstore dev --replicas 3 --http-port 8700 --data-dir data/dev \
-		--then "$(PY) examples/train_digits.py --workers 4"
+		--then "$(PY) examples/train_digits.py --workers 4" $(if $(EXIT_AFTER),--exit-after)
 
 ## The whole suite (unit, API and real multi-process cluster tests).
 test: install $(SYSDEPS)
