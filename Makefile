@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# Fault tests cut links with nftables inside a private network namespace (root only).
+# System packages the tests use: nftables (fault tests cut links inside a private
+# network namespace; root only) and Chromium (the dashboard test drives a real browser).
 SYSDEPS := $(VENV)/.sysdeps
 $(SYSDEPS): | $(PY)
 	@if [ "$$(id -u)" = 0 ] && ! command -v nft >/dev/null; then \
 		(apt-get update -q && apt-get install -y -q nftables iproute2) >/dev/null; fi
+	@if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null; fi
 	touch $@
 
 ## A local 3-replica cluster on loopback, plus a trainer working against it.

@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from store.config import Config
 from store.node import Store
 
-from . import batch, cluster, errors, tensors
+from . import batch, checkpoint, cluster, errors, metrics, tensors, ui
+from .auth import BearerAuth
 
 log = logging.getLogger(__name__)
 
@@ -39,4 +40,9 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
     app.include_router(batch.router)  # before tensors: /v1/tensors:batch is not a tensor name
     app.include_router(tensors.router)
     app.include_router(cluster.router)
+    app.include_router(checkpoint.router)  # /v1/checkpoint (api/checkpoint.py)
+    app.include_router(ui.router)          # /ui dashboard (api/ui.py)
+    metrics.install(app)                   # /metrics and the HTTP metrics middleware
+    if cfg.auth.enabled:
+        app.add_middleware(BearerAuth, cfg=cfg)  # outermost: nothing runs for a bad token
     return app

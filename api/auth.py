@@ -2,8 +2,8 @@
 
 Tokens come from the config (`[auth] read_tokens`, `write_tokens`) or the
 environment (PARAMSTORE_READ_TOKENS, PARAMSTORE_WRITE_TOKENS, comma-separated).
-Every token is compared in constant time. Probes (/healthz, /readyz) and
-/metrics stay open; everything else needs a token: GET/HEAD a read or write
+Every token is compared in constant time. Probes (/healthz, /readyz),
+/metrics and the /ui page itself stay open; everything else needs a token: GET/HEAD a read or write
 token, any other method a write token.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .errors import error_response
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/ui")  # /ui holds no data; its fetches send the token
 READ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 

@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--exit-after", action="store_true",
                      help="stop the cluster when the --then command finishes")
 
+    from . import ops_cli
+    ops_cli.add_subcommands(sub)  # status, get, put, checkpoint save|load
+
     args = parser.parse_args(argv)
+    if args.command in ops_cli.COMMANDS:
+        return ops_cli.run(args)
     try:
         if args.command == "serve":
             cfg = load_config(args.config, overrides=_overrides(args))

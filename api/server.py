@@ -2,22 +2,30 @@
 from __future__ import annotations
 
 import json
+import ssl
 import logging
 import sys
 import time
 
 import uvicorn
 
-from store.config import Config, NodeConfig
+from store.config import Config
 from store.node import Store
 
 from .app import create_app
+from .auth import check_policy
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, node_id: str | None = None) -> None:
+        super().__init__()
+        self.node_id = node_id  # replicas' interleaved logs (compose, journald) stay attributable
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name,
                "msg": record.getMessage()}
+        if self.node_id:
+            doc["node"] = self.node_id
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
@@ -25,7 +33,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, node_id: str | None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(node_id))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -36,19 +44,24 @@ def serve(cfg: Config) -> None:
     """Start the store first, so that a corrupt data dir or a busy port stops
     the process with a clear message before any request is accepted."""
     configure_logging(cfg.log_level, cfg.node_id)
+    check_policy(cfg)
     node = cfg.node
     store = Store(cfg)
     store.start()
     try:
-        _run_http(create_app(cfg, store), node)
+        _run_http(create_app(cfg, store), cfg)
     finally:
         store.close()
 
 
-def _run_http(app, node: NodeConfig) -> None:
+def _run_http(app, cfg: Config) -> None:
+    node = cfg.node
+    tls = cfg.tls
     config = uvicorn.Config(
         app, host=node.http.host, port=node.http.port, workers=1, log_config=None,
         access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=5,
         h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1024,
+        ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file, ssl_ca_certs=tls.client_ca_file,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca_file else ssl.CERT_NONE,
     )
     uvicorn.Server(config).run()

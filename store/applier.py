@@ -59,6 +59,10 @@ class Applier:
             self._idle.clear()
         self._queue.put(job)
 
+    @property
+    def pending(self) -> int:
+        return self._pending
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 

@@ -83,6 +83,17 @@ class ShardReplica(SyncObj):
         self._sent_mark = (0, 0)
         super().__init__(str(self_addr), [str(p) for p in peers], conf)
         self.addOnTickCallback(self._send_eagerly)
+        self.addOnTickCallback(self._track_leader)
+
+    def _track_leader(self) -> None:
+        """Count leader changes as this replica sees them (onStateChanged only
+        fires when this replica's own role changes)."""
+        leader = self._getLeader()
+        if leader != self._last_leader:
+            if leader is not None:
+                self.leader_changes += 1
+                log.info("shard %d: leader is now %s (term %d)", self.shard, leader, self.raftCurrentTerm)
+            self._last_leader = leader
 
     def _send_eagerly(self) -> None:
         """Ship new entries and a new commit index in the tick that produced them.
@@ -185,10 +196,6 @@ class ShardReplica(SyncObj):
 
     # ---- status --------------------------------------------------------------
     def _state_changed(self, old: int, new: int) -> None:
-        leader = self._getLeader()
-        if leader != self._last_leader:
-            self.leader_changes += 1
-            self._last_leader = leader
         log.info("shard %d: raft state %s -> %s (term %d)", self.shard, old, new, self.raftCurrentTerm)
 
     @property

@@ -1,0 +1,345 @@
+"""Checkpoints: every tensor as one safetensors file, and restoring from one.
+
+File layout (docs/operations.md has the full description):
+
+* a tensor's value is stored under its own name, e.g. ``fc1.weight``;
+* each array of its optimizer state under ``<name>/<state key>``, e.g.
+  ``fc1.weight/exp_avg``. ``/`` never occurs in a tensor name (names are
+  letters, digits and ``_ . : -``), so a key with a ``/`` is always state and
+  a key without one is always a value; ``::`` would be ambiguous because
+  ``:`` is legal in names;
+* the safetensors metadata key ``paramstore`` holds JSON:
+  ``{"format": "paramstore.checkpoint", "format_version": 1, "node", "created",
+  "shards", "cluster_shards", "state", "tensors": {name: {"version", "shard",
+  "dtype", "shape", "optimizer", "allow_nonfinite", "max_staleness",
+  "staleness_policy", "state_arrays": [keys], "state_scalars": {key: value}}}}``;
+  ``versions`` holds ``{name: version}`` (the same key batch pulls use).
+
+Consistency: per shard, a linearizable barrier (a no-op through the Raft log)
+and then one capture of the shard's whole tensor map on its applier thread,
+between two commands. Every tensor of a shard is therefore from one point of
+the log that is at least as new as any write acknowledged before the request.
+Different shards are captured at different points.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from starlette.background import BackgroundTask
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from store import dtypes, placement
+from store.errors import InvalidRequest, StoreError, Unprocessable
+
+from . import headers as h
+from .bridge import wait
+from .errors import error_response
+
+router = APIRouter()
+
+FORMAT = "paramstore.checkpoint"
+FORMAT_VERSION = 1
+STATE_SEP = "/"
+META_KEY = "paramstore"
+RESTORE_CONCURRENCY = 8
+CHUNK = 1 << 20
+BIG_TENSOR_BYTES = 32 << 20
+
+
+def _tmp_dir(store: Any) -> Path:
+    """Checkpoint files are staged next to the data (not in a possibly small
+    tmpfs); leftovers of interrupted requests older than an hour are removed."""
+    d = Path(store.data_dir) / "checkpoint-tmp"
+    d.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - 3600
+    for old in d.iterdir():
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
+    return d
+
+
+def _capture(store: Any, shard: int):
+    """A Future of the shard's tensor map, taken on its applier thread."""
+    host = store.shards[shard]
+    return host.applier.call(host.state.capture)
+
+
+@router.get("/v1/checkpoint")
+async def save_checkpoint(
+    request: Request,
+    state: bool = Query(True, description="include optimizer state (0 leaves it out)"),
+    timeout: float | None = Query(None, ge=0, le=3600),
+) -> Response:
+    """Every tensor hosted here as one safetensors file (see the module doc)."""
+    store = request.app.state.store
+    limits = store.cfg.limits
+    deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
+    shards = sorted(store.shards)
+    await asyncio.gather(*(wait(store.barrier(s), deadline, f"checkpoint barrier on shard {s}")
+                           for s in shards))
+    captured = await asyncio.gather(*(wait(_capture(store, s), deadline, f"checkpoint capture of shard {s}")
+                                      for s in shards))
+    node = store.node.id
+    tmp = await anyio.to_thread.run_sync(_tmp_dir, store)
+    path = await anyio.to_thread.run_sync(_write_file, tmp, node, store.cfg.shards,
+                                          dict(zip(shards, captured)), state)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return FileResponse(path, media_type="application/x-safetensors",
+                        filename=f"paramstore-{node}-{stamp}.safetensors",
+                        background=BackgroundTask(_unlink, path))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+_NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+             "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8",
+             "bool": "BOOL"}
+
+
+def _write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """The safetensors layout (8-byte little-endian header size, JSON header
+    with dtype, shape and data offsets, then the raw little-endian bytes),
+    written array by array from the stored buffers. safetensors' own
+    `save_file` first copies every array into a bytes object, which would
+    double the memory of a large store for the duration of a checkpoint.
+    Readers are safetensors itself (tests load the files with it and with
+    safetensors.torch)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    order = sorted(arrays)
+    for name in order:
+        arr = arrays[name]
+        header[name] = {"dtype": _NP_TO_ST[arr.dtype.name], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name in order:
+        arr = arrays[name]
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        if arr.nbytes:
+            f.write(memoryview(arr.reshape(-1)).cast("B"))
+
+
+def _write_file(tmp: Path, node: str, cluster_shards: int, captured: dict[int, dict], with_state: bool) -> str:
+    arrays: dict[str, np.ndarray] = {}
+    described: dict[str, dict] = {}
+    for shard, tensors in sorted(captured.items()):
+        for name, t in sorted(tensors.items()):
+            arrays[name] = _c_order(t.value)
+            entry = {"version": t.version, "shard": shard, "dtype": t.dtype, "shape": list(t.shape),
+                     "optimizer": t.optimizer, "allow_nonfinite": t.allow_nonfinite,
+                     "max_staleness": t.max_staleness, "staleness_policy": t.staleness_policy,
+                     "state_arrays": [], "state_scalars": {}}
+            if with_state:
+                for key, v in sorted(t.opt_state.items()):
+                    if isinstance(v, np.ndarray):
+                        arrays[f"{name}{STATE_SEP}{key}"] = _c_order(v)
+                        entry["state_arrays"].append(key)
+                    else:
+                        entry["state_scalars"][key] = v.item() if isinstance(v, np.generic) else v
+            described[name] = entry
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "node": node,
+            "created": round(time.time(), 3), "shards": sorted(captured),
+            "cluster_shards": cluster_shards, "state": with_state, "tensors": described}
+    fd, path = tempfile.mkstemp(dir=tmp, prefix="save-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_safetensors(f, arrays, {META_KEY: json.dumps(meta), "versions": json.dumps(
+                {n: d["version"] for n, d in described.items()})})
+    except BaseException:
+        _unlink(path)
+        raise
+    return path
+
+
+# ---- restore -------------------------------------------------------------------------
+@router.put("/v1/checkpoint")
+async def load_checkpoint(
+    request: Request,
+    mode: str = Query("create", pattern="^(create|replace)$"),
+    if_match: str | None = Query(None, pattern="^checkpoint$",
+                                 description="'checkpoint': replace a tensor only if it is still at the "
+                                             "version recorded in the file"),
+) -> Response:
+    """Restore a checkpoint: values and optimizer specs (not optimizer state;
+    see docs/operations.md). `mode=create` (default) creates tensors that do
+    not exist and skips the others; `mode=replace` also replaces existing ones,
+    with `if_match=checkpoint` only those still at the checkpoint's version."""
+    store = request.app.state.store
+    if if_match is not None and mode != "replace":
+        raise InvalidRequest("if_match=checkpoint only applies with mode=replace")
+    path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store))
+    try:
+        plan, state_in_file = await anyio.to_thread.run_sync(_read_plan, path)
+        report: dict[str, Any] = {"created": [], "replaced": [], "skipped": [], "failed": [],
+                                  "versions": {}, "state_restored": False,
+                                  "state_not_restored": state_in_file}
+        sem = asyncio.Semaphore(RESTORE_CONCURRENCY)
+        big = asyncio.Semaphore(1)  # one large tensor in memory at a time
+
+        async def restore_one(item: dict) -> None:
+            async with sem, (big if item["nbytes"] > BIG_TENSOR_BYTES else contextlib.nullcontext()):
+                name = item["name"]
+                shard = store.shard_of(name)
+                if shard not in store.shards:  # restore those from a replica of that shard
+                    hosts = placement.hosts_for(shard, list(store.cfg.nodes), store.cfg.replication)
+                    report["skipped"].append({"name": name, "reason": "not_hosted", "shard": shard,
+                                              "hosts": [n.url for n in hosts]})
+                    return
+                cmd: dict[str, Any] = {"op": "put", "optimizer": item["optimizer"],
+                                       "allow_nonfinite": item["allow_nonfinite"],
+                                       "staleness_policy": item["staleness_policy"]}
+                if item["max_staleness"] is not None:
+                    cmd["max_staleness"] = item["max_staleness"]
+                if mode == "create":
+                    cmd["if_none_match"] = True
+                elif if_match is not None and item["version"] is not None:
+                    cmd["if_match"] = item["version"]
+                try:
+                    arr = await anyio.to_thread.run_sync(_load_array, path, name)
+                    cmd.update(dtype=dtypes.dtype_name(arr.dtype), shape=list(arr.shape))
+                    result = await wait(store.write(name, cmd, memoryview(arr.reshape(-1)).cast("B")),
+                                        store.cfg.limits.request_timeout, f"restore of {name}")
+                except StoreError as e:
+                    if mode == "create" and e.code == "precondition_failed":
+                        report["skipped"].append({"name": name, "reason": "exists",
+                                                  "current_version": e.extra.get("current_version")})
+                    else:
+                        report["failed"].append({"name": name, **e.to_dict()})
+                    return
+                report["created" if result.get("created") else "replaced"].append(name)
+                report["versions"][name] = result["version"]
+
+        await asyncio.gather(*(restore_one(item) for item in plan))
+    finally:
+        _unlink(path)
+    for key in ("created", "replaced"):
+        report[key].sort()
+    for key in ("skipped", "failed"):
+        report[key].sort(key=lambda d: d["name"])
+    if report["failed"]:
+        # an error body like every other ({"error", "detail"}, status from api/errors.py,
+        # Retry-After on 503) for the first failure, plus the whole report
+        first = report["failed"][0]
+        resp = error_response(StoreError.from_dict({k: v for k, v in first.items() if k != "name"}))
+        doc = json.loads(resp.body)
+        doc["detail"] = f"{len(report['failed'])} tensor(s) not restored; first: {first['name']}: {doc['detail']}"
+        doc.update(report)
+        return JSONResponse(doc, status_code=resp.status_code, headers={
+            k: v for k, v in resp.headers.items() if k.lower() == "retry-after"})
+    return JSONResponse(report)
+
+
+async def _receive_file(request: Request, tmp: Path) -> str:
+    """Stream the body to a file (a checkpoint may be larger than any one
+    request body the tensor routes accept)."""
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype not in ("", "application/octet-stream", "application/x-safetensors"):
+        from store.errors import UnsupportedMediaType
+        raise UnsupportedMediaType("a checkpoint body is a safetensors file (application/x-safetensors)")
+    fd, path = tempfile.mkstemp(dir=tmp, prefix="load-", suffix=".safetensors")
+    f = os.fdopen(fd, "wb")
+    try:
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) >= CHUNK:
+                data, buf = bytes(buf), bytearray()
+                await anyio.to_thread.run_sync(f.write, data)
+        if buf:
+            await anyio.to_thread.run_sync(f.write, bytes(buf))
+        await anyio.to_thread.run_sync(f.close)
+    except BaseException:
+        f.close()
+        _unlink(path)
+        raise
+    return path
+
+
+def _read_plan(path: str) -> tuple[list[dict], list[str]]:
+    """What to restore, from the file's metadata, and the tensors whose
+    optimizer state the file holds (which the store cannot take back yet).
+    A plain safetensors file (no paramstore metadata, e.g. a torch
+    state_dict) restores every key as a tensor with the `assign` optimizer."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            keys = list(f.keys())
+            meta = f.metadata() or {}
+            sizes = {}
+            for k in keys:
+                sl = f.get_slice(k)
+                sizes[k] = int(np.prod(sl.get_shape(), dtype=np.int64)) * _ST_ITEMSIZE.get(sl.get_dtype(), 8)
+    except Exception as e:
+        raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
+    described: dict[str, dict] = {}
+    if META_KEY in meta:
+        try:
+            doc = json.loads(meta[META_KEY])
+            if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format {doc.get('format')!r} version {doc.get('format_version')!r}")
+            described = doc["tensors"]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidRequest(f"metadata {META_KEY!r} is not a paramstore checkpoint: {e}") from None
+    plan = []
+    with_state = set()
+    for name in keys:
+        if STATE_SEP in name:  # optimizer state; see the module doc
+            with_state.add(name.split(STATE_SEP, 1)[0])
+            continue
+        h.tensor_name(name)
+        d = described.get(name, {})
+        if d.get("state_scalars"):
+            with_state.add(name)
+        plan.append({
+            "name": name, "version": d.get("version"), "nbytes": sizes[name],
+            "optimizer": d.get("optimizer") or {"type": "assign"},
+            "allow_nonfinite": bool(d.get("allow_nonfinite", False)),
+            "max_staleness": d.get("max_staleness"),
+            "staleness_policy": d.get("staleness_policy") or "reject",
+        })
+    return plan, sorted(with_state)
+
+
+_ST_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+                "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _load_array(path: str, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            arr = f.get_tensor(name)
+    except Exception as e:  # e.g. bfloat16, which numpy cannot hold
+        raise Unprocessable(f"tensor {name!r} cannot be read: {e}") from None
+    dtypes.dtype_name(arr.dtype)  # Unprocessable for dtypes the store does not hold
+    return _c_order(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+
+
+def _c_order(arr: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")

@@ -1,0 +1,180 @@
+"""Prometheus metrics: `GET /metrics`.
+
+Two sources, both scraped without any background thread:
+
+* HTTP traffic, recorded by a small ASGI middleware: request counts and
+  latency histograms by method, route *template* (``/v1/tensors/{name}``, never
+  the concrete path, so tensor names do not explode the label space) and
+  status, plus request and response body bytes.
+* Raft and state-machine figures per hosted shard, read from the live
+  `Store` by a custom collector at scrape time (`Store.status()` plus the
+  counters `ShardReplica` and `Applier` keep).
+
+Every app gets its own registry (several apps can live in one test process).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.responses import Response
+
+ROLES = ("leader", "follower", "candidate")
+UNMATCHED = "<unmatched>"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class HttpMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("method", "route", "status")
+        self.requests = Counter("paramstore_http_requests", "HTTP requests answered",
+                                labels, registry=registry)
+        self.latency = Histogram("paramstore_http_request_duration_seconds",
+                                 "Time from request start to the last byte of the response",
+                                 labels, buckets=LATENCY_BUCKETS, registry=registry)
+        self.bytes_in = Counter("paramstore_http_request_bytes", "Request body bytes received",
+                                ("method", "route"), registry=registry)
+        self.bytes_out = Counter("paramstore_http_response_bytes", "Response body bytes sent",
+                                 ("method", "route"), registry=registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware): streaming bodies pass through untouched."""
+
+    def __init__(self, app, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        counts = {"in": 0, "out": 0, "status": 500}
+
+        async def counting_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                counts["in"] += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                counts["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                counts["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED
+            method = scope.get("method", "")
+            status = str(counts["status"])
+            m = self.metrics
+            m.requests.labels(method, template, status).inc()
+            m.latency.labels(method, template, status).observe(time.perf_counter() - started)
+            if counts["in"]:
+                m.bytes_in.labels(method, template).inc(counts["in"])
+            if counts["out"]:
+                m.bytes_out.labels(method, template).inc(counts["out"])
+
+
+class StoreCollector(Collector):
+    """Reads the store at scrape time. Only shards hosted here are reported."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable:
+        store = self.store
+        node = store.node.id
+        status = store.status()
+
+        ready = GaugeMetricFamily("paramstore_ready", "1 when every hosted shard has a leader and "
+                                  "this replica caught up", labels=["node"])
+        ready.add_metric([node], 1.0 if status.get("ready") else 0.0)
+        yield ready
+        uptime = GaugeMetricFamily("paramstore_uptime_seconds", "Seconds since the store started",
+                                   labels=["node"])
+        uptime.add_metric([node], float(status.get("uptime_seconds", 0.0)))
+        yield uptime
+
+        lbl = ["node", "shard"]
+        g = {
+            "role": GaugeMetricFamily("paramstore_shard_role", "1 for this replica's current Raft "
+                                      "role in the shard, 0 for the others", labels=lbl + ["role"]),
+            "has_leader": GaugeMetricFamily("paramstore_shard_has_leader",
+                                            "1 when this replica knows a leader for the shard", labels=lbl),
+            "ready": GaugeMetricFamily("paramstore_shard_ready", "1 when the shard is ready here", labels=lbl),
+            "term": GaugeMetricFamily("paramstore_shard_term", "Current Raft term", labels=lbl),
+            "commit": GaugeMetricFamily("paramstore_shard_commit_index", "Raft commit index", labels=lbl),
+            "applied": GaugeMetricFamily("paramstore_shard_applied_index",
+                                         "Raft index applied by this replica", labels=lbl),
+            "lag": GaugeMetricFamily("paramstore_shard_apply_lag_entries",
+                                     "commit index minus applied index", labels=lbl),
+            "log": GaugeMetricFamily("paramstore_shard_log_entries", "Entries in the Raft log", labels=lbl),
+            "snap_secs": GaugeMetricFamily("paramstore_shard_last_snapshot_duration_seconds",
+                                           "Duration of the last snapshot write", labels=lbl),
+            "snap_bytes": GaugeMetricFamily("paramstore_shard_last_snapshot_bytes",
+                                            "Size of the last snapshot file", labels=lbl),
+            "tensors": GaugeMetricFamily("paramstore_shard_tensors", "Tensors held", labels=lbl),
+            "bytes": GaugeMetricFamily("paramstore_shard_bytes",
+                                       "Bytes held (values and optimizer state)", labels=lbl),
+        }
+        c = {
+            "leader_changes": CounterMetricFamily("paramstore_shard_leader_changes",
+                                                  "Leader changes seen by this replica", labels=lbl),
+            "snapshots": CounterMetricFamily("paramstore_shard_snapshots", "Snapshots written", labels=lbl),
+            "applied": CounterMetricFamily("paramstore_shard_applied_commands",
+                                           "Commands applied by the shard's applier", labels=lbl),
+            "apply_secs": CounterMetricFamily("paramstore_shard_apply_seconds",
+                                              "Time the applier spent applying commands "
+                                              "(divide by applied_commands for the mean)", labels=lbl),
+        }
+        for entry in status.get("shards", []):
+            shard = entry["shard"]
+            host = store.shards.get(shard)
+            if host is None or "term" not in entry:
+                continue  # not hosted here, or its replica is still starting
+            key = [node, str(shard)]
+            role = entry.get("role", "unknown")
+            for r in ROLES:
+                g["role"].add_metric(key + [r], 1.0 if role == r else 0.0)
+            g["has_leader"].add_metric(key, 0.0 if entry.get("leader") is None else 1.0)
+            g["ready"].add_metric(key, 1.0 if entry.get("ready") else 0.0)
+            g["term"].add_metric(key, float(entry["term"]))
+            g["commit"].add_metric(key, float(entry["commit_index"]))
+            g["applied"].add_metric(key, float(entry["applied_index"]))
+            g["lag"].add_metric(key, float(max(0, entry["commit_index"] - entry["applied_index"])))
+            g["log"].add_metric(key, float(entry.get("log_entries", 0)))
+            g["tensors"].add_metric(key, float(entry.get("tensors", 0)))
+            g["bytes"].add_metric(key, float(entry.get("bytes", 0)))
+            replica = host.replica
+            g["snap_secs"].add_metric(key, float(getattr(replica, "last_snapshot_seconds", 0.0)))
+            g["snap_bytes"].add_metric(key, float(getattr(replica, "last_snapshot_bytes", 0)))
+            c["leader_changes"].add_metric(key, float(entry.get("leader_changes", 0)))
+            c["snapshots"].add_metric(key, float(entry.get("snapshots", 0)))
+            applier = host.applier
+            c["applied"].add_metric(key, float(getattr(applier, "applied_count", 0)))
+            c["apply_secs"].add_metric(key, float(getattr(applier, "apply_seconds", 0.0)))
+        yield from g.values()
+        yield from c.values()
+
+
+def install(app: FastAPI) -> None:
+    """Add the middleware and `GET /metrics` to `app` (its store is read at scrape time)."""
+    registry = CollectorRegistry(auto_describe=False)
+    http = HttpMetrics(registry)
+    registry.register(StoreCollector(app.state.store))
+    app.state.metrics_registry = registry
+    app.add_middleware(MetricsMiddleware, metrics=http)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
