@@ -183,8 +183,8 @@ async def load_checkpoint(
                                  description="'checkpoint': replace a tensor only if it is still at the "
                                              "version recorded in the file"),
 ) -> Response:
-    """Restore a checkpoint: values and optimizer specs (not optimizer state;
-    see docs/operations.md). `mode=create` (default) creates tensors that do
+    """Restore a checkpoint: values, optimizer specs and optimizer state.
+    `mode=create` (default) creates tensors that do
     not exist and skips the others; `mode=replace` also replaces existing ones,
     with `if_match=checkpoint` only those still at the checkpoint's version."""
     store = request.app.state.store
@@ -192,10 +192,9 @@ async def load_checkpoint(
         raise InvalidRequest("if_match=checkpoint only applies with mode=replace")
     path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store))
     try:
-        plan, state_in_file = await anyio.to_thread.run_sync(_read_plan, path)
+        plan = await anyio.to_thread.run_sync(_read_plan, path)
         report: dict[str, Any] = {"created": [], "replaced": [], "skipped": [], "failed": [],
-                                  "versions": {}, "state_restored": False,
-                                  "state_not_restored": state_in_file}
+                                  "versions": {}, "state_restored": []}
         sem = asyncio.Semaphore(RESTORE_CONCURRENCY)
         big = asyncio.Semaphore(1)  # one large tensor in memory at a time
 
@@ -220,7 +219,14 @@ async def load_checkpoint(
                 try:
                     arr = await anyio.to_thread.run_sync(_load_array, path, name)
                     cmd.update(dtype=dtypes.dtype_name(arr.dtype), shape=list(arr.shape))
-                    result = await wait(store.write(name, cmd, memoryview(arr.reshape(-1)).cast("B")),
+                    blobs = {}
+                    if item["state_arrays"] or item["state_scalars"]:
+                        cmd["opt_state"] = {"arrays": item["state_arrays"], "scalars": item["state_scalars"]}
+                        for key in item["state_arrays"]:
+                            state_arr = await anyio.to_thread.run_sync(
+                                _load_array, path, f"{name}{STATE_SEP}{key}")
+                            blobs[f"state:{key}"] = memoryview(state_arr.reshape(-1)).cast("B")
+                    result = await wait(store.write(name, cmd, memoryview(arr.reshape(-1)).cast("B"), **blobs),
                                         store.cfg.limits.request_timeout, f"restore of {name}")
                 except StoreError as e:
                     if mode == "create" and e.code == "precondition_failed":
@@ -231,11 +237,13 @@ async def load_checkpoint(
                     return
                 report["created" if result.get("created") else "replaced"].append(name)
                 report["versions"][name] = result["version"]
+                if "opt_state" in cmd:
+                    report["state_restored"].append(name)
 
         await asyncio.gather(*(restore_one(item) for item in plan))
     finally:
         _unlink(path)
-    for key in ("created", "replaced"):
+    for key in ("created", "replaced", "state_restored"):
         report[key].sort()
     for key in ("skipped", "failed"):
         report[key].sort(key=lambda d: d["name"])
@@ -278,10 +286,9 @@ async def _receive_file(request: Request, tmp: Path) -> str:
     return path
 
 
-def _read_plan(path: str) -> tuple[list[dict], list[str]]:
-    """What to restore, from the file's metadata, and the tensors whose
-    optimizer state the file holds (which the store cannot take back yet).
-    A plain safetensors file (no paramstore metadata, e.g. a torch
+def _read_plan(path: str) -> list[dict]:
+    """What to restore, from the file's metadata (values, specs, and the
+    optimizer state the file holds). A plain safetensors file (no paramstore metadata, e.g. a torch
     state_dict) restores every key as a tensor with the `assign` optimizer."""
     from safetensors import safe_open
 
@@ -305,23 +312,26 @@ def _read_plan(path: str) -> tuple[list[dict], list[str]]:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise InvalidRequest(f"metadata {META_KEY!r} is not a paramstore checkpoint: {e}") from None
     plan = []
-    with_state = set()
+    state_keys: dict[str, list[str]] = {}
     for name in keys:
         if STATE_SEP in name:  # optimizer state; see the module doc
-            with_state.add(name.split(STATE_SEP, 1)[0])
+            owner, _, key = name.partition(STATE_SEP)
+            state_keys.setdefault(owner, []).append(key)
+    for name in keys:
+        if STATE_SEP in name:
             continue
         h.tensor_name(name)
         d = described.get(name, {})
-        if d.get("state_scalars"):
-            with_state.add(name)
         plan.append({
             "name": name, "version": d.get("version"), "nbytes": sizes[name],
             "optimizer": d.get("optimizer") or {"type": "assign"},
             "allow_nonfinite": bool(d.get("allow_nonfinite", False)),
             "max_staleness": d.get("max_staleness"),
             "staleness_policy": d.get("staleness_policy") or "reject",
+            "state_arrays": sorted(state_keys.get(name, [])),
+            "state_scalars": dict(d.get("state_scalars") or {}),
         })
-    return plan, sorted(with_state)
+    return plan
 
 
 _ST_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,

@@ -28,6 +28,16 @@ SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+# The optimizer state each rule keeps: arrays (shaped like the tensor) and scalars.
+STATE_ARRAYS: dict[str, tuple[str, ...]] = {
+    "assign": (), "sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"), "adagrad": ("sum",),
+}
+STATE_SCALARS: dict[str, tuple[str, ...]] = {
+    "assign": (), "sgd": (), "adam": ("step",), "adamw": ("step",), "adagrad": ("step",),
+}
+
+
 def normalize_spec(spec: Any) -> dict[str, Any]:
     """Validate an optimizer spec from a client and fill in defaults."""
     if spec is None:

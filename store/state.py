@@ -19,7 +19,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import Conflict, NotFound, PreconditionFailed, StoreError, Unprocessable
-from .optimizers import apply_step, normalize_spec
+from .optimizers import STATE_ARRAYS, STATE_SCALARS, apply_step, normalize_spec
 
 PayloadResolver = Callable[[Mapping[str, Any]], "bytes | memoryview | bytearray"]
 
@@ -148,15 +148,17 @@ class ShardState:
                                 "allow_nonfinite to store such values)")
         spec = normalize_spec(cmd["optimizer"]) if cmd.get("optimizer") is not None else None
         max_staleness, policy = _staleness(cmd, existing)
+        restored = _restored_state(cmd, spec or (existing.optimizer if existing else {"type": "assign"}),
+                                   value, resolve)
         if existing is None:
-            t = Tensor(name, dtype, shape, value, 1, spec or {"type": "assign"},
+            t = Tensor(name, dtype, shape, value, 1, spec or {"type": "assign"}, restored or {},
                        allow_nonfinite=allow, max_staleness=max_staleness, staleness_policy=policy)
             created = True
         else:
             keep_state = spec is None or spec == existing.optimizer
+            state = restored if restored is not None else (existing.opt_state if keep_state else {})
             t = Tensor(name, dtype, shape, value, existing.version + 1,
-                       existing.optimizer if keep_state else spec,
-                       existing.opt_state if keep_state else {},
+                       existing.optimizer if keep_state else spec, state,
                        allow_nonfinite=allow, max_staleness=max_staleness, staleness_policy=policy)
             created = False
         self.tensors[name] = t
@@ -289,6 +291,31 @@ class ShardState:
 
 def _state_nbytes(state: Mapping[str, Any]) -> int:
     return sum(v.nbytes for v in state.values() if isinstance(v, np.ndarray))
+
+
+def _restored_state(cmd: Mapping[str, Any], spec: Mapping[str, Any], value: np.ndarray,
+                    resolve: PayloadResolver) -> dict[str, Any] | None:
+    """Optimizer state given with a put (checkpoint restore): arrays travel as
+    blobs `state:<key>` shaped like the value, scalars inline. None if absent."""
+    given = cmd.get("opt_state")
+    if given is None:
+        return None
+    kind = spec["type"]
+    arrays, scalars = given.get("arrays", []), given.get("scalars", {})
+    allowed_arrays, allowed_scalars = STATE_ARRAYS[kind], STATE_SCALARS[kind]
+    for key in list(arrays) + list(scalars):
+        if key not in allowed_arrays + allowed_scalars:
+            raise Unprocessable(f"optimizer state {key!r} does not belong to {kind} "
+                                f"(it keeps {', '.join(allowed_arrays + allowed_scalars) or 'nothing'})")
+    state: dict[str, Any] = {}
+    for key, v in scalars.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise Unprocessable(f"optimizer state {key!r}: expected an integer >= 0, got {v!r}")
+        state[key] = v
+    for key in arrays:
+        arr = dtypes.array_from_bytes(resolve(cmd[f"state:{key}"]), dtypes.dtype_name(value.dtype), value.shape)
+        state[key] = arr
+    return state
 
 
 def _check_preconditions(existing: Tensor | None, cmd: Mapping[str, Any]) -> None:

@@ -243,3 +243,24 @@ def test_sparse_push_on_a_1m_by_64_table_does_not_copy_the_table():
         tracemalloc.stop()
     assert peak < 8 << 20, f"a 1,000-row push allocated {peak >> 20} MB"
     assert s.get("emb").version == 5
+
+
+def test_put_with_optimizer_state_restores_it():
+    s = ShardState(0)
+    put(s, "src", np.ones(3, np.float32), optimizer={"type": "adam", "lr": 0.1})
+    for _ in range(3):
+        grad(s, "src", np.full(3, 0.5, np.float32))
+    src = s.get("src")
+    cmd = {"op": "put", "name": "dst", "dtype": "float32", "shape": [3], "data": inline(src.value),
+           "optimizer": src.optimizer,
+           "opt_state": {"arrays": ["exp_avg", "exp_avg_sq"], "scalars": {"step": src.opt_state["step"]}},
+           "state:exp_avg": inline(src.opt_state["exp_avg"]),
+           "state:exp_avg_sq": inline(src.opt_state["exp_avg_sq"])}
+    s.apply(cmd, resolve)
+    grad(s, "src", np.full(3, 0.5, np.float32))
+    grad(s, "dst", np.full(3, 0.5, np.float32))
+    assert s.get("dst").value.tobytes() == s.get("src").value.tobytes()  # continues identically
+    bad = dict(cmd, name="bad", opt_state={"arrays": ["momentum_buffer"], "scalars": {}})
+    with pytest.raises(Unprocessable):
+        s.apply(bad, resolve)
+    assert "bad" not in s.tensors
