@@ -44,8 +44,13 @@ def error_response(err: e.StoreError, request: Request | None = None) -> Respons
             target += "?" + request.url.query
         return RedirectResponse(target, status_code=307)
     status = status_of(err)
+    fields = {"status": status}
+    if request is not None:
+        fields.update(path=request.url.path, request_id=request.headers.get("x-request-id"))
     if status >= 500 and not isinstance(err, e.Unavailable):
-        log.error("internal error: %s", err.detail)
+        log.error("internal error: %s", err.detail, extra=fields)
+    elif status == 503:
+        log.warning("unavailable: %s", err.detail, extra=fields)
     headers = {}
     if isinstance(err, e.Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="paramstore"'

@@ -26,6 +26,10 @@ class JsonFormatter(logging.Formatter):
                "msg": record.getMessage()}
         if self.node_id:
             doc["node"] = self.node_id
+        for key in ("shard", "term", "request_id", "status", "path"):
+            value = getattr(record, key, None)
+            if value is not None:
+                doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)

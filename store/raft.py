@@ -92,7 +92,8 @@ class ShardReplica(SyncObj):
         if leader != self._last_leader:
             if leader is not None:
                 self.leader_changes += 1
-                log.info("shard %d: leader is now %s (term %d)", self.shard, leader, self.raftCurrentTerm)
+                log.info("shard %d: leader is now %s (term %d)", self.shard, leader, self.raftCurrentTerm,
+                         extra=self._log_fields())
             self._last_leader = leader
 
     def _send_eagerly(self) -> None:
@@ -165,10 +166,10 @@ class ShardReplica(SyncObj):
             self.last_snapshot_seconds = time.perf_counter() - started
             self.last_snapshot_bytes = size
             log.info("shard %d: snapshot at index %d, %d bytes in %.2fs",
-                     self.shard, index, size, self.last_snapshot_seconds)
+                     self.shard, index, size, self.last_snapshot_seconds, extra=self._log_fields())
             self._on_snapshot(index, size, self.last_snapshot_seconds)
         except Exception:
-            log.exception("shard %d: snapshot at index %d failed", self.shard, index)
+            log.exception("shard %d: snapshot at index %d failed", self.shard, index, extra=self._log_fields())
             status = SERIALIZER_STATE.FAILED
         with self._snapshot_lock:
             self._snapshot_status = status
@@ -196,7 +197,12 @@ class ShardReplica(SyncObj):
 
     # ---- status --------------------------------------------------------------
     def _state_changed(self, old: int, new: int) -> None:
-        log.info("shard %d: raft state %s -> %s (term %d)", self.shard, old, new, self.raftCurrentTerm)
+        log.info("shard %d: raft state %s -> %s (term %d)", self.shard, old, new, self.raftCurrentTerm,
+                 extra=self._log_fields())
+
+    def _log_fields(self) -> dict:
+        """Structured fields for the JSON log formatter."""
+        return {"shard": self.shard, "term": self.raftCurrentTerm}
 
     @property
     def leader_address(self) -> str | None:

@@ -92,3 +92,12 @@ def test_gradient_pushes_apply_identically_everywhere(make_cluster):
     wait_version_everywhere(c, "p", 41)
     digests = {c.digest(nid, "p")[0] for nid in c.ids}
     assert len(digests) == 1
+
+
+def test_logs_are_json_lines_with_shard_and_term(make_cluster):
+    import json
+    c = make_cluster()
+    docs = [json.loads(line) for line in (c.tmp / "n1.log").read_text().splitlines() if line.startswith("{")]
+    raft = [d for d in docs if "shard" in d and "term" in d]
+    assert raft and all(d["node"] == "n1" and d["level"] in ("info", "warning") for d in raft)
+    assert any("leader is now" in d["msg"] for d in raft)
