@@ -130,6 +130,14 @@ class ShardState:
         self.changed = set(staged)
         return {"results": results}
 
+    def _existing(self, cmd) -> Tensor:
+        """The tensor a command updates, after its preconditions held."""
+        t = self.tensors.get(cmd["name"])
+        if t is None:
+            raise NotFound(f"tensor {cmd['name']!r} does not exist")
+        _check_preconditions(t, cmd)
+        return t
+
     def _put(self, cmd, resolve) -> dict:
         name = cmd["name"]
         existing = self.tensors.get(name)
@@ -167,10 +175,7 @@ class ShardState:
 
     def _grad(self, cmd, resolve) -> dict:
         name = cmd["name"]
-        t = self.tensors.get(name)
-        if t is None:
-            raise NotFound(f"tensor {name!r} does not exist")
-        _check_preconditions(t, cmd)
+        t = self._existing(cmd)
         if (cmd["dtype"], tuple(cmd["shape"])) != (t.dtype, t.shape):
             raise Unprocessable(
                 f"gradient is {cmd['dtype']}{list(cmd['shape'])} but tensor {name!r} is "
@@ -191,10 +196,7 @@ class ShardState:
         state change, in place (a 1,000-row push to a 1M-row table copies 1,000
         rows, not the table). Duplicate indices are summed."""
         name = cmd["name"]
-        t = self.tensors.get(name)
-        if t is None:
-            raise NotFound(f"tensor {name!r} does not exist")
-        _check_preconditions(t, cmd)
+        t = self._existing(cmd)
         if not t.shape:
             raise Unprocessable(f"tensor {name!r} is a scalar; grad-rows needs rank >= 1")
         if t.value.dtype.kind != "f":
@@ -236,10 +238,7 @@ class ShardState:
 
     def _delete(self, cmd, resolve) -> dict:
         name = cmd["name"]
-        t = self.tensors.get(name)
-        if t is None:
-            raise NotFound(f"tensor {name!r} does not exist")
-        _check_preconditions(t, cmd)
+        t = self._existing(cmd)
         del self.tensors[name]
         self.changed.add(name)
         return {"name": name, "version": t.version, "shard": self.shard, "deleted": True}
