@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast test-cluster test-faults install clean
+.PHONY: run test test-fast test-cluster test-faults bench install clean
 
 $(PY):
 	python3 -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv $(VENV))
@@ -45,6 +45,17 @@ test-cluster: install $(SYSDEPS)
 ## Jepsen-style fault scenarios alone (real partitions need root).
 test-faults: install $(SYSDEPS)
 	$(PY) -m pytest -q -m faults tests
+
+## Benchmarks side by side with etcd, Redis, raw pysyncobj and loopback TCP (not part of make test).
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): bench/requirements.txt $(STAMP)
+	@command -v etcd >/dev/null && command -v redis-server >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server redis-server) >/dev/null
+	$(PY) -m pip install -q -r bench/requirements.txt
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -6,12 +6,11 @@ elections (term changes) seen while they ran.
 
 Without --urls it starts its own cluster (paramstore dev) in a temp dir.
 Absolute figures on a shared 2-core machine are noisy; docs/benchmarks.md
-compares peers side by side.
+(`make bench`, `python -m bench`) compares peers side by side.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -45,13 +44,13 @@ def main() -> int:
         urls = args.urls.split(",")
     else:
         tmp = tempfile.mkdtemp(prefix="psbench-")
-        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "dev", "--http-port", "8750",
-                                 "--raft-port", "9750", "--data-dir", tmp], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "dev", "--http-port", "11300",
+                                 "--raft-port", "11400", "--data-dir", tmp], cwd=ROOT,
                                 stdout=subprocess.PIPE, text=True)
         for line in proc.stdout:
             if "ready. Try" in line:
                 break
-        urls = [f"http://127.0.0.1:{8750 + i}" for i in range(3)]
+        urls = [f"http://127.0.0.1:{11300 + i}" for i in range(3)]
     try:
         run(urls, args.small_ops)
     finally:

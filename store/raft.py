@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
+from pysyncobj.pipe_notifier import PipeNotifier
 
 from .applier import Applier
 from .config import Address, RaftSettings
@@ -81,6 +82,7 @@ class ShardReplica(SyncObj):
             bindRetryTime=0.5,
         )
         self._sent_mark = (0, 0)
+        self._wake: PipeNotifier | None = None
         super().__init__(str(self_addr), [str(p) for p in peers], conf)
         self.addOnTickCallback(self._send_eagerly)
         self.addOnTickCallback(self._track_leader)
@@ -104,6 +106,8 @@ class ShardReplica(SyncObj):
         for the follower to learn the commit (~100 ms at the defaults). Runs
         on the tick thread, after commands were appended and entries applied.
         """
+        if self._wake is None:  # created here, on the tick thread that owns the poller
+            self._wake = PipeNotifier(self._poller)
         if self._SyncObj__raftState != 2:  # leader
             return
         mark = (self._SyncObj__getCurrentLogIndex(), self.raftCommitIndex)
@@ -133,7 +137,34 @@ class ShardReplica(SyncObj):
             forward(res, outer)
 
         self._apply(cmd, callback=done)
+        self._wake_tick()
         return outer
+
+    def _wake_tick(self) -> None:
+        """Wake the tick thread out of its poll so the command is appended now,
+        not up to autoTickPeriod later (pysyncobj only does this itself with
+        appendEntriesUseBatch=False)."""
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake.notify()
+            except BlockingIOError:  # the pipe is full: the tick thread is awake anyway
+                pass
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: dict) -> None:
+        """pysyncobj 0.3.17 lowers nextIndex when an older append's success
+        reply arrives after newer appends were sent (pipelining, which eager
+        sending makes common); every later tick then re-sends entries already
+        in flight and followers log 'truncating already-applied'. Keep
+        nextIndex from moving backwards on such replies."""
+        if message.get("type") == "next_node_idx" and message.get("success") and not message.get("reset"):
+            before = self._SyncObj__raftNextIndex.get(node)
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+            after = self._SyncObj__raftNextIndex.get(node)
+            if before is not None and after is not None and after < before:
+                self._SyncObj__raftNextIndex[node] = before
+            return
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     # ---- snapshots -----------------------------------------------------------
     def _serialize(self, tmp_file: str, meta: tuple) -> None:
