@@ -29,12 +29,13 @@ from pysyncobj.pipe_notifier import PipeNotifier
 from .applier import Applier
 from .config import Address, RaftSettings
 from .errors import Unavailable
-from .futures import forward
+from .futures import forward, settle
 from .snapshot import read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
 
 _FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
+MAX_ATTEMPTS = 3
 
 
 class ShardReplica(SyncObj):
@@ -83,6 +84,7 @@ class ShardReplica(SyncObj):
         )
         self._sent_mark = (0, 0)
         self._wake: PipeNotifier | None = None
+        self._pending: dict[int, tuple] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
         super().__init__(str(self_addr), [str(p) for p in peers], conf)
         self.addOnTickCallback(self._send_eagerly)
         self.addOnTickCallback(self._track_leader)
@@ -96,6 +98,7 @@ class ShardReplica(SyncObj):
                 self.leader_changes += 1
                 log.info("shard %d: leader is now %s (term %d)", self.shard, leader, self.raftCurrentTerm,
                          extra=self._log_fields())
+                self._repropose_after_leader_change(leader)
             self._last_leader = leader
 
     def _send_eagerly(self) -> None:
@@ -122,23 +125,56 @@ class ShardReplica(SyncObj):
 
     def propose(self, cmd: dict) -> Future:
         """Replicate `cmd`; the Future resolves with its result on this replica
-        once applied here, or fails with a StoreError."""
+        once applied here, or fails with a StoreError.
+
+        A command whose leader changed before it committed is proposed again
+        (at most MAX_ATTEMPTS times): pysyncobj drops a command forwarded to
+        a leader that died, and reports DISCARDED/UNKNOWN_OUTCOME for others.
+        Re-proposing is safe because every write carries a request id the
+        state machine applies at most once, and a no-op barrier is idempotent.
+        """
         outer: Future = Future()
+        self._attempt(cmd, outer, 1)
+        return outer
+
+    def _attempt(self, cmd: dict, outer: Future, attempt: int) -> None:
+        retryable = cmd.get("rid") is not None or cmd.get("op") == "noop"
+        key = id(outer)
 
         def done(res: Any, err: int) -> None:
-            if err != FAIL_REASON.SUCCESS:
-                name = _FAIL_NAMES.get(err, str(err))
-                if err in (FAIL_REASON.DISCARDED, FAIL_REASON.UNKNOWN_OUTCOME):
-                    detail = f"shard {self.shard}: leader changed, outcome unknown ({name}); retry"
-                else:
-                    detail = f"shard {self.shard}: no leader can take the write ({name})"
-                outer.set_exception(Unavailable(detail, reason=name.lower()))
+            if outer.done():  # answered by another attempt, or the caller gave up
+                self._pending.pop(key, None)
                 return
-            forward(res, outer)
+            if err == FAIL_REASON.SUCCESS:
+                self._pending.pop(key, None)
+                forward(res, outer)
+                return
+            name = _FAIL_NAMES.get(err, str(err))
+            lost = err in (FAIL_REASON.DISCARDED, FAIL_REASON.UNKNOWN_OUTCOME, FAIL_REASON.NOT_LEADER,
+                           FAIL_REASON.LEADER_CHANGED)
+            if lost and retryable and attempt < MAX_ATTEMPTS:
+                self._attempt(cmd, outer, attempt + 1)
+                return
+            self._pending.pop(key, None)
+            if lost:
+                detail = f"shard {self.shard}: leader changed, outcome unknown ({name}); retry"
+            else:
+                detail = f"shard {self.shard}: no leader can take the write ({name})"
+            settle(outer, exc=Unavailable(detail, reason=name.lower()))
 
+        if retryable:
+            self._pending[key] = (cmd, outer, attempt, self._getLeader())
         self._apply(cmd, callback=done)
         self._wake_tick()
-        return outer
+
+    def _repropose_after_leader_change(self, leader: Any) -> None:
+        """Tick thread: commands in flight when the leader changed may have
+        been lost on the way (forwarded to a dead leader): propose them again."""
+        for key, (cmd, outer, attempt, sent_to) in list(self._pending.items()):
+            if outer.done():
+                self._pending.pop(key, None)
+            elif sent_to != leader and attempt < MAX_ATTEMPTS:
+                self._attempt(cmd, outer, attempt + 1)
 
     def _wake_tick(self) -> None:
         """Wake the tick thread out of its poll so the command is appended now,

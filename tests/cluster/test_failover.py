@@ -52,3 +52,19 @@ def test_paused_leader_is_replaced_and_rejoins(make_cluster):
     wait_version_everywhere(c, "x", 2)
     got, _ = c.get(leader, "x", consistency="linearizable")
     assert got[0] == 2
+
+
+def test_write_forwarded_to_a_leader_that_just_died_is_reproposed(make_cluster):
+    """A follower forwards to the leader it knows; if that leader is dead the
+    command is lost on the way. The replica proposes it again once a new
+    leader is known (same request id: applied at most once)."""
+    c = make_cluster()
+    c.put("n1", "fw", np.zeros(4, np.float32), headers={"X-Optimizer": '{"type":"sgd","lr":1.0}'})
+    shard = c.shard_of("fw")
+    leader = c.leader_of(shard)
+    survivor = next(n for n in c.ids if n != leader)
+    c.kill(leader)
+    r = c.grad(survivor, "fw", np.ones(4, np.float32), headers={"X-Request-Id": "fw-after-kill"})
+    assert r.status_code == 200, r.text
+    got, version = c.get(survivor, "fw", consistency="linearizable")
+    assert version == 2 and got.tolist() == [-1.0] * 4  # applied exactly once
