@@ -43,6 +43,17 @@ def resp_command(*args: bytes | str) -> bytes:
     return b"".join(out)
 
 
+def _framing(line: bytes, length, chunked: bool):
+    """Fold one response header line into (Content-Length, chunked)."""
+    k, _, v = line.partition(b":")
+    k = k.strip().lower()
+    if k == b"content-length":
+        return int(v), chunked
+    if k == b"transfer-encoding" and b"chunked" in v.lower():
+        return length, True
+    return length, chunked
+
+
 # ------------------------------------------------------------- async client --
 
 async def _read_http(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -51,12 +62,7 @@ async def _read_http(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     status = int(lines[0].split(b" ", 2)[1])
     length, chunked = None, False
     for ln in lines[1:]:
-        k, _, v = ln.partition(b":")
-        k = k.strip().lower()
-        if k == b"content-length":
-            length = int(v)
-        elif k == b"transfer-encoding" and b"chunked" in v.lower():
-            chunked = True
+        length, chunked = _framing(ln, length, chunked)
     if chunked:
         parts = []
         while True:
@@ -232,12 +238,7 @@ class BlockingHTTP(_Conn):
             ln = self.readline()
             if ln == b"\r\n":
                 break
-            k, _, v = ln.partition(b":")
-            k = k.strip().lower()
-            if k == b"content-length":
-                length = int(v)
-            elif k == b"transfer-encoding" and b"chunked" in v.lower():
-                chunked = True
+            length, chunked = _framing(ln, length, chunked)
         if method == "HEAD" or status in (204, 304):
             return status, memoryview(b"")
         if chunked:
