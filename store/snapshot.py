@@ -25,6 +25,7 @@ from .state import ShardState, Tensor
 MAGIC = b"PSSNAP01"
 END = b"PSSNAPEND"
 ALIGN = 64
+SYNC_EVERY = 256 << 20
 
 
 def _aligned(n: int) -> int:
@@ -66,11 +67,20 @@ def write_snapshot(path: str | os.PathLike, state: dict[str, Tensor], dedupe: Or
         pad = _aligned(f.tell()) - f.tell()
         f.write(b"\0" * pad)
         data_start = f.tell()
+        unsynced = 0
         for arr in arrays:
             here = f.tell() - data_start
             f.write(b"\0" * (_aligned(here) - here))
             if arr.nbytes:
                 f.write(arr.data.cast("B") if arr.ndim else arr.tobytes())
+                unsynced += arr.nbytes
+            if unsynced >= SYNC_EVERY:
+                # Bound the dirty page cache a multi-GB snapshot leaves behind:
+                # kernel writeback throttling would otherwise also stall the
+                # Raft tick thread's journal writes (and its heartbeats).
+                f.flush()
+                os.fdatasync(f.fileno())
+                unsynced = 0
         here = f.tell() - data_start
         f.write(b"\0" * (offset - here))
         f.write(END)
