@@ -92,12 +92,8 @@ async def push_batch(request: Request) -> Response:
             raise outcome
         for r in outcome["results"]:
             versions[r["name"]] = r["version"]
-    if failure is not None:
-        resp = error_response(failure, request)
-        doc = json.loads(resp.body)
-        doc["versions"] = versions  # the shards that did commit
-        return JSONResponse(doc, status_code=resp.status_code, headers={
-            k: v for k, v in resp.headers.items() if k.lower() == "retry-after"})
+    if failure is not None:  # report the shards that did commit too
+        return error_response(failure, request, extra={"versions": versions})
     return JSONResponse({"versions": versions})
 
 

@@ -250,13 +250,10 @@ async def load_checkpoint(
     if report["failed"]:
         # an error body like every other ({"error", "detail"}, status from api/errors.py,
         # Retry-After on 503) for the first failure, plus the whole report
-        first = report["failed"][0]
-        resp = error_response(StoreError.from_dict({k: v for k, v in first.items() if k != "name"}))
-        doc = json.loads(resp.body)
-        doc["detail"] = f"{len(report['failed'])} tensor(s) not restored; first: {first['name']}: {doc['detail']}"
-        doc.update(report)
-        return JSONResponse(doc, status_code=resp.status_code, headers={
-            k: v for k, v in resp.headers.items() if k.lower() == "retry-after"})
+        first = dict(report["failed"][0])
+        name = first.pop("name")
+        first["detail"] = f"{len(report['failed'])} tensor(s) not restored; first: {name}: {first['detail']}"
+        return error_response(StoreError.from_dict(first), extra=report)
     return JSONResponse(report)
 
 

@@ -37,7 +37,10 @@ def status_of(err: e.StoreError) -> int:
     return 500
 
 
-def error_response(err: e.StoreError, request: Request | None = None) -> Response:
+def error_response(err: e.StoreError, request: Request | None = None,
+                   extra: dict | None = None) -> Response:
+    """The HTTP answer for `err`; `extra` adds fields to the JSON body (e.g.
+    the partial results of a batch)."""
     if isinstance(err, e.NotHosted) and request is not None and err.extra.get("hosts"):
         target = str(err.extra["hosts"][0]).rstrip("/") + request.url.path
         if request.url.query:
@@ -56,7 +59,7 @@ def error_response(err: e.StoreError, request: Request | None = None) -> Respons
         headers["WWW-Authenticate"] = 'Bearer realm="paramstore"'
     if isinstance(err, e.Unavailable):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
-    return JSONResponse(err.to_dict(), status_code=status, headers=headers)
+    return JSONResponse({**err.to_dict(), **(extra or {})}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:

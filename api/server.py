@@ -49,7 +49,6 @@ def serve(cfg: Config) -> None:
     the process with a clear message before any request is accepted."""
     configure_logging(cfg.log_level, cfg.node_id)
     check_policy(cfg)
-    node = cfg.node
     store = Store(cfg)
     store.start()
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -245,9 +244,6 @@ def _npy_header(arr: np.ndarray) -> bytes:
     npf.write_array_header_1_0(buf, npf.header_data_from_array_1_0(arr))
     return buf.getvalue()
 
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I32": "int32", "I64": "int64"}

@@ -31,8 +31,6 @@ class Applier:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._watch_lock = threading.Lock()
         self._watchers: dict[str, list[tuple[int, Future]]] = {}
-        self._idle = threading.Event()
-        self._idle.set()
         self._pending = 0
         self._pending_lock = threading.Lock()
         self.apply_seconds = 0.0
@@ -56,15 +54,11 @@ class Applier:
     def _enqueue(self, job: tuple) -> None:
         with self._pending_lock:
             self._pending += 1
-            self._idle.clear()
         self._queue.put(job)
 
     @property
     def pending(self) -> int:
         return self._pending
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        return self._idle.wait(timeout)
 
     # ---- watchers (any thread) ---------------------------------------------
     def watch(self, name: str, min_version: int) -> Future:
@@ -127,8 +121,6 @@ class Applier:
             finally:
                 with self._pending_lock:
                     self._pending -= 1
-                    if self._pending == 0:
-                        self._idle.set()
 
     def _apply(self, index: int, cmd: Mapping[str, Any], fut: Future) -> None:
         started = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from . import placement
 from .applier import Applier
-from .config import Address, Config, NodeConfig
+from .config import Config, NodeConfig
 from .datapath import DataPathClient, DataPathServer
 from .errors import ConfigError, NotHosted, StoreError, Unavailable
 from .futures import forward

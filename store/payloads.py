@@ -74,12 +74,6 @@ class PayloadStore:
                     self._memory_bytes -= len(old)
             self._arrived.notify_all()
 
-    def has(self, payload_id: str) -> bool:
-        with self._lock:
-            if payload_id in self._memory:
-                return True
-        return self.path(payload_id).exists()
-
     def get(self, payload_id: str):
         """The payload's bytes, or None if this replica does not hold it."""
         with self._lock:
@@ -138,12 +132,3 @@ class PayloadStore:
             except FileNotFoundError:
                 pass
         return removed
-
-    def disk_bytes(self) -> int:
-        total = 0
-        for f in self.root.iterdir():
-            try:
-                total += f.stat().st_size
-            except FileNotFoundError:
-                pass
-        return total

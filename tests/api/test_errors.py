@@ -7,7 +7,6 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.api.conftest import single_node_app
-from tests.waiting import wait_until
 
 RAW = "application/octet-stream"
 

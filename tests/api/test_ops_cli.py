@@ -3,7 +3,6 @@ import io
 import json
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from api import ops_cli

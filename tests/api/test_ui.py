@@ -3,7 +3,6 @@ real 3-replica cluster (Debian's chromium + chromium-driver; see the Makefile)."
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from pathlib import Path
 

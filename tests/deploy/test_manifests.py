@@ -7,7 +7,6 @@ import configparser
 import copy
 import json
 import shlex
-from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
