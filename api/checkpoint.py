@@ -38,7 +38,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from store import dtypes, placement
+from store import dtypes
 from store.errors import InvalidRequest, StoreError, Unprocessable
 
 from . import headers as h
@@ -203,9 +203,8 @@ async def load_checkpoint(
                 name = item["name"]
                 shard = store.shard_of(name)
                 if shard not in store.shards:  # restore those from a replica of that shard
-                    hosts = placement.hosts_for(shard, list(store.cfg.nodes), store.cfg.replication)
                     report["skipped"].append({"name": name, "reason": "not_hosted", "shard": shard,
-                                              "hosts": [n.url for n in hosts]})
+                                              "hosts": [n.url for n in store.hosts_of(shard)]})
                     return
                 cmd: dict[str, Any] = {"op": "put", "optimizer": item["optimizer"],
                                        "allow_nonfinite": item["allow_nonfinite"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", help="debug, info, warning")
     serve.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override any setting, e.g. --set raft.min_timeout=0.8")
+    serve.add_argument("--join", action="append", metavar="URL", default=None,
+                       help="join a running cluster through this replica's URL (repeatable; or "
+                            "PARAMSTORE_JOIN, comma-separated): download a snapshot of each shard, "
+                            "then add this node. Ignored once the data dir has joined.")
 
     dev = sub.add_parser("dev", help="run a local cluster on loopback in the foreground")
     dev.add_argument("--replicas", type=int, default=3)
@@ -55,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             cfg = load_config(args.config, overrides=_overrides(args))
             from .server import serve as run_serve
-            run_serve(cfg)
+            join = args.join or [u for u in os.environ.get("PARAMSTORE_JOIN", "").split(",") if u]
+            run_serve(cfg, join=join or None)
             return 0
         if args.command == "dev":
             from .devcluster import run_dev

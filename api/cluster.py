@@ -1,8 +1,15 @@
 """Cluster status and health endpoints."""
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import anyio
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
+
+from store import membership
+from store.errors import ConfigError, InvalidRequest
 
 router = APIRouter()
 
@@ -26,3 +33,47 @@ async def readyz(request: Request) -> JSONResponse:
                for s in store.status()["shards"] if s.get("ready") is False]
     return JSONResponse({"error": "unavailable", "detail": "; ".join(waiting) or "starting"},
                         status_code=503, headers={"Retry-After": "1"})
+
+
+# ---- membership (admin) -------------------------------------------------------------
+def _shards_param(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    try:
+        shards = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"shards: expected a list of shard numbers, got {value!r}") from None
+    if not shards:
+        raise InvalidRequest("shards: empty list")
+    return shards
+
+
+@router.post("/v1/cluster/members")
+async def add_member(request: Request) -> dict:
+    """Add a replica (started with `paramstore serve --join`, so that it already
+    holds a fresh snapshot) as a voting member of every shard hosted here, or
+    of `shards`."""
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError:
+        raise InvalidRequest("body: expected JSON {id, http, raft, data, shards?}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("body: expected JSON {id, http, raft, data, shards?}")
+    try:
+        node = membership.node_of(body)
+    except ConfigError as e:
+        raise InvalidRequest(e.detail) from None
+    shards = _shards_param(body.get("shards"))
+    store = request.app.state.store
+    return await anyio.to_thread.run_sync(store.add_member, node, shards)
+
+
+@router.delete("/v1/cluster/members/{node_id}")
+async def remove_member(node_id: str, request: Request) -> dict:
+    """Remove a replica from every shard hosted here (or `?shards=0,1`); works
+    for a dead replica too, and moves leadership away from a live one first."""
+    shards = _shards_param(request.query_params.get("shards"))
+    store = request.app.state.store
+    return await anyio.to_thread.run_sync(store.remove_member, node_id, shards)

@@ -1,4 +1,5 @@
-"""Operator subcommands of `paramstore`: status, get, put, checkpoint save|load.
+"""Operator subcommands of `paramstore`: status, get, put, checkpoint save|load,
+cluster add|remove.
 
 Each talks HTTP to one replica (`--url`, or PARAMSTORE_URL, default
 http://127.0.0.1:8700). `run(args, http=...)` accepts any httpx.Client, so
@@ -70,8 +71,22 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     for p in (save, load):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    cl = sub.add_parser("cluster", help="change membership: add or remove a replica")
+    cls = cl.add_subparsers(dest="cluster_command", required=True)
+    add = with_url(cls.add_parser(
+        "add", help="make a replica a voting member (start it with `paramstore serve --join` first, "
+                    "which downloads a snapshot and adds itself; this re-adds or adds by hand)"))
+    add.add_argument("id")
+    for field in ("http", "raft", "data"):
+        add.add_argument(f"--{field}", required=True, metavar="HOST:PORT", help=f"the replica's {field} address")
+    remove = with_url(cls.add_parser(
+        "remove", help="remove a replica, live or dead (leadership is moved away from it first)"))
+    remove.add_argument("id")
+    for p in (add, remove):
+        p.add_argument("--shards", help="comma-separated shards (default: every shard the --url replica hosts)")
 
-COMMANDS = ("status", "get", "put", "checkpoint")
+
+COMMANDS = ("status", "get", "put", "checkpoint", "cluster")
 
 
 def run(args: argparse.Namespace, http: httpx.Client | None = None, out=None) -> int:
@@ -89,6 +104,8 @@ def run(args: argparse.Namespace, http: httpx.Client | None = None, out=None) ->
             return _get(client, base, args, out)
         if args.command == "put":
             return _put(client, base, args, out)
+        if args.command == "cluster":
+            return _cluster(client, base, args, out)
         if args.checkpoint_command == "save":
             return _save(client, base, args, out)
         return _load(client, base, args, out)
@@ -113,6 +130,23 @@ def _check(r: httpx.Response, ok: tuple[int, ...] = (200,)) -> httpx.Response:
     except Exception:
         detail = r.text[:500]
     raise CommandError(f"HTTP {r.status_code} from {r.request.method} {r.request.url.path}: {detail}")
+
+
+# ---- cluster add|remove ---------------------------------------------------------------
+def _cluster(client: httpx.Client, base: str, args, out) -> int:
+    shards = [int(s) for s in args.shards.split(",")] if args.shards else None
+    if args.cluster_command == "add":
+        body: dict[str, Any] = {"id": args.id, "http": args.http, "raft": args.raft, "data": args.data}
+        if shards is not None:
+            body["shards"] = shards
+        r = client.post(base + "/v1/cluster/members", json=body, headers=args.auth)
+    else:
+        params = {"shards": args.shards} if args.shards else None
+        r = client.delete(base + f"/v1/cluster/members/{args.id}", params=params, headers=args.auth)
+    doc = _check(r).json()
+    for item in doc["shards"]:
+        print(f"shard {item['shard']}: {doc['node']} {item['status']}", file=out)
+    return 0
 
 
 # ---- status ---------------------------------------------------------------------------

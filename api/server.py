@@ -10,10 +10,12 @@ import time
 import uvicorn
 
 from store.config import Config
+from store.membership import MembershipFile
 from store.node import Store
 
 from .app import create_app
 from .auth import check_policy
+from .join import plan_join, register
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,13 +46,24 @@ def configure_logging(level: str, node_id: str | None) -> None:
     logging.getLogger("pysyncobj").setLevel("WARNING")
 
 
-def serve(cfg: Config) -> None:
+def serve(cfg: Config, join: list[str] | None = None) -> None:
     """Start the store first, so that a corrupt data dir or a busy port stops
-    the process with a clear message before any request is accepted."""
+    the process with a clear message before any request is accepted. With
+    `join` (seed URLs), a fresh data dir first becomes a replica of a running
+    cluster (api/join.py)."""
     configure_logging(cfg.log_level, cfg.node_id)
     check_policy(cfg)
-    store = Store(cfg)
-    store.start()
+    plan = None
+    if join and cfg.data_dir is not None and not MembershipFile(cfg.data_dir).exists():
+        plan = plan_join(cfg, join)
+    store = Store(cfg, plan)
+    try:
+        store.start()
+        if plan is not None:
+            register(cfg, plan)
+    except BaseException:
+        store.close()
+        raise
     try:
         _run_http(create_app(cfg, store), cfg)
     finally:

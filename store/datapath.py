@@ -7,6 +7,9 @@ compression. One request per connection:
     put:  client sends `size` raw bytes; server answers {"ok": true} once the
           bytes are stored and their SHA-256 matches `id`
     get:  server answers {"ok": true, "size": n} and the n raw bytes
+    snapshot: the server takes a fresh snapshot of the shard (if its last one
+          is behind) and answers like `get` with the snapshot file; a joining
+          replica starts from it instead of a transfer through Raft messages
 
 When a Raft password is configured every request carries an HMAC of its
 header under that password; unauthenticated requests are refused.
@@ -21,7 +24,10 @@ import socket
 import socketserver
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Sequence
+import os
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 from .config import Address
 from .errors import CorruptData, Unavailable
@@ -79,8 +85,9 @@ def _tune(sock: socket.socket) -> None:
 
 class DataPathServer:
     def __init__(self, address: Address, payloads: Mapping[int, PayloadStore], secret: bytes | None,
-                 max_size: int) -> None:
+                 max_size: int, snapshot_source: Callable[[int], Path] | None = None) -> None:
         self.payloads = payloads
+        self.snapshot_source = snapshot_source
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -100,7 +107,8 @@ class DataPathServer:
         self._thread.start()
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits forever for a loop that never ran
+            self._server.shutdown()
         self._server.server_close()
 
     def _handle(self, sock: socket.socket) -> None:
@@ -121,6 +129,8 @@ class DataPathServer:
                 data = _recv_exact(sock, size)
                 store.put(data, pid)
                 _send_line(sock, {"ok": True})
+            elif op == "snapshot" and self.snapshot_source is not None:
+                self._send_snapshot(sock, shard)
             elif op == "get":
                 data = store.get(pid)
                 if data is None:
@@ -135,6 +145,21 @@ class DataPathServer:
                 _send_line(sock, {"ok": False, "error": str(e)})
             except OSError:
                 pass
+
+
+    def _send_snapshot(self, sock: socket.socket, shard: int) -> None:
+        path = self.snapshot_source(shard)
+        with open(path, "rb") as f:  # an open file survives the next snapshot's rename
+            size = os.fstat(f.fileno()).st_size
+            _send_line(sock, {"ok": True, "size": size})
+            sock.settimeout(None)
+            sent = 0
+            while sent < size:
+                n = os.sendfile(sock.fileno(), f.fileno(), sent, min(CHUNK * 4, size - sent))
+                if n == 0:
+                    raise ConnectionError(f"snapshot sending stopped at {sent} of {size} bytes")
+                sent += n
+        log.info("sent the snapshot of shard %d (%d bytes) to a joining replica", shard, size)
 
 
 class DataPathClient:
@@ -169,6 +194,37 @@ class DataPathClient:
             if not reply.get("ok"):
                 return None
             return _recv_exact(sock, int(reply["size"]))
+
+    def fetch_snapshot(self, addr: Address, shard: int, dest: Path, timeout: float = 600.0,
+                       progress: Callable[[int, int], None] | None = None) -> int:
+        """Download a fresh snapshot of `shard` from the replica at `addr` into
+        `dest` (written beside it, fsynced, then renamed); returns its size."""
+        partial = dest.with_suffix(".fetching")
+        with self._connect(addr) as sock:
+            sock.settimeout(timeout)  # the source may first have to write the snapshot
+            _send_line(sock, {"op": "snapshot", "shard": shard, "id": "", "size": 0,
+                              "mac": _mac(self.secret, "snapshot", shard, "", 0)})
+            reply = _read_line(sock)
+            if not reply.get("ok"):
+                raise ConnectionError(f"{addr} did not send a snapshot of shard {shard}: {reply.get('error')}")
+            size = int(reply["size"])
+            got, last_report = 0, time.monotonic()
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            with open(partial, "wb") as f:
+                while got < size:
+                    n = sock.recv_into(view, min(CHUNK, size - got))
+                    if n == 0:
+                        raise ConnectionError(f"snapshot of shard {shard} cut after {got} of {size} bytes")
+                    f.write(view[:n])
+                    got += n
+                    if progress is not None and (time.monotonic() - last_report > 1.0 or got == size):
+                        last_report = time.monotonic()
+                        progress(got, size)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(partial, dest)
+        return size
 
     def replicate(self, peers: Sequence[Address], shard: int, payload_id: str, data, need: int,
                   timeout: float) -> None:

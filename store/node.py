@@ -13,15 +13,18 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import placement
+from pysyncobj.utility import TcpUtility, UtilityException
+
+from . import membership, placement
 from .applier import Applier
 from .config import Config, NodeConfig
 from .datapath import DataPathClient, DataPathServer
-from .errors import ConfigError, NotHosted, StoreError, Unavailable
+from .errors import ConfigError, Conflict, NotHosted, StoreError, Timeout, Unavailable
 from .futures import forward
 from .payloads import PayloadStore
 from .raft import ShardReplica
@@ -31,12 +34,15 @@ from .state import ShardState, Tensor
 
 log = logging.getLogger(__name__)
 
+JOIN_CATCH_UP_SECONDS = 120.0  # how long a snapshot source keeps its log for the joiner
+
 
 @dataclass
 class ShardHost:
     shard: int
-    hosts: list[NodeConfig]
-    peers: list[NodeConfig]
+    node: NodeConfig
+    bootstrap_peers: list[str]  # raft addresses this shard started with
+    directory: dict[str, NodeConfig]  # raft address (of this shard) -> node, from config/join plan
     applier: Applier
     payloads: PayloadStore
     replica: ShardReplica | None = None
@@ -46,9 +52,49 @@ class ShardHost:
     def state(self) -> ShardState:
         return self.applier.state
 
+    def _member_addresses(self) -> list[str]:
+        if self.replica is None:
+            return sorted(self.bootstrap_peers + [str(self.node.raft_address(self.shard))])
+        return self.replica.members()
+
+    def nodes_by_raft(self) -> dict[str, NodeConfig]:
+        """Every node known to host or have hosted this shard, by its raft address."""
+        book = dict(self.directory)
+        for record in list(self.state.members.values()):
+            try:
+                n = membership.node_of(record)
+            except ConfigError:
+                continue
+            book[str(n.raft_address(self.shard))] = n
+        return book
+
+    @property
+    def hosts(self) -> list[NodeConfig]:
+        """Current voting members whose addresses are known (all, normally)."""
+        book = self.nodes_by_raft()
+        return [book[a] for a in self._member_addresses() if a in book]
+
+    @property
+    def peers(self) -> list[NodeConfig]:
+        return [h for h in self.hosts if h.id != self.node.id]
+
+    def node_id_of(self, raft_address: str | None) -> str | None:
+        if raft_address is None:
+            return None
+        n = self.nodes_by_raft().get(raft_address)
+        return raft_address if n is None else n.id
+
+    def member_address(self, node_id: str) -> str | None:
+        """Raft address of `node_id` for this shard if it is a voting member."""
+        members = set(self._member_addresses())
+        for addr, n in self.nodes_by_raft().items():
+            if n.id == node_id and addr in members:
+                return addr
+        return None
+
     @property
     def majority(self) -> int:
-        return len(self.hosts) // 2 + 1
+        return len(self._member_addresses()) // 2 + 1
 
     def is_ready(self, max_lag: int = 256) -> bool:
         """A leader is known and this replica is within `max_lag` entries of
@@ -62,7 +108,7 @@ class ShardHost:
 
 
 class Store:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, join: membership.JoinPlan | None = None) -> None:
         if cfg.data_dir is None:
             raise ConfigError("node.data_dir: a data directory is required (--data-dir)")
         if cfg.raft.password is None and not cfg.all_loopback():
@@ -80,20 +126,43 @@ class Store:
         self._stage_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage")
         self._closed = threading.Event()
         self.shards: dict[int, ShardHost] = {}
-        for shard in range(cfg.shards):
-            hosts = placement.hosts_for(shard, list(cfg.nodes), cfg.replication)
-            if self.node not in hosts:
-                continue
+        self.membership = membership.MembershipFile(self.data_dir)
+        self.join = join if not self.membership.exists() else None
+        if join is not None and self.join is None:
+            log.info("node %s: already joined (%s exists); --join ignored", self.node.id, self.membership.path)
+        for shard, peers in self._placement().items():
+            directory = {str(n.raft_address(shard)): n for n in cfg.nodes}
+            if self.join is not None:
+                directory.update({str(n.raft_address(shard)): n for n in self.join.shards[shard]})
             payloads = PayloadStore(self._shard_dir(shard) / "payloads", fsync=cfg.raft.fsync)
             applier = Applier(ShardState(shard, cfg.limits.dedupe_window),
                               self._resolver(shard, payloads), self._payload_used(shard, payloads))
-            self.shards[shard] = ShardHost(shard, hosts, [h for h in hosts if h != self.node],
-                                           applier, payloads)
+            self.shards[shard] = ShardHost(shard, self.node, peers, directory, applier, payloads)
         self.datapath = DataPathServer(self.node.data, {k: h.payloads for k, h in self.shards.items()},
-                                       secret, max_size=cfg.limits.max_body_bytes)
+                                       secret, max_size=cfg.limits.max_body_bytes,
+                                       snapshot_source=self._fresh_snapshot)
+
+    def _placement(self) -> dict[int, list[str]]:
+        """shard -> bootstrap peers (raft addresses) of every shard hosted here."""
+        if self.membership.exists():
+            return self.membership.load()
+        if self.join is not None:
+            return {k: [str(n.raft_address(k)) for n in members if n.id != self.node.id]
+                    for k, members in self.join.shards.items()}
+        placed = {}
+        for shard in range(self.cfg.shards):
+            hosts = placement.hosts_for(shard, list(self.cfg.nodes), self.cfg.replication)
+            if self.node in hosts:
+                placed[shard] = [str(h.raft_address(shard)) for h in hosts if h != self.node]
+        return placed
 
     def start(self) -> None:
-        """Load snapshots (refusing corrupt ones), bind the data path, start Raft."""
+        """Join (download snapshots) if asked, load snapshots (refusing corrupt
+        ones), bind the data path, start Raft."""
+        if self.join is not None:
+            self._download_snapshots(self.join)
+        if not self.membership.exists():
+            self.membership.save({k: h.bootstrap_peers for k, h in self.shards.items()})
         preloaded = {}
         for shard in self.shards:
             dump = self._shard_dir(shard) / "snapshot.bin"
@@ -103,10 +172,24 @@ class Store:
         bind_outgoing_raft(self.node.raft.host)
         for shard, host in self.shards.items():
             host.replica = ShardReplica(
-                shard, self.node.raft_address(shard), [h.raft_address(shard) for h in host.peers],
+                shard, self.node.raft_address(shard), host.bootstrap_peers,
                 self.cfg.raft, self._shard_dir(shard), host.applier,
-                on_snapshot=self._snapshot_done(host), preloaded=preloaded.get(shard))
+                on_snapshot=self._snapshot_done(host), preloaded=preloaded.get(shard),
+                joining=self.join is not None)
         log.info("node %s: hosting shards %s", self.node.id, sorted(self.shards))
+
+    def _download_snapshots(self, plan: membership.JoinPlan) -> None:
+        for shard, source in sorted(plan.snapshot_sources.items()):
+            started = time.monotonic()
+
+            def progress(got: int, size: int, shard=shard) -> None:
+                log.info("joining: shard %d snapshot %d/%d MB", shard, got >> 20, size >> 20,
+                         extra={"shard": shard})
+
+            size = self.peer_client.fetch_snapshot(source.data, shard, self._shard_dir(shard) / "snapshot.bin",
+                                                   progress=progress)
+            log.info("joining: shard %d snapshot from %s, %d bytes in %.2fs", shard, source.id, size,
+                     time.monotonic() - started, extra={"shard": shard})
 
     def _shard_dir(self, shard: int) -> Path:
         d = self.data_dir / f"shard-{shard}"
@@ -124,15 +207,21 @@ class Store:
         self._stage_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- placement -------------------------------------------------------------
+    def hosts_of(self, shard: int) -> list[NodeConfig]:
+        """The shard's current members if hosted here, else its bootstrap placement."""
+        host = self.shards.get(shard)
+        if host is not None:
+            return host.hosts
+        return placement.hosts_for(shard, list(self.cfg.nodes), self.cfg.replication)
+
     def shard_of(self, name: str) -> int:
         return placement.shard_for(name, self.cfg.shards)
 
     def host(self, shard: int) -> ShardHost:
         host = self.shards.get(shard)
         if host is None:
-            hosts = placement.hosts_for(shard, list(self.cfg.nodes), self.cfg.replication)
             raise NotHosted(f"shard {shard} is not hosted on {self.node.id}",
-                            hosts=[h.url for h in hosts])
+                            hosts=[h.url for h in self.hosts_of(shard)])
         if host.replica is None:
             raise Unavailable("replica is starting")
         return host
@@ -231,15 +320,17 @@ class Store:
 
     def status(self) -> dict[str, Any]:
         shards = []
+        nodes: dict[str, NodeConfig] = {} if self.shards else {n.id: n for n in self.cfg.nodes}
         for shard in range(self.cfg.shards):
-            hosts = placement.hosts_for(shard, list(self.cfg.nodes), self.cfg.replication)
+            hosts = self.hosts_of(shard)
             entry: dict[str, Any] = {"shard": shard, "replicas": [h.id for h in hosts]}
             host = self.shards.get(shard)
             if host is not None and host.replica is not None:
+                nodes.update({h.id: h for h in hosts})
                 r = host.replica
                 leader = r.leader_address
                 entry.update({
-                    "leader": _node_for_raft(self.cfg, shard, leader),
+                    "leader": host.node_id_of(leader),
                     "term": r.raftCurrentTerm,
                     "commit_index": r.raftCommitIndex,
                     "applied_index": r.raftLastApplied,
@@ -255,12 +346,118 @@ class Store:
         return {
             "node": self.node.id,
             "shards": shards,
-            "nodes": [{"id": n.id, "url": n.url, "raft": str(n.raft), "data": str(n.data)}
-                      for n in self.cfg.nodes],
+            "nodes": [{"id": n.id, "url": n.url, "http": str(n.http), "raft": str(n.raft), "data": str(n.data)}
+                      for n in sorted(nodes.values(), key=lambda n: n.id)],
             "replication": self.cfg.replication,
             "ready": self.is_ready(),
             "uptime_seconds": round(time.monotonic() - self.started, 3),
         }
+
+    # ---- membership (admin; blocking, run off the event loop) -------------------
+    def add_member(self, node: NodeConfig, shards: list[int] | None = None) -> dict[str, Any]:
+        """Make `node` a voting member of `shards` (default: every shard hosted
+        here). Start the new replica with `--join` first: it downloads a
+        snapshot over the data path and then waits to be added. Idempotent."""
+        deadline = time.monotonic() + self.cfg.limits.max_wait_seconds
+        results = []
+        for shard in self._admin_targets(shards):
+            host = self.host(shard)
+            addr = str(node.raft_address(shard))
+            known = host.member_address(node.id)
+            if known is not None and known != addr:
+                raise Conflict(f"shard {shard}: node {node.id!r} is already a member at {known}; "
+                               "remove it first to change its addresses")
+            self._wait(host.replica.propose(
+                {"op": "member_set", "node": membership.record_of(node), "rid": uuid.uuid4().hex}), deadline)
+            if addr in host.replica.members():
+                results.append({"shard": shard, "status": "already a member"})
+                continue
+            self._change_member(host, "add", addr, deadline)
+            results.append({"shard": shard, "status": "added"})
+            log.info("shard %d: added node %s (%s)", shard, node.id, addr, extra={"shard": shard})
+        return {"node": node.id, "shards": results}
+
+    def remove_member(self, node_id: str, shards: list[int] | None = None) -> dict[str, Any]:
+        """Remove `node_id` from `shards` (default: every shard hosted here);
+        if it leads a shard, leadership is moved away first. Idempotent."""
+        deadline = time.monotonic() + self.cfg.limits.max_wait_seconds
+        results = []
+        for shard in self._admin_targets(shards):
+            host = self.host(shard)
+            addr = host.member_address(node_id)
+            if addr is None:
+                results.append({"shard": shard, "status": "not a member"})
+                continue
+            if len(host.replica.members()) == 1:
+                raise Conflict(f"shard {shard}: {node_id!r} is its last member")
+            self._move_leadership_from(host, addr, deadline)
+            self._change_member(host, "rem", addr, deadline)
+            if node_id != self.node.id:  # a removed replica can no longer commit anything
+                self._wait(host.replica.propose({"op": "member_drop", "id": node_id,
+                                                 "rid": uuid.uuid4().hex}), deadline)
+            results.append({"shard": shard, "status": "removed"})
+            log.info("shard %d: removed node %s (%s)", shard, node_id, addr, extra={"shard": shard})
+        return {"node": node_id, "shards": results}
+
+    def _admin_targets(self, shards: list[int] | None) -> list[int]:
+        targets = sorted(self.shards) if shards is None else sorted(set(shards))
+        for shard in targets:
+            self.host(shard)  # NotHosted / Unavailable before changing anything
+        return targets
+
+    def _wait(self, fut: Future, deadline: float) -> Any:
+        try:
+            return fut.result(max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise Timeout("membership change: no answer before the deadline; check `paramstore status` "
+                          "and retry (changes are idempotent)") from None
+
+    def _change_member(self, host: ShardHost, kind: str, addr: str, deadline: float) -> None:
+        """One change at a time per shard: retry while a previous one commits."""
+        delay = 0.05
+        while True:
+            try:
+                self._wait(host.replica.change_member(kind, addr), deadline)
+                return
+            except (Conflict, Unavailable) as e:
+                done = (addr in host.replica.members()) == (kind == "add")
+                if done:
+                    return
+                if time.monotonic() + delay > deadline:
+                    raise e
+            self._closed.wait(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _move_leadership_from(self, host: ShardHost, addr: str, deadline: float) -> None:
+        """pysyncobj cannot remove a leader: ask it to hand over (Raft TimeoutNow)."""
+        while host.replica.leader_address in (addr, None):
+            if time.monotonic() > deadline:
+                raise Timeout(f"shard {host.shard}: leadership did not move away from {addr}; retry")
+            if host.replica.leader_address == addr:
+                if addr == str(self.node.raft_address(host.shard)):
+                    host.replica.transferLeadership()
+                else:
+                    try:
+                        TcpUtility(self.cfg.raft.password, timeout=2.0).executeCommand(addr, ["transfer", None])
+                    except UtilityException as e:
+                        log.info("shard %d: asking %s to hand over leadership: %s", host.shard, addr, e)
+            self._closed.wait(0.2)
+
+    def _fresh_snapshot(self, shard: int) -> Path:
+        """Data path thread: a snapshot at most a few entries behind this
+        replica's applied index, for a joining replica to start from."""
+        host = self.host(shard)
+        replica = host.replica
+        target = replica.raftLastApplied
+        deadline = time.monotonic() + self.cfg.limits.max_wait_seconds
+        if replica.last_snapshot_index < target:
+            replica.forceLogCompaction()
+            while replica.last_snapshot_index < target:
+                if time.monotonic() > deadline or self._closed.is_set():
+                    raise Unavailable(f"shard {shard}: no snapshot within the deadline")
+                self._closed.wait(0.01)
+        replica.hold_compaction(replica.last_snapshot_index, JOIN_CATCH_UP_SECONDS)
+        return self._shard_dir(shard) / "snapshot.bin"
 
     # ---- payload plumbing (applier thread) --------------------------------------
     def _resolver(self, shard: int, payloads: PayloadStore):
@@ -310,10 +507,3 @@ class Store:
         return done
 
 
-def _node_for_raft(cfg: Config, shard: int, raft_addr: str | None) -> str | None:
-    if raft_addr is None:
-        return None
-    for n in cfg.nodes:
-        if str(n.raft_address(shard)) == raft_addr:
-            return n.id
-    return raft_addr

@@ -28,7 +28,7 @@ from pysyncobj.pipe_notifier import PipeNotifier
 
 from .applier import Applier
 from .config import Address, RaftSettings
-from .errors import Unavailable
+from .errors import Conflict, Unavailable
 from .futures import forward, settle
 from .snapshot import read_snapshot, write_snapshot
 
@@ -41,8 +41,12 @@ MAX_ATTEMPTS = 3
 class ShardReplica(SyncObj):
     def __init__(self, shard: int, self_addr: Address, peers: list[Address], settings: RaftSettings,
                  shard_dir: Path, applier: Applier, on_snapshot: Callable[[int, int, float], None],
-                 preloaded: tuple[Any, int, dict] | None = None) -> None:
+                 preloaded: tuple[Any, int, dict] | None = None, joining: bool = False) -> None:
         self.shard = shard
+        # A joining replica is not a member until a leader adds it: it must not
+        # campaign meanwhile (its rising term would depose the leader once added).
+        self._joining = joining
+        self._compaction_hold: tuple[float, int, frozenset] | None = None
         self._applier = applier
         self._on_snapshot = on_snapshot
         self._dump_path = shard_dir / "snapshot.bin"
@@ -55,6 +59,7 @@ class ShardReplica(SyncObj):
         self.snapshots = 0
         self.last_snapshot_seconds = 0.0
         self.last_snapshot_bytes = 0
+        self.last_snapshot_index = 0
         self._last_leader: Any = None
         conf = SyncObjConf(
             autoTickPeriod=settings.auto_tick_period,
@@ -78,7 +83,7 @@ class ShardReplica(SyncObj):
             deserializer=self._deserialize,
             serializeChecker=self._check_serialize,
             onStateChanged=self._state_changed,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=True,
             maxBindRetries=10,
             bindRetryTime=0.5,
         )
@@ -95,6 +100,7 @@ class ShardReplica(SyncObj):
         leader = self._getLeader()
         if leader != self._last_leader:
             if leader is not None:
+                self._joining = False
                 self.leader_changes += 1
                 log.info("shard %d: leader is now %s (term %d)", self.shard, leader, self.raftCurrentTerm,
                          extra=self._log_fields())
@@ -202,6 +208,67 @@ class ShardReplica(SyncObj):
             return
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
+    def _SyncObj__connectedToAnyone(self) -> bool:
+        if self._joining:
+            return False
+        return SyncObj._SyncObj__connectedToAnyone(self)
+
+    # ---- membership ----------------------------------------------------------
+    def members(self) -> list[str]:
+        """Raft addresses of this shard's voting members, this replica included,
+        as this replica knows them (a change applies when its entry is appended)."""
+        for _ in range(5):  # the tick thread may change the set while we copy it
+            try:
+                others = [n.id for n in list(self._SyncObj__otherNodes)]
+                break
+            except RuntimeError:
+                continue
+        else:
+            others = []
+        return sorted(others + [self.selfNode.id])
+
+    def change_member(self, kind: str, raft_address: str) -> Future:
+        """Add (`kind="add"`) or remove a voting member through the log; the
+        Future resolves once the change committed. pysyncobj allows one change
+        at a time and refuses to remove the leader itself (REQUEST_DENIED)."""
+        outer: Future = Future()
+
+        def done(res: Any, err: int) -> None:
+            if err == FAIL_REASON.SUCCESS:
+                settle(outer, {"shard": self.shard, kind: raft_address})
+            elif err == FAIL_REASON.REQUEST_DENIED:
+                settle(outer, exc=Conflict(
+                    f"shard {self.shard}: membership change refused (another change is still "
+                    "committing, the node is already in that state, or it is the leader); retry"))
+            else:
+                settle(outer, exc=Unavailable(
+                    f"shard {self.shard}: membership change failed ({_FAIL_NAMES.get(err, err)}); retry",
+                    reason=str(_FAIL_NAMES.get(err, err)).lower()))
+
+        change = self.addNodeToCluster if kind == "add" else self.removeNodeFromCluster
+        change(raft_address, callback=done)
+        self._wake_tick()
+        return outer
+
+    def hold_compaction(self, index: int, seconds: float) -> None:
+        """Keep the log after `index` until a node that joins from a snapshot
+        at `index` has caught up (or `seconds` pass): otherwise a compaction
+        meanwhile would make this leader send it a snapshot through Raft
+        messages, pysyncobj's slow path."""
+        self._compaction_hold = (time.monotonic() + seconds, index, frozenset(self.members()))
+
+    def _SyncObj__tryLogCompaction(self) -> None:
+        hold = self._compaction_hold
+        if hold is not None:
+            until, index, before = hold
+            match = self._SyncObj__raftMatchIndex
+            joined = [n for n in self._SyncObj__otherNodes if n.id not in before]
+            if time.monotonic() > until or (joined and all(match.get(n, 0) >= index for n in joined)):
+                self._compaction_hold = None
+            else:
+                return
+        SyncObj._SyncObj__tryLogCompaction(self)
+
     # ---- snapshots -----------------------------------------------------------
     def _serialize(self, tmp_file: str, meta: tuple) -> None:
         """Tick thread: queue a capture; the applier reaches it at exactly this index."""
@@ -217,6 +284,7 @@ class ShardReplica(SyncObj):
 
     def _capture_and_write(self, index: int, raft_meta: dict) -> None:
         state = self._applier.state
+        raft_meta["members"] = dict(state.members)
         tensors = state.capture()
         dedupe = state.dedupe.copy()
         threading.Thread(target=self._write, args=(tensors, dedupe, index, raft_meta),
@@ -232,6 +300,7 @@ class ShardReplica(SyncObj):
             self.snapshots += 1
             self.last_snapshot_seconds = time.perf_counter() - started
             self.last_snapshot_bytes = size
+            self.last_snapshot_index = index
             log.info("shard %d: snapshot at index %d, %d bytes in %.2fs",
                      self.shard, index, size, self.last_snapshot_seconds, extra=self._log_fields())
             self._on_snapshot(index, size, self.last_snapshot_seconds)
@@ -256,6 +325,7 @@ class ShardReplica(SyncObj):
         else:
             state, index, raft_meta = read_snapshot(path, self._applier.state.dedupe_window)
         self._applier.call(lambda: self._applier.install(state, index)).result()
+        self.last_snapshot_index = index
         entries = [(base64.b64decode(c), i, t) for c, i, t in raft_meta["entries"]]
         cluster = {TCPNode(addr) for addr in raft_meta["cluster"]}
         log.info("shard %d: installed snapshot at index %d (%d tensors)",

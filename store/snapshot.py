@@ -137,4 +137,5 @@ def _read(f: BinaryIO, path: Path, dedupe_window: int) -> tuple[ShardState, int,
     if f.read(len(END)) != END:
         raise CorruptData(f"snapshot {path} lacks its end marker (truncated?)")
     state.dedupe = OrderedDict((rid, outcome) for rid, outcome in header["dedupe"])
+    state.members = dict(header["raft"].get("members", {}))
     return state, header["applied_index"], header["raft"]

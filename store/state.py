@@ -62,6 +62,9 @@ class ShardState:
         self.dedupe: OrderedDict[str, dict] = OrderedDict()
         self.dedupe_window = dedupe_window
         self.changed: set[str] = set()  # names touched by the last apply
+        # Address book of the nodes that host (or hosted) this shard, id -> record
+        # of addresses; the Raft membership itself lives in pysyncobj.
+        self.members: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()  # guards in-place (sparse row) updates only
 
     # ---- applying commands -------------------------------------------------
@@ -115,8 +118,8 @@ class ShardState:
         try:
             for op in ops:
                 handler = self._HANDLERS.get(op.get("op"))
-                if op.get("op") == "grad_rows":
-                    raise Unprocessable("grad_rows cannot be part of a batch")
+                if op.get("op") in ("grad_rows", "member_set", "member_drop"):
+                    raise Unprocessable(f"{op.get('op')} cannot be part of a batch")
                 if handler is None:
                     raise Unprocessable(f"unknown operation {op.get('op')!r} in batch")
                 results.append(handler(self, op, resolve))
@@ -243,8 +246,20 @@ class ShardState:
         self.changed.add(name)
         return {"name": name, "version": t.version, "shard": self.shard, "deleted": True}
 
+    def _member_set(self, cmd, resolve) -> dict:
+        record = cmd.get("node")
+        if not isinstance(record, dict) or not all(
+                isinstance(record.get(k), str) and record[k] for k in ("id", "http", "raft", "data")):
+            raise Unprocessable("member record needs string fields id, http, raft, data")
+        self.members[record["id"]] = {k: record[k] for k in ("id", "http", "raft", "data")}
+        return {"member": record["id"]}
+
+    def _member_drop(self, cmd, resolve) -> dict:
+        return {"member": cmd.get("id"), "dropped": self.members.pop(cmd.get("id"), None) is not None}
+
     _HANDLERS: dict[str, Callable[..., dict]] = {
-        "put": _put, "grad": _grad, "grad_rows": _grad_rows, "delete": _delete}
+        "put": _put, "grad": _grad, "grad_rows": _grad_rows, "delete": _delete,
+        "member_set": _member_set, "member_drop": _member_drop}
 
     # ---- reading -----------------------------------------------------------
     def get(self, name: str) -> Tensor:

@@ -21,10 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 class Cluster:
     def __init__(self, tmp: Path, replicas: int = 3, shards: int = 2, raft: dict | None = None,
                  limits: dict | None = None, hosts: list[str] | None = None,
-                 launcher: list[str] | None = None, http: Any = None) -> None:
+                 launcher: list[str] | None = None, http: Any = None, spare_hosts: list[str] | None = None) -> None:
         """`hosts`: one loopback address per node (all share ports then);
         `launcher`: a command prefix (e.g. `ip netns exec NS`); `http`: an
-        httpx.Client-like object that can reach the nodes."""
+        httpx.Client-like object that can reach the nodes; `spare_hosts`:
+        addresses of extra nodes (n4, ...) outside the bootstrap membership,
+        started with `start_joining`."""
         self.tmp = tmp
         self.launcher = launcher or []
         per_node = shards + 2
@@ -40,7 +42,7 @@ class Cluster:
                 b = base + i * per_node
                 nodes.append({"id": f"n{i + 1}", "http": f"127.0.0.1:{b}", "raft": f"127.0.0.1:{b + 1}",
                               "data": f"127.0.0.1:{b + 1 + shards}"})
-        raw: dict[str, Any] = {"cluster": {"shards": shards, "replication": replicas}, "nodes": nodes,
+        raw: dict[str, Any] = {"cluster": {"shards": shards, "replication": len(nodes)}, "nodes": nodes,
                                "auth": {"insecure_no_auth": True}}
         if raft:
             raw["raft"] = raft
@@ -49,20 +51,30 @@ class Cluster:
         self.cfg = config_from_mapping(raw)
         self.config_path = tmp / "cluster.toml"
         self.config_path.write_text(render_toml(self.cfg))
-        self.ids = [n.id for n in self.cfg.nodes]
-        self.urls = {n.id: n.url for n in self.cfg.nodes}
+        self.ids = [n.id for n in self.cfg.nodes]  # the current members: tests update it
+        spares = [{"id": f"n{len(nodes) + i + 1}", "http": f"{h}:{b}", "raft": f"{h}:{b + 1}",
+                   "data": f"{h}:{b + 1 + shards}"} for i, h in enumerate(spare_hosts or [])]
+        self.join_config_path = tmp / "cluster-join.toml"
+        self.join_config_path.write_text(render_toml(config_from_mapping(dict(raw, nodes=nodes + spares))))
+        self.urls = {n["id"]: f"http://{n['http']}" for n in nodes + spares}
         self.procs: dict[str, subprocess.Popen] = {}
         self.http = http if http is not None else httpx.Client(timeout=10.0)
 
     # ---- processes ---------------------------------------------------------------
-    def start(self, node_id: str | None = None) -> None:
+    def start(self, node_id: str | None = None, join: str | None = None) -> None:
         for nid in [node_id] if node_id else self.ids:
             log = open(self.tmp / f"{nid}.log", "ab")
+            bootstrap = {n.id for n in self.cfg.nodes}
+            config = self.join_config_path if join or nid not in bootstrap else self.config_path
             self.procs[nid] = subprocess.Popen(
-                self.launcher + [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config_path),
-                 "--node", nid, "--data-dir", str(self.tmp / nid)],
+                self.launcher + [sys.executable, "-m", "api.cli", "serve", "--config", str(config),
+                 "--node", nid, "--data-dir", str(self.tmp / nid)] + (["--join", join] if join else []),
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    def start_joining(self, nid: str, seed: str) -> None:
+        """Start a node outside the membership that joins through `seed`'s URL."""
+        self.start(nid, join=self.urls[seed])
 
     def wait_ready(self, node_ids: list[str] | None = None, timeout: float = 30.0) -> None:
         for nid in node_ids or self.ids:
