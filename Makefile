@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast test-cluster test-faults bench install clean
+.PHONY: run test test-fast test-cluster test-faults bench bench-join install clean
 
 $(PY):
 	python3 -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv $(VENV))
@@ -56,6 +56,10 @@ $(BENCH_STAMP): bench/requirements.txt $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+## A 4th replica joins a cluster holding 512 MB, under write load (~2 min).
+bench-join: $(BENCH_STAMP)
+	$(PY) -m bench.join $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

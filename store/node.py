@@ -179,10 +179,11 @@ class Store:
         log.info("node %s: hosting shards %s", self.node.id, sorted(self.shards))
 
     def _download_snapshots(self, plan: membership.JoinPlan) -> None:
-        for shard, source in sorted(plan.snapshot_sources.items()):
+        """All shards at once: each source first writes a fresh snapshot."""
+        def one(shard: int, source: NodeConfig) -> None:
             started = time.monotonic()
 
-            def progress(got: int, size: int, shard=shard) -> None:
+            def progress(got: int, size: int) -> None:
                 log.info("joining: shard %d snapshot %d/%d MB", shard, got >> 20, size >> 20,
                          extra={"shard": shard})
 
@@ -190,6 +191,13 @@ class Store:
                                                    progress=progress)
             log.info("joining: shard %d snapshot from %s, %d bytes in %.2fs", shard, source.id, size,
                      time.monotonic() - started, extra={"shard": shard})
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=max(1, len(plan.snapshot_sources))) as pool:
+            for fut in [pool.submit(one, k, src) for k, src in sorted(plan.snapshot_sources.items())]:
+                fut.result()
+        log.info("joining: %d snapshots downloaded in %.2fs", len(plan.snapshot_sources),
+                 time.monotonic() - started)
 
     def _shard_dir(self, shard: int) -> Path:
         d = self.data_dir / f"shard-{shard}"

@@ -215,3 +215,23 @@ def test_json_scalar_keeps_its_shape(client):
     assert r.status_code == 201
     r = client.get("/v1/tensors/scalar")
     assert r.headers["X-Shape"] == "" and np.frombuffer(r.content, np.float32).tolist() == [2.5]
+
+
+@pytest.mark.parametrize("body", [b"", b"[1]", b"{bad", b'{"id": "n9"}',
+                                  b'{"id": "n9", "http": "h:1", "raft": "h:2", "data": "h:x"}',
+                                  b'{"id": "n9", "http": "h:1", "raft": "h:2", "data": "h:3", "shards": "a"}'])
+def test_bad_member_additions_are_400_and_change_nothing(client, body):
+    before = client.get("/v1/cluster").json()
+    r = client.post("/v1/cluster/members", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_request" and r.json()["detail"]
+    after = client.get("/v1/cluster").json()
+    assert [s["replicas"] for s in after["shards"]] == [s["replicas"] for s in before["shards"]]
+
+
+def test_removing_a_shards_last_member_is_refused(client):
+    r = client.delete("/v1/cluster/members/n0")
+    assert r.status_code == 409, r.text
+    assert "last member" in r.json()["detail"]
+    r = client.delete("/v1/cluster/members/nobody")
+    assert r.status_code == 200 and {s["status"] for s in r.json()["shards"]} == {"not a member"}
