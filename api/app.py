@@ -13,6 +13,7 @@ from store.node import Store
 
 from . import batch, checkpoint, cluster, errors, metrics, tensors, ui
 from .auth import BearerAuth
+from .fastpath import GradFastPath
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
     app.include_router(cluster.router)
     app.include_router(checkpoint.router)  # /v1/checkpoint (api/checkpoint.py)
     app.include_router(ui.router)          # /ui dashboard (api/ui.py)
-    metrics.install(app)                   # /metrics and the HTTP metrics middleware
+    app.add_middleware(GradFastPath, routes=tensors.router.routes)  # gradient pushes skip FastAPI routing
+    metrics.install(app)                   # /metrics and the HTTP metrics middleware (outside it)
     if cfg.auth.enabled:
         app.add_middleware(BearerAuth, cfg=cfg)  # outermost: nothing runs for a bad token
     return app

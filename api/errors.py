@@ -84,6 +84,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"},
-                            status_code=500)
+        return unexpected_error_response(request, exc)
+
+
+def unexpected_error_response(request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback, answered as a JSON 500."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"},
+                        status_code=500)

@@ -28,7 +28,7 @@ from pysyncobj.pipe_notifier import PipeNotifier
 
 from .applier import Applier
 from .config import Address, RaftSettings
-from .errors import Conflict, Unavailable
+from .errors import Conflict, StoreError, Unavailable
 from .futures import forward, settle
 from .snapshot import read_snapshot, write_snapshot
 
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 _FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
 MAX_ATTEMPTS = 3
+GROUP_MAX_COMMANDS = 256
+GROUP_MAX_BYTES = 48 << 10  # stay under pysyncobj's 64 KB append batch: bigger entries go in pieces
 
 
 class ShardReplica(SyncObj):
@@ -90,6 +92,8 @@ class ShardReplica(SyncObj):
         self._sent_mark = (0, 0)
         self._wake: PipeNotifier | None = None
         self._pending: dict[int, tuple] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
+        self._group: list[tuple[dict, Future, int]] = []  # proposals waiting for the next tick
+        self._group_lock = threading.Lock()
         super().__init__(str(self_addr), [str(p) for p in peers], conf)
         self.addOnTickCallback(self._send_eagerly)
         self.addOnTickCallback(self._track_leader)
@@ -133,6 +137,12 @@ class ShardReplica(SyncObj):
         """Replicate `cmd`; the Future resolves with its result on this replica
         once applied here, or fails with a StoreError.
 
+        Group commit: proposals are queued and, at the start of the next tick,
+        everything queued since the last one becomes ONE Raft entry (an
+        `op: group` command whose parts apply independently), so under many
+        concurrent writers the log, the journal, the network and the followers
+        do one entry's work for many writes. A lone proposal goes alone.
+
         A command whose leader changed before it committed is proposed again
         (at most MAX_ATTEMPTS times): pysyncobj drops a command forwarded to
         a leader that died, and reports DISCARDED/UNKNOWN_OUTCOME for others.
@@ -140,11 +150,35 @@ class ShardReplica(SyncObj):
         state machine applies at most once, and a no-op barrier is idempotent.
         """
         outer: Future = Future()
-        self._attempt(cmd, outer, 1)
+        if not _retryable(cmd):
+            self._attempt(cmd, outer, 1)
+            return outer
+        with self._group_lock:
+            self._group.append((cmd, outer, _inline_bytes(cmd)))
+        self._wake_tick()
         return outer
 
+    def _checkCommandsToApply(self) -> None:
+        """Tick thread, before pysyncobj appends queued commands: turn the
+        proposals queued since the last tick into entries."""
+        with self._group_lock:
+            queued, self._group = self._group, []
+        while queued:
+            take, size = 0, 0
+            while take < len(queued) and take < GROUP_MAX_COMMANDS and (take == 0 or size + queued[take][2] <= GROUP_MAX_BYTES):
+                size += queued[take][2]
+                take += 1
+            part, queued = queued[:take], queued[take:]
+            if len(part) == 1:
+                self._attempt(part[0][0], part[0][1], 1)
+                continue
+            group_outer: Future = Future()
+            group_outer.add_done_callback(lambda f, part=part: _split(f, [o for _, o, _ in part]))
+            self._attempt({"op": "group", "cmds": [c for c, _, _ in part]}, group_outer, 1)
+        SyncObj._checkCommandsToApply(self)
+
     def _attempt(self, cmd: dict, outer: Future, attempt: int) -> None:
-        retryable = cmd.get("rid") is not None or cmd.get("op") == "noop"
+        retryable = _retryable(cmd)
         key = id(outer)
 
         def done(res: Any, err: int) -> None:
@@ -171,7 +205,8 @@ class ShardReplica(SyncObj):
         if retryable:
             self._pending[key] = (cmd, outer, attempt, self._getLeader())
         self._apply(cmd, callback=done)
-        self._wake_tick()
+        if threading.current_thread() is not self._SyncObj__thread:
+            self._wake_tick()
 
     def _repropose_after_leader_change(self, leader: Any) -> None:
         """Tick thread: commands in flight when the leader changed may have
@@ -359,3 +394,34 @@ class ShardReplica(SyncObj):
     def log_entries(self) -> int:
         return self._getRaftLogSize()
 
+
+
+def _retryable(cmd: dict) -> bool:
+    """Safe to propose again: applied at most once thanks to its request id(s)."""
+    op = cmd.get("op")
+    if op == "group":
+        return all(_retryable(c) for c in cmd["cmds"])
+    return cmd.get("rid") is not None or op == "noop"
+
+
+def _inline_bytes(cmd: dict) -> int:
+    """Rough size of a command in the log: its inline blobs plus some overhead."""
+    size = 256
+    for value in cmd.values():
+        if isinstance(value, dict) and "inline" in value:
+            size += len(value["inline"])
+    return size
+
+
+def _split(group: Future, outers: list[Future]) -> None:
+    """Hand each part of a group its own outcome."""
+    exc = group.exception()
+    for i, outer in enumerate(outers):
+        if exc is not None:
+            settle(outer, exc=exc)
+            continue
+        outcome = group.result()["outcomes"][i]
+        if "ok" in outcome:
+            settle(outer, outcome["ok"])
+        else:
+            settle(outer, exc=StoreError.from_dict(outcome))

@@ -81,6 +81,8 @@ class ShardState:
             return {}
         if op == "batch":
             return self._recorded(cmd, lambda: self._batch(cmd["ops"], resolve))
+        if op == "group":
+            return self._group(cmd["cmds"], resolve)
         handler = self._HANDLERS.get(op)
         if handler is None:
             raise Unprocessable(f"unknown operation {op!r}")
@@ -107,6 +109,19 @@ class ShardState:
         self.dedupe[rid] = outcome
         while len(self.dedupe) > self.dedupe_window:
             self.dedupe.popitem(last=False)
+
+    def _group(self, cmds: list[Mapping[str, Any]], resolve: PayloadResolver) -> dict:
+        """Independent commands that shared one Raft entry (group commit): each
+        applies, or fails, on its own, exactly as if it had its own entry."""
+        outcomes, changed = [], set()
+        for cmd in cmds:
+            try:
+                outcomes.append({"ok": self.apply(cmd, resolve)})
+            except StoreError as e:
+                outcomes.append(e.to_dict())
+            changed |= self.changed
+        self.changed = changed
+        return {"outcomes": outcomes}
 
     def _batch(self, ops: list[Mapping[str, Any]], resolve: PayloadResolver) -> dict:
         """All ops or none: each op is computed against a scratch copy of the

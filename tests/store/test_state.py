@@ -264,3 +264,26 @@ def test_put_with_optimizer_state_restores_it():
     with pytest.raises(Unprocessable):
         s.apply(bad, resolve)
     assert "bad" not in s.tensors
+
+
+def test_a_group_applies_its_parts_independently_and_each_at_most_once():
+    s = ShardState(0)
+    inline = lambda r: r["inline"]  # noqa: E731
+    one = np.ones(2, np.float32).tobytes()
+    put = {"op": "put", "name": "w", "dtype": "float32", "shape": [2], "data": {"inline": one},
+           "optimizer": {"type": "sgd", "lr": 1.0}, "rid": "p"}
+    grad = {"op": "grad", "name": "w", "dtype": "float32", "shape": [2], "data": {"inline": one}}
+    out = s.apply({"op": "group", "cmds": [
+        put,
+        dict(grad, rid="g1"),
+        dict(grad, rid="g2", if_match=1),          # stale precondition: fails alone
+        dict(grad, rid="g1"),                      # a retry of g1: not applied twice
+        {"op": "grad", "name": "nope", "dtype": "float32", "shape": [2], "data": {"inline": one}, "rid": "g3"},
+        {"op": "noop"},
+    ]}, inline)["outcomes"]
+    assert out[0]["ok"]["version"] == 1 and out[1]["ok"]["version"] == 2
+    assert out[2]["error"] == "precondition_failed"
+    assert out[3]["ok"] == dict(out[1]["ok"], duplicate=True)
+    assert out[4]["error"] == "not_found" and out[5] == {"ok": {}}
+    assert s.tensors["w"].version == 2 and s.tensors["w"].value.tolist() == [0.0, 0.0]
+    assert s.changed == {"w"}
