@@ -92,6 +92,10 @@ class RaftSettings:
 class LimitSettings:
     max_body_bytes: int = 1 << 30
     request_timeout: float = 10.0
+    # slow clients (api/slow_clients.py): seconds for a whole request head, and
+    # the longest silence inside a request body; 0 turns a timeout off
+    header_timeout: float = 10.0
+    body_idle_timeout: float = 30.0
     max_wait_seconds: float = 60.0
     json_max_elements: int = 1 << 16
     inline_payload_bytes: int = 16 << 10
