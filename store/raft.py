@@ -30,6 +30,7 @@ from .applier import Applier
 from .config import Address, RaftSettings
 from .errors import Unavailable
 from .futures import forward, settle
+from .journal import seal
 from .snapshot import read_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class ShardReplica(SyncObj):
         state machine applies at most once, and a no-op barrier is idempotent.
         """
         outer: Future = Future()
-        self._attempt(cmd, outer, 1)
+        self._attempt(seal(cmd), outer, 1)  # the start-up journal check verifies the seal
         return outer
 
     def _attempt(self, cmd: dict, outer: Future, attempt: int) -> None:
