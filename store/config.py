@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -86,6 +87,8 @@ class RaftSettings:
     compaction_min_bytes: int = 512 << 20
     password: str | None = None
     fsync: bool = False
+    # "module:Class", a pysyncobj Transport subclass; only the fault tests set it
+    transport: str | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         raise ConfigError("raft.max_timeout: must exceed raft.min_timeout")
     if raft.connection_timeout < raft.max_timeout:
         raise ConfigError("raft.connection_timeout: must be >= raft.max_timeout")
+    if raft.transport is not None and not re.fullmatch(r"[\w.]+:\w+", raft.transport):
+        raise ConfigError(f"raft.transport: expected 'module:Class', got {raft.transport!r}")
     limits = _settings(LimitSettings, raw.get("limits", {}), "limits")
     if limits.inline_payload_bytes > 32 << 10:
         raise ConfigError("limits.inline_payload_bytes: at most 32768 (pysyncobj mangles entries >= 64 KB)")

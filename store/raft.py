@@ -32,6 +32,7 @@ from .errors import Unavailable
 from .futures import forward, settle
 from .journal import seal
 from .snapshot import read_snapshot, write_snapshot
+from .transport import transport_class
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ class ShardReplica(SyncObj):
         self._sent_mark = (0, 0)
         self._wake: PipeNotifier | None = None
         self._pending: dict[int, tuple] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
-        super().__init__(str(self_addr), [str(p) for p in peers], conf)
+        super().__init__(str(self_addr), [str(p) for p in peers], conf,
+                         transportClass=transport_class(settings.transport))
         self.addOnTickCallback(self._send_eagerly)
         self.addOnTickCallback(self._track_leader)
 

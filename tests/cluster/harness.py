@@ -21,16 +21,19 @@ ROOT = Path(__file__).resolve().parents[2]
 class Cluster:
     def __init__(self, tmp: Path, replicas: int = 3, shards: int = 2, raft: dict | None = None,
                  limits: dict | None = None, hosts: list[str] | None = None,
-                 launcher: list[str] | None = None, http: Any = None) -> None:
-        """`hosts`: one loopback address per node (all share ports then);
-        `launcher`: a command prefix (e.g. `ip netns exec NS`); `http`: an
-        httpx.Client-like object that can reach the nodes."""
+                 launcher: list[str] | None = None, http: Any = None, base_port: int = 7000,
+                 env: dict[str, str] | None = None) -> None:
+        """`hosts`: one loopback address per node (all share ports from
+        `base_port` then); `launcher`: a command prefix (e.g. `ip netns exec
+        NS`); `http`: an httpx.Client-like object that can reach the nodes;
+        `env`: extra environment for the replica processes."""
         self.tmp = tmp
         self.launcher = launcher or []
+        self.env = env or {}
         per_node = shards + 2
         nodes = []
         if hosts:
-            b = 7000
+            b = base_port
             for i, host in enumerate(hosts):
                 nodes.append({"id": f"n{i + 1}", "http": f"{host}:{b}", "raft": f"{host}:{b + 1}",
                               "data": f"{host}:{b + 1 + shards}"})
@@ -62,7 +65,7 @@ class Cluster:
                 self.launcher + [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config_path),
                  "--node", nid, "--data-dir", str(self.tmp / nid)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                env=dict(os.environ, PYTHONPATH=str(ROOT), **self.env))
 
     def wait_ready(self, node_ids: list[str] | None = None, timeout: float = 30.0) -> None:
         for nid in node_ids or self.ids:
