@@ -9,7 +9,9 @@ can hold every connection slot (`limit_concurrency`). This subclass adds:
   the request's first byte). Trickling bytes does not extend it.
 - `body_idle_timeout`: while a request body is arriving, a silence this long
   ends it. Time during which uvicorn itself stopped reading (the handler has
-  not consumed the body yet, or waits to send `100 Continue`) does not count.
+  not consumed the body yet, or waits to send `100 Continue`) does not count;
+  bytes of a body whose request was already answered (401, 413) do not count
+  as activity, so such a connection ends within this time too.
 
 Either answers `408 Request Timeout` (if this request sent anything and no
 response has started) and closes the connection. 0 turns a timeout off.
@@ -61,7 +63,8 @@ class SlowClientTimeouts(HttpToolsProtocol):
         self._arm(self.body_idle_timeout, self._body_check)
 
     def on_body(self, body: bytes) -> None:
-        self._last_body = self.loop.time()
+        if not self.cycle.response_complete:  # the rest of an answered request is no activity
+            self._last_body = self.loop.time()
         super().on_body(body)
 
     def on_message_complete(self) -> None:

@@ -87,7 +87,7 @@ class Trickler:
 @pytest.fixture
 def replica(tmp_path):
     c = Cluster(tmp_path, replicas=1, shards=1,
-                limits={"header_timeout": TIMEOUT, "body_idle_timeout": TIMEOUT})
+                limits={"header_timeout": TIMEOUT, "body_idle_timeout": TIMEOUT, "max_body_bytes": 1 << 20})
     c.start()
     try:
         c.wait_ready()
@@ -169,12 +169,20 @@ def test_a_stalled_body_is_closed_but_a_slow_one_is_not(replica):
     # sends one body byte every TRICKLE s: 4 s in all, twice the idle timeout
     head = request("/v1/tensors/steady", body)[:-len(body)]
     steady = Trickler(addr, 1, head, body)
+    # answered 413 at once (Content-Length over max_body_bytes), keeps trickling the body
+    big = request("/v1/tensors/big", bytes(2 << 20))[:-(2 << 20)]
+    refused = Trickler(addr, 1, big, b"x", repeat=True)
     try:
         wait_until(lambda: stalled.open_count == 0, TIMEOUT + MARGIN + 5, "stalled bodies closed")
         wait_until(lambda: b"\r\n\r\n" in next(iter(steady.answers.values())), 20, "the slow body answered")
+        wait_until(lambda: refused.open_count == 0, TIMEOUT + MARGIN + 5, "the refused body's connection closed")
     finally:
         stalled.close()
         steady.close()
+        refused.close()
+    assert next(iter(refused.answers.values())).startswith(b"HTTP/1.1 413 ")
+    assert refused.lifetimes()[0] <= TIMEOUT + MARGIN, refused.lifetimes()
+    print(f"a body still trickling after its 413 closed {refused.lifetimes()[0]:.2f}s after connecting")
     lifetimes = stalled.lifetimes()
     print(f"stalled bodies closed after {min(lifetimes):.2f}..{max(lifetimes):.2f}s "
           f"(body_idle_timeout {TIMEOUT}s)")
