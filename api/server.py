@@ -16,6 +16,7 @@ from store.node import Store
 from .app import create_app
 from .auth import check_policy
 from .join import plan_join, register
+from .slow_clients import protocol_class
 
 
 class JsonFormatter(logging.Formatter):
@@ -75,7 +76,7 @@ def _run_http(app, cfg: Config) -> None:
     tls = cfg.tls
     config = uvicorn.Config(
         app, host=node.http.host, port=node.http.port, workers=1, log_config=None,
-        http="httptools", loop="uvloop",
+        http=protocol_class(cfg.limits.header_timeout, cfg.limits.body_idle_timeout), loop="uvloop",
         access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=5,
         h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1024,
         ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file, ssl_ca_certs=tls.client_ca_file,

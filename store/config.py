@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -86,12 +87,18 @@ class RaftSettings:
     compaction_min_bytes: int = 512 << 20
     password: str | None = None
     fsync: bool = False
+    # "module:Class", a pysyncobj Transport subclass; only the fault tests set it
+    transport: str | None = None
 
 
 @dataclass(frozen=True)
 class LimitSettings:
     max_body_bytes: int = 1 << 30
     request_timeout: float = 10.0
+    # slow clients (api/slow_clients.py): seconds for a whole request head, and
+    # the longest silence inside a request body; 0 turns a timeout off
+    header_timeout: float = 10.0
+    body_idle_timeout: float = 30.0
     max_wait_seconds: float = 60.0
     json_max_elements: int = 1 << 16
     inline_payload_bytes: int = 16 << 10
@@ -258,6 +265,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
         raise ConfigError("raft.max_timeout: must exceed raft.min_timeout")
     if raft.connection_timeout < raft.max_timeout:
         raise ConfigError("raft.connection_timeout: must be >= raft.max_timeout")
+    if raft.transport is not None and not re.fullmatch(r"[\w.]+:\w+", raft.transport):
+        raise ConfigError(f"raft.transport: expected 'module:Class', got {raft.transport!r}")
     limits = _settings(LimitSettings, raw.get("limits", {}), "limits")
     if limits.inline_payload_bytes > 32 << 10:
         raise ConfigError("limits.inline_payload_bytes: at most 32768 (pysyncobj mangles entries >= 64 KB)")

@@ -29,6 +29,7 @@ from .futures import forward
 from .payloads import PayloadStore
 from .raft import ShardReplica
 from .snapshot import read_snapshot
+from .journal import check_journal
 from .sockets import bind_outgoing_raft, source_address
 from .state import ShardState, Tensor
 
@@ -165,6 +166,7 @@ class Store:
             self.membership.save({k: h.bootstrap_peers for k, h in self.shards.items()})
         preloaded = {}
         for shard in self.shards:
+            check_journal(self._shard_dir(shard) / "journal.bin")  # refuses a damaged one
             dump = self._shard_dir(shard) / "snapshot.bin"
             if dump.exists():
                 preloaded[shard] = read_snapshot(dump, self.cfg.limits.dedupe_window)

@@ -30,7 +30,9 @@ from .applier import Applier
 from .config import Address, RaftSettings
 from .errors import Conflict, StoreError, Unavailable
 from .futures import forward, settle
+from .journal import seal
 from .snapshot import read_snapshot, write_snapshot
+from .transport import transport_class
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,8 @@ class ShardReplica(SyncObj):
         self._pending: dict[int, tuple] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
         self._group: list[tuple[dict, Future, int]] = []  # proposals waiting for the next tick
         self._group_lock = threading.Lock()
-        super().__init__(str(self_addr), [str(p) for p in peers], conf)
+        super().__init__(str(self_addr), [str(p) for p in peers], conf,
+                         transportClass=transport_class(settings.transport))
         self.addOnTickCallback(self._send_eagerly)
         self.addOnTickCallback(self._track_leader)
 
@@ -204,7 +207,7 @@ class ShardReplica(SyncObj):
 
         if retryable:
             self._pending[key] = (cmd, outer, attempt, self._getLeader())
-        self._apply(cmd, callback=done)
+        self._apply(seal(cmd), callback=done)  # the start-up journal check verifies the seal
         if threading.current_thread() is not self._SyncObj__thread:
             self._wake_tick()
 

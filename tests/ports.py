@@ -15,10 +15,11 @@ def _free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
-def free_range(count: int, host: str = "127.0.0.1") -> int:
-    """A base port such that base..base+count-1 are all free right now."""
+def free_range(count: int, host: str = "127.0.0.1", *more_hosts: str) -> int:
+    """A base port such that base..base+count-1 are all free right now (on
+    every host given)."""
     for _ in range(500):
         base = random.randrange(20000, 60000 - count)
-        if all(_free(base + i, host) for i in range(count)):
+        if all(_free(base + i, h) for h in (host, *more_hosts) for i in range(count)):
             return base
     raise RuntimeError("no free port range found")

@@ -21,18 +21,21 @@ ROOT = Path(__file__).resolve().parents[2]
 class Cluster:
     def __init__(self, tmp: Path, replicas: int = 3, shards: int = 2, raft: dict | None = None,
                  limits: dict | None = None, hosts: list[str] | None = None,
-                 launcher: list[str] | None = None, http: Any = None, spare_hosts: list[str] | None = None) -> None:
-        """`hosts`: one loopback address per node (all share ports then);
-        `launcher`: a command prefix (e.g. `ip netns exec NS`); `http`: an
-        httpx.Client-like object that can reach the nodes; `spare_hosts`:
+                 launcher: list[str] | None = None, http: Any = None, base_port: int = 7000,
+                 env: dict[str, str] | None = None, spare_hosts: list[str] | None = None) -> None:
+        """`hosts`: one loopback address per node (all share ports from
+        `base_port` then); `launcher`: a command prefix (e.g. `ip netns exec
+        NS`); `http`: an httpx.Client-like object that can reach the nodes;
+        `env`: extra environment for the replica processes; `spare_hosts`:
         addresses of extra nodes (n4, ...) outside the bootstrap membership,
         started with `start_joining`."""
         self.tmp = tmp
         self.launcher = launcher or []
+        self.env = env or {}
         per_node = shards + 2
         nodes = []
         if hosts:
-            b = 7000
+            b = base_port
             for i, host in enumerate(hosts):
                 nodes.append({"id": f"n{i + 1}", "http": f"{host}:{b}", "raft": f"{host}:{b + 1}",
                               "data": f"{host}:{b + 1 + shards}"})
@@ -70,7 +73,7 @@ class Cluster:
                 self.launcher + [sys.executable, "-m", "api.cli", "serve", "--config", str(config),
                  "--node", nid, "--data-dir", str(self.tmp / nid)] + (["--join", join] if join else []),
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                env=dict(os.environ, PYTHONPATH=str(ROOT), **self.env))
 
     def start_joining(self, nid: str, seed: str) -> None:
         """Start a node outside the membership that joins through `seed`'s URL."""

@@ -33,6 +33,9 @@ def available() -> str | None:
 
 
 class Netns:
+    mode = "netns"
+    env: dict[str, str] = {}
+
     def __init__(self) -> None:
         self.name = f"ps-{uuid.uuid4().hex[:8]}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)

@@ -1,9 +1,11 @@
 """Jepsen-style scenarios: real faults under concurrent load, then the checker.
 
-Replicas run on 127.0.0.1/2/3 inside a private network namespace; partitions
-are nftables rules there. Every scenario heals, waits for the replicas to
-converge, and checks the whole history for linearizability, acknowledged writes
-and identical bytes on every replica.
+Replicas run on 127.0.0.1/2/3 inside a private network namespace and
+partitions are nftables rules there, or, where namespaces are not allowed,
+replicas drop Raft messages on cut links (tests/faults/modes.py; the test id
+says which). Every scenario heals, waits for the replicas to converge, and
+checks the whole history for linearizability, acknowledged writes and
+identical bytes on every replica.
 """
 import time
 
@@ -46,7 +48,7 @@ def test_leader_partitioned_from_majority(fault_cluster):
     shard = c.shard_of(load.tensor)
     leader = c.leader_of(shard)
     majority = [n for n in c.ids if n != leader]
-    c.ns.isolate(HOST[leader], [HOST[n] for n in majority])
+    c.faults.isolate(HOST[leader], [HOST[n] for n in majority])
     cut_at = time.monotonic()
     try:
         new = c.leader_of(shard, timeout=20, among=majority)
@@ -64,7 +66,7 @@ def test_leader_partitioned_from_majority(fault_cluster):
         History.end(op, "ok", int(stale.headers["X-Version"]), int(np.frombuffer(stale.content, np.int64)[0]))
         assert any("stale read" in v for v in check(probe.ops)), "a stale local read went unflagged"
     finally:
-        c.ns.heal()
+        c.faults.heal()
         healed_at = time.monotonic()
     minority_acks = [o for o in load.history.ops if o.kind == "write" and o.replica == leader
                      and o.status == "ok" and o.invoke > cut_at + 0.1 and o.complete < healed_at]
@@ -80,15 +82,18 @@ def test_follower_partitioned(fault_cluster):
     leader = c.leader_of(shard)
     follower = next(n for n in c.ids if n != leader)
     term = c.status(leader)["shards"][shard]["term"]
-    c.ns.isolate(HOST[follower], [HOST[n] for n in c.ids if n != follower])
+    c.faults.isolate(HOST[follower], [HOST[n] for n in c.ids if n != follower])
     cut_at = time.monotonic()
     try:
         wait_until(lambda: load.acked_writes_after(cut_at + 0.5) >= 10, 20, "writes continue")
         print(f"follower partitioned: first write acknowledged {load.recovery_seconds(cut_at):.2f}s after the cut")
         assert c.status(leader)["shards"][shard]["leader"] == leader
         assert c.status(leader)["shards"][shard]["term"] == term, "the leader was disturbed"
+        r = c.http.get(f"{c.urls[follower]}/v1/tensors/{load.tensor}",
+                       params={"consistency": "linearizable", "timeout": 1})
+        assert r.status_code == 503, f"the cut follower served a linearizable read ({r.status_code})"
     finally:
-        c.ns.heal()
+        c.faults.heal()
     run_for(2)
     converge_and_check(c, load, load.finish())
 

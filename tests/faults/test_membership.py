@@ -21,23 +21,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.timeout(240)]
 BULK_MB = 96  # bulk state the joining replica must download (per run, over 2 shards)
 
 
-@pytest.fixture
-def member_cluster(ns, tmp_path):
-    c = Cluster(tmp_path, hosts=["127.0.0.1", "127.0.0.2", "127.0.0.3"], launcher=ns.launcher,
-                http=ns.client(), limits={"request_timeout": 2.0},
-                raft={"compaction_min_entries": 200}, spare_hosts=["127.0.0.4", "127.0.0.5"])
-    c.ns = ns
-    c.loads = []
-    c.start()
-    try:
-        c.wait_ready(timeout=40)
-        yield c
-    finally:
-        for load in c.loads:
-            load.stop.set()
-        c.close()
-
-
 def cli(c: Cluster, *args: str) -> str:
     """`paramstore cluster ...` run inside the namespace; returns its output."""
     proc = subprocess.run(c.launcher + [sys.executable, "-m", "api.cli", *args], capture_output=True,

@@ -17,7 +17,7 @@ RAW = {"Content-Type": "application/octet-stream", "X-Dtype": "int64", "X-Shape"
 class Workload:
     def __init__(self, cluster, tensor: str = "reg", clients: int = 4) -> None:
         self.c = cluster
-        self.ns = cluster.ns
+        self.faults = cluster.faults
         self.tensor = tensor
         self.history = History()
         self.stop = threading.Event()
@@ -29,7 +29,7 @@ class Workload:
         assert r.status_code == 201, r.text
         op = self.history.begin(-1, "write", self.tensor, value=0)
         History.end(op, "ok", version=1)
-        self.futures = [self.ns.submit(self._loop, i) for i in range(self.clients)]
+        self.futures = [self.faults.submit(self._loop, i) for i in range(self.clients)]
         self.c.loads.append(self)
         return self
 

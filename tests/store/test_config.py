@@ -27,6 +27,8 @@ def test_defaults_and_derived_data_port():
     ({"nodes": NODES, "raft": {"min_timeout": "fast"}}, "raft.min_timeout"),
     ({"nodes": NODES, "raft": {"min_timeout": 0.1}}, "raft.min_timeout"),
     ({"nodes": NODES, "limits": {"inline_payload_bytes": 1 << 20}}, "limits.inline_payload_bytes"),
+    ({"nodes": NODES, "limits": {"header_timeout": -1}}, "limits.header_timeout"),
+    ({"nodes": NODES, "raft": {"transport": "no colon"}}, "raft.transport"),
     ({"nodes": NODES, "node": {"id": "zz"}}, "node"),
 ])
 def test_wrong_config_names_the_field(raw, field):
@@ -59,3 +61,14 @@ def test_placement_is_stable_and_spread():
     assert min(counts) > 200
     assert hosts_for(1, ["a", "b", "c"], 2) == ["b", "c"]
     assert hosts_for(2, ["a", "b", "c"], 3) == ["c", "a", "b"]
+
+
+def test_raft_transport_loads_a_transport_class_or_says_why():
+    from pysyncobj.transport import TCPTransport
+    from store.transport import transport_class
+
+    assert transport_class(None) is TCPTransport
+    assert transport_class("tests.faults.droptransport:DropTransport").__name__ == "DropTransport"
+    for spec in ("no.such.module:X", "store.config:Config", "tests.faults.droptransport:Nope"):
+        with pytest.raises(ConfigError, match="raft.transport"):
+            transport_class(spec)

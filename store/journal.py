@@ -1,0 +1,217 @@
+"""Check a shard's pysyncobj journal before Raft reads it, and seal commands
+so that the check can verify their content.
+
+pysyncobj 0.3.17's FileJournal trusts its file: the header is not checked,
+a record cut short is read as a shorter command, and nothing covers a
+command's bytes. Unchecked, a damaged journal either crashed the replica with
+a bare `struct.error`, or let it come up serving stale data while its tick
+thread failed on every tick, or applied a flipped value silently
+(docs/reliability.md has the measurements). `check_journal` refuses all of
+these at start, naming the file.
+
+File layout (pysyncobj/journal.py): name (24 bytes, "PYSYNCOBJ" NUL-padded),
+version (8), format (uint32 = 1), end offset (uint32), then records of
+size (uint32), index (uint64), term (uint64), command, size again.
+A command is a type byte (0 regular, 1 no-op, 2 membership, 3 version) and,
+for 0/2/3, a pickle.
+
+Nothing read from the file is executed while checking: pickles are decoded by
+`_PlainUnpickler`, which builds only plain data (dict, list, tuple, str,
+bytes, numbers) and looks up no class or function except the two protocol 2
+and pysyncobj need (latin-1 `bytes`, pysyncobj's node class). A command that
+needs anything else is refused, so pysyncobj never unpickles it either.
+"""
+from __future__ import annotations
+
+import io
+import mmap
+import pickle
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import CorruptData
+
+SEAL = "crc"  # key of the CRC32 that `seal` adds to every command paramstore proposes
+HEADER = struct.Struct("<24s8sII")
+SIZE = struct.Struct("<I")
+INDEX_TERM = struct.Struct("<QQ")
+REGULAR, NO_OP, MEMBERSHIP, VERSION = 0, 1, 2, 3
+ADVICE = ("move {dir} away (keep it for inspection) and restart this replica: "
+          "it will catch up from its peers")
+
+
+# ---- sealing -----------------------------------------------------------------
+def seal(cmd: dict) -> dict:
+    """`cmd` plus the CRC32 of its content. Raises TypeError for anything but
+    plain data, which `check_journal` would refuse after a restart."""
+    body = {k: v for k, v in cmd.items() if k != SEAL}
+    return {**body, SEAL: content_crc(body)}
+
+
+def content_crc(obj: Any) -> int:
+    """CRC32 over a canonical, typed encoding of plain data."""
+    parts: list[bytes] = []
+    _encode(obj, parts.append)
+    return zlib.crc32(b"".join(parts))
+
+
+def _encode(obj: Any, out: Callable[[bytes], None]) -> None:
+    t = type(obj)
+    if t is str:
+        data = obj.encode("utf-8", "surrogatepass")
+        out(b"s%d:" % len(data))
+        out(data)
+    elif t is dict:
+        out(b"d%d:" % len(obj))
+        for k, v in obj.items():
+            _encode(k, out)
+            _encode(v, out)
+    elif t is bytes or t is bytearray or t is memoryview:
+        out(b"b%d:" % len(obj))
+        out(obj)
+    elif obj is None or t is bool:
+        out(b"N" if obj is None else b"T" if obj else b"F")
+    elif t is int:
+        out(b"i%d;" % obj)
+    elif t is float:
+        out(b"f" + struct.pack("<d", obj))
+    elif t is list or t is tuple:
+        out((b"l%d:" if t is list else b"t%d:") % len(obj))
+        for v in obj:
+            _encode(v, out)
+    else:
+        raise TypeError(f"a Raft command may hold only plain data, not {t.__name__}")
+
+
+# ---- checking ------------------------------------------------------------------
+class _PlainUnpickler(pickle.Unpickler):
+    """Decodes plain data only: no class or function can be looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1  # how protocol 2 spells bytes
+        if (module, name) in (("pysyncobj.node", "TCPNode"), ("pysyncobj.node", "Node")):
+            import pysyncobj.node  # membership entries carry node objects (plain attributes)
+            return getattr(pysyncobj.node, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("holds a persistent id")
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    if type(text) is not str or encoding != "latin1":
+        raise pickle.UnpicklingError(f"encodes with {encoding!r}")
+    return text.encode("latin1")
+
+
+def plain_loads(data: bytes) -> Any:
+    return _PlainUnpickler(io.BytesIO(data)).load()
+
+
+class _Broken(Exception):
+    pass
+
+
+def check_journal(path: Path) -> int:
+    """Verify `path` and its `.meta` file; returns the number of entries.
+    Raises CorruptData with a one-line message naming the file and what to do."""
+    path = Path(path)
+    try:
+        count, last_term = _check_records(path) if path.exists() else (0, 0)
+        _check_meta(Path(str(path) + ".meta"), last_term)
+        return count
+    except _Broken as e:
+        raise CorruptData(f"Raft journal {e}; {ADVICE.format(dir=path.parent)}") from None
+    except OSError as e:
+        raise CorruptData(f"Raft journal {path} is unreadable: {e}; {ADVICE.format(dir=path.parent)}") from None
+
+
+def _check_records(path: Path) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        size = f.seek(0, io.SEEK_END)
+        if size < HEADER.size:
+            raise _Broken(f"{path} is truncated: {size} bytes, shorter than its {HEADER.size}-byte header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _walk(path, mm, size)
+
+
+def _walk(path: Path, mm: mmap.mmap, size: int) -> tuple[int, int]:
+    name, _version, fmt, end = HEADER.unpack_from(mm, 0)
+    if name.rstrip(b"\0") != b"PYSYNCOBJ" or fmt != 1:
+        raise _Broken(f"{path} has no pysyncobj journal header (garbage or another file)")
+    if not HEADER.size <= end <= size:
+        raise _Broken(f"{path} is truncated: its header says entries end at byte {end}, "
+                      f"the file has {size}")
+    off, count, prev_index, prev_term = HEADER.size, 0, None, 0
+    while off < end:
+        where = f"{path}: entry {count + 1} at byte {off}"
+        if off + SIZE.size > end:
+            raise _Broken(f"{where} is cut short")
+        (n,) = SIZE.unpack_from(mm, off)
+        if n < INDEX_TERM.size + 1 or off + n + 2 * SIZE.size > end:
+            raise _Broken(f"{where} has an impossible size {n} (truncated or overwritten)")
+        if SIZE.unpack_from(mm, off + SIZE.size + n)[0] != n:
+            raise _Broken(f"{where}: its two size fields differ (truncated or overwritten)")
+        index, term = INDEX_TERM.unpack_from(mm, off + SIZE.size)
+        if prev_index is not None and index != prev_index + 1:
+            raise _Broken(f"{where}: index {index} follows {prev_index}")
+        if term < prev_term:
+            raise _Broken(f"{where}: term {term} follows term {prev_term}")
+        start = off + SIZE.size + INDEX_TERM.size
+        problem = _command_problem(mm[start:off + SIZE.size + n])
+        if problem:
+            raise _Broken(f"{where} (index {index}): {problem}")
+        prev_index, prev_term, count = index, term, count + 1
+        off += n + 2 * SIZE.size
+    return count, prev_term
+
+
+def _command_problem(cmd: bytes) -> str | None:
+    kind = cmd[0]
+    if kind == NO_OP:
+        return None if len(cmd) == 1 else "a no-op entry with a payload"
+    if kind not in (REGULAR, MEMBERSHIP, VERSION):
+        return f"unknown command type {kind}"
+    try:
+        value = plain_loads(cmd[1:])
+    except Exception as e:  # any decoding failure is damage
+        return f"command does not decode ({type(e).__name__}: {e})"
+    if kind != REGULAR:
+        return None
+    # (method id,) or (method id, args) or (method id, args, kwargs), as pysyncobj's @replicated makes them
+    if type(value) is int:
+        return None
+    if type(value) is not tuple or not 2 <= len(value) <= 3 or type(value[0]) is not int \
+            or type(value[1]) is not tuple or (len(value) == 3 and type(value[2]) is not dict):
+        return "command is not a replicated method call"
+    for arg in value[1]:
+        if type(arg) is dict and SEAL in arg:
+            body = {k: v for k, v in arg.items() if k != SEAL}
+            try:
+                ok = content_crc(body) == arg[SEAL]
+            except TypeError as e:
+                return str(e)
+            if not ok:
+                return "command content fails its CRC32 (flipped bytes)"
+    return None
+
+
+def _check_meta(meta: Path, last_term: int) -> None:
+    """pysyncobj keeps term, vote and commit index here and silently starts
+    from nothing (forgetting its vote) when it cannot read it."""
+    if not meta.exists():
+        if last_term > 0:
+            raise _Broken(f"{meta} is missing but the journal has entries of term {last_term}")
+        return
+    try:
+        value = plain_loads(meta.read_bytes())
+    except Exception as e:
+        raise _Broken(f"{meta} does not decode ({type(e).__name__}: {e})") from None
+    if type(value) is not dict:
+        raise _Broken(f"{meta} does not hold pysyncobj's metadata")
+    term, vote, commit = value.get("currentTerm", 0), value.get("votedForNodeId"), value.get("raftCommitIndex", 1)
+    if type(term) is not int or type(commit) is not int or not (vote is None or type(vote) is str):
+        raise _Broken(f"{meta} does not hold pysyncobj's metadata")
