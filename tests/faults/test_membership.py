@@ -84,6 +84,11 @@ def test_add_a_fourth_replica_under_load_then_remove_two(member_cluster):
         wait_until(lambda: all(gone not in m for m in members(c, survivor)), 10, f"{gone} gone")
         wait_until(lambda: load.acked_writes_after(removed_at) >= 5, 20, "writes go on")
     assert members(c, "n4") == [sorted(c.ids)] * 2
+    # the joined replica restarts from its own data dir (membership.json, a
+    # journal with membership entries) without --join
+    c.kill("n4")
+    c.restart("n4", timeout=40)
+    assert members(c, "n4") == [sorted(c.ids)] * 2
     history = load.finish()
     converge_and_check(c, load, history)
 
@@ -107,5 +112,9 @@ def test_replace_a_dead_replica_with_an_empty_one(member_cluster):
     c.ids.remove("n1")
     killed_at = time.monotonic()
     wait_until(lambda: load.acked_writes_after(killed_at + 0.5) >= 5, 30, "n2 + n5 commit writes")
+    # n1 comes back from a journal holding the membership changes
+    c.restart("n1", timeout=40)
+    c.ids.append("n1")
+    assert members(c, "n1") == [["n1", "n2", "n5"]] * 2
     history = load.finish()
     converge_and_check(c, load, history)
