@@ -6,6 +6,8 @@ serves the stored, read-only array buffer without copying it.
 """
 from __future__ import annotations
 
+import hashlib
+
 import io
 import json
 from dataclasses import dataclass
@@ -35,6 +37,15 @@ class WireTensor:
     data: Any  # bytes-like, little-endian, C order
 
 
+class HashedBody(bytearray):
+    """A request body with the SHA-256 computed while it arrived: a sideloaded
+    payload is named by it (store/node.py reads `sha256`)."""
+    sha256: str | None = None
+
+
+HASH_WHILE_READING = 1 << 20  # bodies this large are hashed chunk by chunk as they arrive
+
+
 async def read_body(request: Request, limit: int) -> bytearray:
     """The request body, refused with 413 as soon as it passes `limit` bytes
     (by Content-Length up front, or while streaming a chunked body)."""
@@ -47,16 +58,21 @@ async def read_body(request: Request, limit: int) -> bytearray:
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit} bytes",
                                   limit=limit)
-        buf = bytearray(length)
+        buf = HashedBody(length)
+        hasher = hashlib.sha256() if length >= HASH_WHILE_READING else None
         view = memoryview(buf)
         got = 0
         async for chunk in request.stream():
             if got + len(chunk) > length:
                 raise InvalidRequest("body is longer than its Content-Length")
             view[got:got + len(chunk)] = chunk
+            if hasher is not None:
+                hasher.update(chunk)
             got += len(chunk)
         if got != length:
             raise InvalidRequest(f"body ended after {got} of {length} bytes")
+        if hasher is not None:
+            buf.sha256 = hasher.hexdigest()
         return buf
     buf = bytearray()
     async for chunk in request.stream():

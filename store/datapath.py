@@ -65,7 +65,9 @@ def _send_line(sock: socket.socket, msg: dict) -> None:
     sock.sendall(json.dumps(msg).encode() + b"\n")
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+def _recv_exact(sock: socket.socket, size: int, hasher=None) -> bytearray:
+    """`size` bytes; `hasher` (hashlib) is fed as they arrive, overlapping the
+    hashing with the transfer."""
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
@@ -73,6 +75,8 @@ def _recv_exact(sock: socket.socket, size: int) -> bytearray:
         n = sock.recv_into(view[got:], min(CHUNK, size - got))
         if n == 0:
             raise ConnectionError(f"connection closed after {got} of {size} bytes")
+        if hasher is not None:
+            hasher.update(view[got:got + n])
         got += n
     return buf
 
@@ -126,8 +130,9 @@ class DataPathServer:
             if store is None:
                 return _send_line(sock, {"ok": False, "error": f"shard {shard!r} is not hosted here"})
             if op == "put":
-                data = _recv_exact(sock, size)
-                store.put(data, pid)
+                hasher = hashlib.sha256()
+                data = _recv_exact(sock, size, hasher)
+                store.put(data, pid, digest=hasher.hexdigest())
                 _send_line(sock, {"ok": True})
             elif op == "snapshot" and self.snapshot_source is not None:
                 self._send_snapshot(sock, shard)

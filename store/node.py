@@ -26,7 +26,7 @@ from .config import Config, NodeConfig
 from .datapath import DataPathClient, DataPathServer
 from .errors import ConfigError, Conflict, NotHosted, StoreError, Timeout, Unavailable
 from .futures import forward
-from .payloads import PayloadStore
+from .payloads import PayloadStore, digest_of
 from .raft import ShardReplica
 from .snapshot import read_snapshot
 from .journal import check_journal
@@ -125,6 +125,7 @@ class Store:
                   if cfg.raft.password else None)
         self.peer_client = DataPathClient(secret, source=source_address(self.node.data.host))
         self._stage_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage")
+        self._payload_writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="payload-write")
         self._closed = threading.Event()
         self.shards: dict[int, ShardHost] = {}
         self.membership = membership.MembershipFile(self.data_dir)
@@ -215,6 +216,7 @@ class Store:
         self.datapath.close()
         self.peer_client.close()
         self._stage_pool.shutdown(wait=False, cancel_futures=True)
+        self._payload_writer.shutdown(wait=False, cancel_futures=True)
 
     # ---- placement -------------------------------------------------------------
     def hosts_of(self, shard: int) -> list[NodeConfig]:
@@ -275,10 +277,13 @@ class Store:
         def stage() -> None:
             try:
                 for target, field, blob in large:
-                    payload_id = host.payloads.put(blob)
+                    # the local copy is written while the peers receive theirs
+                    payload_id = getattr(blob, "sha256", None) or digest_of(blob)
+                    local = self._payload_writer.submit(host.payloads.put, blob, payload_id, payload_id)
                     self.peer_client.replicate(
                         [p.data for p in host.peers], host.shard, payload_id, blob,
                         need=host.majority - 1, timeout=self.cfg.limits.request_timeout)
+                    local.result()
                     target[field] = {"id": payload_id, "size": len(blob)}
                 forward(host.replica.propose(cmd), outer)
             except StoreError as e:

@@ -88,11 +88,27 @@ def _assign(spec, state, param, grad, lr_scale) -> StepResult:
     return StepResult(grad, state)
 
 
+AXPY_CHUNK = 1 << 18  # elements: float64 scratch stays in cache (2 MB)
+
+
 def _axpy(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
     """x + alpha * y rounded once, like torch's fused `add_(y, alpha=alpha)`:
-    computed in float64 (exact for float16/32 products) and cast back."""
+    computed in float64 (exact for float16/32 products) and cast back.
+
+    In chunks through one small float64 scratch buffer: whole-array float64
+    temporaries cost a 64 MB float32 step ~0.5 GB of fresh memory."""
     a = np.float64(x.dtype.type(alpha))
-    return (x.astype(np.float64) + y.astype(np.float64) * a).astype(x.dtype)
+    out = np.empty_like(x)
+    xf, yf, of = x.reshape(-1), y.reshape(-1), out.reshape(-1)
+    n = xf.size
+    scratch = np.empty(min(n, AXPY_CHUNK), np.float64)
+    for start in range(0, n, AXPY_CHUNK):
+        end = min(n, start + AXPY_CHUNK)
+        t = scratch[:end - start]
+        np.multiply(yf[start:end], a, out=t)
+        np.add(t, xf[start:end], out=t)
+        of[start:end] = t
+    return out
 
 
 def _sgd(spec, state, param, grad, lr_scale) -> StepResult:

@@ -47,9 +47,11 @@ class PayloadStore:
             raise CorruptData(f"invalid payload id {payload_id!r}")
         return self.root / payload_id
 
-    def put(self, data, payload_id: str | None = None) -> str:
-        """Store bytes; verifies them against `payload_id` when one is given."""
-        actual = digest_of(data)
+    def put(self, data, payload_id: str | None = None, digest: str | None = None) -> str:
+        """Store bytes; verifies them against `payload_id` when one is given.
+        `digest`: their SHA-256, if the caller already computed it from these
+        very bytes (e.g. while they arrived)."""
+        actual = digest or digest_of(data)
         if payload_id is not None and actual != payload_id:
             raise CorruptData(f"payload bytes hash to {actual[:16]}…, expected {payload_id[:16]}…")
         target = self.path(actual)
