@@ -88,27 +88,36 @@ def _assign(spec, state, param, grad, lr_scale) -> StepResult:
     return StepResult(grad, state)
 
 
-AXPY_CHUNK = 1 << 18  # elements: float64 scratch stays in cache (2 MB)
+BLOCK = 1 << 18  # elements per block: a block's temporaries stay in cache
+
+
+def _blockwise(fn: Callable[..., tuple], like: np.ndarray, *inputs: np.ndarray | None) -> tuple:
+    """Apply the elementwise `fn` to cache-sized blocks of `inputs` (flattened;
+    None passes through) and assemble its outputs in arrays shaped like `like`.
+
+    Elementwise maths gives the same bits block by block as on whole arrays,
+    without whole-array temporaries: an Adam step on 64 MB otherwise allocates
+    ~0.5 GB of short-lived arrays, whose page faults and memory traffic stall
+    the other threads of the replica (Raft's tick thread among them)."""
+    flat = [None if x is None else x.reshape(-1) for x in inputs]
+    n = like.size
+    outs: list[np.ndarray] | None = None
+    for start in range(0, max(n, 1), BLOCK):
+        end = min(n, start + BLOCK)
+        parts = fn(*[None if x is None else x[start:end] for x in flat])
+        if outs is None:
+            outs = [np.empty(n, dtype=np.asarray(part).dtype) for part in parts]
+        for out, part in zip(outs, parts):
+            out[start:end] = part
+    return tuple(out.reshape(like.shape) for out in outs)
 
 
 def _axpy(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
     """x + alpha * y rounded once, like torch's fused `add_(y, alpha=alpha)`:
-    computed in float64 (exact for float16/32 products) and cast back.
-
-    In chunks through one small float64 scratch buffer: whole-array float64
-    temporaries cost a 64 MB float32 step ~0.5 GB of fresh memory."""
+    computed in float64 (exact for float16/32 products) and cast back."""
     a = np.float64(x.dtype.type(alpha))
-    out = np.empty_like(x)
-    xf, yf, of = x.reshape(-1), y.reshape(-1), out.reshape(-1)
-    n = xf.size
-    scratch = np.empty(min(n, AXPY_CHUNK), np.float64)
-    for start in range(0, n, AXPY_CHUNK):
-        end = min(n, start + AXPY_CHUNK)
-        t = scratch[:end - start]
-        np.multiply(yf[start:end], a, out=t)
-        np.add(t, xf[start:end], out=t)
-        of[start:end] = t
-    return out
+    return _blockwise(lambda xb, yb: ((xb.astype(np.float64) + yb.astype(np.float64) * a).astype(x.dtype),),
+                      x, x, y)[0]
 
 
 def _sgd(spec, state, param, grad, lr_scale) -> StepResult:
@@ -135,23 +144,25 @@ def _adam(spec, state, param, grad, lr_scale, decoupled: bool = False) -> StepRe
     beta1, beta2 = spec["betas"]
     wd = spec["weight_decay"]
     step = int(state.get("step", 0)) + 1
-    if wd != 0:
-        if decoupled:
-            param = param * t(1 - lr * wd)
-        else:
-            grad = grad + param * t(wd)
-    m = state.get("exp_avg")
-    v = state.get("exp_avg_sq")
-    if m is None:
-        m = np.zeros_like(param)
-        v = np.zeros_like(param)
-    m = m + (grad - m) * t(1 - beta1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
-    v = v * t(beta2) + grad * grad * t(1 - beta2)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
-    denom = np.sqrt(v) / t(math.sqrt(bias_correction2)) + t(spec["eps"])
-    value = param + (m / denom) * t(-step_size)
+
+    def block(p, g, m, v):
+        if wd != 0:
+            if decoupled:
+                p = p * t(1 - lr * wd)
+            else:
+                g = g + p * t(wd)
+        if m is None:
+            m = np.zeros_like(p)
+            v = np.zeros_like(p)
+        m = m + (g - m) * t(1 - beta1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+        v = v * t(beta2) + g * g * t(1 - beta2)
+        denom = np.sqrt(v) / t(math.sqrt(bias_correction2)) + t(spec["eps"])
+        return p + (m / denom) * t(-step_size), m, v
+
+    value, m, v = _blockwise(block, param, param, grad, state.get("exp_avg"), state.get("exp_avg_sq"))
     return StepResult(value, {"step": step, "exp_avg": m, "exp_avg_sq": v})
 
 
@@ -162,15 +173,19 @@ def _adamw(spec, state, param, grad, lr_scale) -> StepResult:
 def _adagrad(spec, state, param, grad, lr_scale) -> StepResult:
     t = param.dtype.type
     step = int(state.get("step", 0)) + 1
-    if spec["weight_decay"] != 0:
-        grad = grad + param * t(spec["weight_decay"])
     clr = spec["lr"] * lr_scale / (1 + (step - 1) * spec["lr_decay"])
-    acc = state.get("sum")
-    if acc is None:
-        acc = np.full_like(param, spec["initial_accumulator_value"])
-    acc = acc + grad * grad
-    std = np.sqrt(acc) + t(spec["eps"])
-    return StepResult(param + (grad / std) * t(-clr), {"step": step, "sum": acc})
+
+    def block(p, g, acc):
+        if spec["weight_decay"] != 0:
+            g = g + p * t(spec["weight_decay"])
+        if acc is None:
+            acc = np.full_like(p, spec["initial_accumulator_value"])
+        acc = acc + g * g
+        std = np.sqrt(acc) + t(spec["eps"])
+        return p + (g / std) * t(-clr), acc
+
+    value, acc = _blockwise(block, param, param, grad, state.get("sum"))
+    return StepResult(value, {"step": step, "sum": acc})
 
 
 RULES: dict[str, Callable[..., StepResult]] = {

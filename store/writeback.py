@@ -1,0 +1,32 @@
+"""Start writing dirty file pages to disk now, without waiting for it.
+
+Replicas write large files (payloads, multi-GB snapshots). Left to the
+kernel, their dirty pages pile up until writeback throttling stalls *every*
+thread that dirties a page — including pysyncobj's tick thread, whose journal
+is an mmap — and heartbeats are missed. `sync_file_range(SYNC_FILE_RANGE_WRITE)`
+queues the writeback as the data is written and returns; it is Linux-only, so
+elsewhere this is a no-op.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+SYNC_FILE_RANGE_WRITE = 2
+
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):  # not Linux / no such call
+    _sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Queue writeback of `nbytes` from `offset` (0 = to the end of the file)."""
+    if _sync_file_range is not None:
+        if _sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) != 0:
+            err = ctypes.get_errno()
+            if err not in (0, 38):  # ENOSYS: the file system cannot: nothing to do
+                raise OSError(err, os.strerror(err))
