@@ -30,7 +30,7 @@ from .payloads import PayloadStore, digest_of
 from .raft import ShardReplica
 from .snapshot import read_snapshot
 from .journal import check_journal
-from .sockets import bind_outgoing_raft, source_address
+from .sockets import bind_outgoing_raft, source_address, warn_if_ephemeral
 from .state import ShardState, Tensor
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class Store:
             applier = Applier(ShardState(shard, cfg.limits.dedupe_window),
                               self._resolver(shard, payloads), self._payload_used(shard, payloads))
             self.shards[shard] = ShardHost(shard, self.node, peers, directory, applier, payloads)
+        warn_if_ephemeral({**{f"raft (shard {k})": self.node.raft_address(k).port for k in self.shards},
+                           "data": self.node.data.port, "http": self.node.http.port}, log)
         self.datapath = DataPathServer(self.node.data, {k: h.payloads for k, h in self.shards.items()},
                                        secret, max_size=cfg.limits.max_body_bytes,
                                        snapshot_source=self._fresh_snapshot)
