@@ -172,12 +172,17 @@ class ShardReplica(SyncObj):
                 size += queued[take][2]
                 take += 1
             part, queued = queued[:take], queued[take:]
-            if len(part) == 1:
-                self._attempt(part[0][0], part[0][1], 1)
-                continue
-            group_outer: Future = Future()
-            group_outer.add_done_callback(lambda f, part=part: _split(f, [o for _, o, _ in part]))
-            self._attempt({"op": "group", "cmds": [c for c, _, _ in part]}, group_outer, 1)
+            outer = part[0][1]
+            try:  # on the tick thread: a bad command must fail its callers, not the tick
+                if len(part) == 1:
+                    self._attempt(part[0][0], outer, 1)
+                    continue
+                outer = Future()
+                outer.add_done_callback(lambda f, part=part: _split(f, [o for _, o, _ in part]))
+                self._attempt({"op": "group", "cmds": [c for c, _, _ in part]}, outer, 1)
+            except Exception as e:
+                log.exception("shard %d: could not propose", self.shard)
+                settle(outer, exc=Unavailable(f"shard {self.shard}: could not propose: {e}"))
         SyncObj._checkCommandsToApply(self)
 
     def _attempt(self, cmd: dict, outer: Future, attempt: int) -> None:
