@@ -83,9 +83,9 @@ def _plan(cfg: Config, client: httpx.Client, seeds: list[str]) -> membership.Joi
         info = next(s for s in doc["shards"] if s["shard"] == shard)
         if info.get("leader") not in nodes:
             raise Unavailable(f"join: shard {shard} has no leader right now")
-        if cfg.node_id in info["replicas"]:
-            raise ConfigError(f"join: {cfg.node_id!r} is already a member of shard {shard}; "
-                              "remove it first (`paramstore cluster remove`) or start without --join")
+        if cfg.node_id in info["replicas"] and nodes.get(cfg.node_id) != cfg.node:
+            raise ConfigError(f"join: {cfg.node_id!r} is already a member of shard {shard} with other "
+                              "addresses; remove it first (`paramstore cluster remove`)")
         shards[shard] = tuple(nodes[i] for i in info["replicas"] if i in nodes)
         sources[shard] = nodes[info["leader"]]
     return membership.JoinPlan(shards, sources)

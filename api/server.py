@@ -62,6 +62,7 @@ def serve(cfg: Config, join: list[str] | None = None) -> None:
         store.start()
         if plan is not None:
             register(cfg, plan)
+            store.complete_join()
     except BaseException:
         store.close()
         raise

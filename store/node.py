@@ -165,7 +165,7 @@ class Store:
         ones), bind the data path, start Raft."""
         if self.join is not None:
             self._download_snapshots(self.join)
-        if not self.membership.exists():
+        if not self.membership.exists() and self.join is None:
             self.membership.save({k: h.bootstrap_peers for k, h in self.shards.items()})
         preloaded = {}
         for shard in self.shards:
@@ -182,6 +182,11 @@ class Store:
                 on_snapshot=self._snapshot_done(host), preloaded=preloaded.get(shard),
                 joining=self.join is not None)
         log.info("node %s: hosting shards %s", self.node.id, sorted(self.shards))
+
+    def complete_join(self) -> None:
+        """Call once the cluster has added this node: from now on the data dir
+        restarts as a member (until then, `--join` starts the join over)."""
+        self.membership.save({k: h.bootstrap_peers for k, h in self.shards.items()})
 
     def _download_snapshots(self, plan: membership.JoinPlan) -> None:
         """All shards at once: each source first writes a fresh snapshot."""
