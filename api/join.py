@@ -103,7 +103,7 @@ def register(cfg: Config, plan: membership.JoinPlan, timeout: float = 120.0) -> 
     """Ask a replica of each shard to add this node (idempotent: safe to repeat)."""
     me = membership.record_of(cfg.node)
     by_url: dict[str, list[int]] = {}
-    for shard, members in plan.shards.items():
+    for shard in plan.shards:
         by_url.setdefault(plan.snapshot_sources[shard].url, []).append(shard)
     with _client(cfg, timeout) as client:
         for url, shards in sorted(by_url.items()):

@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .load import BlockingHTTP, loopback_mb_s
-from .systems import PS_PATH, PS_ROOT, ROOT, Paramstore, _kill
+from .load import loopback_mb_s
+from .systems import ROOT, Paramstore, _kill
 
 MB = 1 << 20
 
@@ -49,15 +48,10 @@ class JoiningParamstore(Paramstore):
 
     def start_joining(self, node: str, seed: str) -> float:
         host, port = self.urls[seed]
-        out = open(self.dir / f"{node}.log", "wb")
-        self.procs[node] = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(self.join_config), "--node", node,
-             "--data-dir", str(self.dir / node), "--join", f"http://{host}:{port}",
-             "--log-level", "info"],
-            cwd=PS_ROOT, env={"PYTHONPATH": PS_PATH, "PATH": "/usr/bin:/bin"}, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
+        started = self.start_node(node, config=self.join_config, extra=("--join", f"http://{host}:{port}"),
+                                  log_level="info", fresh_log=True)
         self.nodes.append(node)
-        return time.monotonic()
+        return started
 
     def remove(self, node: str) -> None:
         c = self.conn(self.nodes[0])

@@ -86,12 +86,13 @@ class Paramstore:
         self.procs: dict[str, subprocess.Popen] = {}
 
     # -- processes
-    def start_node(self, node: str) -> float:
-        log = open(self.dir / f"{node}.log", "ab")
+    def start_node(self, node: str, config: Path | None = None, extra: tuple[str, ...] = (),
+                   log_level: str = "warning", fresh_log: bool = False) -> float:
+        log = open(self.dir / f"{node}.log", "wb" if fresh_log else "ab")
         env = dict(os.environ, PYTHONPATH=PS_PATH)
         self.procs[node] = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config_path), "--node", node,
-             "--data-dir", str(self.dir / node), "--log-level", "warning"],
+            [sys.executable, "-m", "api.cli", "serve", "--config", str(config or self.config_path),
+             "--node", node, "--data-dir", str(self.dir / node), "--log-level", log_level, *extra],
             cwd=PS_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return time.monotonic()
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .config import Address
-from .errors import CorruptData, Unavailable
+from .errors import StoreError, Unavailable
 from .payloads import PayloadStore
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class DataPathServer:
                 sock.sendall(data)
             else:
                 _send_line(sock, {"ok": False, "error": "unknown op"})
-        except (OSError, ConnectionError, ValueError, CorruptData) as e:
+        except (OSError, ConnectionError, ValueError, StoreError) as e:  # StoreError: CorruptData, Unavailable...
             log.warning("data path request failed: %s", e)
             try:
                 _send_line(sock, {"ok": False, "error": str(e)})

@@ -166,7 +166,7 @@ class Store:
         if self.join is not None:
             self._download_snapshots(self.join)
         if not self.membership.exists() and self.join is None:
-            self.membership.save({k: h.bootstrap_peers for k, h in self.shards.items()})
+            self._record_membership()
         preloaded = {}
         for shard in self.shards:
             check_journal(self._shard_dir(shard) / "journal.bin")  # refuses a damaged one
@@ -186,6 +186,9 @@ class Store:
     def complete_join(self) -> None:
         """Call once the cluster has added this node: from now on the data dir
         restarts as a member (until then, `--join` starts the join over)."""
+        self._record_membership()
+
+    def _record_membership(self) -> None:
         self.membership.save({k: h.bootstrap_peers for k, h in self.shards.items()})
 
     def _download_snapshots(self, plan: membership.JoinPlan) -> None:

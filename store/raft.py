@@ -412,12 +412,17 @@ def _retryable(cmd: dict) -> bool:
     return cmd.get("rid") is not None or op == "noop"
 
 
-def _inline_bytes(cmd: dict) -> int:
-    """Rough size of a command in the log: its inline blobs plus some overhead."""
+def _inline_bytes(cmd: Any) -> int:
+    """Rough size of a command in the log: its inline blobs (also those of a
+    batch's ops) plus some overhead per command."""
+    if isinstance(cmd, list):
+        return sum(_inline_bytes(c) for c in cmd)
     size = 256
     for value in cmd.values():
         if isinstance(value, dict) and "inline" in value:
             size += len(value["inline"])
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            size += _inline_bytes(value)
     return size
 
 
