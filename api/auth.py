@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from store.config import Config
-from store.errors import ConfigError, Forbidden, Unauthorized
+from store.errors import ConfigError, Forbidden, StoreError, Unauthorized
 
 from .errors import error_response
 
@@ -44,29 +44,37 @@ def _matches(token: bytes, candidates: tuple[str, ...]) -> bool:
     return found
 
 
+class TokenPolicy:
+    def __init__(self, cfg: Config) -> None:
+        self.read = cfg.auth.read_tokens
+        self.write = cfg.auth.write_tokens
+
+    def refusal(self, authorization: str | None, method: str) -> StoreError | None:
+        """Why a request with this Authorization header may not use `method`,
+        or None if it may (api/fastpath.py asks this too)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+        raw = token.strip().encode()
+        can_write = _matches(raw, self.write)
+        can_read = can_write or _matches(raw, self.read)
+        if not can_read:
+            return Unauthorized("the bearer token is not valid")
+        if method not in READ_METHODS and not can_write:
+            return Forbidden("this token may only read")
+        return None
+
+
 class BearerAuth:
     def __init__(self, app: ASGIApp, cfg: Config) -> None:
         self.app = app
-        self.read = cfg.auth.read_tokens
-        self.write = cfg.auth.write_tokens
+        self.policy = TokenPolicy(cfg)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         request = Request(scope)
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        err = None
-        if scheme.lower() != "bearer" or not token:
-            err = Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-        else:
-            raw = token.strip().encode()
-            can_write = _matches(raw, self.write)
-            can_read = can_write or _matches(raw, self.read)
-            if not can_read:
-                err = Unauthorized("the bearer token is not valid")
-            elif scope["method"] not in READ_METHODS and not can_write:
-                err = Forbidden("this token may only read")
+        err = self.policy.refusal(request.headers.get("authorization"), scope["method"])
         if err is None:
             return await self.app(scope, receive, send)
         await error_response(err, request)(scope, receive, send)

@@ -12,13 +12,53 @@ T = TypeVar("T")
 
 async def wait(fut: "Future[T]", timeout: float, what: str, write: bool = True) -> T:
     """Await a store Future; on deadline raise Timeout (a write's outcome may
-    still happen later, which is why writes carry request ids)."""
+    still happen later, which is why writes carry request ids).
+
+    One loop future, one timer and one thread-safe callback: this runs for
+    every write, and `wait_for(wrap_future(...))` costs twice the objects."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def landed(_: Future) -> None:  # on whichever thread completed `fut`
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_copy_outcome, fut, waiter)
+
+    fut.add_done_callback(landed)
+    timer = loop.call_later(timeout, _expire, waiter)
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-    except asyncio.TimeoutError:
+        return await waiter
+    except _Expired:
+        fut.cancel()
         hint = ("outcome unknown, retry with the same X-Request-Id to be safe" if write
                 else "retry, or read from another replica")
         raise Timeout(f"{what} did not complete within {timeout:g}s; {hint}") from None
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    finally:
+        timer.cancel()
+
+
+def _copy_outcome(src: Future, dst: asyncio.Future) -> None:
+    if dst.done():
+        return
+    if src.cancelled():
+        dst.cancel()
+        return
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
+
+
+class _Expired(Exception):
+    """The deadline of `wait` passed (not a TimeoutError the store raised)."""
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())
 
 
 async def wait_optional(fut: "Future[Any]", timeout: float) -> bool:

@@ -85,15 +85,28 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:
-        """The client left (or api/slow_clients.py cut it off) mid-body: nobody
-        reads this answer, and it is not a server error."""
-        log.info("client disconnected during %s %s", request.method, request.url.path)
-        return JSONResponse({"error": e.InvalidRequest.code, "detail": "client disconnected"},
-                            status_code=400)
+        return disconnect_response(request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return unexpected_error_response(request, exc)
+
+
+def disconnect_response(request: Request) -> Response:
+    """The client left (or api/slow_clients.py cut it off) mid-body: nobody
+    reads this answer, and it is not a server error."""
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    return JSONResponse({"error": e.InvalidRequest.code, "detail": "client disconnected"}, status_code=400)
+
+
+def response_for(exc: Exception, request: Request) -> Response:
+    """The answer the handlers installed above give for `exc` (for code that
+    runs outside FastAPI: api/fastpath.py)."""
+    if isinstance(exc, e.StoreError):
+        return error_response(exc, request)
+    if isinstance(exc, ClientDisconnect):
+        return disconnect_response(request)
+    return unexpected_error_response(request, exc)
 
 
 def unexpected_error_response(request: Request, exc: Exception) -> Response:

@@ -40,6 +40,26 @@ class HttpMetrics:
                                 ("method", "route"), registry=registry)
         self.bytes_out = Counter("paramstore_http_response_bytes", "Response body bytes sent",
                                  ("method", "route"), registry=registry)
+        self._children: dict[tuple[str, str, int], tuple] = {}
+
+    def record(self, method: str, route: str, status: int, seconds: float, bytes_in: int,
+               bytes_out: int) -> None:
+        """Count one answered request. The labelled children are looked up
+        once per (method, route, status): `labels()` costs more than `inc()`."""
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            code = str(status)
+            children = (self.requests.labels(method, route, code), self.latency.labels(method, route, code),
+                        self.bytes_in.labels(method, route), self.bytes_out.labels(method, route))
+            self._children[key] = children
+        requests, latency, received, sent = children
+        requests.inc()
+        latency.observe(seconds)
+        if bytes_in:
+            received.inc(bytes_in)
+        if bytes_out:
+            sent.inc(bytes_out)
 
 
 class MetricsMiddleware:
@@ -73,16 +93,8 @@ class MetricsMiddleware:
             await self.app(scope, counting_receive, counting_send)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or UNMATCHED
-            method = scope.get("method", "")
-            status = str(counts["status"])
-            m = self.metrics
-            m.requests.labels(method, template, status).inc()
-            m.latency.labels(method, template, status).observe(time.perf_counter() - started)
-            if counts["in"]:
-                m.bytes_in.labels(method, template).inc(counts["in"])
-            if counts["out"]:
-                m.bytes_out.labels(method, template).inc(counts["out"])
+            self.metrics.record(scope.get("method", ""), getattr(route, "path", None) or UNMATCHED,
+                                counts["status"], time.perf_counter() - started, counts["in"], counts["out"])
 
 
 class StoreCollector(Collector):
@@ -173,6 +185,7 @@ def install(app: FastAPI) -> None:
     http = HttpMetrics(registry)
     registry.register(StoreCollector(app.state.store))
     app.state.metrics_registry = registry
+    app.state.http_metrics = http
     app.add_middleware(MetricsMiddleware, metrics=http)
 
     @app.get("/metrics", include_in_schema=False)

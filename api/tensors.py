@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Awaitable, Callable, Mapping
 
 import anyio
 import numpy as np
 from fastapi import APIRouter, Query, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from store.errors import InvalidRequest, NotFound, Unavailable, UnsupportedMediaType, Unprocessable
 from store.node import Store
@@ -18,6 +20,7 @@ from .bridge import wait, wait_optional
 router = APIRouter()
 
 DECODE_IN_THREAD_BYTES = 1 << 20
+WRITTEN_FIELDS = ("name", "version", "shard", "deleted", "duplicate")
 
 
 def _store(request: Request) -> Store:
@@ -26,18 +29,30 @@ def _store(request: Request) -> Store:
 
 async def _decode(request: Request, store: Store, default=None) -> wire.WireTensor:
     body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
-    args = (request.headers.get("content-type"), request.headers, body,
-            store.cfg.limits.json_max_elements, default)
+    return await decode_tensor(store, request.headers, body, default)
+
+
+async def decode_tensor(store: Store, headers: Mapping[str, str], body: bytearray,
+                        default=None) -> wire.WireTensor:
+    args = (headers.get("content-type"), headers, body, store.cfg.limits.json_max_elements, default)
     if len(body) > DECODE_IN_THREAD_BYTES and wire.media_type(args[0]) != wire.OCTET:
         return await anyio.to_thread.run_sync(wire.decode, *args)
     return wire.decode(*args)
 
 
-def _written(result: dict, status: int = 200) -> JSONResponse:
+def written_body(result: dict) -> bytes:
+    return json.dumps({k: v for k, v in result.items() if k in WRITTEN_FIELDS},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def written_headers(result: dict) -> dict[str, str]:
     version = result["version"]
-    body = {k: v for k, v in result.items() if k in ("name", "version", "shard", "deleted", "duplicate")}
-    return JSONResponse(body, status_code=status,
-                        headers={"ETag": f'"{version}"', "X-Version": str(version)})
+    return {"ETag": f'"{version}"', "X-Version": str(version)}
+
+
+def _written(result: dict, status: int = 200) -> Response:
+    return Response(written_body(result), status_code=status, headers=written_headers(result),
+                    media_type="application/json")
 
 
 @router.put("/v1/tensors/{name}", status_code=201)
@@ -73,8 +88,16 @@ async def put_tensor(name: str, request: Request) -> Response:
 async def push_grad(name: str, request: Request) -> Response:
     """Apply a gradient with the tensor's optimizer; returns the new version."""
     store = _store(request)
+    limit = store.cfg.limits.max_body_bytes
+    result = await apply_grad(store, name, request.headers, lambda: wire.read_body(request, limit))
+    return _written(result)
+
+
+async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
+                     read_body: Callable[[], Awaitable[bytearray]]) -> dict:
+    """The whole of a gradient push but HTTP framing: shared by the route above
+    and api/fastpath.py. Headers are checked before the body is read."""
     h.tensor_name(name)
-    hd = request.headers
     cmd = {
         "op": "grad",
         "base_version": h.integer(hd.get("x-base-version"), "X-Base-Version"),
@@ -88,10 +111,9 @@ async def push_grad(name: str, request: Request) -> Response:
         default = (local.dtype, local.shape)
     except NotFound:
         default = None
-    t = await _decode(request, store, default)
+    t = await decode_tensor(store, hd, await read_body(), default)
     cmd.update(dtype=t.dtype, shape=list(t.shape))
-    result = await wait(store.write(name, cmd, t.data), store.cfg.limits.request_timeout, "push")
-    return _written(result)
+    return await wait(store.write(name, cmd, t.data), store.cfg.limits.request_timeout, "push")
 
 
 @router.post("/v1/tensors/{name}/grad-rows")

@@ -49,7 +49,12 @@ HASH_WHILE_READING = 1 << 20  # bodies this large are hashed chunk by chunk as t
 async def read_body(request: Request, limit: int) -> bytearray:
     """The request body, refused with 413 as soon as it passes `limit` bytes
     (by Content-Length up front, or while streaming a chunked body)."""
-    length_header = request.headers.get("content-length")
+    return await read_stream(request.headers.get("content-length"), request.stream(), limit)
+
+
+async def read_stream(length_header: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytearray:
+    """`read_body` for any source of body chunks (api/fastpath.py reads the
+    ASGI messages itself)."""
     if length_header is not None:
         try:
             length = int(length_header)
@@ -62,7 +67,7 @@ async def read_body(request: Request, limit: int) -> bytearray:
         hasher = hashlib.sha256() if length >= HASH_WHILE_READING else None
         view = memoryview(buf)
         got = 0
-        async for chunk in request.stream():
+        async for chunk in chunks:
             if got + len(chunk) > length:
                 raise InvalidRequest("body is longer than its Content-Length")
             view[got:got + len(chunk)] = chunk
@@ -75,7 +80,7 @@ async def read_body(request: Request, limit: int) -> bytearray:
             buf.sha256 = hasher.hexdigest()
         return buf
     buf = bytearray()
-    async for chunk in request.stream():
+    async for chunk in chunks:
         buf += chunk
         if len(buf) > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", limit=limit)

@@ -101,6 +101,8 @@ def _blockwise(fn: Callable[..., tuple], like: np.ndarray, *inputs: np.ndarray |
     the other threads of the replica (Raft's tick thread among them)."""
     flat = [None if x is None else x.reshape(-1) for x in inputs]
     n = like.size
+    if n <= BLOCK:  # one block: its outputs are fresh arrays already (most pushes are small)
+        return tuple(np.asarray(part).reshape(like.shape) for part in fn(*flat))
     outs: list[np.ndarray] | None = None
     for start in range(0, max(n, 1), BLOCK):
         end = min(n, start + BLOCK)

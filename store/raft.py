@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 _FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
 MAX_ATTEMPTS = 3
 GROUP_MAX_COMMANDS = 256
+GROUP_IN_FLIGHT = 1  # entries of queued proposals in flight per replica; the next waits for one to land
+GROUP_MAX_WAIT = 0.02  # ...or until its oldest proposal waited this long (seconds)
 GROUP_MAX_BYTES = 48 << 10  # stay under pysyncobj's 64 KB append batch: bigger entries go in pieces
 
 
@@ -94,8 +96,9 @@ class ShardReplica(SyncObj):
         self._sent_mark = (0, 0)
         self._wake: PipeNotifier | None = None
         self._pending: dict[int, tuple] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
-        self._group: list[tuple[dict, Future, int]] = []  # proposals waiting for the next tick
+        self._group: list[tuple[dict, Future, int, float]] = []  # proposals waiting for the next tick
         self._group_lock = threading.Lock()
+        self._in_flight = 0  # entries of queued proposals not yet applied here
         super().__init__(str(self_addr), [str(p) for p in peers], conf,
                          transportClass=transport_class(settings.transport))
         self.addOnTickCallback(self._send_eagerly)
@@ -140,11 +143,13 @@ class ShardReplica(SyncObj):
         """Replicate `cmd`; the Future resolves with its result on this replica
         once applied here, or fails with a StoreError.
 
-        Group commit: proposals are queued and, at the start of the next tick,
-        everything queued since the last one becomes ONE Raft entry (an
-        `op: group` command whose parts apply independently), so under many
-        concurrent writers the log, the journal, the network and the followers
-        do one entry's work for many writes. A lone proposal goes alone.
+        Group commit: proposals are queued and everything queued becomes ONE
+        Raft entry (an `op: group` command whose parts apply independently),
+        so under many concurrent writers the log, the journal, the network and
+        the followers do one entry's work for many writes. The queue goes out
+        at once when this replica has no such entry in flight; otherwise when
+        that entry lands (or after GROUP_MAX_WAIT): under load, writes gather
+        while the previous entry commits. A lone proposal goes alone, at once.
 
         A command whose leader changed before it committed is proposed again
         (at most MAX_ATTEMPTS times): pysyncobj drops a command forwarded to
@@ -157,15 +162,36 @@ class ShardReplica(SyncObj):
             self._attempt(cmd, outer, 1)
             return outer
         with self._group_lock:
-            self._group.append((cmd, outer, _inline_bytes(cmd)))
-        self._wake_tick()
+            self._group.append((cmd, outer, _inline_bytes(cmd), time.monotonic()))
+            idle = self._in_flight < GROUP_IN_FLIGHT
+        if idle:
+            self._wake_tick()
         return outer
+
+    def _launched(self, outer: Future) -> None:
+        with self._group_lock:
+            self._in_flight += 1
+        outer.add_done_callback(self._landed)
+
+    def _landed(self, _: Future) -> None:
+        """An entry of queued proposals was applied here (or failed): the
+        proposals queued meanwhile go now, as one entry."""
+        with self._group_lock:
+            self._in_flight -= 1
+            waiting = bool(self._group)
+        if waiting:
+            self._wake_tick()
 
     def _checkCommandsToApply(self) -> None:
         """Tick thread, before pysyncobj appends queued commands: turn the
         proposals queued since the last tick into entries."""
         with self._group_lock:
-            queued, self._group = self._group, []
+            queued = self._group
+            if queued and (self._in_flight < GROUP_IN_FLIGHT
+                           or time.monotonic() - queued[0][3] >= GROUP_MAX_WAIT):
+                self._group = []
+            else:
+                queued = []
         while queued:
             take, size = 0, 0
             while take < len(queued) and take < GROUP_MAX_COMMANDS and (take == 0 or size + queued[take][2] <= GROUP_MAX_BYTES):
@@ -175,11 +201,13 @@ class ShardReplica(SyncObj):
             outer = part[0][1]
             try:  # on the tick thread: a bad command must fail its callers, not the tick
                 if len(part) == 1:
+                    self._launched(outer)
                     self._attempt(part[0][0], outer, 1)
                     continue
                 outer = Future()
-                outer.add_done_callback(lambda f, part=part: _split(f, [o for _, o, _ in part]))
-                self._attempt({"op": "group", "cmds": [c for c, _, _ in part]}, outer, 1)
+                outer.add_done_callback(lambda f, part=part: _split(f, [o for _, o, _, _ in part]))
+                self._launched(outer)
+                self._attempt({"op": "group", "cmds": [c for c, _, _, _ in part]}, outer, 1)
             except Exception as e:
                 log.exception("shard %d: could not propose", self.shard)
                 settle(outer, exc=Unavailable(f"shard {self.shard}: could not propose: {e}"))
