@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from store import dtypes
+from store.buffers import LARGE, receive_buffer
 from store.errors import (InvalidRequest, NotAcceptable, PayloadTooLarge, Unprocessable,
                           UnsupportedMediaType)
 
@@ -37,13 +38,14 @@ class WireTensor:
     data: Any  # bytes-like, little-endian, C order
 
 
-class HashedBody(bytearray):
-    """A request body with the SHA-256 computed while it arrived: a sideloaded
-    payload is named by it (store/node.py reads `sha256`)."""
+class HashedBody(np.ndarray):
+    """A large request body (bytes in a numpy buffer: see store/buffers.py)
+    with the SHA-256 computed while it arrived: a sideloaded payload is named
+    by it (store/node.py reads `sha256`)."""
     sha256: str | None = None
 
 
-HASH_WHILE_READING = 1 << 20  # bodies this large are hashed chunk by chunk as they arrive
+HASH_WHILE_READING = LARGE  # bodies this large are hashed chunk by chunk as they arrive
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
@@ -63,8 +65,9 @@ async def read_stream(length_header: str | None, chunks: AsyncIterator[bytes], l
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit} bytes",
                                   limit=limit)
-        buf = HashedBody(length)
-        hasher = hashlib.sha256() if length >= HASH_WHILE_READING else None
+        large = length >= HASH_WHILE_READING
+        buf = receive_buffer(length).view(HashedBody) if large else bytearray(length)
+        hasher = hashlib.sha256() if large else None
         view = memoryview(buf)
         got = 0
         async for chunk in chunks:

@@ -185,6 +185,7 @@ class _Conn:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
+        self.sink = bytearray()
 
     def close(self):
         self.sock.close()
@@ -205,8 +206,16 @@ class _Conn:
             self._fill()
 
     def readinto(self, n: int) -> memoryview:
-        out = bytearray(n)
-        mv = memoryview(out)
+        """The next `n` bytes. Bodies of 1 MB and more land in one buffer the
+        connection keeps, like the loopback sink's: a fresh 64 MB buffer costs
+        the reader ~70 ms of page faults on this kind of VM, which would be
+        charged to whichever system is measured. Valid until the next read."""
+        if n >= 1 << 20:
+            if len(self.sink) < n:
+                self.sink = bytearray(n)
+            mv = memoryview(self.sink)[:n]
+        else:
+            mv = memoryview(bytearray(n))
         k = min(n, len(self.buf))
         mv[:k] = self.buf[:k]
         del self.buf[:k]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .config import Address
+from .buffers import receive_buffer
 from .errors import StoreError, Unavailable
 from .payloads import PayloadStore
 
@@ -65,10 +66,10 @@ def _send_line(sock: socket.socket, msg: dict) -> None:
     sock.sendall(json.dumps(msg).encode() + b"\n")
 
 
-def _recv_exact(sock: socket.socket, size: int, hasher=None) -> bytearray:
-    """`size` bytes; `hasher` (hashlib) is fed as they arrive, overlapping the
-    hashing with the transfer."""
-    buf = bytearray(size)
+def _recv_exact(sock: socket.socket, size: int, hasher=None):
+    """`size` bytes (a buffer: see store/buffers.py); `hasher` (hashlib) is fed
+    as they arrive, overlapping the hashing with the transfer."""
+    buf = receive_buffer(size)
     view = memoryview(buf)
     got = 0
     while got < size:

@@ -118,8 +118,12 @@ def _axpy(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
     """x + alpha * y rounded once, like torch's fused `add_(y, alpha=alpha)`:
     computed in float64 (exact for float16/32 products) and cast back."""
     a = np.float64(x.dtype.type(alpha))
-    return _blockwise(lambda xb, yb: ((xb.astype(np.float64) + yb.astype(np.float64) * a).astype(x.dtype),),
-                      x, x, y)[0]
+
+    def block(xb, yb):
+        acc = np.multiply(yb, a, dtype=np.float64)
+        np.add(acc, xb, out=acc)  # the same two float64 operations, in one temporary
+        return (acc.astype(x.dtype),)
+    return _blockwise(block, x, x, y)[0]
 
 
 def _sgd(spec, state, param, grad, lr_scale) -> StepResult:
