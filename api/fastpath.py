@@ -73,7 +73,8 @@ class GradFastPath:
                 if refusal is not None:
                     raise refusal
             result = await tensors.apply_grad(
-                store, name, headers, lambda: wire.read_stream(headers.get("content-length"), chunks(), limit))
+                store, name, headers,
+                lambda forward: wire.read_stream(headers.get("content-length"), chunks(), limit, forward))
         except Exception as exc:
             response = response_for(exc, Request(scope, receive))
             await response(scope, receive, send)

@@ -89,14 +89,17 @@ async def push_grad(name: str, request: Request) -> Response:
     """Apply a gradient with the tensor's optimizer; returns the new version."""
     store = _store(request)
     limit = store.cfg.limits.max_body_bytes
-    result = await apply_grad(store, name, request.headers, lambda: wire.read_body(request, limit))
+    length = request.headers.get("content-length")
+    result = await apply_grad(store, name, request.headers,
+                              lambda forward: wire.read_stream(length, request.stream(), limit, forward))
     return _written(result)
 
 
 async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
-                     read_body: Callable[[], Awaitable[bytearray]]) -> dict:
+                     read_body: Callable[[Callable | None], Awaitable[bytearray]]) -> dict:
     """The whole of a gradient push but HTTP framing: shared by the route above
-    and api/fastpath.py. Headers are checked before the body is read."""
+    and api/fastpath.py. Headers are checked before the body is read.
+    `read_body(forward)` reads the body (`wire.read_stream`)."""
     h.tensor_name(name)
     cmd = {
         "op": "grad",
@@ -111,9 +114,33 @@ async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
         default = (local.dtype, local.shape)
     except NotFound:
         default = None
-    t = await decode_tensor(store, hd, await read_body(), default)
+    t = await _decode_forwarding(store, name, hd, read_body, default)
     cmd.update(dtype=t.dtype, shape=list(t.shape))
     return await wait(store.write(name, cmd, t.data), store.cfg.limits.request_timeout, "push")
+
+
+async def _decode_forwarding(store: Store, name: str, hd: Mapping[str, str],
+                             read_body: Callable[[Callable | None], Awaitable[bytearray]],
+                             default) -> wire.WireTensor:
+    """Read and decode a tensor body; a large raw body is forwarded to the
+    shard's other replicas while it arrives (cut-through replication: see
+    store/datapath.py PayloadStream), and `store.write` then only waits for
+    their acknowledgements."""
+    stream = None
+    length = hd.get("content-length")
+    if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and length is not None and length.isdigit() \
+            and wire.HASH_WHILE_READING <= int(length) <= store.cfg.limits.max_body_bytes:
+        stream = store.payload_stream(name, int(length))
+    try:
+        body = await read_body(stream.feed if stream is not None else None)
+        t = await decode_tensor(store, hd, body, default)
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+        raise
+    if stream is not None:
+        body.stream = stream  # store.write finds it on the payload
+    return t
 
 
 @router.post("/v1/tensors/{name}/grad-rows")

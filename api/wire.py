@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from numpy.lib import format as npf
@@ -54,9 +54,11 @@ async def read_body(request: Request, limit: int) -> bytearray:
     return await read_stream(request.headers.get("content-length"), request.stream(), limit)
 
 
-async def read_stream(length_header: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytearray:
+async def read_stream(length_header: str | None, chunks: AsyncIterator[bytes], limit: int,
+                      forward: Callable[[memoryview], None] | None = None) -> bytearray:
     """`read_body` for any source of body chunks (api/fastpath.py reads the
-    ASGI messages itself)."""
+    ASGI messages itself). `forward` (bodies with a Content-Length only) sees
+    every piece of the body buffer as soon as it is filled."""
     if length_header is not None:
         try:
             length = int(length_header)
@@ -76,6 +78,8 @@ async def read_stream(length_header: str | None, chunks: AsyncIterator[bytes], l
             view[got:got + len(chunk)] = chunk
             if hasher is not None:
                 hasher.update(chunk)
+            if forward is not None and chunk:
+                forward(view[got:got + len(chunk)])
             got += len(chunk)
         if got != length:
             raise InvalidRequest(f"body ended after {got} of {length} bytes")

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+import queue
 import socket
 import socketserver
 import threading
@@ -133,6 +134,17 @@ class DataPathServer:
             if op == "put":
                 hasher = hashlib.sha256()
                 data = _recv_exact(sock, size, hasher)
+                store.put(data, pid, digest=hasher.hexdigest())
+                _send_line(sock, {"ok": True})
+            elif op == "put_stream":
+                # the bytes first, then a trailer naming them: the sender
+                # forwards a body while it still arrives (see PayloadStream)
+                hasher = hashlib.sha256()
+                data = _recv_exact(sock, size, hasher)
+                trailer = _read_line(sock)
+                pid = str(trailer.get("id", ""))
+                if not hmac.compare_digest(_mac(self.secret, "put", shard, pid, size), str(trailer.get("mac", ""))):
+                    return _send_line(sock, {"ok": False, "error": "authentication failed"})
                 store.put(data, pid, digest=hasher.hexdigest())
                 _send_line(sock, {"ok": True})
             elif op == "snapshot" and self.snapshot_source is not None:
@@ -269,6 +281,11 @@ class DataPathClient:
         raise Unavailable(f"payload reached {acks} of the {need} peers a majority needs"
                           + (f" ({'; '.join(errors)})" if errors else ""))
 
+    def stream(self, peers: Sequence[Address], shard: int, size: int) -> "PayloadStream":
+        """Start forwarding a payload of `size` bytes to every peer while it
+        is still arriving; see PayloadStream."""
+        return PayloadStream(self, peers, shard, size)
+
     def _quiet_push(self, peer: Address, shard: int, payload_id: str, data) -> None:
         try:
             self.push(peer, shard, payload_id, data)
@@ -277,3 +294,95 @@ class DataPathClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_END, _ABORT = object(), object()
+STREAM_IDLE = 120.0  # seconds a sender waits for the next chunk before giving up
+
+
+class PayloadStream:
+    """Cut-through replication of one payload: the bytes go to the peers as
+    they arrive from the client, so the transfer to the peers overlaps the
+    body's intake instead of following it. Its name (SHA-256) is only known at
+    the end and travels in a trailer (`put_stream`); each peer hashes while
+    receiving and refuses bytes that do not match.
+
+    `feed` never blocks (called on the event loop): views of the body buffer
+    (no copies) are queued for one sender thread per peer. Then either `finish(payload_id)` + `wait(need)`,
+    or `abort()` (the peers drop what they received).
+    """
+
+    def __init__(self, client: DataPathClient, peers: Sequence[Address], shard: int, size: int) -> None:
+        self.client = client
+        self.shard = shard
+        self.size = size
+        self.payload_id: str | None = None
+        self._queues = [queue.SimpleQueue() for _ in peers]
+        self._cond = threading.Condition()
+        self._ok = 0
+        self._failed = 0
+        self._errors: list[str] = []
+        self._total = len(peers)
+        for peer, q in zip(peers, self._queues):
+            client._pool.submit(self._send, peer, q)
+
+    def feed(self, chunk) -> None:
+        for q in self._queues:
+            q.put(chunk)
+
+    def finish(self, payload_id: str) -> None:
+        self.payload_id = payload_id
+        for q in self._queues:
+            q.put(_END)
+
+    def abort(self) -> None:
+        for q in self._queues:
+            q.put(_ABORT)
+
+    def wait(self, need: int, timeout: float) -> None:
+        """Return once `need` peers hold the payload; the rest go on in the background."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ok >= need or self._failed > self._total - need, timeout)
+            if self._ok >= need:
+                return
+            acks, errors = self._ok, list(self._errors)
+        raise Unavailable(f"payload reached {acks} of the {need} peers a majority needs"
+                          + (f" ({'; '.join(errors)})" if errors else ""))
+
+    def _send(self, peer: Address, q: queue.SimpleQueue) -> None:
+        client, shard, size = self.client, self.shard, self.size
+        outcome, sock = "failed", None
+        try:
+            sock = client._connect(peer)
+            _send_line(sock, {"op": "put_stream", "shard": shard, "id": "", "size": size,
+                              "mac": _mac(client.secret, "put_stream", shard, "", size)})
+            sent = 0
+            while True:
+                item = q.get(timeout=STREAM_IDLE)  # Empty: the write was given up without abort()
+                if item is _ABORT:
+                    outcome = "aborted"
+                    return
+                if item is _END:
+                    break
+                sock.sendall(item)
+                sent += len(item)
+            if sent != size:
+                raise ConnectionError(f"stream ended after {sent} of {size} bytes")
+            pid = self.payload_id
+            _send_line(sock, {"id": pid, "mac": _mac(client.secret, "put", shard, pid, size)})
+            reply = _read_line(sock)
+            if not reply.get("ok"):
+                raise ConnectionError(f"{peer} refused payload: {reply.get('error')}")
+            outcome = "ok"
+        except (OSError, ConnectionError, ValueError, queue.Empty) as e:
+            self._errors.append(f"{peer}: {e!r}")
+            log.info("payload stream to %s failed: %r", peer, e)
+        finally:
+            if sock is not None:
+                sock.close()
+            with self._cond:
+                if outcome == "ok":
+                    self._ok += 1
+                else:
+                    self._failed += 1
+                self._cond.notify_all()

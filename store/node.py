@@ -23,7 +23,7 @@ from pysyncobj.utility import TcpUtility, UtilityException
 from . import membership, placement
 from .applier import Applier
 from .config import Config, NodeConfig
-from .datapath import DataPathClient, DataPathServer
+from .datapath import DataPathClient, DataPathServer, PayloadStream
 from .errors import ConfigError, Conflict, NotHosted, StoreError, Timeout, Unavailable
 from .futures import forward
 from .payloads import PayloadStore, digest_of
@@ -290,9 +290,14 @@ class Store:
                     # the local copy is written while the peers receive theirs
                     payload_id = getattr(blob, "sha256", None) or digest_of(blob)
                     local = self._payload_writer.submit(host.payloads.put, blob, payload_id, payload_id)
-                    self.peer_client.replicate(
-                        [p.data for p in host.peers], host.shard, payload_id, blob,
-                        need=host.majority - 1, timeout=self.cfg.limits.request_timeout)
+                    stream = getattr(blob, "stream", None)  # already on its way to the peers
+                    if stream is not None:
+                        stream.finish(payload_id)
+                        stream.wait(host.majority - 1, self.cfg.limits.request_timeout)
+                    else:
+                        self.peer_client.replicate(
+                            [p.data for p in host.peers], host.shard, payload_id, blob,
+                            need=host.majority - 1, timeout=self.cfg.limits.request_timeout)
                     local.result()
                     target[field] = {"id": payload_id, "size": len(blob)}
                 forward(host.replica.propose(cmd), outer)
@@ -304,6 +309,15 @@ class Store:
 
         self._stage_pool.submit(stage)
         return outer
+
+    def payload_stream(self, name: str, size: int) -> PayloadStream | None:
+        """Start forwarding a large payload for `name` to the other replicas of
+        its shard while it arrives; None if the shard has no other replicas."""
+        host = self.host(self.shard_of(name))
+        peers = host.peers
+        if not peers:
+            return None
+        return self.peer_client.stream([p.data for p in peers], host.shard, size)
 
     def barrier(self, shard: int) -> Future:
         """Resolves once a no-op committed after this call is applied here:

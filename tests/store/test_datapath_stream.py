@@ -1,0 +1,102 @@
+"""Cut-through payload replication (store/datapath.py PayloadStream) against
+real data-path servers on loopback."""
+import hashlib
+import os
+
+import pytest
+
+from store import datapath
+from store.config import Address
+from store.datapath import DataPathClient, DataPathServer
+from store.errors import Unavailable
+from store.payloads import PayloadStore
+from tests.ports import free_range
+
+SECRET = b"stream-secret"
+
+
+@pytest.fixture
+def peers(tmp_path):
+    base = free_range(2)
+    servers, stores = [], []
+    for i in range(2):
+        store = PayloadStore(tmp_path / f"p{i}")
+        server = DataPathServer(Address("127.0.0.1", base + i), {0: store}, SECRET, max_size=64 << 20)
+        server.start()
+        servers.append(server)
+        stores.append(store)
+    client = DataPathClient(SECRET, timeout=10)
+    yield client, [Address("127.0.0.1", base + i) for i in range(2)], stores
+    client.close()
+    for s in servers:
+        s.close()
+
+
+def _feed(stream, data: bytes, piece: int = 1 << 16) -> None:
+    view = memoryview(data)
+    for i in range(0, len(data), piece):
+        stream.feed(view[i:i + piece])
+
+
+def test_a_streamed_payload_lands_on_every_peer(peers):
+    client, addrs, stores = peers
+    data = os.urandom(3 << 20)
+    pid = hashlib.sha256(data).hexdigest()
+    stream = client.stream(addrs, 0, len(data))
+    _feed(stream, data)
+    stream.finish(pid)
+    stream.wait(2, 10)
+    for store in stores:
+        assert bytes(store.get(pid)) == data
+        assert store.path(pid).read_bytes() == data
+
+
+def test_an_aborted_stream_leaves_nothing(peers):
+    client, addrs, stores = peers
+    data = os.urandom(1 << 20)
+    stream = client.stream(addrs, 0, len(data))
+    _feed(stream, data[: len(data) // 2])
+    stream.abort()
+    with pytest.raises(Unavailable, match="reached 0 of the 1"):
+        stream.wait(1, 10)
+    for store in stores:
+        assert not any(store.root.iterdir())
+
+
+def test_bytes_that_do_not_match_their_name_are_refused(peers):
+    client, addrs, stores = peers
+    data = os.urandom(1 << 20)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    stream = client.stream(addrs, 0, len(data))
+    _feed(stream, data)
+    stream.finish(wrong)
+    with pytest.raises(Unavailable, match="refused payload"):
+        stream.wait(1, 10)
+    for store in stores:
+        assert store.get(wrong) is None
+
+
+def test_a_sender_without_the_secret_is_refused(peers):
+    _, addrs, stores = peers
+    data = os.urandom(1 << 20)
+    pid = hashlib.sha256(data).hexdigest()
+    intruder = DataPathClient(b"not the secret", timeout=10)
+    try:
+        stream = intruder.stream(addrs, 0, len(data))
+        _feed(stream, data)
+        stream.finish(pid)
+        with pytest.raises(Unavailable):
+            stream.wait(1, 10)
+    finally:
+        intruder.close()
+    for store in stores:
+        assert store.get(pid) is None
+
+
+def test_a_stream_nobody_finishes_gives_up(peers, monkeypatch):
+    client, addrs, stores = peers
+    monkeypatch.setattr(datapath, "STREAM_IDLE", 0.5)
+    stream = client.stream(addrs, 0, 1 << 20)
+    _feed(stream, os.urandom(1 << 19))
+    with pytest.raises(Unavailable, match="Empty"):
+        stream.wait(1, 10)
