@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import StoreError
 from .state import ShardState
+from .threadnames import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class Applier:
 
     # ---- the thread ----------------------------------------------------------
     def _run(self) -> None:
+        name_this_thread()
         while True:
             job = self._queue.get()
             if job is None:

@@ -34,6 +34,7 @@ from .config import Address
 from .buffers import receive_buffer
 from .errors import StoreError, Unavailable
 from .payloads import PayloadStore
+from .threadnames import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class DataPathServer:
         self._server.server_close()
 
     def _handle(self, sock: socket.socket) -> None:
+        name_this_thread("datapath-serve")
         try:
             sock.settimeout(30)
             _tune(sock)
@@ -186,7 +188,8 @@ class DataPathClient:
         self.secret = secret
         self.timeout = timeout
         self.source = source
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="datapath-push")
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="datapath-push",
+                                        initializer=name_this_thread)
 
     def _connect(self, addr: Address) -> socket.socket:
         sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout,

@@ -28,6 +28,7 @@ from .errors import ConfigError, Conflict, NotHosted, StoreError, Timeout, Unava
 from .futures import forward
 from .payloads import PayloadStore, digest_of
 from .raft import ShardReplica
+from .threadnames import name_this_thread
 from .snapshot import read_snapshot
 from .journal import check_journal
 from .sockets import bind_outgoing_raft, source_address, warn_if_ephemeral
@@ -124,8 +125,10 @@ class Store:
         secret = (hashlib.sha256(b"paramstore-datapath:" + cfg.raft.password.encode()).digest()
                   if cfg.raft.password else None)
         self.peer_client = DataPathClient(secret, source=source_address(self.node.data.host))
-        self._stage_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage")
-        self._payload_writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="payload-write")
+        self._stage_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage",
+                                              initializer=name_this_thread)
+        self._payload_writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="payload-write",
+                                                  initializer=name_this_thread)
         self._closed = threading.Event()
         self.shards: dict[int, ShardHost] = {}
         self.membership = membership.MembershipFile(self.data_dir)

@@ -16,6 +16,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .errors import CorruptData
+from .writeback import drop_cached, start_writeback
+
+DROP_CACHED_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,11 @@ class PayloadStore:
             tmp = target.with_name(f"{actual}.{threading.get_ident()}.part")
             with open(tmp, "wb") as f:
                 f.write(data)
+                f.flush()
                 if self.fsync:
-                    f.flush()
                     os.fsync(f.fileno())
+                else:
+                    start_writeback(f.fileno())  # dirty pages become clean, reclaimable ones sooner
             os.replace(tmp, target)
         self._remember(actual, data)
         return actual
@@ -104,12 +109,23 @@ class PayloadStore:
         return True
 
     def applied(self, payload_id: str, index: int) -> None:
-        """The command at raft `index` consumed this payload: drop it from memory."""
+        """The command at raft `index` consumed this payload: drop it from
+        memory, and its file from the page cache (read again only to replay
+        after a restart: see store/writeback.py drop_cached)."""
         with self._lock:
             self._applied_at[payload_id] = index
             data = self._memory.pop(payload_id, None)
             if data is not None:
                 self._memory_bytes -= len(data)
+        if data is not None and len(data) >= DROP_CACHED_BYTES:
+            try:
+                fd = os.open(self.path(payload_id), os.O_RDONLY)
+            except OSError:
+                return
+            try:
+                drop_cached(fd)
+            finally:
+                os.close(fd)
 
     def collect(self, covered_index: int, orphan_age: float = 3600.0) -> int:
         """Delete payloads a snapshot at `covered_index` makes unnecessary, and

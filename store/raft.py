@@ -32,6 +32,7 @@ from .errors import Conflict, StoreError, Unavailable
 from .futures import forward, settle
 from .journal import seal
 from .snapshot import read_snapshot, write_snapshot
+from .threadnames import name_this_thread
 from .transport import transport_class
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class ShardReplica(SyncObj):
         """
         if self._wake is None:  # created here, on the tick thread that owns the poller
             self._wake = PipeNotifier(self._poller)
+            name_this_thread(f"raft-{self.shard}")
         if self._SyncObj__raftState != 2:  # leader
             return
         mark = (self._SyncObj__getCurrentLogIndex(), self.raftCommitIndex)
@@ -362,6 +364,7 @@ class ShardReplica(SyncObj):
                          name=f"snapshot-{self.shard}", daemon=True).start()
 
     def _write(self, tensors, dedupe, index, raft_meta) -> None:
+        name_this_thread()
         started = time.perf_counter()
         partial = self._dump_path.with_suffix(".writing")
         try:

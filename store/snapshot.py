@@ -20,7 +20,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import CorruptData
-from .writeback import start_writeback
+from .writeback import drop_cached, start_writeback
 from .state import ShardState, Tensor
 
 MAGIC = b"PSSNAP01"
@@ -91,6 +91,7 @@ def write_snapshot(path: str | os.PathLike, state: dict[str, Tensor], dedupe: Or
                 # batches; none with 32 MB, at the same snapshot speed).
                 f.flush()
                 os.fdatasync(f.fileno())
+                drop_cached(f.fileno())
                 unsynced = 0
         here = f.tell() - data_start
         f.write(b"\0" * (offset - here))
