@@ -27,7 +27,7 @@ async def wait(fut: "Future[T]", timeout: float, what: str, write: bool = True) 
     timer = loop.call_later(timeout, _expire, waiter)
     try:
         return await waiter
-    except _Expired:
+    except (_Expired, TimeoutError):  # ours, or one the store raised (as wait_for turned it into Timeout)
         fut.cancel()
         hint = ("outcome unknown, retry with the same X-Request-Id to be safe" if write
                 else "retry, or read from another replica")

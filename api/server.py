@@ -12,7 +12,6 @@ import uvicorn
 from store.config import Config
 from store.membership import MembershipFile
 from store.node import Store
-from store.threadnames import name_this_thread
 
 from .app import create_app
 from .auth import check_policy
@@ -74,7 +73,6 @@ def serve(cfg: Config, join: list[str] | None = None) -> None:
 
 
 def _run_http(app, cfg: Config) -> None:
-    name_this_thread("http")  # the event loop's thread
     node = cfg.node
     tls = cfg.tls
     config = uvicorn.Config(

@@ -116,7 +116,14 @@ async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
         default = None
     t = await _decode_forwarding(store, name, hd, read_body, default)
     cmd.update(dtype=t.dtype, shape=list(t.shape))
-    return await wait(store.write(name, cmd, t.data), store.cfg.limits.request_timeout, "push")
+    try:
+        written = store.write(name, cmd, t.data)
+    except BaseException:
+        stream = getattr(t.data, "stream", None)
+        if stream is not None:
+            stream.abort()
+        raise
+    return await wait(written, store.cfg.limits.request_timeout, "push")
 
 
 async def _decode_forwarding(store: Store, name: str, hd: Mapping[str, str],

@@ -140,12 +140,15 @@ class DataPathServer:
                 _send_line(sock, {"ok": True})
             elif op == "put_stream":
                 # the bytes first, then a trailer naming them: the sender
-                # forwards a body while it still arrives (see PayloadStream)
+                # forwards a body while it still arrives (see PayloadStream),
+                # as fast as its client sends it
+                sock.settimeout(STREAM_IDLE)
                 hasher = hashlib.sha256()
                 data = _recv_exact(sock, size, hasher)
                 trailer = _read_line(sock)
                 pid = str(trailer.get("id", ""))
-                if not hmac.compare_digest(_mac(self.secret, "put", shard, pid, size), str(trailer.get("mac", ""))):
+                if not hmac.compare_digest(_mac(self.secret, "put_stream_end", shard, pid, size),
+                                           str(trailer.get("mac", ""))):
                     return _send_line(sock, {"ok": False, "error": "authentication failed"})
                 store.put(data, pid, digest=hasher.hexdigest())
                 _send_line(sock, {"ok": True})
@@ -311,8 +314,11 @@ class PayloadStream:
     receiving and refuses bytes that do not match.
 
     `feed` never blocks (called on the event loop): views of the body buffer
-    (no copies) are queued for one sender thread per peer. Then either `finish(payload_id)` + `wait(need)`,
-    or `abort()` (the peers drop what they received).
+    (no copies) are queued for one sender thread per peer. Then either
+    `finish(payload_id)` + `wait(need)`, or `abort()` (the peers drop what
+    they received). Senders are threads of their own, not the client's pool:
+    a stream lasts as long as its client takes to send the body, and slow
+    uploads must not starve other pushes of pool threads.
     """
 
     def __init__(self, client: DataPathClient, peers: Sequence[Address], shard: int, size: int) -> None:
@@ -326,19 +332,24 @@ class PayloadStream:
         self._failed = 0
         self._errors: list[str] = []
         self._total = len(peers)
-        for peer, q in zip(peers, self._queues):
-            client._pool.submit(self._send, peer, q)
+        self._live = [True] * len(peers)
+        self.finished = self.aborted = False
+        for i, peer in enumerate(peers):
+            threading.Thread(target=self._send, args=(peer, i), name="datapath-stream", daemon=True).start()
 
     def feed(self, chunk) -> None:
-        for q in self._queues:
-            q.put(chunk)
+        for q, live in zip(self._queues, self._live):
+            if live:  # a failed sender reads no more: queued views would pin the body
+                q.put(chunk)
 
     def finish(self, payload_id: str) -> None:
         self.payload_id = payload_id
+        self.finished = True
         for q in self._queues:
             q.put(_END)
 
     def abort(self) -> None:
+        self.aborted = True
         for q in self._queues:
             q.put(_ABORT)
 
@@ -352,8 +363,8 @@ class PayloadStream:
         raise Unavailable(f"payload reached {acks} of the {need} peers a majority needs"
                           + (f" ({'; '.join(errors)})" if errors else ""))
 
-    def _send(self, peer: Address, q: queue.SimpleQueue) -> None:
-        client, shard, size = self.client, self.shard, self.size
+    def _send(self, peer: Address, i: int) -> None:
+        client, shard, size, q = self.client, self.shard, self.size, self._queues[i]
         outcome, sock = "failed", None
         try:
             sock = client._connect(peer)
@@ -367,12 +378,15 @@ class PayloadStream:
                     return
                 if item is _END:
                     break
+                if self.aborted:
+                    outcome = "aborted"
+                    return
                 sock.sendall(item)
                 sent += len(item)
             if sent != size:
                 raise ConnectionError(f"stream ended after {sent} of {size} bytes")
             pid = self.payload_id
-            _send_line(sock, {"id": pid, "mac": _mac(client.secret, "put", shard, pid, size)})
+            _send_line(sock, {"id": pid, "mac": _mac(client.secret, "put_stream_end", shard, pid, size)})
             reply = _read_line(sock)
             if not reply.get("ok"):
                 raise ConnectionError(f"{peer} refused payload: {reply.get('error')}")
@@ -383,6 +397,12 @@ class PayloadStream:
         finally:
             if sock is not None:
                 sock.close()
+            self._live[i] = False
+            while True:  # drop what is still queued: views of the body
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
             with self._cond:
                 if outcome == "ok":
                     self._ok += 1

@@ -309,8 +309,14 @@ class Store:
             except Exception as e:
                 log.exception("staging a payload failed")
                 outer.set_exception(Unavailable(f"could not stage the payload: {e}"))
+            finally:
+                _end_streams(large)
 
-        self._stage_pool.submit(stage)
+        try:
+            self._stage_pool.submit(stage)
+        except RuntimeError as e:  # shutting down
+            _end_streams(large)
+            raise Unavailable(f"this replica is shutting down: {e}") from None
         return outer
 
     def payload_stream(self, name: str, size: int) -> PayloadStream | None:
@@ -549,3 +555,14 @@ class Store:
         return done
 
 
+
+
+def _end_streams(large: list[tuple[dict, str, Any]]) -> None:
+    """Abort the cut-through streams of payloads that were not finished (the
+    peers drop what they received) and unlink the rest from their buffers."""
+    for _, _, blob in large:
+        stream = getattr(blob, "stream", None)
+        if stream is not None:
+            if not stream.finished:
+                stream.abort()
+            del blob.stream  # the stream's queues hold views of the buffer: no cycle

@@ -16,9 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .errors import CorruptData
-from .writeback import drop_cached, start_writeback
-
-DROP_CACHED_BYTES = 1 << 20
+from .writeback import start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -109,23 +107,12 @@ class PayloadStore:
         return True
 
     def applied(self, payload_id: str, index: int) -> None:
-        """The command at raft `index` consumed this payload: drop it from
-        memory, and its file from the page cache (read again only to replay
-        after a restart: see store/writeback.py drop_cached)."""
+        """The command at raft `index` consumed this payload: drop it from memory."""
         with self._lock:
             self._applied_at[payload_id] = index
             data = self._memory.pop(payload_id, None)
             if data is not None:
                 self._memory_bytes -= len(data)
-        if data is not None and len(data) >= DROP_CACHED_BYTES:
-            try:
-                fd = os.open(self.path(payload_id), os.O_RDONLY)
-            except OSError:
-                return
-            try:
-                drop_cached(fd)
-            finally:
-                os.close(fd)
 
     def collect(self, covered_index: int, orphan_age: float = 3600.0) -> int:
         """Delete payloads a snapshot at `covered_index` makes unnecessary, and

@@ -42,6 +42,7 @@ MAX_ATTEMPTS = 3
 GROUP_MAX_COMMANDS = 256
 GROUP_IN_FLIGHT = 1  # entries of queued proposals in flight per replica; the next waits for one to land
 GROUP_MAX_WAIT = 0.02  # ...or until its oldest proposal waited this long (seconds)
+FLIGHT_STALE = 5.0  # an entry in flight this long no longer holds the queue back (seconds)
 GROUP_MAX_BYTES = 48 << 10  # stay under pysyncobj's 64 KB append batch: bigger entries go in pieces
 
 
@@ -99,7 +100,7 @@ class ShardReplica(SyncObj):
         self._pending: dict[int, tuple] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
         self._group: list[tuple[dict, Future, int, float]] = []  # proposals waiting for the next tick
         self._group_lock = threading.Lock()
-        self._in_flight = 0  # entries of queued proposals not yet applied here
+        self._in_flight: dict[int, float] = {}  # id(future) -> launch time of our entries not yet landed
         super().__init__(str(self_addr), [str(p) for p in peers], conf,
                          transportClass=transport_class(settings.transport))
         self.addOnTickCallback(self._send_eagerly)
@@ -165,21 +166,33 @@ class ShardReplica(SyncObj):
             return outer
         with self._group_lock:
             self._group.append((cmd, outer, _inline_bytes(cmd), time.monotonic()))
-            idle = self._in_flight < GROUP_IN_FLIGHT
+            idle = not self._busy()
         if idle:
             self._wake_tick()
         return outer
 
+    def _busy(self) -> bool:
+        """Under `_group_lock`: GROUP_IN_FLIGHT entries of ours are in flight.
+        One that has not landed after FLIGHT_STALE seconds no longer counts
+        (pysyncobj drops a forwarded command silently if the link to the
+        leader breaks while the leader stays: its callback never comes)."""
+        if len(self._in_flight) < GROUP_IN_FLIGHT:
+            return False
+        cutoff = time.monotonic() - FLIGHT_STALE
+        for key in [k for k, since in self._in_flight.items() if since < cutoff]:
+            del self._in_flight[key]
+        return len(self._in_flight) >= GROUP_IN_FLIGHT
+
     def _launched(self, outer: Future) -> None:
         with self._group_lock:
-            self._in_flight += 1
+            self._in_flight[id(outer)] = time.monotonic()
         outer.add_done_callback(self._landed)
 
-    def _landed(self, _: Future) -> None:
+    def _landed(self, outer: Future) -> None:
         """An entry of queued proposals was applied here (or failed): the
         proposals queued meanwhile go now, as one entry."""
         with self._group_lock:
-            self._in_flight -= 1
+            self._in_flight.pop(id(outer), None)
             waiting = bool(self._group)
         if waiting:
             self._wake_tick()
@@ -189,8 +202,7 @@ class ShardReplica(SyncObj):
         proposals queued since the last tick into entries."""
         with self._group_lock:
             queued = self._group
-            if queued and (self._in_flight < GROUP_IN_FLIGHT
-                           or time.monotonic() - queued[0][3] >= GROUP_MAX_WAIT):
+            if queued and (not self._busy() or time.monotonic() - queued[0][3] >= GROUP_MAX_WAIT):
                 self._group = []
             else:
                 queued = []

@@ -24,13 +24,11 @@ except (OSError, AttributeError):  # not Linux / no such call
 
 
 def drop_cached(fd: int) -> None:
-    """Let the kernel drop the file's clean cached pages now. A snapshot is
-    read back only at restart or by a joining replica; kept in the page cache
-    it pushes out memory the replicas need, and under sustained 64 MB pushes
-    the allocations of every thread (the Raft tick thread too) then stall in
-    direct reclaim: in `python -m bench --only push,memory` this cut direct
-    reclaim 6x (867K -> 143K pages) and compaction stalls 758 -> 165, and the
-    term changes with them (1 -> 0)."""
+    """Let the kernel drop the file's clean cached pages now (call it after the
+    data was synced: dirty pages would be written first, on this thread). A
+    snapshot is read back only at restart or by a joining replica; kept in the
+    page cache it pushes out memory the replicas need, and under sustained
+    64 MB pushes every thread's allocations then stall in direct reclaim."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 

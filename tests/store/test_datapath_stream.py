@@ -100,3 +100,18 @@ def test_a_stream_nobody_finishes_gives_up(peers, monkeypatch):
     _feed(stream, os.urandom(1 << 19))
     with pytest.raises(Unavailable, match="Empty"):
         stream.wait(1, 10)
+
+
+def test_many_open_streams_do_not_starve_each_other(peers):
+    """Senders are threads of their own: 20 streams still arriving (40 senders,
+    more than the client's pool) finish in any order."""
+    client, addrs, stores = peers
+    bodies = [os.urandom(1 << 20) for _ in range(20)]
+    streams = [client.stream(addrs, 0, len(b)) for b in bodies]
+    for stream, body in zip(streams, bodies):
+        _feed(stream, body)
+    for stream, body in reversed(list(zip(streams, bodies))):
+        stream.finish(hashlib.sha256(body).hexdigest())
+        stream.wait(2, 5)
+    for body in bodies:
+        assert bytes(stores[0].get(hashlib.sha256(body).hexdigest())) == body
