@@ -81,10 +81,9 @@ class GradFastPath:
             self._record(response.status_code, started, received, len(response.body))
             return
         body = tensors.written_body(result)
-        version = str(result["version"]).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
-            (b"etag", b'"' + version + b'"'), (b"x-version", version)]})
+            *((k.lower().encode(), v.encode()) for k, v in tensors.written_headers(result).items())]})
         await send({"type": "http.response.body", "body": body})
         self._record(200, started, received, len(body))
 

@@ -114,40 +114,31 @@ async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
         default = (local.dtype, local.shape)
     except NotFound:
         default = None
-    t = await _decode_forwarding(store, name, hd, read_body, default)
-    cmd.update(dtype=t.dtype, shape=list(t.shape))
+    # A large raw body goes to the shard's other replicas while it arrives
+    # (cut-through: store/datapath.py PayloadStream); store.write then only
+    # waits for their acknowledgements. Until store.write owns it, a failure
+    # aborts it and the peers drop what they received.
+    stream = _stream_for(store, name, hd)
     try:
+        body = await read_body(stream.feed if stream is not None else None)
+        t = await decode_tensor(store, hd, body, default)
+        if stream is not None:
+            body.stream = stream  # store.write finds it on the payload
+        cmd.update(dtype=t.dtype, shape=list(t.shape))
         written = store.write(name, cmd, t.data)
     except BaseException:
-        stream = getattr(t.data, "stream", None)
         if stream is not None:
             stream.abort()
         raise
     return await wait(written, store.cfg.limits.request_timeout, "push")
 
 
-async def _decode_forwarding(store: Store, name: str, hd: Mapping[str, str],
-                             read_body: Callable[[Callable | None], Awaitable[bytearray]],
-                             default) -> wire.WireTensor:
-    """Read and decode a tensor body; a large raw body is forwarded to the
-    shard's other replicas while it arrives (cut-through replication: see
-    store/datapath.py PayloadStream), and `store.write` then only waits for
-    their acknowledgements."""
-    stream = None
+def _stream_for(store: Store, name: str, hd: Mapping[str, str]):
     length = hd.get("content-length")
     if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and length is not None and length.isdigit() \
             and wire.HASH_WHILE_READING <= int(length) <= store.cfg.limits.max_body_bytes:
-        stream = store.payload_stream(name, int(length))
-    try:
-        body = await read_body(stream.feed if stream is not None else None)
-        t = await decode_tensor(store, hd, body, default)
-    except BaseException:
-        if stream is not None:
-            stream.abort()
-        raise
-    if stream is not None:
-        body.stream = stream  # store.write finds it on the payload
-    return t
+        return store.payload_stream(name, int(length))
+    return None
 
 
 @router.post("/v1/tensors/{name}/grad-rows")

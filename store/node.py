@@ -28,8 +28,8 @@ from .errors import ConfigError, Conflict, NotHosted, StoreError, Timeout, Unava
 from .futures import forward
 from .payloads import PayloadStore, digest_of
 from .raft import ShardReplica
-from .threadnames import name_this_thread
 from .snapshot import read_snapshot
+from .threadnames import name_this_thread
 from .journal import check_journal
 from .sockets import bind_outgoing_raft, source_address, warn_if_ephemeral
 from .state import ShardState, Tensor
@@ -553,8 +553,6 @@ class Store:
             if removed:
                 log.info("shard %d: collected %d payloads covered by the snapshot", host.shard, removed)
         return done
-
-
 
 
 def _end_streams(large: list[tuple[dict, str, Any]]) -> None:
