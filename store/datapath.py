@@ -3,16 +3,21 @@
 Raft entries stay small; tensor bytes go here, with no pickle and no
 compression. One request per connection:
 
-    client -> server   one JSON line {"op": "put"|"get", "shard", "id", "size", "mac"}
-    put:  client sends `size` raw bytes; server answers {"ok": true} once the
-          bytes are stored and their SHA-256 matches `id`
+    client -> server   one JSON line {"op": ..., "shard", "id", "size", "mac"}
+    put_stream: client sends `size` raw bytes (as they arrive from its own
+          client, or all at once), then a trailer line {"id", "mac"} naming
+          them; server answers {"ok": true} once the bytes are stored and their
+          SHA-256 matches `id` (hashed while they arrive). Every payload goes
+          this way (PayloadStream, DataPathClient.replicate).
+    put:  the same with `id` in the header; sent by earlier versions
     get:  server answers {"ok": true, "size": n} and the n raw bytes
     snapshot: the server takes a fresh snapshot of the shard (if its last one
           is behind) and answers like `get` with the snapshot file; a joining
           replica starts from it instead of a transfer through Raft messages
 
 When a Raft password is configured every request carries an HMAC of its
-header under that password; unauthenticated requests are refused.
+header (and a `put_stream` trailer one of its own) under that password;
+unauthenticated requests are refused.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ import queue
 import socket
 import socketserver
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import os
 import time
 from pathlib import Path
@@ -133,7 +137,7 @@ class DataPathServer:
             store = self.payloads.get(shard) if isinstance(shard, int) else None
             if store is None:
                 return _send_line(sock, {"ok": False, "error": f"shard {shard!r} is not hosted here"})
-            if op == "put":
+            if op == "put":  # sent by replicas of earlier versions (rolling upgrades)
                 hasher = hashlib.sha256()
                 data = _recv_exact(sock, size, hasher)
                 store.put(data, pid, digest=hasher.hexdigest())
@@ -191,24 +195,12 @@ class DataPathClient:
         self.secret = secret
         self.timeout = timeout
         self.source = source
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="datapath-push",
-                                        initializer=name_this_thread)
 
     def _connect(self, addr: Address) -> socket.socket:
         sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout,
                                         source_address=self.source)
         _tune(sock)
         return sock
-
-    def push(self, addr: Address, shard: int, payload_id: str, data) -> None:
-        with self._connect(addr) as sock:
-            size = len(data)
-            _send_line(sock, {"op": "put", "shard": shard, "id": payload_id, "size": size,
-                              "mac": _mac(self.secret, "put", shard, payload_id, size)})
-            sock.sendall(data)
-            reply = _read_line(sock)
-        if not reply.get("ok"):
-            raise ConnectionError(f"{addr} refused payload: {reply.get('error')}")
 
     def fetch(self, addr: Address, shard: int, payload_id: str) -> bytearray | None:
         with self._connect(addr) as sock:
@@ -252,54 +244,21 @@ class DataPathClient:
 
     def replicate(self, peers: Sequence[Address], shard: int, payload_id: str, data, need: int,
                   timeout: float) -> None:
-        """Push to every peer in parallel; return once `need` of them hold it.
-
-        The remaining pushes go on in the background, so a slow replica does
-        not slow the write, and a replica that misses it fetches it at apply.
-        """
-        if need <= 0:
-            for p in peers:
-                self._pool.submit(self._quiet_push, p, shard, payload_id, data)
-            return
-        cond = threading.Condition()
-        counts = {"ok": 0, "failed": 0}
-        errors: list[str] = []
-
-        def one(peer: Address) -> None:
-            try:
-                self.push(peer, shard, payload_id, data)
-                outcome = "ok"
-            except (OSError, ConnectionError, ValueError) as e:
-                outcome = "failed"
-                errors.append(f"{peer}: {e}")
-            with cond:
-                counts[outcome] += 1
-                cond.notify_all()
-
-        for p in peers:
-            self._pool.submit(one, p)
-        with cond:
-            cond.wait_for(lambda: counts["ok"] >= need or counts["failed"] > len(peers) - need,
-                          timeout)
-            if counts["ok"] >= need:
-                return
-            acks = counts["ok"]
-        raise Unavailable(f"payload reached {acks} of the {need} peers a majority needs"
-                          + (f" ({'; '.join(errors)})" if errors else ""))
+        """Send a payload that is already complete to every peer in parallel;
+        return once `need` of them hold it. The remaining sends go on in the
+        background, so a slow replica does not slow the write, and a replica
+        that misses it fetches it at apply. The same `put_stream` as a body
+        forwarded while it arrives, with all of it queued at once."""
+        view = memoryview(data).cast("B")
+        stream = self.stream(peers, shard, view.nbytes)
+        stream.feed(view)
+        stream.finish(payload_id)
+        stream.wait(need, timeout)
 
     def stream(self, peers: Sequence[Address], shard: int, size: int) -> "PayloadStream":
         """Start forwarding a payload of `size` bytes to every peer while it
         is still arriving; see PayloadStream."""
         return PayloadStream(self, peers, shard, size)
-
-    def _quiet_push(self, peer: Address, shard: int, payload_id: str, data) -> None:
-        try:
-            self.push(peer, shard, payload_id, data)
-        except (OSError, ConnectionError, ValueError) as e:
-            log.info("background payload push to %s failed: %s", peer, e)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 _END, _ABORT = object(), object()

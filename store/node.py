@@ -227,7 +227,6 @@ class Store:
                 host.replica.destroy()
             host.applier.stop()
         self.datapath.close()
-        self.peer_client.close()
         self._stage_pool.shutdown(wait=False, cancel_futures=True)
         self._payload_writer.shutdown(wait=False, cancel_futures=True)
 

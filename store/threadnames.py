@@ -9,15 +9,13 @@ without a debugger. Elsewhere this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
+
+from .libc import LIBC
 
 PR_SET_NAME = 15
 
-try:
-    _prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
+_prctl = getattr(LIBC, "prctl", None)  # not Linux: no such call
 
 
 def name_this_thread(name: str | None = None) -> None:

@@ -10,17 +10,15 @@ elsewhere this is a no-op.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+
+from .libc import LIBC
 
 SYNC_FILE_RANGE_WRITE = 2
 
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    _sync_file_range = _libc.sync_file_range
+_sync_file_range = getattr(LIBC, "sync_file_range", None)  # not Linux: no such call
+if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-except (OSError, AttributeError):  # not Linux / no such call
-    _sync_file_range = None
 
 
 def drop_cached(fd: int) -> None:

@@ -27,7 +27,6 @@ def peers(tmp_path):
         stores.append(store)
     client = DataPathClient(SECRET, timeout=10)
     yield client, [Address("127.0.0.1", base + i) for i in range(2)], stores
-    client.close()
     for s in servers:
         s.close()
 
@@ -81,14 +80,11 @@ def test_a_sender_without_the_secret_is_refused(peers):
     data = os.urandom(1 << 20)
     pid = hashlib.sha256(data).hexdigest()
     intruder = DataPathClient(b"not the secret", timeout=10)
-    try:
-        stream = intruder.stream(addrs, 0, len(data))
-        _feed(stream, data)
-        stream.finish(pid)
-        with pytest.raises(Unavailable):
-            stream.wait(1, 10)
-    finally:
-        intruder.close()
+    stream = intruder.stream(addrs, 0, len(data))
+    _feed(stream, data)
+    stream.finish(pid)
+    with pytest.raises(Unavailable):
+        stream.wait(1, 10)
     for store in stores:
         assert store.get(pid) is None
 
@@ -115,3 +111,19 @@ def test_many_open_streams_do_not_starve_each_other(peers):
         stream.wait(2, 5)
     for body in bodies:
         assert bytes(stores[0].get(hashlib.sha256(body).hexdigest())) == body
+
+
+def test_replicate_sends_a_complete_payload_the_same_way(peers):
+    client, addrs, stores = peers
+    data = os.urandom(2 << 20)
+    pid = hashlib.sha256(data).hexdigest()
+    client.replicate(addrs, 0, pid, data, need=2, timeout=10)
+    for store in stores:
+        assert bytes(store.get(pid)) == data
+    down = Address("127.0.0.1", free_range(1))  # nobody listens there
+    other = os.urandom(1 << 16)
+    other_id = hashlib.sha256(other).hexdigest()
+    client.replicate([addrs[0], down], 0, other_id, other, need=1, timeout=10)
+    assert bytes(stores[0].get(other_id)) == other
+    with pytest.raises(Unavailable, match="of the 2 peers a majority needs.*Connection refused"):
+        client.replicate([addrs[0], down], 0, other_id, other, need=2, timeout=10)
