@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
-from store.config import load_config
 from store.errors import ConfigError, StoreError
+
+# What `pip install 'paramstore[server]'` adds to the client install (pyproject.toml).
+SERVER_MODULES = ("fastapi", "uvicorn", "pysyncobj", "cryptography", "prometheus_client", "rich")
+EXIT_NO_SERVER = 2
+
+
+def missing_server_modules() -> list[str]:
+    """The server extra's modules that are not installed (no import: find_spec only)."""
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if sys.version_info < (3, 11) and importlib.util.find_spec("tomli") is None:
+        missing.append("tomli")
+    return missing
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -22,6 +34,15 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_server_modules()
+    if missing:
+        # A client-only install (`pip install paramstore`) has this console script too.
+        print(f"paramstore: this command needs the server, which is not installed here "
+              f"(missing: {', '.join(missing)}).\nInstall it with: pip install 'paramstore[server]'\n"
+              f"(Trainers need only the client: `from paramstore import Client`.)", file=sys.stderr)
+        return EXIT_NO_SERVER
+    from store.config import load_config  # needs tomli before Python 3.11: a server dependency
+
     parser = argparse.ArgumentParser(prog="paramstore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
