@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from api.client import NotFoundError, ParamStoreClient  # noqa: E402
+from paramstore import Client, NotFoundError  # noqa: E402
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]
 
@@ -104,7 +104,7 @@ def worker(rank: int, args: argparse.Namespace, urls: list[str], results: "mp.Qu
     rng = np.random.default_rng(1000 + rank)
     names = {k: f"{args.prefix}.{k}" for k in init_params(x.shape[1], args.hidden)}
     # Spread the workers' reads over the replicas; any replica takes writes.
-    with ParamStoreClient(urls[rank % len(urls):] + urls[:rank % len(urls)]) as ps:
+    with Client(urls[rank % len(urls):] + urls[:rank % len(urls)]) as ps:
         optimizer = {"type": args.optimizer, "lr": args.lr}
         for key, value in init_params(x.shape[1], args.hidden).items():
             ps.create(names[key], value, optimizer=optimizer, exist_ok=True)  # first worker wins
@@ -124,7 +124,7 @@ def worker(rank: int, args: argparse.Namespace, urls: list[str], results: "mp.Qu
     results.put((rank, None, 0, 0))
 
 
-def pull_params(ps: ParamStoreClient, prefix: str, hidden: int, n_in: int) -> dict[str, np.ndarray]:
+def pull_params(ps: Client, prefix: str, hidden: int, n_in: int) -> dict[str, np.ndarray]:
     keys = list(init_params(n_in, hidden))
     return {k: ps.pull(f"{prefix}.{k}")[0] for k in keys}
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {what}, {len(x_tr)} train / {len(x_te)} test; model: {model}; "
           f"{args.workers} workers x {args.steps} steps, batch {args.batch}, "
           f"server-side {args.optimizer} lr {args.lr}", flush=True)
-    with ParamStoreClient(urls) as ps:
+    with Client(urls) as ps:
         if not args.resume:
             for k in init_params(n_in, args.hidden):
                 try:

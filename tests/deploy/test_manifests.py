@@ -167,7 +167,7 @@ def test_dockerfile():
     assert json.loads([v for i, v in instr if i == "ENTRYPOINT"][-1]) == ["paramstore"]
     assert json.loads([v for i, v in instr if i == "CMD"][-1]) == ["serve"]
     assert json.loads([v for i, v in instr if i == "VOLUME"][-1]) == ["/var/lib/paramstore"]
-    assert any(i == "RUN" and "pip install ." in v for i, v in instr)
+    assert any(i == "RUN" and 'pip install ".[server]"' in v for i, v in instr)  # the client alone cannot serve
     for i, v in instr:  # every COPY source exists in the build context (the repository root)
         if i == "COPY":
             for src in shlex.split(v)[:-1]:

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 
 from api.app import create_app
 from api.auth import check_policy
-from api.client import AuthError, ParamStoreClient
+from paramstore import AuthError, Client
 from store.config import config_from_mapping, render_toml
 from store.errors import ConfigError
 from tests.ports import free_range
@@ -121,10 +121,10 @@ def test_tls_and_tokens_on_a_real_replica(tmp_path):
             httpx.get(f"http://{cfg.node.http}/healthz", timeout=2)
         with pytest.raises(httpx.HTTPError):  # an unknown CA is refused
             httpx.get(url + "/healthz", timeout=2)
-        with ParamStoreClient([url], token="w-token", verify=str(ca), deadline=10) as ps:
+        with Client([url], token="w-token", verify=str(ca), deadline=10) as ps:
             assert ps.create("t", np.ones(3, np.float32)) == 1
             assert ps.pull("t")[1] == 1
-        with ParamStoreClient([url], token="r-token", verify=str(ca), deadline=10) as ps:
+        with Client([url], token="r-token", verify=str(ca), deadline=10) as ps:
             assert ps.pull("t")[0].tolist() == [1, 1, 1]
             with pytest.raises(AuthError):
                 ps.push_grad("t", np.ones(3, np.float32))
