@@ -1,2 +1,2 @@
-"""The HTTP face of paramstore: FastAPI app, wire formats, error mapping, the
-client SDK and the CLI. Knows nothing of Raft internals."""
+"""The HTTP face of paramstore: FastAPI app, wire formats, error mapping and the
+CLI. Knows nothing of Raft internals. (The client SDK is the `paramstore` package.)"""

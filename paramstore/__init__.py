@@ -23,5 +23,5 @@ ParamStoreClient = Client  # the name the SDK had as api.client.ParamStoreClient
 
 __all__ = [
     "Client", "ParamStoreClient", "ParamStoreError", "NotFoundError", "PreconditionFailedError",
-    "ConflictError", "InvalidError", "UnavailableError", "AuthError", "__version__",
+    "ConflictError", "InvalidError", "UnavailableError", "AuthError",
 ]
