@@ -1,6 +1,6 @@
 """What a trainer installs: the `paramstore` client alone, without the server.
 
-These run in subprocesses, so what a fresh interpreter imports is what is
+The import checks run in subprocesses, so what a fresh interpreter imports is what is
 checked (this test process has the server loaded already).
 """
 from __future__ import annotations
