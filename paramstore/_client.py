@@ -22,6 +22,11 @@ __all__ = ["Client"]
 
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 1.0
+# Answers another replica (or a later try) may do better on. 503: no leader, not
+# caught up, or the store's deadline passed. 408: this replica stopped waiting,
+# e.g. for the session's min_version, or for a body that stalled in transit.
+# A retried write carries the same X-Request-Id, so it still applies at most once.
+_RETRY_STATUSES = (408, 503)
 
 
 class _Retry(Exception):
@@ -46,7 +51,8 @@ class Client:
     copy and pulled arrays are read-only `np.frombuffer` views of the response.
 
     Retries and failover. A request that fails with a connection error, a
-    transport timeout or a 503 (`unavailable` / `timeout`) is retried on the
+    transport timeout, a 503 (`unavailable` / `timeout`) or a 408 (the replica
+    stopped waiting, e.g. for the session's min_version) is retried on the
     next replica with bounded, jittered exponential backoff until the call's
     `deadline`; then `UnavailableError` is raised. The replica that answered
     last is tried first next time. Which calls are safe to retry:
@@ -278,7 +284,7 @@ class Client:
         if r.status_code in ok:
             return r
         err = error_from(r)
-        if r.status_code == 503:
+        if r.status_code in _RETRY_STATUSES:
             try:
                 retry_after = float(r.headers.get("Retry-After", "0"))
             except ValueError:

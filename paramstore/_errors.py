@@ -48,7 +48,8 @@ class InvalidError(ParamStoreError):
 
 
 class UnavailableError(ParamStoreError):
-    """No replica answered usefully before the deadline (the last cause is chained)."""
+    """No replica answered usefully before the deadline (the last cause is chained;
+    `status` is the last answer's: 503, 408, or None when none answered)."""
 
 
 class AuthError(ParamStoreError):
@@ -58,7 +59,7 @@ class AuthError(ParamStoreError):
 _BY_STATUS: dict[int, type[ParamStoreError]] = {
     400: InvalidError, 401: AuthError, 403: AuthError, 404: NotFoundError, 406: InvalidError,
     409: ConflictError, 412: PreconditionFailedError, 413: InvalidError, 415: InvalidError,
-    422: InvalidError, 503: UnavailableError,
+    422: InvalidError, 408: UnavailableError, 503: UnavailableError,
 }
 
 
