@@ -12,6 +12,7 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
+from store.commands import Batch, Grad
 from store.errors import InvalidRequest, StoreError
 
 from . import headers as h
@@ -72,15 +73,14 @@ async def push_batch(request: Request) -> Response:
     grads = await anyio.to_thread.run_sync(wire.decode_safetensors, body)
     if not grads:
         raise InvalidRequest("the safetensors body holds no tensors")
-    by_shard: dict[int, list] = {}
+    by_shard: dict[int, list[Grad]] = {}
     for name, t in grads.items():
         h.tensor_name(name)
-        cmd = {"op": "grad", "name": name, "dtype": t.dtype, "shape": list(t.shape),
-               "base_version": base_versions.get(name)}
-        by_shard.setdefault(store.shard_of(name), []).append((cmd, {"data": t.data}))
+        cmd = Grad(name=name, dtype=t.dtype, shape=t.shape, data=t.data, base_version=base_versions.get(name))
+        by_shard.setdefault(store.shard_of(name), []).append(cmd)
     shards = sorted(by_shard)
     outcomes = await asyncio.gather(*(
-        wait(store.write_batch(s, by_shard[s], f"{rid}:{s}" if rid else None),
+        wait(store.write_batch(s, Batch(ops=tuple(by_shard[s]), rid=f"{rid}:{s}" if rid else None)),
              store.cfg.limits.request_timeout, f"batch push to shard {s}")
         for s in shards), return_exceptions=True)
     versions, failure = {}, None

@@ -38,8 +38,10 @@ from fastapi import APIRouter, Query, Request
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from store import dtypes
+from store import dtypes, record
+from store.commands import Put
 from store.errors import InvalidRequest, StoreError, Unprocessable
+from store.record import Tensor
 
 from . import headers as h
 from .bridge import wait
@@ -109,11 +111,6 @@ def _unlink(path: str) -> None:
         pass
 
 
-_NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
-             "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8",
-             "bool": "BOOL"}
-
-
 def _write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """The safetensors layout (8-byte little-endian header size, JSON header
     with dtype, shape and data offsets, then the raw little-endian bytes),
@@ -127,7 +124,7 @@ def _write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str
     order = sorted(arrays)
     for name in order:
         arr = arrays[name]
-        header[name] = {"dtype": _NP_TO_ST[arr.dtype.name], "shape": list(arr.shape),
+        header[name] = {"dtype": dtypes.SAFETENSORS[dtypes.dtype_name(arr.dtype)], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -147,18 +144,11 @@ def _write_file(tmp: Path, node: str, cluster_shards: int, captured: dict[int, d
     described: dict[str, dict] = {}
     for shard, tensors in sorted(captured.items()):
         for name, t in sorted(tensors.items()):
-            arrays[name] = _c_order(t.value)
-            entry = {"version": t.version, "shard": shard, "dtype": t.dtype, "shape": list(t.shape),
-                     "optimizer": t.optimizer, "allow_nonfinite": t.allow_nonfinite,
-                     "max_staleness": t.max_staleness, "staleness_policy": t.staleness_policy,
-                     "state_arrays": [], "state_scalars": {}}
-            if with_state:
-                for key, v in sorted(t.opt_state.items()):
-                    if isinstance(v, np.ndarray):
-                        arrays[f"{name}{STATE_SEP}{key}"] = _c_order(v)
-                        entry["state_arrays"].append(key)
-                    else:
-                        entry["state_scalars"][key] = v.item() if isinstance(v, np.generic) else v
+            entry = record.metadata(t, state=with_state)
+            del entry["name"]  # the key
+            entry["shard"] = shard
+            for key, arr in record.arrays(t, state=with_state).items():
+                arrays[name if key == record.VALUE else f"{name}{STATE_SEP}{key}"] = arr
             described[name] = entry
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "node": node,
             "created": round(time.time(), 3), "shards": sorted(captured),
@@ -206,27 +196,13 @@ async def load_checkpoint(
                     report["skipped"].append({"name": name, "reason": "not_hosted", "shard": shard,
                                               "hosts": [n.url for n in store.hosts_of(shard)]})
                     return
-                cmd: dict[str, Any] = {"op": "put", "optimizer": item["optimizer"],
-                                       "allow_nonfinite": item["allow_nonfinite"],
-                                       "staleness_policy": item["staleness_policy"]}
-                if item["max_staleness"] is not None:
-                    cmd["max_staleness"] = item["max_staleness"]
-                if mode == "create":
-                    cmd["if_none_match"] = True
-                elif if_match is not None and item["version"] is not None:
-                    cmd["if_match"] = item["version"]
                 try:
-                    arr = await anyio.to_thread.run_sync(_load_array, path, name)
-                    cmd.update(dtype=dtypes.dtype_name(arr.dtype), shape=list(arr.shape))
-                    blobs = {}
-                    if item["state_arrays"] or item["state_scalars"]:
-                        cmd["opt_state"] = {"arrays": item["state_arrays"], "scalars": item["state_scalars"]}
-                        for key in item["state_arrays"]:
-                            state_arr = await anyio.to_thread.run_sync(
-                                _load_array, path, f"{name}{STATE_SEP}{key}")
-                            blobs[f"state:{key}"] = memoryview(state_arr.reshape(-1)).cast("B")
-                    result = await wait(store.write(name, cmd, memoryview(arr.reshape(-1)).cast("B"), **blobs),
-                                        store.cfg.limits.request_timeout, f"restore of {name}")
+                    arrays = {record.VALUE: await anyio.to_thread.run_sync(_load_array, path, name)}
+                    for key in item["state_arrays"]:
+                        arrays[key] = await anyio.to_thread.run_sync(_load_array, path, f"{name}{STATE_SEP}{key}")
+                    cmd = _restore_command(record.from_metadata(item["meta"], arrays), mode,
+                                           if_match is not None and item["version"] is not None)
+                    result = await wait(store.write(cmd), store.cfg.limits.request_timeout, f"restore of {name}")
                 except StoreError as e:
                     if mode == "create" and e.code == "precondition_failed":
                         report["skipped"].append({"name": name, "reason": "exists",
@@ -236,7 +212,7 @@ async def load_checkpoint(
                     return
                 report["created" if result.get("created") else "replaced"].append(name)
                 report["versions"][name] = result["version"]
-                if "opt_state" in cmd:
+                if cmd.state_arrays is not None:
                     report["state_restored"].append(name)
 
         await asyncio.gather(*(restore_one(item) for item in plan))
@@ -295,7 +271,7 @@ def _read_plan(path: str) -> list[dict]:
             sizes = {}
             for k in keys:
                 sl = f.get_slice(k)
-                sizes[k] = int(np.prod(sl.get_shape(), dtype=np.int64)) * _ST_ITEMSIZE.get(sl.get_dtype(), 8)
+                sizes[k] = int(np.prod(sl.get_shape(), dtype=np.int64)) * _itemsize(sl.get_dtype())
     except Exception as e:
         raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
     described: dict[str, dict] = {}
@@ -317,21 +293,49 @@ def _read_plan(path: str) -> list[dict]:
         if STATE_SEP in name:
             continue
         h.tensor_name(name)
-        d = described.get(name, {})
+        d = _described(described, name)
         plan.append({
             "name": name, "version": d.get("version"), "nbytes": sizes[name],
-            "optimizer": d.get("optimizer") or {"type": "assign"},
-            "allow_nonfinite": bool(d.get("allow_nonfinite", False)),
-            "max_staleness": d.get("max_staleness"),
-            "staleness_policy": d.get("staleness_policy") or "reject",
+            "meta": dict(d, name=name),  # for record.from_metadata
             "state_arrays": sorted(state_keys.get(name, [])),
-            "state_scalars": dict(d.get("state_scalars") or {}),
         })
     return plan
 
 
-_ST_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
-                "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+def _described(described: Any, name: str) -> dict[str, Any]:
+    """The file's metadata of tensor `name` ({} if none); InvalidRequest if its
+    types are wrong (values themselves are checked when the put applies)."""
+    d = described.get(name, {}) if isinstance(described, dict) else None
+    if not isinstance(d, dict) or not all(
+            d.get(key) is None or isinstance(d[key], want) for key, want in (
+                ("version", int), ("optimizer", dict), ("state_scalars", dict))):
+        raise InvalidRequest(f"metadata {META_KEY!r}: the entry of {name!r} is malformed")
+    return d
+
+
+def _itemsize(safetensors_code: str) -> int:
+    """For sizing only: dtypes the store does not hold are refused when loaded."""
+    name = dtypes.FROM_SAFETENSORS.get(safetensors_code)
+    return dtypes.DTYPES[name].itemsize if name else 8
+
+
+def _restore_command(t: Tensor, mode: str, if_match: bool) -> Put:
+    """The put that restores record `t` (its metadata from the file, where
+    it has some): value, optimizer spec and settings, and the optimizer
+    state the file holds."""
+    arrays = {k: v for k, v in t.opt_state.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in t.opt_state.items() if not isinstance(v, np.ndarray)}
+    restore_state = bool(arrays or scalars)
+    return Put(name=t.name, dtype=t.dtype, shape=t.shape, data=_raw(t.value), optimizer=t.optimizer,
+               allow_nonfinite=t.allow_nonfinite, max_staleness=t.max_staleness,
+               staleness_policy=t.staleness_policy, if_none_match=mode == "create",
+               if_match=t.version if mode == "replace" and if_match else None,
+               state_arrays={k: _raw(v) for k, v in arrays.items()} if restore_state else None,
+               state_scalars=scalars if restore_state else None)
+
+
+def _raw(arr: np.ndarray) -> memoryview:
+    return memoryview(arr.reshape(-1)).cast("B")
 
 
 def _load_array(path: str, name: str) -> np.ndarray:
@@ -343,9 +347,5 @@ def _load_array(path: str, name: str) -> np.ndarray:
     except Exception as e:  # e.g. bfloat16, which numpy cannot hold
         raise Unprocessable(f"tensor {name!r} cannot be read: {e}") from None
     dtypes.dtype_name(arr.dtype)  # Unprocessable for dtypes the store does not hold
-    return _c_order(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-
-
-def _c_order(arr: np.ndarray) -> np.ndarray:
-    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
-    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+    arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")  # 0-d stays 0-d

@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from store.commands import Delete, Grad, GradRows, Put
 from store.errors import InvalidRequest, NotFound, Unavailable, UnsupportedMediaType, Unprocessable
 from store.node import Store
 
@@ -64,23 +65,18 @@ async def put_tensor(name: str, request: Request) -> Response:
     inm = hd.get("if-none-match")
     if inm is not None and inm.strip() != "*":
         raise InvalidRequest("If-None-Match on PUT only takes '*' (create only)")
-    cmd = {
-        "op": "put",
-        "if_none_match": inm is not None,
-        "if_match": h.version_tag(hd.get("if-match"), "If-Match", allow_star=True),
-        "optimizer": h.optimizer(hd.get("x-optimizer")),
-        "allow_nonfinite": h.boolean(hd.get("x-allow-nonfinite"), "X-Allow-Nonfinite"),
-        "staleness_policy": h.staleness_policy(hd.get("x-staleness-policy")),
-    }
-    max_staleness = h.integer(hd.get("x-max-staleness"), "X-Max-Staleness")
-    if max_staleness is not None:
-        cmd["max_staleness"] = max_staleness
-    rid = h.request_id(hd.get("x-request-id"))
-    if rid:
-        cmd["rid"] = rid
+    fields = dict(
+        if_none_match=inm is not None,
+        if_match=h.version_tag(hd.get("if-match"), "If-Match", allow_star=True),
+        optimizer=h.optimizer(hd.get("x-optimizer")),
+        allow_nonfinite=h.boolean(hd.get("x-allow-nonfinite"), "X-Allow-Nonfinite"),
+        staleness_policy=h.staleness_policy(hd.get("x-staleness-policy")),
+        max_staleness=h.integer(hd.get("x-max-staleness"), "X-Max-Staleness"),
+        rid=h.request_id(hd.get("x-request-id")),
+    )
     t = await _decode(request, store)
-    cmd.update(dtype=t.dtype, shape=list(t.shape))
-    result = await wait(store.write(name, cmd, t.data), store.cfg.limits.request_timeout, "write")
+    cmd = Put(name=name, dtype=t.dtype, shape=t.shape, data=t.data, **fields)
+    result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "write")
     return _written(result, 201 if result.get("created") else 200)
 
 
@@ -101,14 +97,9 @@ async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
     and api/fastpath.py. Headers are checked before the body is read.
     `read_body(forward)` reads the body (`wire.read_stream`)."""
     h.tensor_name(name)
-    cmd = {
-        "op": "grad",
-        "base_version": h.integer(hd.get("x-base-version"), "X-Base-Version"),
-        "if_match": h.version_tag(hd.get("if-match"), "If-Match"),
-    }
+    base_version = h.integer(hd.get("x-base-version"), "X-Base-Version")
+    if_match = h.version_tag(hd.get("if-match"), "If-Match")
     rid = h.request_id(hd.get("x-request-id"))
-    if rid:
-        cmd["rid"] = rid
     try:
         local, _ = store.peek(name)
         default = (local.dtype, local.shape)
@@ -124,8 +115,8 @@ async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
         t = await decode_tensor(store, hd, body, default)
         if stream is not None:
             body.stream = stream  # store.write finds it on the payload
-        cmd.update(dtype=t.dtype, shape=list(t.shape))
-        written = store.write(name, cmd, t.data)
+        written = store.write(Grad(name=name, dtype=t.dtype, shape=t.shape, data=t.data, rid=rid,
+                                   base_version=base_version, if_match=if_match))
     except BaseException:
         if stream is not None:
             stream.abort()
@@ -159,16 +150,12 @@ async def push_grad_rows(name: str, request: Request) -> Response:
         raise Unprocessable("indices must be a 1-D int64 tensor")
     if not vals.shape or vals.shape[0] != idx.shape[0]:
         raise Unprocessable(f"values must have {idx.shape[0]} rows (one per index), shape is {list(vals.shape)}")
-    cmd = {
-        "op": "grad_rows", "k": idx.shape[0], "dtype": vals.dtype, "row_shape": list(vals.shape[1:]),
-        "base_version": h.integer(hd.get("x-base-version"), "X-Base-Version"),
-        "if_match": h.version_tag(hd.get("if-match"), "If-Match"),
-    }
-    rid = h.request_id(hd.get("x-request-id"))
-    if rid:
-        cmd["rid"] = rid
-    result = await wait(store.write(name, cmd, indices=idx.data, values=vals.data),
-                        store.cfg.limits.request_timeout, "sparse push")
+    cmd = GradRows(
+        name=name, k=idx.shape[0], dtype=vals.dtype, row_shape=vals.shape[1:], indices=idx.data,
+        values=vals.data, rid=h.request_id(hd.get("x-request-id")),
+        base_version=h.integer(hd.get("x-base-version"), "X-Base-Version"),
+        if_match=h.version_tag(hd.get("if-match"), "If-Match"))
+    result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "sparse push")
     return _written(result)
 
 
@@ -176,11 +163,9 @@ async def push_grad_rows(name: str, request: Request) -> Response:
 async def delete_tensor(name: str, request: Request) -> Response:
     store = _store(request)
     h.tensor_name(name)
-    cmd = {"op": "delete", "if_match": h.version_tag(request.headers.get("if-match"), "If-Match")}
-    rid = h.request_id(request.headers.get("x-request-id"))
-    if rid:
-        cmd["rid"] = rid
-    result = await wait(store.write(name, cmd), store.cfg.limits.request_timeout, "delete")
+    cmd = Delete(name=name, if_match=h.version_tag(request.headers.get("if-match"), "If-Match"),
+                 rid=h.request_id(request.headers.get("x-request-id")))
+    result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "delete")
     return _written(result)
 
 

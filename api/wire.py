@@ -273,10 +273,6 @@ def _npy_header(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I32": "int32", "I64": "int64"}
-
-
 def decode_safetensors(body) -> dict[str, WireTensor]:
     """Many tensors in one body, parsed by the safetensors library."""
     import safetensors
@@ -287,10 +283,7 @@ def decode_safetensors(body) -> dict[str, WireTensor]:
         raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
     out = {}
     for name, spec in items:
-        dtype = _ST_DTYPES.get(spec["dtype"])
-        if dtype is None:
-            raise Unprocessable(f"tensor {name!r}: safetensors dtype {spec['dtype']} is not supported "
-                                f"(supported: {', '.join(_ST_DTYPES)})")
+        dtype = dtypes.from_safetensors(spec["dtype"], f"tensor {name!r}")
         out[name] = WireTensor(dtype, dtypes.check_shape(spec["shape"]), spec["data"])
     return out
 

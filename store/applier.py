@@ -13,8 +13,9 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
+from .commands import Inline, Stored, from_log
 from .errors import StoreError
 from .state import ShardState
 from .threadnames import name_this_thread
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Applier:
-    def __init__(self, state: ShardState, resolve: Callable[[Mapping[str, Any], int], Any],
+    def __init__(self, state: ShardState, resolve: Callable[[Stored, int], Any],
                  on_payload_used: Callable[[str, int, int], None]) -> None:
         self.state = state
         self.applied_index = 0
@@ -41,9 +42,11 @@ class Applier:
         self._thread.start()
 
     # ---- called from the Raft tick thread ----------------------------------
-    def submit(self, index: int, cmd: Mapping[str, Any]) -> Future:
+    def submit(self, index: int, entry: tuple) -> Future:
+        """Apply the sealed log entry (store/commands.py `to_log`) at `index`;
+        it is decoded on the applier thread, not the tick thread."""
         fut: Future = Future()
-        self._enqueue(("apply", index, cmd, fut))
+        self._enqueue(("apply", index, entry, fut))
         return fut
 
     def call(self, fn: Callable[[], Any]) -> Future:
@@ -124,18 +127,18 @@ class Applier:
                 with self._pending_lock:
                     self._pending -= 1
 
-    def _apply(self, index: int, cmd: Mapping[str, Any], fut: Future) -> None:
+    def _apply(self, index: int, entry: tuple, fut: Future) -> None:
         started = time.perf_counter()
-        used: list[Mapping[str, Any]] = []
+        used: list[Stored] = []
 
-        def resolve(ref: Mapping[str, Any]):
-            if "inline" in ref:
-                return ref["inline"]
+        def resolve(ref: Inline | Stored):
+            if isinstance(ref, Inline):
+                return ref.data
             used.append(ref)
             return self._resolve(ref, index)
 
         try:
-            result = self.state.apply(cmd, resolve)
+            result = self.state.apply(from_log(entry), resolve)
             fut.set_result(result)
         except StoreError as e:
             fut.set_exception(e)
@@ -144,7 +147,7 @@ class Applier:
             fut.set_exception(StoreError(f"internal error applying command: {e}"))
         self.applied_index = max(self.applied_index, index)
         for ref in used:
-            self._on_payload_used(ref["id"], int(ref.get("size", 0)), index)
+            self._on_payload_used(ref.id, ref.size, index)
         self.apply_seconds += time.perf_counter() - started
         self.applied_count += 1
         self._notify(self.state.changed)

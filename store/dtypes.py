@@ -5,14 +5,19 @@ import numpy as np
 
 from .errors import InvalidRequest, Unprocessable
 
-DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<f2"),
-    "float64": np.dtype("<f8"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-}
-FLOAT_DTYPES = {"float32", "float16", "float64"}
+# The one table of the dtypes a tensor may have: name (X-Dtype, JSON, .npy),
+# numpy dtype (little-endian, as stored) and safetensors code.
+_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("float32", "<f4", "F32"),
+    ("float16", "<f2", "F16"),
+    ("float64", "<f8", "F64"),
+    ("int32", "<i4", "I32"),
+    ("int64", "<i8", "I64"),
+)
+DTYPES: dict[str, np.dtype] = {name: np.dtype(np_code) for name, np_code, _ in _TABLE}
+FLOAT_DTYPES = {name for name, dt in DTYPES.items() if dt.kind == "f"}
+SAFETENSORS: dict[str, str] = {name: st for name, _, st in _TABLE}  # name -> safetensors code
+FROM_SAFETENSORS: dict[str, str] = {st: name for name, st in SAFETENSORS.items()}
 MAX_RANK = 8
 MAX_ELEMENTS = 1 << 34
 
@@ -29,6 +34,15 @@ def dtype_name(dt: np.dtype) -> str:
         if np.dtype(dt).newbyteorder("<") == d:
             return name
     raise Unprocessable(f"dtype {dt} is not supported (supported: {', '.join(DTYPES)})")
+
+
+def from_safetensors(code: str, what: str) -> str:
+    """The dtype name of a safetensors dtype code; Unprocessable if the store does not hold it."""
+    try:
+        return FROM_SAFETENSORS[code]
+    except KeyError:
+        raise Unprocessable(f"{what}: safetensors dtype {code} is not supported "
+                            f"(supported: {', '.join(FROM_SAFETENSORS)})") from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

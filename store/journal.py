@@ -33,7 +33,6 @@ from typing import Any, Callable
 
 from .errors import CorruptData
 
-SEAL = "crc"  # key of the CRC32 that `seal` adds to every command paramstore proposes
 HEADER = struct.Struct("<24s8sII")
 SIZE = struct.Struct("<I")
 INDEX_TERM = struct.Struct("<QQ")
@@ -43,11 +42,11 @@ ADVICE = ("move {dir} away (keep it for inspection) and restart this replica: "
 
 
 # ---- sealing -----------------------------------------------------------------
-def seal(cmd: dict) -> dict:
-    """`cmd` plus the CRC32 of its content. Raises TypeError for anything but
-    plain data, which `check_journal` would refuse after a restart."""
-    body = {k: v for k, v in cmd.items() if k != SEAL}
-    return {**body, SEAL: content_crc(body)}
+def seal(data: Any) -> tuple[int, Any]:
+    """`(CRC32 of data's content, data)`: how every command paramstore
+    proposes is logged. Raises TypeError for anything but plain data, which
+    `check_journal` would refuse after a restart."""
+    return (content_crc(data), data)
 
 
 def content_crc(obj: Any) -> int:
@@ -187,15 +186,17 @@ def _command_problem(cmd: bytes) -> str | None:
     if type(value) is not tuple or not 2 <= len(value) <= 3 or type(value[0]) is not int \
             or type(value[1]) is not tuple or (len(value) == 3 and type(value[2]) is not dict):
         return "command is not a replicated method call"
-    for arg in value[1]:
-        if type(arg) is dict and SEAL in arg:
-            body = {k: v for k, v in arg.items() if k != SEAL}
-            try:
-                ok = content_crc(body) == arg[SEAL]
-            except TypeError as e:
-                return str(e)
-            if not ok:
-                return "command content fails its CRC32 (flipped bytes)"
+    # paramstore proposes through one replicated method taking one sealed command
+    if len(value[1]) != 1 or type(value[1][0]) is not tuple or len(value[1][0]) != 2 \
+            or type(value[1][0][0]) is not int:
+        return "command is not a sealed paramstore command"
+    crc, data = value[1][0]
+    try:
+        ok = content_crc(data) == crc
+    except TypeError as e:
+        return str(e)
+    if not ok:
+        return "command content fails its CRC32 (flipped bytes)"
     return None
 
 

@@ -11,17 +11,17 @@ import hashlib
 import logging
 import threading
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pysyncobj.utility import TcpUtility, UtilityException
 
-from . import membership, placement
+from . import commands, membership, placement
 from .applier import Applier
+from .commands import Batch, Command, Inline, MemberDrop, MemberSet, Noop, Stored, TensorCommand
 from .config import Config, NodeConfig
 from .datapath import DataPathClient, DataPathServer, PayloadStream
 from .errors import ConfigError, Conflict, NotHosted, StoreError, Timeout, Unavailable
@@ -251,44 +251,33 @@ class Store:
         return host
 
     # ---- writes ------------------------------------------------------------------
-    def write(self, name: str, cmd: dict[str, Any], data=None, **blobs: Any) -> Future:
-        """Replicate a command for tensor `name`; its byte blobs (`data`, and any
-        other named field) ride inline if small, else are sideloaded.
+    def write(self, cmd: TensorCommand) -> Future:
+        """Replicate a command for tensor `cmd.name`; its payloads ride inline
+        if small, else are sideloaded. Retrying with the same request id never
+        applies twice."""
+        return self._submit(self.host(self.shard_of(cmd.name)), cmd)
 
-        `cmd` gets a request id unless it has one; retrying with the same `rid`
-        never applies twice.
-        """
-        host = self.host(self.shard_of(name))
-        cmd = dict(cmd, name=name)
-        cmd.setdefault("rid", uuid.uuid4().hex)
-        if data is not None:
-            blobs["data"] = data
-        return self._submit(host, cmd, [(cmd, field, blob) for field, blob in blobs.items()])
+    def write_batch(self, shard: int, batch: Batch) -> Future:
+        """Commands of one shard as ONE Raft entry: all apply or none.
+        Resolves with {"results": [...]} in order."""
+        return self._submit(self.host(shard), batch)
 
-    def write_batch(self, shard: int, ops: list[tuple[dict[str, Any], dict[str, Any]]],
-                    rid: str | None = None) -> Future:
-        """Several (command, blobs) pairs of one shard as ONE Raft entry: all
-        apply or none. Resolves with {"results": [...]} in order."""
-        host = self.host(shard)
-        cmds = [dict(cmd) for cmd, _ in ops]
-        slots = [(c, field, blob) for c, (_, blobs) in zip(cmds, ops) for field, blob in blobs.items()]
-        return self._submit(host, {"op": "batch", "ops": cmds, "rid": rid or uuid.uuid4().hex}, slots)
-
-    def _submit(self, host: ShardHost, cmd: dict[str, Any], slots: list[tuple[dict, str, Any]]) -> Future:
+    def _submit(self, host: ShardHost, cmd: Command) -> Future:
         inline_limit = self.cfg.limits.inline_payload_bytes
+        refs: dict[commands.BlobPath, commands.Ref] = {}
         large = []
-        for target, field, blob in slots:
+        for path, blob in commands.blobs(cmd):
             if len(blob) <= inline_limit:
-                target[field] = {"inline": bytes(blob)}
+                refs[path] = Inline(bytes(blob))
             else:
-                large.append((target, field, blob))
+                large.append((path, blob))
         if not large:
-            return host.replica.propose(cmd)
+            return host.replica.propose(commands.with_refs(cmd, refs))
         outer: Future = Future()
 
         def stage() -> None:
             try:
-                for target, field, blob in large:
+                for path, blob in large:
                     # the local copy is written while the peers receive theirs
                     payload_id = getattr(blob, "sha256", None) or digest_of(blob)
                     local = self._payload_writer.submit(host.payloads.put, blob, payload_id, payload_id)
@@ -301,8 +290,8 @@ class Store:
                             [p.data for p in host.peers], host.shard, payload_id, blob,
                             need=host.majority - 1, timeout=self.cfg.limits.request_timeout)
                     local.result()
-                    target[field] = {"id": payload_id, "size": len(blob)}
-                forward(host.replica.propose(cmd), outer)
+                    refs[path] = Stored(payload_id, len(blob))
+                forward(host.replica.propose(commands.with_refs(cmd, refs)), outer)
             except StoreError as e:
                 outer.set_exception(e)
             except Exception as e:
@@ -330,7 +319,7 @@ class Store:
     def barrier(self, shard: int) -> Future:
         """Resolves once a no-op committed after this call is applied here:
         reads after it see every write acknowledged before the call."""
-        return self.host(shard).replica.propose({"op": "noop"})
+        return self.host(shard).replica.propose(Noop())
 
     # ---- reads -------------------------------------------------------------------
     def get(self, name: str) -> tuple[Tensor, int]:
@@ -414,8 +403,7 @@ class Store:
             if known is not None and known != addr:
                 raise Conflict(f"shard {shard}: node {node.id!r} is already a member at {known}; "
                                "remove it first to change its addresses")
-            self._wait(host.replica.propose(
-                {"op": "member_set", "node": membership.record_of(node), "rid": uuid.uuid4().hex}), deadline)
+            self._wait(host.replica.propose(MemberSet(**membership.record_of(node))), deadline)
             if addr in host.replica.members():
                 results.append({"shard": shard, "status": "already a member"})
                 continue
@@ -440,8 +428,7 @@ class Store:
             self._move_leadership_from(host, addr, deadline)
             self._change_member(host, "rem", addr, deadline)
             if node_id != self.node.id:  # a removed replica can no longer commit anything
-                self._wait(host.replica.propose({"op": "member_drop", "id": node_id,
-                                                 "rid": uuid.uuid4().hex}), deadline)
+                self._wait(host.replica.propose(MemberDrop(id=node_id)), deadline)
             results.append({"shard": shard, "status": "removed"})
             log.info("shard %d: removed node %s (%s)", shard, node_id, addr, extra={"shard": shard})
         return {"node": node_id, "shards": results}
@@ -508,8 +495,8 @@ class Store:
 
     # ---- payload plumbing (applier thread) --------------------------------------
     def _resolver(self, shard: int, payloads: PayloadStore):
-        def resolve(ref: Mapping[str, Any], index: int):
-            payload_id = ref["id"]
+        def resolve(ref: Stored, index: int):
+            payload_id = ref.id
             delay = 0.05
             while True:
                 data = payloads.get(payload_id)
@@ -554,10 +541,10 @@ class Store:
         return done
 
 
-def _end_streams(large: list[tuple[dict, str, Any]]) -> None:
+def _end_streams(large: list[tuple[commands.BlobPath, Any]]) -> None:
     """Abort the cut-through streams of payloads that were not finished (the
     peers drop what they received) and unlink the rest from their buffers."""
-    for _, _, blob in large:
+    for _, blob in large:
         stream = getattr(blob, "stream", None)
         if stream is not None:
             if not stream.finished:

@@ -26,11 +26,12 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 
+from . import commands
 from .applier import Applier
+from .commands import Command, Group, Noop
 from .config import Address, RaftSettings
 from .errors import Conflict, StoreError, Unavailable
 from .futures import forward, settle
-from .journal import seal
 from .snapshot import read_snapshot, write_snapshot
 from .threadnames import name_this_thread
 from .transport import transport_class
@@ -98,7 +99,7 @@ class ShardReplica(SyncObj):
         self._sent_mark = (0, 0)
         self._wake: PipeNotifier | None = None
         self._pending: dict[int, tuple] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
-        self._group: list[tuple[dict, Future, int, float]] = []  # proposals waiting for the next tick
+        self._group: list[tuple[Command, Future, int, float]] = []  # proposals waiting for the next tick
         self._group_lock = threading.Lock()
         self._in_flight: dict[int, float] = {}  # id(future) -> launch time of our entries not yet landed
         super().__init__(str(self_addr), [str(p) for p in peers], conf,
@@ -139,15 +140,15 @@ class ShardReplica(SyncObj):
 
     # ---- commands ------------------------------------------------------------
     @replicated
-    def _apply(self, cmd: dict) -> Future:
-        return self._applier.submit(self.raftLastApplied + 1, cmd)
+    def _apply(self, entry: tuple) -> Future:
+        return self._applier.submit(self.raftLastApplied + 1, entry)
 
-    def propose(self, cmd: dict) -> Future:
+    def propose(self, cmd: Command) -> Future:
         """Replicate `cmd`; the Future resolves with its result on this replica
         once applied here, or fails with a StoreError.
 
         Group commit: proposals are queued and everything queued becomes ONE
-        Raft entry (an `op: group` command whose parts apply independently),
+        Raft entry (a `Group` command whose parts apply independently),
         so under many concurrent writers the log, the journal, the network and
         the followers do one entry's work for many writes. The queue goes out
         at once when this replica has no such entry in flight; otherwise when
@@ -161,6 +162,7 @@ class ShardReplica(SyncObj):
         state machine applies at most once, and a no-op barrier is idempotent.
         """
         outer: Future = Future()
+        cmd = commands.with_rid(cmd)
         if not _retryable(cmd):
             self._attempt(cmd, outer, 1)
             return outer
@@ -221,13 +223,13 @@ class ShardReplica(SyncObj):
                 outer = Future()
                 outer.add_done_callback(lambda f, part=part: _split(f, [o for _, o, _, _ in part]))
                 self._launched(outer)
-                self._attempt({"op": "group", "cmds": [c for c, _, _, _ in part]}, outer, 1)
+                self._attempt(Group(cmds=tuple(c for c, _, _, _ in part)), outer, 1)
             except Exception as e:
                 log.exception("shard %d: could not propose", self.shard)
                 settle(outer, exc=Unavailable(f"shard {self.shard}: could not propose: {e}"))
         SyncObj._checkCommandsToApply(self)
 
-    def _attempt(self, cmd: dict, outer: Future, attempt: int) -> None:
+    def _attempt(self, cmd: Command, outer: Future, attempt: int) -> None:
         retryable = _retryable(cmd)
         key = id(outer)
 
@@ -254,7 +256,7 @@ class ShardReplica(SyncObj):
 
         if retryable:
             self._pending[key] = (cmd, outer, attempt, self._getLeader())
-        self._apply(seal(cmd), callback=done)  # the start-up journal check verifies the seal
+        self._apply(commands.to_log(cmd), callback=done)  # the start-up journal check verifies the seal
         if threading.current_thread() is not self._SyncObj__thread:
             self._wake_tick()
 
@@ -447,26 +449,16 @@ class ShardReplica(SyncObj):
 
 
 
-def _retryable(cmd: dict) -> bool:
+def _retryable(cmd: Command) -> bool:
     """Safe to propose again: applied at most once thanks to its request id(s)."""
-    op = cmd.get("op")
-    if op == "group":
-        return all(_retryable(c) for c in cmd["cmds"])
-    return cmd.get("rid") is not None or op == "noop"
+    if isinstance(cmd, Group):
+        return all(_retryable(c) for c in cmd.cmds)
+    return getattr(cmd, "rid", None) is not None or isinstance(cmd, Noop)
 
 
-def _inline_bytes(cmd: Any) -> int:
-    """Rough size of a command in the log: its inline blobs (also those of a
-    batch's ops) plus some overhead per command."""
-    if isinstance(cmd, list):
-        return sum(_inline_bytes(c) for c in cmd)
-    size = 256
-    for value in cmd.values():
-        if isinstance(value, dict) and "inline" in value:
-            size += len(value["inline"])
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            size += _inline_bytes(value)
-    return size
+def _inline_bytes(cmd: Command) -> int:
+    """Rough size of a command in the log (store/commands.py)."""
+    return commands.inline_bytes(cmd)
 
 
 def _split(group: Future, outers: list[Future]) -> None:

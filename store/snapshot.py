@@ -1,7 +1,9 @@
 """Binary snapshot files of a shard's state.
 
-Layout: magic, header length (u64 LE), JSON header, then the raw little-endian
-bytes of every array at 64-byte aligned offsets, then an end marker. Each array
+Layout: magic, header length (u64 LE), JSON header (each tensor described by
+store/record.py's `metadata`, plus where each of its arrays lies), then the raw
+little-endian bytes of every array at 64-byte aligned offsets, then an end
+marker. Each array
 carries a CRC32, so a truncated or corrupted file is refused with a clear
 message instead of serving wrong bytes. Nothing is pickled: a snapshot may
 arrive from another replica.
@@ -18,12 +20,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, record
 from .errors import CorruptData
+from .record import Tensor
+from .state import ShardState
 from .writeback import drop_cached, start_writeback
-from .state import ShardState, Tensor
 
 MAGIC = b"PSSNAP01"
+FORMAT = 2  # 1 (before store/record.py) is not read: there were no deployments
 END = b"PSSNAPEND"
 ALIGN = 64
 SYNC_EVERY = 32 << 20  # wait for the disk every this many bytes...
@@ -41,18 +45,9 @@ def write_snapshot(path: str | os.PathLike, state: dict[str, Tensor], dedupe: Or
     entries = []
     offset = 0
     for t in state.values():
-        described: dict[str, Any] = {
-            "name": t.name, "dtype": t.dtype, "shape": list(t.shape), "version": t.version,
-            "optimizer": t.optimizer, "allow_nonfinite": t.allow_nonfinite,
-            "max_staleness": t.max_staleness, "staleness_policy": t.staleness_policy,
-            "arrays": {}, "scalars": {},
-        }
-        items = [("value", t.value)] + sorted(t.opt_state.items())
-        for key, arr in items:
-            if not isinstance(arr, np.ndarray):
-                described["scalars"][key] = arr
-                continue
-            arr = np.asarray(arr, order="C")  # not ascontiguousarray: it makes scalars 1-d
+        described = record.metadata(t)
+        described["arrays"] = {}
+        for key, arr in record.arrays(t).items():
             described["arrays"][key] = {
                 "offset": offset, "nbytes": int(arr.nbytes), "dtype": dtypes.dtype_name(arr.dtype),
                 "shape": list(arr.shape), "crc32": zlib.crc32(arr.data) if arr.nbytes else 0,
@@ -61,7 +56,7 @@ def write_snapshot(path: str | os.PathLike, state: dict[str, Tensor], dedupe: Or
             offset = _aligned(offset + arr.nbytes)
         entries.append(described)
     header = json.dumps({
-        "format": 1, "shard": shard, "applied_index": applied_index, "raft": raft_meta,
+        "format": FORMAT, "shard": shard, "applied_index": applied_index, "raft": raft_meta,
         "tensors": entries, "dedupe": list(dedupe.items()), "data_bytes": offset,
     }, separators=(",", ":")).encode()
     with open(path, "wb") as f:
@@ -122,6 +117,9 @@ def _read(f: BinaryIO, path: Path, dedupe_window: int) -> tuple[ShardState, int,
     if hlen > size:
         raise CorruptData(f"snapshot {path} is truncated (header of {hlen} bytes, file of {size})")
     header = json.loads(f.read(hlen))
+    if header.get("format") != FORMAT:
+        raise CorruptData(f"snapshot {path} has format {header.get('format')!r}; this version reads "
+                          f"format {FORMAT} only")
     data_start = _aligned(len(MAGIC) + 8 + hlen)
     if size != data_start + header["data_bytes"] + len(END):
         raise CorruptData(f"snapshot {path} is truncated or padded: {size} bytes, expected "
@@ -139,12 +137,7 @@ def _read(f: BinaryIO, path: Path, dedupe_window: int) -> tuple[ShardState, int,
             arr = buf.view(dtypes.dtype_of(a["dtype"])).reshape(a["shape"])
             arr.flags.writeable = False
             arrays[key] = arr
-        value = arrays.pop("value")
-        opt_state: dict[str, Any] = dict(d["scalars"])
-        opt_state.update(arrays)
-        state.tensors[d["name"]] = Tensor(
-            d["name"], d["dtype"], tuple(d["shape"]), value, d["version"], d["optimizer"], opt_state,
-            d["allow_nonfinite"], d["max_staleness"], d["staleness_policy"])
+        state.tensors[d["name"]] = record.from_metadata(d, arrays)
     f.seek(data_start + header["data_bytes"])
     if f.read(len(END)) != END:
         raise CorruptData(f"snapshot {path} lacks its end marker (truncated?)")

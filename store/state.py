@@ -2,57 +2,35 @@
 
 `ShardState.apply` is deterministic: given the same commands in the same
 order, every replica ends with identical bytes. It never touches the network
-or Raft; the Raft wiring feeds it committed commands in log order.
+or Raft; the Raft wiring feeds it committed commands (store/commands.py) in
+log order.
 
-Commands are small dicts of primitives. Tensor bytes travel beside them: a
-command carries either the bytes inline (small tensors) or a reference to a
-payload that the replica resolves from its payload store.
+Tensor bytes travel beside a command: a blob field holds either the bytes
+inline (small tensors) or a reference to a payload that the replica resolves
+from its payload store.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from . import dtypes
+from .commands import (Batch, Command, Delete, Grad, GradRows, Group, MemberDrop, MemberSet, Noop, Put,
+                       Ref)
 from .errors import Conflict, NotFound, PreconditionFailed, StoreError, Unprocessable
 from .optimizers import STATE_ARRAYS, STATE_SCALARS, apply_step, normalize_spec
+from .record import Tensor
 
-PayloadResolver = Callable[[Mapping[str, Any]], "bytes | memoryview | bytearray"]
+__all__ = ["PayloadResolver", "ShardState", "Tensor"]
+
+PayloadResolver = Callable[[Ref], "bytes | memoryview | bytearray"]
 
 STALENESS_POLICIES = ("reject", "scale")
-
-
-@dataclass
-class Tensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    value: np.ndarray  # read-only; replaced, never written in place
-    version: int
-    optimizer: dict[str, Any]
-    opt_state: dict[str, Any] = field(default_factory=dict)
-    allow_nonfinite: bool = False
-    max_staleness: int | None = None
-    staleness_policy: str = "reject"
-    # Set once sparse row pushes update this record's arrays in place: readers
-    # and snapshots then copy under the shard lock instead of sharing buffers.
-    in_place: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.value.nbytes)
-
-    def describe(self, shard: int) -> dict[str, Any]:
-        return {
-            "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-            "version": self.version, "shard": shard, "optimizer": self.optimizer,
-            "nbytes": self.nbytes, "allow_nonfinite": self.allow_nonfinite,
-            "max_staleness": self.max_staleness, "staleness_policy": self.staleness_policy,
-        }
+BATCHABLE = (Put, Grad, Delete)
 
 
 class ShardState:
@@ -68,7 +46,7 @@ class ShardState:
         self.lock = threading.RLock()  # guards in-place (sparse row) updates only
 
     # ---- applying commands -------------------------------------------------
-    def apply(self, cmd: Mapping[str, Any], resolve: PayloadResolver) -> dict[str, Any]:
+    def apply(self, cmd: Command, resolve: PayloadResolver) -> dict[str, Any]:
         """Apply one committed command; return its result or raise a StoreError.
 
         A failed command changes nothing. A command carrying a request id
@@ -76,20 +54,12 @@ class ShardState:
         instead of applying twice, so clients may retry timed-out writes.
         """
         self.changed = set()
-        op = cmd.get("op")
-        if op == "noop":
-            return {}
-        if op == "batch":
-            return self._recorded(cmd, lambda: self._batch(cmd["ops"], resolve))
-        if op == "group":
-            return self._group(cmd["cmds"], resolve)
-        handler = self._HANDLERS.get(op)
+        handler = self._HANDLERS.get(type(cmd))
         if handler is None:
-            raise Unprocessable(f"unknown operation {op!r}")
-        return self._recorded(cmd, lambda: handler(self, cmd, resolve))
+            raise Unprocessable(f"unknown command {type(cmd).__name__}")
+        return self._recorded(getattr(cmd, "rid", None), lambda: handler(self, cmd, resolve))
 
-    def _recorded(self, cmd: Mapping[str, Any], run: Callable[[], dict]) -> dict:
-        rid = cmd.get("rid")
+    def _recorded(self, rid: str | None, run: Callable[[], dict]) -> dict:
         if rid is not None and rid in self.dedupe:
             outcome = self.dedupe[rid]
             if "error" in outcome:
@@ -110,20 +80,23 @@ class ShardState:
         while len(self.dedupe) > self.dedupe_window:
             self.dedupe.popitem(last=False)
 
-    def _group(self, cmds: list[Mapping[str, Any]], resolve: PayloadResolver) -> dict:
+    def _noop(self, cmd: Noop, resolve: PayloadResolver) -> dict:
+        return {}
+
+    def _group(self, cmd: Group, resolve: PayloadResolver) -> dict:
         """Independent commands that shared one Raft entry (group commit): each
         applies, or fails, on its own, exactly as if it had its own entry."""
         outcomes, changed = [], set()
-        for cmd in cmds:
+        for part in cmd.cmds:
             try:
-                outcomes.append({"ok": self.apply(cmd, resolve)})
+                outcomes.append({"ok": self.apply(part, resolve)})
             except StoreError as e:
                 outcomes.append(e.to_dict())
             changed |= self.changed
         self.changed = changed
         return {"outcomes": outcomes}
 
-    def _batch(self, ops: list[Mapping[str, Any]], resolve: PayloadResolver) -> dict:
+    def _batch(self, cmd: Batch, resolve: PayloadResolver) -> dict:
         """All ops or none: each op is computed against a scratch copy of the
         touched tensors, then all are committed together."""
         staged: dict[str, Tensor | None] = {}
@@ -131,13 +104,10 @@ class ShardState:
         saved = self.tensors
         self.tensors = _Overlay(saved, staged)
         try:
-            for op in ops:
-                handler = self._HANDLERS.get(op.get("op"))
-                if op.get("op") in ("grad_rows", "member_set", "member_drop"):
-                    raise Unprocessable(f"{op.get('op')} cannot be part of a batch")
-                if handler is None:
-                    raise Unprocessable(f"unknown operation {op.get('op')!r} in batch")
-                results.append(handler(self, op, resolve))
+            for op in cmd.ops:
+                if not isinstance(op, BATCHABLE):
+                    raise Unprocessable(f"{op.tag} cannot be part of a batch")
+                results.append(self._HANDLERS[type(op)](self, op, resolve))
         finally:
             self.tensors = saved
         for name, t in staged.items():
@@ -148,88 +118,86 @@ class ShardState:
         self.changed = set(staged)
         return {"results": results}
 
-    def _existing(self, cmd) -> Tensor:
+    def _existing(self, name: str, if_match: int | None) -> Tensor:
         """The tensor a command updates, after its preconditions held."""
-        t = self.tensors.get(cmd["name"])
+        t = self.tensors.get(name)
         if t is None:
-            raise NotFound(f"tensor {cmd['name']!r} does not exist")
-        _check_preconditions(t, cmd)
+            raise NotFound(f"tensor {name!r} does not exist")
+        _check_preconditions(t, name, if_match)
         return t
 
-    def _put(self, cmd, resolve) -> dict:
-        name = cmd["name"]
+    def _put(self, cmd: Put, resolve: PayloadResolver) -> dict:
+        name = cmd.name
         existing = self.tensors.get(name)
-        _check_preconditions(existing, cmd)
-        dtype, shape = cmd["dtype"], tuple(cmd["shape"])
+        _check_preconditions(existing, name, cmd.if_match, cmd.if_none_match)
+        dtype, shape = cmd.dtype, tuple(cmd.shape)
         if existing is not None and (existing.dtype, existing.shape) != (dtype, shape):
             raise Unprocessable(
                 f"tensor {name!r} is {existing.dtype}{list(existing.shape)}; a replace must keep "
                 f"dtype and shape (got {dtype}{list(shape)}); delete and recreate to change them")
-        value = dtypes.array_from_bytes(resolve(cmd["data"]), dtype, shape)
-        allow = cmd.get("allow_nonfinite")
+        value = dtypes.array_from_bytes(resolve(cmd.data), dtype, shape)
+        allow = cmd.allow_nonfinite
         if allow is None:
             allow = existing.allow_nonfinite if existing else False
         if not allow and not dtypes.all_finite(value):
             raise Unprocessable(f"tensor {name!r}: value contains NaN or Inf (create it with "
                                 "allow_nonfinite to store such values)")
-        spec = normalize_spec(cmd["optimizer"]) if cmd.get("optimizer") is not None else None
+        spec = normalize_spec(cmd.optimizer) if cmd.optimizer is not None else None
         max_staleness, policy = _staleness(cmd, existing)
         restored = _restored_state(cmd, spec or (existing.optimizer if existing else {"type": "assign"}),
                                    value, resolve)
         if existing is None:
-            t = Tensor(name, dtype, shape, value, 1, spec or {"type": "assign"}, restored or {},
-                       allow_nonfinite=allow, max_staleness=max_staleness, staleness_policy=policy)
-            created = True
+            optimizer, state, version = spec or {"type": "assign"}, restored or {}, 1
         else:
             keep_state = spec is None or spec == existing.optimizer
+            optimizer = existing.optimizer if keep_state else spec
             state = restored if restored is not None else (existing.opt_state if keep_state else {})
-            t = Tensor(name, dtype, shape, value, existing.version + 1,
-                       existing.optimizer if keep_state else spec, state,
-                       allow_nonfinite=allow, max_staleness=max_staleness, staleness_policy=policy)
-            created = False
+            version = existing.version + 1
+        t = Tensor(name=name, dtype=dtype, shape=shape, value=value, version=version, optimizer=optimizer,
+                   opt_state=state, allow_nonfinite=allow, max_staleness=max_staleness,
+                   staleness_policy=policy)
         self.tensors[name] = t
         self.changed.add(name)
-        return {"name": name, "version": t.version, "shard": self.shard, "created": created}
+        return {"name": name, "version": t.version, "shard": self.shard, "created": existing is None}
 
-    def _grad(self, cmd, resolve) -> dict:
-        name = cmd["name"]
-        t = self._existing(cmd)
-        if (cmd["dtype"], tuple(cmd["shape"])) != (t.dtype, t.shape):
+    def _grad(self, cmd: Grad, resolve: PayloadResolver) -> dict:
+        name = cmd.name
+        t = self._existing(name, cmd.if_match)
+        if (cmd.dtype, tuple(cmd.shape)) != (t.dtype, t.shape):
             raise Unprocessable(
-                f"gradient is {cmd['dtype']}{list(cmd['shape'])} but tensor {name!r} is "
+                f"gradient is {cmd.dtype}{list(cmd.shape)} but tensor {name!r} is "
                 f"{t.dtype}{list(t.shape)}")
-        grad = dtypes.array_from_bytes(resolve(cmd["data"]), t.dtype, t.shape)
+        grad = dtypes.array_from_bytes(resolve(cmd.data), t.dtype, t.shape)
         if not t.allow_nonfinite and not dtypes.all_finite(grad):
             raise Unprocessable(f"gradient for {name!r} contains NaN or Inf")
-        lr_scale = _lr_scale(t, cmd.get("base_version"))
+        lr_scale = _lr_scale(t, cmd.base_version)
         step = apply_step(t.optimizer, t.opt_state, t.value, grad, lr_scale)
-        new = Tensor(t.name, t.dtype, t.shape, step.value, t.version + 1, t.optimizer, step.state,
-                     t.allow_nonfinite, t.max_staleness, t.staleness_policy)
+        new = replace(t, value=step.value, version=t.version + 1, opt_state=step.state, in_place=False)
         self.tensors[name] = new
         self.changed.add(name)
         return {"name": name, "version": new.version, "shard": self.shard}
 
-    def _grad_rows(self, cmd, resolve) -> dict:
+    def _grad_rows(self, cmd: GradRows, resolve: PayloadResolver) -> dict:
         """Sparse push: only the given rows of the value and of the optimizer
         state change, in place (a 1,000-row push to a 1M-row table copies 1,000
         rows, not the table). Duplicate indices are summed."""
-        name = cmd["name"]
-        t = self._existing(cmd)
+        name = cmd.name
+        t = self._existing(name, cmd.if_match)
         if not t.shape:
             raise Unprocessable(f"tensor {name!r} is a scalar; grad-rows needs rank >= 1")
         if t.value.dtype.kind != "f":
             raise Unprocessable(f"grad-rows needs a float tensor, {name!r} is {t.dtype}")
-        if (cmd.get("dtype", t.dtype), tuple(cmd.get("row_shape", t.shape[1:]))) != (t.dtype, t.shape[1:]):
-            raise Unprocessable(f"rows are {cmd.get('dtype')}{cmd.get('row_shape')} but rows of {name!r} are "
+        if (cmd.dtype, tuple(cmd.row_shape)) != (t.dtype, t.shape[1:]):
+            raise Unprocessable(f"rows are {cmd.dtype}{list(cmd.row_shape)} but rows of {name!r} are "
                                 f"{t.dtype}{list(t.shape[1:])}")
-        k = int(cmd["k"])
-        idx = dtypes.array_from_bytes(resolve(cmd["indices"]), "int64", (k,))
-        vals = dtypes.array_from_bytes(resolve(cmd["values"]), t.dtype, (k,) + t.shape[1:])
+        k = int(cmd.k)
+        idx = dtypes.array_from_bytes(resolve(cmd.indices), "int64", (k,))
+        vals = dtypes.array_from_bytes(resolve(cmd.values), t.dtype, (k,) + t.shape[1:])
         if k and (idx.min() < 0 or idx.max() >= t.shape[0]):
             raise Unprocessable(f"row indices must be in [0, {t.shape[0]}) for {name!r}")
         if not t.allow_nonfinite and not dtypes.all_finite(vals):
             raise Unprocessable(f"gradient rows for {name!r} contain NaN or Inf")
-        lr_scale = _lr_scale(t, cmd.get("base_version"))
+        lr_scale = _lr_scale(t, cmd.base_version)
         rows, inverse = np.unique(idx, return_inverse=True)
         summed = np.zeros((len(rows),) + t.shape[1:], dtype=t.value.dtype)
         np.add.at(summed, inverse, vals)
@@ -254,27 +222,25 @@ class ShardState:
         self.changed.add(name)
         return {"name": name, "version": t.version, "shard": self.shard, "rows": int(len(rows))}
 
-    def _delete(self, cmd, resolve) -> dict:
-        name = cmd["name"]
-        t = self._existing(cmd)
-        del self.tensors[name]
-        self.changed.add(name)
-        return {"name": name, "version": t.version, "shard": self.shard, "deleted": True}
+    def _delete(self, cmd: Delete, resolve: PayloadResolver) -> dict:
+        t = self._existing(cmd.name, cmd.if_match)
+        del self.tensors[cmd.name]
+        self.changed.add(cmd.name)
+        return {"name": cmd.name, "version": t.version, "shard": self.shard, "deleted": True}
 
-    def _member_set(self, cmd, resolve) -> dict:
-        record = cmd.get("node")
-        if not isinstance(record, dict) or not all(
-                isinstance(record.get(k), str) and record[k] for k in ("id", "http", "raft", "data")):
+    def _member_set(self, cmd: MemberSet, resolve: PayloadResolver) -> dict:
+        record = {"id": cmd.id, "http": cmd.http, "raft": cmd.raft, "data": cmd.data}
+        if not all(isinstance(v, str) and v for v in record.values()):
             raise Unprocessable("member record needs string fields id, http, raft, data")
-        self.members[record["id"]] = {k: record[k] for k in ("id", "http", "raft", "data")}
-        return {"member": record["id"]}
+        self.members[cmd.id] = record
+        return {"member": cmd.id}
 
-    def _member_drop(self, cmd, resolve) -> dict:
-        return {"member": cmd.get("id"), "dropped": self.members.pop(cmd.get("id"), None) is not None}
+    def _member_drop(self, cmd: MemberDrop, resolve: PayloadResolver) -> dict:
+        return {"member": cmd.id, "dropped": self.members.pop(cmd.id, None) is not None}
 
-    _HANDLERS: dict[str, Callable[..., dict]] = {
-        "put": _put, "grad": _grad, "grad_rows": _grad_rows, "delete": _delete,
-        "member_set": _member_set, "member_drop": _member_drop}
+    _HANDLERS: dict[type[Command], Callable[..., dict]] = {
+        Noop: _noop, Group: _group, Batch: _batch, Put: _put, Grad: _grad, GradRows: _grad_rows,
+        Delete: _delete, MemberSet: _member_set, MemberDrop: _member_drop}
 
     # ---- reading -----------------------------------------------------------
     def get(self, name: str) -> Tensor:
@@ -322,15 +288,14 @@ def _state_nbytes(state: Mapping[str, Any]) -> int:
     return sum(v.nbytes for v in state.values() if isinstance(v, np.ndarray))
 
 
-def _restored_state(cmd: Mapping[str, Any], spec: Mapping[str, Any], value: np.ndarray,
+def _restored_state(cmd: Put, spec: Mapping[str, Any], value: np.ndarray,
                     resolve: PayloadResolver) -> dict[str, Any] | None:
-    """Optimizer state given with a put (checkpoint restore): arrays travel as
-    blobs `state:<key>` shaped like the value, scalars inline. None if absent."""
-    given = cmd.get("opt_state")
-    if given is None:
+    """Optimizer state given with a put (checkpoint restore): arrays shaped
+    like the value, integer scalars. None if none was given."""
+    if cmd.state_arrays is None and cmd.state_scalars is None:
         return None
     kind = spec["type"]
-    arrays, scalars = given.get("arrays", []), given.get("scalars", {})
+    arrays, scalars = cmd.state_arrays or {}, cmd.state_scalars or {}
     allowed_arrays, allowed_scalars = STATE_ARRAYS[kind], STATE_SCALARS[kind]
     for key in list(arrays) + list(scalars):
         if key not in allowed_arrays + allowed_scalars:
@@ -341,25 +306,24 @@ def _restored_state(cmd: Mapping[str, Any], spec: Mapping[str, Any], value: np.n
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise Unprocessable(f"optimizer state {key!r}: expected an integer >= 0, got {v!r}")
         state[key] = v
-    for key in arrays:
-        arr = dtypes.array_from_bytes(resolve(cmd[f"state:{key}"]), dtypes.dtype_name(value.dtype), value.shape)
-        state[key] = arr
+    for key, ref in arrays.items():
+        state[key] = dtypes.array_from_bytes(resolve(ref), dtypes.dtype_name(value.dtype), value.shape)
     return state
 
 
-def _check_preconditions(existing: Tensor | None, cmd: Mapping[str, Any]) -> None:
+def _check_preconditions(existing: Tensor | None, name: str, if_match: int | str | None,
+                         if_none_match: bool = False) -> None:
     current = existing.version if existing else None
-    if cmd.get("if_none_match") and existing is not None:
-        raise PreconditionFailed(f"tensor {existing.name!r} already exists (If-None-Match: *)",
+    if if_none_match and existing is not None:
+        raise PreconditionFailed(f"tensor {name!r} already exists (If-None-Match: *)",
                                  current_version=current)
-    want = cmd.get("if_match")
-    if want == "*":
+    if if_match == "*":
         if existing is None:
-            raise PreconditionFailed(f"tensor {cmd['name']!r} does not exist (If-Match: *)",
+            raise PreconditionFailed(f"tensor {name!r} does not exist (If-Match: *)",
                                      current_version=None)
-    elif want is not None and current != want:
+    elif if_match is not None and current != if_match:
         what = f"is at version {current}" if existing else "does not exist"
-        raise PreconditionFailed(f"tensor {cmd['name']!r} {what}, If-Match asked for {want}",
+        raise PreconditionFailed(f"tensor {name!r} {what}, If-Match asked for {if_match}",
                                  current_version=current)
 
 
@@ -382,9 +346,11 @@ def _lr_scale(t: Tensor, base: int | None) -> float:
     return 1.0
 
 
-def _staleness(cmd: Mapping[str, Any], existing: Tensor | None) -> tuple[int | None, str]:
-    max_staleness = cmd.get("max_staleness", existing.max_staleness if existing else None)
-    policy = cmd.get("staleness_policy") or (existing.staleness_policy if existing else "reject")
+def _staleness(cmd: Put, existing: Tensor | None) -> tuple[int | None, str]:
+    """None in the command keeps the existing tensor's setting."""
+    max_staleness = cmd.max_staleness if cmd.max_staleness is not None else (
+        existing.max_staleness if existing else None)
+    policy = cmd.staleness_policy or (existing.staleness_policy if existing else "reject")
     if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
         raise Unprocessable(f"max_staleness: expected an integer >= 0, got {max_staleness!r}")
     if policy not in STALENESS_POLICIES:

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from api.app import create_app
+from store.commands import Put
 from store.config import config_from_mapping
 from store.node import Store
 from tests.ports import free_range
@@ -30,7 +31,7 @@ def fuzz_app(tmp_path_factory):
     store.start()
     wait_until(store.is_ready, 15, "fuzz replica ready")
     value = np.arange(8, dtype=np.float32)
-    store.write(SENTINEL, {"op": "put", "dtype": "float32", "shape": [8]}, value.tobytes()).result(10)
+    store.write(Put(name=SENTINEL, dtype="float32", shape=(8,), data=value.tobytes())).result(10)
     yield create_app(cfg, store)
     t, _ = store.get(SENTINEL)
     assert t.version == 1 and hashlib.sha256(t.value.tobytes()).digest() == \

@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 
+from store.commands import Put
 from store.config import config_from_mapping
 from store.node import Store
 from tests.ports import free_range
@@ -61,7 +62,7 @@ def test_raw_pickle_frame_to_raft_port(tmp_path, password, runs):
             wait_until(lambda: os.path.exists(marker), 10, "the unauthenticated frame to run")
         else:
             # a later authenticated write proves the replica processed its socket events since
-            assert store.write("w", {"op": "put", "dtype": "float32", "shape": [1]}, b"\0" * 4).result(10)
+            assert store.write(Put(name="w", dtype="float32", shape=(1,), data=b"\0" * 4)).result(10)
             assert not os.path.exists(marker), "an unauthenticated pickle ran on a password-protected port"
     finally:
         store.close()

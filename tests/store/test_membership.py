@@ -1,6 +1,7 @@
 import pytest
 
 from store import membership
+from store.commands import Batch, MemberDrop, MemberSet
 from store.config import Address, NodeConfig
 from store.errors import ConfigError, CorruptData, Unprocessable
 from store.snapshot import read_snapshot, write_snapshot
@@ -15,9 +16,9 @@ def never(ref):
 
 def test_address_book_is_replicated_state_and_survives_a_snapshot(tmp_path):
     s = ShardState(1)
-    s.apply({"op": "member_set", "node": N4, "rid": "a"}, never)
-    s.apply({"op": "member_set", "node": dict(N4, id="n5"), "rid": "b"}, never)
-    assert s.apply({"op": "member_drop", "id": "n5", "rid": "c"}, never) == {"member": "n5", "dropped": True}
+    s.apply(MemberSet(**N4, rid="a"), never)
+    s.apply(MemberSet(**dict(N4, id="n5"), rid="b"), never)
+    assert s.apply(MemberDrop(id="n5", rid="c"), never) == {"member": "n5", "dropped": True}
     assert s.members == {"n4": N4}
     path = tmp_path / "snap.bin"
     write_snapshot(path, s.tensors, s.dedupe, 1, 9, {"entries": [], "cluster": [], "members": s.members})
@@ -25,18 +26,18 @@ def test_address_book_is_replicated_state_and_survives_a_snapshot(tmp_path):
     assert loaded.members == {"n4": N4}
 
 
-@pytest.mark.parametrize("node", [None, {"id": "n4"}, dict(N4, http=7)])
+@pytest.mark.parametrize("node", [dict(N4, id=""), dict(N4, raft=None), dict(N4, http=7)])
 def test_malformed_member_records_are_refused_and_change_nothing(node):
     s = ShardState(0)
     with pytest.raises(Unprocessable):
-        s.apply({"op": "member_set", "node": node, "rid": "x"}, never)
+        s.apply(MemberSet(**node, rid="x"), never)
     assert s.members == {}
 
 
 def test_member_commands_cannot_ride_in_a_batch():
     s = ShardState(0)
     with pytest.raises(Unprocessable, match="member_set cannot be part of a batch"):
-        s.apply({"op": "batch", "ops": [{"op": "member_set", "node": N4}], "rid": "y"}, never)
+        s.apply(Batch(ops=(MemberSet(**N4),), rid="y"), never)
 
 
 def test_node_records_round_trip_and_bad_ones_name_the_field():

@@ -4,6 +4,7 @@ import struct
 import numpy as np
 import pytest
 
+from store.commands import Grad, Inline, Put
 from store.errors import CorruptData
 from store.snapshot import read_snapshot, write_snapshot
 from store.state import ShardState
@@ -15,12 +16,10 @@ def populated() -> ShardState:
     for name, dtype, shape in [("a", "float32", (5, 7)), ("b", "int64", (3,)), ("c", "float16", ()),
                                ("d", "float64", (0,))]:
         arr = (rng.standard_normal(shape) * 10).astype(dtype)
-        s.apply({"op": "put", "name": name, "dtype": dtype, "shape": list(shape),
-                 "data": {"inline": arr.tobytes()}, "rid": f"r-{name}",
-                 "optimizer": {"type": "adam"} if dtype == "float32" else None},
-                lambda r: r["inline"])
-    s.apply({"op": "grad", "name": "a", "dtype": "float32", "shape": [5, 7],
-             "data": {"inline": np.ones((5, 7), np.float32).tobytes()}}, lambda r: r["inline"])
+        s.apply(Put(name=name, dtype=dtype, shape=shape, data=Inline(arr.tobytes()), rid=f"r-{name}",
+                    optimizer={"type": "adam"} if dtype == "float32" else None), lambda r: r.data)
+    s.apply(Grad(name="a", dtype="float32", shape=(5, 7), data=Inline(np.ones((5, 7), np.float32).tobytes())),
+            lambda r: r.data)
     return s
 
 

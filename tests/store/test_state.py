@@ -1,28 +1,36 @@
 """The pure state machine: every op, every conflict, version arithmetic."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from store.commands import Batch, Delete, Grad, GradRows, Group, Inline, MemberSet, Noop, Put
 from store.errors import Conflict, NotFound, PreconditionFailed, Unprocessable
 from store.state import ShardState
 
 
 def inline(arr):
-    return {"inline": np.ascontiguousarray(arr).tobytes()}
+    return Inline(np.ascontiguousarray(arr).tobytes())
 
 
 def resolve(ref):
-    return ref["inline"]
+    return ref.data
+
+
+def put_cmd(name, arr, **kw):
+    return Put(name=name, dtype=str(arr.dtype), shape=arr.shape, data=inline(arr), **kw)
+
+
+def grad_cmd(name, arr, **kw):
+    return Grad(name=name, dtype=str(arr.dtype), shape=arr.shape, data=inline(arr), **kw)
 
 
 def put(s, name, arr, **kw):
-    cmd = {"op": "put", "name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
-           "data": inline(arr), **kw}
-    return s.apply(cmd, resolve)
+    return s.apply(put_cmd(name, arr, **kw), resolve)
 
 
 def grad(s, name, arr, **kw):
-    return s.apply({"op": "grad", "name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                    "data": inline(arr), **kw}, resolve)
+    return s.apply(grad_cmd(name, arr, **kw), resolve)
 
 
 def test_versions_start_at_one_and_rise_by_one():
@@ -125,8 +133,8 @@ def test_delete_with_if_match():
     s = ShardState(0)
     put(s, "w", np.zeros(1, np.float32))
     with pytest.raises(PreconditionFailed):
-        s.apply({"op": "delete", "name": "w", "if_match": 7}, resolve)
-    assert s.apply({"op": "delete", "name": "w", "if_match": 1}, resolve)["deleted"]
+        s.apply(Delete(name="w", if_match=7), resolve)
+    assert s.apply(Delete(name="w", if_match=1), resolve)["deleted"]
     with pytest.raises(NotFound):
         s.get("w")
 
@@ -147,17 +155,26 @@ def test_request_id_applies_once_and_replays_outcome():
 def test_batch_is_all_or_nothing():
     s = ShardState(0)
     put(s, "a", np.zeros(1, np.float32))
-    ops = [
-        {"op": "put", "name": "a", "dtype": "float32", "shape": [1], "data": inline(np.ones(1, np.float32))},
-        {"op": "grad", "name": "missing", "dtype": "float32", "shape": [1],
-         "data": inline(np.ones(1, np.float32))},
-    ]
+    ops = [put_cmd("a", np.ones(1, np.float32)), grad_cmd("missing", np.ones(1, np.float32))]
     with pytest.raises(NotFound):
-        s.apply({"op": "batch", "ops": ops}, resolve)
+        s.apply(Batch(ops=tuple(ops)), resolve)
     assert s.get("a").version == 1 and s.get("a").value[0] == 0
-    ops[1] = {"op": "put", "name": "b", "dtype": "float32", "shape": [1], "data": inline(np.ones(1, np.float32))}
-    out = s.apply({"op": "batch", "ops": ops}, resolve)
+    ops[1] = put_cmd("b", np.ones(1, np.float32))
+    out = s.apply(Batch(ops=tuple(ops)), resolve)
     assert [r["version"] for r in out["results"]] == [2, 1]
+
+
+@pytest.mark.parametrize("op", [
+    GradRows(name="a", dtype="float32", row_shape=(), k=0, indices=Inline(b""), values=Inline(b"")),
+    MemberSet(id="n4", http="h:1", raft="r:1", data="d:1"),
+    Noop(),
+])
+def test_a_batch_refuses_what_cannot_be_part_of_one(op):
+    s = ShardState(0)
+    put(s, "a", np.zeros(1, np.float32))
+    with pytest.raises(Unprocessable, match="cannot be part of a batch"):
+        s.apply(Batch(ops=(put_cmd("a", np.ones(1, np.float32)), op)), resolve)
+    assert s.get("a").version == 1 and not s.members
 
 
 def test_unknown_optimizer_field_refused():
@@ -171,8 +188,8 @@ def test_unknown_optimizer_field_refused():
 
 def rows_cmd(name, idx, vals, **kw):
     idx = np.asarray(idx, np.int64)
-    return {"op": "grad_rows", "name": name, "k": len(idx), "dtype": str(vals.dtype),
-            "row_shape": list(vals.shape[1:]), "indices": inline(idx), "values": inline(vals), **kw}
+    return GradRows(name=name, k=len(idx), dtype=str(vals.dtype), row_shape=vals.shape[1:],
+                    indices=inline(idx), values=inline(vals), **kw)
 
 
 def test_grad_rows_touches_only_those_rows_and_sums_duplicates():
@@ -251,16 +268,13 @@ def test_put_with_optimizer_state_restores_it():
     for _ in range(3):
         grad(s, "src", np.full(3, 0.5, np.float32))
     src = s.get("src")
-    cmd = {"op": "put", "name": "dst", "dtype": "float32", "shape": [3], "data": inline(src.value),
-           "optimizer": src.optimizer,
-           "opt_state": {"arrays": ["exp_avg", "exp_avg_sq"], "scalars": {"step": src.opt_state["step"]}},
-           "state:exp_avg": inline(src.opt_state["exp_avg"]),
-           "state:exp_avg_sq": inline(src.opt_state["exp_avg_sq"])}
+    cmd = put_cmd("dst", src.value, optimizer=src.optimizer, state_scalars={"step": src.opt_state["step"]},
+                  state_arrays={k: inline(src.opt_state[k]) for k in ("exp_avg", "exp_avg_sq")})
     s.apply(cmd, resolve)
     grad(s, "src", np.full(3, 0.5, np.float32))
     grad(s, "dst", np.full(3, 0.5, np.float32))
     assert s.get("dst").value.tobytes() == s.get("src").value.tobytes()  # continues identically
-    bad = dict(cmd, name="bad", opt_state={"arrays": ["momentum_buffer"], "scalars": {}})
+    bad = replace(cmd, name="bad", state_arrays={"momentum_buffer": inline(src.value)}, state_scalars={})
     with pytest.raises(Unprocessable):
         s.apply(bad, resolve)
     assert "bad" not in s.tensors
@@ -268,19 +282,15 @@ def test_put_with_optimizer_state_restores_it():
 
 def test_a_group_applies_its_parts_independently_and_each_at_most_once():
     s = ShardState(0)
-    inline = lambda r: r["inline"]  # noqa: E731
-    one = np.ones(2, np.float32).tobytes()
-    put = {"op": "put", "name": "w", "dtype": "float32", "shape": [2], "data": {"inline": one},
-           "optimizer": {"type": "sgd", "lr": 1.0}, "rid": "p"}
-    grad = {"op": "grad", "name": "w", "dtype": "float32", "shape": [2], "data": {"inline": one}}
-    out = s.apply({"op": "group", "cmds": [
-        put,
-        dict(grad, rid="g1"),
-        dict(grad, rid="g2", if_match=1),          # stale precondition: fails alone
-        dict(grad, rid="g1"),                      # a retry of g1: not applied twice
-        {"op": "grad", "name": "nope", "dtype": "float32", "shape": [2], "data": {"inline": one}, "rid": "g3"},
-        {"op": "noop"},
-    ]}, inline)["outcomes"]
+    one = np.ones(2, np.float32)
+    out = s.apply(Group(cmds=(
+        put_cmd("w", one, optimizer={"type": "sgd", "lr": 1.0}, rid="p"),
+        grad_cmd("w", one, rid="g1"),
+        grad_cmd("w", one, rid="g2", if_match=1),  # stale precondition: fails alone
+        grad_cmd("w", one, rid="g1"),              # a retry of g1: not applied twice
+        grad_cmd("nope", one, rid="g3"),
+        Noop(),
+    )), resolve)["outcomes"]
     assert out[0]["ok"]["version"] == 1 and out[1]["ok"]["version"] == 2
     assert out[2]["error"] == "precondition_failed"
     assert out[3]["ok"] == dict(out[1]["ok"], duplicate=True)

@@ -1,0 +1,87 @@
+"""The record of one tensor, and its one serialization: JSON metadata plus
+named arrays. Snapshots (store/snapshot.py), checkpoints (api/checkpoint.py)
+and the tensor listing all describe a tensor with `metadata`, and read one back
+with `from_metadata`; only where the arrays' bytes go differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import dtypes
+
+VALUE = "value"  # the key of a tensor's value among its arrays; the others are optimizer state
+# What the tensor listing shows, in this order (GET /v1/tensors)
+LISTED = ("name", "dtype", "shape", "version", "shard", "optimizer", "nbytes", "allow_nonfinite",
+          "max_staleness", "staleness_policy")
+
+
+@dataclass(kw_only=True)
+class Tensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    value: np.ndarray  # read-only; replaced, never written in place
+    version: int
+    optimizer: dict[str, Any]
+    opt_state: dict[str, Any] = field(default_factory=dict)  # arrays shaped like value, and scalars
+    allow_nonfinite: bool = False
+    max_staleness: int | None = None
+    staleness_policy: str = "reject"
+    # Set once sparse row pushes update this record's arrays in place: readers
+    # and snapshots then copy under the shard lock instead of sharing buffers.
+    in_place: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.value.nbytes)
+
+    def describe(self, shard: int) -> dict[str, Any]:
+        """The tensor listing's entry."""
+        meta = metadata(self, state=False)
+        meta.update(shard=shard, nbytes=self.nbytes)
+        return {k: meta[k] for k in LISTED}
+
+
+def metadata(t: Tensor, state: bool = True) -> dict[str, Any]:
+    """JSON-able metadata of `t`; with `state`, its optimizer state's scalars
+    and the keys of its state arrays (see `arrays`)."""
+    scalars = {k: v.item() if isinstance(v, np.generic) else v
+               for k, v in sorted(t.opt_state.items()) if not isinstance(v, np.ndarray)} if state else {}
+    return {
+        "name": t.name, "dtype": t.dtype, "shape": list(t.shape), "version": t.version,
+        "optimizer": t.optimizer, "allow_nonfinite": t.allow_nonfinite,
+        "max_staleness": t.max_staleness, "staleness_policy": t.staleness_policy,
+        "state_arrays": sorted(k for k, v in t.opt_state.items() if isinstance(v, np.ndarray)) if state else [],
+        "state_scalars": scalars,
+    }
+
+
+def arrays(t: Tensor, state: bool = True) -> dict[str, np.ndarray]:
+    """The value (key VALUE) and, with `state`, every optimizer state array,
+    C-contiguous (0-d arrays stay 0-d)."""
+    out = {VALUE: _c_order(t.value)}
+    if state:
+        out.update((k, _c_order(v)) for k, v in sorted(t.opt_state.items()) if isinstance(v, np.ndarray))
+    return out
+
+
+def from_metadata(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Tensor:
+    """A record from `metadata` output and its arrays (VALUE and state arrays).
+    Fields a plain file may lack (a torch state_dict) take their defaults;
+    dtype and shape come from the value."""
+    value = arrays[VALUE]
+    state: dict[str, Any] = dict(meta.get("state_scalars") or {})
+    state.update((k, a) for k, a in arrays.items() if k != VALUE)
+    return Tensor(
+        name=meta["name"], dtype=dtypes.dtype_name(value.dtype), shape=tuple(value.shape), value=value,
+        version=int(meta.get("version") or 0), optimizer=meta.get("optimizer") or {"type": "assign"},
+        opt_state=state, allow_nonfinite=bool(meta.get("allow_nonfinite", False)),
+        max_staleness=meta.get("max_staleness"), staleness_policy=meta.get("staleness_policy") or "reject")
+
+
+def _c_order(arr: np.ndarray) -> np.ndarray:
+    """np.ascontiguousarray would make a 0-d array 1-d."""
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
