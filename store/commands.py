@@ -18,8 +18,9 @@ were no deployments to migrate.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Iterator, Literal, Mapping, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 from .errors import Unprocessable
 from .journal import seal
@@ -40,16 +41,13 @@ class Stored:
     size: int
 
 
-Ref = Union[Inline, Stored]
-Blob = Union[Ref, Buffer]
+Ref = Inline | Stored
+Blob = Ref | Buffer
 BlobPath = tuple[Any, ...]  # where a blob sits in a command: ("data",), ("state_arrays", "sum"), ("ops", 2, "data")
 
 # How a field is written to the log (field metadata "kind"); unmarked fields are plain data.
 _REF, _REFS, _CMDS, _TUPLE = "ref", "refs", "cmds", "tuple"
-
-
-def _ref() -> Any:
-    return field(metadata={"kind": _REF})
+_AS_REF = {"kind": _REF}
 
 
 class Command:
@@ -66,7 +64,7 @@ class Put(Command):
     name: str
     dtype: str
     shape: tuple[int, ...] = field(metadata={"kind": _TUPLE})
-    data: Blob = _ref()
+    data: Blob = field(metadata=_AS_REF)
     rid: str | None = None
     if_match: int | Literal["*"] | None = None
     if_none_match: bool = False
@@ -86,7 +84,7 @@ class Grad(Command):
     name: str
     dtype: str
     shape: tuple[int, ...] = field(metadata={"kind": _TUPLE})
-    data: Blob = _ref()
+    data: Blob = field(metadata=_AS_REF)
     rid: str | None = None
     base_version: int | None = None
     if_match: int | None = None
@@ -100,8 +98,8 @@ class GradRows(Command):
     dtype: str
     row_shape: tuple[int, ...] = field(metadata={"kind": _TUPLE})
     k: int
-    indices: Blob = _ref()
-    values: Blob = _ref()
+    indices: Blob = field(metadata=_AS_REF)
+    values: Blob = field(metadata=_AS_REF)
     rid: str | None = None
     base_version: int | None = None
     if_match: int | None = None
@@ -155,7 +153,7 @@ class Noop(Command):
     tag: ClassVar[str] = "noop"
 
 
-TensorCommand = Union[Put, Grad, GradRows, Delete]
+TensorCommand = Put | Grad | GradRows | Delete
 C = TypeVar("C", bound=Command)
 
 _TYPES: dict[str, type[Command]] = {
@@ -175,9 +173,9 @@ def with_rid(cmd: C) -> C:
     place request ids are defaulted. The state machine applies a request id
     at most once, so a command may safely be proposed again."""
     if isinstance(cmd, Group):
-        return replace(cmd, cmds=tuple(with_rid(c) for c in cmd.cmds))  # type: ignore[return-value]
+        return cast(C, replace(cmd, cmds=tuple(with_rid(c) for c in cmd.cmds)))
     if getattr(cmd, "rid", "") is None:
-        return replace(cmd, rid=new_rid())  # type: ignore[call-arg]
+        return cast(C, replace(cast(Any, cmd), rid=new_rid()))
     return cmd
 
 
@@ -202,7 +200,7 @@ def decode(data: Any) -> Command:
     spec = _FIELDS[cls]
     if len(values) > len(spec):
         raise Unprocessable(f"command {tag!r} has {len(values)} fields, at most {len(spec)} are known")
-    return cls(**{name: _decode_value(v, kind) for (name, kind, _), v in zip(spec, values)})
+    return cls(**{name: _decode_value(v, kind) for (name, kind, _), v in zip(spec, values, strict=False)})
 
 
 def to_log(cmd: Command) -> tuple[Any, ...]:
@@ -288,7 +286,7 @@ def with_refs(cmd: C, refs: Mapping[BlobPath, Ref]) -> C:
         elif kind == _CMDS:
             changes[name] = tuple(with_refs(c, {p[1:]: r for p, r in mine.items() if p[0] == i})
                                   for i, c in enumerate(v))
-    return replace(cmd, **changes)
+    return cast(C, replace(cast(Any, cmd), **changes))
 
 
 def inline_bytes(cmd: Command) -> int:

@@ -1,6 +1,8 @@
 """The dtypes and shapes a tensor may have, and validation of raw bytes against them."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .errors import InvalidRequest, Unprocessable
@@ -58,11 +60,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return check_shape(dims)
 
 
-def check_shape(dims) -> tuple[int, ...]:
+def check_shape(given: Any) -> tuple[int, ...]:
     try:
-        dims = tuple(int(d) for d in dims)
+        dims = tuple(int(d) for d in given)
     except (TypeError, ValueError):
-        raise InvalidRequest(f"shape {dims!r} is not a list of integers") from None
+        raise InvalidRequest(f"shape {given!r} is not a list of integers") from None
     if len(dims) > MAX_RANK:
         raise Unprocessable(f"shape {dims} has rank {len(dims)} > {MAX_RANK}")
     if any(d < 0 for d in dims):
@@ -86,7 +88,7 @@ def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return element_count(shape) * dtype_of(dtype).itemsize
 
 
-def array_from_bytes(data, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+def array_from_bytes(data: Any, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """A read-only view of `data` (no copy) with the declared dtype and shape."""
     want = expected_nbytes(dtype, shape)
     if len(data) != want:

@@ -5,8 +5,9 @@ with `from_metadata`; only where the arrays' bytes go differs.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -15,8 +15,9 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
+from io import BufferedReader
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def write_snapshot(path: str | os.PathLike, state: dict[str, Tensor], dedupe: OrderedDict,
+def write_snapshot(path: str | os.PathLike[str], state: dict[str, Tensor], dedupe: OrderedDict[str, Any],
                    shard: int, applied_index: int, raft_meta: dict[str, Any], fsync: bool = False) -> int:
     """Write `state` (a mapping captured by the applier) to `path`; returns bytes written."""
     arrays: list[np.ndarray] = []
@@ -97,7 +98,8 @@ def write_snapshot(path: str | os.PathLike, state: dict[str, Tensor], dedupe: Or
         return f.tell()
 
 
-def read_snapshot(path: str | os.PathLike, dedupe_window: int = 100_000) -> tuple[ShardState, int, dict]:
+def read_snapshot(path: str | os.PathLike[str], dedupe_window: int = 100_000
+                  ) -> tuple[ShardState, int, dict[str, Any]]:
     """Load a snapshot; raises CorruptData naming what is wrong."""
     path = Path(path)
     try:
@@ -109,7 +111,7 @@ def read_snapshot(path: str | os.PathLike, dedupe_window: int = 100_000) -> tupl
         raise CorruptData(f"snapshot {path} is unreadable: {e}") from None
 
 
-def _read(f: BinaryIO, path: Path, dedupe_window: int) -> tuple[ShardState, int, dict]:
+def _read(f: BufferedReader, path: Path, dedupe_window: int) -> tuple[ShardState, int, dict[str, Any]]:
     size = os.fstat(f.fileno()).st_size
     if f.read(len(MAGIC)) != MAGIC:
         raise CorruptData(f"snapshot {path} does not start with the paramstore magic")
@@ -130,7 +132,7 @@ def _read(f: BinaryIO, path: Path, dedupe_window: int) -> tuple[ShardState, int,
         for key, a in d["arrays"].items():
             f.seek(data_start + a["offset"])
             buf = np.empty(a["nbytes"], dtype=np.uint8)
-            if f.readinto(memoryview(buf)) != a["nbytes"]:
+            if f.readinto(buf.data) != a["nbytes"]:
                 raise CorruptData(f"snapshot {path}: tensor {d['name']!r} {key} is truncated")
             if (zlib.crc32(buf.data) if a["nbytes"] else 0) != a["crc32"]:
                 raise CorruptData(f"snapshot {path}: tensor {d['name']!r} {key} fails its checksum")

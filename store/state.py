@@ -14,13 +14,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
 from . import dtypes
-from .commands import (Batch, Command, Delete, Grad, GradRows, Group, MemberDrop, MemberSet, Noop, Put,
-                       Ref)
+from .commands import Batch, Command, Delete, Grad, GradRows, Group, MemberDrop, MemberSet, Noop, Put, Ref
 from .errors import Conflict, NotFound, PreconditionFailed, StoreError, Unprocessable
 from .optimizers import STATE_ARRAYS, STATE_SCALARS, apply_step, normalize_spec
 from .record import Tensor
@@ -29,6 +28,7 @@ __all__ = ["PayloadResolver", "ShardState", "Tensor"]
 
 PayloadResolver = Callable[[Ref], "bytes | memoryview | bytearray"]
 
+Result = dict[str, Any]  # a command's outcome, as the HTTP layer answers it
 STALENESS_POLICIES = ("reject", "scale")
 BATCHABLE = (Put, Grad, Delete)
 
@@ -37,7 +37,7 @@ class ShardState:
     def __init__(self, shard: int, dedupe_window: int = 100_000) -> None:
         self.shard = shard
         self.tensors: dict[str, Tensor] = {}
-        self.dedupe: OrderedDict[str, dict] = OrderedDict()
+        self.dedupe: OrderedDict[str, Result] = OrderedDict()
         self.dedupe_window = dedupe_window
         self.changed: set[str] = set()  # names touched by the last apply
         # Address book of the nodes that host (or hosted) this shard, id -> record
@@ -59,7 +59,7 @@ class ShardState:
             raise Unprocessable(f"unknown command {type(cmd).__name__}")
         return self._recorded(getattr(cmd, "rid", None), lambda: handler(self, cmd, resolve))
 
-    def _recorded(self, rid: str | None, run: Callable[[], dict]) -> dict:
+    def _recorded(self, rid: str | None, run: Callable[[], Result]) -> Result:
         if rid is not None and rid in self.dedupe:
             outcome = self.dedupe[rid]
             if "error" in outcome:
@@ -73,17 +73,17 @@ class ShardState:
         self._remember(rid, result)
         return result
 
-    def _remember(self, rid: str | None, outcome: dict) -> None:
+    def _remember(self, rid: str | None, outcome: Result) -> None:
         if rid is None:
             return
         self.dedupe[rid] = outcome
         while len(self.dedupe) > self.dedupe_window:
             self.dedupe.popitem(last=False)
 
-    def _noop(self, cmd: Noop, resolve: PayloadResolver) -> dict:
+    def _noop(self, cmd: Noop, resolve: PayloadResolver) -> Result:
         return {}
 
-    def _group(self, cmd: Group, resolve: PayloadResolver) -> dict:
+    def _group(self, cmd: Group, resolve: PayloadResolver) -> Result:
         """Independent commands that shared one Raft entry (group commit): each
         applies, or fails, on its own, exactly as if it had its own entry."""
         outcomes, changed = [], set()
@@ -96,7 +96,7 @@ class ShardState:
         self.changed = changed
         return {"outcomes": outcomes}
 
-    def _batch(self, cmd: Batch, resolve: PayloadResolver) -> dict:
+    def _batch(self, cmd: Batch, resolve: PayloadResolver) -> Result:
         """All ops or none: each op is computed against a scratch copy of the
         touched tensors, then all are committed together."""
         staged: dict[str, Tensor | None] = {}
@@ -126,7 +126,7 @@ class ShardState:
         _check_preconditions(t, name, if_match)
         return t
 
-    def _put(self, cmd: Put, resolve: PayloadResolver) -> dict:
+    def _put(self, cmd: Put, resolve: PayloadResolver) -> Result:
         name = cmd.name
         existing = self.tensors.get(name)
         _check_preconditions(existing, name, cmd.if_match, cmd.if_none_match)
@@ -150,7 +150,7 @@ class ShardState:
             optimizer, state, version = spec or {"type": "assign"}, restored or {}, 1
         else:
             keep_state = spec is None or spec == existing.optimizer
-            optimizer = existing.optimizer if keep_state else spec
+            optimizer = spec if spec is not None and not keep_state else existing.optimizer
             state = restored if restored is not None else (existing.opt_state if keep_state else {})
             version = existing.version + 1
         t = Tensor(name=name, dtype=dtype, shape=shape, value=value, version=version, optimizer=optimizer,
@@ -160,7 +160,7 @@ class ShardState:
         self.changed.add(name)
         return {"name": name, "version": t.version, "shard": self.shard, "created": existing is None}
 
-    def _grad(self, cmd: Grad, resolve: PayloadResolver) -> dict:
+    def _grad(self, cmd: Grad, resolve: PayloadResolver) -> Result:
         name = cmd.name
         t = self._existing(name, cmd.if_match)
         if (cmd.dtype, tuple(cmd.shape)) != (t.dtype, t.shape):
@@ -177,7 +177,7 @@ class ShardState:
         self.changed.add(name)
         return {"name": name, "version": new.version, "shard": self.shard}
 
-    def _grad_rows(self, cmd: GradRows, resolve: PayloadResolver) -> dict:
+    def _grad_rows(self, cmd: GradRows, resolve: PayloadResolver) -> Result:
         """Sparse push: only the given rows of the value and of the optimizer
         state change, in place (a 1,000-row push to a 1M-row table copies 1,000
         rows, not the table). Duplicate indices are summed."""
@@ -222,23 +222,23 @@ class ShardState:
         self.changed.add(name)
         return {"name": name, "version": t.version, "shard": self.shard, "rows": int(len(rows))}
 
-    def _delete(self, cmd: Delete, resolve: PayloadResolver) -> dict:
+    def _delete(self, cmd: Delete, resolve: PayloadResolver) -> Result:
         t = self._existing(cmd.name, cmd.if_match)
         del self.tensors[cmd.name]
         self.changed.add(cmd.name)
         return {"name": cmd.name, "version": t.version, "shard": self.shard, "deleted": True}
 
-    def _member_set(self, cmd: MemberSet, resolve: PayloadResolver) -> dict:
+    def _member_set(self, cmd: MemberSet, resolve: PayloadResolver) -> Result:
         record = {"id": cmd.id, "http": cmd.http, "raft": cmd.raft, "data": cmd.data}
         if not all(isinstance(v, str) and v for v in record.values()):
             raise Unprocessable("member record needs string fields id, http, raft, data")
         self.members[cmd.id] = record
         return {"member": cmd.id}
 
-    def _member_drop(self, cmd: MemberDrop, resolve: PayloadResolver) -> dict:
+    def _member_drop(self, cmd: MemberDrop, resolve: PayloadResolver) -> Result:
         return {"member": cmd.id, "dropped": self.members.pop(cmd.id, None) is not None}
 
-    _HANDLERS: dict[type[Command], Callable[..., dict]] = {
+    _HANDLERS: ClassVar[dict[type[Command], Callable[..., Result]]] = {
         Noop: _noop, Group: _group, Batch: _batch, Put: _put, Grad: _grad, GradRows: _grad_rows,
         Delete: _delete, MemberSet: _member_set, MemberDrop: _member_drop}
 
@@ -358,33 +358,33 @@ def _staleness(cmd: Put, existing: Tensor | None) -> tuple[int | None, str]:
     return max_staleness, policy
 
 
-class _Overlay(dict):
+class _Overlay(dict[str, Tensor]):
     """A dict view for batches: reads fall through to `base`, writes go to `staged`."""
 
-    def __init__(self, base: dict, staged: dict) -> None:
+    def __init__(self, base: dict[str, Tensor], staged: dict[str, Tensor | None]) -> None:
         super().__init__()
         self._base, self._staged = base, staged
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         if key in self._staged:
             v = self._staged[key]
             return default if v is None else v
         return self._base.get(key, default)
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> Tensor:
         v = self.get(key)
         if v is None:
             raise KeyError(key)
-        return v
+        return v  # type: ignore[no-any-return]
 
-    def __setitem__(self, key, value) -> None:
+    def __setitem__(self, key: str, value: Tensor) -> None:
         self._staged[key] = value
 
-    def __delitem__(self, key) -> None:
+    def __delitem__(self, key: str) -> None:
         self[key]  # KeyError if absent
         self._staged[key] = None
 
-    def pop(self, key, *default):
+    def pop(self, key: str, *default: Any) -> Any:
         v = self.get(key)
         if v is None:
             if default:

@@ -3,12 +3,27 @@ and the state machine's dispatch on command types."""
 import pickle
 from dataclasses import fields
 
-import numpy as np
 import pytest
 
 from store import commands
-from store.commands import (Batch, Command, Delete, Grad, GradRows, Group, Inline, MemberDrop, MemberSet,
-                            Noop, Put, Stored, decode, encode, from_log, to_log)
+from store.commands import (
+    Batch,
+    Command,
+    Delete,
+    Grad,
+    GradRows,
+    Group,
+    Inline,
+    MemberDrop,
+    MemberSet,
+    Noop,
+    Put,
+    Stored,
+    decode,
+    encode,
+    from_log,
+    to_log,
+)
 from store.errors import Unprocessable
 from store.journal import content_crc, plain_loads
 from store.state import ShardState
