@@ -12,6 +12,11 @@ themselves there; `Store` replaces them with a `Ref` before proposing: `Inline`
 (small payloads ride in the log) or `Stored` (a payload file named by its
 SHA-256, sideloaded over the data path).
 
+Adding a command: a frozen, keyword-only dataclass here with a unique `tag`
+(payload fields marked with PAYLOAD), listed in `_TYPES`, and its handler in
+`ShardState._HANDLERS` (tests/store/test_commands.py checks both). Append new
+fields after the existing ones.
+
 Journals written before this encoding (dict commands) are not readable; there
 were no deployments to migrate.
 """
@@ -47,7 +52,7 @@ BlobPath = tuple[Any, ...]  # where a blob sits in a command: ("data",), ("state
 
 # How a field is written to the log (field metadata "kind"); unmarked fields are plain data.
 _REF, _REFS, _CMDS, _TUPLE = "ref", "refs", "cmds", "tuple"
-_AS_REF = {"kind": _REF}
+PAYLOAD = {"kind": _REF}  # field metadata of a payload: `data: Blob = field(metadata=PAYLOAD)`
 
 
 class Command:
@@ -64,7 +69,7 @@ class Put(Command):
     name: str
     dtype: str
     shape: tuple[int, ...] = field(metadata={"kind": _TUPLE})
-    data: Blob = field(metadata=_AS_REF)
+    data: Blob = field(metadata=PAYLOAD)
     rid: str | None = None
     if_match: int | Literal["*"] | None = None
     if_none_match: bool = False
@@ -84,7 +89,7 @@ class Grad(Command):
     name: str
     dtype: str
     shape: tuple[int, ...] = field(metadata={"kind": _TUPLE})
-    data: Blob = field(metadata=_AS_REF)
+    data: Blob = field(metadata=PAYLOAD)
     rid: str | None = None
     base_version: int | None = None
     if_match: int | None = None
@@ -98,8 +103,8 @@ class GradRows(Command):
     dtype: str
     row_shape: tuple[int, ...] = field(metadata={"kind": _TUPLE})
     k: int
-    indices: Blob = field(metadata=_AS_REF)
-    values: Blob = field(metadata=_AS_REF)
+    indices: Blob = field(metadata=PAYLOAD)
+    values: Blob = field(metadata=PAYLOAD)
     rid: str | None = None
     base_version: int | None = None
     if_match: int | None = None
