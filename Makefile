@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast test-cluster test-faults bench bench-join install clean
+.PHONY: run lint test test-fast test-cluster test-faults bench bench-join install clean
 
 $(PY):
 	python3 -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv $(VENV))
@@ -30,6 +30,21 @@ $(SYSDEPS): | $(PY)
 run: install
 	$(VENV)/bin/paramstore dev --replicas 3 --http-port 8700 --data-dir data/dev \
 		--then "$(PY) examples/train_digits.py --workers 4" $(if $(EXIT_AFTER),--exit-after)
+
+## ruff (lint rules, import order, format) and mypy (strict on store/ and paramstore/, checked on api/).
+# LINT_PENDING: files not gated yet because other branches of issue 11 are rewriting them; the pass after
+# those merges cleans them and empties this list. Never add a file to dodge a finding.
+LINT_PENDING := @PENDING@
+comma := ,
+empty :=
+space := $(empty) $(empty)
+LINT_EXCLUDE := $(if $(strip $(LINT_PENDING)),--extend-exclude $(subst $(space),$(comma),$(strip $(LINT_PENDING))))
+# While files are pending, mypy reads them for their types but reports only the gated ones.
+MYPY_FILES := $(filter-out $(patsubst %/,%/%,$(LINT_PENDING)),$(shell find store api paramstore -name '*.py' 2>/dev/null))
+lint: install
+	$(VENV)/bin/ruff check $(LINT_EXCLUDE) .
+	$(VENV)/bin/ruff format --check $(LINT_EXCLUDE) .
+	$(VENV)/bin/mypy $(if $(strip $(LINT_PENDING)),--follow-imports=silent) $(MYPY_FILES)
 
 ## The whole suite (unit, API and real multi-process cluster tests).
 test: install $(SYSDEPS)

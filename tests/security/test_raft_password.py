@@ -17,13 +17,13 @@ from tests.waiting import wait_until
 
 
 class Exploit:
-    """Unpickling this creates a marker file."""
+    """Unpickling this creates a marker directory (a directory: no file handle is left open)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def __reduce__(self):
-        return (open, (self.path, "w"))
+        return (os.mkdir, (self.path,))
 
 
 def start_store(tmp_path, password):

@@ -55,12 +55,14 @@ def torch_optimizer(spec: dict, param: torch.nn.Parameter) -> torch.optim.Optimi
     raise AssertionError(kind)
 
 
-def max_relative_error(spec: dict, seed: int = 0, shape: tuple[int, ...] = (37, 29)) -> float:
+def max_relative_error(spec: dict, seed: int = 0, shape: tuple[int, ...] = (37, 29),
+                       reference: dict | None = None) -> float:
+    """Worst relative error of ours (`spec`) against torch running `reference` (default: the same spec)."""
     rng = np.random.default_rng(seed)
     start = rng.normal(0, 1, shape).astype(np.float32)
     grads = [rng.normal(0, 1, shape).astype(np.float32) for _ in range(STEPS)]
     param = torch.nn.Parameter(torch.from_numpy(start.copy()))
-    opt = torch_optimizer(spec, param)
+    opt = torch_optimizer(reference or spec, param)
     ours, state = start, {}
     worst = 0.0
     for g in grads:
@@ -85,10 +87,23 @@ def test_matches_torch(label: str, raw: dict) -> None:
 
 
 def test_report_measured_errors() -> None:
-    """A summary line for every case measured in this run (order-independent)."""
+    """A summary line for every case measured in this run (order-independent), each within tolerance."""
     for label, raw in CASES:
         if label not in MEASURED:
             MEASURED[label] = max_relative_error(normalize_spec(raw))
     print("\nmax relative error vs torch.optim (float32, 100 steps):")
     for label, worst in MEASURED.items():
         print(f"  {label:20s} {worst:.3e}")
+    assert sorted(MEASURED) == sorted(label for label, _ in CASES)
+    too_far = {label: worst for label, worst in MEASURED.items() if not 0.0 <= worst <= TOL}
+    assert not too_far, f"max relative errors outside [0, {TOL:g}]: {too_far}"
+
+
+@pytest.mark.parametrize("ours,reference", [
+    ({"type": "adam", "lr": 0.01, "weight_decay": 0.1}, {"type": "adamw", "lr": 0.01, "weight_decay": 0.1}),
+    ({"type": "sgd", "lr": 0.05, "momentum": 0.9}, {"type": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    ({"type": "adagrad", "lr": 0.05}, {"type": "adagrad", "lr": 0.05, "lr_decay": 0.01}),
+], ids=["adam-vs-adamw", "momentum-vs-nesterov", "adagrad-lr-decay"])
+def test_comparison_tells_rules_apart(ours: dict, reference: dict) -> None:
+    """The measurement is sharp enough that a neighbouring rule would fail test_matches_torch."""
+    assert max_relative_error(normalize_spec(ours), reference=normalize_spec(reference)) > 100 * TOL
