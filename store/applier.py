@@ -6,14 +6,16 @@ stall heartbeats and trigger elections, so the hook only enqueues the command
 here and returns a Future; this thread applies commands in log order. Reads,
 version waits and snapshots all observe the state this thread maintains.
 """
+
 from __future__ import annotations
 
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from .commands import Inline, Stored, from_log
 from .errors import StoreError
@@ -24,15 +26,17 @@ log = logging.getLogger(__name__)
 
 
 class Applier:
-    def __init__(self, state: ShardState, resolve: Callable[[Stored, int], Any],
-                 on_payload_used: Callable[[str, int, int], None]) -> None:
+    def __init__(
+        self, state: ShardState, resolve: Callable[[Stored, int], Any], on_payload_used: Callable[[str, int, int], None]
+    ) -> None:
         self.state = state
         self.applied_index = 0
         self._resolve = resolve
         self._on_payload_used = on_payload_used
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # ("apply", index, entry, future) or ("call", fn, future); None stops the thread
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._watch_lock = threading.Lock()
-        self._watchers: dict[str, list[tuple[int, Future]]] = {}
+        self._watchers: dict[str, list[tuple[int, Future[int]]]] = {}
         self._pending = 0
         self._pending_lock = threading.Lock()
         self.apply_seconds = 0.0
@@ -42,20 +46,20 @@ class Applier:
         self._thread.start()
 
     # ---- called from the Raft tick thread ----------------------------------
-    def submit(self, index: int, entry: tuple) -> Future:
+    def submit(self, index: int, entry: tuple[Any, ...]) -> Future[Any]:
         """Apply the sealed log entry (store/commands.py `to_log`) at `index`;
         it is decoded on the applier thread, not the tick thread."""
-        fut: Future = Future()
+        fut: Future[Any] = Future()
         self._enqueue(("apply", index, entry, fut))
         return fut
 
-    def call(self, fn: Callable[[], Any]) -> Future:
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run `fn` on the applier thread after everything queued before it."""
-        fut: Future = Future()
+        fut: Future[Any] = Future()
         self._enqueue(("call", fn, fut))
         return fut
 
-    def _enqueue(self, job: tuple) -> None:
+    def _enqueue(self, job: tuple[Any, ...]) -> None:
         with self._pending_lock:
             self._pending += 1
         self._queue.put(job)
@@ -65,9 +69,9 @@ class Applier:
         return self._pending
 
     # ---- watchers (any thread) ---------------------------------------------
-    def watch(self, name: str, min_version: int) -> Future:
+    def watch(self, name: str, min_version: int) -> Future[int]:
         """A Future that resolves with the version once `name` reaches `min_version`."""
-        fut: Future = Future()
+        fut: Future[int] = Future()
         with self._watch_lock:
             current = self.state.version_of(name)
             if current >= min_version:
@@ -76,7 +80,7 @@ class Applier:
             self._watchers.setdefault(name, []).append((min_version, fut))
         return fut
 
-    def unwatch(self, name: str, fut: Future) -> None:
+    def unwatch(self, name: str, fut: Future[int]) -> None:
         with self._watch_lock:
             lst = self._watchers.get(name)
             if lst:
@@ -127,11 +131,11 @@ class Applier:
                 with self._pending_lock:
                     self._pending -= 1
 
-    def _apply(self, index: int, entry: tuple, fut: Future) -> None:
+    def _apply(self, index: int, entry: tuple[Any, ...], fut: Future[Any]) -> None:
         started = time.perf_counter()
         used: list[Stored] = []
 
-        def resolve(ref: Inline | Stored):
+        def resolve(ref: Inline | Stored) -> Any:
             if isinstance(ref, Inline):
                 return ref.data
             used.append(ref)

@@ -1,16 +1,27 @@
 """Receive buffers for large bodies and payloads.
 
-A fresh 64 MB `bytearray` costs ~70 ms of page faults as it fills on this kind
-of VM (4 KB pages, each fault a VM exit); numpy asks the kernel for
-transparent huge pages on large allocations (madvise), and the same 64 MB
-fills after ~11 ms of faults. Tensor bytes are received once per push on every
-replica, so this is on the critical path of large pushes.
+A fresh `bytearray` is faulted in 4 KB page by page as it fills (on a VM each
+fault is an exit to the hypervisor); numpy asks the kernel for transparent huge
+pages on large allocations (madvise), which fault a fraction as often. Tensor
+bytes are received once per push on every replica, so this is on the critical
+path of large pushes (docs/architecture.md, "Write path", has the measurement).
 """
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from typing_extensions import Buffer
+
 LARGE = 1 << 20  # below this a bytearray is as cheap and friendlier to small-body code
+
+# The byte buffers payloads travel in: bodies, receive buffers, stored bytes.
+Bytes: TypeAlias = "bytes | bytearray | memoryview | np.ndarray"
 
 
 def receive_buffer(size: int) -> np.ndarray | bytearray:
@@ -19,3 +30,9 @@ def receive_buffer(size: int) -> np.ndarray | bytearray:
     if size >= LARGE:
         return np.empty(size, dtype=np.uint8)
     return bytearray(size)
+
+
+def as_buffer(data: Bytes) -> Buffer:
+    """`data` for APIs typed to take a buffer: numpy arrays are buffers, but numpy's type stubs
+    say so only for Python >= 3.12. Costs nothing at run time."""
+    return cast("Buffer", data)

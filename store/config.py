@@ -3,15 +3,17 @@ variables, then command-line overrides (each later source wins).
 
 A wrong value fails at start with a `ConfigError` naming the field.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +31,7 @@ class Address:
     port: int
 
     @classmethod
-    def parse(cls, text: str, where: str) -> "Address":
+    def parse(cls, text: object, where: str) -> Address:
         if not isinstance(text, str) or ":" not in text:
             raise ConfigError(f"{where}: expected 'host:port', got {text!r}")
         host, _, port_text = text.rpartition(":")
@@ -42,7 +44,7 @@ class Address:
             raise ConfigError(f"{where}: expected 'host:port' with a port in 1..65535, got {text!r}")
         return cls(host, port)
 
-    def with_port(self, port: int) -> "Address":
+    def with_port(self, port: int) -> Address:
         return Address(self.host, port)
 
     def is_loopback(self) -> bool:
@@ -75,6 +77,7 @@ class NodeConfig:
 @dataclass(frozen=True)
 class RaftSettings:
     """pysyncobj timers and limits; docs/architecture.md explains each default."""
+
     auto_tick_period: float = 0.005
     append_entries_period: float = 0.05
     min_timeout: float = 0.6
@@ -108,6 +111,7 @@ class LimitSettings:
 @dataclass(frozen=True)
 class AuthSettings:
     """Bearer tokens for the HTTP API. A write token also reads."""
+
     read_tokens: tuple[str, ...] = ()
     write_tokens: tuple[str, ...] = ()
     insecure_no_auth: bool = False  # only allowed when every node address is loopback
@@ -120,6 +124,7 @@ class AuthSettings:
 @dataclass(frozen=True)
 class TlsSettings:
     """TLS for the HTTP API (uvicorn's ssl options); client_ca_file asks for mutual TLS."""
+
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = None
@@ -223,21 +228,19 @@ def _nodes(raw: Any, shards: int) -> tuple[NodeConfig, ...]:
         raft = Address.parse(entry["raft"], f"{where}.raft")
         if raft.port + shards > 65536:
             raise ConfigError(f"{where}.raft: ports {raft.port}..{raft.port + shards - 1} do not fit")
-        data = (Address.parse(entry["data"], f"{where}.data") if "data" in entry
-                else raft.with_port(raft.port + shards))
+        data = Address.parse(entry["data"], f"{where}.data") if "data" in entry else raft.with_port(raft.port + shards)
         nodes.append(NodeConfig(node_id, http, raft, data))
     ids = [n.id for n in nodes]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"nodes: duplicate node id in {ids}")
     used: dict[tuple[str, int], str] = {}
     for n in nodes:
-        ports = [("http", n.http), ("data", n.data)] + [
-            (f"raft (shard {k})", n.raft_address(k)) for k in range(shards)]
+        ports = [("http", n.http), ("data", n.data)] + [(f"raft (shard {k})", n.raft_address(k)) for k in range(shards)]
         for what, addr in ports:
-            key = (addr.host, addr.port)
-            if key in used:
-                raise ConfigError(f"nodes[{ids.index(n.id)}].{what.split()[0]}: {addr} is also {used[key]}")
-            used[key] = f"{n.id} {what}"
+            endpoint = (addr.host, addr.port)
+            if endpoint in used:
+                raise ConfigError(f"nodes[{ids.index(n.id)}].{what.split()[0]}: {addr} is also {used[endpoint]}")
+            used[endpoint] = f"{n.id} {what}"
     return tuple(nodes)
 
 
@@ -255,8 +258,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
     nodes = _nodes(raw.get("nodes"), shards)
     replication = _coerce(cluster.get("replication", min(3, len(nodes))), "int", "cluster.replication")
     if not 1 <= replication <= len(nodes):
-        raise ConfigError(
-            f"cluster.replication: must be 1..{len(nodes)} (the number of nodes), got {replication}")
+        raise ConfigError(f"cluster.replication: must be 1..{len(nodes)} (the number of nodes), got {replication}")
     node = dict(raw.get("node", {}))
     raft = _settings(RaftSettings, raw.get("raft", {}), "raft")
     if raft.min_timeout <= 3 * raft.append_entries_period:
@@ -275,17 +277,23 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
     if bool(tls.cert_file) != bool(tls.key_file):
         raise ConfigError("tls.cert_file: cert_file and key_file go together")
     cfg = Config(
-        shards=shards, replication=replication, nodes=nodes,
+        shards=shards,
+        replication=replication,
+        nodes=nodes,
         node_id=node.get("id"),
         data_dir=Path(node["data_dir"]) if node.get("data_dir") else None,
-        raft=raft, limits=limits, auth=auth, tls=tls, log_level=str(raw.get("log_level", "info")),
+        raft=raft,
+        limits=limits,
+        auth=auth,
+        tls=tls,
+        log_level=str(raw.get("log_level", "info")),
     )
     if cfg.node_id is not None:
-        cfg.node  # validates the id
+        _ = cfg.node  # validates the id
     return cfg
 
 
-def _set_path(raw: dict, dotted: str, value: Any) -> None:
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     target = raw
     for p in parts[:-1]:
@@ -296,7 +304,7 @@ def _set_path(raw: dict, dotted: str, value: Any) -> None:
 
 
 def load_config(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
@@ -313,18 +321,23 @@ def load_config(
         raise ConfigError("config: no file given (--config or PARAMSTORE_CONFIG)")
     try:
         with open(path, "rb") as f:
-            raw: dict = tomllib.load(f)
+            raw: dict[str, Any] = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config: file {str(path)!r} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
-    shortcuts = {"NODE": "node.id", "DATA_DIR": "node.data_dir", "RAFT_PASSWORD": "raft.password",
-                 "LOG_LEVEL": "log_level", "READ_TOKENS": "auth.read_tokens",
-                 "WRITE_TOKENS": "auth.write_tokens"}
+    shortcuts = {
+        "NODE": "node.id",
+        "DATA_DIR": "node.data_dir",
+        "RAFT_PASSWORD": "raft.password",
+        "LOG_LEVEL": "log_level",
+        "READ_TOKENS": "auth.read_tokens",
+        "WRITE_TOKENS": "auth.write_tokens",
+    }
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
-        name = key[len(ENV_PREFIX):]
+        name = key[len(ENV_PREFIX) :]
         if name in shortcuts:
             _set_path(raw, shortcuts[name], value)
         elif "__" in name:
@@ -350,15 +363,16 @@ def render_toml(cfg: Config) -> str:
     """The cluster part of a config as TOML (used by `paramstore dev`)."""
     lines = ["[cluster]", f"shards = {cfg.shards}", f"replication = {cfg.replication}", ""]
     for section, obj in (("raft", cfg.raft), ("limits", cfg.limits), ("auth", cfg.auth), ("tls", cfg.tls)):
-        diffs = [(f.name, getattr(obj, f.name)) for f in fields(obj)
-                 if getattr(obj, f.name) != f.default and getattr(obj, f.name) is not None]
+        diffs = [
+            (f.name, getattr(obj, f.name))
+            for f in fields(obj)
+            if getattr(obj, f.name) != f.default and getattr(obj, f.name) is not None
+        ]
         if diffs:
             lines.append(f"[{section}]")
             for k, v in diffs:
                 lines.append(f"{k} = {_toml_value(v)}")
             lines.append("")
     for n in cfg.nodes:
-        lines += ["[[nodes]]", f'id = "{n.id}"', f'http = "{n.http}"', f'raft = "{n.raft}"',
-                  f'data = "{n.data}"', ""]
+        lines += ["[[nodes]]", f'id = "{n.id}"', f'http = "{n.http}"', f'raft = "{n.raft}"', f'data = "{n.data}"', ""]
     return "\n".join(lines)
-

@@ -19,26 +19,34 @@ When a Raft password is configured every request carries an HMAC of its
 header (and a `put_stream` trailer one of its own) under that password;
 unauthenticated requests are refused.
 """
+
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import os
 import queue
 import socket
 import socketserver
 import threading
-import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from .buffers import Bytes, as_buffer, receive_buffer
 from .config import Address
-from .buffers import receive_buffer
 from .errors import StoreError, Unavailable
 from .payloads import PayloadStore
 from .threadnames import name_this_thread
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,14 @@ CHUNK = 4 << 20
 SOCKET_BUFFER = 4 << 20
 
 
-def _mac(secret: bytes | None, op: str, shard: int, payload_id: str, size: int) -> str:
+def _mac(secret: bytes | None, op: object, shard: object, payload_id: object, size: int) -> str:
+    """Any values a header may carry: what is not as expected fails the comparison."""
     if secret is None:
         return ""
     return hmac.new(secret, f"{op}:{shard}:{payload_id}:{size}".encode(), hashlib.sha256).hexdigest()
 
 
-def _read_line(sock: socket.socket) -> dict:
+def _read_line(sock: socket.socket) -> dict[str, Any]:
     buf = bytearray()
     while not buf.endswith(b"\n"):
         chunk = sock.recv(1)
@@ -68,22 +77,22 @@ def _read_line(sock: socket.socket) -> dict:
     return msg
 
 
-def _send_line(sock: socket.socket, msg: dict) -> None:
+def _send_line(sock: socket.socket, msg: Mapping[str, Any]) -> None:
     sock.sendall(json.dumps(msg).encode() + b"\n")
 
 
-def _recv_exact(sock: socket.socket, size: int, hasher=None):
+def _recv_exact(sock: socket.socket, size: int, hasher: _Hash | None = None) -> np.ndarray | bytearray:
     """`size` bytes (a buffer: see store/buffers.py); `hasher` (hashlib) is fed
     as they arrive, overlapping the hashing with the transfer."""
     buf = receive_buffer(size)
-    view = memoryview(buf)
+    view = memoryview(as_buffer(buf))
     got = 0
     while got < size:
         n = sock.recv_into(view[got:], min(CHUNK, size - got))
         if n == 0:
             raise ConnectionError(f"connection closed after {got} of {size} bytes")
         if hasher is not None:
-            hasher.update(view[got:got + n])
+            hasher.update(view[got : got + n])
         got += n
     return buf
 
@@ -95,8 +104,14 @@ def _tune(sock: socket.socket) -> None:
 
 
 class DataPathServer:
-    def __init__(self, address: Address, payloads: Mapping[int, PayloadStore], secret: bytes | None,
-                 max_size: int, snapshot_source: Callable[[int], Path] | None = None) -> None:
+    def __init__(
+        self,
+        address: Address,
+        payloads: Mapping[int, PayloadStore],
+        secret: bytes | None,
+        max_size: int,
+        snapshot_source: Callable[[int], Path] | None = None,
+    ) -> None:
         self.payloads = payloads
         self.snapshot_source = snapshot_source
         outer = self
@@ -134,9 +149,9 @@ class DataPathServer:
                 return _send_line(sock, {"ok": False, "error": "bad size"})
             if not hmac.compare_digest(_mac(self.secret, op, shard, pid, size), str(msg.get("mac", ""))):
                 return _send_line(sock, {"ok": False, "error": "authentication failed"})
-            store = self.payloads.get(shard) if isinstance(shard, int) else None
-            if store is None:
+            if not isinstance(shard, int) or shard not in self.payloads:
                 return _send_line(sock, {"ok": False, "error": f"shard {shard!r} is not hosted here"})
+            store = self.payloads[shard]
             if op == "put":  # sent by replicas of earlier versions (rolling upgrades)
                 hasher = hashlib.sha256()
                 data = _recv_exact(sock, size, hasher)
@@ -151,31 +166,28 @@ class DataPathServer:
                 data = _recv_exact(sock, size, hasher)
                 trailer = _read_line(sock)
                 pid = str(trailer.get("id", ""))
-                if not hmac.compare_digest(_mac(self.secret, "put_stream_end", shard, pid, size),
-                                           str(trailer.get("mac", ""))):
+                if not hmac.compare_digest(
+                    _mac(self.secret, "put_stream_end", shard, pid, size), str(trailer.get("mac", ""))
+                ):
                     return _send_line(sock, {"ok": False, "error": "authentication failed"})
                 store.put(data, pid, digest=hasher.hexdigest())
                 _send_line(sock, {"ok": True})
             elif op == "snapshot" and self.snapshot_source is not None:
-                self._send_snapshot(sock, shard)
+                self._send_snapshot(sock, shard, self.snapshot_source(shard))
             elif op == "get":
-                data = store.get(pid)
-                if data is None:
+                held = store.get(pid)
+                if held is None:
                     return _send_line(sock, {"ok": False, "error": "not here"})
-                _send_line(sock, {"ok": True, "size": len(data)})
-                sock.sendall(data)
+                _send_line(sock, {"ok": True, "size": len(held)})
+                sock.sendall(as_buffer(held))
             else:
                 _send_line(sock, {"ok": False, "error": "unknown op"})
         except (OSError, ConnectionError, ValueError, StoreError) as e:  # StoreError: CorruptData, Unavailable...
             log.warning("data path request failed: %s", e)
-            try:
+            with contextlib.suppress(OSError):
                 _send_line(sock, {"ok": False, "error": str(e)})
-            except OSError:
-                pass
 
-
-    def _send_snapshot(self, sock: socket.socket, shard: int) -> None:
-        path = self.snapshot_source(shard)
+    def _send_snapshot(self, sock: socket.socket, shard: int, path: Path) -> None:
         with open(path, "rb") as f:  # an open file survives the next snapshot's rename
             size = os.fstat(f.fileno()).st_size
             _send_line(sock, {"ok": True, "size": size})
@@ -190,36 +202,56 @@ class DataPathServer:
 
 
 class DataPathClient:
-    def __init__(self, secret: bytes | None, timeout: float = 30.0,
-                 source: tuple[str, int] | None = None) -> None:
+    def __init__(self, secret: bytes | None, timeout: float = 30.0, source: tuple[str, int] | None = None) -> None:
         self.secret = secret
         self.timeout = timeout
         self.source = source
 
     def _connect(self, addr: Address) -> socket.socket:
-        sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout,
-                                        source_address=self.source)
+        sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout, source_address=self.source)
         _tune(sock)
         return sock
 
-    def fetch(self, addr: Address, shard: int, payload_id: str) -> bytearray | None:
+    def fetch(self, addr: Address, shard: int, payload_id: str) -> np.ndarray | bytearray | None:
         with self._connect(addr) as sock:
-            _send_line(sock, {"op": "get", "shard": shard, "id": payload_id, "size": 0,
-                              "mac": _mac(self.secret, "get", shard, payload_id, 0)})
+            _send_line(
+                sock,
+                {
+                    "op": "get",
+                    "shard": shard,
+                    "id": payload_id,
+                    "size": 0,
+                    "mac": _mac(self.secret, "get", shard, payload_id, 0),
+                },
+            )
             reply = _read_line(sock)
             if not reply.get("ok"):
                 return None
             return _recv_exact(sock, int(reply["size"]))
 
-    def fetch_snapshot(self, addr: Address, shard: int, dest: Path, timeout: float = 600.0,
-                       progress: Callable[[int, int], None] | None = None) -> int:
+    def fetch_snapshot(
+        self,
+        addr: Address,
+        shard: int,
+        dest: Path,
+        timeout: float = 600.0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
         """Download a fresh snapshot of `shard` from the replica at `addr` into
         `dest` (written beside it, fsynced, then renamed); returns its size."""
         partial = dest.with_suffix(".fetching")
         with self._connect(addr) as sock:
             sock.settimeout(timeout)  # the source may first have to write the snapshot
-            _send_line(sock, {"op": "snapshot", "shard": shard, "id": "", "size": 0,
-                              "mac": _mac(self.secret, "snapshot", shard, "", 0)})
+            _send_line(
+                sock,
+                {
+                    "op": "snapshot",
+                    "shard": shard,
+                    "id": "",
+                    "size": 0,
+                    "mac": _mac(self.secret, "snapshot", shard, "", 0),
+                },
+            )
             reply = _read_line(sock)
             if not reply.get("ok"):
                 raise ConnectionError(f"{addr} did not send a snapshot of shard {shard}: {reply.get('error')}")
@@ -242,26 +274,31 @@ class DataPathClient:
         os.replace(partial, dest)
         return size
 
-    def replicate(self, peers: Sequence[Address], shard: int, payload_id: str, data, need: int,
-                  timeout: float) -> None:
+    def replicate(
+        self, peers: Sequence[Address], shard: int, payload_id: str, data: Bytes, need: int, timeout: float
+    ) -> None:
         """Send a payload that is already complete to every peer in parallel;
         return once `need` of them hold it. The remaining sends go on in the
         background, so a slow replica does not slow the write, and a replica
         that misses it fetches it at apply. The same `put_stream` as a body
         forwarded while it arrives, with all of it queued at once."""
-        view = memoryview(data).cast("B")
+        view = memoryview(as_buffer(data)).cast("B")
         stream = self.stream(peers, shard, view.nbytes)
         stream.feed(view)
         stream.finish(payload_id)
         stream.wait(need, timeout)
 
-    def stream(self, peers: Sequence[Address], shard: int, size: int) -> "PayloadStream":
+    def stream(self, peers: Sequence[Address], shard: int, size: int) -> PayloadStream:
         """Start forwarding a payload of `size` bytes to every peer while it
         is still arriving; see PayloadStream."""
         return PayloadStream(self, peers, shard, size)
 
 
-_END, _ABORT = object(), object()
+class _Signal:
+    """What a sender's queue carries besides chunks."""
+
+
+_END, _ABORT = _Signal(), _Signal()
 STREAM_IDLE = 120.0  # seconds a sender waits for the next chunk before giving up
 
 
@@ -285,7 +322,7 @@ class PayloadStream:
         self.shard = shard
         self.size = size
         self.payload_id: str | None = None
-        self._queues = [queue.SimpleQueue() for _ in peers]
+        self._queues: list[queue.SimpleQueue[memoryview | _Signal]] = [queue.SimpleQueue() for _ in peers]
         self._cond = threading.Condition()
         self._ok = 0
         self._failed = 0
@@ -296,8 +333,8 @@ class PayloadStream:
         for i, peer in enumerate(peers):
             threading.Thread(target=self._send, args=(peer, i), name="datapath-stream", daemon=True).start()
 
-    def feed(self, chunk) -> None:
-        for q, live in zip(self._queues, self._live):
+    def feed(self, chunk: memoryview) -> None:
+        for q, live in zip(self._queues, self._live, strict=True):
             if live:  # a failed sender reads no more: queued views would pin the body
                 q.put(chunk)
 
@@ -319,23 +356,34 @@ class PayloadStream:
             if self._ok >= need:
                 return
             acks, errors = self._ok, list(self._errors)
-        raise Unavailable(f"payload reached {acks} of the {need} peers a majority needs"
-                          + (f" ({'; '.join(errors)})" if errors else ""))
+        raise Unavailable(
+            f"payload reached {acks} of the {need} peers a majority needs"
+            + (f" ({'; '.join(errors)})" if errors else "")
+        )
 
     def _send(self, peer: Address, i: int) -> None:
         client, shard, size, q = self.client, self.shard, self.size, self._queues[i]
-        outcome, sock = "failed", None
+        outcome = "failed"
+        sock: socket.socket | None = None
         try:
             sock = client._connect(peer)
-            _send_line(sock, {"op": "put_stream", "shard": shard, "id": "", "size": size,
-                              "mac": _mac(client.secret, "put_stream", shard, "", size)})
+            _send_line(
+                sock,
+                {
+                    "op": "put_stream",
+                    "shard": shard,
+                    "id": "",
+                    "size": size,
+                    "mac": _mac(client.secret, "put_stream", shard, "", size),
+                },
+            )
             sent = 0
             while True:
                 item = q.get(timeout=STREAM_IDLE)  # Empty: the write was given up without abort()
                 if item is _ABORT:
                     outcome = "aborted"
                     return
-                if item is _END:
+                if isinstance(item, _Signal):  # _END
                     break
                 if self.aborted:
                     outcome = "aborted"
@@ -344,7 +392,7 @@ class PayloadStream:
                 sent += len(item)
             if sent != size:
                 raise ConnectionError(f"stream ended after {sent} of {size} bytes")
-            pid = self.payload_id
+            pid = self.payload_id or ""  # set by finish(), which queued _END
             _send_line(sock, {"id": pid, "mac": _mac(client.secret, "put_stream_end", shard, pid, size)})
             reply = _read_line(sock)
             if not reply.get("ok"):

@@ -1,11 +1,12 @@
 """Small helpers for concurrent.futures.Future plumbing."""
+
 from __future__ import annotations
 
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 
-def settle(dst: Future, value: Any = None, exc: BaseException | None = None) -> None:
+def settle(dst: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
     """Complete `dst` unless it is already done (answered by another attempt,
     or cancelled by a caller that gave up waiting)."""
     if dst.done():
@@ -19,13 +20,13 @@ def settle(dst: Future, value: Any = None, exc: BaseException | None = None) -> 
         pass
 
 
-def forward(src: Any, dst: Future) -> None:
+def forward(src: Any, dst: Future[Any]) -> None:
     """Complete `dst` like `src` (a Future, or a plain value) completes."""
     if not isinstance(src, Future):
         settle(dst, src)
         return
 
-    def copy(f: Future) -> None:
+    def copy(f: Future[Any]) -> None:
         exc = f.exception()
         settle(dst, None if exc is not None else f.result(), exc)
 

@@ -1,5 +1,6 @@
 """The C library, for the few Linux calls the standard library lacks
 (`sync_file_range`, `prctl`); None where it cannot be loaded."""
+
 from __future__ import annotations
 
 import ctypes

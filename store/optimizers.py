@@ -7,15 +7,20 @@ a local torch optimizer to the store without changing its maths.
 Updates are functional: they return new arrays and never write into the ones
 they were given, so readers and snapshots can hold stored arrays without locks.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .errors import Unprocessable
+
+Spec = Mapping[str, Any]  # a normalized optimizer spec (normalize_spec)
+State = Mapping[str, Any]  # a tensor's optimizer state: arrays and scalars
 
 # name -> {field: default}
 SPECS: dict[str, dict[str, Any]] = {
@@ -23,18 +28,24 @@ SPECS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0},
     "adam": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
     "adamw": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
-    "adagrad": {"lr": 0.01, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
-                "eps": 1e-10},
+    "adagrad": {"lr": 0.01, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10},
 }
 
 
 # The optimizer state each rule keeps: arrays (shaped like the tensor) and scalars.
 STATE_ARRAYS: dict[str, tuple[str, ...]] = {
-    "assign": (), "sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
-    "adamw": ("exp_avg", "exp_avg_sq"), "adagrad": ("sum",),
+    "assign": (),
+    "sgd": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+    "adagrad": ("sum",),
 }
 STATE_SCALARS: dict[str, tuple[str, ...]] = {
-    "assign": (), "sgd": (), "adam": ("step",), "adamw": ("step",), "adagrad": ("step",),
+    "assign": (),
+    "sgd": (),
+    "adam": ("step",),
+    "adamw": ("step",),
+    "adagrad": ("step",),
 }
 
 
@@ -43,7 +54,7 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
     if spec is None:
         return {"type": "assign"}
     if not isinstance(spec, dict):
-        raise Unprocessable("optimizer: expected a JSON object such as {\"type\": \"sgd\", \"lr\": 0.1}")
+        raise Unprocessable('optimizer: expected a JSON object such as {"type": "sgd", "lr": 0.1}')
     kind = spec.get("type")
     if kind not in SPECS:
         raise Unprocessable(f"optimizer.type: {kind!r} is not one of {', '.join(SPECS)}")
@@ -51,7 +62,8 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
     unknown = set(spec) - set(defaults) - {"type"}
     if unknown:
         raise Unprocessable(
-            f"optimizer.{sorted(unknown)[0]}: unknown field for {kind} (known: {', '.join(defaults) or 'none'})")
+            f"optimizer.{sorted(unknown)[0]}: unknown field for {kind} (known: {', '.join(defaults) or 'none'})"
+        )
     out: dict[str, Any] = {"type": kind}
     for key, default in defaults.items():
         value = spec.get(key, default)
@@ -60,8 +72,11 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise Unprocessable(f"{where}: expected true or false, got {value!r}")
         elif isinstance(default, tuple):
-            if (not isinstance(value, (list, tuple)) or len(value) != 2
-                    or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)):
+            if (
+                not isinstance(value, (list, tuple))
+                or len(value) != 2
+                or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)
+            ):
                 raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {value!r}")
             value = [float(v) for v in value]
         else:
@@ -84,14 +99,16 @@ class StepResult:
     state: dict[str, Any]
 
 
-def _assign(spec, state, param, grad, lr_scale) -> StepResult:
-    return StepResult(grad, state)
+def _assign(spec: Spec, state: State, param: np.ndarray, grad: np.ndarray, lr_scale: float) -> StepResult:
+    return StepResult(grad, dict(state))
 
 
 BLOCK = 1 << 18  # elements per block: a block's temporaries stay in cache
 
 
-def _blockwise(fn: Callable[..., tuple], like: np.ndarray, *inputs: np.ndarray | None) -> tuple:
+def _blockwise(
+    fn: Callable[..., tuple[Any, ...]], like: np.ndarray, *inputs: np.ndarray | None
+) -> tuple[np.ndarray, ...]:
     """Apply the elementwise `fn` to cache-sized blocks of `inputs` (flattened;
     None passes through) and assemble its outputs in arrays shaped like `like`.
 
@@ -103,13 +120,13 @@ def _blockwise(fn: Callable[..., tuple], like: np.ndarray, *inputs: np.ndarray |
     n = like.size
     if n <= BLOCK:  # one block: its outputs are fresh arrays already (most pushes are small)
         return tuple(np.asarray(part).reshape(like.shape) for part in fn(*flat))
-    outs: list[np.ndarray] | None = None
-    for start in range(0, max(n, 1), BLOCK):
+    outs: list[np.ndarray] = []
+    for start in range(0, n, BLOCK):
         end = min(n, start + BLOCK)
         parts = fn(*[None if x is None else x[start:end] for x in flat])
-        if outs is None:
+        if not outs:
             outs = [np.empty(n, dtype=np.asarray(part).dtype) for part in parts]
-        for out, part in zip(outs, parts):
+        for out, part in zip(outs, parts, strict=True):
             out[start:end] = part
     return tuple(out.reshape(like.shape) for out in outs)
 
@@ -119,14 +136,15 @@ def _axpy(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
     computed in float64 (exact for float16/32 products) and cast back."""
     a = np.float64(x.dtype.type(alpha))
 
-    def block(xb, yb):
+    def block(xb: np.ndarray, yb: np.ndarray) -> tuple[np.ndarray]:
         acc = np.multiply(yb, a, dtype=np.float64)
         np.add(acc, xb, out=acc)  # the same two float64 operations, in one temporary
         return (acc.astype(x.dtype),)
+
     return _blockwise(block, x, x, y)[0]
 
 
-def _sgd(spec, state, param, grad, lr_scale) -> StepResult:
+def _sgd(spec: Spec, state: State, param: np.ndarray, grad: np.ndarray, lr_scale: float) -> StepResult:
     lr = spec["lr"] * lr_scale
     d_p = grad
     if spec["weight_decay"] != 0:
@@ -135,26 +153,28 @@ def _sgd(spec, state, param, grad, lr_scale) -> StepResult:
     momentum = spec["momentum"]
     if momentum != 0:
         buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = d_p  # arrays are never written in place, so no clone is needed
-        else:
-            buf = _axpy(buf * param.dtype.type(momentum), d_p, 1 - spec["dampening"])
+        # the first step takes d_p itself: arrays are never written in place, so no clone is needed
+        buf = d_p if buf is None else _axpy(buf * param.dtype.type(momentum), d_p, 1 - spec["dampening"])
         new_state["momentum_buffer"] = buf
         d_p = _axpy(d_p, buf, momentum) if spec["nesterov"] else buf
     return StepResult(_axpy(param, d_p, -lr), new_state)
 
 
-def _adam(spec, state, param, grad, lr_scale, decoupled: bool = False) -> StepResult:
+def _adam(
+    spec: Spec, state: State, param: np.ndarray, grad: np.ndarray, lr_scale: float, decoupled: bool = False
+) -> StepResult:
     t = param.dtype.type
     lr = spec["lr"] * lr_scale
     beta1, beta2 = spec["betas"]
     wd = spec["weight_decay"]
     step = int(state.get("step", 0)) + 1
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
 
-    def block(p, g, m, v):
+    def block(
+        p: np.ndarray, g: np.ndarray, m: np.ndarray | None, v: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if wd != 0:
             if decoupled:
                 p = p * t(1 - lr * wd)
@@ -172,16 +192,16 @@ def _adam(spec, state, param, grad, lr_scale, decoupled: bool = False) -> StepRe
     return StepResult(value, {"step": step, "exp_avg": m, "exp_avg_sq": v})
 
 
-def _adamw(spec, state, param, grad, lr_scale) -> StepResult:
+def _adamw(spec: Spec, state: State, param: np.ndarray, grad: np.ndarray, lr_scale: float) -> StepResult:
     return _adam(spec, state, param, grad, lr_scale, decoupled=True)
 
 
-def _adagrad(spec, state, param, grad, lr_scale) -> StepResult:
+def _adagrad(spec: Spec, state: State, param: np.ndarray, grad: np.ndarray, lr_scale: float) -> StepResult:
     t = param.dtype.type
     step = int(state.get("step", 0)) + 1
     clr = spec["lr"] * lr_scale / (1 + (step - 1) * spec["lr_decay"])
 
-    def block(p, g, acc):
+    def block(p: np.ndarray, g: np.ndarray, acc: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if spec["weight_decay"] != 0:
             g = g + p * t(spec["weight_decay"])
         if acc is None:
@@ -194,13 +214,17 @@ def _adagrad(spec, state, param, grad, lr_scale) -> StepResult:
     return StepResult(value, {"step": step, "sum": acc})
 
 
-RULES: dict[str, Callable[..., StepResult]] = {
-    "assign": _assign, "sgd": _sgd, "adam": _adam, "adamw": _adamw, "adagrad": _adagrad,
+Rule = Callable[[Spec, State, np.ndarray, np.ndarray, float], StepResult]
+RULES: dict[str, Rule] = {
+    "assign": _assign,
+    "sgd": _sgd,
+    "adam": _adam,
+    "adamw": _adamw,
+    "adagrad": _adagrad,
 }
 
 
-def apply_step(spec: dict, state: dict, param: np.ndarray, grad: np.ndarray,
-               lr_scale: float = 1.0) -> StepResult:
+def apply_step(spec: Spec, state: State, param: np.ndarray, grad: np.ndarray, lr_scale: float = 1.0) -> StepResult:
     """One optimizer step. Integer tensors only take `assign`."""
     if param.dtype.kind != "f" and spec["type"] != "assign":
         raise Unprocessable(f"optimizer {spec['type']} needs a float tensor, this one is {param.dtype}")

@@ -5,6 +5,7 @@ A payload is named by the SHA-256 of its bytes. It is written to the data dir
 been applied, so the common path never reads it back from disk. Files are
 removed once a snapshot covers the command that used them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,14 +16,15 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from .buffers import Bytes, as_buffer
 from .errors import CorruptData
 from .writeback import start_writeback
 
 log = logging.getLogger(__name__)
 
 
-def digest_of(data) -> str:
-    return hashlib.sha256(data).hexdigest()
+def digest_of(data: Bytes) -> str:
+    return hashlib.sha256(as_buffer(data)).hexdigest()
 
 
 def _valid_id(payload_id: str) -> bool:
@@ -36,7 +38,7 @@ class PayloadStore:
         self.fsync = fsync
         self.memory_budget = memory_budget
         self._lock = threading.Lock()
-        self._memory: OrderedDict[str, bytes | bytearray] = OrderedDict()
+        self._memory: OrderedDict[str, Bytes] = OrderedDict()
         self._memory_bytes = 0
         self._applied_at: dict[str, int] = {}  # payload id -> raft index that used it
         self._arrived = threading.Condition(self._lock)
@@ -48,7 +50,7 @@ class PayloadStore:
             raise CorruptData(f"invalid payload id {payload_id!r}")
         return self.root / payload_id
 
-    def put(self, data, payload_id: str | None = None, digest: str | None = None) -> str:
+    def put(self, data: Bytes, payload_id: str | None = None, digest: str | None = None) -> str:
         """Store bytes; verifies them against `payload_id` when one is given.
         `digest`: their SHA-256, if the caller already computed it from these
         very bytes (e.g. while they arrived)."""
@@ -59,7 +61,7 @@ class PayloadStore:
         if not target.exists():
             tmp = target.with_name(f"{actual}.{threading.get_ident()}.part")
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.write(as_buffer(data))
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
@@ -69,7 +71,7 @@ class PayloadStore:
         self._remember(actual, data)
         return actual
 
-    def _remember(self, payload_id: str, data) -> None:
+    def _remember(self, payload_id: str, data: Bytes) -> None:
         with self._lock:
             if payload_id not in self._memory:
                 self._memory[payload_id] = data
@@ -79,12 +81,12 @@ class PayloadStore:
                     self._memory_bytes -= len(old)
             self._arrived.notify_all()
 
-    def get(self, payload_id: str):
+    def get(self, payload_id: str) -> Bytes | None:
         """The payload's bytes, or None if this replica does not hold it."""
         with self._lock:
-            data = self._memory.get(payload_id)
-        if data is not None:
-            return data
+            held = self._memory.get(payload_id)
+        if held is not None:
+            return held
         try:
             with open(self.path(payload_id), "rb") as f:
                 data = f.read()

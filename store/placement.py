@@ -2,10 +2,12 @@
 
 Every replica and every client computes the same answers from the config alone.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 

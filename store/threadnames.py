@@ -6,6 +6,7 @@ Python's thread names stay inside Python; `top -H`, `ps -L` and
 replica is busy or blocked in the kernel (`/proc/<pid>/task/<tid>/wchan`)
 without a debugger. Elsewhere this does nothing.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -7,6 +7,7 @@ is an mmap — and heartbeats are missed. `sync_file_range(SYNC_FILE_RANGE_WRITE
 queues the writeback as the data is written and returns; it is Linux-only, so
 elsewhere this is a no-op.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -33,8 +34,7 @@ def drop_cached(fd: int) -> None:
 
 def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
     """Queue writeback of `nbytes` from `offset` (0 = to the end of the file)."""
-    if _sync_file_range is not None:
-        if _sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) != 0:
-            err = ctypes.get_errno()
-            if err not in (0, 38):  # ENOSYS: the file system cannot: nothing to do
-                raise OSError(err, os.strerror(err))
+    if _sync_file_range is not None and _sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) != 0:
+        err = ctypes.get_errno()
+        if err not in (0, 38):  # ENOSYS: the file system cannot: nothing to do
+            raise OSError(err, os.strerror(err))
