@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from tests.api.conftest import single_node_app
+from tests.helpers.apps import single_node_app
 
 RAW = "application/octet-stream"
 

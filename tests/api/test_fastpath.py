@@ -7,10 +7,8 @@ from starlette.testclient import TestClient
 
 from api.app import create_app
 from store.config import config_from_mapping
-from tests.security.test_auth_tls import raw_config
+from tests.helpers.apps import raw_config, single_node_app
 from tests.waiting import wait_until
-
-from .conftest import single_node_app
 
 RAW = {"Content-Type": "application/octet-stream"}
 

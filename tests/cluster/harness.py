@@ -66,14 +66,14 @@ class Cluster:
     # ---- processes ---------------------------------------------------------------
     def start(self, node_id: str | None = None, join: str | None = None) -> None:
         for nid in [node_id] if node_id else self.ids:
-            log = open(self.tmp / f"{nid}.log", "ab")
             bootstrap = {n.id for n in self.cfg.nodes}
             config = self.join_config_path if join or nid not in bootstrap else self.config_path
-            self.procs[nid] = subprocess.Popen(
-                self.launcher + [sys.executable, "-m", "api.cli", "serve", "--config", str(config),
-                 "--node", nid, "--data-dir", str(self.tmp / nid)] + (["--join", join] if join else []),
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT), **self.env))
+            with open(self.tmp / f"{nid}.log", "ab") as log:  # the replica writes to its own copy
+                self.procs[nid] = subprocess.Popen(
+                    self.launcher + [sys.executable, "-m", "api.cli", "serve", "--config", str(config),
+                     "--node", nid, "--data-dir", str(self.tmp / nid)] + (["--join", join] if join else []),
+                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                    env=dict(os.environ, PYTHONPATH=str(ROOT), **self.env))
 
     def start_joining(self, nid: str, seed: str) -> None:
         """Start a node outside the membership that joins through `seed`'s URL."""

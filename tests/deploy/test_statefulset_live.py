@@ -69,9 +69,10 @@ def statefulset(tmp_path_factory):
         env["PARAMSTORE_CONFIG"] = env["PARAMSTORE_CONFIG"].replace(mount, str(config_dir))
         env["PARAMSTORE_DATA_DIR"] = str(tmp / pod)  # the PVC
         logs[pod] = tmp / f"{pod}.log"
-        procs[pod] = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", *args], cwd=ROOT, stdout=open(logs[pod], "wb"),
-            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+        with open(logs[pod], "wb") as log:  # the replica writes to its own copy
+            procs[pod] = subprocess.Popen(
+                [sys.executable, "-m", "api.cli", *args], cwd=ROOT, stdout=log,
+                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     probe = container(sts)["readinessProbe"]["httpGet"]
     port = named_port(sts, probe["port"])
     urls = {pod: f"http://{ip}:{port}" for pod, ip in ips.items()}

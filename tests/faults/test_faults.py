@@ -7,11 +7,13 @@ says which). Every scenario heals, waits for the replicas to converge, and
 checks the whole history for linearizability, acknowledged writes and
 identical bytes on every replica.
 """
+
 import time
 
 import numpy as np
 import pytest
 
+from tests.faults.checks import converge_and_check, run_for
 from tests.faults.history import History, check
 from tests.faults.workload import Workload
 from tests.waiting import wait_until
@@ -19,26 +21,6 @@ from tests.waiting import wait_until
 pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.timeout(180)]
 
 HOST = {"n1": "127.0.0.1", "n2": "127.0.0.2", "n3": "127.0.0.3"}
-
-
-def converge_and_check(c, load: Workload, history: History) -> None:
-    violations = check(history.ops)
-    assert violations == [], "\n".join(violations[:20])
-    acked = max(o.version for o in history.ops if o.kind == "write" and o.status == "ok")
-    c.wait_ready(timeout=40)
-    finals = {}
-    for nid in c.ids:
-        wait_until(lambda: c.get(nid, load.tensor)[1] >= acked, 30, f"{nid} caught up to v{acked}")
-        finals[nid] = c.digest(nid, load.tensor, consistency="linearizable")
-    assert len(set(finals.values())) == 1, finals
-    counts = history.counts()
-    print(f"checked {len(history.ops)} operations: {counts}; final version {acked}+")
-    assert counts.get("write:ok", 0) >= 10 and counts.get("read:ok", 0) >= 10
-
-
-def run_for(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    wait_until(lambda: time.monotonic() > end, seconds + 5, f"{seconds}s of load")
 
 
 def test_leader_partitioned_from_majority(fault_cluster):
@@ -56,8 +38,9 @@ def test_leader_partitioned_from_majority(fault_cluster):
         wait_until(lambda: load.acked_writes_after(cut_at + 0.5) >= 5, 20, "the majority commits writes")
         print(f"leader partitioned: first write acknowledged {load.recovery_seconds(cut_at):.2f}s after the cut")
         # the minority serves no linearizable read
-        r = c.http.get(f"{c.urls[leader]}/v1/tensors/{load.tensor}",
-                       params={"consistency": "linearizable", "timeout": 1})
+        r = c.http.get(
+            f"{c.urls[leader]}/v1/tensors/{load.tensor}", params={"consistency": "linearizable", "timeout": 1}
+        )
         assert r.status_code == 503, r.status_code
         # ...while a plain local read there is stale, and the checker must say so
         stale = c.http.get(f"{c.urls[leader]}/v1/tensors/{load.tensor}")
@@ -68,8 +51,15 @@ def test_leader_partitioned_from_majority(fault_cluster):
     finally:
         c.faults.heal()
         healed_at = time.monotonic()
-    minority_acks = [o for o in load.history.ops if o.kind == "write" and o.replica == leader
-                     and o.status == "ok" and o.invoke > cut_at + 0.1 and o.complete < healed_at]
+    minority_acks = [
+        o
+        for o in load.history.ops
+        if o.kind == "write"
+        and o.replica == leader
+        and o.status == "ok"
+        and o.invoke > cut_at + 0.1
+        and o.complete < healed_at
+    ]
     assert minority_acks == [], "the partitioned old leader acknowledged writes"
     run_for(2)
     converge_and_check(c, load, load.finish())
@@ -89,8 +79,9 @@ def test_follower_partitioned(fault_cluster):
         print(f"follower partitioned: first write acknowledged {load.recovery_seconds(cut_at):.2f}s after the cut")
         assert c.status(leader)["shards"][shard]["leader"] == leader
         assert c.status(leader)["shards"][shard]["term"] == term, "the leader was disturbed"
-        r = c.http.get(f"{c.urls[follower]}/v1/tensors/{load.tensor}",
-                       params={"consistency": "linearizable", "timeout": 1})
+        r = c.http.get(
+            f"{c.urls[follower]}/v1/tensors/{load.tensor}", params={"consistency": "linearizable", "timeout": 1}
+        )
         assert r.status_code == 503, f"the cut follower served a linearizable read ({r.status_code})"
     finally:
         c.faults.heal()
@@ -127,7 +118,7 @@ def test_leader_killed_twice(fault_cluster):
         c.kill(leader)
         others = [n for n in c.ids if n != leader]
         c.leader_of(shard, timeout=20, among=others)
-        wait_until(lambda: load.acked_writes_after(killed_at + 0.2) >= 5, 20, "writes continue")
+        wait_until(lambda t=killed_at: load.acked_writes_after(t + 0.2) >= 5, 20, "writes continue")
         print(f"leader killed: first write acknowledged {load.recovery_seconds(killed_at):.2f}s after SIGKILL")
         c.restart(leader, timeout=40)
     run_for(2)

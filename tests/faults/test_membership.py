@@ -2,6 +2,7 @@
 snapshot fetched over the data path, not through Raft messages), remove
 replicas (the leader among them), and replace a dead replica with an empty
 one. Every scenario ends with the history checker and identical bytes."""
+
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.cluster.harness import ROOT, Cluster
-from tests.faults.test_faults import converge_and_check, run_for
+from tests.faults.checks import converge_and_check, run_for
 from tests.faults.workload import Workload
 from tests.waiting import wait_until
 
@@ -23,8 +24,14 @@ BULK_MB = 96  # bulk state the joining replica must download (per run, over 2 sh
 
 def cli(c: Cluster, *args: str) -> str:
     """`paramstore cluster ...` run inside the namespace; returns its output."""
-    proc = subprocess.run(c.launcher + [sys.executable, "-m", "api.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=90, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.run(
+        [*c.launcher, sys.executable, "-m", "api.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=90,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert proc.returncode == 0, f"{args}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -68,8 +75,7 @@ def test_add_a_fourth_replica_under_load_then_remove_two(member_cluster):
     c.ids.append("n4")
     for name, digest in bulk.items():
         assert c.digest("n4", name)[0] == digest
-    print(f"n4 joined under load: {sum(fetched) >> 20} MB of snapshots, ready {joined:.2f}s after start, "
-          "0 elections")
+    print(f"n4 joined under load: {sum(fetched) >> 20} MB of snapshots, ready {joined:.2f}s after start, 0 elections")
 
     # remove two of the original members, the leader of shard 0 first: n4 is then
     # one of the two voters every commit needs
@@ -81,8 +87,8 @@ def test_add_a_fourth_replica_under_load_then_remove_two(member_cluster):
         out = cli(c, "cluster", "remove", gone, "--url", c.urls[survivor])
         assert out.count(f"{gone} removed") == 2, out
         c.ids.remove(gone)
-        wait_until(lambda: all(gone not in m for m in members(c, survivor)), 10, f"{gone} gone")
-        wait_until(lambda: load.acked_writes_after(removed_at) >= 5, 20, "writes go on")
+        wait_until(lambda g=gone, s=survivor: all(g not in m for m in members(c, s)), 10, f"{gone} gone")
+        wait_until(lambda t=removed_at: load.acked_writes_after(t) >= 5, 20, "writes go on")
     assert members(c, "n4") == [sorted(c.ids)] * 2
     # the joined replica restarts from its own data dir (membership.json, a
     # journal with membership entries) without --join

@@ -15,20 +15,10 @@ from api.auth import check_policy
 from paramstore import AuthError, Client
 from store.config import config_from_mapping, render_toml
 from store.errors import ConfigError
-from tests.ports import free_range
+from tests.helpers.apps import raw_config
 from tests.waiting import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def raw_config(tmp_path, **extra):
-    base = free_range(4)
-    raw = {"cluster": {"shards": 1, "replication": 1},
-           "nodes": [{"id": "n1", "http": f"127.0.0.1:{base}", "raft": f"127.0.0.1:{base + 1}",
-                      "data": f"127.0.0.1:{base + 2}"}],
-           "node": {"id": "n1", "data_dir": str(tmp_path / "data")}}
-    raw.update(extra)
-    return raw
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +99,10 @@ def test_tls_and_tokens_on_a_real_replica(tmp_path):
     cfg = config_from_mapping(raw)
     (tmp_path / "c.toml").write_text(render_toml(cfg))
     env = dict(os.environ, PYTHONPATH=ROOT, PARAMSTORE_WRITE_TOKENS="w-token", PARAMSTORE_READ_TOKENS="r-token")
-    log = open(tmp_path / "n1.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--config", str(tmp_path / "c.toml"),
-                             "--node", "n1", "--data-dir", str(tmp_path / "data")],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "n1.log", "wb") as log:  # the replica writes to its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--config", str(tmp_path / "c.toml"),
+                                 "--node", "n1", "--data-dir", str(tmp_path / "data")],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"https://{cfg.node.http}"
     try:
         with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=2) as https:

@@ -5,6 +5,7 @@ through torch's single-tensor implementation (foreach=False, as on CPU) and
 compares the parameters after every step: |ours - torch| <= 1e-6 * max(1, |torch|).
 The measured maximum errors are printed (run with -s to see them).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,13 +25,21 @@ CASES: list[tuple[str, dict]] = [
     ("sgd-weight-decay", {"type": "sgd", "lr": 0.05, "weight_decay": 0.01}),
     ("sgd-all", {"type": "sgd", "lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.02}),
     ("adam", {"type": "adam", "lr": 0.01}),
-    ("adam-weight-decay", {"type": "adam", "lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6,
-                           "weight_decay": 0.05}),
+    ("adam-weight-decay", {"type": "adam", "lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.05}),
     ("adamw", {"type": "adamw", "lr": 0.01}),
     ("adamw-weight-decay", {"type": "adamw", "lr": 0.01, "betas": [0.85, 0.995], "weight_decay": 0.1}),
     ("adagrad", {"type": "adagrad", "lr": 0.05}),
-    ("adagrad-all", {"type": "adagrad", "lr": 0.05, "lr_decay": 0.01, "weight_decay": 0.01,
-                     "initial_accumulator_value": 0.1, "eps": 1e-8}),
+    (
+        "adagrad-all",
+        {
+            "type": "adagrad",
+            "lr": 0.05,
+            "lr_decay": 0.01,
+            "weight_decay": 0.01,
+            "initial_accumulator_value": 0.1,
+            "eps": 1e-8,
+        },
+    ),
 ]
 
 MEASURED: dict[str, float] = {}
@@ -40,23 +49,41 @@ def torch_optimizer(spec: dict, param: torch.nn.Parameter) -> torch.optim.Optimi
     kind = spec["type"]
     common = {"foreach": False}
     if kind == "sgd":
-        return torch.optim.SGD([param], lr=spec["lr"], momentum=spec["momentum"],
-                               dampening=spec["dampening"], nesterov=spec["nesterov"],
-                               weight_decay=spec["weight_decay"], **common)
+        return torch.optim.SGD(
+            [param],
+            lr=spec["lr"],
+            momentum=spec["momentum"],
+            dampening=spec["dampening"],
+            nesterov=spec["nesterov"],
+            weight_decay=spec["weight_decay"],
+            **common,
+        )
     if kind in ("adam", "adamw"):
         cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
-        return cls([param], lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"],
-                   weight_decay=spec["weight_decay"], **common)
+        return cls(
+            [param],
+            lr=spec["lr"],
+            betas=tuple(spec["betas"]),
+            eps=spec["eps"],
+            weight_decay=spec["weight_decay"],
+            **common,
+        )
     if kind == "adagrad":
-        return torch.optim.Adagrad([param], lr=spec["lr"], lr_decay=spec["lr_decay"],
-                                   weight_decay=spec["weight_decay"],
-                                   initial_accumulator_value=spec["initial_accumulator_value"],
-                                   eps=spec["eps"], **common)
+        return torch.optim.Adagrad(
+            [param],
+            lr=spec["lr"],
+            lr_decay=spec["lr_decay"],
+            weight_decay=spec["weight_decay"],
+            initial_accumulator_value=spec["initial_accumulator_value"],
+            eps=spec["eps"],
+            **common,
+        )
     raise AssertionError(kind)
 
 
-def max_relative_error(spec: dict, seed: int = 0, shape: tuple[int, ...] = (37, 29),
-                       reference: dict | None = None) -> float:
+def max_relative_error(
+    spec: dict, seed: int = 0, shape: tuple[int, ...] = (37, 29), reference: dict | None = None
+) -> float:
     """Worst relative error of ours (`spec`) against torch running `reference` (default: the same spec)."""
     rng = np.random.default_rng(seed)
     start = rng.normal(0, 1, shape).astype(np.float32)
@@ -99,11 +126,15 @@ def test_report_measured_errors() -> None:
     assert not too_far, f"max relative errors outside [0, {TOL:g}]: {too_far}"
 
 
-@pytest.mark.parametrize("ours,reference", [
-    ({"type": "adam", "lr": 0.01, "weight_decay": 0.1}, {"type": "adamw", "lr": 0.01, "weight_decay": 0.1}),
-    ({"type": "sgd", "lr": 0.05, "momentum": 0.9}, {"type": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}),
-    ({"type": "adagrad", "lr": 0.05}, {"type": "adagrad", "lr": 0.05, "lr_decay": 0.01}),
-], ids=["adam-vs-adamw", "momentum-vs-nesterov", "adagrad-lr-decay"])
+@pytest.mark.parametrize(
+    "ours,reference",
+    [
+        ({"type": "adam", "lr": 0.01, "weight_decay": 0.1}, {"type": "adamw", "lr": 0.01, "weight_decay": 0.1}),
+        ({"type": "sgd", "lr": 0.05, "momentum": 0.9}, {"type": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}),
+        ({"type": "adagrad", "lr": 0.05}, {"type": "adagrad", "lr": 0.05, "lr_decay": 0.01}),
+    ],
+    ids=["adam-vs-adamw", "momentum-vs-nesterov", "adagrad-lr-decay"],
+)
 def test_comparison_tells_rules_apart(ours: dict, reference: dict) -> None:
     """The measurement is sharp enough that a neighbouring rule would fail test_matches_torch."""
     assert max_relative_error(normalize_spec(ours), reference=normalize_spec(reference)) > 100 * TOL
