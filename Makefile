@@ -34,7 +34,18 @@ run: install
 ## ruff (lint rules, import order, format) and mypy (strict on store/ and paramstore/, checked on api/).
 # LINT_PENDING: files not gated yet because other branches of issue 11 are rewriting them; the pass after
 # those merges cleans them and empties this list. Never add a file to dodge a finding.
-LINT_PENDING := @PENDING@
+LINT_PENDING := \
+	README.md \
+	api/ \
+	bench/ \
+	docs/operations.md \
+	examples/ \
+	store/dtypes.py store/errors.py store/journal.py store/node.py store/raft.py store/snapshot.py store/sockets.py store/state.py store/transport.py \
+	tests/api/test_batch_rows.py tests/api/test_checkpoint.py tests/api/test_client.py tests/api/test_errors.py tests/api/test_fastpath.py tests/api/test_fuzz.py tests/api/test_metrics.py tests/api/test_ops_cli.py tests/api/test_ui.py \
+	tests/cluster/conftest.py tests/cluster/harness.py tests/cluster/test_durability.py tests/cluster/test_failover.py tests/cluster/test_journal.py tests/cluster/test_large.py tests/cluster/test_replication.py tests/cluster/test_training.py \
+	tests/faults/droptransport.py \
+	tests/security/test_auth_tls.py tests/security/test_raft_password.py tests/security/test_slow_clients.py \
+	tests/store/test_config.py tests/store/test_datapath_stream.py tests/store/test_journal.py tests/store/test_membership.py tests/store/test_snapshot.py tests/store/test_state.py
 comma := ,
 empty :=
 space := $(empty) $(empty)

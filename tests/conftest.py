@@ -8,5 +8,6 @@ if str(ROOT) not in sys.path:
 
 def pytest_report_header(config):
     from tests.faults.modes import choose
+
     mode, why = choose()
     return f"fault injection (tests/faults): {mode} ({why})"

@@ -1,4 +1,5 @@
 """Free loopback port ranges for test clusters."""
+
 from __future__ import annotations
 
 import random

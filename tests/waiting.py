@@ -1,8 +1,10 @@
 """Wait on a condition with a deadline (never a bare sleep)."""
+
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -18,6 +20,8 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
         except Exception as e:  # conditions may probe services that are down
             last_error = e
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                                 + (f" (last error: {last_error})" if last_error else ""))
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}"
+                + (f" (last error: {last_error})" if last_error else "")
+            )
         time.sleep(interval)

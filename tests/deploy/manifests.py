@@ -1,4 +1,5 @@
 """Loading deploy/ files, and turning the StatefulSet into a loopback replica set."""
+
 from __future__ import annotations
 
 import base64

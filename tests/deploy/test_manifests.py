@@ -1,5 +1,6 @@
 """Every file in deploy/ validated offline: schemas, the real config loader,
 and the consistency between config, ports, probes and environment."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,18 @@ from dockerfile_parse import DockerfileParser
 
 from api.auth import check_policy
 from store.config import load_config
-from tests.deploy.manifests import (DEPLOY, K8S, ROOT, compose, container, k8s_docs, k8s_object,
-                                    mounted_config, named_port, pod_env)
+from tests.deploy.manifests import (
+    DEPLOY,
+    K8S,
+    ROOT,
+    compose,
+    container,
+    k8s_docs,
+    k8s_object,
+    mounted_config,
+    named_port,
+    pod_env,
+)
 
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes docs/deploy.md supports; also checked against the newest shipped
 
@@ -32,7 +43,7 @@ def test_every_deploy_yaml_parses():
 # ---- Kubernetes -----------------------------------------------------------------------
 def test_kubernetes_objects_validate_against_the_openapi_schemas():
     kinds = []
-    for path, doc in k8s_docs():
+    for _path, doc in k8s_docs():
         if doc["kind"] == "Kustomization":
             continue
         for version in (K8S_VERSION, kubernetes_validate.latest_version()):
@@ -120,6 +131,7 @@ def spec_replicas(sts: dict) -> int:
 def compose_schema() -> dict:
     """The compose-spec JSON schema as vendored (offline) by check-jsonschema."""
     from importlib.resources import files
+
     return json.loads(files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
 
 
@@ -143,8 +155,12 @@ def test_compose_services_load_their_config(service, tmp_path):
     assert env["PARAMSTORE_CONFIG"] == cfg_ref["target"]
     assert env["PARAMSTORE_RAFT_PASSWORD"].startswith("${PARAMSTORE_RAFT_PASSWORD:?")  # must be provided
     assert env["PARAMSTORE_WRITE_TOKENS"].startswith("${PARAMSTORE_WRITE_TOKENS:?")
-    env.update(PARAMSTORE_CONFIG=str(config_file), PARAMSTORE_RAFT_PASSWORD="x" * 32,
-               PARAMSTORE_WRITE_TOKENS="w" * 32, PARAMSTORE_READ_TOKENS="")
+    env.update(
+        PARAMSTORE_CONFIG=str(config_file),
+        PARAMSTORE_RAFT_PASSWORD="x" * 32,
+        PARAMSTORE_WRITE_TOKENS="w" * 32,
+        PARAMSTORE_READ_TOKENS="",
+    )
     cfg = load_config(env=env)
     check_policy(cfg)
     assert cfg.node.id == service == svc["hostname"]
@@ -193,10 +209,16 @@ def test_systemd_unit_runs_the_real_cli_with_the_example_config(tmp_path):
     args = parser.parse_args(argv[2:])
     assert args.config == "/etc/paramstore/cluster.toml" and args.node == "n2"
     assert args.data_dir == "/var/lib/" + service["StateDirectory"].replace("%i", "n2")
-    env_example = dict(line.split("=", 1) for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
-                       if line and not line.startswith("#"))
-    cfg = load_config(DEPLOY / "systemd" / "cluster.toml", env=env_example,
-                      overrides={"node.id": args.node, "node.data_dir": str(tmp_path)})
+    env_example = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    cfg = load_config(
+        DEPLOY / "systemd" / "cluster.toml",
+        env=env_example,
+        overrides={"node.id": args.node, "node.data_dir": str(tmp_path)},
+    )
     assert cfg.node.id == "n2" and not cfg.all_loopback()
     assert cfg.raft.password and cfg.auth.write_tokens  # both required: the nodes are not on loopback
     check_policy(cfg)

@@ -7,6 +7,7 @@ keeping every port the manifests declare. Three replicas must form the
 cluster and pass the readiness probe the manifest declares; then the operator
 CLI and /metrics are checked against them.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,9 @@ pytestmark = pytest.mark.cluster
 
 @dataclass
 class Pods:
-    urls: dict[str, str]   # pod name -> http://127.a.b.i:8700
+    urls: dict[str, str]  # pod name -> http://127.a.b.i:8700
     logs: dict[str, Path]  # pod name -> its stdout/stderr
-    write_token: str       # from the Secret, as the pods got it
+    write_token: str  # from the Secret, as the pods got it
     read_token: str
 
 
@@ -71,17 +72,25 @@ def statefulset(tmp_path_factory):
         logs[pod] = tmp / f"{pod}.log"
         with open(logs[pod], "wb") as log:  # the replica writes to its own copy
             procs[pod] = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", *args], cwd=ROOT, stdout=log,
-                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+                [sys.executable, "-m", "api.cli", *args],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            )
     probe = container(sts)["readinessProbe"]["httpGet"]
     port = named_port(sts, probe["port"])
     urls = {pod: f"http://{ip}:{port}" for pod, ip in ips.items()}
     try:
         with httpx.Client(timeout=2) as http:
             for pod, url in urls.items():
-                outcome = wait_until(lambda: "exited" if procs[pod].poll() is not None else
-                                     http.get(url + probe["path"]).status_code == 200,
-                                     40, f"{pod} ready (log: {logs[pod]})")
+                outcome = wait_until(
+                    lambda pod=pod, url=url: (
+                        "exited" if procs[pod].poll() is not None else http.get(url + probe["path"]).status_code == 200
+                    ),
+                    40,
+                    f"{pod} ready (log: {logs[pod]})",
+                )
                 assert outcome is True, f"{pod} exited:\n{logs[pod].read_text()[-3000:]}"
         env0 = pod_env(sts, f"{name}-0")
         yield Pods(urls, logs, env0["PARAMSTORE_WRITE_TOKENS"], env0["PARAMSTORE_READ_TOKENS"])
@@ -97,8 +106,14 @@ def statefulset(tmp_path_factory):
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "api.cli", *argv], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"},
+        timeout=60,
+    )
 
 
 def test_pods_form_one_cluster(statefulset):
@@ -122,8 +137,9 @@ def test_operator_cli_against_the_pods(statefulset, tmp_path):
     value = np.linspace(0, 1, 40_000, dtype=np.float32).reshape(200, 200)  # 160 KB: a sideloaded payload
     np.save(tmp_path / "w.npy", value)
     assert "HTTP 403" in cli("put", "live.w", str(tmp_path / "w.npy"), "--url", url0, *read).stderr
-    put = cli("put", "live.w", str(tmp_path / "w.npy"), "--url", url0, "--optimizer", '{"type": "sgd", "lr": 0.1}',
-              *write)
+    put = cli(
+        "put", "live.w", str(tmp_path / "w.npy"), "--url", url0, "--optimizer", '{"type": "sgd", "lr": 0.1}', *write
+    )
     assert put.returncode == 0 and "created, version 1" in put.stdout, put.stderr
     got = cli("get", "live.w", "-o", str(tmp_path / "back.npy"), "--url", url2, "--linearizable", *read)
     assert got.returncode == 0, got.stderr
@@ -131,6 +147,7 @@ def test_operator_cli_against_the_pods(statefulset, tmp_path):
     saved = cli("checkpoint", "save", str(tmp_path / "ck.safetensors"), "--url", url2, "--no-progress", *read)
     assert saved.returncode == 0, saved.stderr
     from safetensors.numpy import load_file
+
     np.testing.assert_array_equal(load_file(str(tmp_path / "ck.safetensors"))["live.w"], value)
 
 

@@ -21,8 +21,9 @@ def faults(request, tmp_path):
         print(f"\nfault injection: netns, nftables rules in private network namespace {f.name} ({WHY})")
     else:
         f = modes.LinkFile(tmp_path / "cut-links")
-        print(f"\nfault injection: transport, pysyncobj DropTransport reading {f.path} ({WHY}); "
-              "only Raft links are cut")
+        print(
+            f"\nfault injection: transport, pysyncobj DropTransport reading {f.path} ({WHY}); only Raft links are cut"
+        )
     yield f
     f.close()
 
@@ -34,8 +35,7 @@ def _cluster(faults, tmp_path, spare_hosts: tuple[str, ...] = ()):
     else:  # replicas share this network namespace: free ports on all their addresses
         raft["transport"] = modes.TRANSPORT
         kw = dict(base_port=free_range(5, *HOSTS, *spare_hosts), env=faults.env)
-    c = Cluster(tmp_path, hosts=HOSTS, limits={"request_timeout": 2.0}, raft=raft,
-                spare_hosts=list(spare_hosts), **kw)
+    c = Cluster(tmp_path, hosts=HOSTS, limits={"request_timeout": 2.0}, raft=raft, spare_hosts=list(spare_hosts), **kw)
     c.faults = faults
     c.loads = []
     c.start()

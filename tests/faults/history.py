@@ -7,6 +7,7 @@ read is tied to the write of the version it saw, and real time is checked with
 one sweep. Writes whose outcome is unknown (timeouts, dropped connections)
 may or may not appear, but never twice.
 """
+
 from __future__ import annotations
 
 import threading
@@ -86,8 +87,9 @@ def _check_tensor(ops: list[Op], tensor: str) -> list[str]:
     for r in reads:
         w = by_version.get(r.version) or by_value.get(r.value)
         if w is None:
-            bad.append(f"{tensor}: read by client {r.client} saw version {r.version} value {r.value}, "
-                       "which no write produced")
+            bad.append(
+                f"{tensor}: read by client {r.client} saw version {r.version} value {r.value}, which no write produced"
+            )
             continue
         if w.value != r.value:
             bad.append(f"{tensor}: read saw value {r.value} at version {r.version}, written as {w.value}")
@@ -95,17 +97,20 @@ def _check_tensor(ops: list[Op], tensor: str) -> list[str]:
             bad.append(f"{tensor}: read completed at {r.complete:.3f} saw a write invoked later")
     # Real time: a linearizable read sees at least every version acknowledged
     # (written or read) before it was invoked.
-    events = sorted([(o.complete, 1, i, o) for i, o in enumerate(writes + reads)
-                     if o.status == "ok" and o.complete]
-                    + [(r.invoke, 0, i, r) for i, r in enumerate(reads) if r.linearizable],
-                    key=lambda e: e[:2])
+    events = sorted(
+        [(o.complete, 1, i, o) for i, o in enumerate(writes + reads) if o.status == "ok" and o.complete]
+        + [(r.invoke, 0, i, r) for i, r in enumerate(reads) if r.linearizable],
+        key=lambda e: e[:2],
+    )
     floor, floor_op = 0, None
     for _, kind, _, o in events:
         if kind == 1:
             if o.version is not None and o.version > floor:
                 floor, floor_op = o.version, o
         elif o.version < floor:
-            bad.append(f"{tensor}: stale read by client {o.client} on {o.replica or '?'}: saw version "
-                       f"{o.version} after version {floor} was acknowledged "
-                       f"({floor_op.kind} by client {floor_op.client})")
+            bad.append(
+                f"{tensor}: stale read by client {o.client} on {o.replica or '?'}: saw version "
+                f"{o.version} after version {floor} was acknowledged "
+                f"({floor_op.kind} by client {floor_op.client})"
+            )
     return bad

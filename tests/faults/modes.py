@@ -9,13 +9,15 @@
 PARAMSTORE_FAULTS=netns|transport forces one; unset (or "auto") picks netns
 when it can.
 """
+
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 from tests.faults import netns
 from tests.faults.droptransport import ENV
@@ -24,7 +26,7 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 TRANSPORT = "tests.faults.droptransport:DropTransport"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def choose() -> tuple[str, str]:
     """(mode, why), for the report header, the fixtures and the test ids."""
     forced = os.environ.get("PARAMSTORE_FAULTS", "auto").strip().lower()
@@ -61,7 +63,7 @@ class LinkFile:
     the replicas watch. Same interface as netns.Netns."""
 
     mode = "transport"
-    launcher: list[str] = []
+    launcher: ClassVar[list[str]] = []  # replicas run in this namespace
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -1,6 +1,7 @@
 """A private network namespace for fault tests: replicas on 127.0.0.1/2/3
 inside it, links cut with nftables rules that exist only there, and test
 threads that enter it to talk to the replicas."""
+
 from __future__ import annotations
 
 import ctypes
@@ -8,8 +9,9 @@ import os
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import httpx
 
@@ -34,18 +36,18 @@ def available() -> str | None:
 
 class Netns:
     mode = "netns"
-    env: dict[str, str] = {}
+    env: ClassVar[dict[str, str]] = {}  # the namespace, not the environment, cuts links
 
     def __init__(self) -> None:
         self.name = f"ps-{uuid.uuid4().hex[:8]}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         self.exec("ip", "link", "set", "lo", "up")
         self.exec("nft", "add", "table", "inet", TABLE)
-        self.exec("nft", "add", "chain", "inet", TABLE, "input",
-                  "{ type filter hook input priority 0 ; policy accept ; }")
+        self.exec(
+            "nft", "add", "chain", "inet", TABLE, "input", "{ type filter hook input priority 0 ; policy accept ; }"
+        )
         self.rules: list[tuple[str, str]] = []
-        self._pool = ThreadPoolExecutor(16, thread_name_prefix=f"netns-{self.name}",
-                                        initializer=self._enter)
+        self._pool = ThreadPoolExecutor(16, thread_name_prefix=f"netns-{self.name}", initializer=self._enter)
         self._local = threading.local()
 
     @property
@@ -93,7 +95,7 @@ class Netns:
             c = self._local.client = client()
         return c
 
-    def client(self) -> "NetnsHttp":
+    def client(self) -> NetnsHttp:
         return NetnsHttp(self)
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
 """The checker must catch real violations (hand-made histories)."""
+
 from tests.faults.history import Op, check
 
 
@@ -11,9 +12,14 @@ def r(client, t0, t1, version, value, lin=True):
 
 
 def test_a_good_history_passes():
-    ops = [w(0, 0, 1, 1, 100), r(1, 1.5, 2, 1, 100), w(0, 2, 3, 2, 101), r(2, 2.5, 3.5, 2, 101),
-           r(1, 2.1, 2.2, 1, 100),  # concurrent with the write of 2: may see 1
-           w(3, 4, None, None, 555, status="unknown")]
+    ops = [
+        w(0, 0, 1, 1, 100),
+        r(1, 1.5, 2, 1, 100),
+        w(0, 2, 3, 2, 101),
+        r(2, 2.5, 3.5, 2, 101),
+        r(1, 2.1, 2.2, 1, 100),  # concurrent with the write of 2: may see 1
+        w(3, 4, None, None, 555, status="unknown"),
+    ]
     assert check(ops) == []
 
 
@@ -33,8 +39,7 @@ def test_read_of_a_value_never_written_is_flagged():
 
 def test_duplicate_versions_and_double_apply_are_flagged():
     assert any("two acknowledged" in p for p in check([w(0, 0, 1, 1, 100), w(1, 0, 1, 1, 200)]))
-    ops = [w(0, 0, 1, 1, 100), w(1, 1, 9, None, 300, status="unknown"),
-           r(2, 2, 3, 2, 300), r(2, 4, 5, 3, 300)]
+    ops = [w(0, 0, 1, 1, 100), w(1, 1, 9, None, 300, status="unknown"), r(2, 2, 3, 2, 300), r(2, 4, 5, 3, 300)]
     assert any("applied twice" in p for p in check(ops))
 
 

@@ -1,5 +1,6 @@
 """Concurrent clients doing linearizable reads and compare-and-set writes,
 recording every operation for the checker."""
+
 from __future__ import annotations
 
 import random
@@ -24,7 +25,7 @@ class Workload:
         self.clients = clients
         self.futures = []
 
-    def start(self) -> "Workload":
+    def start(self) -> Workload:
         r = self.c.put("n1", self.tensor, np.array([0], np.int64))
         assert r.status_code == 201, r.text
         op = self.history.begin(-1, "write", self.tensor, value=0)
@@ -40,13 +41,11 @@ class Workload:
         return self.history
 
     def acked_writes_after(self, t: float) -> int:
-        return sum(1 for o in self.history.ops
-                   if o.kind == "write" and o.status == "ok" and o.invoke > t)
+        return sum(1 for o in self.history.ops if o.kind == "write" and o.status == "ok" and o.invoke > t)
 
     def recovery_seconds(self, fault_at: float) -> float | None:
         """From the fault to the first write acknowledged after it."""
-        done = [o.complete for o in self.history.ops
-                if o.kind == "write" and o.status == "ok" and o.invoke >= fault_at]
+        done = [o.complete for o in self.history.ops if o.kind == "write" and o.status == "ok" and o.invoke >= fault_at]
         return min(done) - fault_at if done else None
 
     def _loop(self, client: int) -> None:
@@ -75,8 +74,9 @@ class Workload:
                 value = (client + 1) * 1_000_000_000 + seq
                 op = self.history.begin(client, "write", self.tensor, value=value, replica=nid)
                 try:
-                    r = http.put(url, content=np.array([value], np.int64).tobytes(),
-                                 headers={**RAW, "If-Match": f'"{known}"'})
+                    r = http.put(
+                        url, content=np.array([value], np.int64).tobytes(), headers={**RAW, "If-Match": f'"{known}"'}
+                    )
                 except httpx.HTTPError:
                     History.end(op, "unknown")
                     continue
