@@ -45,7 +45,7 @@ LINT_PENDING := \
 	tests/cluster/conftest.py tests/cluster/harness.py tests/cluster/test_durability.py tests/cluster/test_failover.py tests/cluster/test_journal.py tests/cluster/test_large.py tests/cluster/test_replication.py tests/cluster/test_training.py \
 	tests/faults/droptransport.py \
 	tests/security/test_auth_tls.py tests/security/test_raft_password.py tests/security/test_slow_clients.py \
-	tests/store/test_config.py tests/store/test_datapath_stream.py tests/store/test_journal.py tests/store/test_membership.py tests/store/test_snapshot.py tests/store/test_state.py
+	tests/store/test_config.py tests/store/test_journal.py tests/store/test_membership.py tests/store/test_snapshot.py tests/store/test_state.py
 comma := ,
 empty :=
 space := $(empty) $(empty)

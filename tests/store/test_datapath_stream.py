@@ -1,5 +1,6 @@
 """Cut-through payload replication (store/datapath.py PayloadStream) against
 real data-path servers on loopback."""
+
 import hashlib
 import os
 
@@ -34,7 +35,7 @@ def peers(tmp_path):
 def _feed(stream, data: bytes, piece: int = 1 << 16) -> None:
     view = memoryview(data)
     for i in range(0, len(data), piece):
-        stream.feed(view[i:i + piece])
+        stream.feed(view[i : i + piece])
 
 
 def test_a_streamed_payload_lands_on_every_peer(peers):
@@ -90,7 +91,7 @@ def test_a_sender_without_the_secret_is_refused(peers):
 
 
 def test_a_stream_nobody_finishes_gives_up(peers, monkeypatch):
-    client, addrs, stores = peers
+    client, addrs, _ = peers
     monkeypatch.setattr(datapath, "STREAM_IDLE", 0.5)
     stream = client.stream(addrs, 0, 1 << 20)
     _feed(stream, os.urandom(1 << 19))
@@ -104,9 +105,9 @@ def test_many_open_streams_do_not_starve_each_other(peers):
     client, addrs, stores = peers
     bodies = [os.urandom(1 << 20) for _ in range(20)]
     streams = [client.stream(addrs, 0, len(b)) for b in bodies]
-    for stream, body in zip(streams, bodies):
+    for stream, body in zip(streams, bodies, strict=True):
         _feed(stream, body)
-    for stream, body in reversed(list(zip(streams, bodies))):
+    for stream, body in reversed(list(zip(streams, bodies, strict=True))):
         stream.finish(hashlib.sha256(body).hexdigest())
         stream.wait(2, 5)
     for body in bodies:
@@ -125,5 +126,5 @@ def test_replicate_sends_a_complete_payload_the_same_way(peers):
     other_id = hashlib.sha256(other).hexdigest()
     client.replicate([addrs[0], down], 0, other_id, other, need=1, timeout=10)
     assert bytes(stores[0].get(other_id)) == other
-    with pytest.raises(Unavailable, match="of the 2 peers a majority needs.*Connection refused"):
+    with pytest.raises(Unavailable, match=r"of the 2 peers a majority needs.*Connection refused"):
         client.replicate([addrs[0], down], 0, other_id, other, need=2, timeout=10)
