@@ -49,6 +49,7 @@ class Netns:
         self.rules: list[tuple[str, str]] = []
         self._pool = ThreadPoolExecutor(16, thread_name_prefix=f"netns-{self.name}", initializer=self._enter)
         self._local = threading.local()
+        self._clients: list[httpx.Client] = []  # one per pool thread, closed with the namespace
 
     @property
     def launcher(self) -> list[str]:
@@ -93,6 +94,7 @@ class Netns:
         c = getattr(self._local, "client", None)
         if c is None:
             c = self._local.client = client()
+            self._clients.append(c)
         return c
 
     def client(self) -> NetnsHttp:
@@ -100,6 +102,8 @@ class Netns:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        for c in self._clients:
+            c.close()
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
