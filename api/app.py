@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 from store.config import Config
 from store.node import Store
 
-from . import batch, checkpoint, cluster, errors, metrics, tensors, ui
+from . import batch, checkpoint, cluster, errors, metrics, openapi, tensors, ui
 from .auth import BearerAuth, TokenPolicy
 from .fastpath import GradFastPath, fast_path_for, grad_target
 
@@ -48,6 +48,7 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
     app.state.token_policy = TokenPolicy(cfg) if cfg.auth.enabled else None
     if cfg.auth.enabled:
         app.add_middleware(BearerAuth, cfg=cfg)  # outermost: nothing runs for a bad token
+    openapi.install(app)                   # /openapi.json: bodies, media types, every status
     return app
 
 

@@ -16,6 +16,7 @@ from store.commands import Batch, Grad
 from store.errors import InvalidRequest, StoreError
 
 from . import headers as h
+from . import openapi as oa
 from . import wire
 from .bridge import wait
 from .tensors import wait_version
@@ -24,12 +25,14 @@ from .errors import error_response
 router = APIRouter()
 
 
-@router.get("/v1/tensors:batch")
+@router.get("/v1/tensors:batch", openapi_extra=oa.pull_batch_extra(), response_class=Response,
+            responses={**oa.safetensors_file("The tensors; their versions in the metadata key `versions`"),
+                       **oa.answers(307, 400, 404, 406, 408, 503)})
 async def pull_batch(
     request: Request,
-    names: str = Query(..., description="comma-separated tensor names"),
+    names: str = Query(..., pattern=oa.NAMES_PATTERN, description="1 to 10000 comma-separated tensor names"),
     consistency: str = Query("local", pattern="^(local|linearizable)$"),
-    timeout: float | None = Query(None, ge=0, le=3600),
+    timeout: float | None = Query(None, ge=0, le=3600, description="seconds; capped at limits.max_wait_seconds"),
 ) -> Response:
     """Several tensors as one safetensors file; versions in its metadata.
     `X-Min-Versions: {"name": v}` waits (bounded) until this replica has
@@ -59,7 +62,10 @@ async def pull_batch(
     return Response(body, media_type=wire.SAFETENSORS)
 
 
-@router.post("/v1/grads:batch")
+@router.post("/v1/grads:batch", openapi_extra=oa.push_batch_extra(),
+             responses={**oa.json_ok({"type": "object", "required": ["versions"],
+                                      "properties": {"versions": oa.VERSIONS_MAP}}, "The new versions"),
+                        **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
 async def push_batch(request: Request) -> Response:
     """Push gradients for many tensors: {"versions": {name: new version}}."""
     store = request.app.state.store

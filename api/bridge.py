@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 
 from store.errors import Timeout
 
+from .errors import WaitExpired
+
 T = TypeVar("T")
 
 
@@ -68,3 +70,15 @@ async def wait_optional(fut: "Future[Any]", timeout: float) -> bool:
         return True
     except asyncio.TimeoutError:
         return False
+
+
+async def wait_within(fut: "Future[T]", deadline: float, caller_bound: bool, what: str) -> T:
+    """`wait` for a read. If the caller's own `timeout` set the deadline
+    (`caller_bound`), running out is WaitExpired (408), not Timeout (503):
+    nothing is wrong with the server."""
+    try:
+        return await wait(fut, deadline, what, write=False)
+    except Timeout:
+        if not caller_bound:
+            raise
+        raise WaitExpired(f"{what} did not complete within the request's timeout={deadline:g}s") from None

@@ -44,7 +44,8 @@ from store.errors import InvalidRequest, StoreError, Unprocessable
 from store.record import Tensor
 
 from . import headers as h
-from .bridge import wait
+from . import openapi as oa
+from .bridge import wait, wait_within
 from .errors import error_response
 
 router = APIRouter()
@@ -79,7 +80,8 @@ def _capture(store: Any, shard: int):
     return host.applier.call(host.state.capture)
 
 
-@router.get("/v1/checkpoint")
+@router.get("/v1/checkpoint", response_class=Response,
+            responses={**oa.safetensors_file("Every tensor hosted here"), **oa.answers(400, 408, 503)})
 async def save_checkpoint(
     request: Request,
     state: bool = Query(True, description="include optimizer state (0 leaves it out)"),
@@ -89,11 +91,12 @@ async def save_checkpoint(
     store = request.app.state.store
     limits = store.cfg.limits
     deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
+    mine = timeout is not None and timeout < min(limits.request_timeout, limits.max_wait_seconds)
     shards = sorted(store.shards)
-    await asyncio.gather(*(wait(store.barrier(s), deadline, f"checkpoint barrier on shard {s}")
+    await asyncio.gather(*(wait_within(store.barrier(s), deadline, mine, f"checkpoint barrier on shard {s}")
                            for s in shards))
-    captured = await asyncio.gather(*(wait(_capture(store, s), deadline, f"checkpoint capture of shard {s}")
-                                      for s in shards))
+    captured = await asyncio.gather(*(wait_within(_capture(store, s), deadline, mine,
+                                                  f"checkpoint capture of shard {s}") for s in shards))
     node = store.node.id
     tmp = await anyio.to_thread.run_sync(_tmp_dir, store)
     path = await anyio.to_thread.run_sync(_write_file, tmp, node, store.cfg.shards,
@@ -165,7 +168,9 @@ def _write_file(tmp: Path, node: str, cluster_shards: int, captured: dict[int, d
 
 
 # ---- restore -------------------------------------------------------------------------
-@router.put("/v1/checkpoint")
+@router.put("/v1/checkpoint", openapi_extra=oa.load_checkpoint_extra(),
+            responses={**oa.json_ok(oa.OBJECT, "What was created, replaced, skipped"),
+                       **oa.answers(400, 409, 412, 413, 415, 422, 503)})
 async def load_checkpoint(
     request: Request,
     mode: str = Query("create", pattern="^(create|replace)$"),

@@ -5,16 +5,18 @@ import json
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse
 
 from store import membership
 from store.errors import ConfigError, InvalidRequest
 
+from . import openapi as oa
+
 router = APIRouter()
 
 
-@router.get("/v1/cluster")
+@router.get("/v1/cluster", responses=oa.json_ok(oa.OBJECT, "Nodes and shards as this replica sees them"))
 async def cluster(request: Request) -> dict:
     return request.app.state.store.status()
 
@@ -24,7 +26,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={**oa.json_ok(oa.OBJECT, "Ready"), **oa.answers(503)})
 async def readyz(request: Request) -> JSONResponse:
     store = request.app.state.store
     if store.is_ready():
@@ -50,7 +52,8 @@ def _shards_param(value: Any) -> list[int] | None:
     return shards
 
 
-@router.post("/v1/cluster/members")
+@router.post("/v1/cluster/members", openapi_extra=oa.add_member_extra(),
+             responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(400, 409, 503)})
 async def add_member(request: Request) -> dict:
     """Add a replica (started with `paramstore serve --join`, so that it already
     holds a fresh snapshot) as a voting member of every shard hosted here, or
@@ -70,10 +73,12 @@ async def add_member(request: Request) -> dict:
     return await anyio.to_thread.run_sync(store.add_member, node, shards)
 
 
-@router.delete("/v1/cluster/members/{node_id}")
-async def remove_member(node_id: str, request: Request) -> dict:
+@router.delete("/v1/cluster/members/{node_id}",
+               responses={**oa.json_ok(oa.OBJECT, "Removed"), **oa.answers(400, 404, 409, 503)})
+async def remove_member(node_id: str, request: Request,
+                        shards: str | None = Query(None, pattern=oa.SHARDS_PATTERN,
+                                                   description="comma-separated shard numbers")) -> dict:
     """Remove a replica from every shard hosted here (or `?shards=0,1`); works
     for a dead replica too, and moves leadership away from a live one first."""
-    shards = _shards_param(request.query_params.get("shards"))
     store = request.app.state.store
-    return await anyio.to_thread.run_sync(store.remove_member, node_id, shards)
+    return await anyio.to_thread.run_sync(store.remove_member, node_id, _shards_param(shards))

@@ -8,10 +8,19 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Match
 
 from store import errors as e
 
 log = logging.getLogger(__name__)
+
+
+class WaitExpired(e.StoreError):
+    """A wait the request itself asked for (min_version, X-Min-Versions, a
+    barrier within the caller's `timeout`) ran out. Not 503: the server is
+    fine, the caller's condition did not hold in the caller's time."""
+    code = "wait_timeout"
+
 
 STATUS: dict[type[e.StoreError], int] = {
     e.InvalidRequest: 400,
@@ -25,6 +34,7 @@ STATUS: dict[type[e.StoreError], int] = {
     e.PayloadTooLarge: 413,
     e.UnsupportedMediaType: 415,
     e.Unprocessable: 422,
+    WaitExpired: 408,
     e.Unavailable: 503,
     e.Timeout: 503,
     e.CorruptData: 500,
@@ -80,8 +90,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
         return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -90,6 +103,17 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return unexpected_error_response(request, exc)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: Starlette's 405 names
+    only the first route whose path matched."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\0"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def disconnect_response(request: Request) -> Response:

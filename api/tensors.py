@@ -7,7 +7,7 @@ from typing import Awaitable, Callable, Mapping
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
 from store.commands import Delete, Grad, GradRows, Put
@@ -15,8 +15,10 @@ from store.errors import InvalidRequest, NotFound, Unavailable, UnsupportedMedia
 from store.node import Store
 
 from . import headers as h
+from . import openapi as oa
 from . import wire
 from .bridge import wait, wait_optional
+from .errors import WaitExpired
 
 router = APIRouter()
 
@@ -56,8 +58,14 @@ def _written(result: dict, status: int = 200) -> Response:
                     media_type="application/json")
 
 
-@router.put("/v1/tensors/{name}", status_code=201)
-async def put_tensor(name: str, request: Request) -> Response:
+# Declared, not validated here: headers.tensor_name checks it (the same message on every route).
+TensorName = Path(json_schema_extra={"pattern": oa.NAME_PATTERN}, description="1-256 letters, digits and _ . : -")
+
+
+@router.put("/v1/tensors/{name}", status_code=201, openapi_extra=oa.put_tensor_extra(),
+            responses={**oa.written(200, "Replaced"), **oa.written(201, "Created"),
+                       **oa.answers(307, 400, 404, 412, 413, 415, 422, 503)})
+async def put_tensor(request: Request, name: str = TensorName) -> Response:
     """Create or replace a tensor (201 on create, 200 on replace)."""
     store = _store(request)
     h.tensor_name(name)
@@ -80,8 +88,9 @@ async def put_tensor(name: str, request: Request) -> Response:
     return _written(result, 201 if result.get("created") else 200)
 
 
-@router.post("/v1/tensors/{name}/grad")
-async def push_grad(name: str, request: Request) -> Response:
+@router.post("/v1/tensors/{name}/grad", openapi_extra=oa.grad_extra(),
+             responses={**oa.written(), **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
+async def push_grad(request: Request, name: str = TensorName) -> Response:
     """Apply a gradient with the tensor's optimizer; returns the new version."""
     store = _store(request)
     limit = store.cfg.limits.max_body_bytes
@@ -104,6 +113,9 @@ async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
         local, _ = store.peek(name)
         default = (local.dtype, local.shape)
     except NotFound:
+        if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and \
+                (hd.get("x-dtype") is None or hd.get("x-shape") is None):
+            raise  # nothing to take the omitted X-Dtype / X-Shape from: the tensor is unknown here
         default = None
     # A large raw body goes to the shard's other replicas while it arrives
     # (cut-through: store/datapath.py PayloadStream); store.write then only
@@ -132,8 +144,9 @@ def _stream_for(store: Store, name: str, hd: Mapping[str, str]):
     return None
 
 
-@router.post("/v1/tensors/{name}/grad-rows")
-async def push_grad_rows(name: str, request: Request) -> Response:
+@router.post("/v1/tensors/{name}/grad-rows", openapi_extra=oa.grad_rows_extra(),
+             responses={**oa.written(), **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
+async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
     """Sparse push: a safetensors body with `indices` (int64, k) and `values`
     (k x row shape); only those rows and their optimizer state change."""
     store = _store(request)
@@ -159,8 +172,9 @@ async def push_grad_rows(name: str, request: Request) -> Response:
     return _written(result)
 
 
-@router.delete("/v1/tensors/{name}")
-async def delete_tensor(name: str, request: Request) -> Response:
+@router.delete("/v1/tensors/{name}", openapi_extra=oa.delete_extra(),
+               responses={**oa.written(200, "Deleted"), **oa.answers(307, 400, 404, 412, 503)})
+async def delete_tensor(request: Request, name: str = TensorName) -> Response:
     store = _store(request)
     h.tensor_name(name)
     cmd = Delete(name=name, if_match=h.version_tag(request.headers.get("if-match"), "If-Match"),
@@ -169,22 +183,29 @@ async def delete_tensor(name: str, request: Request) -> Response:
     return _written(result)
 
 
-@router.get("/v1/tensors")
+@router.get("/v1/tensors", responses=oa.json_ok(oa.TENSOR_LIST, "Every tensor hosted here"))
 async def list_tensors(request: Request) -> list[dict]:
     return _store(request).list()
 
 
-@router.get("/v1/tensors/{name}", operation_id="get_tensor")
-@router.head("/v1/tensors/{name}", operation_id="head_tensor")
+_READ_ANSWERS = {**oa.tensor_value("The value, in the format Accept asks for"),
+                 **oa.answers(307, 400, 404, 406, 408, 422, 503)}
+
+
+@router.get("/v1/tensors/{name}", operation_id="get_tensor", openapi_extra=oa.get_tensor_extra(),
+            response_class=Response, responses=_READ_ANSWERS)
+@router.head("/v1/tensors/{name}", operation_id="head_tensor", openapi_extra=oa.get_tensor_extra(),
+             response_class=Response, responses=_READ_ANSWERS)
 async def get_tensor(
-    name: str,
     request: Request,
+    name: str = TensorName,
     consistency: str = Query("local", pattern="^(local|linearizable)$"),
-    min_version: int | None = Query(None, ge=0),
-    wait_version_gt: int | None = Query(None, ge=0),
-    timeout: float | None = Query(None, ge=0, le=3600),
+    min_version: int | None = Query(None, ge=0, le=oa.MAX_VERSION),
+    wait_version_gt: int | None = Query(None, ge=0, le=oa.MAX_VERSION),
+    timeout: float | None = Query(None, ge=0, le=3600, description="seconds; capped at limits.max_wait_seconds"),
     digest: bool = False,
-    rows: str | None = Query(None, description="comma-separated row indices: pull only these rows"),
+    rows: str | None = Query(None, pattern=oa.ROWS_PATTERN,
+                             description="comma-separated row indices: pull only these rows"),
 ) -> Response:
     """Read a tensor at the asked consistency; see docs/api.md."""
     store = _store(request)
@@ -238,6 +259,9 @@ async def wait_version(store: Store, name: str, version: int, deadline: float, m
         return True
     store.unwatch(name, fut)
     if must:
-        raise Unavailable(f"this replica has not applied version {version} of {name!r} within "
-                          f"{deadline:g}s; retry or read from another replica")
+        # A replica without a leader or behind its log is unavailable (503);
+        # a ready one simply has no such version yet (408, the caller's wait).
+        kind = WaitExpired if store.is_ready() else Unavailable
+        raise kind(f"this replica has not applied version {version} of {name!r} within "
+                   f"{deadline:g}s; retry or read from another replica")
     return False

@@ -56,7 +56,7 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise Unprocessable('optimizer: expected a JSON object such as {"type": "sgd", "lr": 0.1}')
     kind = spec.get("type")
-    if kind not in SPECS:
+    if not isinstance(kind, str) or kind not in SPECS:
         raise Unprocessable(f"optimizer.type: {kind!r} is not one of {', '.join(SPECS)}")
     defaults = SPECS[kind]
     unknown = set(spec) - set(defaults) - {"type"}
