@@ -53,7 +53,7 @@ def _shards_param(value: Any) -> list[int] | None:
 
 
 @router.post("/v1/cluster/members", openapi_extra=oa.add_member_extra(),
-             responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(400, 409, 503)})
+             responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(307, 400, 409, 503)})
 async def add_member(request: Request) -> dict:
     """Add a replica (started with `paramstore serve --join`, so that it already
     holds a fresh snapshot) as a voting member of every shard hosted here, or
@@ -74,7 +74,7 @@ async def add_member(request: Request) -> dict:
 
 
 @router.delete("/v1/cluster/members/{node_id}",
-               responses={**oa.json_ok(oa.OBJECT, "Removed"), **oa.answers(400, 404, 409, 503)})
+               responses={**oa.json_ok(oa.OBJECT, "Removed"), **oa.answers(307, 400, 404, 409, 503)})
 async def remove_member(node_id: str, request: Request,
                         shards: str | None = Query(None, pattern=oa.SHARDS_PATTERN,
                                                    description="comma-separated shard numbers")) -> dict:

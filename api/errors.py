@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from store import errors as e
 
@@ -109,11 +110,22 @@ def allowed_methods(request: Request) -> str:
     """Every method some route serves at this path: Starlette's 405 names
     only the first route whose path matched."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
+    for route in _leaf_routes(request.app.router.routes):
         match, _ = route.matches({**request.scope, "method": "\0"})
         if match != Match.NONE:
             methods |= getattr(route, "methods", None) or set()
     return ", ".join(sorted(methods))
+
+
+def _leaf_routes(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+    """FastAPI >= 0.130 keeps an included router's routes behind a wrapper
+    (our routers are included without a prefix, so their paths are the app's)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        else:
+            yield route
 
 
 def disconnect_response(request: Request) -> Response:

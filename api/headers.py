@@ -31,7 +31,7 @@ def version_tag(value: str | None, header: str, allow_star: bool = False) -> int
     if v.startswith("W/"):
         v = v[2:]
     v = v.strip('"')
-    if not v.isdigit():
+    if not (v.isascii() and v.isdigit()):  # str.isdigit alone takes '²', which int() refuses
         raise InvalidRequest(f"{header}: expected a version such as \"3\", got {value!r}")
     return int(v)
 
@@ -49,7 +49,7 @@ def integer(value: str | None, header: str, minimum: int = 0) -> int | None:
     if value is None:
         return None
     v = value.strip()
-    if not v.lstrip("-").isdigit() or int(v) < minimum:
+    if not (v.isascii() and v.lstrip("-").isdigit()) or int(v) < minimum:
         raise InvalidRequest(f"{header}: expected an integer >= {minimum}, got {value!r}")
     return int(v)
 

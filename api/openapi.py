@@ -269,11 +269,14 @@ def load_checkpoint_extra() -> dict[str, Any]:
                                  "a checkpoint (or any safetensors file, e.g. a torch state_dict)")}
 
 
+_PORT = r"0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+_ADDRESS = {"type": "string", "pattern": rf"^\[?[^\[\]]+\]?:{_PORT}$", "description": "host:port, port 1-65535"}
 MEMBER_BODY: dict[str, Any] = {
     "type": "object", "required": ["id", "http", "raft", "data"],
-    "properties": {"id": {"type": "string"}, "http": {"type": "string"}, "raft": {"type": "string"},
-                   "data": {"type": "string"},
-                   "shards": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}},
+    "properties": {"id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+                   "http": _ADDRESS, "raft": _ADDRESS, "data": _ADDRESS,
+                   "shards": {"type": ["array", "null"], "minItems": 1,
+                              "items": {"type": "integer", "minimum": 0, "maximum": 2**31}}},
 }
 
 
