@@ -49,6 +49,8 @@ def _shards_param(value: Any) -> list[int] | None:
         raise InvalidRequest(f"shards: expected a list of shard numbers, got {value!r}") from None
     if not shards:
         raise InvalidRequest("shards: empty list")
+    if min(shards) < 0:
+        raise InvalidRequest(f"shards: shard numbers are >= 0, got {min(shards)}")
     return shards
 
 

@@ -172,7 +172,8 @@ def _param(name: str, schema: dict[str, Any], description: str, required: bool =
 
 VERSION_TAG = r'^(W/)?"?[0-9]{1,18}"?$'
 REQUEST_ID = _param("X-Request-Id", {"type": "string", "pattern": REQUEST_ID_RE.pattern},
-                    "idempotency key: a write with an id already applied returns the first outcome")
+                    "idempotency key: a write whose id was already applied returns that first outcome, "
+                    "status included (so every write route may answer 404, 409, 412 or 422)")
 IF_MATCH = _param("If-Match", {"type": "string", "pattern": VERSION_TAG},
                   "apply only if the tensor is at this version")
 BASE_VERSION = _param("X-Base-Version", {"type": "integer", "minimum": 0, "maximum": 10**18},

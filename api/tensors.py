@@ -64,7 +64,7 @@ TensorName = Path(json_schema_extra={"pattern": oa.NAME_PATTERN}, description="1
 
 @router.put("/v1/tensors/{name}", status_code=201, openapi_extra=oa.put_tensor_extra(),
             responses={**oa.written(200, "Replaced"), **oa.written(201, "Created"),
-                       **oa.answers(307, 400, 404, 412, 413, 415, 422, 503)})
+                       **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
 async def put_tensor(request: Request, name: str = TensorName) -> Response:
     """Create or replace a tensor (201 on create, 200 on replace)."""
     store = _store(request)
@@ -173,7 +173,7 @@ async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
 
 
 @router.delete("/v1/tensors/{name}", openapi_extra=oa.delete_extra(),
-               responses={**oa.written(200, "Deleted"), **oa.answers(307, 400, 404, 412, 503)})
+               responses={**oa.written(200, "Deleted"), **oa.answers(307, 400, 404, 409, 412, 422, 503)})
 async def delete_tensor(request: Request, name: str = TensorName) -> Response:
     store = _store(request)
     h.tensor_name(name)
