@@ -1,8 +1,9 @@
 """The pieces of the served OpenAPI document that FastAPI cannot infer.
 
 Routes read their bodies and headers themselves (no pydantic models: bodies
-are raw tensors), so each route declares here what it accepts (`body_*`,
-header parameters) and what it answers (`answers`). `install` then makes
+are raw tensors), so each route declares here what it accepts (the `*_extra`
+functions: bodies per content type, header parameters) and what it answers
+(`answers`, `written`, `tensor_value`, ...). `install` then makes
 every error response use the one JSON error body of api/errors.py instead of
 FastAPI's HTTPValidationError: a failed query validation is answered 400 by
 errors.py, never 422 with FastAPI's schema.
@@ -33,6 +34,15 @@ _NAME = NAME_PATTERN.strip("^$")
 NAMES_PATTERN = f"^,*{_NAME}(,+{_NAME})*,*$"  # empty items are skipped; at most 10000 (batch.py)
 ROWS_PATTERN = r"^ *[0-9]{1,18} *(, *[0-9]{1,18} *)*$"
 SHARDS_PATTERN = r"^ *[0-9]{1,9} *(, *[0-9]{1,9} *)*$"
+
+MAX_VERSION = 2**63 - 1
+TENSOR_LIST: dict[str, Any] = {"type": "array", "items": {
+    "type": "object", "required": ["name", "dtype", "shape", "version", "shard"],
+    "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
+                   "shape": {"type": "array", "items": {"type": "integer"}},
+                   "version": {"type": "integer"}, "shard": {"type": "integer"},
+                   "optimizer": {"type": "object"}, "nbytes": {"type": "integer"}}}}
+OBJECT: dict[str, Any] = {"type": "object"}
 
 ERROR_SCHEMA: dict[str, Any] = {
     "title": "Error",
@@ -317,12 +327,3 @@ def install(app: FastAPI) -> None:
     """Serve the document above at /openapi.json."""
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
 
-
-MAX_VERSION = 2**63 - 1
-TENSOR_LIST: dict[str, Any] = {"type": "array", "items": {
-    "type": "object", "required": ["name", "dtype", "shape", "version", "shard"],
-    "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
-                   "shape": {"type": "array", "items": {"type": "integer"}},
-                   "version": {"type": "integer"}, "shard": {"type": "integer"},
-                   "optimizer": {"type": "object"}, "nbytes": {"type": "integer"}}}}
-OBJECT: dict[str, Any] = {"type": "object"}
