@@ -1,6 +1,7 @@
 """The served OpenAPI document and the answers it promises (the fuzzer in
 test_fuzz.py checks them against generated requests; these pin the parts it
 cannot reach or that must hold exactly)."""
+
 import numpy as np
 import pytest
 
@@ -22,8 +23,11 @@ def test_one_error_schema_and_no_fastapi_validation_schema(doc):
         for method, op in item.items():
             for status, answer in op["responses"].items():
                 if int(status) >= 400:
-                    assert answer["content"]["application/json"]["schema"] == \
-                        {"$ref": "#/components/schemas/Error"}, (method, path, status)
+                    assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}, (
+                        method,
+                        path,
+                        status,
+                    )
 
 
 def test_tensor_routes_declare_bodies_headers_and_media_types(doc):
@@ -38,11 +42,9 @@ def test_tensor_routes_declare_bodies_headers_and_media_types(doc):
     assert set(batch["responses"]["200"]["content"]) == {"application/x-safetensors"}
     names = next(p for p in batch["parameters"] if p["name"] == "names")
     assert names["schema"]["pattern"].startswith("^")
-    assert set(doc["paths"]["/v1/checkpoint"]["get"]["responses"]["200"]["content"]) == \
-        {"application/x-safetensors"}
+    assert set(doc["paths"]["/v1/checkpoint"]["get"]["responses"]["200"]["content"]) == {"application/x-safetensors"}
     members = doc["paths"]["/v1/cluster/members"]["post"]
-    assert members["requestBody"]["content"]["application/json"]["schema"]["required"] == \
-        ["id", "http", "raft", "data"]
+    assert members["requestBody"]["content"]["application/json"]["schema"]["required"] == ["id", "http", "raft", "data"]
 
 
 def test_query_validation_is_a_400_with_the_error_body(client):
@@ -60,8 +62,11 @@ def test_405_lists_every_method_of_the_path(client):
 
 
 def test_a_callers_wait_that_runs_out_is_408_not_503(client):
-    client.put("/v1/tensors/wait408", content=np.zeros(2, np.float32).tobytes(),
-               headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "2"})
+    client.put(
+        "/v1/tensors/wait408",
+        content=np.zeros(2, np.float32).tobytes(),
+        headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "2"},
+    )
     r = client.get("/v1/tensors/wait408", params={"min_version": 5, "timeout": 0.05})
     assert r.status_code == 408 and r.json()["error"] == "wait_timeout", r.text
     assert "retry-after" not in r.headers
@@ -72,15 +77,20 @@ def test_a_callers_wait_that_runs_out_is_408_not_503(client):
 
 @pytest.mark.parametrize("header", ["If-Match", "X-Max-Staleness"])
 def test_non_ascii_digits_in_headers_are_400_not_500(client, header):
-    r = client.put("/v1/tensors/digits", content=b"\0" * 4,
-                   headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "1", header: b"\xb2"})
+    r = client.put(
+        "/v1/tensors/digits",
+        content=b"\0" * 4,
+        headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "1", header: b"\xb2"},
+    )
     assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text
 
 
 def test_optimizer_type_that_is_not_a_string_is_422(client):
-    r = client.put("/v1/tensors/opt", content=b"\0" * 4,
-                   headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "1",
-                            "X-Optimizer": '{"type": {}}'})
+    r = client.put(
+        "/v1/tensors/opt",
+        content=b"\0" * 4,
+        headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "1", "X-Optimizer": '{"type": {}}'},
+    )
     assert r.status_code == 422 and r.json()["error"] == "unprocessable", r.text
 
 
