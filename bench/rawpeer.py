@@ -3,8 +3,8 @@
 One process per member: a SyncObj with one @replicated method doing the same
 update a 1 KB gradient push does in paramstore (w -= lr * g on a float32
 array), with paramstore's pysyncobj settings (store/config.py RaftSettings
-defaults, the same eager append-entries tick callback as store/raft.py, a
-journal file). No HTTP, no applier thread, no payload store.
+defaults, the same eager append entries as store/raft.py through
+store/pysyncobj_adapter.py, a journal file). No HTTP, no applier thread, no payload store.
 
 Load is generated *inside the leader process*: `load` keeps C calls
 outstanding, each completion callback (on pysyncobj's tick thread) records the
@@ -24,14 +24,14 @@ import threading
 import time
 
 import numpy as np
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
 from store.config import RaftSettings
+from store.pysyncobj_adapter import FAIL_REASON, SyncObjConf, TunedSyncObj, replicated
 
-PIPELINE_FIX = False
 
+class Raw(TunedSyncObj):
+    guard_next_index = False  # --pipeline-fix turns on paramstore's nextIndex guard
 
-class Raw(SyncObj):
     def __init__(self, me: str, peers: list[str], journal: str):
         s = RaftSettings()
         conf = SyncObjConf(
@@ -43,31 +43,7 @@ class Raw(SyncObj):
             logCompactionMinEntries=s.compaction_min_entries, logCompactionMinTime=s.compaction_min_seconds,
             commandsWaitLeader=True, bindAddress=me, journalFile=journal, dynamicMembershipChange=False)
         self.w: dict[int, np.ndarray] = {}
-        self._mark = (0, 0)
         super().__init__(me, peers, conf)
-        self.addOnTickCallback(self._eager)
-
-    def _eager(self):  # same as store/raft.py ShardReplica._send_eagerly
-        if self._SyncObj__raftState != 2:
-            return
-        mark = (self._SyncObj__getCurrentLogIndex(), self.raftCommitIndex)
-        if mark != self._mark:
-            self._mark = mark
-            self._SyncObj__sendAppendEntries()
-
-    def _SyncObj__onMessageReceived(self, node, message):
-        """With --pipeline-fix: a success reply for an older append must not
-        move nextIndex back over entries already sent (pysyncobj 0.3.17 does,
-        so every eager send re-sends the whole in-flight window and followers
-        log 'truncating already-applied log entries')."""
-        if not PIPELINE_FIX or message.get("type") != "next_node_idx" or message.get("reset") \
-                or not message.get("success"):
-            return SyncObj._SyncObj__onMessageReceived(self, node, message)
-        nxt = self._SyncObj__raftNextIndex
-        before = nxt.get(node)
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
-        if before is not None and nxt.get(node, 0) < before:
-            nxt[node] = before
 
     @replicated
     def push(self, g: bytes) -> int:
@@ -127,8 +103,7 @@ def main() -> None:
     ap.add_argument("--dir", required=True)
     ap.add_argument("--pipeline-fix", action="store_true")
     a = ap.parse_args()
-    global PIPELINE_FIX
-    PIPELINE_FIX = a.pipeline_fix
+    Raw.guard_next_index = a.pipeline_fix
     obj = Raw(a.self, a.peers.split(","), a.dir + "/journal.bin")
 
     class H(socketserver.StreamRequestHandler):

@@ -31,7 +31,8 @@ from .raft import ShardReplica
 from .snapshot import read_snapshot
 from .threadnames import name_this_thread
 from .journal import check_journal
-from .sockets import bind_outgoing_raft, source_address, warn_if_ephemeral
+from .pysyncobj_adapter import bind_outgoing_raft
+from .sockets import source_address, warn_if_ephemeral
 from .state import ShardState, Tensor
 
 log = logging.getLogger(__name__)

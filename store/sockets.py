@@ -1,18 +1,13 @@
-"""Outgoing connections from this node's own address.
+"""Outgoing connections from this node's own address, and port sanity checks.
 
 On one host with replicas on 127.0.0.1/2/3, Linux picks 127.0.0.1 as the
 source of every loopback connection, so per-address network rules (and the
-peers' view of who is calling) would be wrong. pysyncobj 0.3.17 has no source
-address option, so its connection module gets a socket factory that binds
-each new IPv4 socket to the node's address before it connects.
+peers' view of who is calling) would be wrong: connections bind to the node's
+address first (pysyncobj's through store/pysyncobj_adapter.py).
 """
 from __future__ import annotations
 
 import ipaddress
-import socket
-from typing import Any
-
-import pysyncobj.tcp_connection as _tcp
 
 
 def _is_ipv4_literal(host: str) -> bool:
@@ -20,26 +15,6 @@ def _is_ipv4_literal(host: str) -> bool:
         return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
     except ValueError:
         return False
-
-
-class _BoundSocketModule:
-    def __init__(self, host: str) -> None:
-        self._host = host
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(socket, name)
-
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, *args: Any) -> socket.socket:
-        s = socket.socket(family, type, *args)
-        if family == socket.AF_INET:
-            s.bind((self._host, 0))
-        return s
-
-
-def bind_outgoing_raft(host: str) -> None:
-    """Process-wide: pysyncobj's outgoing sockets start from `host` (one node per process)."""
-    if _is_ipv4_literal(host) and host != "0.0.0.0":
-        _tcp.socket = _BoundSocketModule(host)
 
 
 def source_address(host: str) -> tuple[str, int] | None:

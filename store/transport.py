@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from pysyncobj.transport import TCPTransport, Transport
-
 from .errors import ConfigError
+from .pysyncobj_adapter import TCPTransport, Transport
 
 
 def transport_class(spec: str | None) -> type[Transport]:

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from pysyncobj.transport import TCPTransport
+from store.pysyncobj_adapter import LinkFilterTransport
 
 ENV = "PARAMSTORE_FAULTS_FILE"
 RECHECK = 0.02
@@ -28,7 +28,7 @@ def read_links(path: str) -> frozenset[tuple[str, str]]:
         return frozenset()
 
 
-class DropTransport(TCPTransport):
+class DropTransport(LinkFilterTransport):
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self._links_file = os.environ.get(ENV)
         self._cut: frozenset[tuple[str, str]] = frozenset()
@@ -36,7 +36,7 @@ class DropTransport(TCPTransport):
         self._checked = 0.0
         super().__init__(syncObj, selfNode, otherNodes)
 
-    def _is_cut(self, src: Any, dst: Any) -> bool:
+    def link_cut(self, src_host: str | None, dst_host: str | None) -> bool:
         now = time.monotonic()
         if self._links_file and now - self._checked >= RECHECK:
             self._checked = now
@@ -47,14 +47,4 @@ class DropTransport(TCPTransport):
                 stamp = None
             if stamp != self._stamp:
                 self._stamp, self._cut = stamp, read_links(self._links_file) if stamp else frozenset()
-        return (getattr(src, "host", None), getattr(dst, "host", None)) in self._cut
-
-    def send(self, node: Any, message: Any) -> bool:
-        if self._is_cut(self._selfNode, node):
-            return True  # lost on the way, as a dropped packet would be
-        return super().send(node, message)
-
-    def _onMessageReceived(self, node: Any, message: Any) -> None:
-        if self._is_cut(node, self._selfNode):
-            return
-        super()._onMessageReceived(node, message)
+        return (src_host, dst_host) in self._cut

@@ -1,0 +1,317 @@
+"""Everything paramstore does to pysyncobj beyond its public API, in one place.
+
+pysyncobj 0.3.17 keeps its Raft state in name-mangled attributes
+(`self.__raftState` is `_SyncObj__raftState`) and offers no hooks for what we
+change, so `TunedSyncObj` overrides private methods and reads private fields,
+and `bind_outgoing_raft` replaces the socket module of its connection code.
+Each change says what pysyncobj does there and why we differ;
+docs/architecture.md ("pysyncobj settings and why") has the measurements.
+
+Any other pysyncobj version may rename or rework these internals. `RELIES_ON`
+lists every one of them; importing this module fails with a clear message
+when one is missing, and tests/store/test_pysyncobj_adapter.py also checks
+that the installed version is `PINNED_VERSION`.
+"""
+from __future__ import annotations
+
+import base64
+import importlib
+import logging
+import socket
+import threading
+from importlib import metadata
+from typing import Any
+
+import pysyncobj.tcp_connection as _tcp
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.node import TCPNode
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.syncobj import _RAFT_STATE
+from pysyncobj.transport import TCPTransport, Transport
+
+from .sockets import source_address
+from .threadnames import name_this_thread
+
+__all__ = ["FAIL_REASON", "PINNED_VERSION", "RELIES_ON", "SERIALIZER_STATE", "LinkFilterTransport",
+           "SyncObjConf", "Transport", "TCPTransport", "TunedSyncObj", "bind_outgoing_raft",
+           "dump_meta_from_json", "dump_meta_to_json", "fail_name", "missing_names", "replicated"]
+
+log = logging.getLogger(__name__)
+
+PINNED_VERSION = "0.3.17"
+
+# (owner, name, kind): "attr" must be an attribute of the owner; "field" must
+# be assigned in the owner's __init__; "const" must be a string constant of the
+# owner's code (message keys we read). Owners are "module" or "module:qualname".
+_ON_MESSAGE = "pysyncobj.syncobj:SyncObj._SyncObj__onMessageReceived"
+RELIES_ON: list[tuple[str, str, str]] = [
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__onMessageReceived", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__connectedToAnyone", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__tryLogCompaction", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__sendAppendEntries", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__getCurrentLogIndex", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_checkCommandsToApply", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_getLeader", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_getRaftLogSize", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftState", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftNextIndex", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftMatchIndex", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__otherNodes", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__leaderCommitIndex", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__thread", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_poller", "field"),
+    (_ON_MESSAGE, "next_node_idx", "const"),
+    (_ON_MESSAGE, "reset", "const"),
+    (_ON_MESSAGE, "success", "const"),
+    ("pysyncobj.syncobj:_RAFT_STATE", "FOLLOWER", "attr"),
+    ("pysyncobj.syncobj:_RAFT_STATE", "CANDIDATE", "attr"),
+    ("pysyncobj.syncobj:_RAFT_STATE", "LEADER", "attr"),
+    ("pysyncobj.tcp_connection", "socket", "attr"),
+    ("pysyncobj.tcp_connection:TcpConnection.connect", "socket", "code"),
+    ("pysyncobj.pipe_notifier:PipeNotifier", "notify", "attr"),
+    ("pysyncobj.transport:TCPTransport", "_onMessageReceived", "attr"),
+    ("pysyncobj.transport:TCPTransport", "send", "attr"),
+    ("pysyncobj.transport:TCPTransport", "_selfNode", "field"),
+]
+
+
+def _resolve(owner: str) -> Any:
+    module, _, qualname = owner.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in filter(None, qualname.split(".")):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _has(owner: str, name: str, kind: str) -> bool:
+    obj = _resolve(owner)
+    if obj is None:
+        return False
+    if kind == "attr":
+        return hasattr(obj, name)
+    code = (obj.__init__ if kind == "field" else obj).__code__
+    return name in (code.co_consts if kind == "const" else code.co_names)
+
+
+def missing_names() -> list[str]:
+    """The relied-on pysyncobj internals the installed pysyncobj lacks."""
+    return [f"{owner} {name} ({kind})" for owner, name, kind in RELIES_ON if not _has(owner, name, kind)]
+
+
+def installed_version() -> str:
+    return metadata.version("pysyncobj")
+
+
+if missing_names():
+    raise ImportError(
+        f"pysyncobj {installed_version()} lacks internals paramstore relies on (built for {PINNED_VERSION}): "
+        + "; ".join(missing_names()) + ". Install pysyncobj==" + PINNED_VERSION)
+if installed_version() != PINNED_VERSION:
+    log.warning("pysyncobj %s installed; paramstore is built and measured with %s",
+                installed_version(), PINNED_VERSION)
+
+_FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
+_ROLES = {_RAFT_STATE.FOLLOWER: "follower", _RAFT_STATE.CANDIDATE: "candidate", _RAFT_STATE.LEADER: "leader"}
+
+
+def fail_name(err: int) -> str:
+    """FAIL_REASON's name for a callback's error code."""
+    return _FAIL_NAMES.get(err, str(err))
+
+
+class TunedSyncObj(SyncObj):
+    """SyncObj with eager append entries, wake on propose, the nextIndex
+    guard and three hooks for subclasses: `_before_append` (tick thread,
+    before queued commands are appended), `_may_campaign` and
+    `_compaction_may_run`."""
+
+    guard_next_index = True  # bench/rawpeer.py turns it off to measure pysyncobj as shipped
+
+    def __init__(self, self_addr: str, peers: list[str], conf: SyncObjConf,
+                 transport: type[Transport] = TCPTransport, thread_name: str | None = None) -> None:
+        self._sent_mark = (0, 0)
+        self._wake: PipeNotifier | None = None
+        self._thread_name = thread_name
+        super().__init__(self_addr, peers, conf, transportClass=transport)
+        self.addOnTickCallback(self._send_eagerly)
+
+    # ---- hooks for subclasses ----------------------------------------------------
+    def _before_append(self) -> None:
+        """Tick thread, just before pysyncobj appends (or forwards) queued commands."""
+
+    def _may_campaign(self) -> bool:
+        return True
+
+    def _compaction_may_run(self) -> bool:
+        return True
+
+    # ---- eager append entries, wake on propose ------------------------------------
+    def _send_eagerly(self) -> None:
+        """On-tick callback. pysyncobj (appendEntriesUseBatch=True) sends new
+        entries and the commit index only every appendEntriesPeriod: a write
+        waits up to a period for replication and a forwarded write another
+        for the follower to learn the commit. We send in the tick that moved
+        the leader's last index or commit index (1 KB sync write 106 -> 8 ms)."""
+        if self._wake is None:  # created here, on the tick thread that owns the poller
+            self._wake = PipeNotifier(self._poller)
+            if self._thread_name is not None:
+                name_this_thread(self._thread_name)
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            return
+        mark = (self._SyncObj__getCurrentLogIndex(), self.raftCommitIndex)
+        if mark != self._sent_mark:
+            self._sent_mark = mark
+            self._SyncObj__sendAppendEntries()
+
+    def wake_tick(self) -> None:
+        """Wake the tick thread out of its poll. pysyncobj only does this for
+        queued commands with appendEntriesUseBatch=False (which loses
+        callbacks); otherwise a command waits up to autoTickPeriod to be
+        appended (leader-path sync write 8 -> 2.3 ms)."""
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake.notify()
+            except BlockingIOError:  # the pipe is full: the tick thread is awake anyway
+                pass
+
+    def on_tick_thread(self) -> bool:
+        return threading.current_thread() is self._SyncObj__thread
+
+    def _checkCommandsToApply(self) -> None:
+        """pysyncobj drains its command queue here each tick; our hook runs first."""
+        self._before_append()
+        SyncObj._checkCommandsToApply(self)
+
+    # ---- overrides of pysyncobj's private methods ---------------------------------
+    def _SyncObj__onMessageReceived(self, node: Any, message: dict) -> None:
+        """pysyncobj sets nextIndex from every successful append reply, so a
+        late reply to an older append (pipelining, which eager sending makes
+        common) moves it backwards: every later tick re-sends entries already
+        in flight and followers log 'truncating already-applied'. We keep
+        nextIndex from moving backwards on such replies (raw pysyncobj
+        15K -> 21K ops/s)."""
+        if self.guard_next_index and message.get("type") == "next_node_idx" and message.get("success") \
+                and not message.get("reset"):
+            before = self._SyncObj__raftNextIndex.get(node)
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+            after = self._SyncObj__raftNextIndex.get(node)
+            if before is not None and after is not None and after < before:
+                self._SyncObj__raftNextIndex[node] = before
+            return
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _SyncObj__connectedToAnyone(self) -> bool:
+        """pysyncobj starts an election on timeout when connected to any
+        peer; `_may_campaign` can veto that (a joining replica must not)."""
+        if not self._may_campaign():
+            return False
+        return SyncObj._SyncObj__connectedToAnyone(self)
+
+    def _SyncObj__tryLogCompaction(self) -> None:
+        """pysyncobj checks each tick whether to snapshot and drop the log;
+        `_compaction_may_run` can postpone that."""
+        if not self._compaction_may_run():
+            return
+        SyncObj._SyncObj__tryLogCompaction(self)
+
+    # ---- read-only views of pysyncobj's state ---------------------------------------
+    @property
+    def role(self) -> str:
+        return _ROLES.get(self._SyncObj__raftState, "unknown")
+
+    def leader_node(self) -> Any:
+        """The last leader this replica heard of (a pysyncobj Node), or None."""
+        return self._getLeader()
+
+    @property
+    def leader_address(self) -> str | None:
+        leader = self._getLeader()
+        return None if leader is None else leader.id
+
+    @property
+    def leader_commit_index(self) -> int | None:
+        return self._SyncObj__leaderCommitIndex
+
+    @property
+    def log_entries(self) -> int:
+        return self._getRaftLogSize()
+
+    def other_member_ids(self) -> list[str]:
+        """Raft addresses of the other voting members, as this replica knows them."""
+        for _ in range(5):  # the tick thread may change the set while we copy it
+            try:
+                return [n.id for n in list(self._SyncObj__otherNodes)]
+            except RuntimeError:
+                continue
+        return []
+
+    def match_indexes(self) -> dict[str, int]:
+        """Tick thread, leader: each other member's highest replicated index."""
+        match = self._SyncObj__raftMatchIndex
+        return {n.id: match.get(n, 0) for n in self._SyncObj__otherNodes}
+
+
+def dump_meta_to_json(meta: tuple) -> tuple[int, dict[str, Any]]:
+    """The Raft metadata pysyncobj hands a custom serializer (last and
+    previous log entries, the cluster's nodes) as JSON-able data, with the
+    index the snapshot covers."""
+    last, prev, cluster = meta
+    return last[1], {
+        "entries": [[base64.b64encode(e[0]).decode(), e[1], e[2]] for e in (last, prev)],
+        "cluster": sorted(n.id for n in cluster),
+    }
+
+
+def dump_meta_from_json(raft_meta: dict[str, Any]) -> tuple:
+    """What a custom deserializer must return to pysyncobj: the inverse of `dump_meta_to_json`."""
+    entries = [(base64.b64decode(c), i, t) for c, i, t in raft_meta["entries"]]
+    return entries[0], entries[1], {TCPNode(addr) for addr in raft_meta["cluster"]}
+
+
+class LinkFilterTransport(TCPTransport):
+    """TCPTransport that drops messages on links `link_cut(src, dst)` names
+    (hosts), in both directions, as a network drop rule would. pysyncobj
+    delivers every received message through `_onMessageReceived`."""
+
+    def link_cut(self, src_host: str | None, dst_host: str | None) -> bool:
+        return False
+
+    def send(self, node: Any, message: Any) -> bool:
+        if self.link_cut(getattr(self._selfNode, "host", None), getattr(node, "host", None)):
+            return True  # lost on the way, as a dropped packet would be
+        return super().send(node, message)
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        if self.link_cut(getattr(node, "host", None), getattr(self._selfNode, "host", None)):
+            return
+        super()._onMessageReceived(node, message)
+
+
+# ---- outgoing connections from the node's own address -------------------------------
+class _BoundSocketModule:
+    def __init__(self, host: str) -> None:
+        self._host = host
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(socket, name)
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, *args: Any) -> socket.socket:
+        s = socket.socket(family, type, *args)
+        if family == socket.AF_INET:
+            s.bind((self._host, 0))
+        return s
+
+
+def bind_outgoing_raft(host: str) -> None:
+    """Process-wide: pysyncobj's outgoing sockets start from `host` (one node per process).
+
+    pysyncobj's TCPConnection.connect creates its socket with its module's
+    `socket.socket` and has no source address option, so Linux picks
+    127.0.0.1 for every loopback connection and per-address network rules
+    (and the peers' view of who is calling) would be wrong. We swap that
+    module's `socket` for one whose IPv4 sockets bind to `host` first."""
+    if source_address(host) is not None:
+        _tcp.socket = _BoundSocketModule(host)  # type: ignore[assignment]
+
