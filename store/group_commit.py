@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, Callable
 
 from .errors import StoreError, Unavailable
@@ -27,11 +28,11 @@ GROUP_MAX_WAIT = 0.02  # ...or until its oldest proposal waited this long (secon
 FLIGHT_STALE = 5.0  # an entry in flight this long no longer holds the queue back (seconds)
 GROUP_MAX_BYTES = 48 << 10  # stay under pysyncobj's 64 KB append batch: bigger entries go in pieces
 
-Queued = tuple[Any, Future, int, float]  # command, caller's future, size, queued at
+Queued = tuple[Any, "Future[Any]", int, float]  # command, caller's future, size, queued at
 
 
 class GroupCommit:
-    def __init__(self, launch: Callable[[Any, Future], None], make_group: Callable[[list[Any]], Any],
+    def __init__(self, launch: Callable[[Any, "Future[Any]"], None], make_group: Callable[[list[Any]], Any],
                  wake: Callable[[], None], label: str = "", clock: Callable[[], float] = time.monotonic) -> None:
         self._launch = launch
         self._make_group = make_group
@@ -42,10 +43,10 @@ class GroupCommit:
         self._queue: list[Queued] = []
         self._in_flight: dict[int, float] = {}  # id(future) -> launch time of our entries not yet landed
 
-    def add(self, cmd: Any, size: int) -> Future:
+    def add(self, cmd: Any, size: int) -> Future[Any]:
         """Queue `cmd` (`size`: its rough bytes in the log); the Future
         resolves with its own outcome."""
-        outer: Future = Future()
+        outer: Future[Any] = Future()
         with self._lock:
             self._queue.append((cmd, outer, size, self._clock()))
             idle = not self._busy()
@@ -65,12 +66,12 @@ class GroupCommit:
             del self._in_flight[key]
         return len(self._in_flight) >= GROUP_IN_FLIGHT
 
-    def _launched(self, outer: Future) -> None:
+    def _launched(self, outer: Future[Any]) -> None:
         with self._lock:
             self._in_flight[id(outer)] = self._clock()
         outer.add_done_callback(self._landed)
 
-    def _landed(self, outer: Future) -> None:
+    def _landed(self, outer: Future[Any]) -> None:
         """An entry was applied here (or failed): what queued meanwhile goes now."""
         with self._lock:
             self._in_flight.pop(id(outer), None)
@@ -95,7 +96,8 @@ class GroupCommit:
                     self._launch(part[0][0], outer)
                     continue
                 outer = Future()
-                outer.add_done_callback(lambda f, part=part: split_outcomes(f, [o for _, o, _, _ in part]))
+                callers = [o for _, o, _, _ in part]
+                outer.add_done_callback(partial(split_outcomes, outers=callers))
                 self._launched(outer)
                 self._launch(self._make_group([c for c, _, _, _ in part]), outer)
             except Exception as e:
@@ -113,7 +115,7 @@ def _take(queued: list[Queued]) -> tuple[list[Queued], list[Queued]]:
     return queued[:take], queued[take:]
 
 
-def split_outcomes(group: Future, outers: list[Future]) -> None:
+def split_outcomes(group: Future[Any], outers: list[Future[Any]]) -> None:
     """Hand each part of a group its own outcome."""
     exc = group.exception()
     for i, outer in enumerate(outers):

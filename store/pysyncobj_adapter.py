@@ -20,14 +20,12 @@ import logging
 import socket
 import threading
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
-import pysyncobj.tcp_connection as _tcp
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
+from pysyncobj import replicated as _replicated
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
-from pysyncobj.pipe_notifier import PipeNotifier
-from pysyncobj.syncobj import _RAFT_STATE
 from pysyncobj.transport import TCPTransport, Transport
 
 from .sockets import source_address
@@ -78,7 +76,10 @@ RELIES_ON: list[tuple[str, str, str]] = [
 
 def _resolve(owner: str) -> Any:
     module, _, qualname = owner.partition(":")
-    obj: Any = importlib.import_module(module)
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError:
+        return None
     for part in filter(None, qualname.split(".")):
         obj = getattr(obj, part, None)
     return obj
@@ -100,7 +101,7 @@ def missing_names() -> list[str]:
 
 
 def installed_version() -> str:
-    return metadata.version("pysyncobj")
+    return str(metadata.version("pysyncobj"))
 
 
 if missing_names():
@@ -111,7 +112,15 @@ if installed_version() != PINNED_VERSION:
     log.warning("pysyncobj %s installed; paramstore is built and measured with %s",
                 installed_version(), PINNED_VERSION)
 
-_FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
+# Internal modules and classes, imported once the check above passed.
+_RAFT_STATE = _resolve("pysyncobj.syncobj:_RAFT_STATE")
+_tcp = _resolve("pysyncobj.tcp_connection")
+_PipeNotifier = _resolve("pysyncobj.pipe_notifier:PipeNotifier")
+
+# pysyncobj ships no type information: its classes are Any to mypy.
+replicated: Callable[[Callable[..., Any]], Callable[..., Any]] = _replicated
+
+_FAIL_NAMES: dict[int, str] = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
 _ROLES = {_RAFT_STATE.FOLLOWER: "follower", _RAFT_STATE.CANDIDATE: "candidate", _RAFT_STATE.LEADER: "leader"}
 
 
@@ -120,7 +129,7 @@ def fail_name(err: int) -> str:
     return _FAIL_NAMES.get(err, str(err))
 
 
-class TunedSyncObj(SyncObj):
+class TunedSyncObj(SyncObj):  # type: ignore[misc]
     """SyncObj with eager append entries, wake on propose, the nextIndex
     guard and three hooks for subclasses: `_before_append` (tick thread,
     before queued commands are appended), `_may_campaign` and
@@ -131,7 +140,7 @@ class TunedSyncObj(SyncObj):
     def __init__(self, self_addr: str, peers: list[str], conf: SyncObjConf,
                  transport: type[Transport] = TCPTransport, thread_name: str | None = None) -> None:
         self._sent_mark = (0, 0)
-        self._wake: PipeNotifier | None = None
+        self._wake: Any = None  # pysyncobj PipeNotifier
         self._thread_name = thread_name
         super().__init__(self_addr, peers, conf, transportClass=transport)
         self.addOnTickCallback(self._send_eagerly)
@@ -154,7 +163,7 @@ class TunedSyncObj(SyncObj):
         for the follower to learn the commit. We send in the tick that moved
         the leader's last index or commit index (1 KB sync write 106 -> 8 ms)."""
         if self._wake is None:  # created here, on the tick thread that owns the poller
-            self._wake = PipeNotifier(self._poller)
+            self._wake = _PipeNotifier(self._poller)
             if self._thread_name is not None:
                 name_this_thread(self._thread_name)
         if self._SyncObj__raftState != _RAFT_STATE.LEADER:
@@ -185,7 +194,7 @@ class TunedSyncObj(SyncObj):
         SyncObj._checkCommandsToApply(self)
 
     # ---- overrides of pysyncobj's private methods ---------------------------------
-    def _SyncObj__onMessageReceived(self, node: Any, message: dict) -> None:
+    def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:
         """pysyncobj sets nextIndex from every successful append reply, so a
         late reply to an older append (pipelining, which eager sending makes
         common) moves it backwards: every later tick re-sends entries already
@@ -207,7 +216,7 @@ class TunedSyncObj(SyncObj):
         peer; `_may_campaign` can veto that (a joining replica must not)."""
         if not self._may_campaign():
             return False
-        return SyncObj._SyncObj__connectedToAnyone(self)
+        return bool(SyncObj._SyncObj__connectedToAnyone(self))
 
     def _SyncObj__tryLogCompaction(self) -> None:
         """pysyncobj checks each tick whether to snapshot and drop the log;
@@ -232,11 +241,12 @@ class TunedSyncObj(SyncObj):
 
     @property
     def leader_commit_index(self) -> int | None:
-        return self._SyncObj__leaderCommitIndex
+        index: int | None = self._SyncObj__leaderCommitIndex
+        return index
 
     @property
     def log_entries(self) -> int:
-        return self._getRaftLogSize()
+        return int(self._getRaftLogSize())
 
     def other_member_ids(self) -> list[str]:
         """Raft addresses of the other voting members, as this replica knows them."""
@@ -253,24 +263,24 @@ class TunedSyncObj(SyncObj):
         return {n.id: match.get(n, 0) for n in self._SyncObj__otherNodes}
 
 
-def dump_meta_to_json(meta: tuple) -> tuple[int, dict[str, Any]]:
+def dump_meta_to_json(meta: tuple[Any, ...]) -> tuple[int, dict[str, Any]]:
     """The Raft metadata pysyncobj hands a custom serializer (last and
     previous log entries, the cluster's nodes) as JSON-able data, with the
     index the snapshot covers."""
     last, prev, cluster = meta
-    return last[1], {
+    return int(last[1]), {
         "entries": [[base64.b64encode(e[0]).decode(), e[1], e[2]] for e in (last, prev)],
         "cluster": sorted(n.id for n in cluster),
     }
 
 
-def dump_meta_from_json(raft_meta: dict[str, Any]) -> tuple:
+def dump_meta_from_json(raft_meta: dict[str, Any]) -> tuple[Any, ...]:
     """What a custom deserializer must return to pysyncobj: the inverse of `dump_meta_to_json`."""
     entries = [(base64.b64decode(c), i, t) for c, i, t in raft_meta["entries"]]
     return entries[0], entries[1], {TCPNode(addr) for addr in raft_meta["cluster"]}
 
 
-class LinkFilterTransport(TCPTransport):
+class LinkFilterTransport(TCPTransport):  # type: ignore[misc]
     """TCPTransport that drops messages on links `link_cut(src, dst)` names
     (hosts), in both directions, as a network drop rule would. pysyncobj
     delivers every received message through `_onMessageReceived`."""
@@ -281,7 +291,7 @@ class LinkFilterTransport(TCPTransport):
     def send(self, node: Any, message: Any) -> bool:
         if self.link_cut(getattr(self._selfNode, "host", None), getattr(node, "host", None)):
             return True  # lost on the way, as a dropped packet would be
-        return super().send(node, message)
+        return bool(super().send(node, message))
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self.link_cut(getattr(node, "host", None), getattr(self._selfNode, "host", None)):
@@ -313,5 +323,5 @@ def bind_outgoing_raft(host: str) -> None:
     (and the peers' view of who is calling) would be wrong. We swap that
     module's `socket` for one whose IPv4 sockets bind to `host` first."""
     if source_address(host) is not None:
-        _tcp.socket = _BoundSocketModule(host)  # type: ignore[assignment]
+        _tcp.socket = _BoundSocketModule(host)
 

@@ -38,17 +38,17 @@ MAX_ATTEMPTS = 3
 class ShardReplica(TunedSyncObj):
     def __init__(self, shard: int, self_addr: Address, peers: list[Address], settings: RaftSettings,
                  shard_dir: Path, applier: Applier, on_snapshot: Callable[[int, int, float], None],
-                 preloaded: tuple[Any, int, dict] | None = None, joining: bool = False) -> None:
+                 preloaded: tuple[Any, int, dict[str, Any]] | None = None, joining: bool = False) -> None:
         self.shard = shard
         # A joining replica is not a member until a leader adds it: it must not
         # campaign meanwhile (its rising term would depose the leader once added).
         self._joining = joining
-        self._compaction_hold: tuple[float, int, frozenset] | None = None
+        self._compaction_hold: tuple[float, int, frozenset[str]] | None = None
         self._applier = applier
         self.term_changes = 0
         self.leader_changes = 0
         self._last_leader: Any = None
-        self._pending: dict[int, tuple] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
+        self._pending: dict[int, tuple[Any, ...]] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
         self.snapshotter = Snapshotter(shard, shard_dir / "snapshot.bin", applier, settings.fsync,
                                        on_snapshot, preloaded, self._log_fields)
         self._group_commit = GroupCommit(self._launch, _group_command, self.wake_tick, f"shard {shard}")
@@ -150,11 +150,11 @@ class ShardReplica(TunedSyncObj):
         as this replica knows them (a change applies when its entry is appended)."""
         return sorted(self.other_member_ids() + [self.selfNode.id])
 
-    def change_member(self, kind: str, raft_address: str) -> Future:
+    def change_member(self, kind: str, raft_address: str) -> Future[Any]:
         """Add (`kind="add"`) or remove a voting member through the log; the
         Future resolves once the change committed. pysyncobj allows one change
         at a time and refuses to remove the leader itself (REQUEST_DENIED)."""
-        outer: Future = Future()
+        outer: Future[Any] = Future()
 
         def done(res: Any, err: int) -> None:
             if err == FAIL_REASON.SUCCESS:
@@ -212,7 +212,7 @@ class ShardReplica(TunedSyncObj):
         log.info("shard %d: raft state %s -> %s (term %d)", self.shard, old, new, self.raftCurrentTerm,
                  extra=self._log_fields())
 
-    def _log_fields(self) -> dict:
+    def _log_fields(self) -> dict[str, Any]:
         """Structured fields for the JSON log formatter."""
         return {"shard": self.shard, "term": self.raftCurrentTerm}
 

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 class Snapshotter:
     def __init__(self, shard: int, dump_path: Path, applier: Applier, fsync: bool,
                  on_snapshot: Callable[[int, int, float], None],
-                 preloaded: tuple[Any, int, dict] | None = None,
-                 log_fields: Callable[[], dict] = dict) -> None:
+                 preloaded: tuple[Any, int, dict[str, Any]] | None = None,
+                 log_fields: Callable[[], dict[str, Any]] = dict) -> None:
         self.shard = shard
         self.dump_path = dump_path
         self._applier = applier
@@ -43,14 +43,14 @@ class Snapshotter:
         self.last_snapshot_bytes = 0
         self.last_snapshot_index = 0
 
-    def serialize(self, tmp_file: str, meta: tuple) -> None:
+    def serialize(self, tmp_file: str, meta: tuple[Any, ...]) -> None:
         """Tick thread: queue a capture; the applier reaches it at exactly this index."""
         index, raft_meta = dump_meta_to_json(meta)
         with self._lock:
             self._status = SERIALIZER_STATE.SERIALIZING
         self._applier.call(lambda: self._capture_and_write(index, raft_meta))
 
-    def _capture_and_write(self, index: int, raft_meta: dict) -> None:
+    def _capture_and_write(self, index: int, raft_meta: dict[str, Any]) -> None:
         """Applier thread. Arrays are immutable, so a shallow copy of the
         tensor map is a consistent capture in O(#tensors)."""
         state = self._applier.state
@@ -60,7 +60,7 @@ class Snapshotter:
         threading.Thread(target=self._write, args=(tensors, dedupe, index, raft_meta),
                          name=f"snapshot-{self.shard}", daemon=True).start()
 
-    def _write(self, tensors: Any, dedupe: Any, index: int, raft_meta: dict) -> None:
+    def _write(self, tensors: Any, dedupe: Any, index: int, raft_meta: dict[str, Any]) -> None:
         name_this_thread()
         started = time.perf_counter()
         partial = self.dump_path.with_suffix(".writing")
@@ -84,12 +84,12 @@ class Snapshotter:
     def check(self) -> int:
         """pysyncobj's serializeChecker: SUCCESS and FAILED are reported once."""
         with self._lock:
-            status = self._status
+            status: int = self._status
             if status in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
                 self._status = SERIALIZER_STATE.NOT_SERIALIZING
             return status
 
-    def deserialize(self, path: str) -> tuple:
+    def deserialize(self, path: str) -> tuple[Any, ...]:
         """Tick thread, at start or when a leader sent a snapshot: install it."""
         preloaded, self._preloaded = self._preloaded, None
         if preloaded is not None:

@@ -8,6 +8,7 @@ address first (pysyncobj's through store/pysyncobj_adapter.py).
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 
 def _is_ipv4_literal(host: str) -> bool:
@@ -32,7 +33,7 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def warn_if_ephemeral(ports: dict[str, int], log) -> None:
+def warn_if_ephemeral(ports: dict[str, int], log: logging.Logger) -> None:
     """A listening port inside the ephemeral range can be taken as the source
     port of an outgoing connection before the replica binds it; a peer
     connecting to it meanwhile may even connect to itself."""

@@ -14,7 +14,7 @@ from .pysyncobj_adapter import TCPTransport, Transport
 
 def transport_class(spec: str | None) -> type[Transport]:
     if not spec:
-        return TCPTransport
+        return TCPTransport  # type: ignore[no-any-return]
     module, _, name = spec.partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)

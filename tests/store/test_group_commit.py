@@ -7,8 +7,7 @@ from concurrent.futures import Future
 import pytest
 
 from store.errors import Conflict, StoreError, Unavailable
-from store.group_commit import (FLIGHT_STALE, GROUP_MAX_BYTES, GROUP_MAX_COMMANDS, GROUP_MAX_WAIT,
-                                GroupCommit)
+from store.group_commit import FLIGHT_STALE, GROUP_MAX_BYTES, GROUP_MAX_COMMANDS, GROUP_MAX_WAIT, GroupCommit
 
 
 class Harness:

@@ -34,6 +34,7 @@ def test_every_internal_the_adapter_relies_on_exists():
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__noSuchField", "field"),
     ("pysyncobj.syncobj:SyncObj._SyncObj__onMessageReceived", "no_such_message_key", "const"),
     ("pysyncobj.syncobj:NoSuchClass", "LEADER", "attr"),
+    ("pysyncobj.no_such_module", "socket", "attr"),
 ])
 def test_the_check_reports_a_missing_name(monkeypatch, entry):
     monkeypatch.setattr(adapter, "RELIES_ON", [*adapter.RELIES_ON, entry])
