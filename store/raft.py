@@ -75,10 +75,10 @@ class ShardReplica(TunedSyncObj):
 
     # ---- commands ------------------------------------------------------------
     @replicated
-    def _apply(self, entry: tuple) -> Future:
+    def _apply(self, entry: tuple[Any, ...]) -> Future[Any]:
         return self._applier.submit(self.raftLastApplied + 1, entry)
 
-    def propose(self, cmd: Command) -> Future:
+    def propose(self, cmd: Command) -> Future[Any]:
         """Replicate `cmd`; the Future resolves with its result on this replica
         once applied here, or fails with a StoreError.
 
@@ -93,7 +93,7 @@ class ShardReplica(TunedSyncObj):
         """
         cmd = commands.with_rid(cmd)
         if not _retryable(cmd):
-            outer: Future = Future()
+            outer: Future[Any] = Future()
             self._attempt(cmd, outer, 1)
             return outer
         return self._group_commit.add(cmd, _inline_bytes(cmd))
@@ -101,10 +101,10 @@ class ShardReplica(TunedSyncObj):
     def _before_append(self) -> None:
         self._group_commit.flush()
 
-    def _launch(self, cmd: Command, outer: Future) -> None:
+    def _launch(self, cmd: Command, outer: Future[Any]) -> None:
         self._attempt(cmd, outer, 1)
 
-    def _attempt(self, cmd: Command, outer: Future, attempt: int) -> None:
+    def _attempt(self, cmd: Command, outer: Future[Any], attempt: int) -> None:
         retryable = _retryable(cmd)
         key = id(outer)
 
