@@ -8,14 +8,16 @@ that entry lands, or when the oldest queued proposal waited GROUP_MAX_WAIT.
 No Raft here: `launch` proposes one command, `wake` asks the tick thread to
 call `flush`.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from .errors import StoreError, Unavailable
 from .futures import settle
@@ -32,8 +34,14 @@ Queued = tuple[Any, "Future[Any]", int, float]  # command, caller's future, size
 
 
 class GroupCommit:
-    def __init__(self, launch: Callable[[Any, "Future[Any]"], None], make_group: Callable[[list[Any]], Any],
-                 wake: Callable[[], None], label: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        launch: Callable[[Any, Future[Any]], None],
+        make_group: Callable[[list[Any]], Any],
+        wake: Callable[[], None],
+        label: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._launch = launch
         self._make_group = make_group
         self._wake = wake

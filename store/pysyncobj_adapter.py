@@ -12,6 +12,7 @@ lists every one of them; importing this module fails with a clear message
 when one is missing, and tests/store/test_pysyncobj_adapter.py also checks
 that the installed version is `PINNED_VERSION`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,8 +20,9 @@ import importlib
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
 from pysyncobj import replicated as _replicated
@@ -31,9 +33,23 @@ from pysyncobj.transport import TCPTransport, Transport
 from .sockets import source_address
 from .threadnames import name_this_thread
 
-__all__ = ["FAIL_REASON", "PINNED_VERSION", "RELIES_ON", "SERIALIZER_STATE", "LinkFilterTransport",
-           "SyncObjConf", "Transport", "TCPTransport", "TunedSyncObj", "bind_outgoing_raft",
-           "dump_meta_from_json", "dump_meta_to_json", "fail_name", "missing_names", "replicated"]
+__all__ = [
+    "FAIL_REASON",
+    "PINNED_VERSION",
+    "RELIES_ON",
+    "SERIALIZER_STATE",
+    "LinkFilterTransport",
+    "SyncObjConf",
+    "TCPTransport",
+    "Transport",
+    "TunedSyncObj",
+    "bind_outgoing_raft",
+    "dump_meta_from_json",
+    "dump_meta_to_json",
+    "fail_name",
+    "missing_names",
+    "replicated",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +123,12 @@ def installed_version() -> str:
 if missing_names():
     raise ImportError(
         f"pysyncobj {installed_version()} lacks internals paramstore relies on (built for {PINNED_VERSION}): "
-        + "; ".join(missing_names()) + ". Install pysyncobj==" + PINNED_VERSION)
+        + "; ".join(missing_names())
+        + ". Install pysyncobj=="
+        + PINNED_VERSION
+    )
 if installed_version() != PINNED_VERSION:
-    log.warning("pysyncobj %s installed; paramstore is built and measured with %s",
-                installed_version(), PINNED_VERSION)
+    log.warning("pysyncobj %s installed; paramstore is built and measured with %s", installed_version(), PINNED_VERSION)
 
 # Internal modules and classes, imported once the check above passed.
 _RAFT_STATE = _resolve("pysyncobj.syncobj:_RAFT_STATE")
@@ -137,8 +155,14 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
 
     guard_next_index = True  # bench/rawpeer.py turns it off to measure pysyncobj as shipped
 
-    def __init__(self, self_addr: str, peers: list[str], conf: SyncObjConf,
-                 transport: type[Transport] = TCPTransport, thread_name: str | None = None) -> None:
+    def __init__(
+        self,
+        self_addr: str,
+        peers: list[str],
+        conf: SyncObjConf,
+        transport: type[Transport] = TCPTransport,
+        thread_name: str | None = None,
+    ) -> None:
         self._sent_mark = (0, 0)
         self._wake: Any = None  # pysyncobj PipeNotifier
         self._thread_name = thread_name
@@ -180,7 +204,7 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
         appended (leader-path sync write 8 -> 2.3 ms)."""
         wake = self._wake
         if wake is not None:
-            try:
+            try:  # noqa: SIM105 (every proposal passes here: contextlib.suppress allocates, try costs nothing)
                 wake.notify()
             except BlockingIOError:  # the pipe is full: the tick thread is awake anyway
                 pass
@@ -201,8 +225,12 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
         in flight and followers log 'truncating already-applied'. We keep
         nextIndex from moving backwards on such replies (raw pysyncobj
         15K -> 21K ops/s)."""
-        if self.guard_next_index and message.get("type") == "next_node_idx" and message.get("success") \
-                and not message.get("reset"):
+        if (
+            self.guard_next_index
+            and message.get("type") == "next_node_idx"
+            and message.get("success")
+            and not message.get("reset")
+        ):
             before = self._SyncObj__raftNextIndex.get(node)
             SyncObj._SyncObj__onMessageReceived(self, node, message)
             after = self._SyncObj__raftNextIndex.get(node)
@@ -324,4 +352,3 @@ def bind_outgoing_raft(host: str) -> None:
     module's `socket` for one whose IPv4 sockets bind to `host` first."""
     if source_address(host) is not None:
         _tcp.socket = _BoundSocketModule(host)
-

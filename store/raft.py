@@ -9,13 +9,15 @@ Traps handled here (see docs/architecture.md):
 - a command forwarded to a leader that died is lost: proposed again.
 What we change inside pysyncobj itself is in store/pysyncobj_adapter.py.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import commands
 from .applier import Applier
@@ -36,9 +38,18 @@ MAX_ATTEMPTS = 3
 
 
 class ShardReplica(TunedSyncObj):
-    def __init__(self, shard: int, self_addr: Address, peers: list[Address], settings: RaftSettings,
-                 shard_dir: Path, applier: Applier, on_snapshot: Callable[[int, int, float], None],
-                 preloaded: tuple[Any, int, dict[str, Any]] | None = None, joining: bool = False) -> None:
+    def __init__(
+        self,
+        shard: int,
+        self_addr: Address,
+        peers: list[Address],
+        settings: RaftSettings,
+        shard_dir: Path,
+        applier: Applier,
+        on_snapshot: Callable[[int, int, float], None],
+        preloaded: tuple[Any, int, dict[str, Any]] | None = None,
+        joining: bool = False,
+    ) -> None:
         self.shard = shard
         # A joining replica is not a member until a leader adds it: it must not
         # campaign meanwhile (its rising term would depose the leader once added).
@@ -49,12 +60,18 @@ class ShardReplica(TunedSyncObj):
         self.leader_changes = 0
         self._last_leader: Any = None
         self._pending: dict[int, tuple[Any, ...]] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
-        self.snapshotter = Snapshotter(shard, shard_dir / "snapshot.bin", applier, settings.fsync,
-                                       on_snapshot, preloaded, self._log_fields)
+        self.snapshotter = Snapshotter(
+            shard, shard_dir / "snapshot.bin", applier, settings.fsync, on_snapshot, preloaded, self._log_fields
+        )
         self._group_commit = GroupCommit(self._launch, _group_command, self.wake_tick, f"shard {shard}")
         conf = _conf(settings, self_addr, shard_dir, self.snapshotter, self._state_changed)
-        super().__init__(str(self_addr), [str(p) for p in peers], conf,
-                         transport=transport_class(settings.transport), thread_name=f"raft-{shard}")
+        super().__init__(
+            str(self_addr),
+            [str(p) for p in peers],
+            conf,
+            transport=transport_class(settings.transport),
+            thread_name=f"raft-{shard}",
+        )
         self.addOnTickCallback(self._track_leader)
 
     def _track_leader(self) -> None:
@@ -65,8 +82,13 @@ class ShardReplica(TunedSyncObj):
             if leader is not None:
                 self._joining = False
                 self.leader_changes += 1
-                log.info("shard %d: leader is now %s (term %d)", self.shard, leader, self.raftCurrentTerm,
-                         extra=self._log_fields())
+                log.info(
+                    "shard %d: leader is now %s (term %d)",
+                    self.shard,
+                    leader,
+                    self.raftCurrentTerm,
+                    extra=self._log_fields(),
+                )
                 self._repropose_after_leader_change(leader)
             self._last_leader = leader
 
@@ -117,8 +139,12 @@ class ShardReplica(TunedSyncObj):
                 forward(res, outer)
                 return
             name = fail_name(err)
-            lost = err in (FAIL_REASON.DISCARDED, FAIL_REASON.UNKNOWN_OUTCOME, FAIL_REASON.NOT_LEADER,
-                           FAIL_REASON.LEADER_CHANGED)
+            lost = err in (
+                FAIL_REASON.DISCARDED,
+                FAIL_REASON.UNKNOWN_OUTCOME,
+                FAIL_REASON.NOT_LEADER,
+                FAIL_REASON.LEADER_CHANGED,
+            )
             if lost and retryable and attempt < MAX_ATTEMPTS:
                 self._attempt(cmd, outer, attempt + 1)
                 return
@@ -148,7 +174,7 @@ class ShardReplica(TunedSyncObj):
     def members(self) -> list[str]:
         """Raft addresses of this shard's voting members, this replica included,
         as this replica knows them (a change applies when its entry is appended)."""
-        return sorted(self.other_member_ids() + [self.selfNode.id])
+        return sorted([*self.other_member_ids(), self.selfNode.id])
 
     def change_member(self, kind: str, raft_address: str) -> Future[Any]:
         """Add (`kind="add"`) or remove a voting member through the log; the
@@ -160,13 +186,21 @@ class ShardReplica(TunedSyncObj):
             if err == FAIL_REASON.SUCCESS:
                 settle(outer, {"shard": self.shard, kind: raft_address})
             elif err == FAIL_REASON.REQUEST_DENIED:
-                settle(outer, exc=Conflict(
-                    f"shard {self.shard}: membership change refused (another change is still "
-                    "committing, the node is already in that state, or it is the leader); retry"))
+                settle(
+                    outer,
+                    exc=Conflict(
+                        f"shard {self.shard}: membership change refused (another change is still "
+                        "committing, the node is already in that state, or it is the leader); retry"
+                    ),
+                )
             else:
-                settle(outer, exc=Unavailable(
-                    f"shard {self.shard}: membership change failed ({fail_name(err)}); retry",
-                    reason=str(fail_name(err)).lower()))
+                settle(
+                    outer,
+                    exc=Unavailable(
+                        f"shard {self.shard}: membership change failed ({fail_name(err)}); retry",
+                        reason=str(fail_name(err)).lower(),
+                    ),
+                )
 
         change = self.addNodeToCluster if kind == "add" else self.removeNodeFromCluster
         change(raft_address, callback=done)
@@ -209,16 +243,27 @@ class ShardReplica(TunedSyncObj):
         return self.snapshotter.last_snapshot_bytes
 
     def _state_changed(self, old: int, new: int) -> None:
-        log.info("shard %d: raft state %s -> %s (term %d)", self.shard, old, new, self.raftCurrentTerm,
-                 extra=self._log_fields())
+        log.info(
+            "shard %d: raft state %s -> %s (term %d)",
+            self.shard,
+            old,
+            new,
+            self.raftCurrentTerm,
+            extra=self._log_fields(),
+        )
 
     def _log_fields(self) -> dict[str, Any]:
         """Structured fields for the JSON log formatter."""
         return {"shard": self.shard, "term": self.raftCurrentTerm}
 
 
-def _conf(settings: RaftSettings, self_addr: Address, shard_dir: Path, snapshotter: Snapshotter,
-          on_state_changed: Callable[[int, int], None]) -> SyncObjConf:
+def _conf(
+    settings: RaftSettings,
+    self_addr: Address,
+    shard_dir: Path,
+    snapshotter: Snapshotter,
+    on_state_changed: Callable[[int, int], None],
+) -> SyncObjConf:
     return SyncObjConf(
         autoTickPeriod=settings.auto_tick_period,
         appendEntriesPeriod=settings.append_entries_period,
@@ -227,7 +272,7 @@ def _conf(settings: RaftSettings, self_addr: Address, shard_dir: Path, snapshott
         connectionTimeout=settings.connection_timeout,
         connectionRetryTime=min(1.0, settings.connection_timeout),
         leaderFallbackTimeout=settings.leader_fallback_timeout,
-        appendEntriesBatchSizeBytes=2 ** 16,
+        appendEntriesBatchSizeBytes=2**16,
         sendBufferSize=settings.socket_buffer_bytes,
         recvBufferSize=settings.socket_buffer_bytes,
         logCompactionMinEntries=settings.compaction_min_entries,

@@ -7,14 +7,16 @@ reaches it exactly when the state equals the log index being compacted; a
 writer thread writes our binary format (store/snapshot.py) beside the dump,
 renames it itself, and pysyncobj learns the outcome by polling `check`.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .applier import Applier
 from .pysyncobj_adapter import SERIALIZER_STATE, dump_meta_from_json, dump_meta_to_json
@@ -25,10 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class Snapshotter:
-    def __init__(self, shard: int, dump_path: Path, applier: Applier, fsync: bool,
-                 on_snapshot: Callable[[int, int, float], None],
-                 preloaded: tuple[Any, int, dict[str, Any]] | None = None,
-                 log_fields: Callable[[], dict[str, Any]] = dict) -> None:
+    def __init__(
+        self,
+        shard: int,
+        dump_path: Path,
+        applier: Applier,
+        fsync: bool,
+        on_snapshot: Callable[[int, int, float], None],
+        preloaded: tuple[Any, int, dict[str, Any]] | None = None,
+        log_fields: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
         self.shard = shard
         self.dump_path = dump_path
         self._applier = applier
@@ -57,8 +65,9 @@ class Snapshotter:
         raft_meta["members"] = dict(state.members)
         tensors = state.capture()
         dedupe = state.dedupe.copy()
-        threading.Thread(target=self._write, args=(tensors, dedupe, index, raft_meta),
-                         name=f"snapshot-{self.shard}", daemon=True).start()
+        threading.Thread(
+            target=self._write, args=(tensors, dedupe, index, raft_meta), name=f"snapshot-{self.shard}", daemon=True
+        ).start()
 
     def _write(self, tensors: Any, dedupe: Any, index: int, raft_meta: dict[str, Any]) -> None:
         name_this_thread()
@@ -72,8 +81,14 @@ class Snapshotter:
             self.last_snapshot_seconds = time.perf_counter() - started
             self.last_snapshot_bytes = size
             self.last_snapshot_index = index
-            log.info("shard %d: snapshot at index %d, %d bytes in %.2fs",
-                     self.shard, index, size, self.last_snapshot_seconds, extra=self._log_fields())
+            log.info(
+                "shard %d: snapshot at index %d, %d bytes in %.2fs",
+                self.shard,
+                index,
+                size,
+                self.last_snapshot_seconds,
+                extra=self._log_fields(),
+            )
             self._on_snapshot(index, size, self.last_snapshot_seconds)
         except Exception:
             log.exception("shard %d: snapshot at index %d failed", self.shard, index, extra=self._log_fields())
@@ -98,6 +113,5 @@ class Snapshotter:
             state, index, raft_meta = read_snapshot(path, self._applier.state.dedupe_window)
         self._applier.call(lambda: self._applier.install(state, index)).result()
         self.last_snapshot_index = index
-        log.info("shard %d: installed snapshot at index %d (%d tensors)",
-                 self.shard, index, len(state.tensors))
+        log.info("shard %d: installed snapshot at index %d (%d tensors)", self.shard, index, len(state.tensors))
         return dump_meta_from_json(raft_meta)

@@ -5,6 +5,7 @@ source of every loopback connection, so per-address network rules (and the
 peers' view of who is calling) would be wrong: connections bind to the node's
 address first (pysyncobj's through store/pysyncobj_adapter.py).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -40,5 +41,10 @@ def warn_if_ephemeral(ports: dict[str, int], log: logging.Logger) -> None:
     low, high = ephemeral_range()
     inside = [f"{what} {port}" for what, port in ports.items() if low <= port <= high]
     if inside:
-        log.warning("ports inside the kernel's ephemeral range %d-%d (%s): prefer ports below %d",
-                    low, high, ", ".join(inside), low)
+        log.warning(
+            "ports inside the kernel's ephemeral range %d-%d (%s): prefer ports below %d",
+            low,
+            high,
+            ", ".join(inside),
+            low,
+        )

@@ -4,6 +4,7 @@ Unset (the default) is pysyncobj's TCPTransport. The fault tests set it to a
 subclass that drops messages on links they cut, where network namespaces
 are not allowed (tests/faults/droptransport.py).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -8,6 +8,7 @@ an nftables drop rule would). Tests rewrite the file (atomically) to cut and
 heal; replicas look at it at most every 20 ms. Only Raft is cut, not HTTP or
 the payload data path.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """store/group_commit.py without Raft: what goes out when, in which entries,
 and how a group's outcomes reach each caller."""
+
 from __future__ import annotations
 
 from concurrent.futures import Future
@@ -17,8 +18,9 @@ class Harness:
         self.now = 100.0
         self.launched: list[tuple[object, Future]] = []
         self.wakes = 0
-        self.gc = GroupCommit(self.launch, lambda cmds: {"op": "group", "cmds": cmds}, self.wake,
-                              label="shard 0", clock=lambda: self.now)
+        self.gc = GroupCommit(
+            self.launch, lambda cmds: {"op": "group", "cmds": cmds}, self.wake, label="shard 0", clock=lambda: self.now
+        )
 
     def launch(self, cmd: object, outer: Future) -> None:
         if cmd == "explode":
@@ -118,9 +120,9 @@ def test_a_groups_outcomes_go_to_each_caller(h):
     h.launched[0][1].set_result(None)
     h.gc.flush()
     group = h.launched[1][1]
-    group.set_result({"outcomes": [{"ok": {"version": 3}},
-                                   Conflict("version moved", current=4).to_dict(),
-                                   {"ok": {"version": 5}}]})
+    group.set_result(
+        {"outcomes": [{"ok": {"version": 3}}, Conflict("version moved", current=4).to_dict(), {"ok": {"version": 5}}]}
+    )
     assert futs[0].result() == {"version": 3}
     with pytest.raises(Conflict, match="version moved") as e:
         futs[1].result()

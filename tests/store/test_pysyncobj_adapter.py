@@ -1,5 +1,6 @@
 """store/pysyncobj_adapter.py: the pinned pysyncobj has every internal we rely
 on, nothing else reaches into pysyncobj, and the adapter works on a real node."""
+
 from __future__ import annotations
 
 import re
@@ -22,7 +23,8 @@ def test_installed_pysyncobj_is_the_pinned_version():
     assert installed == adapter.PINNED_VERSION, (
         f"pysyncobj {installed} is installed but store/pysyncobj_adapter.py overrides and reads internals of "
         f"{adapter.PINNED_VERSION}: re-check every entry of RELIES_ON against the new source (and the "
-        f"measurements in docs/architecture.md) before moving the pin")
+        f"measurements in docs/architecture.md) before moving the pin"
+    )
 
 
 def test_every_internal_the_adapter_relies_on_exists():
@@ -30,13 +32,16 @@ def test_every_internal_the_adapter_relies_on_exists():
     assert missing == [], f"pysyncobj internals store/pysyncobj_adapter.py relies on are gone: {missing}"
 
 
-@pytest.mark.parametrize("entry", [
-    ("pysyncobj.syncobj:SyncObj", "_SyncObj__noSuchMethod", "attr"),
-    ("pysyncobj.syncobj:SyncObj", "_SyncObj__noSuchField", "field"),
-    ("pysyncobj.syncobj:SyncObj._SyncObj__onMessageReceived", "no_such_message_key", "const"),
-    ("pysyncobj.syncobj:NoSuchClass", "LEADER", "attr"),
-    ("pysyncobj.no_such_module", "socket", "attr"),
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ("pysyncobj.syncobj:SyncObj", "_SyncObj__noSuchMethod", "attr"),
+        ("pysyncobj.syncobj:SyncObj", "_SyncObj__noSuchField", "field"),
+        ("pysyncobj.syncobj:SyncObj._SyncObj__onMessageReceived", "no_such_message_key", "const"),
+        ("pysyncobj.syncobj:NoSuchClass", "LEADER", "attr"),
+        ("pysyncobj.no_such_module", "socket", "attr"),
+    ],
+)
 def test_the_check_reports_a_missing_name(monkeypatch, entry):
     monkeypatch.setattr(adapter, "RELIES_ON", [*adapter.RELIES_ON, entry])
     assert adapter.missing_names() == [f"{entry[0]} {entry[1]} ({entry[2]})"]
@@ -66,9 +71,17 @@ def test_nothing_else_reaches_into_pysyncobj():
         if rel.parts[0] not in SCANNED or path in (ADAPTER, Path(__file__)):
             continue
         text = path.read_text()
-        for pattern in (r"_SyncObj__", r"tcp_connection", r"pipe_notifier", r"\._onMessageReceived",
-                        r"\._selfNode", r"\._checkCommandsToApply", r"\._getLeader", r"\._getRaftLogSize",
-                        r"\._poller\b"):
+        for pattern in (
+            r"_SyncObj__",
+            r"tcp_connection",
+            r"pipe_notifier",
+            r"\._onMessageReceived",
+            r"\._selfNode",
+            r"\._checkCommandsToApply",
+            r"\._getLeader",
+            r"\._getRaftLogSize",
+            r"\._poller\b",
+        ):
             if re.search(pattern, text):
                 offenders.append(f"{rel}: {pattern}")
     assert offenders == [], f"pysyncobj internals outside store/pysyncobj_adapter.py: {offenders}"
@@ -89,8 +102,14 @@ class OneNode(adapter.TunedSyncObj):
     def __init__(self, journal: Path, held: bool) -> None:
         self.held = held
         self.before_append = 0
-        conf = adapter.SyncObjConf(journalFile=str(journal), appendEntriesPeriod=0.02, raftMinTimeout=0.1,
-                                   raftMaxTimeout=0.2, connectionTimeout=0.5, autoTickPeriod=0.005)
+        conf = adapter.SyncObjConf(
+            journalFile=str(journal),
+            appendEntriesPeriod=0.02,
+            raftMinTimeout=0.1,
+            raftMaxTimeout=0.2,
+            connectionTimeout=0.5,
+            autoTickPeriod=0.005,
+        )
         super().__init__(f"127.0.0.1:{free_range(1)}", [], conf, thread_name="raft-test")
 
     def _before_append(self) -> None:

@@ -1,5 +1,6 @@
 """store/snapshotter.py without Raft: pysyncobj's serializer hooks driven by
 hand, with a real Applier and state."""
+
 from __future__ import annotations
 
 from pathlib import Path
