@@ -185,7 +185,7 @@ async def delete_tensor(request: Request, name: str = TensorName) -> Response:
 
 @router.get("/v1/tensors", responses=oa.json_ok(oa.TENSOR_LIST, "Every tensor hosted here"))
 async def list_tensors(request: Request) -> list[dict]:
-    return _store(request).list()
+    return _store(request).list_tensors()
 
 
 _READ_ANSWERS = {**oa.tensor_value("The value, in the format Accept asks for"),
