@@ -7,23 +7,22 @@ from typing import AsyncIterator
 
 import anyio
 from fastapi import FastAPI
-from starlette.types import Receive, Scope, Send
 
 from store.config import Config
+from store.interface import StoreAPI
 from store.node import Store
 
-from . import batch, checkpoint, cluster, errors, metrics, openapi, tensors, ui
-from .auth import BearerAuth, TokenPolicy
-from .fastpath import GradFastPath, fast_path_for, grad_target
+from . import batch, checkpoint, cluster, errors, fastpath, metrics, openapi, tensors, ui
+from .auth import BearerAuth
 
 log = logging.getLogger(__name__)
 
 
-def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
+def create_app(cfg: Config, store: StoreAPI | None = None) -> FastAPI:
     """An app serving `store`; if none is given, one is built from `cfg` and
     started and stopped with the app's lifespan."""
     owned = store is None
-    the_store = store if store is not None else Store(cfg)
+    the_store: StoreAPI = store if store is not None else Store(cfg)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -35,7 +34,7 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
             if owned:
                 await anyio.to_thread.run_sync(the_store.close)
 
-    app = ParamstoreApp(title="paramstore", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="paramstore", version="0.1.0", lifespan=lifespan,
                   description="A Raft-replicated, versioned parameter store for distributed training.")
     app.state.store = the_store
     errors.install(app)
@@ -44,23 +43,9 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
     app.include_router(cluster.router)
     app.include_router(checkpoint.router)  # /v1/checkpoint (api/checkpoint.py)
     app.include_router(ui.router)          # /ui dashboard (api/ui.py)
+    fastpath.install(app, the_store)       # gradient pushes skip route matching, not the middleware
     metrics.install(app)                   # /metrics and the HTTP metrics middleware
-    app.state.token_policy = TokenPolicy(cfg) if cfg.auth.enabled else None
     if cfg.auth.enabled:
         app.add_middleware(BearerAuth, cfg=cfg)  # outermost: nothing runs for a bad token
     openapi.install(app)                   # /openapi.json: bodies, media types, every status
     return app
-
-
-class ParamstoreApp(FastAPI):
-    """FastAPI, except that gradient pushes go to api/fastpath.py first."""
-
-    _fast: GradFastPath | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name = grad_target(scope)
-        if name is None:
-            return await super().__call__(scope, receive, send)
-        if self._fast is None:
-            self._fast = fast_path_for(self)
-        await self._fast(scope, receive, send, name)

@@ -14,13 +14,14 @@ from starlette.responses import JSONResponse, Response
 
 from store.commands import Batch, Grad
 from store.errors import InvalidRequest, StoreError
+from store.interface import StoreAPI
 
 from . import headers as h
 from . import openapi as oa
 from . import wire
 from .bridge import wait
 from .tensors import wait_version
-from .errors import error_response
+from .errors import UnsupportedMediaType, error_response
 
 router = APIRouter()
 
@@ -37,7 +38,7 @@ async def pull_batch(
     """Several tensors as one safetensors file; versions in its metadata.
     `X-Min-Versions: {"name": v}` waits (bounded) until this replica has
     applied those versions: read-your-writes for a session."""
-    store = request.app.state.store
+    store: StoreAPI = request.app.state.store
     wanted = [h.tensor_name(n) for n in names.split(",") if n]
     if not wanted or len(wanted) > 10_000:
         raise InvalidRequest("names: give 1 to 10000 comma-separated tensor names")
@@ -68,10 +69,9 @@ async def pull_batch(
                         **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
 async def push_batch(request: Request) -> Response:
     """Push gradients for many tensors: {"versions": {name: new version}}."""
-    store = request.app.state.store
+    store: StoreAPI = request.app.state.store
     hd = request.headers
     if wire.media_type(hd.get("content-type")) != wire.SAFETENSORS:
-        from store.errors import UnsupportedMediaType
         raise UnsupportedMediaType(f"batch pushes take {wire.SAFETENSORS}")
     base_versions = _versions_header(hd.get("x-base-versions"), "X-Base-Versions")
     rid = h.request_id(hd.get("x-request-id"))

@@ -41,12 +41,13 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from store import dtypes, record
 from store.commands import Put
 from store.errors import InvalidRequest, StoreError, Unprocessable
+from store.interface import StoreAPI
 from store.record import Tensor
 
 from . import headers as h
 from . import openapi as oa
 from .bridge import wait, wait_within
-from .errors import error_response
+from .errors import UnsupportedMediaType, error_response
 
 router = APIRouter()
 
@@ -59,7 +60,7 @@ CHUNK = 1 << 20
 BIG_TENSOR_BYTES = 32 << 20
 
 
-def _tmp_dir(store: Any) -> Path:
+def _tmp_dir(store: StoreAPI) -> Path:
     """Checkpoint files are staged next to the data (not in a possibly small
     tmpfs); leftovers of interrupted requests older than an hour are removed."""
     d = Path(store.data_dir) / "checkpoint-tmp"
@@ -74,12 +75,6 @@ def _tmp_dir(store: Any) -> Path:
     return d
 
 
-def _capture(store: Any, shard: int):
-    """A Future of the shard's tensor map, taken on its applier thread."""
-    host = store.shards[shard]
-    return host.applier.call(host.state.capture)
-
-
 @router.get("/v1/checkpoint", response_class=Response,
             responses={**oa.safetensors_file("Every tensor hosted here"), **oa.answers(400, 408, 503)})
 async def save_checkpoint(
@@ -88,14 +83,14 @@ async def save_checkpoint(
     timeout: float | None = Query(None, ge=0, le=3600),
 ) -> Response:
     """Every tensor hosted here as one safetensors file (see the module doc)."""
-    store = request.app.state.store
+    store: StoreAPI = request.app.state.store
     limits = store.cfg.limits
     deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
     mine = timeout is not None and timeout < min(limits.request_timeout, limits.max_wait_seconds)
-    shards = sorted(store.shards)
+    shards = store.hosted_shards()
     await asyncio.gather(*(wait_within(store.barrier(s), deadline, mine, f"checkpoint barrier on shard {s}")
                            for s in shards))
-    captured = await asyncio.gather(*(wait_within(_capture(store, s), deadline, mine,
+    captured = await asyncio.gather(*(wait_within(store.capture(s), deadline, mine,
                                                   f"checkpoint capture of shard {s}") for s in shards))
     node = store.node.id
     tmp = await anyio.to_thread.run_sync(_tmp_dir, store)
@@ -182,7 +177,7 @@ async def load_checkpoint(
     `mode=create` (default) creates tensors that do
     not exist and skips the others; `mode=replace` also replaces existing ones,
     with `if_match=checkpoint` only those still at the checkpoint's version."""
-    store = request.app.state.store
+    store: StoreAPI = request.app.state.store
     if if_match is not None and mode != "replace":
         raise InvalidRequest("if_match=checkpoint only applies with mode=replace")
     path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store))
@@ -190,6 +185,7 @@ async def load_checkpoint(
         plan = await anyio.to_thread.run_sync(_read_plan, path)
         report: dict[str, Any] = {"created": [], "replaced": [], "skipped": [], "failed": [],
                                   "versions": {}, "state_restored": []}
+        hosted = set(store.hosted_shards())
         sem = asyncio.Semaphore(RESTORE_CONCURRENCY)
         big = asyncio.Semaphore(1)  # one large tensor in memory at a time
 
@@ -197,7 +193,7 @@ async def load_checkpoint(
             async with sem, (big if item["nbytes"] > BIG_TENSOR_BYTES else contextlib.nullcontext()):
                 name = item["name"]
                 shard = store.shard_of(name)
-                if shard not in store.shards:  # restore those from a replica of that shard
+                if shard not in hosted:  # restore those from a replica of that shard
                     report["skipped"].append({"name": name, "reason": "not_hosted", "shard": shard,
                                               "hosts": [n.url for n in store.hosts_of(shard)]})
                     return
@@ -242,7 +238,6 @@ async def _receive_file(request: Request, tmp: Path) -> str:
     request body the tensor routes accept)."""
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if ctype not in ("", "application/octet-stream", "application/x-safetensors"):
-        from store.errors import UnsupportedMediaType
         raise UnsupportedMediaType("a checkpoint body is a safetensors file (application/x-safetensors)")
     fd, path = tempfile.mkstemp(dir=tmp, prefix="load-", suffix=".safetensors")
     f = os.fdopen(fd, "wb")

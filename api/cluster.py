@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse
 
 from store import membership
 from store.errors import ConfigError, InvalidRequest
+from store.interface import StoreAPI
 
 from . import openapi as oa
 
@@ -28,7 +29,7 @@ async def healthz() -> dict:
 
 @router.get("/readyz", responses={**oa.json_ok(oa.OBJECT, "Ready"), **oa.answers(503)})
 async def readyz(request: Request) -> JSONResponse:
-    store = request.app.state.store
+    store: StoreAPI = request.app.state.store
     if store.is_ready():
         return JSONResponse({"ready": True})
     waiting = [f"shard {s['shard']}: " + ("no leader" if s.get("leader") is None else "catching up")
@@ -71,7 +72,7 @@ async def add_member(request: Request) -> dict:
     except ConfigError as e:
         raise InvalidRequest(e.detail) from None
     shards = _shards_param(body.get("shards"))
-    store = request.app.state.store
+    store: StoreAPI = request.app.state.store
     return await anyio.to_thread.run_sync(store.add_member, node, shards)
 
 
@@ -82,5 +83,5 @@ async def remove_member(node_id: str, request: Request,
                                                    description="comma-separated shard numbers")) -> dict:
     """Remove a replica from every shard hosted here (or `?shards=0,1`); works
     for a dead replica too, and moves leadership away from a live one first."""
-    store = request.app.state.store
+    store: StoreAPI = request.app.state.store
     return await anyio.to_thread.run_sync(store.remove_member, node_id, _shards_param(shards))

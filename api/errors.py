@@ -1,4 +1,6 @@
-"""The one place where store errors become HTTP statuses and JSON bodies."""
+"""The one place where errors become HTTP statuses and JSON bodies, and the
+errors only the HTTP layer raises (credentials, media types, body size, the
+caller's own waits)."""
 from __future__ import annotations
 
 import logging
@@ -16,24 +18,51 @@ from store import errors as e
 log = logging.getLogger(__name__)
 
 
-class WaitExpired(e.StoreError):
+class HttpError(e.StoreError):
+    """A refusal only the HTTP layer makes. Never replicated; answered with
+    the same JSON body as the store's errors."""
+
+
+class WaitExpired(HttpError):
     """A wait the request itself asked for (min_version, X-Min-Versions, a
     barrier within the caller's `timeout`) ran out. Not 503: the server is
     fine, the caller's condition did not hold in the caller's time."""
     code = "wait_timeout"
 
 
+class Unauthorized(HttpError):
+    """No valid credentials (HTTP 401 with WWW-Authenticate)."""
+    code = "unauthorized"
+
+
+class Forbidden(HttpError):
+    """Valid credentials without the needed scope (a read token writing)."""
+    code = "forbidden"
+
+
+class UnsupportedMediaType(HttpError):
+    code = "unsupported_media_type"
+
+
+class NotAcceptable(HttpError):
+    code = "not_acceptable"
+
+
+class PayloadTooLarge(HttpError):
+    code = "payload_too_large"
+
+
 STATUS: dict[type[e.StoreError], int] = {
     e.InvalidRequest: 400,
-    e.Unauthorized: 401,
-    e.Forbidden: 403,
+    Unauthorized: 401,
+    Forbidden: 403,
     e.NotFound: 404,
-    e.NotAcceptable: 406,
+    NotAcceptable: 406,
     e.AlreadyExists: 409,
     e.Conflict: 409,
     e.PreconditionFailed: 412,
-    e.PayloadTooLarge: 413,
-    e.UnsupportedMediaType: 415,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
     e.Unprocessable: 422,
     WaitExpired: 408,
     e.Unavailable: 503,
@@ -67,7 +96,7 @@ def error_response(err: e.StoreError, request: Request | None = None,
     elif status == 503:
         log.warning("unavailable: %s", err.detail, extra=fields)
     headers = {}
-    if isinstance(err, e.Unauthorized):
+    if isinstance(err, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="paramstore"'
     if isinstance(err, e.Unavailable):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
@@ -133,16 +162,6 @@ def disconnect_response(request: Request) -> Response:
     reads this answer, and it is not a server error."""
     log.info("client disconnected during %s %s", request.method, request.url.path)
     return JSONResponse({"error": e.InvalidRequest.code, "detail": "client disconnected"}, status_code=400)
-
-
-def response_for(exc: Exception, request: Request) -> Response:
-    """The answer the handlers installed above give for `exc` (for code that
-    runs outside FastAPI: api/fastpath.py)."""
-    if isinstance(exc, e.StoreError):
-        return error_response(exc, request)
-    if isinstance(exc, ClientDisconnect):
-        return disconnect_response(request)
-    return unexpected_error_response(request, exc)
 
 
 def unexpected_error_response(request: Request, exc: Exception) -> Response:

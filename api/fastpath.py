@@ -1,32 +1,32 @@
-"""The hottest request, `POST /v1/tensors/{name}/grad`, without the ASGI stack.
+"""The hottest request, `POST /v1/tensors/{name}/grad`, without FastAPI's
+routing and dependency solving.
 
-Every trainer sends it every step. Served through FastAPI, a 1 KB push spent
-more of a replica's CPU in the layers around the handler (Starlette's error
-and telemetry middleware, the metrics and auth middleware with their wrapped
-`send`/`receive`, a `Request`, a `JSONResponse`, label lookups) than in the
-handler itself (bench.profile). `ParamstoreApp` (api/app.py) hands exactly
-this path to `GradFastPath` before FastAPI sees the request. The push itself
-is `tensors.apply_grad`, the code the documented route runs too; errors are
-answered by `errors.response_for`; the token check and the HTTP metrics are
-those of the auth and metrics middleware.
+Every trainer sends it every step. Served as a FastAPI route, a 1 KB push
+spent more of a replica's CPU in route matching, dependency solving, a
+`Request` and a `JSONResponse` than in the handler (bench.profile). So
+`GradFastPath` sits between the router and its routes: it serves this one
+path itself and hands everything else to the routes. It is still inside the
+app's whole middleware stack (auth, metrics, error handlers, and any
+middleware added later run for it as for every route), it sets the scope's
+`route` and `path_params` as the router would, and its errors propagate to
+the same exception handlers (api/errors.py). The push itself is
+`tensors.apply_grad`, the code the documented route runs too.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
-from starlette.requests import ClientDisconnect, Request
-from starlette.types import Receive, Scope, Send
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from store.node import Store
+from store.interface import StoreAPI
 
 from . import tensors, wire
-from .auth import TokenPolicy
-from .errors import response_for
-from .metrics import HttpMetrics
 
 PREFIX, SUFFIX = "/v1/tensors/", "/grad"
-TEMPLATE = PREFIX + "{name}" + SUFFIX  # the route's template: metrics label both alike
+TEMPLATE = PREFIX + "{name}" + SUFFIX  # the documented route's path
 
 
 def grad_target(scope: Scope) -> str | None:
@@ -41,56 +41,47 @@ def grad_target(scope: Scope) -> str | None:
 
 
 class GradFastPath:
-    def __init__(self, store: Store, metrics: HttpMetrics, policy: TokenPolicy | None) -> None:
+    def __init__(self, app: ASGIApp, store: StoreAPI, route: APIRoute) -> None:
+        self.app = app  # the router's own dispatch
         self.store = store
-        self.metrics = metrics
-        self.policy = policy
+        self.route = route
+        self.limit = store.cfg.limits.max_body_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
-        started = time.perf_counter()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = grad_target(scope)
+        if name is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.route  # what the router sets on a match (metrics label by it)
+        scope["endpoint"] = self.route.endpoint
+        scope["path_params"] = {"name": name}
         headers: dict[str, str] = {}
         for key, value in reversed(scope["headers"]):  # the first of repeated headers wins, like Starlette
             headers[key.decode("latin-1")] = value.decode("latin-1")
-        received = 0
 
         async def chunks() -> AsyncIterator[bytes]:
-            nonlocal received
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     raise ClientDisconnect()
-                chunk = message.get("body", b"")
-                received += len(chunk)
-                yield chunk
+                yield message.get("body", b"")
                 if not message.get("more_body", False):
                     return
 
-        store = self.store
-        limit = store.cfg.limits.max_body_bytes
-        try:
-            if self.policy is not None:
-                refusal = self.policy.refusal(headers.get("authorization"), "POST")
-                if refusal is not None:
-                    raise refusal
-            result = await tensors.apply_grad(
-                store, name, headers,
-                lambda forward: wire.read_stream(headers.get("content-length"), chunks(), limit, forward))
-        except Exception as exc:
-            response = response_for(exc, Request(scope, receive))
-            await response(scope, receive, send)
-            self._record(response.status_code, started, received, len(response.body))
-            return
+        result = await tensors.apply_grad(
+            self.store, name, headers,
+            lambda forward: wire.read_stream(headers.get("content-length"), chunks(), self.limit, forward))
         body = tensors.written_body(result)
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
             *((k.lower().encode(), v.encode()) for k, v in tensors.written_headers(result).items())]})
         await send({"type": "http.response.body", "body": body})
-        self._record(200, started, received, len(body))
-
-    def _record(self, status: int, started: float, received: int, sent: int) -> None:
-        self.metrics.record("POST", TEMPLATE, status, time.perf_counter() - started, received, sent)
 
 
-def fast_path_for(app: Any) -> GradFastPath:
-    """Built once per app from what create_app put in its state."""
-    return GradFastPath(app.state.store, app.state.http_metrics, app.state.token_policy)
+def install(app: FastAPI, store: StoreAPI) -> None:
+    """Put the fast path in front of the routes of `app` (which includes
+    `tensors.router`): inside the router, so inside every middleware."""
+    route = next(r for r in tensors.router.routes if isinstance(r, APIRoute) and r.endpoint is tensors.push_grad)
+    if route.path != TEMPLATE or route.methods != {"POST"}:
+        raise RuntimeError(f"api/fastpath.py serves POST {TEMPLATE}, but the route is {route.methods} {route.path}")
+    app.router.middleware_stack = GradFastPath(app.router.middleware_stack, store, route)

@@ -6,22 +6,25 @@ Two sources, both scraped without any background thread:
   latency histograms by method, route *template* (``/v1/tensors/{name}``, never
   the concrete path, so tensor names do not explode the label space) and
   status, plus request and response body bytes.
-* Raft and state-machine figures per hosted shard, read from the live
-  `Store` by a custom collector at scrape time (`Store.status()` plus the
-  counters `ShardReplica` and `Applier` keep).
+* Raft and state-machine figures per hosted shard, read from the store by
+  a custom collector at scrape time (`status()` and `shard_stats()` of
+  store/interface.py).
 
 Every app gets its own registry (several apps can live in one test process).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from store.interface import StoreAPI
 
 ROLES = ("leader", "follower", "candidate")
 UNMATCHED = "<unmatched>"
@@ -63,30 +66,34 @@ class HttpMetrics:
 
 
 class MetricsMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware): streaming bodies pass through untouched."""
+    """Pure ASGI (no BaseHTTPMiddleware): streaming bodies pass through untouched.
+    The route label is the template the router (or api/fastpath.py) matched."""
 
-    def __init__(self, app, metrics: HttpMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        counts = {"in": 0, "out": 0, "status": 500}
+        received = sent = 0
+        status = 500
 
-        async def counting_receive():
+        async def counting_receive() -> Message:
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                counts["in"] += len(message.get("body", b""))
+                received += len(message.get("body", b""))
             return message
 
-        async def counting_send(message) -> None:
+        async def counting_send(message: Message) -> None:
+            nonlocal status, sent
             if message["type"] == "http.response.start":
-                counts["status"] = message["status"]
+                status = message["status"]
             elif message["type"] == "http.response.body":
-                counts["out"] += len(message.get("body", b""))
+                sent += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -94,13 +101,13 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             self.metrics.record(scope.get("method", ""), getattr(route, "path", None) or UNMATCHED,
-                                counts["status"], time.perf_counter() - started, counts["in"], counts["out"])
+                                status, time.perf_counter() - started, received, sent)
 
 
 class StoreCollector(Collector):
     """Reads the store at scrape time. Only shards hosted here are reported."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: StoreAPI) -> None:
         self.store = store
 
     def collect(self) -> Iterable:
@@ -149,32 +156,25 @@ class StoreCollector(Collector):
                                               "Time the applier spent applying commands "
                                               "(divide by applied_commands for the mean)", labels=lbl),
         }
-        for entry in status.get("shards", []):
-            shard = entry["shard"]
-            host = store.shards.get(shard)
-            if host is None or "term" not in entry:
-                continue  # not hosted here, or its replica is still starting
-            key = [node, str(shard)]
-            role = entry.get("role", "unknown")
+        for s in store.shard_stats():
+            key = [node, str(s.shard)]
             for r in ROLES:
-                g["role"].add_metric(key + [r], 1.0 if role == r else 0.0)
-            g["has_leader"].add_metric(key, 0.0 if entry.get("leader") is None else 1.0)
-            g["ready"].add_metric(key, 1.0 if entry.get("ready") else 0.0)
-            g["term"].add_metric(key, float(entry["term"]))
-            g["commit"].add_metric(key, float(entry["commit_index"]))
-            g["applied"].add_metric(key, float(entry["applied_index"]))
-            g["lag"].add_metric(key, float(max(0, entry["commit_index"] - entry["applied_index"])))
-            g["log"].add_metric(key, float(entry.get("log_entries", 0)))
-            g["tensors"].add_metric(key, float(entry.get("tensors", 0)))
-            g["bytes"].add_metric(key, float(entry.get("bytes", 0)))
-            replica = host.replica
-            g["snap_secs"].add_metric(key, float(getattr(replica, "last_snapshot_seconds", 0.0)))
-            g["snap_bytes"].add_metric(key, float(getattr(replica, "last_snapshot_bytes", 0)))
-            c["leader_changes"].add_metric(key, float(entry.get("leader_changes", 0)))
-            c["snapshots"].add_metric(key, float(entry.get("snapshots", 0)))
-            applier = host.applier
-            c["applied"].add_metric(key, float(getattr(applier, "applied_count", 0)))
-            c["apply_secs"].add_metric(key, float(getattr(applier, "apply_seconds", 0.0)))
+                g["role"].add_metric(key + [r], 1.0 if s.role == r else 0.0)
+            g["has_leader"].add_metric(key, 0.0 if s.leader is None else 1.0)
+            g["ready"].add_metric(key, 1.0 if s.ready else 0.0)
+            g["term"].add_metric(key, float(s.term))
+            g["commit"].add_metric(key, float(s.commit_index))
+            g["applied"].add_metric(key, float(s.applied_index))
+            g["lag"].add_metric(key, float(max(0, s.commit_index - s.applied_index)))
+            g["log"].add_metric(key, float(s.log_entries))
+            g["tensors"].add_metric(key, float(s.tensors))
+            g["bytes"].add_metric(key, float(s.bytes))
+            g["snap_secs"].add_metric(key, s.last_snapshot_seconds)
+            g["snap_bytes"].add_metric(key, float(s.last_snapshot_bytes))
+            c["leader_changes"].add_metric(key, float(s.leader_changes))
+            c["snapshots"].add_metric(key, float(s.snapshots))
+            c["applied"].add_metric(key, float(s.applied_commands))
+            c["apply_secs"].add_metric(key, s.apply_seconds)
         yield from g.values()
         yield from c.values()
 

@@ -11,14 +11,14 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
 from store.commands import Delete, Grad, GradRows, Put
-from store.errors import InvalidRequest, NotFound, Unavailable, UnsupportedMediaType, Unprocessable
-from store.node import Store
+from store.errors import InvalidRequest, NotFound, Unavailable, Unprocessable
+from store.interface import StoreAPI
 
 from . import headers as h
 from . import openapi as oa
 from . import wire
 from .bridge import wait, wait_optional
-from .errors import WaitExpired
+from .errors import UnsupportedMediaType, WaitExpired
 
 router = APIRouter()
 
@@ -26,16 +26,16 @@ DECODE_IN_THREAD_BYTES = 1 << 20
 WRITTEN_FIELDS = ("name", "version", "shard", "deleted", "duplicate")
 
 
-def _store(request: Request) -> Store:
+def _store(request: Request) -> StoreAPI:
     return request.app.state.store
 
 
-async def _decode(request: Request, store: Store, default=None) -> wire.WireTensor:
+async def _decode(request: Request, store: StoreAPI, default=None) -> wire.WireTensor:
     body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
     return await decode_tensor(store, request.headers, body, default)
 
 
-async def decode_tensor(store: Store, headers: Mapping[str, str], body: bytearray,
+async def decode_tensor(store: StoreAPI, headers: Mapping[str, str], body: bytearray,
                         default=None) -> wire.WireTensor:
     args = (headers.get("content-type"), headers, body, store.cfg.limits.json_max_elements, default)
     if len(body) > DECODE_IN_THREAD_BYTES and wire.media_type(args[0]) != wire.OCTET:
@@ -100,7 +100,7 @@ async def push_grad(request: Request, name: str = TensorName) -> Response:
     return _written(result)
 
 
-async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
+async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str],
                      read_body: Callable[[Callable | None], Awaitable[bytearray]]) -> dict:
     """The whole of a gradient push but HTTP framing: shared by the route above
     and api/fastpath.py. Headers are checked before the body is read.
@@ -136,7 +136,7 @@ async def apply_grad(store: Store, name: str, hd: Mapping[str, str],
     return await wait(written, store.cfg.limits.request_timeout, "push")
 
 
-def _stream_for(store: Store, name: str, hd: Mapping[str, str]):
+def _stream_for(store: StoreAPI, name: str, hd: Mapping[str, str]):
     length = hd.get("content-length")
     if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and length is not None and length.isdigit() \
             and wire.HASH_WHILE_READING <= int(length) <= store.cfg.limits.max_body_bytes:
@@ -243,7 +243,7 @@ async def get_tensor(
                        head_only=request.method == "HEAD")
 
 
-async def _get_rows(store: Store, name: str, rows_text: str, kind: str, head_only: bool) -> Response:
+async def _get_rows(store: StoreAPI, name: str, rows_text: str, kind: str, head_only: bool) -> Response:
     try:
         rows = np.array([int(r) for r in rows_text.split(",") if r.strip()], dtype=np.int64)
     except ValueError:
@@ -253,7 +253,7 @@ async def _get_rows(store: Store, name: str, rows_text: str, kind: str, head_onl
     return wire.encode(kind, name, arr, hdrs, store.cfg.limits.json_max_elements, head_only=head_only)
 
 
-async def wait_version(store: Store, name: str, version: int, deadline: float, must: bool = True) -> bool:
+async def wait_version(store: StoreAPI, name: str, version: int, deadline: float, must: bool = True) -> bool:
     fut = store.watch(name, version)
     if await wait_optional(fut, deadline):
         return True

@@ -20,8 +20,9 @@ from starlette.responses import Response, StreamingResponse
 
 from store import dtypes
 from store.buffers import LARGE, receive_buffer
-from store.errors import (InvalidRequest, NotAcceptable, PayloadTooLarge, Unprocessable,
-                          UnsupportedMediaType)
+from store.errors import InvalidRequest, Unprocessable
+
+from .errors import NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 OCTET = "application/octet-stream"
 NPY = "application/x-npy"

@@ -1,6 +1,7 @@
 """Every failure the store reports is one of these types.
 
-`api/errors.py` maps each type to an HTTP status in one place; `code` is the
+`api/errors.py` maps each type (and the few the HTTP layer adds) to an HTTP
+status in one place; `code` is the
 stable machine-readable name that goes into error bodies.
 """
 from __future__ import annotations
@@ -30,16 +31,6 @@ class InvalidRequest(StoreError):
     code = "invalid_request"
 
 
-class Unauthorized(StoreError):
-    """No valid credentials (HTTP 401 with WWW-Authenticate)."""
-    code = "unauthorized"
-
-
-class Forbidden(StoreError):
-    """Valid credentials without the needed scope (a read token writing)."""
-    code = "forbidden"
-
-
 class NotFound(StoreError):
     code = "not_found"
 
@@ -61,18 +52,6 @@ class Conflict(StoreError):
 class Unprocessable(StoreError):
     """Well-formed but wrong: dtype, shape, size mismatch, non-finite values."""
     code = "unprocessable"
-
-
-class UnsupportedMediaType(StoreError):
-    code = "unsupported_media_type"
-
-
-class NotAcceptable(StoreError):
-    code = "not_acceptable"
-
-
-class PayloadTooLarge(StoreError):
-    code = "payload_too_large"
 
 
 class Unavailable(StoreError):
@@ -105,8 +84,7 @@ class CorruptData(StoreError):
 _BY_CODE = {
     cls.code: cls
     for cls in [
-        StoreError, InvalidRequest, Unauthorized, Forbidden, NotFound, AlreadyExists, PreconditionFailed,
-        Conflict, Unprocessable, UnsupportedMediaType, NotAcceptable, PayloadTooLarge,
+        StoreError, InvalidRequest, NotFound, AlreadyExists, PreconditionFailed, Conflict, Unprocessable,
         Unavailable, Timeout, NotHosted, ConfigError, CorruptData,
     ]
 }

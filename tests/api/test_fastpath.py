@@ -1,11 +1,14 @@
-"""api/fastpath.py serves gradient pushes outside FastAPI: it must answer
-exactly like the documented route does, errors, auth and metrics included."""
+"""api/fastpath.py serves gradient pushes without FastAPI's routing, inside
+the app's middleware stack: it must answer exactly like the documented route
+does, errors, auth and metrics included, and middleware added to the app must
+run for it."""
 import numpy as np
 import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from api.app import create_app
+from api.fastpath import GradFastPath
 from store.config import config_from_mapping
 from tests.helpers.apps import raw_config, single_node_app
 from tests.waiting import wait_until
@@ -13,14 +16,15 @@ from tests.waiting import wait_until
 RAW = {"Content-Type": "application/octet-stream"}
 
 
-class ThroughFastAPI:
-    """The same app, with the fast path skipped: FastAPI's own __call__."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        await FastAPI.__call__(self.app, scope, receive, send)
+def without_fast_path(app: FastAPI) -> FastAPI:
+    """A second app on the same store whose gradient pushes take the
+    documented route (the router's own dispatch, unwrapped)."""
+    store = app.state.store
+    plain = create_app(store.cfg, store)
+    fast = plain.router.middleware_stack
+    assert isinstance(fast, GradFastPath)
+    plain.router.middleware_stack = fast.app
+    return plain
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def both(tmp_path_factory):
         r = fast.put("/v1/tensors/w", content=w, headers={**RAW, "X-Dtype": "float32", "X-Shape": "4",
                                                           "X-Optimizer": '{"type": "sgd", "lr": 1.0}'})
         assert r.status_code == 201, r.text
-        yield fast, TestClient(ThroughFastAPI(app))
+        yield fast, TestClient(without_fast_path(app))
 
 
 def _grad(values=(1, 2, 3, 4), dtype=np.float32):
@@ -101,3 +105,60 @@ def test_fast_path_enforces_tokens(tmp_path):
         assert r.status_code == 403
         assert c.get("/v1/tensors/w", headers=auth).headers["x-version"] == "1"  # nothing applied
         assert c.post("/v1/tensors/w/grad", content=_grad(), headers={**RAW, **auth}).status_code == 200
+
+
+def test_gradient_pushes_skip_the_routes(both):
+    fast, _ = both
+    stack = fast.app.router.middleware_stack
+    assert isinstance(stack, GradFastPath)
+    routed = []
+    dispatch = stack.app
+
+    async def spy(scope, receive, send) -> None:
+        routed.append((scope["method"], scope["path"]))
+        await dispatch(scope, receive, send)
+
+    stack.app = spy
+    try:
+        assert fast.post("/v1/tensors/w/grad", content=_grad((0, 0, 0, 0)), headers=RAW).status_code == 200
+        assert fast.post("/v1/tensors/w/grad", content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415
+        assert fast.get("/v1/tensors/w").status_code == 200
+    finally:
+        stack.app = dispatch
+    assert routed == [("GET", "/v1/tensors/w")]
+
+
+class Tagging:
+    """A pure ASGI middleware as an operator might add (tracing, rate limits):
+    notes each request and tags each response."""
+
+    def __init__(self, app, seen: list) -> None:
+        self.app = app
+        self.seen = seen
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def tagged(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-tagged", b"1")]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+        if scope["type"] == "http":
+            self.seen.append((scope["method"], getattr(scope.get("route"), "path", None)))
+
+
+def test_middleware_added_to_the_app_runs_on_gradient_pushes(tmp_path):
+    app = single_node_app(tmp_path)
+    seen: list = []
+    app.add_middleware(Tagging, seen=seen)
+    with TestClient(app) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 15, "single replica ready")
+        assert c.put("/v1/tensors/m", content=_grad(), headers={**RAW, "X-Dtype": "float32",
+                                                                 "X-Shape": "4"}).status_code == 201
+        seen.clear()
+        ok = c.post("/v1/tensors/m/grad", content=_grad(), headers=RAW)
+        refused = c.post("/v1/tensors/m/grad", content=b"{}", headers={"Content-Type": "text/plain"})
+    assert ok.status_code == 200 and ok.headers["x-tagged"] == "1"
+    assert refused.status_code == 415 and refused.headers["x-tagged"] == "1"
+    assert refused.json()["error"] == "unsupported_media_type"
+    assert seen == [("POST", "/v1/tensors/{name}/grad")] * 2
