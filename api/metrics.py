@@ -15,16 +15,16 @@ Every app gets its own registry (several apps can live in one test process).
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from store.interface import StoreAPI
+from store.interface import ShardStats, StoreAPI
 
 ROLES = ("leader", "follower", "candidate")
 UNMATCHED = "<unmatched>"
@@ -104,17 +104,45 @@ class MetricsMiddleware:
                                 status, time.perf_counter() - started, received, sent)
 
 
+Family = Callable[..., Metric]
+SHARD_FIGURES: tuple[tuple[Family, str, str, Callable[[ShardStats], float]], ...] = (
+    (GaugeMetricFamily, "paramstore_shard_has_leader", "1 when this replica knows a leader for the shard",
+     lambda s: 0.0 if s.leader is None else 1.0),
+    (GaugeMetricFamily, "paramstore_shard_ready", "1 when the shard is ready here", lambda s: float(s.ready)),
+    (GaugeMetricFamily, "paramstore_shard_term", "Current Raft term", lambda s: float(s.term)),
+    (GaugeMetricFamily, "paramstore_shard_commit_index", "Raft commit index", lambda s: float(s.commit_index)),
+    (GaugeMetricFamily, "paramstore_shard_applied_index", "Raft index applied by this replica",
+     lambda s: float(s.applied_index)),
+    (GaugeMetricFamily, "paramstore_shard_apply_lag_entries", "commit index minus applied index",
+     lambda s: float(max(0, s.commit_index - s.applied_index))),
+    (GaugeMetricFamily, "paramstore_shard_log_entries", "Entries in the Raft log", lambda s: float(s.log_entries)),
+    (GaugeMetricFamily, "paramstore_shard_last_snapshot_duration_seconds", "Duration of the last snapshot write",
+     lambda s: s.last_snapshot_seconds),
+    (GaugeMetricFamily, "paramstore_shard_last_snapshot_bytes", "Size of the last snapshot file",
+     lambda s: float(s.last_snapshot_bytes)),
+    (GaugeMetricFamily, "paramstore_shard_tensors", "Tensors held", lambda s: float(s.tensors)),
+    (GaugeMetricFamily, "paramstore_shard_bytes", "Bytes held (values and optimizer state)",
+     lambda s: float(s.bytes)),
+    (CounterMetricFamily, "paramstore_shard_leader_changes", "Leader changes seen by this replica",
+     lambda s: float(s.leader_changes)),
+    (CounterMetricFamily, "paramstore_shard_snapshots", "Snapshots written", lambda s: float(s.snapshots)),
+    (CounterMetricFamily, "paramstore_shard_applied_commands", "Commands applied by the shard's applier",
+     lambda s: float(s.applied_commands)),
+    (CounterMetricFamily, "paramstore_shard_apply_seconds",
+     "Time the applier spent applying commands (divide by applied_commands for the mean)",
+     lambda s: s.apply_seconds),
+)
+
+
 class StoreCollector(Collector):
     """Reads the store at scrape time. Only shards hosted here are reported."""
 
     def __init__(self, store: StoreAPI) -> None:
         self.store = store
 
-    def collect(self) -> Iterable:
-        store = self.store
-        node = store.node.id
-        status = store.status()
-
+    def collect(self) -> Iterable[Metric]:
+        node = self.store.node.id
+        status = self.store.status()
         ready = GaugeMetricFamily("paramstore_ready", "1 when every hosted shard has a leader and "
                                   "this replica caught up", labels=["node"])
         ready.add_metric([node], 1.0 if status.get("ready") else 0.0)
@@ -123,60 +151,22 @@ class StoreCollector(Collector):
                                    labels=["node"])
         uptime.add_metric([node], float(status.get("uptime_seconds", 0.0)))
         yield uptime
+        yield from shard_metrics(node, self.store.shard_stats())
 
-        lbl = ["node", "shard"]
-        g = {
-            "role": GaugeMetricFamily("paramstore_shard_role", "1 for this replica's current Raft "
-                                      "role in the shard, 0 for the others", labels=lbl + ["role"]),
-            "has_leader": GaugeMetricFamily("paramstore_shard_has_leader",
-                                            "1 when this replica knows a leader for the shard", labels=lbl),
-            "ready": GaugeMetricFamily("paramstore_shard_ready", "1 when the shard is ready here", labels=lbl),
-            "term": GaugeMetricFamily("paramstore_shard_term", "Current Raft term", labels=lbl),
-            "commit": GaugeMetricFamily("paramstore_shard_commit_index", "Raft commit index", labels=lbl),
-            "applied": GaugeMetricFamily("paramstore_shard_applied_index",
-                                         "Raft index applied by this replica", labels=lbl),
-            "lag": GaugeMetricFamily("paramstore_shard_apply_lag_entries",
-                                     "commit index minus applied index", labels=lbl),
-            "log": GaugeMetricFamily("paramstore_shard_log_entries", "Entries in the Raft log", labels=lbl),
-            "snap_secs": GaugeMetricFamily("paramstore_shard_last_snapshot_duration_seconds",
-                                           "Duration of the last snapshot write", labels=lbl),
-            "snap_bytes": GaugeMetricFamily("paramstore_shard_last_snapshot_bytes",
-                                            "Size of the last snapshot file", labels=lbl),
-            "tensors": GaugeMetricFamily("paramstore_shard_tensors", "Tensors held", labels=lbl),
-            "bytes": GaugeMetricFamily("paramstore_shard_bytes",
-                                       "Bytes held (values and optimizer state)", labels=lbl),
-        }
-        c = {
-            "leader_changes": CounterMetricFamily("paramstore_shard_leader_changes",
-                                                  "Leader changes seen by this replica", labels=lbl),
-            "snapshots": CounterMetricFamily("paramstore_shard_snapshots", "Snapshots written", labels=lbl),
-            "applied": CounterMetricFamily("paramstore_shard_applied_commands",
-                                           "Commands applied by the shard's applier", labels=lbl),
-            "apply_secs": CounterMetricFamily("paramstore_shard_apply_seconds",
-                                              "Time the applier spent applying commands "
-                                              "(divide by applied_commands for the mean)", labels=lbl),
-        }
-        for s in store.shard_stats():
-            key = [node, str(s.shard)]
-            for r in ROLES:
-                g["role"].add_metric(key + [r], 1.0 if s.role == r else 0.0)
-            g["has_leader"].add_metric(key, 0.0 if s.leader is None else 1.0)
-            g["ready"].add_metric(key, 1.0 if s.ready else 0.0)
-            g["term"].add_metric(key, float(s.term))
-            g["commit"].add_metric(key, float(s.commit_index))
-            g["applied"].add_metric(key, float(s.applied_index))
-            g["lag"].add_metric(key, float(max(0, s.commit_index - s.applied_index)))
-            g["log"].add_metric(key, float(s.log_entries))
-            g["tensors"].add_metric(key, float(s.tensors))
-            g["bytes"].add_metric(key, float(s.bytes))
-            g["snap_secs"].add_metric(key, s.last_snapshot_seconds)
-            g["snap_bytes"].add_metric(key, float(s.last_snapshot_bytes))
-            c["leader_changes"].add_metric(key, float(s.leader_changes))
-            c["snapshots"].add_metric(key, float(s.snapshots))
-            c["applied"].add_metric(key, float(s.applied_commands))
-            c["apply_secs"].add_metric(key, s.apply_seconds)
-        yield from g.values()
-        yield from c.values()
+
+def shard_metrics(node: str, stats: list[ShardStats]) -> Iterator[Metric]:
+    labels = ["node", "shard"]
+    role = GaugeMetricFamily("paramstore_shard_role", "1 for this replica's current Raft "
+                             "role in the shard, 0 for the others", labels=labels + ["role"])
+    for s in stats:
+        for r in ROLES:
+            role.add_metric([node, str(s.shard), r], 1.0 if s.role == r else 0.0)
+    yield role
+    for family, name, doc, value in SHARD_FIGURES:
+        metric = family(name, doc, labels=labels)
+        for s in stats:
+            metric.add_metric([node, str(s.shard)], value(s))
+        yield metric
 
 
 def install(app: FastAPI) -> None:
