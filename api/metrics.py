@@ -104,7 +104,7 @@ class MetricsMiddleware:
                                 status, time.perf_counter() - started, received, sent)
 
 
-Family = Callable[..., Metric]
+Family = type[GaugeMetricFamily] | type[CounterMetricFamily]
 SHARD_FIGURES: tuple[tuple[Family, str, str, Callable[[ShardStats], float]], ...] = (
     (GaugeMetricFamily, "paramstore_shard_has_leader", "1 when this replica knows a leader for the shard",
      lambda s: 0.0 if s.leader is None else 1.0),
