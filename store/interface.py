@@ -17,7 +17,7 @@ import numpy as np
 from .commands import Batch, TensorCommand
 from .config import Config, NodeConfig
 from .datapath import PayloadStream
-from .state import Tensor
+from .record import Tensor
 
 
 @dataclass(frozen=True)

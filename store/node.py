@@ -33,12 +33,13 @@ from .member_admin import MemberAdmin
 from .payloads import PayloadStore
 from .pysyncobj_adapter import bind_outgoing_raft
 from .raft import ShardReplica
+from .record import Tensor
 from .routing import Routing, placed_shards
 from .shardhost import ShardHost
 from .snapshot import read_snapshot
 from .sockets import source_address, warn_if_ephemeral
 from .staging import PayloadStaging
-from .state import ShardState, Tensor
+from .state import ShardState
 
 if TYPE_CHECKING:
     from .interface import StoreAPI
