@@ -1,10 +1,13 @@
 """Every failure the store reports is one of these types.
 
 `api/errors.py` maps each type (and the few the HTTP layer adds) to an HTTP
-status in one place; `code` is the
-stable machine-readable name that goes into error bodies.
+status in one place; `code` is the stable machine-readable name that goes
+into error bodies.
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 
 class StoreError(Exception):
@@ -15,19 +18,20 @@ class StoreError(Exception):
         self.detail = detail
         self.extra = extra
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"error": self.code, "detail": self.detail, **self.extra}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StoreError":
+    def from_dict(cls, d: dict[str, Any]) -> StoreError:
         """Rebuild an error recorded in replicated state (idempotent retries)."""
         kind = _BY_CODE.get(d.get("error", ""), StoreError)
         extra = {k: v for k, v in d.items() if k not in ("error", "detail")}
-        return kind(d.get("detail", ""), **extra)
+        return kind(str(d.get("detail", "")), **extra)
 
 
 class InvalidRequest(StoreError):
     """Malformed input: a header or parameter that cannot be parsed."""
+
     code = "invalid_request"
 
 
@@ -41,21 +45,25 @@ class AlreadyExists(StoreError):
 
 class PreconditionFailed(StoreError):
     """If-Match / If-None-Match did not hold; carries `current_version`."""
+
     code = "precondition_failed"
 
 
 class Conflict(StoreError):
     """A version conflict that is not a precondition, e.g. a too-stale push."""
+
     code = "conflict"
 
 
 class Unprocessable(StoreError):
     """Well-formed but wrong: dtype, shape, size mismatch, non-finite values."""
+
     code = "unprocessable"
 
 
 class Unavailable(StoreError):
     """No leader reachable, or the replica is not ready, within the deadline."""
+
     code = "unavailable"
 
     def __init__(self, detail: str, retry_after: float = 1.0, **extra: object) -> None:
@@ -65,11 +73,13 @@ class Unavailable(StoreError):
 
 class Timeout(Unavailable):
     """The operation's outcome is unknown: it may still be applied later."""
+
     code = "timeout"
 
 
 class NotHosted(StoreError):
     """The tensor's shard is not hosted on this replica; carries `hosts`."""
+
     code = "not_hosted"
 
 
@@ -81,10 +91,18 @@ class CorruptData(StoreError):
     code = "corrupt_data"
 
 
-_BY_CODE = {
-    cls.code: cls
-    for cls in [
-        StoreError, InvalidRequest, NotFound, AlreadyExists, PreconditionFailed, Conflict, Unprocessable,
-        Unavailable, Timeout, NotHosted, ConfigError, CorruptData,
-    ]
-}
+_RECORDED: tuple[type[StoreError], ...] = (  # every type the store raises; recorded outcomes are rebuilt by code
+    StoreError,
+    InvalidRequest,
+    NotFound,
+    AlreadyExists,
+    PreconditionFailed,
+    Conflict,
+    Unprocessable,
+    Unavailable,
+    Timeout,
+    NotHosted,
+    ConfigError,
+    CorruptData,
+)
+_BY_CODE = {cls.code: cls for cls in _RECORDED}

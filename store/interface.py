@@ -5,6 +5,7 @@ api/ types against this protocol and nothing else of store/'s internals (no
 shard hosts, appliers or Raft replicas): the HTTP face can then be tested
 against, or moved onto, anything that answers these calls.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import Future
@@ -23,6 +24,7 @@ from .record import Tensor
 @dataclass(frozen=True)
 class ShardStats:
     """One hosted shard's Raft and state-machine figures (GET /metrics)."""
+
     shard: int
     role: str  # leader, follower or candidate
     leader: str | None  # node id, or a raft address not in the address book

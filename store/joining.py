@@ -1,14 +1,15 @@
 """Snapshots for joining replicas: the joiner downloads a fresh one of every
 shard before its replicas start; a source writes one on demand and holds its
 log until the joiner has caught up (docs/architecture.md, "Joining")."""
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from .config import NodeConfig
 from .datapath import DataPathClient
@@ -23,23 +24,28 @@ JOIN_CATCH_UP_SECONDS = 120.0  # how long a snapshot source keeps its log for th
 
 def download_snapshots(plan: JoinPlan, client: DataPathClient, shard_dir: Callable[[int], Path]) -> None:
     """All shards at once: each source first writes a fresh snapshot."""
+
     def one(shard: int, source: NodeConfig) -> None:
         started = time.monotonic()
 
         def progress(got: int, size: int) -> None:
-            log.info("joining: shard %d snapshot %d/%d MB", shard, got >> 20, size >> 20,
-                     extra={"shard": shard})
+            log.info("joining: shard %d snapshot %d/%d MB", shard, got >> 20, size >> 20, extra={"shard": shard})
 
         size = client.fetch_snapshot(source.data, shard, shard_dir(shard) / "snapshot.bin", progress=progress)
-        log.info("joining: shard %d snapshot from %s, %d bytes in %.2fs", shard, source.id, size,
-                 time.monotonic() - started, extra={"shard": shard})
+        log.info(
+            "joining: shard %d snapshot from %s, %d bytes in %.2fs",
+            shard,
+            source.id,
+            size,
+            time.monotonic() - started,
+            extra={"shard": shard},
+        )
 
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, len(plan.snapshot_sources))) as pool:
         for fut in [pool.submit(one, k, src) for k, src in sorted(plan.snapshot_sources.items())]:
             fut.result()
-    log.info("joining: %d snapshots downloaded in %.2fs", len(plan.snapshot_sources),
-             time.monotonic() - started)
+    log.info("joining: %d snapshots downloaded in %.2fs", len(plan.snapshot_sources), time.monotonic() - started)
 
 
 def fresh_snapshot(host: ShardHost, path: Path, max_wait: float, closed: threading.Event) -> Path:

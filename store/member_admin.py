@@ -1,6 +1,7 @@
 """Adding and removing voting members of the shards hosted here (admin
 requests; blocking, so run off the event loop). docs/architecture.md,
 "Membership changes", has the whole procedure."""
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,10 @@ class MemberAdmin:
             addr = str(node.raft_address(shard))
             known = host.member_address(node.id)
             if known is not None and known != addr:
-                raise Conflict(f"shard {shard}: node {node.id!r} is already a member at {known}; "
-                               "remove it first to change its addresses")
+                raise Conflict(
+                    f"shard {shard}: node {node.id!r} is already a member at {known}; "
+                    "remove it first to change its addresses"
+                )
             self._wait(replica.propose(MemberSet(**membership.record_of(node))), deadline)
             if addr in replica.members():
                 results.append({"shard": shard, "status": "already a member"})
@@ -84,8 +87,10 @@ class MemberAdmin:
         try:
             return fut.result(max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            raise Timeout("membership change: no answer before the deadline; check `paramstore status` "
-                          "and retry (changes are idempotent)") from None
+            raise Timeout(
+                "membership change: no answer before the deadline; check `paramstore status` "
+                "and retry (changes are idempotent)"
+            ) from None
 
     def _change_member(self, host: ShardHost, kind: str, addr: str, deadline: float) -> None:
         """One change at a time per shard: retry while a previous one commits."""

@@ -9,6 +9,7 @@ bytes around a write), `MemberAdmin` (membership changes), `joining`
 waits return `concurrent.futures.Future`s that the caller awaits however it
 likes (the HTTP layer bridges them to asyncio).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,14 +55,16 @@ class Store:
         if cfg.raft.password is None and not cfg.all_loopback():
             raise ConfigError(
                 "raft.password: required when any node address is not loopback, because pysyncobj "
-                "unpickles whatever reaches its port (set PARAMSTORE_RAFT_PASSWORD)")
+                "unpickles whatever reaches its port (set PARAMSTORE_RAFT_PASSWORD)"
+            )
         self.cfg = cfg
         self.node: NodeConfig = cfg.node
         self.data_dir = Path(cfg.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
-        secret = (hashlib.sha256(b"paramstore-datapath:" + cfg.raft.password.encode()).digest()
-                  if cfg.raft.password else None)
+        secret = (
+            hashlib.sha256(b"paramstore-datapath:" + cfg.raft.password.encode()).digest() if cfg.raft.password else None
+        )
         self.peer_client = DataPathClient(secret, source=source_address(self.node.data.host))
         self._closed = threading.Event()
         self.routing = Routing(cfg)
@@ -73,11 +76,21 @@ class Store:
             log.info("node %s: already joined (%s exists); --join ignored", self.node.id, self.membership.path)
         for shard, peers in placed_shards(cfg, self.membership, self.join).items():
             self.routing.shards[shard] = self._build_host(shard, peers)
-        warn_if_ephemeral({**{f"raft (shard {k})": self.node.raft_address(k).port for k in self.shards},
-                           "data": self.node.data.port, "http": self.node.http.port}, log)
-        self.datapath = DataPathServer(self.node.data, {k: h.payloads for k, h in self.shards.items()},
-                                       secret, max_size=cfg.limits.max_body_bytes,
-                                       snapshot_source=self._snapshot_for_joiner)
+        warn_if_ephemeral(
+            {
+                **{f"raft (shard {k})": self.node.raft_address(k).port for k in self.shards},
+                "data": self.node.data.port,
+                "http": self.node.http.port,
+            },
+            log,
+        )
+        self.datapath = DataPathServer(
+            self.node.data,
+            {k: h.payloads for k, h in self.shards.items()},
+            secret,
+            max_size=cfg.limits.max_body_bytes,
+            snapshot_source=self._snapshot_for_joiner,
+        )
 
     @property
     def shards(self) -> dict[int, ShardHost]:
@@ -88,8 +101,11 @@ class Store:
         if self.join is not None:
             directory.update({str(n.raft_address(shard)): n for n in self.join.shards[shard]})
         payloads = PayloadStore(self._shard_dir(shard) / "payloads", fsync=self.cfg.raft.fsync)
-        applier = Applier(ShardState(shard, self.cfg.limits.dedupe_window),
-                          self.staging.resolver(shard, payloads), self.staging.payload_used(shard, payloads))
+        applier = Applier(
+            ShardState(shard, self.cfg.limits.dedupe_window),
+            self.staging.resolver(shard, payloads),
+            self.staging.payload_used(shard, payloads),
+        )
         return ShardHost(shard, self.node, peers, directory, applier, payloads)
 
     def start(self) -> None:
@@ -109,10 +125,16 @@ class Store:
         bind_outgoing_raft(self.node.raft.host)
         for shard, host in self.shards.items():
             host.replica = ShardReplica(
-                shard, self.node.raft_address(shard), host.bootstrap_peers,
-                self.cfg.raft, self._shard_dir(shard), host.applier,
-                on_snapshot=self.staging.snapshot_done(host), preloaded=preloaded.get(shard),
-                joining=self.join is not None)
+                shard,
+                self.node.raft_address(shard),
+                host.bootstrap_peers,
+                self.cfg.raft,
+                self._shard_dir(shard),
+                host.applier,
+                on_snapshot=self.staging.snapshot_done(host),
+                preloaded=preloaded.get(shard),
+                joining=self.join is not None,
+            )
         log.info("node %s: hosting shards %s", self.node.id, sorted(self.shards))
 
     def complete_join(self) -> None:
@@ -124,8 +146,12 @@ class Store:
         self.membership.save({k: h.bootstrap_peers for k, h in self.shards.items()})
 
     def _snapshot_for_joiner(self, shard: int) -> Path:
-        return joining.fresh_snapshot(self.routing.host(shard), self._shard_dir(shard) / "snapshot.bin",
-                                      self.cfg.limits.max_wait_seconds, self._closed)
+        return joining.fresh_snapshot(
+            self.routing.host(shard),
+            self._shard_dir(shard) / "snapshot.bin",
+            self.cfg.limits.max_wait_seconds,
+            self._closed,
+        )
 
     def _shard_dir(self, shard: int) -> Path:
         d = self.data_dir / f"shard-{shard}"
@@ -230,5 +256,6 @@ class Store:
 
 
 if TYPE_CHECKING:
+
     def _implements_the_interface(store: Store) -> StoreAPI:
         return store  # mypy checks Store against the protocol api/ depends on

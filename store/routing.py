@@ -1,5 +1,6 @@
 """Which shard a tensor lives in, which shards this replica hosts, and which
 nodes host the others (the target of a 307 for a shard not hosted here)."""
+
 from __future__ import annotations
 
 from . import membership, placement
@@ -8,16 +9,16 @@ from .errors import NotHosted
 from .shardhost import ShardHost
 
 
-def placed_shards(cfg: Config, file: membership.MembershipFile,
-                  join: membership.JoinPlan | None) -> dict[int, list[str]]:
+def placed_shards(
+    cfg: Config, file: membership.MembershipFile, join: membership.JoinPlan | None
+) -> dict[int, list[str]]:
     """shard -> bootstrap peers (raft addresses) of every shard hosted here:
     recorded membership wins over a join plan, which wins over the config."""
     node = cfg.node
     if file.exists():
         return file.load()
     if join is not None:
-        return {k: [str(n.raft_address(k)) for n in members if n.id != node.id]
-                for k, members in join.shards.items()}
+        return {k: [str(n.raft_address(k)) for n in members if n.id != node.id] for k, members in join.shards.items()}
     placed: dict[int, list[str]] = {}
     for shard in range(cfg.shards):
         hosts = placement.hosts_for(shard, list(cfg.nodes), cfg.replication)
@@ -49,8 +50,9 @@ class Routing:
         Unavailable while its replica starts."""
         host = self.shards.get(shard)
         if host is None:
-            raise NotHosted(f"shard {shard} is not hosted on {self.cfg.node.id}",
-                            hosts=[h.url for h in self.hosts_of(shard)])
+            raise NotHosted(
+                f"shard {shard} is not hosted on {self.cfg.node.id}", hosts=[h.url for h in self.hosts_of(shard)]
+            )
         host.raft()
         return host
 

@@ -1,4 +1,5 @@
 """`ShardHost`: one shard as hosted on this replica, and who its members are."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class ShardHost:
 
     def _member_addresses(self) -> list[str]:
         if self.replica is None:
-            return sorted(self.bootstrap_peers + [str(self.node.raft_address(self.shard))])
+            return sorted([*self.bootstrap_peers, str(self.node.raft_address(self.shard))])
         return self.replica.members()
 
     def nodes_by_raft(self) -> dict[str, NodeConfig]:
@@ -78,8 +79,7 @@ class ShardHost:
         if r is None or r.leader_address is None:
             return False
         target = r.leader_commit_index
-        return target is not None and r.raftLastApplied + max_lag >= target \
-            and self.applier.pending <= max_lag
+        return target is not None and r.raftLastApplied + max_lag >= target and self.applier.pending <= max_lag
 
     def raft(self) -> ShardReplica:
         """The shard's Raft replica, once started."""

@@ -2,12 +2,14 @@
 here and sent to a majority of the shard's replicas) before the command is
 proposed; fetched from a peer if still missing when the command applies;
 collected once a snapshot covers it. Bytes stay out of the Raft log."""
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from . import commands
 from .commands import Command, Inline, Stored
@@ -22,17 +24,17 @@ from .threadnames import name_this_thread
 
 log = logging.getLogger(__name__)
 
+
 class PayloadStaging:
-    def __init__(self, cfg: Config, routing: Routing, peer_client: DataPathClient,
-                 closed: threading.Event) -> None:
+    def __init__(self, cfg: Config, routing: Routing, peer_client: DataPathClient, closed: threading.Event) -> None:
         self.cfg = cfg
         self.routing = routing
         self.peer_client = peer_client
         self._closed = closed
-        self._stage_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage",
-                                              initializer=name_this_thread)
-        self._payload_writer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="payload-write",
-                                                  initializer=name_this_thread)
+        self._stage_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage", initializer=name_this_thread)
+        self._payload_writer = ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix="payload-write", initializer=name_this_thread
+        )
 
     def close(self) -> None:
         self._stage_pool.shutdown(wait=False, cancel_futures=True)
@@ -67,8 +69,13 @@ class PayloadStaging:
                         stream.wait(host.majority - 1, self.cfg.limits.request_timeout)
                     else:
                         self.peer_client.replicate(
-                            [p.data for p in host.peers], host.shard, payload_id, blob,
-                            need=host.majority - 1, timeout=self.cfg.limits.request_timeout)
+                            [p.data for p in host.peers],
+                            host.shard,
+                            payload_id,
+                            blob,
+                            need=host.majority - 1,
+                            timeout=self.cfg.limits.request_timeout,
+                        )
                     local.result()
                     refs[path] = Stored(payload_id, len(blob))
                 forward(host.raft().propose(commands.with_refs(cmd, refs)), outer)
@@ -100,6 +107,7 @@ class PayloadStaging:
     def resolver(self, shard: int, payloads: PayloadStore) -> Callable[[Stored, int], Any]:
         """The bytes a sideloaded command names, for the applier: from this
         replica's store, else from a peer (retried until found or closing)."""
+
         def resolve(ref: Stored, index: int) -> Any:
             payload_id = ref.id
             delay = 0.05
@@ -121,15 +129,18 @@ class PayloadStaging:
                         return fetched
                 if self._closed.is_set():
                     raise Unavailable("shutting down")
-                log.warning("shard %d: payload %s for index %d not found on any peer; retrying",
-                            shard, payload_id[:12], index)
+                log.warning(
+                    "shard %d: payload %s for index %d not found on any peer; retrying", shard, payload_id[:12], index
+                )
                 self._closed.wait(delay)
                 delay = min(delay * 2, 2.0)
+
         return resolve
 
     def payload_used(self, shard: int, payloads: PayloadStore) -> Callable[[str, int, int], None]:
         """Marks a payload applied and forces a compaction once the payload
         bytes applied since the last snapshot outgrow the state."""
+
         def used(payload_id: str, size: int, index: int) -> None:
             payloads.applied(payload_id, index)
             host = self.routing.shards[shard]
@@ -138,6 +149,7 @@ class PayloadStaging:
             if host.payload_bytes_since_snapshot > threshold and host.replica is not None:
                 host.payload_bytes_since_snapshot = 0
                 host.replica.forceLogCompaction()
+
         return used
 
     @staticmethod
@@ -146,6 +158,7 @@ class PayloadStaging:
             removed = host.payloads.collect(index)
             if removed:
                 log.info("shard %d: collected %d payloads covered by the snapshot", host.shard, removed)
+
         return done
 
 

@@ -1,4 +1,5 @@
 """What `GET /v1/cluster` and `/metrics` report about this replica's shards."""
+
 from __future__ import annotations
 
 import time
@@ -16,12 +17,23 @@ def shard_stats(host: ShardHost) -> ShardStats | None:
     if r is None:
         return None
     return ShardStats(
-        shard=host.shard, role=r.role, leader=host.node_id_of(r.leader_address), term=r.raftCurrentTerm,
-        commit_index=r.raftCommitIndex, applied_index=r.raftLastApplied, ready=host.is_ready(),
-        tensors=len(host.state.tensors), bytes=host.state.nbytes, log_entries=r.log_entries,
-        snapshots=r.snapshots, leader_changes=r.leader_changes,
-        last_snapshot_seconds=r.last_snapshot_seconds, last_snapshot_bytes=r.last_snapshot_bytes,
-        applied_commands=host.applier.applied_count, apply_seconds=host.applier.apply_seconds)
+        shard=host.shard,
+        role=r.role,
+        leader=host.node_id_of(r.leader_address),
+        term=r.raftCurrentTerm,
+        commit_index=r.raftCommitIndex,
+        applied_index=r.raftLastApplied,
+        ready=host.is_ready(),
+        tensors=len(host.state.tensors),
+        bytes=host.state.nbytes,
+        log_entries=r.log_entries,
+        snapshots=r.snapshots,
+        leader_changes=r.leader_changes,
+        last_snapshot_seconds=r.last_snapshot_seconds,
+        last_snapshot_bytes=r.last_snapshot_bytes,
+        applied_commands=host.applier.applied_count,
+        apply_seconds=host.applier.apply_seconds,
+    )
 
 
 def hosted_stats(routing: Routing) -> list[ShardStats]:
@@ -29,8 +41,19 @@ def hosted_stats(routing: Routing) -> list[ShardStats]:
     return [s for s in stats if s is not None]
 
 
-STATUS_FIELDS = ("leader", "term", "commit_index", "applied_index", "role", "ready", "tensors", "bytes",
-                 "log_entries", "snapshots", "leader_changes")
+STATUS_FIELDS = (
+    "leader",
+    "term",
+    "commit_index",
+    "applied_index",
+    "role",
+    "ready",
+    "tensors",
+    "bytes",
+    "log_entries",
+    "snapshots",
+    "leader_changes",
+)
 
 
 def cluster_status(cfg: Config, routing: Routing, started: float) -> dict[str, Any]:
@@ -49,8 +72,10 @@ def cluster_status(cfg: Config, routing: Routing, started: float) -> dict[str, A
     return {
         "node": cfg.node.id,
         "shards": shards,
-        "nodes": [{"id": n.id, "url": n.url, "http": str(n.http), "raft": str(n.raft), "data": str(n.data)}
-                  for n in sorted(nodes.values(), key=lambda n: n.id)],
+        "nodes": [
+            {"id": n.id, "url": n.url, "http": str(n.http), "raft": str(n.raft), "data": str(n.data)}
+            for n in sorted(nodes.values(), key=lambda n: n.id)
+        ],
         "replication": cfg.replication,
         "ready": is_ready(routing),
         "uptime_seconds": round(time.monotonic() - started, 3),

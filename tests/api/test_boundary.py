@@ -1,5 +1,6 @@
 """api/ depends on store/ through one typed interface, `StoreAPI`
 (store/interface.py), which `Store` implements."""
+
 import ast
 import inspect
 from pathlib import Path
@@ -13,8 +14,16 @@ from tests.ports import free_range
 
 API = Path(__file__).resolve().parents[2] / "api"
 COMPOSITION_ROOTS = {"app.py", "server.py"}  # they build the Store that the rest only calls
-STORE_INTERNALS = {"store.raft", "store.applier", "store.shardhost", "store.routing", "store.staging",
-                   "store.member_admin", "store.joining", "store.status"}
+STORE_INTERNALS = {
+    "store.raft",
+    "store.applier",
+    "store.shardhost",
+    "store.routing",
+    "store.staging",
+    "store.member_admin",
+    "store.joining",
+    "store.status",
+}
 INTERNAL_ATTRIBUTES = {"applier", "replica", "routing", "staging", "admin", "peer_client", "datapath"}
 
 
@@ -25,11 +34,13 @@ def interface_members() -> list[str]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     base = free_range(8)
-    cfg = config_from_mapping({
-        "cluster": {"shards": 2, "replication": 1},
-        "nodes": [{"id": "n0", "http": f"127.0.0.1:{base}", "raft": f"127.0.0.1:{base + 1}"}],
-        "node": {"id": "n0", "data_dir": str(tmp_path_factory.mktemp("boundary"))},
-    })
+    cfg = config_from_mapping(
+        {
+            "cluster": {"shards": 2, "replication": 1},
+            "nodes": [{"id": "n0", "http": f"127.0.0.1:{base}", "raft": f"127.0.0.1:{base + 1}"}],
+            "node": {"id": "n0", "data_dir": str(tmp_path_factory.mktemp("boundary"))},
+        }
+    )
     s = Store(cfg)  # built, not started: nothing here needs Raft
     yield s
     s.close()
@@ -46,8 +57,9 @@ def test_store_has_every_interface_member_with_the_same_signature(store):
             continue
         want = inspect.signature(declared)
         got = inspect.signature(getattr(Store, name))
-        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == \
-               [(p.name, p.kind, p.default) for p in want.parameters.values()], name
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in want.parameters.values()
+        ], name
         assert got.return_annotation == want.return_annotation, name
 
 
@@ -70,8 +82,11 @@ def test_api_reaches_the_store_only_through_the_interface(path):
             if node.module in STORE_INTERNALS or (node.module == "store.node" and path.name not in COMPOSITION_ROOTS):
                 problems.append(f"line {node.lineno}: imports {node.module}")
             if node.module == "store":
-                problems += [f"line {node.lineno}: imports store.{a.name}" for a in node.names
-                             if f"store.{a.name}" in STORE_INTERNALS]
+                problems += [
+                    f"line {node.lineno}: imports store.{a.name}"
+                    for a in node.names
+                    if f"store.{a.name}" in STORE_INTERNALS
+                ]
         if not isinstance(node, ast.Attribute):
             continue
         base = ast.unparse(node.value)
