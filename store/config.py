@@ -89,7 +89,9 @@ class RaftSettings:
     compaction_min_seconds: float = 600.0
     compaction_min_bytes: int = 512 << 20
     password: str | None = None
-    fsync: bool = False
+    # True: a write is acknowledged once on stable storage on a majority
+    # (docs/reliability.md); False accepts losing recent writes to a power cut
+    fsync: bool = True
     # "module:Class", a pysyncobj Transport subclass; only the fault tests set it
     transport: str | None = None
 

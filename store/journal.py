@@ -9,9 +9,15 @@ thread failed on every tick, or applied a flipped value silently
 (docs/reliability.md has the measurements). `check_journal` refuses all of
 these at start, naming the file.
 
-File layout (pysyncobj/journal.py): name (24 bytes, "PYSYNCOBJ" NUL-padded),
+File layout (pysyncobj/journal.py): name (24 bytes, "PYSYNCOBJ" NUL-padded;
+paramstore keeps the durable mark of store/durable_journal.py in its last 8),
 version (8), format (uint32 = 1), end offset (uint32), then records of
 size (uint32), index (uint64), term (uint64), command, size again.
+
+A damaged record at or past the durable mark is the torn tail of a batch a
+power cut interrupted before its fdatasync returned (nothing in it was
+acknowledged): `check_journal` truncates the journal there and logs it.
+Damage before the mark, or in a journal without one, refuses to start.
 A command is a type byte (0 regular, 1 no-op, 2 membership, 3 version) and,
 for 0/2/3, a pickle.
 
@@ -21,24 +27,31 @@ bytes, numbers) and looks up no class or function except the two protocol 2
 and pysyncobj need (latin-1 `bytes`, pysyncobj's node class). A command that
 needs anything else is refused, so pysyncobj never unpickles it either.
 """
+
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import mmap
+import os
 import pickle
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .durable_journal import header_bytes
 from .errors import CorruptData
 
-HEADER = struct.Struct("<24s8sII")
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<16sQ8sII")  # name, durable mark, version, format, end offset
 SIZE = struct.Struct("<I")
 INDEX_TERM = struct.Struct("<QQ")
 REGULAR, NO_OP, MEMBERSHIP, VERSION = 0, 1, 2, 3
-ADVICE = ("move {dir} away (keep it for inspection) and restart this replica: "
-          "it will catch up from its peers")
+ADVICE = "move {dir} away (keep it for inspection) and restart this replica: it will catch up from its peers"
 
 
 # ---- sealing -----------------------------------------------------------------
@@ -93,6 +106,7 @@ class _PlainUnpickler(pickle.Unpickler):
             return _latin1  # how protocol 2 spells bytes
         if (module, name) in (("pysyncobj.node", "TCPNode"), ("pysyncobj.node", "Node")):
             import pysyncobj.node  # membership entries carry node objects (plain attributes)
+
             return getattr(pysyncobj.node, name)
         raise pickle.UnpicklingError(f"refers to {module}.{name}")
 
@@ -111,15 +125,18 @@ def plain_loads(data: bytes) -> Any:
 
 
 class _Broken(Exception):
-    pass
+    def __init__(self, message: str, at: int = -1) -> None:
+        super().__init__(message)
+        self.at = at  # byte offset of the damaged record, -1 for the header or meta file
 
 
-def check_journal(path: Path) -> int:
+def check_journal(path: Path, repair: bool = True) -> int:
     """Verify `path` and its `.meta` file; returns the number of entries.
+    A torn tail (see above) is cut off when `repair`, else refused.
     Raises CorruptData with a one-line message naming the file and what to do."""
     path = Path(path)
     try:
-        count, last_term = _check_records(path) if path.exists() else (0, 0)
+        count, last_term = _check_records(path, repair) if path.exists() else (0, 0)
         _check_meta(Path(str(path) + ".meta"), last_term)
         return count
     except _Broken as e:
@@ -128,43 +145,83 @@ def check_journal(path: Path) -> int:
         raise CorruptData(f"Raft journal {path} is unreadable: {e}; {ADVICE.format(dir=path.parent)}") from None
 
 
-def _check_records(path: Path) -> tuple[int, int]:
+def _check_records(path: Path, repair: bool) -> tuple[int, int]:
     with open(path, "rb") as f:
         size = f.seek(0, io.SEEK_END)
         if size < HEADER.size:
             raise _Broken(f"{path} is truncated: {size} bytes, shorter than its {HEADER.size}-byte header")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _walk(path, mm, size)
+            name, mark, _version, fmt, end = HEADER.unpack_from(mm, 0)
+            if name.rstrip(b"\0") != b"PYSYNCOBJ" or fmt != 1:
+                raise _Broken(f"{path} has no pysyncobj journal header (garbage or another file)")
+            try:
+                if not HEADER.size <= end <= size:
+                    raise _Broken(
+                        f"{path} is truncated: its header says entries end at byte {end}, the file has {size}", at=size
+                    )
+                return _walk(path, mm, end)
+            except _Broken as e:
+                if not (repair and HEADER.size <= mark <= e.at):
+                    raise
+                reason = str(e)
+            # torn tail: walk again up to the last complete record before the damage
+            count, last_term, good_end = _walk_until_broken(path, mm, min(end, size))
+    _truncate(path, good_end)
+    log.warning(
+        "Raft journal %s: cut a torn tail at byte %d (%d entries kept; written after the last "
+        "fdatasync, never acknowledged): %s",
+        path,
+        good_end,
+        count,
+        reason,
+    )
+    return count, last_term
 
 
-def _walk(path: Path, mm: mmap.mmap, size: int) -> tuple[int, int]:
-    name, _version, fmt, end = HEADER.unpack_from(mm, 0)
-    if name.rstrip(b"\0") != b"PYSYNCOBJ" or fmt != 1:
-        raise _Broken(f"{path} has no pysyncobj journal header (garbage or another file)")
-    if not HEADER.size <= end <= size:
-        raise _Broken(f"{path} is truncated: its header says entries end at byte {end}, "
-                      f"the file has {size}")
+def _walk_until_broken(path: Path, mm: mmap.mmap, end: int) -> tuple[int, int, int]:
+    """Entries up to the first damaged one: (count, last term, end offset)."""
+    state: list[int] = [0, 0, HEADER.size]
+    with contextlib.suppress(_Broken):
+        _walk(path, mm, end, state)
+    return state[0], state[1], state[2]
+
+
+def _truncate(path: Path, end: int) -> None:
+    """Header end and mark := `end`, durable before Raft reads the file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, header_bytes(end, end), 0)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _walk(path: Path, mm: mmap.mmap, end: int, state: list[int] | None = None) -> tuple[int, int]:
+    """Check every record up to `end`; `state` follows the last good one
+    (count, term, end offset)."""
     off, count, prev_index, prev_term = HEADER.size, 0, None, 0
     while off < end:
         where = f"{path}: entry {count + 1} at byte {off}"
         if off + SIZE.size > end:
-            raise _Broken(f"{where} is cut short")
+            raise _Broken(f"{where} is cut short", off)
         (n,) = SIZE.unpack_from(mm, off)
         if n < INDEX_TERM.size + 1 or off + n + 2 * SIZE.size > end:
-            raise _Broken(f"{where} has an impossible size {n} (truncated or overwritten)")
+            raise _Broken(f"{where} has an impossible size {n} (truncated or overwritten)", off)
         if SIZE.unpack_from(mm, off + SIZE.size + n)[0] != n:
-            raise _Broken(f"{where}: its two size fields differ (truncated or overwritten)")
+            raise _Broken(f"{where}: its two size fields differ (truncated or overwritten)", off)
         index, term = INDEX_TERM.unpack_from(mm, off + SIZE.size)
         if prev_index is not None and index != prev_index + 1:
-            raise _Broken(f"{where}: index {index} follows {prev_index}")
+            raise _Broken(f"{where}: index {index} follows {prev_index}", off)
         if term < prev_term:
-            raise _Broken(f"{where}: term {term} follows term {prev_term}")
+            raise _Broken(f"{where}: term {term} follows term {prev_term}", off)
         start = off + SIZE.size + INDEX_TERM.size
-        problem = _command_problem(mm[start:off + SIZE.size + n])
+        problem = _command_problem(mm[start : off + SIZE.size + n])
         if problem:
-            raise _Broken(f"{where} (index {index}): {problem}")
+            raise _Broken(f"{where} (index {index}): {problem}", off)
         prev_index, prev_term, count = index, term, count + 1
         off += n + 2 * SIZE.size
+        if state is not None:
+            state[:] = [count, prev_term, off]
     return count, prev_term
 
 
@@ -183,12 +240,16 @@ def _command_problem(cmd: bytes) -> str | None:
     # (method id,) or (method id, args) or (method id, args, kwargs), as pysyncobj's @replicated makes them
     if type(value) is int:
         return None
-    if type(value) is not tuple or not 2 <= len(value) <= 3 or type(value[0]) is not int \
-            or type(value[1]) is not tuple or (len(value) == 3 and type(value[2]) is not dict):
+    if (
+        type(value) is not tuple
+        or not 2 <= len(value) <= 3
+        or type(value[0]) is not int
+        or type(value[1]) is not tuple
+        or (len(value) == 3 and type(value[2]) is not dict)
+    ):
         return "command is not a replicated method call"
     # paramstore proposes through one replicated method taking one sealed command
-    if len(value[1]) != 1 or type(value[1][0]) is not tuple or len(value[1][0]) != 2 \
-            or type(value[1][0][0]) is not int:
+    if len(value[1]) != 1 or type(value[1][0]) is not tuple or len(value[1][0]) != 2 or type(value[1][0][0]) is not int:
         return "command is not a sealed paramstore command"
     crc, data = value[1][0]
     try:

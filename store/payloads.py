@@ -17,6 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .buffers import Bytes, as_buffer
+from .durable_journal import fsync_dir
 from .errors import CorruptData
 from .writeback import start_writeback
 
@@ -68,6 +69,8 @@ class PayloadStore:
                 else:
                     start_writeback(f.fileno())  # dirty pages become clean, reclaimable ones sooner
             os.replace(tmp, target)
+            if self.fsync:  # the entry naming it may be acknowledged once its name is durable too
+                fsync_dir(self.root)
         self._remember(actual, data)
         return actual
 

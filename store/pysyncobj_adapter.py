@@ -30,6 +30,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
 from pysyncobj.transport import TCPTransport, Transport
 
+from .durable_journal import DurableJournal
 from .sockets import source_address
 from .threadnames import name_this_thread
 
@@ -87,6 +88,11 @@ RELIES_ON: list[tuple[str, str, str]] = [
     ("pysyncobj.transport:TCPTransport", "_onMessageReceived", "attr"),
     ("pysyncobj.transport:TCPTransport", "send", "attr"),
     ("pysyncobj.transport:TCPTransport", "_selfNode", "field"),
+    # durability (the section "durable journal" below)
+    ("pysyncobj.syncobj", "createJournal", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftLog", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__sendNextNodeIdx", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_onTick", "attr"),
 ]
 
 
@@ -134,6 +140,7 @@ if installed_version() != PINNED_VERSION:
 _RAFT_STATE = _resolve("pysyncobj.syncobj:_RAFT_STATE")
 _tcp = _resolve("pysyncobj.tcp_connection")
 _PipeNotifier = _resolve("pysyncobj.pipe_notifier:PipeNotifier")
+_syncobj_module = _resolve("pysyncobj.syncobj")
 
 # pysyncobj ships no type information: its classes are Any to mypy.
 replicated: Callable[[Callable[..., Any]], Callable[..., Any]] = _replicated
@@ -162,12 +169,25 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
         conf: SyncObjConf,
         transport: type[Transport] = TCPTransport,
         thread_name: str | None = None,
+        fsync: bool | None = None,
     ) -> None:
+        """`fsync`: None keeps pysyncobj's own journal (mmap, never synced);
+        True or False writes it with DurableJournal, synced or not."""
         self._sent_mark = (0, 0)
         self._wake: Any = None  # pysyncobj PipeNotifier
         self._thread_name = thread_name
-        super().__init__(self_addr, peers, conf, transportClass=transport)
+        self._journal: DurableJournal | None = None
+        if fsync is not None and conf.journalFile:
+            _durable_journals[conf.journalFile] = fsync
+        try:
+            super().__init__(self_addr, peers, conf, transportClass=transport)
+        finally:
+            _durable_journals.pop(conf.journalFile, None)
+        journal = self._SyncObj__raftLog  # the journal createJournal made
+        if isinstance(journal, DurableJournal):
+            self._journal = journal
         self.addOnTickCallback(self._send_eagerly)
+        self.addOnTickCallback(self._sync_journal)  # after _send_eagerly: our fdatasync overlaps the followers'
 
     # ---- hooks for subclasses ----------------------------------------------------
     def _before_append(self) -> None:
@@ -253,6 +273,31 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
             return
         SyncObj._SyncObj__tryLogCompaction(self)
 
+    # ---- durable journal (store/durable_journal.py): sync before acknowledging ------
+    # Raft counts an entry towards a commit once it is on a replica's stable
+    # storage. pysyncobj acknowledges an append (next_node_idx) right after
+    # adding the entries to its journal, and the leader counts its own log
+    # without asking. We fdatasync the journal once per batch: before any
+    # next_node_idx leaves, after the tick that appended sent its entries,
+    # and before the tick computes the commit index. Term and vote are made
+    # durable by DurableJournal.setCurrentTerm itself.
+    def _sync_journal(self) -> None:
+        journal = self._journal
+        if journal is not None and journal.dirty:
+            journal.sync()
+
+    def _SyncObj__sendNextNodeIdx(
+        self, node: Any, reset: bool = False, nextNodeIdx: int | None = None, success: bool = False
+    ) -> None:
+        """Every append answer (success or not) reports what is durable."""
+        self._sync_journal()
+        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset, nextNodeIdx, success)
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        """The leader's commit computation at the start of the tick counts its own log."""
+        self._sync_journal()
+        SyncObj._onTick(self, timeToWait)
+
     # ---- read-only views of pysyncobj's state ---------------------------------------
     @property
     def role(self) -> str:
@@ -289,6 +334,23 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
         """Tick thread, leader: each other member's highest replicated index."""
         match = self._SyncObj__raftMatchIndex
         return {n.id: match.get(n, 0) for n in self._SyncObj__otherNodes}
+
+
+# pysyncobj makes its journal with `createJournal(conf.journalFile)` inside
+# SyncObj.__init__ and offers no option for another class: its module's name is
+# replaced by one that builds a DurableJournal for the files TunedSyncObj
+# registered (one process hosts several shards, each its own file).
+_durable_journals: dict[str, bool] = {}  # journal path -> fsync, during one SyncObj.__init__
+_pysyncobj_create_journal = _syncobj_module.createJournal
+
+
+def _create_journal(journal_file: str | None) -> Any:
+    if journal_file is not None and journal_file in _durable_journals:
+        return DurableJournal(journal_file, _durable_journals[journal_file])
+    return _pysyncobj_create_journal(journal_file)
+
+
+_syncobj_module.createJournal = _create_journal
 
 
 def dump_meta_to_json(meta: tuple[Any, ...]) -> tuple[int, dict[str, Any]]:

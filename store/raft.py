@@ -71,6 +71,7 @@ class ShardReplica(TunedSyncObj):
             conf,
             transport=transport_class(settings.transport),
             thread_name=f"raft-{shard}",
+            fsync=settings.fsync,
         )
         self.addOnTickCallback(self._track_leader)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .applier import Applier
+from .durable_journal import fsync_dir
 from .pysyncobj_adapter import SERIALIZER_STATE, dump_meta_from_json, dump_meta_to_json
 from .snapshot import read_snapshot, write_snapshot
 from .threadnames import name_this_thread
@@ -76,6 +77,8 @@ class Snapshotter:
         try:
             size = write_snapshot(partial, tensors, dedupe, self.shard, index, raft_meta, self._fsync)
             os.replace(partial, self.dump_path)
+            if self._fsync:  # pysyncobj drops the log this snapshot covers once we report success
+                fsync_dir(self.dump_path.parent)
             status = SERIALIZER_STATE.SUCCESS
             self.snapshots += 1
             self.last_snapshot_seconds = time.perf_counter() - started

@@ -1,0 +1,270 @@
+"""A shard's Raft journal written with pwrite and made durable with fdatasync.
+
+pysyncobj 0.3.17's FileJournal writes through an mmap it never syncs and
+grows it by writing into pages past the end of a full disk (SIGBUS).
+`DurableJournal` keeps its file format (store/journal.py describes it) and
+its interface (pysyncobj calls `add`, `clear`, `deleteEntriesFrom`, ...), but:
+
+- appends are `pwrite`s into space reserved with `posix_fallocate`, so a full
+  disk is an `OSError(ENOSPC)` before anything is written, not a signal;
+- nothing is synced per entry: `sync()` writes the header (end offset and
+  durable mark) and fdatasyncs once for every entry appended since the last
+  call; store/pysyncobj_adapter.py calls it before a follower answers an
+  append and before a leader counts its own log towards a commit;
+- term and vote are written to `.meta` with fsync, rename and a directory
+  fsync before `setCurrentTerm` returns, i.e. before pysyncobj grants a vote
+  or answers an append of a new term;
+- log compaction rewrites the file beside it and renames it (pysyncobj
+  rewrites it in place, which a power cut can leave half done).
+
+The durable mark: the header's 24-byte name field is "PYSYNCOBJ" padded to
+16 bytes, then the end offset of the last *synced* batch (uint64; 0 in files
+pysyncobj wrote, which FileJournal never reads). Everything before the mark
+was fdatasynced before the header that names it was written, so a damaged
+record at or past the mark is the torn tail of an unsynced batch (truncated
+at start by `check_journal`), and one before it is corruption.
+
+With `fsync=False` the same writes happen without fdatasync: a process
+crash loses nothing, a power cut can lose what the page cache held.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NAME = b"PYSYNCOBJ"
+NAME_PAD = 16
+HEADER = struct.Struct("<16sQ8sII")  # name, durable mark, version, format, end offset
+FIRST_RECORD = HEADER.size
+VERSION = b"0.3.17"
+FORMAT = 1
+RECORD_HEAD = struct.Struct("<IQQ")  # size, index, term
+SIZE = struct.Struct("<I")
+GROW_MIN = 1 << 20  # reserve at least this much at a time: one fallocate per MB of log
+
+Entry = tuple[bytes, int, int]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry created or renamed inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def header_bytes(end: int, mark: int) -> bytes:
+    return HEADER.pack(NAME.ljust(NAME_PAD, b"\0"), mark, VERSION.ljust(8, b"\0"), FORMAT, end)
+
+
+def record_bytes(command: bytes, index: int, term: int) -> bytes:
+    size = RECORD_HEAD.size - SIZE.size + len(command)
+    return RECORD_HEAD.pack(size, index, term) + command + SIZE.pack(size)
+
+
+def write_meta(path: Path, meta: dict[str, Any], durable: bool) -> None:
+    """Replace `path` with `meta` (plain data, protocol 2 as pysyncobj writes
+    it), atomically; with `durable`, on stable storage when this returns."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(pickle.dumps(meta, protocol=2))
+        f.flush()
+        if durable:
+            os.fdatasync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+class DurableJournal:
+    """pysyncobj's Journal interface (camelCase names are pysyncobj's)."""
+
+    def __init__(self, path: str | Path, fsync: bool) -> None:
+        from .journal import plain_loads  # journal.py imports this module's layout
+
+        self.path = Path(path)
+        self.fsync = fsync
+        self._meta_path = Path(str(self.path) + ".meta")
+        try:
+            meta = plain_loads(self._meta_path.read_bytes()) if self._meta_path.exists() else {}
+        except Exception:  # check_journal refused a damaged one already; a race with start is not worth dying for
+            meta = {}
+        self._meta: dict[str, Any] = meta if isinstance(meta, dict) else {}
+        self._meta_saved = True
+        created = not self.path.exists() or self.path.stat().st_size < HEADER.size
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if created:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, header_bytes(FIRST_RECORD, FIRST_RECORD), 0)
+            self._datasync()
+            if fsync:
+                fsync_dir(self.path.parent)
+        else:
+            self._datasync()  # what a crashed process left in the page cache is below the mark from now on
+        self._entries: list[Entry] = []
+        self._end = self._load()
+        self._mark = self._end  # check_journal cut any torn tail: what is there is on disk
+        self._disk_mark = HEADER.unpack(os.pread(self._fd, HEADER.size, 0))[1]
+        self._allocated = os.fstat(self._fd).st_size
+        self._dirty = False
+
+    # ---- reading ---------------------------------------------------------------
+    def _load(self) -> int:
+        head = os.pread(self._fd, HEADER.size, 0)
+        end = HEADER.unpack(head)[4]
+        data = os.pread(self._fd, end - FIRST_RECORD, FIRST_RECORD)
+        off = 0
+        while off < len(data):
+            size, index, term = RECORD_HEAD.unpack_from(data, off)
+            start = off + RECORD_HEAD.size
+            self._entries.append((bytes(data[start : off + SIZE.size + size]), index, term))
+            off += size + 2 * SIZE.size
+        return FIRST_RECORD + off
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ---- writing ---------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        record = record_bytes(bytes(command), idx, term)
+        self._reserve(self._end + len(record))
+        os.pwrite(self._fd, record, self._end)  # into reserved space: no ENOSPC past this point
+        self._entries.append((bytes(command), idx, term))
+        self._end += len(record)
+        self._dirty = True
+
+    def _reserve(self, upto: int) -> None:
+        if upto <= self._allocated:
+            return
+        size = max(upto, self._allocated + max(GROW_MIN, self._allocated // 8))
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(self._fd, size)  # a file system without fallocate (FUSE, tmpfs of old)
+        self._allocated = size
+
+    def sync(self) -> None:
+        """Write the header and, with fsync on, fdatasync: every entry added
+        so far is on stable storage when this returns. One call covers a batch."""
+        if not self._dirty:
+            return
+        os.pwrite(self._fd, header_bytes(self._end, self._mark), 0)
+        self._datasync()
+        # on disk the mark lags one batch (it was written with this batch's records)
+        self._disk_mark, self._mark = self._mark, self._end
+        self._dirty = False
+
+    def _datasync(self) -> None:
+        if self.fsync:
+            os.fdatasync(self._fd)
+
+    def _shrink(self, end: int) -> None:
+        """Entries after `end` are gone. Durable at once: records written
+        later over their place must not look like corruption of synced ones."""
+        self._end = end
+        self._mark = self._disk_mark = min(self._mark, end)
+        os.pwrite(self._fd, header_bytes(self._end, self._mark), 0)
+        self._datasync()
+        self._dirty = False
+
+    def clear(self) -> None:
+        self._entries = []
+        self._shrink(FIRST_RECORD)
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        removed = self._entries[entryFrom:]
+        del self._entries[entryFrom:]
+        end = self._end - sum(RECORD_HEAD.size + len(c) + SIZE.size for c, _, _ in removed)
+        self._shrink(end)
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        """Compaction: the kept entries go to a new file that replaces this one."""
+        kept = self._entries[entryTo:]
+        body = b"".join(record_bytes(c, i, t) for c, i, t in kept)
+        end = FIRST_RECORD + len(body)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(fd, header_bytes(end, end) + body, 0)
+            if self.fsync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, self.path)
+        if self.fsync:
+            fsync_dir(self.path.parent)
+        os.close(self._fd)
+        self._fd = fd
+        self._entries = kept
+        self._end = self._mark = self._disk_mark = end
+        self._allocated = end
+        self._dirty = False
+
+    # ---- term, vote, commit index ----------------------------------------------
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        self._meta["raftCommitIndex"] = raftCommitIndex
+        self._meta_saved = False
+
+    def getRaftCommitIndex(self) -> int:
+        return int(self._meta.get("raftCommitIndex", 1))
+
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:
+        """Durable before pysyncobj sends the vote or append answer that reflects it."""
+        self._meta["currentTerm"] = term
+        self._meta["votedForNodeId"] = votedForNodeId
+        self._store_meta()
+
+    def getCurrentTerm(self) -> int:
+        return int(self._meta.get("currentTerm", 0))
+
+    def getVotedForNodeId(self) -> str | None:
+        vote: str | None = self._meta.get("votedForNodeId")
+        return vote
+
+    def onOneSecondTimer(self) -> None:
+        if not self._meta_saved:
+            self.sync()  # a stored commit index never points past the stored log
+            self._store_meta()
+
+    def _store_meta(self) -> None:
+        write_meta(self._meta_path, self._meta, self.fsync)
+        self._meta_saved = True
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def flush(self) -> None:
+        self.sync()
+
+    def _destroy(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self.sync()
+            if self._disk_mark < self._end:  # a clean stop: the last batch is below the mark too
+                self._mark = self._disk_mark = self._end
+                os.pwrite(self._fd, header_bytes(self._end, self._mark), 0)
+                self._datasync()
+            if not self._meta_saved:
+                self._store_meta()
+        finally:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,233 @@
+"""store/durable_journal.py under real pysyncobj nodes: same format as
+pysyncobj's FileJournal, synced before an append is acknowledged, torn tails
+cut at start, damage below the durable mark refused."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pysyncobj.journal import FileJournal
+
+from store import pysyncobj_adapter as adapter
+from store.commands import Noop, to_log
+from store.durable_journal import HEADER, DurableJournal
+from store.errors import CorruptData
+from store.journal import check_journal
+from tests.ports import free_range
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Node(adapter.TunedSyncObj):
+    def __init__(self, journal: Path, addr: str, peers: list[str], fsync: bool = True) -> None:
+        conf = adapter.SyncObjConf(
+            journalFile=str(journal),
+            appendEntriesPeriod=0.02,
+            raftMinTimeout=0.15,
+            raftMaxTimeout=0.3,
+            connectionTimeout=0.5,
+            autoTickPeriod=0.005,
+            bindAddress=addr,
+        )
+        super().__init__(addr, peers, conf, thread_name="raft-test", fsync=fsync)
+
+    @adapter.replicated
+    def _apply(self, cmd: Any) -> Any:
+        return cmd
+
+
+def on_disk(path: Path) -> tuple[int, int]:
+    """(end offset, durable mark) as the header on disk says."""
+    with open(path, "rb") as f:
+        _name, mark, _version, _fmt, end = HEADER.unpack(f.read(HEADER.size))
+    return end, mark
+
+
+def write(node: Node, cmd: Any) -> None:
+    done = threading.Event()
+    result: list[Any] = []
+    node._apply(cmd, callback=lambda res, err: (result.append(err), done.set()))
+    node.wake_tick()
+    assert done.wait(10) and result == [adapter.FAIL_REASON.SUCCESS]
+
+
+def one_node(journal: Path, fsync: bool = True) -> Node:
+    node = Node(journal, f"127.0.0.1:{free_range(1)}", [], fsync)
+    wait_until(lambda: node.role == "leader", 10, "a one-node leader")
+    return node
+
+
+def test_a_durable_journal_is_what_pysyncobj_and_the_check_read(tmp_path):
+    path = tmp_path / "journal.bin"
+    node = one_node(path)
+    try:
+        for _ in range(20):
+            write(node, to_log(Noop()))
+    finally:
+        node.destroy_synchronous()
+    count = check_journal(path, repair=False)
+    assert count >= 22  # pysyncobj's first no-op, the leader's no-op, ours
+    ours = DurableJournal(path, fsync=True)
+    theirs = FileJournal(str(path))
+    try:
+        assert len(ours) == len(theirs) == count
+        assert [ours[i] for i in range(count)] == [tuple(theirs[i]) for i in range(count)]
+        assert ours.getCurrentTerm() == theirs.getCurrentTerm() >= 1
+        assert ours.getVotedForNodeId() == theirs.getVotedForNodeId() == node.selfNode.id
+    finally:
+        ours._destroy()
+        theirs._destroy()
+    node = Node(path, f"127.0.0.1:{free_range(1)}", [])  # restarts on it
+    try:
+        wait_until(lambda: node.role == "leader", 10, "leader again")
+        write(node, to_log(Noop()))
+        assert node.log_entries >= count + 1
+    finally:
+        node.destroy_synchronous()
+
+
+@pytest.mark.timeout(90)
+def test_an_acknowledged_entry_is_on_disk_on_a_majority_first(tmp_path, monkeypatch):
+    """A slow disk (20 ms per fdatasync) widens the window: each write's
+    callback fires only once at least two of the three journals finished an
+    fdatasync covering the entry."""
+    synced: dict[str, int] = {}  # journal path -> header end as of its last completed fdatasync
+    real = os.fdatasync
+
+    def slow_disk(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        time.sleep(0.02)
+        if not path.endswith(".bin"):  # the .meta files
+            real(fd)
+            return
+        end = HEADER.unpack(os.pread(fd, HEADER.size, 0))[4]
+        real(fd)
+        synced[path] = max(synced.get(path, 0), end)
+
+    monkeypatch.setattr(os, "fdatasync", slow_disk)
+    addrs = [f"127.0.0.{i + 1}:{free_range(1)}" for i in range(3)]
+    paths = [tmp_path / f"n{i}.bin" for i in range(3)]
+    nodes = [Node(p, a, [o for o in addrs if o != a]) for p, a in zip(paths, addrs, strict=True)]
+    try:
+        wait_until(lambda: any(n.role == "leader" for n in nodes), 20, "a leader")
+        leader = next(n for n in nodes if n.role == "leader")
+        for i in range(20):
+            write(leader, to_log(Noop()))
+            entry_end = leader._journal._end  # nothing else is appended meanwhile
+            covered = [synced.get(str(p), 0) >= entry_end for p in paths]
+            assert covered[nodes.index(leader)] and sum(covered) >= 2, (i, covered)
+    finally:
+        for n in nodes:
+            n.destroy_synchronous()
+
+
+def test_group_commit_syncs_once_per_batch(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        calls["n"] += 1
+        real(fd)
+
+    path = tmp_path / "journal.bin"
+    node = one_node(path)
+    try:
+        monkeypatch.setattr(os, "fdatasync", counting)
+        done = threading.Semaphore(0)
+        for _ in range(300):
+            node._apply(to_log(Noop()), callback=lambda res, err: done.release())
+        node.wake_tick()
+        for _ in range(300):
+            assert done.acquire(timeout=10)
+        assert 1 <= calls["n"] < 100, calls  # hundreds of entries, a few syncs
+    finally:
+        node.destroy_synchronous()
+
+
+@pytest.fixture
+def journal(tmp_path) -> Path:
+    path = tmp_path / "journal.bin"
+    node = one_node(path)
+    try:
+        for _ in range(10):
+            write(node, to_log(Noop()))
+    finally:
+        node.destroy_synchronous()
+    return path
+
+
+def append_unsynced(path: Path, data: bytes) -> None:
+    """What a power cut mid-batch leaves: the header names bytes that never
+    reached the disk (zeros, or half a record)."""
+    end, _ = on_disk(path)
+    with open(path, "r+b") as f:
+        f.seek(end)
+        f.write(data)
+        f.seek(0)
+        f.write(HEADER.pack(b"PYSYNCOBJ".ljust(16, b"\0"), end, b"0.3.17\0\0", 1, end + len(data)))
+
+
+def test_a_torn_tail_is_cut_with_a_log_line(journal, caplog):
+    count = check_journal(journal, repair=False)
+    end, _ = on_disk(journal)
+    record = journal.read_bytes()[end - 60 : end]  # the tail of a real record: sizes will not match
+    append_unsynced(journal, b"\0" * 300 + record)
+    with pytest.raises(CorruptData):
+        check_journal(journal, repair=False)
+    with caplog.at_level(logging.WARNING):
+        assert check_journal(journal) == count
+    assert "torn tail" in caplog.text and str(journal) in caplog.text
+    assert on_disk(journal) == (end, end)
+    assert check_journal(journal, repair=False) == count
+
+
+def test_a_tail_past_the_end_of_the_file_is_cut(journal):
+    count = check_journal(journal, repair=False)
+    end, _ = on_disk(journal)
+    append_unsynced(journal, b"\1" * 100)
+    os.truncate(journal, end + 40)  # the file's growth did not survive, the header did
+    assert check_journal(journal) == count
+    assert on_disk(journal) == (end, end)
+
+
+def test_damage_below_the_durable_mark_refuses_to_start(journal):
+    end, mark = on_disk(journal)
+    assert mark == end  # closed cleanly: everything synced, the last batch too
+    data = bytearray(journal.read_bytes())
+    struct.pack_into("<I", data, end - 4, 7)  # the last record's closing size
+    journal.write_bytes(bytes(data))
+    with pytest.raises(CorruptData) as e:
+        check_journal(journal)
+    assert str(journal) in e.value.detail and "size fields differ" in e.value.detail
+
+
+def test_a_journal_pysyncobj_wrote_has_no_mark_and_is_not_repaired(tmp_path):
+    path = tmp_path / "journal.bin"
+    fj = FileJournal(str(path))
+    fj.add(b"\x01", 1, 1)
+    fj._destroy()
+    assert on_disk(path)[1] == 0
+    append_unsynced(path, b"\0" * 64)
+    data = bytearray(path.read_bytes())
+    data[16:24] = b"\0" * 8  # no mark, as pysyncobj writes it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptData):
+        check_journal(path)
+
+
+def test_fsync_off_writes_the_same_file(tmp_path):
+    path = tmp_path / "journal.bin"
+    node = one_node(path, fsync=False)
+    try:
+        write(node, to_log(Noop()))
+    finally:
+        node.destroy_synchronous()
+    assert check_journal(path, repair=False) >= 3
