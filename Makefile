@@ -72,9 +72,13 @@ test-fast: install
 test-cluster: install $(SYSDEPS)
 	$(PY) -m pytest -q -m cluster tests
 
-## Jepsen-style fault scenarios alone (real partitions need root).
+## Jepsen-style fault scenarios alone (real partitions need root). POWER_CUTS=200 for a longer power-cut loop;
+## the power-loss file system needs libfuse2 and fusermount (installed here as root).
+POWER_CUTS ?= 20
 test-faults: install $(SYSDEPS)
-	$(PY) -m pytest -q -m faults tests
+	@if [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libfuse.so.2; then \
+		(apt-get update -q && apt-get install -y -q libfuse2 fuse) >/dev/null; fi
+	POWER_CUTS=$(POWER_CUTS) $(PY) -m pytest -q -m faults tests
 
 ## Benchmarks side by side with etcd, Redis, raw pysyncobj and loopback TCP (not part of make test).
 BENCH_STAMP := $(VENV)/.installed-bench

@@ -22,7 +22,10 @@ The durable mark: the header's 24-byte name field is "PYSYNCOBJ" padded to
 pysyncobj wrote, which FileJournal never reads). Everything before the mark
 was fdatasynced before the header that names it was written, so a damaged
 record at or past the mark is the torn tail of an unsynced batch (truncated
-at start by `check_journal`), and one before it is corruption.
+at start by `check_journal`), and one before it is corruption. The mark on
+disk trails the end by the last batch until the log is idle for a second
+(or closed): damage to that batch is cut as a torn tail too, and the entries
+come back from the peers.
 
 With `fsync=False` the same writes happen without fdatasync: a process
 crash loses nothing, a power cut can lose what the page cache held.
@@ -245,6 +248,16 @@ class DurableJournal:
         if not self._meta_saved:
             self.sync()  # a stored commit index never points past the stored log
             self._store_meta()
+        if not self._dirty:
+            self._settle_mark()
+
+    def _settle_mark(self) -> None:
+        """Idle: move the mark on disk up to the end, so that damage to the
+        last synced batch is refused as corruption, not cut as a torn tail."""
+        if self._disk_mark < self._end:
+            self._mark = self._disk_mark = self._end
+            os.pwrite(self._fd, header_bytes(self._end, self._mark), 0)
+            self._datasync()
 
     def _store_meta(self) -> None:
         write_meta(self._meta_path, self._meta, self.fsync)
@@ -259,10 +272,7 @@ class DurableJournal:
             return
         try:
             self.sync()
-            if self._disk_mark < self._end:  # a clean stop: the last batch is below the mark too
-                self._mark = self._disk_mark = self._end
-                os.pwrite(self._fd, header_bytes(self._end, self._mark), 0)
-                self._datasync()
+            self._settle_mark()
             if not self._meta_saved:
                 self._store_meta()
         finally:

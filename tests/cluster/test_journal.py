@@ -1,6 +1,7 @@
-"""A stopped replica's Raft journal truncated, flipped or overwritten: the
-replica refuses to start with a one-line message naming the file and what to
-do; the others keep serving; done as told, it catches up with the right bytes."""
+"""A stopped replica's Raft journal flipped or overwritten: the replica
+refuses to start with a one-line message naming the file and what to do; the
+others keep serving; done as told, it catches up with the right bytes. Its
+last entry cut short (a torn tail) is cut off at start with a log line."""
 import shutil
 import struct
 
@@ -15,9 +16,26 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 MARK = np.full(64, 1234.5, np.float32)
 
 
+def end_offset(path) -> int:
+    return struct.unpack("<I", path.read_bytes()[36:40])[0]
+
+
+def durable_mark(path) -> int:
+    return struct.unpack("<Q", path.read_bytes()[16:24])[0]
+
+
 def truncate_mid_entry(data: bytearray) -> bytearray:
     end = struct.unpack("<I", data[36:40])[0]
     return data[:end - 7]
+
+
+def torn_last_entry(data: bytearray) -> bytearray:
+    """What a power cut mid-batch leaves: the header of the new batch (mark at
+    the batch's start) reached the disk, the end of its record did not."""
+    end = struct.unpack("<I", data[36:40])[0]
+    (size,) = struct.unpack("<I", data[end - 4 : end])
+    data[16:24] = struct.pack("<Q", end - size - 8)
+    return data[: end - 7]
 
 
 def flip_value_byte(data: bytearray) -> bytearray:
@@ -44,6 +62,9 @@ def test_damaged_journal_is_refused_then_rebuilt_from_peers(make_cluster):
         assert c.put("n1", "w", np.full(64, i, np.float32)).status_code in (200, 201)
     assert c.put("n2", "w", MARK).status_code == 200
     wait_version_everywhere(c, "w", 6)
+    # an idle journal's durable mark reaches its end within a second: damage is corruption, not a torn tail
+    wait_until(lambda: durable_mark(c.tmp / "n3" / "shard-0" / "journal.bin") == end_offset(
+        c.tmp / "n3" / "shard-0" / "journal.bin"), 10, "n3's journal settled")
     c.kill("n3")
     shard_dir = c.tmp / "n3" / "shard-0"
     journal = shard_dir / "journal.bin"
@@ -65,6 +86,13 @@ def test_damaged_journal_is_refused_then_rebuilt_from_peers(make_cluster):
         for nid in ("n1", "n2"):
             got, v = c.get(nid, "w", consistency="linearizable")
             assert v == version and got[0] == version
+    # a last entry cut short, as a power cut mid-batch leaves it: cut off, logged, caught up
+    journal.write_bytes(bytes(torn_last_entry(bytearray(pristine))))
+    c.restart("n3", timeout=40)
+    assert "cut a torn tail" in c.log_tail("n3", 200)
+    wait_until(lambda: c.get("n3", "w")[1] == version, 20, "n3 caught up after its torn tail")
+    c.kill("n3")
+    journal.write_bytes(bytes(garbage_header(bytearray(pristine))))
     # as the message says: move the shard directory away and restart
     shutil.move(shard_dir, c.tmp / "n3-shard-0.damaged")
     c.restart("n3", timeout=40)
