@@ -6,7 +6,8 @@ grows it by writing into pages past the end of a full disk (SIGBUS).
 its interface (pysyncobj calls `add`, `clear`, `deleteEntriesFrom`, ...), but:
 
 - appends are `pwrite`s into space reserved with `posix_fallocate`, so a full
-  disk is an `OSError(ENOSPC)` before anything is written, not a signal;
+  disk is an `OSError(ENOSPC)` before anything is written, not a signal, and
+  `has_room` lets the replica refuse writes before it gets there;
 - nothing is synced per entry: `sync()` writes the header (end offset and
   durable mark) and fdatasyncs once for every entry appended since the last
   call; store/pysyncobj_adapter.py calls it before a follower answers an
@@ -38,6 +39,7 @@ import logging
 import os
 import pickle
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ FORMAT = 1
 RECORD_HEAD = struct.Struct("<IQQ")  # size, index, term
 SIZE = struct.Struct("<I")
 GROW_MIN = 1 << 20  # reserve at least this much at a time: one fallocate per MB of log
+ROOM_RETRY = 0.5  # seconds between fallocate attempts while the disk is full
 
 Entry = tuple[bytes, int, int]
 
@@ -119,6 +122,7 @@ class DurableJournal:
         self._disk_mark = HEADER.unpack(os.pread(self._fd, HEADER.size, 0))[1]
         self._allocated = os.fstat(self._fd).st_size
         self._dirty = False
+        self._full_until = 0.0  # monotonic time before which has_room does not try again
 
     # ---- reading ---------------------------------------------------------------
     def _load(self) -> int:
@@ -151,6 +155,29 @@ class DurableJournal:
         self._entries.append((bytes(command), idx, term))
         self._end += len(record)
         self._dirty = True
+
+    def has_room(self, headroom: int) -> bool:
+        """Space is reserved for `headroom` more bytes of entries (reserving it
+        now if need be); False on a full disk. Retried at most every
+        ROOM_RETRY seconds while the disk stays full."""
+        if self._end + headroom <= self._allocated:
+            return True
+        now = time.monotonic()
+        if now < self._full_until:
+            return False
+        try:
+            self._reserve(self._end + headroom)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if self._full_until == 0.0:
+                log.warning("Raft journal %s: disk full, refusing new writes until space is freed", self.path)
+            self._full_until = now + ROOM_RETRY
+            return False
+        if self._full_until:
+            log.warning("Raft journal %s: space available again, writes resume", self.path)
+        self._full_until = 0.0
+        return True
 
     def _reserve(self, upto: int) -> None:
         if upto <= self._allocated:

@@ -61,14 +61,18 @@ class PayloadStore:
         target = self.path(actual)
         if not target.exists():
             tmp = target.with_name(f"{actual}.{threading.get_ident()}.part")
-            with open(tmp, "wb") as f:
-                f.write(as_buffer(data))
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-                else:
-                    start_writeback(f.fileno())  # dirty pages become clean, reclaimable ones sooner
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(as_buffer(data))
+                    f.flush()
+                    if self.fsync:
+                        os.fsync(f.fileno())
+                    else:
+                        start_writeback(f.fileno())  # dirty pages become clean, reclaimable ones sooner
+                os.replace(tmp, target)
+            except BaseException:  # a full disk must not leave .part files until the next start
+                tmp.unlink(missing_ok=True)
+                raise
             if self.fsync:  # the entry naming it may be acknowledged once its name is durable too
                 fsync_dir(self.root)
         self._remember(actual, data)

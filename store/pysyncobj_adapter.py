@@ -16,10 +16,12 @@ that the installed version is `PINNED_VERSION`.
 from __future__ import annotations
 
 import base64
+import errno
 import importlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
@@ -142,6 +144,10 @@ _tcp = _resolve("pysyncobj.tcp_connection")
 _PipeNotifier = _resolve("pysyncobj.pipe_notifier:PipeNotifier")
 _syncobj_module = _resolve("pysyncobj.syncobj")
 
+# Journal space the tick needs reserved before it appends queued commands (a
+# few group-commit entries); ShardReplica refuses writes earlier, with more.
+DRAIN_HEADROOM = 256 << 10
+
 # pysyncobj ships no type information: its classes are Any to mypy.
 replicated: Callable[[Callable[..., Any]], Callable[..., Any]] = _replicated
 
@@ -177,6 +183,7 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
         self._wake: Any = None  # pysyncobj PipeNotifier
         self._thread_name = thread_name
         self._journal: DurableJournal | None = None
+        self._full_logged = 0.0
         if fsync is not None and conf.journalFile:
             _durable_journals[conf.journalFile] = fsync
         try:
@@ -233,8 +240,11 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
         return threading.current_thread() is self._SyncObj__thread
 
     def _checkCommandsToApply(self) -> None:
-        """pysyncobj drains its command queue here each tick; our hook runs first."""
+        """pysyncobj drains its command queue here each tick; our hook runs
+        first. On a full disk the queue waits (see `journal_has_room`)."""
         self._before_append()
+        if not self.journal_has_room(DRAIN_HEADROOM):
+            return
         SyncObj._checkCommandsToApply(self)
 
     # ---- overrides of pysyncobj's private methods ---------------------------------
@@ -257,7 +267,7 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
             if before is not None and after is not None and after < before:
                 self._SyncObj__raftNextIndex[node] = before
             return
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
+        self._append_or_log_full_disk(node, message)
 
     def _SyncObj__connectedToAnyone(self) -> bool:
         """pysyncobj starts an election on timeout when connected to any
@@ -285,6 +295,26 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]
         journal = self._journal
         if journal is not None and journal.dirty:
             journal.sync()
+
+    def journal_has_room(self, headroom: int) -> bool:
+        """False while the journal cannot reserve `headroom` more bytes (a full disk)."""
+        journal = self._journal
+        return journal is None or journal.has_room(headroom)
+
+    def _append_or_log_full_disk(self, node: Any, message: dict[str, Any]) -> None:
+        """A follower whose disk is full cannot append: pysyncobj's handler
+        raises ENOSPC from the journal before adding the entry (it stays in
+        memory unchanged) and answers nothing, so the leader sends it again
+        later; the replica keeps serving reads."""
+        try:
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            now = time.monotonic()
+            if now - self._full_logged > 10.0:
+                self._full_logged = now
+                log.warning("Raft journal: disk full, not appending entries from %s", node)
 
     def _SyncObj__sendNextNodeIdx(
         self, node: Any, reset: bool = False, nextNodeIdx: int | None = None, success: bool = False

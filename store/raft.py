@@ -35,6 +35,9 @@ __all__ = ["GROUP_MAX_BYTES", "MAX_ATTEMPTS", "ShardReplica"]
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+# Journal space a replica must be able to reserve to accept a write: writes
+# stop well before the journal cannot take the no-op barriers reads need.
+WRITE_HEADROOM = 4 << 20
 
 
 class ShardReplica(TunedSyncObj):
@@ -114,6 +117,15 @@ class ShardReplica(TunedSyncObj):
         Re-proposing is safe because every write carries a request id the
         state machine applies at most once, and a no-op barrier is idempotent.
         """
+        if not isinstance(cmd, Noop) and not self.journal_has_room(WRITE_HEADROOM):
+            failed: Future[Any] = Future()
+            failed.set_exception(
+                Unavailable(
+                    f"shard {self.shard}: this replica's disk is full; writes resume once space is freed",
+                    reason="disk_full",
+                )
+            )
+            return failed
         cmd = commands.with_rid(cmd)
         if not _retryable(cmd):
             outer: Future[Any] = Future()

@@ -10,6 +10,7 @@ renames it itself, and pysyncobj learns the outcome by polling `check`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -95,6 +96,8 @@ class Snapshotter:
             self._on_snapshot(index, size, self.last_snapshot_seconds)
         except Exception:
             log.exception("shard %d: snapshot at index %d failed", self.shard, index, extra=self._log_fields())
+            with contextlib.suppress(OSError):  # e.g. a full disk: the previous snapshot stays, its space is freed
+                partial.unlink(missing_ok=True)
             status = SERIALIZER_STATE.FAILED
         with self._lock:
             self._status = status
