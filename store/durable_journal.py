@@ -55,6 +55,7 @@ RECORD_HEAD = struct.Struct("<IQQ")  # size, index, term
 SIZE = struct.Struct("<I")
 GROW_MIN = 1 << 20  # reserve at least this much at a time: one fallocate per MB of log
 ROOM_RETRY = 0.5  # seconds between fallocate attempts while the disk is full
+RESERVE = 4 << 20  # kept reserved ahead of the end: a replica takes writes only while it can
 
 Entry = tuple[bytes, int, int]
 
@@ -277,6 +278,7 @@ class DurableJournal:
             self._store_meta()
         if not self._dirty:
             self._settle_mark()
+        self.has_room(RESERVE)  # followers too: space for the leader's entries is taken before the disk fills
 
     def _settle_mark(self) -> None:
         """Idle: move the mark on disk up to the end, so that damage to the

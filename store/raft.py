@@ -23,6 +23,7 @@ from . import commands
 from .applier import Applier
 from .commands import Command, Group, Noop
 from .config import Address, RaftSettings
+from .durable_journal import RESERVE
 from .errors import Conflict, Unavailable
 from .futures import forward, settle
 from .group_commit import GROUP_MAX_BYTES, GroupCommit
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 # Journal space a replica must be able to reserve to accept a write: writes
 # stop well before the journal cannot take the no-op barriers reads need.
-WRITE_HEADROOM = 4 << 20
+WRITE_HEADROOM = RESERVE
 
 
 class ShardReplica(TunedSyncObj):

@@ -59,7 +59,7 @@ def test_a_full_disk_stops_the_journal_not_the_replica(small_disk):
         done = threading.Event()
         result: list[Any] = []
         chunk = b"x" * (40 << 10)
-        for _ in range(40):  # 1.6 MB of entries: more than the journal has reserved
+        for _ in range(150):  # 6 MB of entries: more than the journal has reserved (RESERVE, 4 MB)
             node._apply(chunk, callback=lambda res, err: None)
         node._apply(b"last", callback=lambda res, err: (result.append(err), done.set()))
         node.wake_tick()
