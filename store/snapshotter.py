@@ -117,7 +117,18 @@ class Snapshotter:
             state, index, raft_meta = preloaded
         else:
             state, index, raft_meta = read_snapshot(path, self._applier.state.dedupe_window)
+            if self._fsync:  # pysyncobj clears the journal next: a snapshot a leader sent must be on disk first
+                _fsync_file(Path(path))
         self._applier.call(lambda: self._applier.install(state, index)).result()
         self.last_snapshot_index = index
         log.info("shard %d: installed snapshot at index %d (%d tensors)", self.shard, index, len(state.tensors))
         return dump_meta_from_json(raft_meta)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
