@@ -10,59 +10,19 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pysyncobj.journal import FileJournal
 
-from store import pysyncobj_adapter as adapter
 from store.commands import Noop, to_log
 from store.durable_journal import HEADER, DurableJournal
 from store.errors import CorruptData
 from store.journal import check_journal
 from tests.ports import free_range
+from tests.store.journal_nodes import Node, on_disk, one_node, write
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Node(adapter.TunedSyncObj):
-    def __init__(self, journal: Path, addr: str, peers: list[str], fsync: bool = True) -> None:
-        conf = adapter.SyncObjConf(
-            journalFile=str(journal),
-            appendEntriesPeriod=0.02,
-            raftMinTimeout=0.15,
-            raftMaxTimeout=0.3,
-            connectionTimeout=0.5,
-            autoTickPeriod=0.005,
-            bindAddress=addr,
-        )
-        super().__init__(addr, peers, conf, thread_name="raft-test", fsync=fsync)
-
-    @adapter.replicated
-    def _apply(self, cmd: Any) -> Any:
-        return cmd
-
-
-def on_disk(path: Path) -> tuple[int, int]:
-    """(end offset, durable mark) as the header on disk says."""
-    with open(path, "rb") as f:
-        _name, mark, _version, _fmt, end = HEADER.unpack(f.read(HEADER.size))
-    return end, mark
-
-
-def write(node: Node, cmd: Any) -> None:
-    done = threading.Event()
-    result: list[Any] = []
-    node._apply(cmd, callback=lambda res, err: (result.append(err), done.set()))
-    node.wake_tick()
-    assert done.wait(10) and result == [adapter.FAIL_REASON.SUCCESS]
-
-
-def one_node(journal: Path, fsync: bool = True) -> Node:
-    node = Node(journal, f"127.0.0.1:{free_range(1)}", [], fsync)
-    wait_until(lambda: node.role == "leader", 10, "a one-node leader")
-    return node
 
 
 def test_a_durable_journal_is_what_pysyncobj_and_the_check_read(tmp_path):

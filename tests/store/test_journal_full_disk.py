@@ -21,7 +21,7 @@ from store.payloads import PayloadStore
 from store.raft import WRITE_HEADROOM
 from store.snapshotter import Snapshotter
 from store.state import ShardState, Tensor
-from tests.store.test_journal_durable import one_node
+from tests.store.journal_nodes import one_node
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
