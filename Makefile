@@ -17,11 +17,14 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # System packages the tests use: nftables (fault tests cut links inside a private
-# network namespace; root only) and Chromium (the dashboard test drives a real browser).
+# network namespace; root only), libfuse2 + fusermount (the power-loss file system)
+# and Chromium (the dashboard test drives a real browser).
 SYSDEPS := $(VENV)/.sysdeps
 $(SYSDEPS): | $(PY)
 	@if [ "$$(id -u)" = 0 ] && ! command -v nft >/dev/null; then \
 		(apt-get update -q && apt-get install -y -q nftables iproute2) >/dev/null; fi
+	@if [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libfuse.so.2; then \
+		(apt-get update -q && apt-get install -y -q libfuse2 fuse) >/dev/null; fi
 	@if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null; fi
 	touch $@
@@ -73,11 +76,9 @@ test-cluster: install $(SYSDEPS)
 	$(PY) -m pytest -q -m cluster tests
 
 ## Jepsen-style fault scenarios alone (real partitions need root). POWER_CUTS=200 for a longer power-cut loop;
-## the power-loss file system needs libfuse2 and fusermount (installed here as root).
+## the power-loss file system needs libfuse2 and fusermount (SYSDEPS installs them as root).
 POWER_CUTS ?= 20
 test-faults: install $(SYSDEPS)
-	@if [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libfuse.so.2; then \
-		(apt-get update -q && apt-get install -y -q libfuse2 fuse) >/dev/null; fi
 	POWER_CUTS=$(POWER_CUTS) $(PY) -m pytest -q -m faults tests
 
 ## Benchmarks side by side with etcd, Redis, raw pysyncobj and loopback TCP (not part of make test).

@@ -15,7 +15,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def fuse_unavailable() -> str | None:
-    """Why a FUSE mount cannot work here, or None."""
+    """Why a FUSE mount cannot work here, or None. Where the fault suite is
+    forced to run for real (PARAMSTORE_FAULTS=netns, as CI does), a reason is
+    a failure, not a skip."""
+    why = _why_no_fuse()
+    if why and os.environ.get("PARAMSTORE_FAULTS") == "netns":
+        raise AssertionError(f"PARAMSTORE_FAULTS=netns, but the power-loss tests cannot mount FUSE: {why}")
+    return why
+
+
+def _why_no_fuse() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse does not exist"
     try:
