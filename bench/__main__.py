@@ -10,9 +10,11 @@ bench/results/<timestamp>.json, bench/results/latest.{json,md},
 bench/results/throughput.png and refreshes the results section of
 docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +67,7 @@ class Elections:
 
 # ============================================================== workloads ==
 
+
 def small_http(system, job, args, out: dict, label: str) -> None:
     for c in args.clients:
         runs = [closed_loop(job, c, args.seconds) for _ in range(args.reps)]
@@ -72,10 +76,14 @@ def small_http(system, job, args, out: dict, label: str) -> None:
             "ops_s": summary([r["ops_s"] for r in runs]),
             "p50_ms": summary([r["p50_ms"] for r in runs]),
             "p99_ms": summary([r["p99_ms"] for r in runs]),
-            "errors": errs, "error_samples": [s for r in runs for s in r["error_samples"]][:3]}
-        log(f"  {label:14s} {c:3d} clients: {out[label][str(c)]['ops_s']['median']:8.0f} ops/s "
+            "errors": errs,
+            "error_samples": [s for r in runs for s in r["error_samples"]][:3],
+        }
+        log(
+            f"  {label:14s} {c:3d} clients: {out[label][str(c)]['ops_s']['median']:8.0f} ops/s "
             f"p50 {out[label][str(c)]['p50_ms']['median']:.1f} ms p99 {out[label][str(c)]['p99_ms']['median']:.1f} ms"
-            + (f"  errors {errs} {runs[0]['error_samples']}" if errs else ""))
+            + (f"  errors {errs} {runs[0]['error_samples']}" if errs else "")
+        )
 
 
 def timed(fn) -> float:
@@ -102,6 +110,7 @@ def run_paramstore(args, res, el: Elections, work: Path) -> None:
             return lead, next(n for n in ps.nodes if n != lead)
 
         if "pull" in args.only:
+
             def pulls():
                 for mb in args.sizes:
                     arr = np.random.default_rng(mb).standard_normal(mb * MB // 4).astype(np.float32)
@@ -111,12 +120,14 @@ def run_paramstore(args, res, el: Elections, work: Path) -> None:
                     _, fol = follower_of(name)
                     c = ps.conn(fol)
                     ps.get(c, name, min_version=r["version"])
-                    runs = [mb / timed(lambda: ps.get(c, name)) for _ in range(args.reps)]
+                    runs = [mb / timed(partial(ps.get, c, name)) for _ in range(args.reps)]
                     c.close()
                     res["pull"].setdefault("paramstore", {})[str(mb)] = summary(runs)
                     log(f"  paramstore pull {mb:3d} MB from follower: {np.median(runs):7.0f} MB/s")
+
             el.run(ps, "pull", pulls)
         if "push" in args.only:
+
             def pushes():
                 for mb in args.sizes:
                     arr = np.random.default_rng(mb).standard_normal(mb * MB // 4).astype(np.float32) * 1e-3
@@ -135,7 +146,7 @@ def run_paramstore(args, res, el: Elections, work: Path) -> None:
                             raise RuntimeError(f"push {name}: {st} {body!r}")
                         v = json.loads(body)["version"]
                         for n, oc in others.items():  # applied on all 3 replicas
-                            s2, b2 = oc.request("HEAD", f"/v1/tensors/{name}?min_version={v}&timeout=60")
+                            s2, _ = oc.request("HEAD", f"/v1/tensors/{name}?min_version={v}&timeout=60")
                             if s2 != 200:
                                 raise RuntimeError(f"HEAD {name} on {n}: {s2}")
                         t_all = time.perf_counter() - t
@@ -145,8 +156,11 @@ def run_paramstore(args, res, el: Elections, work: Path) -> None:
                         oc.close()
                     res["push"].setdefault("paramstore", {})[str(mb)] = summary(full)
                     res["push"].setdefault("paramstore (majority ack)", {})[str(mb)] = summary(ack)
-                    log(f"  paramstore push {mb:3d} MB: {np.median(full):6.0f} MB/s on 3 replicas, "
-                        f"{np.median(ack):6.0f} MB/s acked")
+                    log(
+                        f"  paramstore push {mb:3d} MB: {np.median(full):6.0f} MB/s on 3 replicas, "
+                        f"{np.median(ack):6.0f} MB/s acked"
+                    )
+
             el.run(ps, "push", pushes)
         res["elections"]["paramstore"] = el.by_system.get("paramstore", {})
     finally:
@@ -161,6 +175,7 @@ def first_commit_after(t0: float, attempt, interval: float = 0.05, limit: float 
     flight, so a request that the server holds until its own timeout (etcd
     answers 'request timed out' after ~7 s) does not hide a faster commit."""
     import threading
+
     done = threading.Event()
     first: list[float] = []
     lock = threading.Lock()
@@ -175,6 +190,7 @@ def first_commit_after(t0: float, attempt, interval: float = 0.05, limit: float 
                 if not first:
                     first.append(time.perf_counter())
             done.set()
+
     i = 0
     while not done.is_set() and time.perf_counter() - t0 < limit:
         threading.Thread(target=run, args=(i,), daemon=True).start()
@@ -191,6 +207,7 @@ def failover_paramstore(ps: Paramstore, args) -> dict:
     for k in range(args.failovers):
         lead = ps.leader_of(shard)
         survivors = [n for n in ps.nodes if n != lead]
+
         def attempt(i, survivors=survivors):
             c = BlockingHTTP(*ps.urls[survivors[i % 2]], timeout=15)
             try:
@@ -198,10 +215,14 @@ def failover_paramstore(ps: Paramstore, args) -> dict:
                 return st == 200
             finally:
                 c.close()
+
         ps.kill(lead)
         dt = first_commit_after(time.perf_counter(), attempt)
         times.append(dt)
-        log(f"  paramstore failover {k + 1}: killed {lead} (shard {shard} leader), first commit after {dt if dt is not None else float('nan'):.2f} s")
+        log(
+            f"  paramstore failover {k + 1}: killed {lead} (shard {shard} leader), "
+            f"first commit after {dt if dt is not None else float('nan'):.2f} s"
+        )
         ps.start_node(lead)
         ps.wait_ready(ps.nodes)
         time.sleep(1.5)
@@ -232,15 +253,21 @@ def run_memory_paramstore(args, res, el: Elections, work: Path) -> None:
                     raise RuntimeError(f"memory push: {st} {body!r}")
                 pushes += 1
             return pushes
+
         pushes = el.run(ps, "memory", fill_and_push)
         held = 3 * count * tsize  # parameters + Adam exp_avg + exp_avg_sq
         peaks = {n: rss_peak_mb(ps.pid(n)) for n in ps.nodes}
         res["memory"]["paramstore"] = {
-            "held_mb": held, "peak_rss_mb": peaks, "pushes": pushes,
+            "held_mb": held,
+            "peak_rss_mb": peaks,
+            "pushes": pushes,
             "ratio": summary([p / held for p in peaks.values()]),
-            "target_mb": 2.5 * held + 200}
-        log(f"  paramstore peak RSS {', '.join(f'{n} {p:.0f} MB' for n, p in peaks.items())} "
-            f"holding {held} MB ({pushes} pushes); target <= {2.5 * held + 200:.0f} MB")
+            "target_mb": 2.5 * held + 200,
+        }
+        log(
+            f"  paramstore peak RSS {', '.join(f'{n} {p:.0f} MB' for n, p in peaks.items())} "
+            f"holding {held} MB ({pushes} pushes); target <= {2.5 * held + 200:.0f} MB"
+        )
         for c in conns.values():
             c.close()
         if "recovery" in args.only:
@@ -273,6 +300,7 @@ def run_etcd(args, res, el: Elections, work: Path) -> None:
             job = et.small_job()
             el.run(et, "small", lambda: small_http(et, job, args, res["small"], "etcd"))
         if "pull" in args.only:
+
             def pulls():
                 for mb in args.sizes:
                     v = np.random.default_rng(mb).standard_normal(mb * MB // 4).astype(np.float32)
@@ -286,10 +314,11 @@ def run_etcd(args, res, el: Elections, work: Path) -> None:
                     c = BlockingHTTPFor(et, et.follower())
                     time.sleep(0.2)
                     et.get(c, f"pull{mb}")
-                    runs = [mb / timed(lambda: et.get(c, f"pull{mb}")) for _ in range(args.reps)]
+                    runs = [mb / timed(partial(et.get, c, f"pull{mb}")) for _ in range(args.reps)]
                     c.close()
                     res["pull"].setdefault("etcd", {})[str(mb)] = summary(runs)
                     log(f"  etcd pull {mb:3d} MB from follower: {np.median(runs):7.0f} MB/s")
+
             el.run(et, "pull", pulls)
         if "push" in args.only:
             el.run(et, "push", lambda: etcd_pushes(et, args, res, "etcd (limit raised)"))
@@ -309,6 +338,7 @@ def run_etcd(args, res, el: Elections, work: Path) -> None:
 
 def BlockingHTTPFor(et: Etcd, m: str):
     from .load import BlockingHTTP
+
     return BlockingHTTP(*et.client(m))
 
 
@@ -336,11 +366,13 @@ def etcd_pushes(et: Etcd, args, res, label: str) -> None:
 
 def failover_etcd(et: Etcd, args) -> dict:
     from .load import BlockingHTTP
+
     times = []
     v = np.ones(256, np.float32).tobytes()
     for k in range(args.failovers):
         lead = et.leader()
         survivors = [m for m in et.members if m != lead]
+
         def attempt(i, survivors=survivors):
             c = BlockingHTTP(*et.client(survivors[i % 2]), timeout=15)
             try:
@@ -348,10 +380,14 @@ def failover_etcd(et: Etcd, args) -> dict:
                 return st == 200 and b'"error"' not in body
             finally:
                 c.close()
+
         et.kill(lead)
         dt = first_commit_after(time.perf_counter(), attempt)
         times.append(dt)
-        log(f"  etcd failover {k + 1}: killed leader {lead}, first commit after {dt if dt is not None else float('nan'):.2f} s")
+        log(
+            f"  etcd failover {k + 1}: killed leader {lead}, "
+            f"first commit after {dt if dt is not None else float('nan'):.2f} s"
+        )
         et.start_node(lead, new=False)
         et.wait_healthy(et.members, timeout=180)
         time.sleep(1.5)
@@ -374,7 +410,7 @@ def run_redis(args, res, el: Elections, work: Path) -> None:
                 c.call("SET", f"pull{mb}", body=v)
                 c.call("WAIT", "2", "0")
                 rep.call("GET", f"pull{mb}")
-                runs = [mb / timed(lambda: rep.call("GET", f"pull{mb}")) for _ in range(args.reps)]
+                runs = [mb / timed(partial(rep.call, "GET", f"pull{mb}")) for _ in range(args.reps)]
                 res["pull"].setdefault("redis", {})[str(mb)] = summary(runs)
                 log(f"  redis GET {mb:3d} MB from replica: {np.median(runs):7.0f} MB/s")
         if "push" in args.only:
@@ -424,8 +460,12 @@ def run_memory_redis(args, res, work: Path) -> None:
         c.close()
         held = 3 * count * tsize
         peaks = {str(p): rss_peak_mb(rd.procs[p].pid) for p in rd.PORTS}
-        res["memory"]["redis"] = {"held_mb": held, "peak_rss_mb": peaks, "pushes": pushes,
-                                  "ratio": summary([p / held for p in peaks.values()])}
+        res["memory"]["redis"] = {
+            "held_mb": held,
+            "peak_rss_mb": peaks,
+            "pushes": pushes,
+            "ratio": summary([p / held for p in peaks.values()]),
+        }
         log(f"  redis peak RSS {peaks} holding {held} MB ({pushes} SET+WAIT)")
         if "recovery" in args.only:
             times = []
@@ -453,8 +493,12 @@ def run_raw(args, res, el: Elections, work: Path) -> None:
                 lead = raw.leader()
                 survivors = [i for i in range(raw.n) if i != lead]
                 raw.kill(lead)
-                dt = first_commit_after(time.perf_counter(), lambda i, sv=survivors: raw.ctl(
-                    sv[i % 2], {"op": "write", "nbytes": 1024, "timeout": 10}, 15).get("ok", False))
+                dt = first_commit_after(
+                    time.perf_counter(),
+                    lambda i, sv=survivors: raw.ctl(sv[i % 2], {"op": "write", "nbytes": 1024, "timeout": 10}, 15).get(
+                        "ok", False
+                    ),
+                )
                 times.append(dt)
                 log(f"  pysyncobj failover {k + 1}: first commit after {dt if dt is not None else float('nan'):.2f} s")
                 raw.start_node(lead)
@@ -462,26 +506,35 @@ def run_raw(args, res, el: Elections, work: Path) -> None:
                 time.sleep(1.5)
             res["failover"]["pysyncobj"] = summary(times)
         if "small" in args.only:
+
             def small():
                 for c in args.clients:
                     lead = raw.leader()
-                    runs = [raw.ctl(lead, {"op": "load", "clients": c, "seconds": args.seconds})
-                            for _ in range(args.reps)]
+                    runs = [
+                        raw.ctl(lead, {"op": "load", "clients": c, "seconds": args.seconds}) for _ in range(args.reps)
+                    ]
                     res["small"].setdefault("pysyncobj", {})[str(c)] = {
                         "ops_s": summary([r["ops_s"] for r in runs]),
                         "p50_ms": summary([r["p50_ms"] for r in runs]),
                         "p99_ms": summary([r["p99_ms"] for r in runs]),
-                        "errors": sum(r["errors"] for r in runs)}
-                    log(f"  pysyncobj      {c:3d} clients: {np.median([r['ops_s'] for r in runs]):8.0f} ops/s "
-                        f"p50 {np.median([r['p50_ms'] for r in runs]):.1f} ms")
+                        "errors": sum(r["errors"] for r in runs),
+                    }
+                    log(
+                        f"  pysyncobj      {c:3d} clients: {np.median([r['ops_s'] for r in runs]):8.0f} ops/s "
+                        f"p50 {np.median([r['p50_ms'] for r in runs]):.1f} ms"
+                    )
+
             el.run(raw, "small", small)
         if "push" in args.only:
+
             def pushes():
                 failed = False
                 for mb in args.sizes:
                     if failed:
                         res["push"].setdefault("pysyncobj", {})[str(mb)] = {
-                            "median": None, "error": "not attempted: a smaller command already failed"}
+                            "median": None,
+                            "error": "not attempted: a smaller command already failed",
+                        }
                         continue
                     lead = raw.leader()
                     runs = []
@@ -490,13 +543,16 @@ def run_raw(args, res, el: Elections, work: Path) -> None:
                         if not r["ok"]:
                             failed = True
                             res["push"].setdefault("pysyncobj", {})[str(mb)] = {
-                                "median": None, "error": f"no commit within {args.raw_big_timeout:.0f} s"}
+                                "median": None,
+                                "error": f"no commit within {args.raw_big_timeout:.0f} s",
+                            }
                             log(f"  pysyncobj push {mb} MB: no commit within {args.raw_big_timeout:.0f} s")
                             break
                         runs.append(mb / r["seconds"])
                     if not failed:
                         res["push"].setdefault("pysyncobj", {})[str(mb)] = summary(runs)
                         log(f"  pysyncobj push {mb:3d} MB: {np.median(runs):6.1f} MB/s")
+
             el.run(raw, "push", pushes)
         res["elections"]["pysyncobj"] = el.by_system.get("pysyncobj", {})
     finally:
@@ -506,24 +562,33 @@ def run_raw(args, res, el: Elections, work: Path) -> None:
 
 # ================================================================== main ==
 
+
 def machine() -> dict:
     cpu = "?"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))) // 1024
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    with open("/proc/meminfo") as f:
+        mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal"))) // 1024
 
     def version(cmd):
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             return "missing"
+
     import pysyncobj
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_mb": mem, "kernel": platform.release(),
-            "python": platform.python_version(), "pysyncobj": getattr(pysyncobj, "__version__", "0.3.17"),
-            "etcd": version(["etcd", "--version"]), "redis": version(["redis-server", "--version"]),
-            "load_avg_at_start": os.getloadavg()}
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_mb": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pysyncobj": getattr(pysyncobj, "__version__", "0.3.17"),
+        "etcd": version(["etcd", "--version"]),
+        "redis": version(["redis-server", "--version"]),
+        "load_avg_at_start": os.getloadavg(),
+    }
 
 
 def mem_available_mb() -> int:
@@ -531,8 +596,9 @@ def mem_available_mb() -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 rep: a smoke run")
     ap.add_argument("--only", default="small,pull,push,memory,failover,recovery")
     ap.add_argument("--systems", default="paramstore,etcd,redis,pysyncobj,loopback")
@@ -544,8 +610,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-seconds", type=float, default=60.0)
     ap.add_argument("--failovers", type=int, default=5)
     ap.add_argument("--recovery-reps", type=int, default=3)
-    ap.add_argument("--etcd-max-request", type=int, default=200 * MB,
-                    help="the raised etcd --max-request-bytes")
+    ap.add_argument("--etcd-max-request", type=int, default=200 * MB, help="the raised etcd --max-request-bytes")
     ap.add_argument("--raw-big-timeout", type=float, default=15.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-docs", action="store_true", help="do not refresh docs/benchmarks.md")
@@ -564,28 +629,44 @@ def main(argv=None) -> int:
         scaled = args.mem_mb
         while scaled > 64 and mem_available_mb() < 3 * 3 * scaled * 2.0 + 2048:
             scaled //= 2
-        notes.append(f"memory/recovery scaled down from {args.mem_mb} MB to {scaled} MB of parameters: "
-                     f"only {mem_available_mb()} MB RAM available")
+        notes.append(
+            f"memory/recovery scaled down from {args.mem_mb} MB to {scaled} MB of parameters: "
+            f"only {mem_available_mb()} MB RAM available"
+        )
         log(notes[-1])
         args.mem_mb = scaled
     for tool in ("etcd", "redis-server"):
         if shutil.which(tool) is None:
             log(f"{tool} is not installed (apt-get install etcd-server redis-server); skipping it")
             args.systems = [s for s in args.systems if not tool.startswith(s)]
-    res = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "notes": notes,
-           "config": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
-           "small": {}, "pull": {}, "push": {}, "memory": {}, "failover": {}, "recovery": {},
-           "elections": {}, "failures": []}
+    res = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "notes": notes,
+        "config": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
+        "small": {},
+        "pull": {},
+        "push": {},
+        "memory": {},
+        "failover": {},
+        "recovery": {},
+        "elections": {},
+        "failures": [],
+    }
     el = Elections()
     work = Path(tempfile.mkdtemp(prefix="paramstore-bench-"))
-    log(f"work dir {work}; machine {res['machine']['cpu']}, {res['machine']['cores']} cores, "
-        f"load {res['machine']['load_avg_at_start']}")
+    log(
+        f"work dir {work}; machine {res['machine']['cpu']}, {res['machine']['cores']} cores, "
+        f"load {res['machine']['load_avg_at_start']}"
+    )
     steps = []
     if "loopback" in args.systems and "pull" in args.only:
+
         def loop():
             for mb in args.sizes:
                 res["pull"].setdefault("loopback TCP", {})[str(mb)] = summary(loopback_mb_s(mb * MB, args.reps))
                 log(f"  loopback TCP {mb:3d} MB: {res['pull']['loopback TCP'][str(mb)]['median']:7.0f} MB/s")
+
         steps.append(("loopback", loop))
     if "paramstore" in args.systems:
         steps.append(("paramstore", lambda: run_paramstore(args, res, el, work)))

@@ -9,6 +9,7 @@ up), and the leader elections during it; side by side with the loopback TCP
 limit for the same bytes, measured in the same run. Writes
 bench/results/join.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ class JoiningParamstore(Paramstore):
         super().__init__(workdir, replicas=3, shards=shards)
         from api.devcluster import dev_config
         from store.config import config_from_mapping, render_toml
+
         full = config_from_mapping(dev_config(3 + spares, self.HTTP, self.RAFT, shards, 3))
         self.join_config = self.dir / "cluster-join.toml"
         self.join_config.write_text(render_toml(full))
@@ -48,8 +50,9 @@ class JoiningParamstore(Paramstore):
 
     def start_joining(self, node: str, seed: str) -> float:
         host, port = self.urls[seed]
-        started = self.start_node(node, config=self.join_config, extra=("--join", f"http://{host}:{port}"),
-                                  log_level="info", fresh_log=True)
+        started = self.start_node(
+            node, config=self.join_config, extra=("--join", f"http://{host}:{port}"), log_level="info", fresh_log=True
+        )
         self.nodes.append(node)
         return started
 
@@ -65,8 +68,13 @@ class JoiningParamstore(Paramstore):
         shutil.rmtree(self.dir / node, ignore_errors=True)
 
 
-PHASES = {"planned": "HTTP Request: GET", "downloaded": "snapshots downloaded",
-          "replicas started": "hosting shards", "added": "join: added", "serving": "Uvicorn running"}
+PHASES = {
+    "planned": "HTTP Request: GET",
+    "downloaded": "snapshots downloaded",
+    "replicas started": "hosting shards",
+    "added": "join: added",
+    "serving": "Uvicorn running",
+}
 
 
 def timeline(text: str, t0_wall: float) -> dict[str, float]:
@@ -128,13 +136,21 @@ def main(argv: list[str] | None = None) -> int:
             snap_bytes = sum(int(b) for b in re.findall(r"snapshot from n\d, (\d+) bytes", text))
             snap_s = float(re.findall(r"snapshots downloaded in ([\d.]+)s", text)[-1])
             phases = timeline(text, t0_wall)
-            run = {"ready_s": t1 - t0, "phases_s": phases, "snapshot_mb": snap_bytes / MB, "download_s": snap_s,
-                   "download_mb_s": snap_bytes / MB / snap_s if snap_s else None,
-                   "elections": elections, "writes_during": counts}
+            run = {
+                "ready_s": t1 - t0,
+                "phases_s": phases,
+                "snapshot_mb": snap_bytes / MB,
+                "download_s": snap_s,
+                "download_mb_s": snap_bytes / MB / snap_s if snap_s else None,
+                "elections": elections,
+                "writes_during": counts,
+            }
             runs.append(run)
-            log(f"join {k + 1}: {run['snapshot_mb']:.0f} MB of snapshots in {snap_s:.2f}s "
+            log(
+                f"join {k + 1}: {run['snapshot_mb']:.0f} MB of snapshots in {snap_s:.2f}s "
                 f"({run['download_mb_s'] or 0:.0f} MB/s), ready {run['ready_s']:.2f}s after start, "
-                f"{elections} election(s), writes meanwhile {counts}")
+                f"{elections} election(s), writes meanwhile {counts}"
+            )
             log(f"  timeline (s after start): {phases}")
             ps.remove("n4")
         ready = float(np.median([r["ready_s"] for r in runs]))
@@ -143,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| join of a replica to {args.mb} MB, under load | paramstore | loopback TCP | ratio |")
         print("|---|---|---|---|")
         print(f"| snapshot download MB/s (median of {len(runs)}) | {rate:.0f} | {tcp:.0f} | {rate / tcp:.2f}x |")
-        print(f"| start to ready, s (min-max) | {ready:.2f} ({min(r['ready_s'] for r in runs):.2f}-"
-              f"{max(r['ready_s'] for r in runs):.2f}) | {args.mb / tcp:.2f} (bytes alone) | "
-              f"{ready / (args.mb / tcp):.1f}x |")
+        print(
+            f"| start to ready, s (min-max) | {ready:.2f} ({min(r['ready_s'] for r in runs):.2f}-"
+            f"{max(r['ready_s'] for r in runs):.2f}) | {args.mb / tcp:.2f} (bytes alone) | "
+            f"{ready / (args.mb / tcp):.1f}x |"
+        )
         print(f"| leader elections during joins | {sum(r['elections'] for r in runs)} | | |")
         Path(args.out).write_text(json.dumps({"mb": args.mb, "loopback_mb_s": tcp, "runs": runs}, indent=1))
         log(f"wrote {args.out}")

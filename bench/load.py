@@ -14,6 +14,7 @@
 
 Deliberately imports nothing heavy (workers are spawned).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,7 @@ from dataclasses import dataclass
 # ---------------------------------------------------------------- encoding --
 
 
-def http_request(method: str, path: str, host: str, headers: dict[str, str] | None = None,
-                 body: bytes = b"") -> bytes:
+def http_request(method: str, path: str, host: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -55,6 +55,7 @@ def _framing(line: bytes, length, chunked: bool):
 
 
 # ------------------------------------------------------------- async client --
+
 
 async def _read_http(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
@@ -94,10 +95,10 @@ async def _read_resp(reader: asyncio.StreamReader) -> bytes:
 
 @dataclass
 class Job:
-    protocol: str            # "http" or "resp"
+    protocol: str  # "http" or "resp"
     targets: list[tuple[str, int]]
-    requests: list[bytes]    # per target index: the pre-encoded request
-    replies: int = 1         # RESP replies per request (SET + WAIT 2 pipelined: 2)
+    requests: list[bytes]  # per target index: the pre-encoded request
+    replies: int = 1  # RESP replies per request (SET + WAIT 2 pipelined: 2)
     ok_status: tuple = (200, 201)
     check: bytes | None = None  # RESP: the WAIT reply must equal this (b"2")
 
@@ -119,7 +120,7 @@ async def _client(job: Job, idx: int, start: float, end: float, lat: list, error
                 break
             writer.write(req)
             if job.protocol == "http":
-                status, body = await _read_http(reader)
+                status, _ = await _read_http(reader)
                 good = status in job.ok_status
             else:
                 last = b""
@@ -144,6 +145,7 @@ def _worker(job: Job, indexes: list[int], start: float, end: float, q) -> None:
 
     async def main():
         await asyncio.gather(*[_client(job, i, start, end, lat, errors) for i in indexes])
+
     asyncio.run(main())
     q.put((lat, [str(e) for e in errors[:5]], len(errors)))
 
@@ -156,16 +158,15 @@ def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None
     q = ctx.Queue()
     start = time.time() + 1.5  # every process connected and waiting
     end = start + seconds
-    ps = [ctx.Process(target=_worker, args=(job, list(range(p, clients, procs)), start, end, q))
-          for p in range(procs)]
+    ps = [ctx.Process(target=_worker, args=(job, list(range(p, clients, procs)), start, end, q)) for p in range(procs)]
     for p in ps:
         p.start()
     lat: list[float] = []
     errs: list = []
     nerr = 0
     for _ in ps:
-        l, e, n = q.get(timeout=seconds + 120)
-        lat += l
+        lats, e, n = q.get(timeout=seconds + 120)
+        lat += lats
         errs += e
         nerr += n
     for p in ps:
@@ -174,11 +175,19 @@ def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None
 
     def pct(p):
         return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1e3 if lat else float("nan")
-    return {"ops_s": len(lat) / seconds, "p50_ms": pct(50), "p99_ms": pct(99), "ops": len(lat),
-            "errors": nerr, "error_samples": errs[:3]}
+
+    return {
+        "ops_s": len(lat) / seconds,
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+        "ops": len(lat),
+        "errors": nerr,
+        "error_samples": errs[:3],
+    }
 
 
 # ------------------------------------------------------------ blocking client --
+
 
 class _Conn:
     def __init__(self, host: str, port: int, timeout: float = 300):
@@ -200,8 +209,8 @@ class _Conn:
         while True:
             i = self.buf.find(sep)
             if i >= 0:
-                line = bytes(self.buf[:i + len(sep)])
-                del self.buf[:i + len(sep)]
+                line = bytes(self.buf[: i + len(sep)])
+                del self.buf[: i + len(sep)]
                 return line
             self._fill()
 
@@ -300,6 +309,7 @@ class BlockingRESP(_Conn):
 
 
 # ------------------------------------------------------------- loopback TCP --
+
 
 def _sink(port_q, nbytes, reps):
     srv = socket.socket()

@@ -8,6 +8,7 @@ one follower with `py-spy record --format raw` (collapsed stacks, in
 bench/results/profile-*.txt; by default only samples holding the GIL), then
 prints the top frames. Needs py-spy (pip) and ptrace permission.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from .load import closed_loop
 from .systems import ROOT, Paramstore
@@ -78,15 +79,37 @@ def main() -> None:
                     n += 1
                 dt = time.perf_counter() - t0
                 result.update(ops_s=n / dt, p50_ms=dt / max(n, 1) * 1e3, mb_s=n * a.mb / dt)
+
             t = threading.Thread(target=loop)
         t.start()
         procs = []
         for role, node in (("leader", lead), ("follower", fol)):
             f = out / f"profile-{a.workload}-{role}.txt"
-            procs.append((role, f, subprocess.Popen(
-                ["py-spy", "record", "--pid", str(ps.pid(node)), "--duration", str(int(a.seconds - 1)),
-                 "--rate", "200", "--format", "raw", *([] if a.no_gil else ["--gil"]), "--output", str(f)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            procs.append(
+                (
+                    role,
+                    f,
+                    subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "--pid",
+                            str(ps.pid(node)),
+                            "--duration",
+                            str(int(a.seconds - 1)),
+                            "--rate",
+                            "200",
+                            "--format",
+                            "raw",
+                            *([] if a.no_gil else ["--gil"]),
+                            "--output",
+                            str(f),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                )
+            )
         for _, _, p in procs:
             p.wait()
         t.join()

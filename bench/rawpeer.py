@@ -15,6 +15,7 @@ Control: one JSON line per request on a loopback TCP port.
 
     python -m bench.rawpeer --self 127.0.0.1:P --peers A,B --ctl PORT --dir DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,23 @@ class Raw(TunedSyncObj):
     def __init__(self, me: str, peers: list[str], journal: str):
         s = RaftSettings()
         conf = SyncObjConf(
-            autoTickPeriod=s.auto_tick_period, appendEntriesPeriod=s.append_entries_period,
-            raftMinTimeout=s.min_timeout, raftMaxTimeout=s.max_timeout,
-            connectionTimeout=s.connection_timeout, connectionRetryTime=min(1.0, s.connection_timeout),
-            leaderFallbackTimeout=s.leader_fallback_timeout, appendEntriesBatchSizeBytes=2 ** 16,
-            sendBufferSize=s.socket_buffer_bytes, recvBufferSize=s.socket_buffer_bytes,
-            logCompactionMinEntries=s.compaction_min_entries, logCompactionMinTime=s.compaction_min_seconds,
-            commandsWaitLeader=True, bindAddress=me, journalFile=journal, dynamicMembershipChange=False)
+            autoTickPeriod=s.auto_tick_period,
+            appendEntriesPeriod=s.append_entries_period,
+            raftMinTimeout=s.min_timeout,
+            raftMaxTimeout=s.max_timeout,
+            connectionTimeout=s.connection_timeout,
+            connectionRetryTime=min(1.0, s.connection_timeout),
+            leaderFallbackTimeout=s.leader_fallback_timeout,
+            appendEntriesBatchSizeBytes=2**16,
+            sendBufferSize=s.socket_buffer_bytes,
+            recvBufferSize=s.socket_buffer_bytes,
+            logCompactionMinEntries=s.compaction_min_entries,
+            logCompactionMinTime=s.compaction_min_seconds,
+            commandsWaitLeader=True,
+            bindAddress=me,
+            journalFile=journal,
+            dynamicMembershipChange=False,
+        )
         self.w: dict[int, np.ndarray] = {}
         super().__init__(me, peers, conf)
 
@@ -82,6 +93,7 @@ def run_load(obj: Raw, clients: int, seconds: float, nbytes: int) -> dict:
                     live[0] -= 1
                     if live[0] == 0:
                         done.set()
+
         obj.push(g, callback=cb)
 
     for _ in range(clients):
@@ -91,8 +103,8 @@ def run_load(obj: Raw, clients: int, seconds: float, nbytes: int) -> dict:
 
     def pct(p):
         return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1e3 if lat else float("nan")
-    return {"ops_s": len(lat) / seconds, "p50_ms": pct(50), "p99_ms": pct(99), "ops": len(lat),
-            "errors": errors[0]}
+
+    return {"ops_s": len(lat) / seconds, "p50_ms": pct(50), "p99_ms": pct(99), "ops": len(lat), "errors": errors[0]}
 
 
 def main() -> None:
@@ -114,8 +126,12 @@ def main() -> None:
                 if op == "status":
                     st = obj.getStatus()
                     leader = st.get("leader")
-                    out = {"term": st["raft_term"], "leader": str(leader) if leader else None,
-                           "is_leader": st["state"] == 2, "ready": obj.isReady()}
+                    out = {
+                        "term": st["raft_term"],
+                        "leader": str(leader) if leader else None,
+                        "is_leader": st["state"] == 2,
+                        "ready": obj.isReady(),
+                    }
                 elif op == "load":
                     out = run_load(obj, req["clients"], req["seconds"], req.get("nbytes", 1024))
                 elif op == "write":

@@ -1,4 +1,5 @@
 """The side-by-side table, the targets, the plot, and docs/benchmarks.md."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,16 +35,22 @@ def _ratios(ps, row: dict, peers: list[str], lower_better=False) -> str:
 
 SMALL = ["paramstore", "etcd", "redis WAIT 2", "redis plain", "pysyncobj"]
 PULL = ["paramstore", "etcd", "redis", "loopback TCP"]
-PUSH = ["paramstore", "paramstore (majority ack)", "etcd", "etcd (limit raised)", "redis WAIT 2", "redis plain",
-        "pysyncobj"]
+PUSH = [
+    "paramstore",
+    "paramstore (majority ack)",
+    "etcd",
+    "etcd (limit raised)",
+    "redis WAIT 2",
+    "redis plain",
+    "pysyncobj",
+]
 
 
 def _table(title: str, cols: list[str], rows: list[tuple[str, dict, str]], fmt="{:.0f}") -> list[str]:
-    lines = [f"**{title}**", "", "| | " + " | ".join(cols) + " | paramstore ÷ peer |",
-             "|---" * (len(cols) + 2) + "|"]
+    lines = [f"**{title}**", "", "| | " + " | ".join(cols) + " | paramstore ÷ peer |", "|---" * (len(cols) + 2) + "|"]
     for label, row, ratios in rows:
         lines.append(f"| {label} | " + " | ".join(_cell(row.get(c), fmt) for c in cols) + f" | {ratios} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def targets(res: dict) -> list[tuple[str, bool | None, str]]:
@@ -53,43 +60,72 @@ def targets(res: dict) -> list[tuple[str, bool | None, str]]:
         for k in keys:
             d = (d or {}).get(k)
         return (d or {}).get("median")
+
     ps64 = med(res["small"], "paramstore", "64", "ops_s")
     for peer, want in (("etcd", 1.0), ("pysyncobj", 0.5)):
         other = med(res["small"], peer, "64", "ops_s")
         r = ps64 / other if ps64 and other else None
-        out.append((f"small pushes @64 clients ≥ {want}× {peer}", None if r is None else r >= want,
-                    "not measured" if r is None else f"{r:.2f}×"))
+        out.append(
+            (
+                f"small pushes @64 clients ≥ {want}× {peer}",
+                None if r is None else r >= want,
+                "not measured" if r is None else f"{r:.2f}×",
+            )
+        )
     pull = med(res["pull"], "paramstore", "64")
     for peer, want in (("loopback TCP", 0.5), ("redis", 1.0)):
         other = med(res["pull"], peer, "64")
         r = pull / other if pull and other else None
-        out.append((f"pull 64 MB from a follower ≥ {want}× {peer}", None if r is None else r >= want,
-                    "not measured" if r is None else f"{r:.2f}×"))
+        out.append(
+            (
+                f"pull 64 MB from a follower ≥ {want}× {peer}",
+                None if r is None else r >= want,
+                "not measured" if r is None else f"{r:.2f}×",
+            )
+        )
     for mb in ("16", "64"):
         p, o = med(res["push"], "paramstore", mb), med(res["push"], "redis WAIT 2", mb)
         r = p / o if p and o else None
-        out.append((f"push {mb} MB ≥ 1.0× redis SET+WAIT 2", None if r is None else r >= 1.0,
-                    "not measured" if r is None else f"{r:.2f}×"))
+        out.append(
+            (
+                f"push {mb} MB ≥ 1.0× redis SET+WAIT 2",
+                None if r is None else r >= 1.0,
+                "not measured" if r is None else f"{r:.2f}×",
+            )
+        )
     m = res["memory"].get("paramstore")
     if m:
         worst = max(m["peak_rss_mb"].values())
-        out.append((f"peak RSS ≤ 2.5× held + 200 MB (held {m['held_mb']} MB → ≤ {m['target_mb']:.0f} MB)",
-                    worst <= m["target_mb"], f"worst replica {worst:.0f} MB = {worst / m['held_mb']:.2f}× held"))
+        out.append(
+            (
+                f"peak RSS ≤ 2.5× held + 200 MB (held {m['held_mb']} MB → ≤ {m['target_mb']:.0f} MB)",
+                worst <= m["target_mb"],
+                f"worst replica {worst:.0f} MB = {worst / m['held_mb']:.2f}× held",
+            )
+        )
     f = res["failover"].get("paramstore")
     if f and f.get("median") is not None:
         out.append(("failover median ≤ 1.5 s", f["median"] <= 1.5, f"{f['median']:.2f} s"))
     spurious = {s: sum(v for v in d.values() if v) for s, d in res["elections"].items()}
     if "paramstore" in spurious:
-        out.append(("no spurious leader elections (paramstore)", spurious["paramstore"] == 0,
-                    ", ".join(f"{s}: {n}" for s, n in spurious.items())))
+        out.append(
+            (
+                "no spurious leader elections (paramstore)",
+                spurious["paramstore"] == 0,
+                ", ".join(f"{s}: {n}" for s, n in spurious.items()),
+            )
+        )
     return out
 
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"Run {res['started']} on {m['cpu']}, {m['cores']} cores, {m['mem_mb']} MB RAM, Linux {m['kernel']}, "
-             f"Python {m['python']}; {m['etcd']}; {m['redis']}; load average at start {m['load_avg_at_start']}. "
-             f"Took {res.get('seconds', 0):.0f} s. Figures: median (min–max) of {res['config']['reps']} runs.", ""]
+    lines = [
+        f"Run {res['started']} on {m['cpu']}, {m['cores']} cores, {m['mem_mb']} MB RAM, Linux {m['kernel']}, "
+        f"Python {m['python']}; {m['etcd']}; {m['redis']}; load average at start {m['load_avg_at_start']}. "
+        f"Took {res.get('seconds', 0):.0f} s. Figures: median (min–max) of {res['config']['reps']} runs.",
+        "",
+    ]
     for n in res.get("notes", []):
         lines += [f"> {n}", ""]
     small = res["small"]
@@ -113,9 +149,12 @@ def markdown(res: dict) -> str:
     lines += _table("3. Large pushes committed on 3 replicas", PUSH, rows, "{:.1f}")
     mem = res["memory"]
     if mem:
-        lines += ["**4. Memory: peak RSS per replica while pushing 64 MB gradients**", "",
-                  "| system | held (params + Adam state) | peak RSS per replica | peak ÷ held | pushes |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "**4. Memory: peak RSS per replica while pushing 64 MB gradients**",
+            "",
+            "| system | held (params + Adam state) | peak RSS per replica | peak ÷ held | pushes |",
+            "|---|---|---|---|---|",
+        ]
         for s, d in mem.items():
             peaks = ", ".join(f"{v:.0f}" for v in d["peak_rss_mb"].values())
             lines.append(f"| {s} | {d['held_mb']} MB | {peaks} MB | {_cell(d['ratio'], '{:.2f}')} | {d['pushes']} |")
@@ -123,14 +162,21 @@ def markdown(res: dict) -> str:
     rows = []
     row = {s: res["failover"].get(s) for s in ("paramstore", "etcd", "pysyncobj")}
     if any(row.values()):
-        lines += _table("5. Failover: SIGKILL of the leader → first committed write (s)",
-                        ["paramstore", "etcd", "pysyncobj"],
-                        [("seconds", row, _ratios(row["paramstore"], row, ["etcd", "pysyncobj"], True))], "{:.2f}")
+        lines += _table(
+            "5. Failover: SIGKILL of the leader → first committed write (s)",
+            ["paramstore", "etcd", "pysyncobj"],
+            [("seconds", row, _ratios(row["paramstore"], row, ["etcd", "pysyncobj"], True))],
+            "{:.2f}",
+        )
     row = {s: res["recovery"].get(s) for s in ("paramstore", "redis")}
     if any(row.values()):
         held = next(v["held_mb"] for v in row.values() if v)
-        lines += _table(f"6. Recovery: restarted replica holding {held} MB ready (s)", ["paramstore", "redis"],
-                        [("seconds", row, _ratios(row["paramstore"], row, ["redis"], True))], "{:.1f}")
+        lines += _table(
+            f"6. Recovery: restarted replica holding {held} MB ready (s)",
+            ["paramstore", "redis"],
+            [("seconds", row, _ratios(row["paramstore"], row, ["redis"], True))],
+            "{:.1f}",
+        )
     lines += ["**Leader elections (term changes) during each workload, failover excluded**", ""]
     for s, d in res["elections"].items():
         lines.append(f"- {s}: " + ", ".join(f"{w} {n}" for w, n in d.items() if n is not None))
@@ -144,8 +190,10 @@ def markdown(res: dict) -> str:
 
 def plot(res: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     colors = {}
 
@@ -167,22 +215,55 @@ def plot(res: dict, path: Path) -> None:
 
     def med(d):
         return (d or {}).get("median")
+
     cl = list(map(str, res["config"]["clients"]))
     sz = list(map(str, res["config"]["sizes"]))
-    bars(axes[0][0], [f"{c} clients" for c in cl],
-         {s: [med((res["small"].get(s) or {}).get(c, {}).get("ops_s")) for c in cl] for s in SMALL},
-         "1. small 1 KB pushes", "committed ops/s", log=True)
-    bars(axes[0][1], [f"{m} MB" for m in sz], {s: [med((res["pull"].get(s) or {}).get(m)) for m in sz] for s in PULL},
-         "2. pull from follower", "MB/s", log=True)
-    bars(axes[0][2], [f"{m} MB" for m in sz], {s: [med((res["push"].get(s) or {}).get(m)) for m in sz] for s in PUSH},
-         "3. large pushes on 3 replicas", "MB/s", log=True)
+    bars(
+        axes[0][0],
+        [f"{c} clients" for c in cl],
+        {s: [med((res["small"].get(s) or {}).get(c, {}).get("ops_s")) for c in cl] for s in SMALL},
+        "1. small 1 KB pushes",
+        "committed ops/s",
+        log=True,
+    )
+    bars(
+        axes[0][1],
+        [f"{m} MB" for m in sz],
+        {s: [med((res["pull"].get(s) or {}).get(m)) for m in sz] for s in PULL},
+        "2. pull from follower",
+        "MB/s",
+        log=True,
+    )
+    bars(
+        axes[0][2],
+        [f"{m} MB" for m in sz],
+        {s: [med((res["push"].get(s) or {}).get(m)) for m in sz] for s in PUSH},
+        "3. large pushes on 3 replicas",
+        "MB/s",
+        log=True,
+    )
     mem = res["memory"]
-    bars(axes[1][0], ["peak RSS ÷ held"], {s: [med(d["ratio"])] for s, d in mem.items()},
-         "4. memory (lower is better)", "×")
-    bars(axes[1][1], ["failover"], {s: [med(res["failover"].get(s))] for s in ("paramstore", "etcd", "pysyncobj")},
-         "5. failover (lower is better)", "s")
-    bars(axes[1][2], ["recovery"], {s: [med(res["recovery"].get(s))] for s in ("paramstore", "redis")},
-         "6. recovery (lower is better)", "s")
+    bars(
+        axes[1][0],
+        ["peak RSS ÷ held"],
+        {s: [med(d["ratio"])] for s, d in mem.items()},
+        "4. memory (lower is better)",
+        "×",
+    )
+    bars(
+        axes[1][1],
+        ["failover"],
+        {s: [med(res["failover"].get(s))] for s in ("paramstore", "etcd", "pysyncobj")},
+        "5. failover (lower is better)",
+        "s",
+    )
+    bars(
+        axes[1][2],
+        ["recovery"],
+        {s: [med(res["recovery"].get(s))] for s in ("paramstore", "redis")},
+        "6. recovery (lower is better)",
+        "s",
+    )
     fig.suptitle(f"paramstore vs peers — {res['machine']['cores']} cores, {res['started']}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -194,4 +275,6 @@ def update_docs(path: Path, md: str) -> None:
         text += f"\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{BEGIN}\n\n![throughput per workload](../bench/results/throughput.png)\n\n{md}\n{END}{tail}")
+    path.write_text(
+        f"{head}{BEGIN}\n\n![throughput per workload](../bench/results/throughput.png)\n\n{md}\n{END}{tail}"
+    )

@@ -6,9 +6,11 @@ ports 11000-19999:
     redis       13000 (primary), 13001-13002 (replicas)
     pysyncobj   raft 14000-14002, control 14100-14102
 """
+
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -62,19 +64,24 @@ def _kill(p: subprocess.Popen | None, sig=signal.SIGTERM, wait: float = 15) -> N
 
 
 def raw_headers(arr: np.ndarray) -> dict:
-    return {"Content-Type": "application/octet-stream", "X-Dtype": str(arr.dtype),
-            "X-Shape": ",".join(map(str, arr.shape))}
+    return {
+        "Content-Type": "application/octet-stream",
+        "X-Dtype": str(arr.dtype),
+        "X-Shape": ",".join(map(str, arr.shape)),
+    }
 
 
 # =================================================================== paramstore
+
 
 class Paramstore:
     name = "paramstore"
     HTTP, RAFT = 11000, 11100
 
     def __init__(self, workdir: Path, replicas: int = 3, shards: int = 4):
-        from store.config import config_from_mapping, render_toml
         from api.devcluster import dev_config
+        from store.config import config_from_mapping, render_toml
+
         self.dir = workdir / "paramstore"
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
@@ -86,14 +93,38 @@ class Paramstore:
         self.procs: dict[str, subprocess.Popen] = {}
 
     # -- processes
-    def start_node(self, node: str, config: Path | None = None, extra: tuple[str, ...] = (),
-                   log_level: str = "warning", fresh_log: bool = False) -> float:
-        log = open(self.dir / f"{node}.log", "wb" if fresh_log else "ab")
+    def start_node(
+        self,
+        node: str,
+        config: Path | None = None,
+        extra: tuple[str, ...] = (),
+        log_level: str = "warning",
+        fresh_log: bool = False,
+    ) -> float:
         env = dict(os.environ, PYTHONPATH=PS_PATH)
-        self.procs[node] = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(config or self.config_path),
-             "--node", node, "--data-dir", str(self.dir / node), "--log-level", log_level, *extra],
-            cwd=PS_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.dir / f"{node}.log", "wb" if fresh_log else "ab") as log:
+            self.procs[node] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "api.cli",
+                    "serve",
+                    "--config",
+                    str(config or self.config_path),
+                    "--node",
+                    node,
+                    "--data-dir",
+                    str(self.dir / node),
+                    "--log-level",
+                    log_level,
+                    *extra,
+                ],
+                cwd=PS_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return time.monotonic()
 
     def start(self) -> None:
@@ -142,7 +173,7 @@ class Paramstore:
     def status(self, node: str) -> dict:
         c = BlockingHTTP(*self.urls[node], timeout=5)
         try:
-            st, body = c.request("GET", "/v1/cluster")
+            _, body = c.request("GET", "/v1/cluster")
             return json.loads(bytes(body))
         finally:
             c.close()
@@ -173,7 +204,9 @@ class Paramstore:
 
     def put(self, node: str, name: str, arr: np.ndarray, optimizer: dict, conn=None) -> dict:
         c = conn or self.conn(node)
-        st, body = c.request("PUT", f"/v1/tensors/{name}", {**raw_headers(arr), "X-Optimizer": json.dumps(optimizer)}, arr)
+        st, body = c.request(
+            "PUT", f"/v1/tensors/{name}", {**raw_headers(arr), "X-Optimizer": json.dumps(optimizer)}, arr
+        )
         if st not in (200, 201):
             raise RuntimeError(f"PUT {name}: {st} {bytes(body)[:300]!r}")
         return json.loads(bytes(body))
@@ -200,6 +233,7 @@ class Paramstore:
 
 # ========================================================================= etcd
 
+
 class Etcd:
     name = "etcd"
     CLIENT, PEER = 12000, 12100
@@ -220,18 +254,37 @@ class Etcd:
     def start_node(self, m: str, new: bool) -> None:
         i = self.members.index(m)
         cluster = ",".join(f"{x}=http://{HOST}:{self.PEER + j}" for j, x in enumerate(self.members))
-        cmd = ["etcd", "--name", m, "--data-dir", str(self.dir / m),
-               "--listen-client-urls", f"http://{HOST}:{self.CLIENT + i}",
-               "--advertise-client-urls", f"http://{HOST}:{self.CLIENT + i}",
-               "--listen-peer-urls", f"http://{HOST}:{self.PEER + i}",
-               "--initial-advertise-peer-urls", f"http://{HOST}:{self.PEER + i}",
-               "--initial-cluster", cluster, "--initial-cluster-token", "paramstore-bench",
-               "--initial-cluster-state", "new" if new else "existing",
-               "--quota-backend-bytes", str(8 << 30), "--logger", "zap", "--log-level", "warn"]
+        cmd = [
+            "etcd",
+            "--name",
+            m,
+            "--data-dir",
+            str(self.dir / m),
+            "--listen-client-urls",
+            f"http://{HOST}:{self.CLIENT + i}",
+            "--advertise-client-urls",
+            f"http://{HOST}:{self.CLIENT + i}",
+            "--listen-peer-urls",
+            f"http://{HOST}:{self.PEER + i}",
+            "--initial-advertise-peer-urls",
+            f"http://{HOST}:{self.PEER + i}",
+            "--initial-cluster",
+            cluster,
+            "--initial-cluster-token",
+            "paramstore-bench",
+            "--initial-cluster-state",
+            "new" if new else "existing",
+            "--quota-backend-bytes",
+            str(8 << 30),
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
+        ]
         if self.max_request_bytes:
             cmd += ["--max-request-bytes", str(self.max_request_bytes)]
-        log = open(self.logdir / f"{m}.log", "ab")
-        self.procs[m] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.logdir / f"{m}.log", "ab") as log:
+            self.procs[m] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -287,10 +340,8 @@ class Etcd:
         best = 0
         for m in self.members:
             if self.procs[m].poll() is None:
-                try:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
                     best = max(best, int(self.status(m).get("raftTerm", 0)))
-                except (OSError, ValueError, AttributeError):
-                    pass
         return best
 
     def leader(self) -> str | None:
@@ -311,8 +362,9 @@ class Etcd:
 
     @staticmethod
     def put_body(key: str, value) -> bytes:
-        return json.dumps({"key": base64.b64encode(key.encode()).decode(),
-                           "value": base64.b64encode(value).decode()}).encode()
+        return json.dumps(
+            {"key": base64.b64encode(key.encode()).decode(), "value": base64.b64encode(value).decode()}
+        ).encode()
 
     def put(self, conn: BlockingHTTP, key: str, value) -> tuple[int, bytes]:
         st, body = conn.request("POST", "/v3/kv/put", {"Content-Type": "application/json"}, self.put_body(key, value))
@@ -329,12 +381,15 @@ class Etcd:
     def small_job(self, nbytes: int = 1024) -> Job:
         body = self.put_body("small", np.ones(nbytes // 4, np.float32).tobytes())
         targets = [self.client(m) for m in self.members]
-        reqs = [http_request("POST", "/v3/kv/put", f"{h}:{p}", {"Content-Type": "application/json"}, body)
-                for h, p in targets]
+        reqs = [
+            http_request("POST", "/v3/kv/put", f"{h}:{p}", {"Content-Type": "application/json"}, body)
+            for h, p in targets
+        ]
         return Job("http", targets, reqs)
 
 
 # ======================================================================== redis
+
 
 class Redis:
     name = "redis"
@@ -349,15 +404,38 @@ class Redis:
     def start_node(self, port: int) -> None:
         d = self.dir / str(port)
         d.mkdir(exist_ok=True)
-        cmd = ["redis-server", "--port", str(port), "--bind", HOST, "--dir", str(d), "--save", "",
-               "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
-               "--client-output-buffer-limit", "replica 0 0 0", "--repl-diskless-sync", "yes",
-               "--repl-diskless-sync-delay", "0", "--repl-diskless-load", "on-empty-db",
-               "--logfile", str(self.dir / f"{port}.log")]
+        cmd = [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--dir",
+            str(d),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--client-output-buffer-limit",
+            "replica 0 0 0",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--repl-diskless-load",
+            "on-empty-db",
+            "--logfile",
+            str(self.dir / f"{port}.log"),
+        ]
         if port != self.PORTS[0]:
             cmd += ["--replicaof", HOST, str(self.PORTS[0])]
-        self.procs[port] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        self.procs[port] = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
         _wait_port(port)
 
     def start(self) -> None:
@@ -400,11 +478,11 @@ class Redis:
         req = resp_command("SET", "small", v)
         if wait:
             req += resp_command("WAIT", "2", "0")
-        return Job("resp", [(HOST, self.PORTS[0])], [req], replies=2 if wait else 1,
-                   check=b"2" if wait else None)
+        return Job("resp", [(HOST, self.PORTS[0])], [req], replies=2 if wait else 1, check=b"2" if wait else None)
 
 
 # ================================================================ raw pysyncobj
+
 
 class RawSyncObj:
     name = "pysyncobj"
@@ -422,11 +500,28 @@ class RawSyncObj:
         peers = ",".join(f"{HOST}:{self.RAFT + j}" for j in range(self.n) if j != i)
         d = self.dir / str(i)
         d.mkdir(exist_ok=True)
-        log = open(self.dir / f"{i}.log", "ab")
-        self.procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "bench.rawpeer", "--self", me, "--peers", peers, "--ctl", str(self.CTL + i),
-             "--dir", str(d), *(["--pipeline-fix"] if os.environ.get("BENCH_RAW_PIPELINE_FIX") else [])], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.dir / f"{i}.log", "ab") as log:
+            self.procs[i] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.rawpeer",
+                    "--self",
+                    me,
+                    "--peers",
+                    peers,
+                    "--ctl",
+                    str(self.CTL + i),
+                    "--dir",
+                    str(d),
+                    *(["--pipeline-fix"] if os.environ.get("BENCH_RAW_PIPELINE_FIX") else []),
+                ],
+                cwd=ROOT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def start(self) -> None:
         for i in range(self.n):
@@ -471,10 +566,8 @@ class RawSyncObj:
     def terms(self) -> int:
         best = 0
         for i in self.live():
-            try:
+            with contextlib.suppress(OSError):
                 best = max(best, self.ctl(i, {"op": "status"}, 5)["term"])
-            except OSError:
-                pass
         return best
 
 
