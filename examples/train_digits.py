@@ -13,9 +13,12 @@ generated 10-class problem of the same size (the output says which). Model:
 softmax regression, or a one-hidden-layer MLP with --hidden N. Exits 1 if the
 final test accuracy is below --target.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paramstore import Client, NotFoundError  # noqa: E402
+from paramstore import Client, NotFoundError
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]
 
@@ -35,6 +38,7 @@ def load_data(seed: int = 0) -> Data:
     """(x_train, y_train, x_test, y_test, description); a fixed 75/25 split."""
     try:
         from sklearn.datasets import load_digits
+
         d = load_digits()
         x, y, what = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64), "scikit-learn digits"
     except ImportError:
@@ -53,7 +57,7 @@ def init_params(n_in: int, hidden: int, n_out: int = 10, seed: int = 0) -> dict[
     rng = np.random.default_rng(seed)
     sizes = [n_in, hidden, n_out] if hidden else [n_in, n_out]
     params = {}
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         params[f"W{i}"] = (rng.normal(0, 1 / np.sqrt(a), (a, b))).astype(np.float32)
         params[f"b{i}"] = np.zeros(b, np.float32)
     return params
@@ -71,8 +75,9 @@ def forward(params: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, l
     return h, inputs
 
 
-def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
-                   ) -> tuple[float, float, dict[str, np.ndarray]]:
+def loss_and_grads(
+    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
+) -> tuple[float, float, dict[str, np.ndarray]]:
     """Mean cross-entropy, accuracy, and the gradient of every parameter."""
     logits, inputs = forward(params, x)
     z = logits - logits.max(axis=1, keepdims=True)
@@ -98,13 +103,13 @@ def evaluate(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tup
     return loss, acc
 
 
-def worker(rank: int, args: argparse.Namespace, urls: list[str], results: "mp.Queue") -> None:
+def worker(rank: int, args: argparse.Namespace, urls: list[str], results: mp.Queue) -> None:
     """Pull, compute, push, `args.steps` times; reports (rank, loss, pushes) every few steps."""
     x, y, _, _, _ = load_data()
     rng = np.random.default_rng(1000 + rank)
     names = {k: f"{args.prefix}.{k}" for k in init_params(x.shape[1], args.hidden)}
     # Spread the workers' reads over the replicas; any replica takes writes.
-    with Client(urls[rank % len(urls):] + urls[:rank % len(urls)]) as ps:
+    with Client(urls[rank % len(urls) :] + urls[: rank % len(urls)]) as ps:
         optimizer = {"type": args.optimizer, "lr": args.lr}
         for key, value in init_params(x.shape[1], args.hidden).items():
             ps.create(names[key], value, optimizer=optimizer, exist_ok=True)  # first worker wins
@@ -114,8 +119,9 @@ def worker(rank: int, args: argparse.Namespace, urls: list[str], results: "mp.Qu
             params = {k: pulled[n][0] for k, n in names.items()}
             idx = rng.integers(0, len(x), args.batch)
             loss, _, grads = loss_and_grads(params, x[idx], y[idx])
-            ps.push_grads({names[k]: g for k, g in grads.items()},
-                          base_versions={n: pulled[n][1] for n in names.values()})
+            ps.push_grads(
+                {names[k]: g for k, g in grads.items()}, base_versions={n: pulled[n][1] for n in names.values()}
+            )
             pushes += len(grads)
             losses.append(loss)
             if (step + 1) % 10 == 0 or step + 1 == args.steps:
@@ -136,6 +142,7 @@ class Progress:
         self.total, self.done, self.last = total, 0, 0.0
         try:
             from tqdm import tqdm
+
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
         except ImportError:
             self.bar = None
@@ -147,8 +154,7 @@ class Progress:
             self.bar.set_postfix(info, refresh=False)
         elif time.monotonic() - self.last > 1.0 or self.done == self.total:
             self.last = time.monotonic()
-            print(f"  step {self.done}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in info.items()),
-                  flush=True)
+            print(f"  step {self.done}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in info.items()), flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -157,8 +163,11 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--urls", default=os.environ.get("PARAMSTORE_URLS", "http://127.0.0.1:8700"),
-                   help="comma-separated replica URLs (default: $PARAMSTORE_URLS)")
+    p.add_argument(
+        "--urls",
+        default=os.environ.get("PARAMSTORE_URLS", "http://127.0.0.1:8700"),
+        help="comma-separated replica URLs (default: $PARAMSTORE_URLS)",
+    )
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=150, help="gradient steps per worker")
     p.add_argument("--batch", type=int, default=64)
@@ -176,20 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     x_tr, _, x_te, y_te, what = load_data()
     n_in = x_tr.shape[1]
     model = f"MLP 64-{args.hidden}-10" if args.hidden else "softmax regression 64-10"
-    print(f"data: {what}, {len(x_tr)} train / {len(x_te)} test; model: {model}; "
-          f"{args.workers} workers x {args.steps} steps, batch {args.batch}, "
-          f"server-side {args.optimizer} lr {args.lr}", flush=True)
+    print(
+        f"data: {what}, {len(x_tr)} train / {len(x_te)} test; model: {model}; "
+        f"{args.workers} workers x {args.steps} steps, batch {args.batch}, "
+        f"server-side {args.optimizer} lr {args.lr}",
+        flush=True,
+    )
     with Client(urls) as ps:
         if not args.resume:
             for k in init_params(n_in, args.hidden):
-                try:
+                with contextlib.suppress(NotFoundError):
                     ps.delete(f"{args.prefix}.{k}")
-                except NotFoundError:
-                    pass
         ctx = mp.get_context("spawn")  # no inherited sockets or threads
         results: mp.Queue = ctx.Queue()
-        procs = [ctx.Process(target=worker, args=(r, args, urls, results), daemon=True)
-                 for r in range(args.workers)]
+        procs = [ctx.Process(target=worker, args=(r, args, urls, results), daemon=True) for r in range(args.workers)]
         start = time.monotonic()
         for proc in procs:
             proc.start()
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             while running:
                 try:
-                    rank, batch_loss, n_pushes, n_steps = results.get(timeout=1.0)
+                    _rank, batch_loss, n_pushes, n_steps = results.get(timeout=1.0)
                 except queue.Empty:
                     dead = [pr for pr in procs if pr.exitcode not in (None, 0)]
                     if dead:
@@ -214,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                     last_eval = time.monotonic()
                     _, test_acc = evaluate(pull_params(ps, args.prefix, args.hidden, n_in), x_te, y_te)
                 rate = pushes / (time.monotonic() - start)
-                progress.update(n_steps, {"loss": f"{loss:.3f}", "test_acc": f"{test_acc:.3f}",
-                                          "pushes/s": f"{rate:.0f}"})
+                progress.update(
+                    n_steps, {"loss": f"{loss:.3f}", "test_acc": f"{test_acc:.3f}", "pushes/s": f"{rate:.0f}"}
+                )
         finally:
             progress.close()
             for proc in procs:
@@ -228,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: workers exited with {failed}", file=sys.stderr)
             return 2
         test_loss, test_acc = evaluate(pull_params(ps, args.prefix, args.hidden, n_in), x_te, y_te)
-    print(f"final: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}, "
-          f"{pushes} pushes in {seconds:.1f} s ({pushes / seconds:.1f} pushes/s), data: {what}")
+    print(
+        f"final: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}, "
+        f"{pushes} pushes in {seconds:.1f} s ({pushes / seconds:.1f} pushes/s), data: {what}"
+    )
     if test_acc < args.target:
         print(f"FAILED: test accuracy {test_acc:.4f} is below the target {args.target:.2f}", file=sys.stderr)
         return 1
