@@ -13,15 +13,30 @@ importing `paramstore` alone never imports torch. This package needs only
 httpx, numpy and safetensors: the server (`api`, `store`) is a separate install
 extra, `paramstore[server]`, and nothing here imports it.
 """
+
 from ._client import Client
-from ._errors import (AuthError, ConflictError, InvalidError, NotFoundError, ParamStoreError,
-                      PreconditionFailedError, UnavailableError)
+from ._errors import (
+    AuthError,
+    ConflictError,
+    InvalidError,
+    NotFoundError,
+    ParamStoreError,
+    PreconditionFailedError,
+    UnavailableError,
+)
 
 __version__ = "0.1.0"
 
 ParamStoreClient = Client  # the name the SDK had as api.client.ParamStoreClient
 
 __all__ = [
-    "Client", "ParamStoreClient", "ParamStoreError", "NotFoundError", "PreconditionFailedError",
-    "ConflictError", "InvalidError", "UnavailableError", "AuthError",
+    "AuthError",
+    "Client",
+    "ConflictError",
+    "InvalidError",
+    "NotFoundError",
+    "ParamStoreClient",
+    "ParamStoreError",
+    "PreconditionFailedError",
+    "UnavailableError",
 ]

@@ -1,4 +1,5 @@
 """`Client`: numpy arrays in and out of a paramstore cluster over its HTTP API."""
+
 from __future__ import annotations
 
 import builtins
@@ -9,14 +10,14 @@ import ssl
 import threading
 import time
 import uuid
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import httpx
 import numpy as np
 
 from ._errors import ParamStoreError, PreconditionFailedError, UnavailableError, error_from
-from ._wire import (OCTET, SAFETENSORS, array_from, le_contiguous, safetensors_metadata, tensor_request,
-                    version_of)
+from ._wire import OCTET, SAFETENSORS, array_from, le_contiguous, safetensors_metadata, tensor_request, version_of
 
 __all__ = ["Client"]
 
@@ -79,9 +80,15 @@ class Client:
     restarts at version 1).
     """
 
-    def __init__(self, urls: builtins.list[str] | str, timeout: float = 10.0, deadline: float = 30.0,
-                 session: dict[str, int] | None = None, token: str | None = None,
-                 verify: bool | str | ssl.SSLContext = True) -> None:
+    def __init__(
+        self,
+        urls: builtins.list[str] | str,
+        timeout: float = 10.0,
+        deadline: float = 30.0,
+        session: dict[str, int] | None = None,
+        token: str | None = None,
+        verify: bool | str | ssl.SSLContext = True,
+    ) -> None:
         if isinstance(urls, str):
             urls = urls.split(",")
         self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
@@ -96,10 +103,17 @@ class Client:
         if isinstance(verify, str):  # a CA bundle file
             verify = ssl.create_default_context(cafile=verify)
         auth = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = [httpx.Client(base_url=u, timeout=timeout, follow_redirects=True, headers=auth,
-                                   verify=verify,
-                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=8))
-                      for u in self.urls]
+        self._http = [
+            httpx.Client(
+                base_url=u,
+                timeout=timeout,
+                follow_redirects=True,
+                headers=auth,
+                verify=verify,
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            )
+            for u in self.urls
+        ]
 
     # ---- lifecycle ------------------------------------------------------------------
     def close(self) -> None:
@@ -113,9 +127,15 @@ class Client:
         self.close()
 
     # ---- writes ----------------------------------------------------------------------
-    def create(self, name: str, value: Any, optimizer: Mapping[str, Any] | None = None,
-               max_staleness: int | None = None, staleness_policy: str | None = None,
-               exist_ok: bool = False) -> int:
+    def create(
+        self,
+        name: str,
+        value: Any,
+        optimizer: Mapping[str, Any] | None = None,
+        max_staleness: int | None = None,
+        staleness_policy: str | None = None,
+        exist_ok: bool = False,
+    ) -> int:
         """Create `name` (If-None-Match: *). Returns its version: 1, or with
         `exist_ok` the current version of an existing tensor (left unchanged)."""
         body, headers = tensor_request(value)
@@ -156,8 +176,7 @@ class Client:
         r = self._request("POST", f"/v1/tensors/{name}/grad", headers=headers, content=body, write=True)
         return self._saw(name, version_of(r))
 
-    def push_grads(self, grads: Mapping[str, Any],
-                   base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
+    def push_grads(self, grads: Mapping[str, Any], base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
         """Push many gradients in ONE request (safetensors). The tensors of each
         shard are applied atomically as one Raft entry; returns new versions."""
         from safetensors.numpy import save
@@ -212,10 +231,14 @@ class Client:
         """Block until `name` has a version > `version_gt` (returned), or
         `timeout` seconds pass (None). The server caps one wait at
         limits.max_wait_seconds (60 s by default)."""
-        r = self._request("HEAD", f"/v1/tensors/{name}",
-                          params={"wait_version_gt": int(version_gt), "timeout": timeout},
-                          attempt_timeout=timeout + self.timeout, deadline=timeout + self.deadline,
-                          ok=(200, 304))
+        r = self._request(
+            "HEAD",
+            f"/v1/tensors/{name}",
+            params={"wait_version_gt": int(version_gt), "timeout": timeout},
+            attempt_timeout=timeout + self.timeout,
+            deadline=timeout + self.deadline,
+            ok=(200, 304),
+        )
         if r.status_code == 304:
             return None
         return self._saw(name, version_of(r))
@@ -232,10 +255,19 @@ class Client:
                 self.session[name] = version
         return version
 
-    def _request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                 params: dict[str, Any] | None = None, content: Any = None, write: bool = False,
-                 attempt_timeout: float | None = None, deadline: float | None = None,
-                 ok: tuple[int, ...] = (200, 201)) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        content: Any = None,
+        write: bool = False,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+        ok: tuple[int, ...] = (200, 201),
+    ) -> httpx.Response:
         """One logical call: retried across replicas until it gets a definite
         answer or the deadline passes. Writes keep one X-Request-Id throughout."""
         headers = dict(headers or {})
@@ -250,8 +282,7 @@ class Client:
             i = (start + attempt) % n
             remaining = end - time.monotonic()
             try:
-                r = self._attempt(i, method, path, headers, params, content,
-                                  max(0.05, min(per_try, remaining)), ok)
+                r = self._attempt(i, method, path, headers, params, content, max(0.05, min(per_try, remaining)), ok)
                 self._preferred = i
                 return r
             except _Retry as e:
@@ -263,21 +294,29 @@ class Client:
             if attempt % n == 0:
                 pause = max(pause, min(retry_after, _BACKOFF_CAP))
             if time.monotonic() + pause >= end:
-                msg = (f"{method} {path}: no replica answered within the deadline "
-                       f"({attempt} attempts over {', '.join(self.urls)}); last: {cause}")
+                msg = (
+                    f"{method} {path}: no replica answered within the deadline "
+                    f"({attempt} attempts over {', '.join(self.urls)}); last: {cause}"
+                )
                 if isinstance(cause, ParamStoreError):
-                    raise UnavailableError(msg, status=cause.status, code=cause.code,
-                                           body=cause.body) from cause
+                    raise UnavailableError(msg, status=cause.status, code=cause.code, body=cause.body) from cause
                 raise UnavailableError(msg) from cause
             time.sleep(pause)
 
-    def _attempt(self, i: int, method: str, path: str, headers: dict[str, str],
-                 params: dict[str, Any] | None, content: Any, timeout: float,
-                 ok: tuple[int, ...]) -> httpx.Response:
+    def _attempt(
+        self,
+        i: int,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        params: dict[str, Any] | None,
+        content: Any,
+        timeout: float,
+        ok: tuple[int, ...],
+    ) -> httpx.Response:
         http = self._http[i]
         try:
-            request = http.build_request(method, path, headers=headers, params=params,
-                                         content=content, timeout=timeout)
+            request = http.build_request(method, path, headers=headers, params=params, content=content, timeout=timeout)
             r = http.send(request)
         except httpx.TransportError as e:  # refused, reset, timed out: outcome may be unknown
             raise _Retry(e) from e

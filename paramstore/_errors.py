@@ -1,21 +1,30 @@
 """The exceptions the client raises, one per kind of answer a caller handles differently."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 
 __all__ = [
-    "ParamStoreError", "NotFoundError", "PreconditionFailedError", "ConflictError", "InvalidError",
-    "UnavailableError", "AuthError", "error_from",
+    "AuthError",
+    "ConflictError",
+    "InvalidError",
+    "NotFoundError",
+    "ParamStoreError",
+    "PreconditionFailedError",
+    "UnavailableError",
+    "error_from",
 ]
 
 
 class ParamStoreError(Exception):
     """Any error the store reported; `status`, `code` and `body` are the HTTP answer."""
 
-    def __init__(self, detail: str, status: int | None = None, code: str | None = None,
-                 body: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, detail: str, status: int | None = None, code: str | None = None, body: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__(f"{code or 'error'} ({status}): {detail}" if status else detail)
         self.detail = detail
         self.status = status
@@ -57,9 +66,18 @@ class AuthError(ParamStoreError):
 
 
 _BY_STATUS: dict[int, type[ParamStoreError]] = {
-    400: InvalidError, 401: AuthError, 403: AuthError, 404: NotFoundError, 406: InvalidError,
-    409: ConflictError, 412: PreconditionFailedError, 413: InvalidError, 415: InvalidError,
-    422: InvalidError, 408: UnavailableError, 503: UnavailableError,
+    400: InvalidError,
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    406: InvalidError,
+    409: ConflictError,
+    412: PreconditionFailedError,
+    413: InvalidError,
+    415: InvalidError,
+    422: InvalidError,
+    408: UnavailableError,
+    503: UnavailableError,
 }
 
 

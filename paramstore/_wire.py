@@ -1,5 +1,6 @@
 """The data-path encodings the client speaks: raw little-endian bytes with
 `X-Dtype` / `X-Shape`, and safetensors for many tensors (docs/api.md)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ def tensor_request(value: Any) -> tuple[list[memoryview], dict[str, str]]:
     iterable of ints) and headers of a raw tensor upload."""
     arr = le_contiguous(value)
     view = arr.reshape(-1).data.cast("B")
-    headers = {"Content-Type": OCTET, "Content-Length": str(view.nbytes),
-               "X-Dtype": arr.dtype.name, "X-Shape": ",".join(str(d) for d in arr.shape)}
+    headers = {
+        "Content-Type": OCTET,
+        "Content-Length": str(view.nbytes),
+        "X-Dtype": arr.dtype.name,
+        "X-Shape": ",".join(str(d) for d in arr.shape),
+    }
     return [view], headers
 
 
@@ -33,7 +38,7 @@ def safetensors_metadata(body: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors file: its 8-byte header length and
     JSON header are the format's documented framing."""
     n = int.from_bytes(body[:8], "little")
-    meta: dict[str, str] = json.loads(body[8:8 + n]).get("__metadata__", {})
+    meta: dict[str, str] = json.loads(body[8 : 8 + n]).get("__metadata__", {})
     return meta
 
 

@@ -2,9 +2,10 @@
 
 Tensor names are `prefix + parameter name` (e.g. "net.fc1.weight").
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -18,12 +19,14 @@ from ._client import Client
 __all__ = ["create_module", "load_module", "push_module_grads"]
 
 
-def create_module(client: Client, module: torch.nn.Module, optimizer: Mapping[str, object] | None = None,
-                  prefix: str = "") -> dict[str, int]:
+def create_module(
+    client: Client, module: torch.nn.Module, optimizer: Mapping[str, object] | None = None, prefix: str = ""
+) -> dict[str, int]:
     """Create one tensor per parameter from the module's current values (exist_ok)."""
-    return {prefix + n: client.create(prefix + n, p.detach().cpu().contiguous().numpy(),
-                                      optimizer=optimizer, exist_ok=True)
-            for n, p in module.named_parameters()}
+    return {
+        prefix + n: client.create(prefix + n, p.detach().cpu().contiguous().numpy(), optimizer=optimizer, exist_ok=True)
+        for n, p in module.named_parameters()
+    }
 
 
 def load_module(client: Client, module: torch.nn.Module, prefix: str = "") -> dict[str, int]:
@@ -38,9 +41,13 @@ def load_module(client: Client, module: torch.nn.Module, prefix: str = "") -> di
     return versions
 
 
-def push_module_grads(client: Client, module: torch.nn.Module, prefix: str = "",
-                      base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
+def push_module_grads(
+    client: Client, module: torch.nn.Module, prefix: str = "", base_versions: Mapping[str, int] | None = None
+) -> dict[str, int]:
     """Push every parameter's `.grad` in one request (parameters without one are skipped)."""
-    grads = {prefix + n: p.grad.detach().cpu().contiguous().numpy()
-             for n, p in module.named_parameters() if p.grad is not None}
+    grads = {
+        prefix + n: p.grad.detach().cpu().contiguous().numpy()
+        for n, p in module.named_parameters()
+        if p.grad is not None
+    }
     return client.push_grads(grads, base_versions)
