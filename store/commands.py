@@ -20,6 +20,7 @@ fields after the existing ones.
 Journals written before this encoding (dict commands) are not readable; there
 were no deployments to migrate.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -36,12 +37,14 @@ Buffer = Any  # bytes-like (bytes, memoryview, a numpy uint8 buffer): a payload 
 @dataclass(frozen=True, slots=True)
 class Inline:
     """Payload bytes carried in the command itself."""
+
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Stored:
     """A payload in the shard's payload store, named by its SHA-256."""
+
     id: str
     size: int
 
@@ -57,6 +60,7 @@ PAYLOAD = {"kind": _REF}  # field metadata of a payload: `data: Blob = field(met
 
 class Command:
     """Base of every replicated command."""
+
     __slots__ = ()
     tag: ClassVar[str]
 
@@ -65,6 +69,7 @@ class Command:
 class Put(Command):
     """Create or replace a tensor. None in the optional fields keeps what the
     existing tensor has (or the default on create)."""
+
     tag: ClassVar[str] = "put"
     name: str
     dtype: str
@@ -85,6 +90,7 @@ class Put(Command):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Grad(Command):
     """Apply a gradient with the tensor's optimizer."""
+
     tag: ClassVar[str] = "grad"
     name: str
     dtype: str
@@ -98,6 +104,7 @@ class Grad(Command):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GradRows(Command):
     """Sparse gradient: `k` rows given by int64 `indices` and their `values`."""
+
     tag: ClassVar[str] = "grad_rows"
     name: str
     dtype: str
@@ -121,6 +128,7 @@ class Delete(Command):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Batch(Command):
     """Several tensor commands of one shard, applied all or none."""
+
     tag: ClassVar[str] = "batch"
     ops: tuple[Put | Grad | Delete, ...] = field(metadata={"kind": _CMDS})
     rid: str | None = None
@@ -130,6 +138,7 @@ class Batch(Command):
 class Group(Command):
     """Independent commands sharing one Raft entry (group commit): each
     applies or fails on its own, with its own request id."""
+
     tag: ClassVar[str] = "group"
     cmds: tuple[Command, ...] = field(metadata={"kind": _CMDS})
 
@@ -137,6 +146,7 @@ class Group(Command):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberSet(Command):
     """Record the addresses of a node hosting the shard (the address book)."""
+
     tag: ClassVar[str] = "member_set"
     id: str
     http: str
@@ -155,6 +165,7 @@ class MemberDrop(Command):
 @dataclass(frozen=True, slots=True)
 class Noop(Command):
     """Changes nothing; a barrier for linearizable reads."""
+
     tag: ClassVar[str] = "noop"
 
 
@@ -162,11 +173,13 @@ TensorCommand = Put | Grad | GradRows | Delete
 C = TypeVar("C", bound=Command)
 
 _TYPES: dict[str, type[Command]] = {
-    c.tag: c for c in (Put, Grad, GradRows, Delete, Batch, Group, MemberSet, MemberDrop, Noop)}
+    c.tag: c for c in (Put, Grad, GradRows, Delete, Batch, Group, MemberSet, MemberDrop, Noop)
+}
 # per type: (field name, kind, default) in declaration order; and those with a kind
 _FIELDS: dict[type[Command], tuple[tuple[str, str | None, Any], ...]] = {
     c: tuple((f.name, f.metadata.get("kind"), f.default) for f in fields(c))  # type: ignore[arg-type]
-    for c in _TYPES.values()}
+    for c in _TYPES.values()
+}
 _KINDED = {c: tuple(f for f in spec if f[1] is not None) for c, spec in _FIELDS.items()}
 
 
@@ -197,8 +210,7 @@ def with_rid(cmd: C) -> C:
 def encode(cmd: Command) -> tuple[Any, ...]:
     """Plain data for the log. Raises TypeError for a blob that is not a Ref."""
     spec = _FIELDS[type(cmd)]
-    values = [getattr(cmd, name) if kind is None else _encode_value(getattr(cmd, name), kind)
-              for name, kind, _ in spec]
+    values = [getattr(cmd, name) if kind is None else _encode_value(getattr(cmd, name), kind) for name, kind, _ in spec]
     n = len(values)
     while n and _is_default(getattr(cmd, spec[n - 1][0]), spec[n - 1][2]):
         n -= 1
@@ -215,8 +227,12 @@ def decode(data: Any) -> Command:
     spec = _FIELDS[cls]
     if len(values) > len(spec):
         raise Unprocessable(f"command {tag!r} has {len(values)} fields, at most {len(spec)} are known")
-    return cls(**{name: v if kind is None else _decode_value(v, kind)
-                  for (name, kind, _), v in zip(spec, values, strict=False)})
+    return cls(
+        **{
+            name: v if kind is None else _decode_value(v, kind)
+            for (name, kind, _), v in zip(spec, values, strict=False)
+        }
+    )
 
 
 def to_log(cmd: Command) -> tuple[Any, ...]:
@@ -300,8 +316,9 @@ def with_refs(cmd: C, refs: Mapping[BlobPath, Ref]) -> C:
         elif kind == _REFS:
             changes[name] = {k: mine.get((k,), b) for k, b in v.items()}
         elif kind == _CMDS:
-            changes[name] = tuple(with_refs(c, {p[1:]: r for p, r in mine.items() if p[0] == i})
-                                  for i, c in enumerate(v))
+            changes[name] = tuple(
+                with_refs(c, {p[1:]: r for p, r in mine.items() if p[0] == i}) for i, c in enumerate(v)
+            )
     return _with(cmd, **changes)
 
 
@@ -324,4 +341,3 @@ def inline_bytes(cmd: Command) -> int:
 
 def _ref_bytes(ref: Any) -> int:
     return len(ref.data) if isinstance(ref, Inline) else 0
-

@@ -1,4 +1,5 @@
 """The dtypes and shapes a tensor may have, and validation of raw bytes against them."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,8 +44,9 @@ def from_safetensors(code: str, what: str) -> str:
     try:
         return FROM_SAFETENSORS[code]
     except KeyError:
-        raise Unprocessable(f"{what}: safetensors dtype {code} is not supported "
-                            f"(supported: {', '.join(FROM_SAFETENSORS)})") from None
+        raise Unprocessable(
+            f"{what}: safetensors dtype {code} is not supported (supported: {', '.join(FROM_SAFETENSORS)})"
+        ) from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -92,8 +94,7 @@ def array_from_bytes(data: Any, dtype: str, shape: tuple[int, ...]) -> np.ndarra
     """A read-only view of `data` (no copy) with the declared dtype and shape."""
     want = expected_nbytes(dtype, shape)
     if len(data) != want:
-        raise Unprocessable(
-            f"body has {len(data)} bytes but dtype {dtype} and shape {list(shape)} need {want}")
+        raise Unprocessable(f"body has {len(data)} bytes but dtype {dtype} and shape {list(shape)} need {want}")
     arr = np.frombuffer(data, dtype=dtype_of(dtype)).reshape(shape)
     arr.flags.writeable = False
     return arr

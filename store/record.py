@@ -3,6 +3,7 @@ named arrays. Snapshots (store/snapshot.py), checkpoints (api/checkpoint.py)
 and the tensor listing all describe a tensor with `metadata`, and read one back
 with `from_metadata`; only where the arrays' bytes go differs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -15,8 +16,18 @@ from . import dtypes
 
 VALUE = "value"  # the key of a tensor's value among its arrays; the others are optimizer state
 # What the tensor listing shows, in this order (GET /v1/tensors)
-LISTED = ("name", "dtype", "shape", "version", "shard", "optimizer", "nbytes", "allow_nonfinite",
-          "max_staleness", "staleness_policy")
+LISTED = (
+    "name",
+    "dtype",
+    "shape",
+    "version",
+    "shard",
+    "optimizer",
+    "nbytes",
+    "allow_nonfinite",
+    "max_staleness",
+    "staleness_policy",
+)
 
 
 @dataclass(kw_only=True)
@@ -49,12 +60,24 @@ class Tensor:
 def metadata(t: Tensor, state: bool = True) -> dict[str, Any]:
     """JSON-able metadata of `t`; with `state`, its optimizer state's scalars
     and the keys of its state arrays (see `arrays`)."""
-    scalars = {k: v.item() if isinstance(v, np.generic) else v
-               for k, v in sorted(t.opt_state.items()) if not isinstance(v, np.ndarray)} if state else {}
+    scalars = (
+        {
+            k: v.item() if isinstance(v, np.generic) else v
+            for k, v in sorted(t.opt_state.items())
+            if not isinstance(v, np.ndarray)
+        }
+        if state
+        else {}
+    )
     return {
-        "name": t.name, "dtype": t.dtype, "shape": list(t.shape), "version": t.version,
-        "optimizer": t.optimizer, "allow_nonfinite": t.allow_nonfinite,
-        "max_staleness": t.max_staleness, "staleness_policy": t.staleness_policy,
+        "name": t.name,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "version": t.version,
+        "optimizer": t.optimizer,
+        "allow_nonfinite": t.allow_nonfinite,
+        "max_staleness": t.max_staleness,
+        "staleness_policy": t.staleness_policy,
         "state_arrays": sorted(k for k, v in t.opt_state.items() if isinstance(v, np.ndarray)) if state else [],
         "state_scalars": scalars,
     }
@@ -77,10 +100,17 @@ def from_metadata(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> 
     state: dict[str, Any] = dict(meta.get("state_scalars") or {})
     state.update((k, a) for k, a in arrays.items() if k != VALUE)
     return Tensor(
-        name=meta["name"], dtype=dtypes.dtype_name(value.dtype), shape=tuple(value.shape), value=value,
-        version=int(meta.get("version") or 0), optimizer=meta.get("optimizer") or {"type": "assign"},
-        opt_state=state, allow_nonfinite=bool(meta.get("allow_nonfinite", False)),
-        max_staleness=meta.get("max_staleness"), staleness_policy=meta.get("staleness_policy") or "reject")
+        name=meta["name"],
+        dtype=dtypes.dtype_name(value.dtype),
+        shape=tuple(value.shape),
+        value=value,
+        version=int(meta.get("version") or 0),
+        optimizer=meta.get("optimizer") or {"type": "assign"},
+        opt_state=state,
+        allow_nonfinite=bool(meta.get("allow_nonfinite", False)),
+        max_staleness=meta.get("max_staleness"),
+        staleness_policy=meta.get("staleness_policy") or "reject",
+    )
 
 
 def _c_order(arr: np.ndarray) -> np.ndarray:

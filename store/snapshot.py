@@ -8,6 +8,7 @@ carries a CRC32, so a truncated or corrupted file is refused with a clear
 message instead of serving wrong bytes. Nothing is pickled: a snapshot may
 arrive from another replica.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,15 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def write_snapshot(path: str | os.PathLike[str], state: dict[str, Tensor], dedupe: OrderedDict[str, Any],
-                   shard: int, applied_index: int, raft_meta: dict[str, Any], fsync: bool = False) -> int:
+def write_snapshot(
+    path: str | os.PathLike[str],
+    state: dict[str, Tensor],
+    dedupe: OrderedDict[str, Any],
+    shard: int,
+    applied_index: int,
+    raft_meta: dict[str, Any],
+    fsync: bool = False,
+) -> int:
     """Write `state` (a mapping captured by the applier) to `path`; returns bytes written."""
     arrays: list[np.ndarray] = []
     entries = []
@@ -50,16 +58,27 @@ def write_snapshot(path: str | os.PathLike[str], state: dict[str, Tensor], dedup
         described["arrays"] = {}
         for key, arr in record.arrays(t).items():
             described["arrays"][key] = {
-                "offset": offset, "nbytes": int(arr.nbytes), "dtype": dtypes.dtype_name(arr.dtype),
-                "shape": list(arr.shape), "crc32": zlib.crc32(arr.data) if arr.nbytes else 0,
+                "offset": offset,
+                "nbytes": int(arr.nbytes),
+                "dtype": dtypes.dtype_name(arr.dtype),
+                "shape": list(arr.shape),
+                "crc32": zlib.crc32(arr.data) if arr.nbytes else 0,
             }
             arrays.append(arr)
             offset = _aligned(offset + arr.nbytes)
         entries.append(described)
-    header = json.dumps({
-        "format": FORMAT, "shard": shard, "applied_index": applied_index, "raft": raft_meta,
-        "tensors": entries, "dedupe": list(dedupe.items()), "data_bytes": offset,
-    }, separators=(",", ":")).encode()
+    header = json.dumps(
+        {
+            "format": FORMAT,
+            "shard": shard,
+            "applied_index": applied_index,
+            "raft": raft_meta,
+            "tensors": entries,
+            "dedupe": list(dedupe.items()),
+            "data_bytes": offset,
+        },
+        separators=(",", ":"),
+    ).encode()
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(header)) + header)
         pad = _aligned(f.tell()) - f.tell()
@@ -98,8 +117,7 @@ def write_snapshot(path: str | os.PathLike[str], state: dict[str, Tensor], dedup
         return f.tell()
 
 
-def read_snapshot(path: str | os.PathLike[str], dedupe_window: int = 100_000
-                  ) -> tuple[ShardState, int, dict[str, Any]]:
+def read_snapshot(path: str | os.PathLike[str], dedupe_window: int = 100_000) -> tuple[ShardState, int, dict[str, Any]]:
     """Load a snapshot; raises CorruptData naming what is wrong."""
     path = Path(path)
     try:
@@ -120,12 +138,15 @@ def _read(f: BufferedReader, path: Path, dedupe_window: int) -> tuple[ShardState
         raise CorruptData(f"snapshot {path} is truncated (header of {hlen} bytes, file of {size})")
     header = json.loads(f.read(hlen))
     if header.get("format") != FORMAT:
-        raise CorruptData(f"snapshot {path} has format {header.get('format')!r}; this version reads "
-                          f"format {FORMAT} only")
+        raise CorruptData(
+            f"snapshot {path} has format {header.get('format')!r}; this version reads format {FORMAT} only"
+        )
     data_start = _aligned(len(MAGIC) + 8 + hlen)
     if size != data_start + header["data_bytes"] + len(END):
-        raise CorruptData(f"snapshot {path} is truncated or padded: {size} bytes, expected "
-                          f"{data_start + header['data_bytes'] + len(END)}")
+        raise CorruptData(
+            f"snapshot {path} is truncated or padded: {size} bytes, expected "
+            f"{data_start + header['data_bytes'] + len(END)}"
+        )
     state = ShardState(header["shard"], dedupe_window)
     for d in header["tensors"]:
         arrays = {}

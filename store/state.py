@@ -9,12 +9,14 @@ Tensor bytes travel beside a command: a blob field holds either the bytes
 inline (small tensors) or a reference to a payload that the replica resolves
 from its payload store.
 """
+
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -134,18 +136,21 @@ class ShardState:
         if existing is not None and (existing.dtype, existing.shape) != (dtype, shape):
             raise Unprocessable(
                 f"tensor {name!r} is {existing.dtype}{list(existing.shape)}; a replace must keep "
-                f"dtype and shape (got {dtype}{list(shape)}); delete and recreate to change them")
+                f"dtype and shape (got {dtype}{list(shape)}); delete and recreate to change them"
+            )
         value = dtypes.array_from_bytes(resolve(cmd.data), dtype, shape)
         allow = cmd.allow_nonfinite
         if allow is None:
             allow = existing.allow_nonfinite if existing else False
         if not allow and not dtypes.all_finite(value):
-            raise Unprocessable(f"tensor {name!r}: value contains NaN or Inf (create it with "
-                                "allow_nonfinite to store such values)")
+            raise Unprocessable(
+                f"tensor {name!r}: value contains NaN or Inf (create it with allow_nonfinite to store such values)"
+            )
         spec = normalize_spec(cmd.optimizer) if cmd.optimizer is not None else None
         max_staleness, policy = _staleness(cmd, existing)
-        restored = _restored_state(cmd, spec or (existing.optimizer if existing else {"type": "assign"}),
-                                   value, resolve)
+        restored = _restored_state(
+            cmd, spec or (existing.optimizer if existing else {"type": "assign"}), value, resolve
+        )
         if existing is None:
             optimizer, state, version = spec or {"type": "assign"}, restored or {}, 1
         else:
@@ -153,9 +158,18 @@ class ShardState:
             optimizer = spec if spec is not None and not keep_state else existing.optimizer
             state = restored if restored is not None else (existing.opt_state if keep_state else {})
             version = existing.version + 1
-        t = Tensor(name=name, dtype=dtype, shape=shape, value=value, version=version, optimizer=optimizer,
-                   opt_state=state, allow_nonfinite=allow, max_staleness=max_staleness,
-                   staleness_policy=policy)
+        t = Tensor(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            value=value,
+            version=version,
+            optimizer=optimizer,
+            opt_state=state,
+            allow_nonfinite=allow,
+            max_staleness=max_staleness,
+            staleness_policy=policy,
+        )
         self.tensors[name] = t
         self.changed.add(name)
         return {"name": name, "version": t.version, "shard": self.shard, "created": existing is None}
@@ -165,8 +179,8 @@ class ShardState:
         t = self._existing(name, cmd.if_match)
         if (cmd.dtype, tuple(cmd.shape)) != (t.dtype, t.shape):
             raise Unprocessable(
-                f"gradient is {cmd.dtype}{list(cmd.shape)} but tensor {name!r} is "
-                f"{t.dtype}{list(t.shape)}")
+                f"gradient is {cmd.dtype}{list(cmd.shape)} but tensor {name!r} is {t.dtype}{list(t.shape)}"
+            )
         grad = dtypes.array_from_bytes(resolve(cmd.data), t.dtype, t.shape)
         if not t.allow_nonfinite and not dtypes.all_finite(grad):
             raise Unprocessable(f"gradient for {name!r} contains NaN or Inf")
@@ -188,23 +202,28 @@ class ShardState:
         if t.value.dtype.kind != "f":
             raise Unprocessable(f"grad-rows needs a float tensor, {name!r} is {t.dtype}")
         if (cmd.dtype, tuple(cmd.row_shape)) != (t.dtype, t.shape[1:]):
-            raise Unprocessable(f"rows are {cmd.dtype}{list(cmd.row_shape)} but rows of {name!r} are "
-                                f"{t.dtype}{list(t.shape[1:])}")
+            raise Unprocessable(
+                f"rows are {cmd.dtype}{list(cmd.row_shape)} but rows of {name!r} are {t.dtype}{list(t.shape[1:])}"
+            )
         k = int(cmd.k)
         idx = dtypes.array_from_bytes(resolve(cmd.indices), "int64", (k,))
-        vals = dtypes.array_from_bytes(resolve(cmd.values), t.dtype, (k,) + t.shape[1:])
+        vals = dtypes.array_from_bytes(resolve(cmd.values), t.dtype, (k, *t.shape[1:]))
         if k and (idx.min() < 0 or idx.max() >= t.shape[0]):
             raise Unprocessable(f"row indices must be in [0, {t.shape[0]}) for {name!r}")
         if not t.allow_nonfinite and not dtypes.all_finite(vals):
             raise Unprocessable(f"gradient rows for {name!r} contain NaN or Inf")
         lr_scale = _lr_scale(t, cmd.base_version)
         rows, inverse = np.unique(idx, return_inverse=True)
-        summed = np.zeros((len(rows),) + t.shape[1:], dtype=t.value.dtype)
+        summed = np.zeros((len(rows), *t.shape[1:]), dtype=t.value.dtype)
         np.add.at(summed, inverse, vals)
         with self.lock:
             if not t.in_place:  # own writable copies: earlier readers may hold the old buffers
-                t = replace(t, value=np.array(t.value), in_place=True, opt_state={
-                    k2: np.array(v) if isinstance(v, np.ndarray) else v for k2, v in t.opt_state.items()})
+                t = replace(
+                    t,
+                    value=np.array(t.value),
+                    in_place=True,
+                    opt_state={k2: np.array(v) if isinstance(v, np.ndarray) else v for k2, v in t.opt_state.items()},
+                )
                 self.tensors[name] = t
             row_state = {k2: (v[rows] if isinstance(v, np.ndarray) else v) for k2, v in t.opt_state.items()}
             step = apply_step(t.optimizer, row_state, t.value[rows], summed, lr_scale)
@@ -220,7 +239,7 @@ class ShardState:
                     t.opt_state[key] = v
             t.version += 1
         self.changed.add(name)
-        return {"name": name, "version": t.version, "shard": self.shard, "rows": int(len(rows))}
+        return {"name": name, "version": t.version, "shard": self.shard, "rows": len(rows)}
 
     def _delete(self, cmd: Delete, resolve: PayloadResolver) -> Result:
         t = self._existing(cmd.name, cmd.if_match)
@@ -239,8 +258,16 @@ class ShardState:
         return {"member": cmd.id, "dropped": self.members.pop(cmd.id, None) is not None}
 
     _HANDLERS: ClassVar[dict[type[Command], Callable[..., Result]]] = {
-        Noop: _noop, Group: _group, Batch: _batch, Put: _put, Grad: _grad, GradRows: _grad_rows,
-        Delete: _delete, MemberSet: _member_set, MemberDrop: _member_drop}
+        Noop: _noop,
+        Group: _group,
+        Batch: _batch,
+        Put: _put,
+        Grad: _grad,
+        GradRows: _grad_rows,
+        Delete: _delete,
+        MemberSet: _member_set,
+        MemberDrop: _member_drop,
+    }
 
     # ---- reading -----------------------------------------------------------
     def get(self, name: str) -> Tensor:
@@ -271,9 +298,18 @@ class ShardState:
         """A consistent copy of the tensor map for a snapshot (applier thread):
         shared buffers, except for records updated in place."""
         with self.lock:
-            return {n: (replace(t, value=t.value.copy(), opt_state={
-                k: v.copy() if isinstance(v, np.ndarray) else v for k, v in t.opt_state.items()})
-                if t.in_place else t) for n, t in self.tensors.items()}
+            return {
+                n: (
+                    replace(
+                        t,
+                        value=t.value.copy(),
+                        opt_state={k: v.copy() if isinstance(v, np.ndarray) else v for k, v in t.opt_state.items()},
+                    )
+                    if t.in_place
+                    else t
+                )
+                for n, t in self.tensors.items()
+            }
 
     def version_of(self, name: str) -> int:
         t = self.tensors.get(name)
@@ -288,8 +324,9 @@ def _state_nbytes(state: Mapping[str, Any]) -> int:
     return sum(v.nbytes for v in state.values() if isinstance(v, np.ndarray))
 
 
-def _restored_state(cmd: Put, spec: Mapping[str, Any], value: np.ndarray,
-                    resolve: PayloadResolver) -> dict[str, Any] | None:
+def _restored_state(
+    cmd: Put, spec: Mapping[str, Any], value: np.ndarray, resolve: PayloadResolver
+) -> dict[str, Any] | None:
     """Optimizer state given with a put (checkpoint restore): arrays shaped
     like the value, integer scalars. None if none was given."""
     if cmd.state_arrays is None and cmd.state_scalars is None:
@@ -299,8 +336,10 @@ def _restored_state(cmd: Put, spec: Mapping[str, Any], value: np.ndarray,
     allowed_arrays, allowed_scalars = STATE_ARRAYS[kind], STATE_SCALARS[kind]
     for key in list(arrays) + list(scalars):
         if key not in allowed_arrays + allowed_scalars:
-            raise Unprocessable(f"optimizer state {key!r} does not belong to {kind} "
-                                f"(it keeps {', '.join(allowed_arrays + allowed_scalars) or 'nothing'})")
+            raise Unprocessable(
+                f"optimizer state {key!r} does not belong to {kind} "
+                f"(it keeps {', '.join(allowed_arrays + allowed_scalars) or 'nothing'})"
+            )
     state: dict[str, Any] = {}
     for key, v in scalars.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -311,20 +350,18 @@ def _restored_state(cmd: Put, spec: Mapping[str, Any], value: np.ndarray,
     return state
 
 
-def _check_preconditions(existing: Tensor | None, name: str, if_match: int | str | None,
-                         if_none_match: bool = False) -> None:
+def _check_preconditions(
+    existing: Tensor | None, name: str, if_match: int | str | None, if_none_match: bool = False
+) -> None:
     current = existing.version if existing else None
     if if_none_match and existing is not None:
-        raise PreconditionFailed(f"tensor {name!r} already exists (If-None-Match: *)",
-                                 current_version=current)
+        raise PreconditionFailed(f"tensor {name!r} already exists (If-None-Match: *)", current_version=current)
     if if_match == "*":
         if existing is None:
-            raise PreconditionFailed(f"tensor {name!r} does not exist (If-Match: *)",
-                                     current_version=None)
+            raise PreconditionFailed(f"tensor {name!r} does not exist (If-Match: *)", current_version=None)
     elif if_match is not None and current != if_match:
         what = f"is at version {current}" if existing else "does not exist"
-        raise PreconditionFailed(f"tensor {name!r} {what}, If-Match asked for {if_match}",
-                                 current_version=current)
+        raise PreconditionFailed(f"tensor {name!r} {what}, If-Match asked for {if_match}", current_version=current)
 
 
 def _lr_scale(t: Tensor, base: int | None) -> float:
@@ -333,8 +370,9 @@ def _lr_scale(t: Tensor, base: int | None) -> float:
     if base is None:
         return 1.0
     if base > t.version:
-        raise Conflict(f"base_version {base} is newer than tensor {t.name!r} (version {t.version})",
-                       current_version=t.version)
+        raise Conflict(
+            f"base_version {base} is newer than tensor {t.name!r} (version {t.version})", current_version=t.version
+        )
     staleness = t.version - base
     if t.staleness_policy == "scale":
         return 1.0 / (1 + staleness)
@@ -342,14 +380,16 @@ def _lr_scale(t: Tensor, base: int | None) -> float:
         raise Conflict(
             f"gradient for {t.name!r} was computed on version {base}, {staleness} versions behind "
             f"{t.version} (max_staleness {t.max_staleness}); pull and recompute",
-            current_version=t.version)
+            current_version=t.version,
+        )
     return 1.0
 
 
 def _staleness(cmd: Put, existing: Tensor | None) -> tuple[int | None, str]:
     """None in the command keeps the existing tensor's setting."""
-    max_staleness = cmd.max_staleness if cmd.max_staleness is not None else (
-        existing.max_staleness if existing else None)
+    max_staleness = (
+        cmd.max_staleness if cmd.max_staleness is not None else (existing.max_staleness if existing else None)
+    )
     policy = cmd.staleness_policy or (existing.staleness_policy if existing else "reject")
     if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
         raise Unprocessable(f"max_staleness: expected an integer >= 0, got {max_staleness!r}")
