@@ -1,4 +1,5 @@
 """Awaiting the store's concurrent Futures from the event loop, with deadlines."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,16 +13,16 @@ from .errors import WaitExpired
 T = TypeVar("T")
 
 
-async def wait(fut: "Future[T]", timeout: float, what: str, write: bool = True) -> T:
+async def wait(fut: Future[T], timeout: float, what: str, write: bool = True) -> T:
     """Await a store Future; on deadline raise Timeout (a write's outcome may
     still happen later, which is why writes carry request ids).
 
     One loop future, one timer and one thread-safe callback: this runs for
     every write, and `wait_for(wrap_future(...))` costs twice the objects."""
     loop = asyncio.get_running_loop()
-    waiter = loop.create_future()
+    waiter: asyncio.Future[T] = loop.create_future()
 
-    def landed(_: Future) -> None:  # on whichever thread completed `fut`
+    def landed(_: Future[T]) -> None:  # on whichever thread completed `fut`
         if not loop.is_closed():
             loop.call_soon_threadsafe(_copy_outcome, fut, waiter)
 
@@ -31,8 +32,11 @@ async def wait(fut: "Future[T]", timeout: float, what: str, write: bool = True) 
         return await waiter
     except (_Expired, TimeoutError):  # ours, or one the store raised (as wait_for turned it into Timeout)
         fut.cancel()
-        hint = ("outcome unknown, retry with the same X-Request-Id to be safe" if write
-                else "retry, or read from another replica")
+        hint = (
+            "outcome unknown, retry with the same X-Request-Id to be safe"
+            if write
+            else "retry, or read from another replica"
+        )
         raise Timeout(f"{what} did not complete within {timeout:g}s; {hint}") from None
     except asyncio.CancelledError:
         fut.cancel()
@@ -41,7 +45,7 @@ async def wait(fut: "Future[T]", timeout: float, what: str, write: bool = True) 
         timer.cancel()
 
 
-def _copy_outcome(src: Future, dst: asyncio.Future) -> None:
+def _copy_outcome(src: Future[T], dst: asyncio.Future[T]) -> None:
     if dst.done():
         return
     if src.cancelled():
@@ -58,12 +62,12 @@ class _Expired(Exception):
     """The deadline of `wait` passed (not a TimeoutError the store raised)."""
 
 
-def _expire(waiter: asyncio.Future) -> None:
+def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(_Expired())
 
 
-async def wait_optional(fut: "Future[Any]", timeout: float) -> bool:
+async def wait_optional(fut: Future[Any], timeout: float) -> bool:
     """True if `fut` completed within `timeout`."""
     try:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout)
@@ -72,7 +76,7 @@ async def wait_optional(fut: "Future[Any]", timeout: float) -> bool:
         return False
 
 
-async def wait_within(fut: "Future[T]", deadline: float, caller_bound: bool, what: str) -> T:
+async def wait_within(fut: Future[T], deadline: float, caller_bound: bool, what: str) -> T:
     """`wait` for a read. If the caller's own `timeout` set the deadline
     (`caller_bound`), running out is WaitExpired (408), not Timeout (503):
     nothing is wrong with the server."""

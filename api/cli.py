@@ -1,4 +1,5 @@
 """The `paramstore` command."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from store.errors import ConfigError, StoreError
 
@@ -22,9 +24,13 @@ def missing_server_modules() -> list[str]:
     return missing
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    out = {"node.id": args.node, "node.data_dir": args.data_dir, "raft.password": args.raft_password,
-           "log_level": args.log_level}
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {
+        "node.id": args.node,
+        "node.data_dir": args.data_dir,
+        "raft.password": args.raft_password,
+        "log_level": args.log_level,
+    }
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -37,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = missing_server_modules()
     if missing:
         # A client-only install (`pip install paramstore`) has this console script too.
-        print(f"paramstore: this command needs the server, which is not installed here "
-              f"(missing: {', '.join(missing)}).\nInstall it with: pip install 'paramstore[server]'\n"
-              f"(Trainers need only the client: `from paramstore import Client`.)", file=sys.stderr)
+        print(
+            f"paramstore: this command needs the server, which is not installed here "
+            f"(missing: {', '.join(missing)}).\nInstall it with: pip install 'paramstore[server]'\n"
+            f"(Trainers need only the client: `from paramstore import Client`.)",
+            file=sys.stderr,
+        )
         return EXIT_NO_SERVER
     from store.config import load_config  # needs tomli before Python 3.11: a server dependency
 
@@ -52,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", help="data directory (or PARAMSTORE_DATA_DIR)")
     serve.add_argument("--raft-password", help="Raft password (prefer PARAMSTORE_RAFT_PASSWORD)")
     serve.add_argument("--log-level", help="debug, info, warning")
-    serve.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                       help="override any setting, e.g. --set raft.min_timeout=0.8")
-    serve.add_argument("--join", action="append", metavar="URL", default=None,
-                       help="join a running cluster through this replica's URL (repeatable; or "
-                            "PARAMSTORE_JOIN, comma-separated): download a snapshot of each shard, "
-                            "then add this node. Ignored once the data dir has joined.")
+    serve.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override any setting, e.g. --set raft.min_timeout=0.8",
+    )
+    serve.add_argument(
+        "--join",
+        action="append",
+        metavar="URL",
+        default=None,
+        help="join a running cluster through this replica's URL (repeatable; or "
+        "PARAMSTORE_JOIN, comma-separated): download a snapshot of each shard, "
+        "then add this node. Ignored once the data dir has joined.",
+    )
 
     dev = sub.add_parser("dev", help="run a local cluster on loopback in the foreground")
     dev.add_argument("--replicas", type=int, default=3)
@@ -66,12 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--shards", type=int, default=4)
     dev.add_argument("--replication", type=int, default=3)
     dev.add_argument("--data-dir", default="data/dev")
-    dev.add_argument("--then", help="shell command to run once the cluster is ready "
-                     "(gets PARAMSTORE_URLS)")
-    dev.add_argument("--exit-after", action="store_true",
-                     help="stop the cluster when the --then command finishes")
+    dev.add_argument("--then", help="shell command to run once the cluster is ready (gets PARAMSTORE_URLS)")
+    dev.add_argument("--exit-after", action="store_true", help="stop the cluster when the --then command finishes")
 
     from . import ops_cli
+
     ops_cli.add_subcommands(sub)  # status, get, put, checkpoint save|load
 
     args = parser.parse_args(argv)
@@ -81,13 +98,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             cfg = load_config(args.config, overrides=_overrides(args))
             from .server import serve as run_serve
+
             join = args.join or [u for u in os.environ.get("PARAMSTORE_JOIN", "").split(",") if u]
             run_serve(cfg, join=join or None)
             return 0
         if args.command == "dev":
             from .devcluster import run_dev
-            return run_dev(args.replicas, args.http_port, args.raft_port, args.shards, args.replication,
-                           Path(args.data_dir), args.then, args.exit_after)
+
+            return run_dev(
+                args.replicas,
+                args.http_port,
+                args.raft_port,
+                args.shards,
+                args.replication,
+                Path(args.data_dir),
+                args.then,
+                args.exit_after,
+            )
     except ConfigError as e:
         print(f"paramstore: configuration error: {e.detail}", file=sys.stderr)
         return 2

@@ -3,22 +3,40 @@
 Kept for one release so trainer scripts written against `api.client` keep
 working; it re-exports `paramstore` and warns once on import. Delete it in 0.2.
 """
+
 from __future__ import annotations
 
 import importlib
 import warnings
 from types import ModuleType
 
-from paramstore import (AuthError, ConflictError, InvalidError, NotFoundError, ParamStoreClient,
-                        ParamStoreError, PreconditionFailedError, UnavailableError)
+from paramstore import (
+    AuthError,
+    ConflictError,
+    InvalidError,
+    NotFoundError,
+    ParamStoreClient,
+    ParamStoreError,
+    PreconditionFailedError,
+    UnavailableError,
+)
 
 __all__ = [
-    "ParamStoreClient", "ParamStoreError", "NotFoundError", "PreconditionFailedError",
-    "ConflictError", "InvalidError", "UnavailableError", "AuthError",
+    "AuthError",
+    "ConflictError",
+    "InvalidError",
+    "NotFoundError",
+    "ParamStoreClient",
+    "ParamStoreError",
+    "PreconditionFailedError",
+    "UnavailableError",
 ]
 
-warnings.warn("api.client is deprecated: use `from paramstore import Client` "
-              "(and `paramstore.torch` for the PyTorch helpers)", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "api.client is deprecated: use `from paramstore import Client` (and `paramstore.torch` for the PyTorch helpers)",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 
 def __getattr__(name: str) -> ModuleType:

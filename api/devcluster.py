@@ -1,4 +1,5 @@
 """`paramstore dev`: a whole local cluster in the foreground, on loopback."""
+
 from __future__ import annotations
 
 import os
@@ -6,31 +7,51 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from store.config import config_from_mapping, render_toml
 
 
-def dev_config(replicas: int, http_port: int, raft_port: int, shards: int, replication: int) -> dict:
+def dev_config(replicas: int, http_port: int, raft_port: int, shards: int, replication: int) -> dict[str, Any]:
     nodes = []
     for i in range(replicas):
         raft_base = raft_port + i * (shards + 2)
-        nodes.append({"id": f"n{i + 1}", "http": f"127.0.0.1:{http_port + i}",
-                      "raft": f"127.0.0.1:{raft_base}", "data": f"127.0.0.1:{raft_base + shards}"})
+        nodes.append(
+            {
+                "id": f"n{i + 1}",
+                "http": f"127.0.0.1:{http_port + i}",
+                "raft": f"127.0.0.1:{raft_base}",
+                "data": f"127.0.0.1:{raft_base + shards}",
+            }
+        )
     # Loopback development only: API tokens off (the replicas log a warning).
-    return {"cluster": {"shards": shards, "replication": min(replication, replicas)}, "nodes": nodes,
-            "auth": {"insecure_no_auth": True}}
+    return {
+        "cluster": {"shards": shards, "replication": min(replication, replicas)},
+        "nodes": nodes,
+        "auth": {"insecure_no_auth": True},
+    }
 
 
-def run_dev(replicas: int, http_port: int, raft_port: int, shards: int, replication: int,
-            data_dir: Path, then: str | None, exit_after: bool, ready_timeout: float = 60.0) -> int:
+def run_dev(
+    replicas: int,
+    http_port: int,
+    raft_port: int,
+    shards: int,
+    replication: int,
+    data_dir: Path,
+    then: str | None,
+    exit_after: bool,
+    ready_timeout: float = 60.0,
+) -> int:
     cfg = config_from_mapping(dev_config(replicas, http_port, raft_port, shards, replication))
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path = data_dir / "cluster.toml"
     config_path.write_text(render_toml(cfg))
-    procs: dict[str, subprocess.Popen] = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def stop(*_: object) -> None:
@@ -40,11 +61,24 @@ def run_dev(replicas: int, http_port: int, raft_port: int, shards: int, replicat
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     for n in cfg.nodes:
-        log_file = open(data_dir / f"{n.id}.log", "ab")
-        procs[n.id] = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(config_path), "--node", n.id,
-             "--data-dir", str(data_dir / n.id)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(data_dir / f"{n.id}.log", "ab") as log_file:  # the replica keeps its own descriptor
+            procs[n.id] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "api.cli",
+                    "serve",
+                    "--config",
+                    str(config_path),
+                    "--node",
+                    n.id,
+                    "--data-dir",
+                    str(data_dir / n.id),
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
     urls = [n.url for n in cfg.nodes]
     print(f"paramstore dev: {replicas} replicas, {cfg.shards} shards, replication {cfg.replication}")
     print("paramstore dev: WARNING: API authentication is off (loopback development only)")
@@ -90,7 +124,9 @@ def run_dev(replicas: int, http_port: int, raft_port: int, shards: int, replicat
         print("paramstore dev: stopped")
 
 
-def _wait_ready(urls, procs, timeout, stopping) -> bool:
+def _wait_ready(
+    urls: list[str], procs: dict[str, subprocess.Popen[bytes]], timeout: float, stopping: Callable[[], bool]
+) -> bool:
     deadline = time.monotonic() + timeout
     pending = set(urls)
     with httpx.Client(timeout=1.0) as client:

@@ -1,5 +1,6 @@
 """Parsing of the request headers the tensor API understands. Bad values are
 InvalidRequest (400) or Unprocessable (422), never a 500."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ def tensor_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise InvalidRequest(
             f"tensor name {name!r} is invalid: 1-256 characters of letters, digits and _ . : -, "
-            "not starting with . : or -")
+            "not starting with . : or -"
+        )
     return name
 
 
@@ -32,7 +34,7 @@ def version_tag(value: str | None, header: str, allow_star: bool = False) -> int
         v = v[2:]
     v = v.strip('"')
     if not (v.isascii() and v.isdigit()):  # str.isdigit alone takes '²', which int() refuses
-        raise InvalidRequest(f"{header}: expected a version such as \"3\", got {value!r}")
+        raise InvalidRequest(f'{header}: expected a version such as "3", got {value!r}')
     return int(v)
 
 

@@ -8,6 +8,7 @@
    adds this node through the Raft log; the leader then sends only the
    entries after the snapshot.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,8 @@ def _status(client: httpx.Client, url: str) -> dict[str, Any]:
         raise Unavailable(f"join: cannot reach {url}: {e}") from None
     if r.status_code != 200:
         raise Unavailable(f"join: {url}/v1/cluster answered {r.status_code}: {r.text[:200]}")
-    return r.json()
+    doc: dict[str, Any] = r.json()
+    return doc
 
 
 def plan_join(cfg: Config, seeds: list[str], deadline_seconds: float = 60.0) -> membership.JoinPlan:
@@ -57,7 +59,7 @@ def plan_join(cfg: Config, seeds: list[str], deadline_seconds: float = 60.0) -> 
 
 
 def _plan(cfg: Config, client: httpx.Client, seeds: list[str]) -> membership.JoinPlan:
-    docs: dict[str, dict] = {}
+    docs: dict[str, dict[str, Any]] = {}
     last_error: StoreError | None = None
     for url in seeds:
         try:
@@ -75,27 +77,29 @@ def _plan(cfg: Config, client: httpx.Client, seeds: list[str]) -> membership.Joi
         doc = next((d for d in docs.values() if _hosted(d, shard)), None)
         if doc is None:
             nodes = _nodes(seed)
-            url = next((nodes[i].url for i in entry["replicas"] if i in nodes), None)
-            if url is None:
+            replica = next((nodes[i].url for i in entry["replicas"] if i in nodes), None)
+            if replica is None:
                 raise Unavailable(f"join: no reachable replica of shard {shard}")
-            doc = docs[url] = _status(client, url)
+            doc = docs[replica] = _status(client, replica)
         nodes = _nodes(doc)
         info = next(s for s in doc["shards"] if s["shard"] == shard)
         if info.get("leader") not in nodes:
             raise Unavailable(f"join: shard {shard} has no leader right now")
-        if cfg.node_id in info["replicas"] and nodes.get(cfg.node_id) != cfg.node:
-            raise ConfigError(f"join: {cfg.node_id!r} is already a member of shard {shard} with other "
-                              "addresses; remove it first (`paramstore cluster remove`)")
+        if cfg.node_id is not None and cfg.node_id in info["replicas"] and nodes.get(cfg.node_id) != cfg.node:
+            raise ConfigError(
+                f"join: {cfg.node_id!r} is already a member of shard {shard} with other "
+                "addresses; remove it first (`paramstore cluster remove`)"
+            )
         shards[shard] = tuple(nodes[i] for i in info["replicas"] if i in nodes)
         sources[shard] = nodes[info["leader"]]
     return membership.JoinPlan(shards, sources)
 
 
-def _hosted(doc: dict, shard: int) -> bool:
+def _hosted(doc: dict[str, Any], shard: int) -> bool:
     return any(s["shard"] == shard and "leader" in s for s in doc["shards"])
 
 
-def _nodes(doc: dict) -> dict[str, NodeConfig]:
+def _nodes(doc: dict[str, Any]) -> dict[str, NodeConfig]:
     return {n["id"]: membership.node_of(n) for n in doc["nodes"]}
 
 

@@ -8,6 +8,7 @@ every error response use the one JSON error body of api/errors.py instead of
 FastAPI's HTTPValidationError: a failed query validation is answered 400 by
 errors.py, never 422 with FastAPI's schema.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,20 +37,30 @@ ROWS_PATTERN = r"^ *[0-9]{1,18} *(, *[0-9]{1,18} *)*$"
 SHARDS_PATTERN = r"^ *[0-9]{1,9} *(, *[0-9]{1,9} *)*$"
 
 MAX_VERSION = 2**63 - 1
-TENSOR_LIST: dict[str, Any] = {"type": "array", "items": {
-    "type": "object", "required": ["name", "dtype", "shape", "version", "shard"],
-    "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
-                   "shape": {"type": "array", "items": {"type": "integer"}},
-                   "version": {"type": "integer"}, "shard": {"type": "integer"},
-                   "optimizer": {"type": "object"}, "nbytes": {"type": "integer"}}}}
+TENSOR_LIST: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["name", "dtype", "shape", "version", "shard"],
+        "properties": {
+            "name": {"type": "string"},
+            "dtype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "version": {"type": "integer"},
+            "shard": {"type": "integer"},
+            "optimizer": {"type": "object"},
+            "nbytes": {"type": "integer"},
+        },
+    },
+}
 OBJECT: dict[str, Any] = {"type": "object"}
 
 ERROR_SCHEMA: dict[str, Any] = {
     "title": "Error",
     "type": "object",
     "description": "Every error answer (api/errors.py). Some carry more fields: "
-                   "`current_version` (409, 412), `limit` (413), `versions` (a batch push "
-                   "that committed on some shards), a checkpoint restore's report.",
+    "`current_version` (409, 412), `limit` (413), `versions` (a batch push "
+    "that committed on some shards), a checkpoint restore's report.",
     "required": ["error", "detail"],
     "properties": {
         "error": {"type": "string", "description": "stable machine-readable code"},
@@ -68,19 +79,19 @@ WHY: dict[int, str] = {
     404: "Unknown tensor",
     406: "Accept names nothing this route serves; JSON for a large tensor",
     408: "A wait the request asked for (min_version, X-Min-Versions, a barrier within `timeout`) "
-         "ran out: the request may succeed later or on another replica",
+    "ran out: the request may succeed later or on another replica",
     409: "Conflict with the stored state (e.g. a push staler than max_staleness; a member id in use)",
     412: "If-Match / If-None-Match did not hold; carries current_version",
     413: "Body over limits.max_body_bytes",
     415: "Content-Type not accepted by this route",
     422: "Well-formed but not applicable: dtype, shape or size mismatch, non-finite values, "
-         "bad optimizer fields, rows out of range",
+    "bad optimizer fields, rows out of range",
     503: "No leader or not caught up within the server's deadline; a write's outcome may be unknown "
-         "(retry with the same X-Request-Id)",
+    "(retry with the same X-Request-Id)",
 }
 
 _HEADER_DOCS = {
-    401: {"WWW-Authenticate": "Bearer realm=\"paramstore\""},
+    401: {"WWW-Authenticate": 'Bearer realm="paramstore"'},
     503: {"Retry-After": "seconds"},
 }
 
@@ -114,22 +125,29 @@ TENSOR_HEADERS = {
 WRITTEN_HEADERS = {"ETag": TENSOR_HEADERS["ETag"], "X-Version": TENSOR_HEADERS["X-Version"]}
 
 WRITTEN_SCHEMA: dict[str, Any] = {
-    "type": "object", "required": ["name", "version", "shard"],
-    "properties": {"name": {"type": "string"}, "version": {"type": "integer", "minimum": 0},
-                   "shard": {"type": "integer", "minimum": 0}, "deleted": {"type": "boolean"},
-                   "duplicate": {"type": "boolean"}},
+    "type": "object",
+    "required": ["name", "version", "shard"],
+    "properties": {
+        "name": {"type": "string"},
+        "version": {"type": "integer", "minimum": 0},
+        "shard": {"type": "integer", "minimum": 0},
+        "deleted": {"type": "boolean"},
+        "duplicate": {"type": "boolean"},
+    },
 }
 
 
 def written(status: int = 200, description: str = "Applied; the new version") -> dict[int | str, Any]:
-    return {status: {"description": description, "headers": WRITTEN_HEADERS,
-                     "content": {JSON: {"schema": WRITTEN_SCHEMA}}}}
+    return {
+        status: {"description": description, "headers": WRITTEN_HEADERS, "content": {JSON: {"schema": WRITTEN_SCHEMA}}}
+    }
 
 
 # Any JSON: what numpy can read as `dtype` is known only when reading it (422 otherwise).
 _NESTED_NUMBERS: dict[str, Any] = {"description": "a number, or (nested) lists of numbers"}
 JSON_TENSOR: dict[str, Any] = {
-    "type": "object", "required": ["data"],
+    "type": "object",
+    "required": ["data"],
     "description": "a tensor as JSON (up to limits.json_max_elements elements)",
     "properties": {
         "dtype": {"type": "string", "enum": sorted(DTYPES), "default": "float32"},
@@ -141,13 +159,25 @@ JSON_TENSOR: dict[str, Any] = {
 
 def tensor_value(description: str) -> dict[int | str, Any]:
     """A 200 that serves a tensor in the negotiated format."""
-    json_doc = {"type": "object", "required": ["name", "dtype", "shape", "version", "data"],
-                "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
-                               "shape": {"type": "array", "items": {"type": "integer"}},
-                               "version": {"type": "integer"}, "data": _NESTED_NUMBERS}}
-    return {200: {"description": description, "headers": TENSOR_HEADERS, "content": {
-        OCTET: {"schema": BINARY}, NPY: {"schema": BINARY}, JSON: {"schema": json_doc}}},
-        304: {"description": WHY[304], "headers": TENSOR_HEADERS}}
+    json_doc = {
+        "type": "object",
+        "required": ["name", "dtype", "shape", "version", "data"],
+        "properties": {
+            "name": {"type": "string"},
+            "dtype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "version": {"type": "integer"},
+            "data": _NESTED_NUMBERS,
+        },
+    }
+    return {
+        200: {
+            "description": description,
+            "headers": TENSOR_HEADERS,
+            "content": {OCTET: {"schema": BINARY}, NPY: {"schema": BINARY}, JSON: {"schema": json_doc}},
+        },
+        304: {"description": WHY[304], "headers": TENSOR_HEADERS},
+    }
 
 
 def safetensors_file(description: str) -> dict[int | str, Any]:
@@ -167,12 +197,15 @@ def _optimizer_schema() -> dict[str, Any]:
             if isinstance(default, bool):
                 props[key] = {"type": "boolean"}
             elif isinstance(default, tuple):
-                props[key] = {"type": "array", "minItems": 2, "maxItems": 2,
-                              "items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}
+                props[key] = {
+                    "type": "array",
+                    "minItems": 2,
+                    "maxItems": 2,
+                    "items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                }
             else:
                 props[key] = number
-        variants.append({"type": "object", "required": ["type"], "properties": props,
-                         "additionalProperties": False})
+        variants.append({"type": "object", "required": ["type"], "properties": props, "additionalProperties": False})
     return {"oneOf": variants}
 
 
@@ -181,44 +214,65 @@ def _param(name: str, schema: dict[str, Any], description: str, required: bool =
 
 
 VERSION_TAG = r'^(W/)?"?[0-9]{1,18}"?$'
-REQUEST_ID = _param("X-Request-Id", {"type": "string", "pattern": REQUEST_ID_RE.pattern},
-                    "idempotency key: a write whose id was already applied returns that first outcome, "
-                    "status included (so every write route may answer 404, 409, 412 or 422)")
-IF_MATCH = _param("If-Match", {"type": "string", "pattern": VERSION_TAG},
-                  "apply only if the tensor is at this version")
-BASE_VERSION = _param("X-Base-Version", {"type": "integer", "minimum": 0, "maximum": 10**18},
-                      "the version the gradient was computed on (max_staleness, staleness policy)")
-DTYPE = _param("X-Dtype", {"type": "string", "enum": sorted(DTYPES)},
-               f"element type of an {OCTET} body")
-SHAPE = _param("X-Shape", {"type": "string", "pattern": r"^([0-9]{1,9}(,[0-9]{1,9}){0,%d})?$" % (MAX_RANK - 1)},
-               f"dimensions of an {OCTET} body, comma-separated (empty for a scalar)")
+REQUEST_ID = _param(
+    "X-Request-Id",
+    {"type": "string", "pattern": REQUEST_ID_RE.pattern},
+    "idempotency key: a write whose id was already applied returns that first outcome, "
+    "status included (so every write route may answer 404, 409, 412 or 422)",
+)
+IF_MATCH = _param("If-Match", {"type": "string", "pattern": VERSION_TAG}, "apply only if the tensor is at this version")
+BASE_VERSION = _param(
+    "X-Base-Version",
+    {"type": "integer", "minimum": 0, "maximum": 10**18},
+    "the version the gradient was computed on (max_staleness, staleness policy)",
+)
+DTYPE = _param("X-Dtype", {"type": "string", "enum": sorted(DTYPES)}, f"element type of an {OCTET} body")
+SHAPE = _param(
+    "X-Shape",
+    {"type": "string", "pattern": r"^([0-9]{1,9}(,[0-9]{1,9}){0," + str(MAX_RANK - 1) + "})?$"},
+    f"dimensions of an {OCTET} body, comma-separated (empty for a scalar)",
+)
 
 
 def _body(types: dict[str, dict[str, Any]], description: str) -> dict[str, Any]:
-    return {"required": True, "description": description,
-            "content": {t: {"schema": s} for t, s in types.items()}}
+    return {"required": True, "description": description, "content": {t: {"schema": s} for t, s in types.items()}}
 
 
 def put_tensor_extra() -> dict[str, Any]:
     return {
-        "requestBody": _body({OCTET: BINARY, NPY: BINARY, JSON: JSON_TENSOR},
-                             f"the value: raw little-endian C-order bytes ({OCTET} with X-Dtype and "
-                             f"X-Shape), a .npy file, or JSON"),
+        "requestBody": _body(
+            {OCTET: BINARY, NPY: BINARY, JSON: JSON_TENSOR},
+            f"the value: raw little-endian C-order bytes ({OCTET} with X-Dtype and X-Shape), a .npy file, or JSON",
+        ),
         "parameters": [
             {**DTYPE, "required": True, "description": DTYPE["description"] + " (required with it)"},
             {**SHAPE, "required": True, "description": SHAPE["description"] + " (required with it)"},
             _param("If-None-Match", {"type": "string", "enum": ["*"]}, "create only"),
-            _param("If-Match", {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?)$'},
-                   "compare-and-set: replace only at this version ('*': only if it exists)"),
-            {"name": "X-Optimizer", "in": "header", "required": False,
-             "description": "the optimizer applied to gradient pushes (default assign)",
-             "content": {JSON: {"schema": _optimizer_schema()}}},
-            _param("X-Allow-Nonfinite", {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]},
-                   "accept NaN and Inf values"),
-            _param("X-Max-Staleness", {"type": "integer", "minimum": 0, "maximum": 10**18},
-                   "refuse (or scale) gradients computed this many versions ago"),
-            _param("X-Staleness-Policy", {"type": "string", "enum": ["reject", "scale"]},
-                   "what a too-stale gradient gets"),
+            _param(
+                "If-Match",
+                {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?)$'},
+                "compare-and-set: replace only at this version ('*': only if it exists)",
+            ),
+            {
+                "name": "X-Optimizer",
+                "in": "header",
+                "required": False,
+                "description": "the optimizer applied to gradient pushes (default assign)",
+                "content": {JSON: {"schema": _optimizer_schema()}},
+            },
+            _param(
+                "X-Allow-Nonfinite",
+                {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]},
+                "accept NaN and Inf values",
+            ),
+            _param(
+                "X-Max-Staleness",
+                {"type": "integer", "minimum": 0, "maximum": 10**18},
+                "refuse (or scale) gradients computed this many versions ago",
+            ),
+            _param(
+                "X-Staleness-Policy", {"type": "string", "enum": ["reject", "scale"]}, "what a too-stale gradient gets"
+            ),
             REQUEST_ID,
         ],
     }
@@ -226,17 +280,19 @@ def put_tensor_extra() -> dict[str, Any]:
 
 def grad_extra() -> dict[str, Any]:
     return {
-        "requestBody": _body({OCTET: BINARY, NPY: BINARY, JSON: JSON_TENSOR},
-                             "the gradient, same dtype and shape as the tensor; a raw body may omit "
-                             "X-Dtype and X-Shape"),
+        "requestBody": _body(
+            {OCTET: BINARY, NPY: BINARY, JSON: JSON_TENSOR},
+            "the gradient, same dtype and shape as the tensor; a raw body may omit X-Dtype and X-Shape",
+        ),
         "parameters": [DTYPE, SHAPE, IF_MATCH, BASE_VERSION, REQUEST_ID],
     }
 
 
 def grad_rows_extra() -> dict[str, Any]:
     return {
-        "requestBody": _body({SAFETENSORS: BINARY},
-                             "a safetensors file holding `indices` (int64, k) and `values` (k x row shape)"),
+        "requestBody": _body(
+            {SAFETENSORS: BINARY}, "a safetensors file holding `indices` (int64, k) and `values` (k x row shape)"
+        ),
         "parameters": [IF_MATCH, BASE_VERSION, REQUEST_ID],
     }
 
@@ -246,48 +302,68 @@ def delete_extra() -> dict[str, Any]:
 
 
 def get_tensor_extra() -> dict[str, Any]:
-    return {"parameters": [
-        _param("If-None-Match", {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?(, *(W/)?"?[0-9]{1,18}"?)*)$'},
-               "304 if the tensor is at one of these versions"),
-    ]}
+    return {
+        "parameters": [
+            _param(
+                "If-None-Match",
+                {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?(, *(W/)?"?[0-9]{1,18}"?)*)$'},
+                "304 if the tensor is at one of these versions",
+            ),
+        ]
+    }
 
 
 VERSIONS_MAP = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
 
 
 def pull_batch_extra() -> dict[str, Any]:
-    return {"parameters": [
-        {"name": "X-Min-Versions", "in": "header", "required": False,
-         "description": "wait until this replica has applied these versions (read-your-writes)",
-         "content": {JSON: {"schema": {**VERSIONS_MAP, "propertyNames": {"pattern": NAME_PATTERN}}}}},
-    ]}
+    return {
+        "parameters": [
+            {
+                "name": "X-Min-Versions",
+                "in": "header",
+                "required": False,
+                "description": "wait until this replica has applied these versions (read-your-writes)",
+                "content": {JSON: {"schema": {**VERSIONS_MAP, "propertyNames": {"pattern": NAME_PATTERN}}}},
+            },
+        ]
+    }
 
 
 def push_batch_extra() -> dict[str, Any]:
     return {
         "requestBody": _body({SAFETENSORS: BINARY}, "a safetensors file {tensor name: gradient}"),
         "parameters": [
-            {"name": "X-Base-Versions", "in": "header", "required": False,
-             "description": "{tensor name: base version}",
-             "content": {JSON: {"schema": VERSIONS_MAP}}},
+            {
+                "name": "X-Base-Versions",
+                "in": "header",
+                "required": False,
+                "description": "{tensor name: base version}",
+                "content": {JSON: {"schema": VERSIONS_MAP}},
+            },
             REQUEST_ID,
         ],
     }
 
 
 def load_checkpoint_extra() -> dict[str, Any]:
-    return {"requestBody": _body({SAFETENSORS: BINARY},
-                                 "a checkpoint (or any safetensors file, e.g. a torch state_dict)")}
+    return {
+        "requestBody": _body({SAFETENSORS: BINARY}, "a checkpoint (or any safetensors file, e.g. a torch state_dict)")
+    }
 
 
 _PORT = r"0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
 _ADDRESS = {"type": "string", "pattern": rf"^\[?[^\[\]]+\]?:{_PORT}$", "description": "host:port, port 1-65535"}
 MEMBER_BODY: dict[str, Any] = {
-    "type": "object", "required": ["id", "http", "raft", "data"],
-    "properties": {"id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
-                   "http": _ADDRESS, "raft": _ADDRESS, "data": _ADDRESS,
-                   "shards": {"type": ["array", "null"], "minItems": 1,
-                              "items": {"type": "integer", "minimum": 0}}},  # not hosted here: 307
+    "type": "object",
+    "required": ["id", "http", "raft", "data"],
+    "properties": {
+        "id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+        "http": _ADDRESS,
+        "raft": _ADDRESS,
+        "data": _ADDRESS,
+        "shards": {"type": ["array", "null"], "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+    },  # not hosted here: 307
 }
 
 
@@ -326,4 +402,3 @@ def _custom_openapi(app: FastAPI) -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     """Serve the document above at /openapi.json."""
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
-

@@ -5,6 +5,7 @@ Each talks HTTP to one replica (`--url`, or PARAMSTORE_URL, default
 http://127.0.0.1:8700). `run(args, http=...)` accepts any httpx.Client, so
 tests can drive the commands against an in-process app.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,11 +14,16 @@ import json
 import os
 import ssl
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 import numpy as np
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+    from rich.table import Table
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 CHUNK = 1 << 20
@@ -31,13 +37,19 @@ class CommandError(Exception):
         self.code = code
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> None:
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def with_url(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--url", default=os.environ.get("PARAMSTORE_URL", DEFAULT_URL),
-                       help=f"a replica's base URL (or PARAMSTORE_URL; default {DEFAULT_URL})")
+        p.add_argument(
+            "--url",
+            default=os.environ.get("PARAMSTORE_URL", DEFAULT_URL),
+            help=f"a replica's base URL (or PARAMSTORE_URL; default {DEFAULT_URL})",
+        )
         p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds")
-        p.add_argument("--token", default=os.environ.get("PARAMSTORE_TOKEN"),
-                       help="API bearer token (or PARAMSTORE_TOKEN); writes need a write token")
+        p.add_argument(
+            "--token",
+            default=os.environ.get("PARAMSTORE_TOKEN"),
+            help="API bearer token (or PARAMSTORE_TOKEN); writes need a write token",
+        )
         p.add_argument("--cacert", help="CA bundle to verify an https:// replica with")
         return p
 
@@ -47,8 +59,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     get = with_url(sub.add_parser("get", help="download a tensor to a .npy file"))
     get.add_argument("name")
     get.add_argument("-o", "--output", required=True, help="output .npy file ('-' for stdout)")
-    get.add_argument("--linearizable", action="store_true",
-                     help="never older than an acknowledged write (a Raft barrier first)")
+    get.add_argument(
+        "--linearizable", action="store_true", help="never older than an acknowledged write (a Raft barrier first)"
+    )
 
     put = with_url(sub.add_parser("put", help="create or replace a tensor from a .npy file"))
     put.add_argument("name")
@@ -64,23 +77,35 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     save.add_argument("--no-state", action="store_true", help="leave optimizer state out")
     load = with_url(cks.add_parser("load", help="restore a checkpoint"))
     load.add_argument("file")
-    load.add_argument("--mode", choices=("create", "replace"), default="create",
-                      help="create: only tensors that do not exist (default); replace: all")
-    load.add_argument("--if-unchanged", action="store_true",
-                      help="with --mode replace: only replace tensors still at their checkpoint version")
+    load.add_argument(
+        "--mode",
+        choices=("create", "replace"),
+        default="create",
+        help="create: only tensors that do not exist (default); replace: all",
+    )
+    load.add_argument(
+        "--if-unchanged",
+        action="store_true",
+        help="with --mode replace: only replace tensors still at their checkpoint version",
+    )
     for p in (save, load):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     cl = sub.add_parser("cluster", help="change membership: add or remove a replica")
     cls = cl.add_subparsers(dest="cluster_command", required=True)
-    add = with_url(cls.add_parser(
-        "add", help="make a replica a voting member (start it with `paramstore serve --join` first, "
-                    "which downloads a snapshot and adds itself; this re-adds or adds by hand)"))
+    add = with_url(
+        cls.add_parser(
+            "add",
+            help="make a replica a voting member (start it with `paramstore serve --join` first, "
+            "which downloads a snapshot and adds itself; this re-adds or adds by hand)",
+        )
+    )
     add.add_argument("id")
     for field in ("http", "raft", "data"):
         add.add_argument(f"--{field}", required=True, metavar="HOST:PORT", help=f"the replica's {field} address")
-    remove = with_url(cls.add_parser(
-        "remove", help="remove a replica, live or dead (leadership is moved away from it first)"))
+    remove = with_url(
+        cls.add_parser("remove", help="remove a replica, live or dead (leadership is moved away from it first)")
+    )
     remove.add_argument("id")
     for p in (add, remove):
         p.add_argument("--shards", help="comma-separated shards (default: every shard the --url replica hosts)")
@@ -89,12 +114,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 COMMANDS = ("status", "get", "put", "checkpoint", "cluster")
 
 
-def run(args: argparse.Namespace, http: httpx.Client | None = None, out=None) -> int:
+def run(args: argparse.Namespace, http: httpx.Client | None = None, out: TextIO | None = None) -> int:
     """Run one operator command; returns the exit status."""
     out = out or sys.stdout
     own = http is None
-    client = http or httpx.Client(timeout=httpx.Timeout(args.timeout, connect=5.0),
-                                  verify=ssl.create_default_context(cafile=args.cacert) if args.cacert else True)
+    client = http or httpx.Client(
+        timeout=httpx.Timeout(args.timeout, connect=5.0),
+        verify=ssl.create_default_context(cafile=args.cacert) if args.cacert else True,
+    )
     base = args.url.rstrip("/")
     args.auth = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     try:
@@ -133,7 +160,7 @@ def _check(r: httpx.Response, ok: tuple[int, ...] = (200,)) -> httpx.Response:
 
 
 # ---- cluster add|remove ---------------------------------------------------------------
-def _cluster(client: httpx.Client, base: str, args, out) -> int:
+def _cluster(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO) -> int:
     shards = [int(s) for s in args.shards.split(",")] if args.shards else None
     if args.cluster_command == "add":
         body: dict[str, Any] = {"id": args.id, "http": args.http, "raft": args.raft, "data": args.data}
@@ -150,7 +177,7 @@ def _cluster(client: httpx.Client, base: str, args, out) -> int:
 
 
 # ---- status ---------------------------------------------------------------------------
-def _status(client: httpx.Client, base: str, args, out) -> int:
+def _status(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO) -> int:
     doc = _check(client.get(base + "/v1/cluster", headers=args.auth)).json()
     if args.json:
         print(json.dumps(doc, indent=2), file=out)
@@ -159,25 +186,48 @@ def _status(client: httpx.Client, base: str, args, out) -> int:
     from rich.table import Table
 
     console = Console(file=out, width=120)
-    nodes = Table(title=f"paramstore: asked {doc['node']} "
-                        f"({'ready' if doc.get('ready') else 'NOT ready'}, up {doc.get('uptime_seconds', 0):.0f}s)")
+    nodes = Table(
+        title=f"paramstore: asked {doc['node']} "
+        f"({'ready' if doc.get('ready') else 'NOT ready'}, up {doc.get('uptime_seconds', 0):.0f}s)"
+    )
     for col in ("node", "http", "raft", "data"):
         nodes.add_column(col)
     for n in doc["nodes"]:
         nodes.add_row(n["id"] + (" *" if n["id"] == doc["node"] else ""), n["url"], n["raft"], n["data"])
     console.print(nodes)
     shards = Table(title=f"shards (replication {doc.get('replication')}; role, indexes as seen by {doc['node']})")
-    for col in ("shard", "replicas", "leader", "role", "term", "commit", "applied", "lag", "log",
-                "tensors", "bytes", "ready"):
+    for col in (
+        "shard",
+        "replicas",
+        "leader",
+        "role",
+        "term",
+        "commit",
+        "applied",
+        "lag",
+        "log",
+        "tensors",
+        "bytes",
+        "ready",
+    ):
         shards.add_column(col, justify="right" if col not in ("replicas", "leader", "role") else "left")
     for s in doc["shards"]:
         hosted = "term" in s
         lag = s["commit_index"] - s["applied_index"] if hosted else None
         cells = [str(s["shard"]), ",".join(s.get("replicas", []))]
         if hosted:
-            cells += [str(s.get("leader") or "-"), s.get("role", "?"), str(s["term"]), str(s["commit_index"]),
-                      str(s["applied_index"]), str(lag), str(s.get("log_entries", "")),
-                      str(s.get("tensors", "")), _human(s.get("bytes", 0)), "yes" if s.get("ready") else "NO"]
+            cells += [
+                str(s.get("leader") or "-"),
+                s.get("role", "?"),
+                str(s["term"]),
+                str(s["commit_index"]),
+                str(s["applied_index"]),
+                str(lag),
+                str(s.get("log_entries", "")),
+                str(s.get("tensors", "")),
+                _human(s.get("bytes", 0)),
+                "yes" if s.get("ready") else "NO",
+            ]
         else:
             cells += ["(not hosted here)"] + [""] * 9
         shards.add_row(*cells)
@@ -186,7 +236,7 @@ def _status(client: httpx.Client, base: str, args, out) -> int:
     return 0
 
 
-def _replica_table(client: httpx.Client, base: str, doc: dict, auth: dict[str, str]):
+def _replica_table(client: httpx.Client, base: str, doc: dict[str, Any], auth: dict[str, str]) -> Table:
     """Every replica's own view (asked directly, 2 s each): the role it plays
     in each shard and how far it has applied. Unreachable replicas say so."""
     from rich.table import Table
@@ -210,7 +260,7 @@ def _replica_table(client: httpx.Client, base: str, doc: dict, auth: dict[str, s
     return table
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -219,21 +269,28 @@ def _human(n: int) -> str:
 
 
 # ---- get / put --------------------------------------------------------------------------
-def _get(client: httpx.Client, base: str, args, out) -> int:
+def _get(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO) -> int:
     params = {"consistency": "linearizable"} if args.linearizable else {}
-    r = _check(client.get(f"{base}/v1/tensors/{args.name}", params=params,
-                          headers={"Accept": "application/x-npy", **args.auth}, follow_redirects=True))
+    r = _check(
+        client.get(
+            f"{base}/v1/tensors/{args.name}",
+            params=params,
+            headers={"Accept": "application/x-npy", **args.auth},
+            follow_redirects=True,
+        )
+    )
     arr = np.load(io.BytesIO(r.content), allow_pickle=False)
     if args.output == "-":
         sys.stdout.buffer.write(r.content)
     else:
         np.save(args.output, arr, allow_pickle=False)
-        print(f"{args.name}: {arr.dtype}{list(arr.shape)} version {r.headers.get('X-Version')} "
-              f"-> {args.output}", file=out)
+        print(
+            f"{args.name}: {arr.dtype}{list(arr.shape)} version {r.headers.get('X-Version')} -> {args.output}", file=out
+        )
     return 0
 
 
-def _put(client: httpx.Client, base: str, args, out) -> int:
+def _put(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO) -> int:
     try:
         arr = np.load(args.file, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -251,27 +308,37 @@ def _put(client: httpx.Client, base: str, args, out) -> int:
         headers["If-None-Match"] = "*"
     if args.if_version is not None:
         headers["If-Match"] = f'"{args.if_version}"'
-    r = _check(client.put(f"{base}/v1/tensors/{args.name}", content=buf.getvalue(), headers=headers,
-                          follow_redirects=True), ok=(200, 201))
+    r = _check(
+        client.put(f"{base}/v1/tensors/{args.name}", content=buf.getvalue(), headers=headers, follow_redirects=True),
+        ok=(200, 201),
+    )
     doc = r.json()
-    print(f"{args.name}: {'created' if r.status_code == 201 else 'replaced'}, version {doc['version']} "
-          f"(shard {doc['shard']})", file=out)
+    print(
+        f"{args.name}: {'created' if r.status_code == 201 else 'replaced'}, version {doc['version']} "
+        f"(shard {doc['shard']})",
+        file=out,
+    )
     return 0
 
 
 # ---- checkpoints ------------------------------------------------------------------------
-def _progress(enabled: bool, description: str, total: int | None):
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+def _progress(enabled: bool, description: str, total: int | None) -> tuple[Progress, TaskID]:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                        TransferSpeedColumn(), TimeRemainingColumn(), disable=not enabled,
-                        transient=False)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
     task = progress.add_task(description, total=total)
     return progress, task
 
 
-def _save(client: httpx.Client, base: str, args, out) -> int:
+def _save(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO) -> int:
     target = Path(args.file)
     partial = target.with_name(target.name + ".partial")
     params = {"state": "0" if args.no_state else "1"}
@@ -293,16 +360,18 @@ def _save(client: httpx.Client, base: str, args, out) -> int:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, target)
-    print(f"saved {count} tensors ({target.stat().st_size} bytes) from {meta.get('node')} to {target}",
-          file=out)
+    print(f"saved {count} tensors ({target.stat().st_size} bytes) from {meta.get('node')} to {target}", file=out)
     missing = meta.get("cluster_shards", 0) - len(meta.get("shards", []))
     if missing > 0:
-        print(f"warning: {meta.get('node')} hosts {len(meta['shards'])} of {meta['cluster_shards']} shards; "
-              "save from a replica of each missing shard too", file=sys.stderr)
+        print(
+            f"warning: {meta.get('node')} hosts {len(meta['shards'])} of {meta['cluster_shards']} shards; "
+            "save from a replica of each missing shard too",
+            file=sys.stderr,
+        )
     return 0
 
 
-def _load(client: httpx.Client, base: str, args, out) -> int:
+def _load(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise CommandError(f"{path}: no such file", code=2)
@@ -321,9 +390,12 @@ def _load(client: httpx.Client, base: str, args, out) -> int:
                 yield chunk
 
     with progress:
-        r = client.put(base + "/v1/checkpoint", params=params, content=body(),
-                       headers={"Content-Type": "application/x-safetensors", "Content-Length": str(size),
-                                **args.auth})
+        r = client.put(
+            base + "/v1/checkpoint",
+            params=params,
+            content=body(),
+            headers={"Content-Type": "application/x-safetensors", "Content-Length": str(size), **args.auth},
+        )
     try:
         doc: dict[str, Any] = r.json()
     except ValueError:
@@ -331,22 +403,27 @@ def _load(client: httpx.Client, base: str, args, out) -> int:
     if "created" not in doc:
         _check(r)
     exist = sum(1 for d in doc["skipped"] if d.get("reason") == "exists")
-    print(f"created {len(doc['created'])}, replaced {len(doc['replaced'])}, "
-          f"skipped {exist} (already exist), failed {len(doc['failed'])}", file=out)
+    print(
+        f"created {len(doc['created'])}, replaced {len(doc['replaced'])}, "
+        f"skipped {exist} (already exist), failed {len(doc['failed'])}",
+        file=out,
+    )
     elsewhere = [d for d in doc["skipped"] if d.get("reason") == "not_hosted"]
     if elsewhere:
         shards = sorted({d["shard"] for d in elsewhere})
-        print(f"warning: {len(elsewhere)} tensors of shards {shards} are not hosted by this replica; "
-              f"load the file on one of {elsewhere[0]['hosts']} too", file=sys.stderr)
+        print(
+            f"warning: {len(elsewhere)} tensors of shards {shards} are not hosted by this replica; "
+            f"load the file on one of {elsewhere[0]['hosts']} too",
+            file=sys.stderr,
+        )
     for f in doc["failed"]:
         print(f"  failed {f['name']}: {f.get('error')}: {f.get('detail')}", file=out)
     if doc["created"] or doc["replaced"]:
-        print("note: optimizer specs were restored, optimizer state was not (see docs/operations.md)",
-              file=out)
+        print("note: optimizer specs were restored, optimizer state was not (see docs/operations.md)", file=out)
     return 0 if not doc["failed"] else EXIT_HTTP_ERROR
 
 
-def main(argv: list[str], http: httpx.Client | None = None, out=None) -> int:
+def main(argv: list[str], http: httpx.Client | None = None, out: TextIO | None = None) -> int:
     """Parse and run one operator command (tests pass an in-process client)."""
     parser = argparse.ArgumentParser(prog="paramstore")
     add_subcommands(parser.add_subparsers(dest="command", required=True))

@@ -1,13 +1,15 @@
 """Run one replica: the app under uvicorn, one process, one worker."""
+
 from __future__ import annotations
 
 import json
-import ssl
 import logging
+import ssl
 import sys
 import time
 
 import uvicorn
+from fastapi import FastAPI
 
 from store.config import Config
 from store.membership import MembershipFile
@@ -25,8 +27,12 @@ class JsonFormatter(logging.Formatter):
         self.node_id = node_id  # replicas' interleaved logs (compose, journald) stay attributable
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage()}
+        doc = {
+            "ts": round(time.time(), 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if self.node_id:
             doc["node"] = self.node_id
         for key in ("shard", "term", "request_id", "status", "path"):
@@ -72,15 +78,25 @@ def serve(cfg: Config, join: list[str] | None = None) -> None:
         store.close()
 
 
-def _run_http(app, cfg: Config) -> None:
+def _run_http(app: FastAPI, cfg: Config) -> None:
     node = cfg.node
     tls = cfg.tls
     config = uvicorn.Config(
-        app, host=node.http.host, port=node.http.port, workers=1, log_config=None,
-        http=protocol_class(cfg.limits.header_timeout, cfg.limits.body_idle_timeout), loop="uvloop",
-        access_log=False, timeout_keep_alive=30, timeout_graceful_shutdown=5,
-        h11_max_incomplete_event_size=64 * 1024, limit_concurrency=1024,
-        ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file, ssl_ca_certs=tls.client_ca_file,
+        app,
+        host=node.http.host,
+        port=node.http.port,
+        workers=1,
+        log_config=None,
+        http=protocol_class(cfg.limits.header_timeout, cfg.limits.body_idle_timeout),
+        loop="uvloop",
+        access_log=False,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=64 * 1024,
+        limit_concurrency=1024,
+        ssl_certfile=tls.cert_file,
+        ssl_keyfile=tls.key_file,
+        ssl_ca_certs=tls.client_ca_file,
         ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca_file else ssl.CERT_NONE,
     )
     uvicorn.Server(config).run()

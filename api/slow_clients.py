@@ -16,18 +16,21 @@ can hold every connection slot (`limit_concurrency`). This subclass adds:
 Either answers `408 Request Timeout` (if this request sent anything and no
 response has started) and closes the connection. 0 turns a timeout off.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT = (STATUS_LINE[408] + b"content-type: text/plain; charset=utf-8\r\n"
-                   b"content-length: 16\r\nconnection: close\r\n\r\nrequest timeout\n")
+REQUEST_TIMEOUT = (
+    STATUS_LINE[408] + b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 16\r\nconnection: close\r\n\r\nrequest timeout\n"
+)
 
 
 class SlowClientTimeouts(HttpToolsProtocol):
@@ -85,8 +88,9 @@ class SlowClientTimeouts(HttpToolsProtocol):
 
     def _head_expired(self) -> None:
         self._timer = None
-        log.info("closing a connection from %s: request head not complete within %.1fs",
-                 self._peer(), self.header_timeout)
+        log.info(
+            "closing a connection from %s: request head not complete within %.1fs", self._peer(), self.header_timeout
+        )
         self._close(answer=self._in_head)
 
     def _body_check(self) -> None:
@@ -102,8 +106,7 @@ class SlowClientTimeouts(HttpToolsProtocol):
         if silent < self.body_idle_timeout:
             self._arm(self.body_idle_timeout - silent, self._body_check)
             return
-        log.info("closing a connection from %s: no request body bytes for %.1fs",
-                 self._peer(), silent)
+        log.info("closing a connection from %s: no request body bytes for %.1fs", self._peer(), silent)
         self._close(answer=cycle is not None and not cycle.response_started)
 
     def _close(self, answer: bool) -> None:
@@ -116,10 +119,13 @@ class SlowClientTimeouts(HttpToolsProtocol):
         self.transport.close()
 
     def _peer(self) -> str:
-        return "%s:%d" % self.client if self.client else "?"
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "?"
 
 
 def protocol_class(header_timeout: float, body_idle_timeout: float) -> type[SlowClientTimeouts]:
     """The protocol class to pass as uvicorn's `http=` with these timeouts."""
-    return type("HttpToolsWithTimeouts", (SlowClientTimeouts,),
-                {"header_timeout": header_timeout, "body_idle_timeout": body_idle_timeout})
+    return type(
+        "HttpToolsWithTimeouts",
+        (SlowClientTimeouts,),
+        {"header_timeout": header_timeout, "body_idle_timeout": body_idle_timeout},
+    )

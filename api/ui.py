@@ -1,6 +1,7 @@
 """The dashboard: `GET /ui`, one self-contained HTML page shipped in the
 package (api/static/ui.html: no CDN, no build step). It polls /v1/cluster and
 /v1/tensors of the replica that served it; see docs/operations.md."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -19,6 +20,10 @@ def page() -> str:
 
 @router.get("/ui", include_in_schema=False)
 async def ui() -> HTMLResponse:
-    return HTMLResponse(page(), headers={"Cache-Control": "no-cache",
-                                         "Content-Security-Policy": "default-src 'self'; "
-                                         "script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
+    return HTMLResponse(
+        page(),
+        headers={
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+        },
+    )
