@@ -1,4 +1,5 @@
 """Batch pulls and pushes as safetensors; sparse row pushes and row pulls."""
+
 import json
 
 import numpy as np
@@ -8,9 +9,16 @@ ST = "application/x-safetensors"
 
 
 def create(client, name, arr, optimizer='{"type": "sgd", "lr": 1.0}'):
-    r = client.put(f"/v1/tensors/{name}", content=arr.tobytes(), headers={
-        "Content-Type": "application/octet-stream", "X-Dtype": str(arr.dtype),
-        "X-Shape": ",".join(map(str, arr.shape)), "X-Optimizer": optimizer})
+    r = client.put(
+        f"/v1/tensors/{name}",
+        content=arr.tobytes(),
+        headers={
+            "Content-Type": "application/octet-stream",
+            "X-Dtype": str(arr.dtype),
+            "X-Shape": ",".join(map(str, arr.shape)),
+            "X-Optimizer": optimizer,
+        },
+    )
     assert r.status_code in (200, 201), r.text
 
 
@@ -34,6 +42,7 @@ def test_batch_push_is_atomic_within_a_shard(client):
     r = client.post("/v1/grads:batch", content=body, headers={"Content-Type": ST})
     assert r.status_code == 404 and r.json()["error"] == "not_found"
     from store.placement import shard_for
+
     if shard_for("ok1", 2) == shard_for("missing1", 2):  # same Raft entry: nothing applied
         assert client.get("/v1/tensors/ok1").headers["X-Version"] == "1"
 
@@ -43,8 +52,11 @@ def test_batch_bad_input(client):
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
     r = client.post("/v1/grads:batch", content=b"{}", headers={"Content-Type": "application/json"})
     assert r.status_code == 415
-    r = client.post("/v1/grads:batch", content=save({"x": np.ones(1, np.float32)}),
-                    headers={"Content-Type": ST, "X-Base-Versions": "{bad"})
+    r = client.post(
+        "/v1/grads:batch",
+        content=save({"x": np.ones(1, np.float32)}),
+        headers={"Content-Type": ST, "X-Base-Versions": "{bad"},
+    )
     assert r.status_code == 400
     assert client.get("/v1/tensors:batch", params={"names": "nope"}).status_code == 404
 
@@ -53,8 +65,11 @@ def test_sparse_rows_push_and_row_pull(client):
     create(client, "emb", np.zeros((1000, 8), np.float32))
     idx = np.array([5, 9, 5], np.int64)
     vals = np.ones((3, 8), np.float32)
-    r = client.post("/v1/tensors/emb/grad-rows", content=save({"indices": idx, "values": vals}),
-                    headers={"Content-Type": ST, "X-Base-Version": "1"})
+    r = client.post(
+        "/v1/tensors/emb/grad-rows",
+        content=save({"indices": idx, "values": vals}),
+        headers={"Content-Type": ST, "X-Base-Version": "1"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["version"] == 2
     r = client.get("/v1/tensors/emb", params={"rows": "5,9,0"})
@@ -87,8 +102,7 @@ def test_batch_pull_min_versions(client):
     create(client, "mv", np.zeros(2, np.float32))
     r = client.get("/v1/tensors:batch", params={"names": "mv"}, headers={"X-Min-Versions": '{"mv": 1}'})
     assert r.status_code == 200 and json.loads(load_meta(r.content)["versions"]) == {"mv": 1}
-    r = client.get("/v1/tensors:batch", params={"names": "mv", "timeout": 0.2},
-                   headers={"X-Min-Versions": '{"mv": 5}'})
+    r = client.get("/v1/tensors:batch", params={"names": "mv", "timeout": 0.2}, headers={"X-Min-Versions": '{"mv": 5}'})
     assert r.status_code == 408 and r.json()["error"] == "wait_timeout"  # the caller's wait, not the server
     r = client.get("/v1/tensors:batch", params={"names": "mv"}, headers={"X-Min-Versions": '{"mv": -1}'})
     assert r.status_code == 400
@@ -96,4 +110,4 @@ def test_batch_pull_min_versions(client):
 
 def load_meta(body: bytes) -> dict:
     n = int.from_bytes(body[:8], "little")
-    return json.loads(body[8:8 + n])["__metadata__"]
+    return json.loads(body[8 : 8 + n])["__metadata__"]

@@ -1,9 +1,11 @@
 """GET/PUT /v1/checkpoint: one safetensors file with every tensor, restorable."""
+
 import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import load as st_load, save as st_save
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
 OCTET = {"Content-Type": "application/octet-stream"}
 
@@ -32,17 +34,19 @@ def get(client, name):
 
 def meta_of(body: bytes) -> dict:
     n = int.from_bytes(body[:8], "little")
-    return json.loads(body[8:8 + n])["__metadata__"]
+    return json.loads(body[8 : 8 + n])["__metadata__"]
 
 
 @pytest.fixture(scope="module")
 def saved(client):
     """A few tensors with different optimizers, some pushed, and a checkpoint of them."""
     rng = np.random.default_rng(0)
-    values = {"ck.fc1.weight": rng.standard_normal((16, 8)).astype("<f4"),
-              "ck.fc1.bias": np.zeros(16, "<f4"),
-              "ck.steps": np.array(7, "<i8"),
-              "ck.half": np.arange(6, dtype="<f2")}
+    values = {
+        "ck.fc1.weight": rng.standard_normal((16, 8)).astype("<f4"),
+        "ck.fc1.bias": np.zeros(16, "<f4"),
+        "ck.steps": np.array(7, "<i8"),
+        "ck.half": np.arange(6, dtype="<f2"),
+    }
     put(client, "ck.fc1.weight", values["ck.fc1.weight"], {"type": "adam", "lr": 0.01})
     put(client, "ck.fc1.bias", values["ck.fc1.bias"], {"type": "sgd", "lr": 0.1, "momentum": 0.9})
     put(client, "ck.steps", values["ck.steps"])
@@ -74,7 +78,7 @@ def test_checkpoint_holds_values_versions_specs_and_state(client, saved):
     assert sorted(w["state_arrays"]) == ["exp_avg", "exp_avg_sq"] and w["state_scalars"]["step"] == 3
     assert arrays["ck.fc1.weight/exp_avg"].shape == (16, 8)
     # after three pushes of ones, Adam's first moment is 1 - 0.9**3 everywhere
-    np.testing.assert_allclose(arrays["ck.fc1.weight/exp_avg"], 1 - 0.9 ** 3, rtol=1e-5)
+    np.testing.assert_allclose(arrays["ck.fc1.weight/exp_avg"], 1 - 0.9**3, rtol=1e-5)
     b = meta["tensors"]["ck.fc1.bias"]
     assert b["optimizer"]["momentum"] == 0.9 and b["state_arrays"] == ["momentum_buffer"]
     assert meta["tensors"]["ck.steps"]["state_arrays"] == []
@@ -107,7 +111,7 @@ def test_checkpoint_loads_into_a_torch_state_dict(client, saved, tmp_path):
 
 
 def test_restore_creates_missing_and_skips_existing(client, saved):
-    weight_v1, version = get(client, "ck.fc1.weight")
+    _, version = get(client, "ck.fc1.weight")
     assert client.delete("/v1/tensors/ck.fc1.bias").status_code == 200
     r = client.put("/v1/checkpoint", content=saved, headers={"Content-Type": "application/x-safetensors"})
     assert r.status_code == 200, r.text
@@ -152,7 +156,7 @@ def test_restore_a_plain_safetensors_file(client):
     r = client.put("/v1/checkpoint", content=body)
     assert r.status_code == 200, r.text
     assert r.json()["created"] == ["plain.a", "plain.b"]
-    a, version = get(client, "plain.a")
+    a, _ = get(client, "plain.a")
     np.testing.assert_array_equal(a, np.arange(4, dtype="<f4"))
     listed = {t["name"]: t for t in client.get("/v1/tensors").json()}
     assert listed["plain.b"]["optimizer"] == {"type": "assign"} and listed["plain.b"]["dtype"] == "float64"
@@ -191,13 +195,17 @@ def test_partial_placement_saves_hosted_shards_and_skips_the_others(tmp_path):
     from tests.waiting import wait_until
 
     base = free_range(16)
-    cfg = config_from_mapping({
-        "cluster": {"shards": 2, "replication": 1},
-        "nodes": [{"id": f"n{i}", "http": f"127.0.0.1:{base + 8 * i}", "raft": f"127.0.0.1:{base + 8 * i + 1}"}
-                  for i in range(2)],
-        "node": {"id": "n0", "data_dir": str(tmp_path / "n0")},
-        "limits": {"request_timeout": 1.5},
-    })
+    cfg = config_from_mapping(
+        {
+            "cluster": {"shards": 2, "replication": 1},
+            "nodes": [
+                {"id": f"n{i}", "http": f"127.0.0.1:{base + 8 * i}", "raft": f"127.0.0.1:{base + 8 * i + 1}"}
+                for i in range(2)
+            ],
+            "node": {"id": "n0", "data_dir": str(tmp_path / "n0")},
+            "limits": {"request_timeout": 1.5},
+        }
+    )
     here = next(f"p{i}" for i in range(100) if shard_for(f"p{i}", 2) == 0)
     elsewhere = next(f"p{i}" for i in range(100) if shard_for(f"p{i}", 2) == 1)
     with TestClient(create_app(cfg)) as c:
@@ -220,11 +228,18 @@ def test_checkpoint_file_edge_cases_read_back_with_safetensors(client, tmp_path)
     is read back by safetensors (numpy and torch) with exact shapes and bytes."""
     from safetensors.torch import load_file
 
-    values = {"edge.empty": np.zeros((0, 3), "<f4"), "edge.scalar64": np.array(2.5, "<f8"),
-              "edge.i32": np.arange(5, dtype="<i4"), "edge.f16": np.full((2, 2), 0.5, "<f2")}
+    values = {
+        "edge.empty": np.zeros((0, 3), "<f4"),
+        "edge.scalar64": np.array(2.5, "<f8"),
+        "edge.i32": np.arange(5, dtype="<i4"),
+        "edge.f16": np.full((2, 2), 0.5, "<f2"),
+    }
     for name, v in values.items():
-        r = client.put(f"/v1/tensors/{name}", content=v.tobytes(),
-                       headers={**OCTET, "X-Dtype": str(v.dtype), "X-Shape": ",".join(map(str, v.shape))})
+        r = client.put(
+            f"/v1/tensors/{name}",
+            content=v.tobytes(),
+            headers={**OCTET, "X-Dtype": str(v.dtype), "X-Shape": ",".join(map(str, v.shape))},
+        )
         assert r.status_code in (200, 201), (name, r.text)
     r = client.get("/v1/checkpoint")
     assert r.status_code == 200
@@ -242,15 +257,26 @@ def test_checkpoint_file_edge_cases_read_back_with_safetensors(client, tmp_path)
 def test_restore_brings_back_optimizer_state(client):
     rng = np.random.default_rng(7)
     w0 = rng.standard_normal((4, 3)).astype(np.float32)
-    r = client.put("/v1/tensors/os.w", content=w0.tobytes(), headers={
-        "Content-Type": "application/octet-stream", "X-Dtype": "float32", "X-Shape": "4,3",
-        "X-Optimizer": '{"type": "adam", "lr": 0.05}'})
+    r = client.put(
+        "/v1/tensors/os.w",
+        content=w0.tobytes(),
+        headers={
+            "Content-Type": "application/octet-stream",
+            "X-Dtype": "float32",
+            "X-Shape": "4,3",
+            "X-Optimizer": '{"type": "adam", "lr": 0.05}',
+        },
+    )
     assert r.status_code == 201
     grads = [rng.standard_normal((4, 3)).astype(np.float32) for _ in range(4)]
 
     def push(name, g):
-        assert client.post(f"/v1/tensors/{name}/grad", content=g.tobytes(),
-                           headers={"Content-Type": "application/octet-stream"}).status_code == 200
+        assert (
+            client.post(
+                f"/v1/tensors/{name}/grad", content=g.tobytes(), headers={"Content-Type": "application/octet-stream"}
+            ).status_code
+            == 200
+        )
 
     for g in grads[:2]:
         push("os.w", g)

@@ -1,5 +1,6 @@
 """The HTTP contract's error table, row by row: status, JSON body, and no
 change to stored data."""
+
 import io
 
 import numpy as np
@@ -61,24 +62,31 @@ def test_create_read_head_replace_delete(client):
 
 
 def test_json_body_and_grad(client):
-    r = client.put("/v1/tensors/j", json={"dtype": "float32", "shape": [2], "data": [1, 2]},
-                   headers={"X-Optimizer": '{"type": "sgd", "lr": 1.0}'})
+    r = client.put(
+        "/v1/tensors/j",
+        json={"dtype": "float32", "shape": [2], "data": [1, 2]},
+        headers={"X-Optimizer": '{"type": "sgd", "lr": 1.0}'},
+    )
     assert r.status_code == 201
-    r = client.post("/v1/tensors/j/grad", content=np.ones(2, np.float32).tobytes(),
-                    headers={"Content-Type": RAW})  # dtype and shape default to the tensor's
+    r = client.post(
+        "/v1/tensors/j/grad", content=np.ones(2, np.float32).tobytes(), headers={"Content-Type": RAW}
+    )  # dtype and shape default to the tensor's
     assert r.status_code == 200 and r.json()["version"] == 2
     assert client.get("/v1/tensors/j", headers={"Accept": "application/json"}).json()["data"] == [0, 1]
 
 
-@pytest.mark.parametrize("headers", [
-    {"X-Dtype": "float32"},                       # missing X-Shape
-    {"X-Shape": "2,3"},                           # missing X-Dtype
-    {"X-Dtype": "float32", "X-Shape": "2,x"},     # malformed shape
-    {"X-Dtype": "float32", "X-Shape": "2,3", "If-Match": "abc"},
-    {"X-Dtype": "float32", "X-Shape": "2,3", "If-None-Match": '"3"'},
-    {"X-Dtype": "float32", "X-Shape": "2,3", "X-Optimizer": "{not json"},
-    {"X-Dtype": "float32", "X-Shape": "2,3", "X-Request-Id": "bad id with spaces"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Dtype": "float32"},  # missing X-Shape
+        {"X-Shape": "2,3"},  # missing X-Dtype
+        {"X-Dtype": "float32", "X-Shape": "2,x"},  # malformed shape
+        {"X-Dtype": "float32", "X-Shape": "2,3", "If-Match": "abc"},
+        {"X-Dtype": "float32", "X-Shape": "2,3", "If-None-Match": '"3"'},
+        {"X-Dtype": "float32", "X-Shape": "2,3", "X-Optimizer": "{not json"},
+        {"X-Dtype": "float32", "X-Shape": "2,3", "X-Request-Id": "bad id with spaces"},
+    ],
+)
 def test_400_malformed_headers(client, stored, headers):
     r = client.put(f"/v1/tensors/{stored}", content=b"\0" * 24, headers={"Content-Type": RAW, **headers})
     assert_error(r, 400, "invalid_request")
@@ -86,8 +94,9 @@ def test_400_malformed_headers(client, stored, headers):
 
 @pytest.mark.parametrize("name", ["..", ".hidden", "a b", "x%01y", "a%2Fb", "-x", "a" * 300])
 def test_400_bad_tensor_names(client, name):
-    r = client.put(f"/v1/tensors/{name}", content=b"\0" * 4,
-                   headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "1"})
+    r = client.put(
+        f"/v1/tensors/{name}", content=b"\0" * 4, headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "1"}
+    )
     assert r.status_code in (400, 404), r.status_code  # a path the router cannot match is a 404
     assert r.json()["error"] in ("invalid_request", "not_found")
 
@@ -99,19 +108,31 @@ def test_400_bad_query(client, stored):
 
 def test_404_unknown_tensor(client):
     assert_error(client.get("/v1/tensors/nope"), 404, "not_found")
-    assert_error(client.post("/v1/tensors/nope/grad", content=b"\0" * 4,
-                             headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "1"}),
-                 404, "not_found")
+    assert_error(
+        client.post(
+            "/v1/tensors/nope/grad",
+            content=b"\0" * 4,
+            headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": "1"},
+        ),
+        404,
+        "not_found",
+    )
     assert_error(client.delete("/v1/tensors/nope"), 404, "not_found")
 
 
 def test_409_stale_push(client):
     assert raw_put(client, "stale", np.zeros(1, np.float32), X_Max_Staleness="0").status_code == 201
-    ok = client.post("/v1/tensors/stale/grad", content=np.ones(1, np.float32).tobytes(),
-                     headers={"Content-Type": RAW, "X-Base-Version": "1"})
+    ok = client.post(
+        "/v1/tensors/stale/grad",
+        content=np.ones(1, np.float32).tobytes(),
+        headers={"Content-Type": RAW, "X-Base-Version": "1"},
+    )
     assert ok.status_code == 200
-    r = client.post("/v1/tensors/stale/grad", content=np.ones(1, np.float32).tobytes(),
-                    headers={"Content-Type": RAW, "X-Base-Version": "1"})
+    r = client.post(
+        "/v1/tensors/stale/grad",
+        content=np.ones(1, np.float32).tobytes(),
+        headers={"Content-Type": RAW, "X-Base-Version": "1"},
+    )
     assert_error(r, 409, "conflict")
     assert r.json()["current_version"] == 2
 
@@ -122,8 +143,7 @@ def test_412_preconditions(client, stored):
     assert r.json()["current_version"] == 1
     r = raw_put(client, stored, np.zeros((2, 3), np.float32), If_Match='"7"')
     assert_error(r, 412, "precondition_failed")
-    assert_error(client.delete(f"/v1/tensors/{stored}", headers={"If-Match": '"9"'}), 412,
-                 "precondition_failed")
+    assert_error(client.delete(f"/v1/tensors/{stored}", headers={"If-Match": '"9"'}), 412, "precondition_failed")
 
 
 def test_413_body_over_limit(client, stored):
@@ -133,8 +153,12 @@ def test_413_body_over_limit(client, stored):
     def chunks():
         for _ in range(40):
             yield b"\0" * 65536
-    r = client.put(f"/v1/tensors/{stored}", content=chunks(),
-                   headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": str(40 * 16384)})
+
+    r = client.put(
+        f"/v1/tensors/{stored}",
+        content=chunks(),
+        headers={"Content-Type": RAW, "X-Dtype": "float32", "X-Shape": str(40 * 16384)},
+    )
     assert_error(r, 413, "payload_too_large")
 
 
@@ -147,25 +171,30 @@ def test_406_unacceptable(client, stored):
     assert_error(client.get(f"/v1/tensors/{stored}", headers={"Accept": "text/html"}), 406, "not_acceptable")
 
 
-@pytest.mark.parametrize("headers, body", [
-    ({"X-Dtype": "complex64", "X-Shape": "2,3"}, b"\0" * 48),      # unsupported dtype
-    ({"X-Dtype": "float32", "X-Shape": "2,3"}, b"\0" * 20),        # size mismatch
-    ({"X-Dtype": "float32", "X-Shape": "3,2"}, b"\0" * 24),        # shape change on replace
-    ({"X-Dtype": "int32", "X-Shape": "2,3"}, b"\0" * 24),          # dtype change on replace
-    ({"X-Dtype": "float32", "X-Shape": "2,3"}, np.full(6, np.nan, np.float32).tobytes()),
-    ({"X-Dtype": "float32", "X-Shape": "100000,100000,100000"}, b"\0" * 24),  # no allocation first
-    ({"X-Dtype": "float32", "X-Shape": "2,3", "X-Optimizer": '{"type":"sgd","lr":0.1,"bogus":1}'},
-     b"\0" * 24),
-    ({"X-Dtype": "float32", "X-Shape": "2,3", "X-Optimizer": '{"type":"sgd","lr":-1}'}, b"\0" * 24),
-])
+@pytest.mark.parametrize(
+    "headers, body",
+    [
+        ({"X-Dtype": "complex64", "X-Shape": "2,3"}, b"\0" * 48),  # unsupported dtype
+        ({"X-Dtype": "float32", "X-Shape": "2,3"}, b"\0" * 20),  # size mismatch
+        ({"X-Dtype": "float32", "X-Shape": "3,2"}, b"\0" * 24),  # shape change on replace
+        ({"X-Dtype": "int32", "X-Shape": "2,3"}, b"\0" * 24),  # dtype change on replace
+        ({"X-Dtype": "float32", "X-Shape": "2,3"}, np.full(6, np.nan, np.float32).tobytes()),
+        ({"X-Dtype": "float32", "X-Shape": "100000,100000,100000"}, b"\0" * 24),  # no allocation first
+        ({"X-Dtype": "float32", "X-Shape": "2,3", "X-Optimizer": '{"type":"sgd","lr":0.1,"bogus":1}'}, b"\0" * 24),
+        ({"X-Dtype": "float32", "X-Shape": "2,3", "X-Optimizer": '{"type":"sgd","lr":-1}'}, b"\0" * 24),
+    ],
+)
 def test_422_unprocessable(client, stored, headers, body):
     r = client.put(f"/v1/tensors/{stored}", content=body, headers={"Content-Type": RAW, **headers})
     assert_error(r, 422, "unprocessable")
 
 
 def test_422_nonfinite_gradient_and_npy_object(client, stored):
-    r = client.post(f"/v1/tensors/{stored}/grad", content=np.full((2, 3), np.inf, np.float32).tobytes(),
-                    headers={"Content-Type": RAW})
+    r = client.post(
+        f"/v1/tensors/{stored}/grad",
+        content=np.full((2, 3), np.inf, np.float32).tobytes(),
+        headers={"Content-Type": RAW},
+    )
     assert_error(r, 422, "unprocessable")
     buf = io.BytesIO()
     np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
@@ -174,8 +203,9 @@ def test_422_nonfinite_gradient_and_npy_object(client, stored):
 
 
 def test_400_truncated_npy(client, stored):
-    r = client.put(f"/v1/tensors/{stored}", content=b"\x93NUMPY\x01\x00garbage",
-                   headers={"Content-Type": "application/x-npy"})
+    r = client.put(
+        f"/v1/tensors/{stored}", content=b"\x93NUMPY\x01\x00garbage", headers={"Content-Type": "application/x-npy"}
+    )
     assert_error(r, 400, "invalid_request")
 
 
@@ -217,9 +247,17 @@ def test_json_scalar_keeps_its_shape(client):
     assert r.headers["X-Shape"] == "" and np.frombuffer(r.content, np.float32).tolist() == [2.5]
 
 
-@pytest.mark.parametrize("body", [b"", b"[1]", b"{bad", b'{"id": "n9"}',
-                                  b'{"id": "n9", "http": "h:1", "raft": "h:2", "data": "h:x"}',
-                                  b'{"id": "n9", "http": "h:1", "raft": "h:2", "data": "h:3", "shards": "a"}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[1]",
+        b"{bad",
+        b'{"id": "n9"}',
+        b'{"id": "n9", "http": "h:1", "raft": "h:2", "data": "h:x"}',
+        b'{"id": "n9", "http": "h:1", "raft": "h:2", "data": "h:3", "shards": "a"}',
+    ],
+)
 def test_bad_member_additions_are_400_and_change_nothing(client, body):
     before = client.get("/v1/cluster").json()
     r = client.post("/v1/cluster/members", content=body, headers={"Content-Type": "application/json"})

@@ -2,6 +2,7 @@
 schemathesis check (what `schemathesis run --checks all` does: examples,
 coverage, fuzzing and stateful phases), auth on, and expect no failure; and
 nothing stored changes because of requests that never named it."""
+
 import hashlib
 import sys
 from pathlib import Path
@@ -34,22 +35,35 @@ EXAMPLES_PER_OPERATION = 10
 # every later case would see 503. test_openapi.py checks that route's schema.
 NOT_FUZZED = {"path": "/v1/cluster/members", "method": "POST"}
 ALL_CHECKS = {  # what `schemathesis run --checks all` runs (schemathesis 4.x)
-    "not_a_server_error", "status_code_conformance", "content_type_conformance", "response_headers_conformance",
-    "response_schema_conformance", "negative_data_rejection", "positive_data_acceptance",
-    "missing_required_header", "unsupported_method", "allow_header_conformance", "use_after_free",
-    "ensure_resource_availability", "ignored_auth", "object_level_authorization"}
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+    "negative_data_rejection",
+    "positive_data_acceptance",
+    "missing_required_header",
+    "unsupported_method",
+    "allow_header_conformance",
+    "use_after_free",
+    "ensure_resource_availability",
+    "ignored_auth",
+    "object_level_authorization",
+}
 
 
 @pytest.fixture(scope="module")
 def fuzz_store(tmp_path_factory):
     base = free_range(4)
-    cfg = config_from_mapping({
-        "cluster": {"shards": 2, "replication": 1},
-        "nodes": [{"id": "n0", "http": f"127.0.0.1:{base}", "raft": f"127.0.0.1:{base + 1}"}],
-        "node": {"id": "n0", "data_dir": str(tmp_path_factory.mktemp("fuzz"))},
-        "limits": {"max_body_bytes": 1 << 20, "request_timeout": 1.0, "max_wait_seconds": 0.2},
-        "auth": {"write_tokens": [WRITE_TOKEN], "read_tokens": [READ_TOKEN]},
-    })
+    cfg = config_from_mapping(
+        {
+            "cluster": {"shards": 2, "replication": 1},
+            "nodes": [{"id": "n0", "http": f"127.0.0.1:{base}", "raft": f"127.0.0.1:{base + 1}"}],
+            "node": {"id": "n0", "data_dir": str(tmp_path_factory.mktemp("fuzz"))},
+            "limits": {"max_body_bytes": 1 << 20, "request_timeout": 1.0, "max_wait_seconds": 0.2},
+            "auth": {"write_tokens": [WRITE_TOKEN], "read_tokens": [READ_TOKEN]},
+        }
+    )
     store = Store(cfg)
     store.start()
     wait_until(store.is_ready, 15, "fuzz replica ready")
@@ -63,10 +77,15 @@ def run_schemathesis(app) -> tuple[dict, int, set[str]]:
     cases, and the paths that a write succeeded on."""
     with open(ROOT / "schemathesis.toml", "rb") as f:
         settings = tomllib.load(f)  # the settings a CLI run from the repository root uses
-    settings.update(hooks=str(ROOT / settings["hooks"]), headers=AUTH, workers=1,
-                    generation={"max-examples": EXAMPLES_PER_OPERATION, "database": "none"})
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH,
-                                            config=SchemathesisConfig.from_dict(settings))
+    settings.update(
+        hooks=str(ROOT / settings["hooks"]),
+        headers=AUTH,
+        workers=1,
+        generation={"max-examples": EXAMPLES_PER_OPERATION, "database": "none"},
+    )
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", app, headers=AUTH, config=SchemathesisConfig.from_dict(settings)
+    )
     schema = schema.exclude(**NOT_FUZZED)
     failures: dict[tuple[str, str, str], str] = {}
     cases = 0
@@ -75,13 +94,17 @@ def run_schemathesis(app) -> tuple[dict, int, set[str]]:
     for event in from_schema(schema).execute():
         if isinstance(event, (events.NonFatalError, events.FatalError)):
             failures[("error", getattr(event, "label", ""), type(event).__name__)] = str(
-                getattr(event, "value", None) or getattr(event, "exception", ""))
+                getattr(event, "value", None) or getattr(event, "exception", "")
+            )
         if not isinstance(event, events.ScenarioFinished):
             continue
-        for case_id, interaction in event.recorder.interactions.items():
+        for interaction in event.recorder.interactions.values():
             response = interaction.response
-            if interaction.request.method not in ("GET", "HEAD") and response is not None \
-                    and 200 <= response.status_code < 300:
+            if (
+                interaction.request.method not in ("GET", "HEAD")
+                and response is not None
+                and 200 <= response.status_code < 300
+            ):
                 written.add(interaction.request.uri)
         for case_id, checks in event.recorder.checks.items():
             cases += 1
@@ -92,9 +115,10 @@ def run_schemathesis(app) -> tuple[dict, int, set[str]]:
                 case = event.recorder.cases[case_id].value
                 failure = check.failure_info.failure
                 status = getattr(event.recorder.interactions.get(case_id), "response", None)
-                failures.setdefault((check.name, case.operation.label, failure.title),
-                                    f"[{getattr(status, 'status_code', '?')}] {failure.message}\n"
-                                    f"{case.as_curl_command()}")
+                failures.setdefault(
+                    (check.name, case.operation.label, failure.title),
+                    f"[{getattr(status, 'status_code', '?')}] {failure.message}\n{case.as_curl_command()}",
+                )
     print(f"{cases} cases; checks run: {', '.join(sorted(ran))}")
     assert ran >= ALL_CHECKS, f"checks that did not run: {sorted(ALL_CHECKS - ran)}"
     return failures, cases, written
@@ -111,5 +135,6 @@ def test_every_check_passes_on_every_operation(fuzz_store):
     # write it; unless a write to it succeeded, refused requests left it as it was.
     if not any(SENTINEL in uri or "mode=replace" in uri for uri in written):
         t, _ = fuzz_store.get(SENTINEL)
-        assert t.version == 1 and hashlib.sha256(t.value.tobytes()).digest() == \
-            hashlib.sha256(value.tobytes()).digest(), "a refused request changed a tensor"
+        assert (
+            t.version == 1 and hashlib.sha256(t.value.tobytes()).digest() == hashlib.sha256(value.tobytes()).digest()
+        ), "a refused request changed a tensor"

@@ -1,4 +1,5 @@
 """`paramstore status|get|put|checkpoint` against the in-process replica."""
+
 import io
 import json
 
@@ -12,7 +13,7 @@ URL = "http://testserver"  # the TestClient's base URL
 
 def run(client, *argv):
     out = io.StringIO()
-    code = ops_cli.main(list(argv) + ["--url", URL], http=client, out=out)
+    code = ops_cli.main([*argv, "--url", URL], http=client, out=out)
     return code, out.getvalue()
 
 
@@ -80,7 +81,8 @@ def test_unreachable_replica_is_reported(capsys):
 def test_failed_save_leaves_no_file(client, tmp_path, capsys):
     out = io.StringIO()
     path = tmp_path / "x.safetensors"
-    code = ops_cli.main(["checkpoint", "save", str(path), "--no-progress", "--url", URL + "/wrong"],
-                        http=client, out=out)
+    code = ops_cli.main(
+        ["checkpoint", "save", str(path), "--no-progress", "--url", URL + "/wrong"], http=client, out=out
+    )
     assert code == 1 and "HTTP 404" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

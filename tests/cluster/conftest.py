@@ -19,4 +19,3 @@ def make_cluster(tmp_path):
     yield make
     for c in made:
         c.close()
-

@@ -1,4 +1,5 @@
 """Real replica processes on loopback, and the damage tests do to them."""
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Cluster:
-    def __init__(self, tmp: Path, replicas: int = 3, shards: int = 2, raft: dict | None = None,
-                 limits: dict | None = None, hosts: list[str] | None = None,
-                 launcher: list[str] | None = None, http: Any = None, base_port: int = 7000,
-                 env: dict[str, str] | None = None, spare_hosts: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        replicas: int = 3,
+        shards: int = 2,
+        raft: dict | None = None,
+        limits: dict | None = None,
+        hosts: list[str] | None = None,
+        launcher: list[str] | None = None,
+        http: Any = None,
+        base_port: int = 7000,
+        env: dict[str, str] | None = None,
+        spare_hosts: list[str] | None = None,
+    ) -> None:
         """`hosts`: one loopback address per node (all share ports from
         `base_port` then); `launcher`: a command prefix (e.g. `ip netns exec
         NS`); `http`: an httpx.Client-like object that can reach the nodes;
@@ -37,16 +48,31 @@ class Cluster:
         if hosts:
             b = base_port
             for i, host in enumerate(hosts):
-                nodes.append({"id": f"n{i + 1}", "http": f"{host}:{b}", "raft": f"{host}:{b + 1}",
-                              "data": f"{host}:{b + 1 + shards}"})
+                nodes.append(
+                    {
+                        "id": f"n{i + 1}",
+                        "http": f"{host}:{b}",
+                        "raft": f"{host}:{b + 1}",
+                        "data": f"{host}:{b + 1 + shards}",
+                    }
+                )
         else:
             base = free_range(replicas * per_node)
             for i in range(replicas):
                 b = base + i * per_node
-                nodes.append({"id": f"n{i + 1}", "http": f"127.0.0.1:{b}", "raft": f"127.0.0.1:{b + 1}",
-                              "data": f"127.0.0.1:{b + 1 + shards}"})
-        raw: dict[str, Any] = {"cluster": {"shards": shards, "replication": len(nodes)}, "nodes": nodes,
-                               "auth": {"insecure_no_auth": True}}
+                nodes.append(
+                    {
+                        "id": f"n{i + 1}",
+                        "http": f"127.0.0.1:{b}",
+                        "raft": f"127.0.0.1:{b + 1}",
+                        "data": f"127.0.0.1:{b + 1 + shards}",
+                    }
+                )
+        raw: dict[str, Any] = {
+            "cluster": {"shards": shards, "replication": len(nodes)},
+            "nodes": nodes,
+            "auth": {"insecure_no_auth": True},
+        }
         if raft:
             raw["raft"] = raft
         if limits:
@@ -55,8 +81,15 @@ class Cluster:
         self.config_path = tmp / "cluster.toml"
         self.config_path.write_text(render_toml(self.cfg))
         self.ids = [n.id for n in self.cfg.nodes]  # the current members: tests update it
-        spares = [{"id": f"n{len(nodes) + i + 1}", "http": f"{h}:{b}", "raft": f"{h}:{b + 1}",
-                   "data": f"{h}:{b + 1 + shards}"} for i, h in enumerate(spare_hosts or [])]
+        spares = [
+            {
+                "id": f"n{len(nodes) + i + 1}",
+                "http": f"{h}:{b}",
+                "raft": f"{h}:{b + 1}",
+                "data": f"{h}:{b + 1 + shards}",
+            }
+            for i, h in enumerate(spare_hosts or [])
+        ]
         self.join_config_path = tmp / "cluster-join.toml"
         self.join_config_path.write_text(render_toml(config_from_mapping(dict(raw, nodes=nodes + spares))))
         self.urls = {n["id"]: f"http://{n['http']}" for n in nodes + spares}
@@ -70,10 +103,25 @@ class Cluster:
             config = self.join_config_path if join or nid not in bootstrap else self.config_path
             with open(self.tmp / f"{nid}.log", "ab") as log:  # the replica writes to its own copy
                 self.procs[nid] = subprocess.Popen(
-                    self.launcher + [sys.executable, "-m", "api.cli", "serve", "--config", str(config),
-                     "--node", nid, "--data-dir", str(self.tmp / nid)] + (["--join", join] if join else []),
-                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                    env=dict(os.environ, PYTHONPATH=str(ROOT), **self.env))
+                    self.launcher
+                    + [
+                        sys.executable,
+                        "-m",
+                        "api.cli",
+                        "serve",
+                        "--config",
+                        str(config),
+                        "--node",
+                        nid,
+                        "--data-dir",
+                        str(self.tmp / nid),
+                    ]
+                    + (["--join", join] if join else []),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                    env=dict(os.environ, PYTHONPATH=str(ROOT), **self.env),
+                )
 
     def start_joining(self, nid: str, seed: str) -> None:
         """Start a node outside the membership that joins through `seed`'s URL."""
@@ -81,8 +129,11 @@ class Cluster:
 
     def wait_ready(self, node_ids: list[str] | None = None, timeout: float = 30.0) -> None:
         for nid in node_ids or self.ids:
-            wait_until(lambda: self.http.get(self.urls[nid] + "/readyz", timeout=1).status_code == 200,
-                       timeout, f"{nid} ready (log: {self.tmp / (nid + '.log')})")
+            wait_until(
+                lambda nid=nid: self.http.get(self.urls[nid] + "/readyz", timeout=1).status_code == 200,
+                timeout,
+                f"{nid} ready (log: {self.tmp / (nid + '.log')})",
+            )
 
     def kill(self, nid: str) -> None:
         p = self.procs.pop(nid)
@@ -129,6 +180,7 @@ class Cluster:
             leaders = {self.status(n)["shards"][shard]["leader"] for n in voters}
             leader = leaders.pop() if len(leaders) == 1 else None
             return leader if leader in voters else None
+
         return wait_until(agreed, timeout, f"one leader for shard {shard}")
 
     def terms(self, nid: str) -> list[int]:
@@ -136,19 +188,27 @@ class Cluster:
 
     def shard_of(self, name: str) -> int:
         from store.placement import shard_for
+
         return shard_for(name, self.cfg.shards)
 
     # ---- tensors -------------------------------------------------------------------
     def put(self, nid: str, name: str, arr: np.ndarray, headers: dict | None = None) -> httpx.Response:
-        hdrs = {"Content-Type": "application/octet-stream", "X-Dtype": str(arr.dtype),
-                "X-Shape": ",".join(map(str, arr.shape)), **(headers or {})}
+        hdrs = {
+            "Content-Type": "application/octet-stream",
+            "X-Dtype": str(arr.dtype),
+            "X-Shape": ",".join(map(str, arr.shape)),
+            **(headers or {}),
+        }
         return self.http.put(f"{self.urls[nid]}/v1/tensors/{name}", content=arr.tobytes(), headers=hdrs)
 
     def grad(self, nid: str, name: str, arr: np.ndarray, headers: dict | None = None) -> httpx.Response:
-        hdrs = {"Content-Type": "application/octet-stream", "X-Dtype": str(arr.dtype),
-                "X-Shape": ",".join(map(str, arr.shape)), **(headers or {})}
-        return self.http.post(f"{self.urls[nid]}/v1/tensors/{name}/grad", content=arr.tobytes(),
-                              headers=hdrs)
+        hdrs = {
+            "Content-Type": "application/octet-stream",
+            "X-Dtype": str(arr.dtype),
+            "X-Shape": ",".join(map(str, arr.shape)),
+            **(headers or {}),
+        }
+        return self.http.post(f"{self.urls[nid]}/v1/tensors/{name}/grad", content=arr.tobytes(), headers=hdrs)
 
     def get(self, nid: str, name: str, **params) -> tuple[np.ndarray, int]:
         r = self.http.get(f"{self.urls[nid]}/v1/tensors/{name}", params=params)
@@ -164,4 +224,4 @@ class Cluster:
 
 def wait_version_everywhere(cluster: Cluster, name: str, version: int, timeout: float = 20.0) -> None:
     for nid in cluster.procs:
-        wait_until(lambda: cluster.get(nid, name)[1] >= version, timeout, f"{nid} applied {name} v{version}")
+        wait_until(lambda nid=nid: cluster.get(nid, name)[1] >= version, timeout, f"{nid} applied {name} v{version}")

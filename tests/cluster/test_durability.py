@@ -1,4 +1,5 @@
 """Snapshots on disk: compaction, full-cluster crash, restart, nothing lost."""
+
 import numpy as np
 import pytest
 
@@ -24,6 +25,7 @@ def test_kill_all_after_compaction_loses_no_acknowledged_write(make_cluster):
 
     def compacted_everywhere():
         return all(all(s["snapshots"] >= 1 for s in c.status(n)["shards"]) for n in c.ids)
+
     wait_until(compacted_everywhere, 30, "a snapshot of every shard on every replica")
     for nid in list(c.ids):
         c.kill(nid)
@@ -43,8 +45,11 @@ def test_compaction_triggers_on_payload_bytes(make_cluster):
     for i in range(6):  # 6 x 1 MB pushes > 2 MB of payload bytes
         r = c.put(c.ids[i % 3], "bytes", np.full(1 << 18, i, np.float32))
         assert r.status_code in (200, 201), r.text
-    wait_until(lambda: all(c.status(n)["shards"][shard]["snapshots"] >= 1 for n in c.ids), 30,
-               "a byte-triggered snapshot on every replica")
+    wait_until(
+        lambda: all(c.status(n)["shards"][shard]["snapshots"] >= 1 for n in c.ids),
+        30,
+        "a byte-triggered snapshot on every replica",
+    )
 
 
 def test_corrupt_snapshot_stops_the_replica_with_a_clear_message(make_cluster):

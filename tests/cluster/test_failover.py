@@ -1,4 +1,5 @@
 """SIGKILL and SIGSTOP a shard leader; elections, catch-up from disk."""
+
 import numpy as np
 import pytest
 
@@ -43,8 +44,11 @@ def test_paused_leader_is_replaced_and_rejoins(make_cluster):
     others = [n for n in c.ids if n != leader]
     c.pause(leader)
     try:
-        wait_until(lambda: c.status(others[0])["shards"][shard]["leader"] not in (None, leader),
-                   20, "a new leader while the old one is paused")
+        wait_until(
+            lambda: c.status(others[0])["shards"][shard]["leader"] not in (None, leader),
+            20,
+            "a new leader while the old one is paused",
+        )
         r = c.put(others[0], "x", np.full(10, 2, np.float32))
         assert r.status_code == 200, r.text
     finally:

@@ -2,6 +2,7 @@
 refuses to start with a one-line message naming the file and what to do; the
 others keep serving; done as told, it catches up with the right bytes. Its
 last entry cut short (a torn tail) is cut off at start with a log line."""
+
 import shutil
 import struct
 
@@ -26,7 +27,7 @@ def durable_mark(path) -> int:
 
 def truncate_mid_entry(data: bytearray) -> bytearray:
     end = struct.unpack("<I", data[36:40])[0]
-    return data[:end - 7]
+    return data[: end - 7]
 
 
 def torn_last_entry(data: bytearray) -> bytearray:
@@ -51,9 +52,11 @@ def garbage_header(data: bytearray) -> bytearray:
     return data
 
 
-DAMAGE = {"truncated mid-entry": (truncate_mid_entry, "is truncated"),
-          "flipped value byte": (flip_value_byte, "fails its CRC32"),
-          "garbage header": (garbage_header, "no pysyncobj journal header")}
+DAMAGE = {
+    "truncated mid-entry": (truncate_mid_entry, "is truncated"),
+    "flipped value byte": (flip_value_byte, "fails its CRC32"),
+    "garbage header": (garbage_header, "no pysyncobj journal header"),
+}
 
 
 def test_damaged_journal_is_refused_then_rebuilt_from_peers(make_cluster):
@@ -63,8 +66,14 @@ def test_damaged_journal_is_refused_then_rebuilt_from_peers(make_cluster):
     assert c.put("n2", "w", MARK).status_code == 200
     wait_version_everywhere(c, "w", 6)
     # an idle journal's durable mark reaches its end within a second: damage is corruption, not a torn tail
-    wait_until(lambda: durable_mark(c.tmp / "n3" / "shard-0" / "journal.bin") == end_offset(
-        c.tmp / "n3" / "shard-0" / "journal.bin"), 10, "n3's journal settled")
+    wait_until(
+        lambda: (
+            durable_mark(c.tmp / "n3" / "shard-0" / "journal.bin")
+            == end_offset(c.tmp / "n3" / "shard-0" / "journal.bin")
+        ),
+        10,
+        "n3's journal settled",
+    )
     c.kill("n3")
     shard_dir = c.tmp / "n3" / "shard-0"
     journal = shard_dir / "journal.bin"

@@ -1,4 +1,5 @@
 """A 64 MB tensor is created, pushed and read back with no leader election."""
+
 import numpy as np
 import pytest
 

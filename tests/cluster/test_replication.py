@@ -1,4 +1,5 @@
 """Three real replicas on loopback: replication, linearizable reads, CAS races."""
+
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,7 +18,7 @@ def follower_of(cluster, name):
 
 def test_write_on_follower_read_linearizably_elsewhere(make_cluster):
     c = make_cluster()
-    follower, leader = follower_of(c, "w")
+    follower, _ = follower_of(c, "w")
     other = next(n for n in c.ids if n not in (follower,))
     value = np.arange(12, dtype=np.float32).reshape(3, 4)
     r = c.put(follower, "w", value)
@@ -53,9 +54,16 @@ def test_cas_races_have_exactly_one_winner_per_version(make_cluster):
         version, who = args
         nid = c.ids[who % 3]
         with httpx.Client(timeout=10) as h:
-            r = h.put(f"{c.urls[nid]}/v1/tensors/cas", content=np.array([who], np.int64).tobytes(),
-                      headers={"Content-Type": "application/octet-stream", "X-Dtype": "int64",
-                               "X-Shape": "1", "If-Match": f'"{version}"'})
+            r = h.put(
+                f"{c.urls[nid]}/v1/tensors/cas",
+                content=np.array([who], np.int64).tobytes(),
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "X-Dtype": "int64",
+                    "X-Shape": "1",
+                    "If-Match": f'"{version}"',
+                },
+            )
         assert r.status_code in (200, 412), r.text
         if r.status_code == 412:
             assert r.json()["error"] == "precondition_failed"
@@ -79,8 +87,12 @@ def test_gradient_pushes_apply_identically_everywhere(make_cluster):
     c = make_cluster()
     rng = np.random.default_rng(1)
     shape = (64, 32)
-    r = c.put("n1", "p", rng.standard_normal(shape).astype(np.float32),
-              headers={"X-Optimizer": '{"type": "adam", "lr": 0.01}'})
+    r = c.put(
+        "n1",
+        "p",
+        rng.standard_normal(shape).astype(np.float32),
+        headers={"X-Optimizer": '{"type": "adam", "lr": 0.01}'},
+    )
     assert r.status_code == 201
 
     def push(i):
@@ -96,6 +108,7 @@ def test_gradient_pushes_apply_identically_everywhere(make_cluster):
 
 def test_logs_are_json_lines_with_shard_and_term(make_cluster):
     import json
+
     c = make_cluster()
     docs = [json.loads(line) for line in (c.tmp / "n1.log").read_text().splitlines() if line.startswith("{")]
     raft = [d for d in docs if "shard" in d and "term" in d]

@@ -1,7 +1,8 @@
 """Fixtures of the client tests: one dev cluster shared by every test in this folder."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

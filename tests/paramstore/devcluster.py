@@ -1,6 +1,8 @@
 """A real 3-replica cluster (`paramstore dev`) on loopback, for the client tests."""
+
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,19 +28,38 @@ class DevCluster:
         while raft <= http + 2 and http <= raft + 3 * (SHARDS + 2):
             raft = free_range(3 * (SHARDS + 2))
         self.urls = [f"http://127.0.0.1:{http + i}" for i in range(3)]
-        self.log = open(tmp / "dev.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "dev", "--replicas", "3", "--shards", str(SHARDS),
-             "--http-port", str(http), "--raft-port", str(raft), "--data-dir", str(tmp / "data")],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        with open(tmp / "dev.log", "wb") as log:  # the dev process keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "api.cli",
+                    "dev",
+                    "--replicas",
+                    "3",
+                    "--shards",
+                    str(SHARDS),
+                    "--http-port",
+                    str(http),
+                    "--raft-port",
+                    str(raft),
+                    "--data-dir",
+                    str(tmp / "data"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         with httpx.Client(timeout=1.0) as http:
             for url in self.urls:
-                def ready() -> bool:
+
+                def ready(url: str = url) -> bool:
                     assert self.proc.poll() is None, f"dev cluster exited:\n{self.log_text()}"
                     return http.get(url + "/readyz").status_code == 200
+
                 wait_until(ready, timeout, f"{url}/readyz")
 
     def replica_pids(self) -> list[int]:
@@ -59,11 +80,8 @@ class DevCluster:
             self.proc.kill()
             self.proc.wait()
         for pid in replicas:  # only if the runner could not stop them itself
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self.log.close()
 
     def log_text(self) -> str:
         return (self.tmp / "dev.log").read_text(errors="replace")

@@ -1,4 +1,5 @@
 """paramstore.Client against a real 3-replica cluster (`paramstore dev`) on loopback."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from paramstore import (Client, ConflictError, InvalidError, NotFoundError, PreconditionFailedError,
-                        UnavailableError)
+from paramstore import Client, ConflictError, InvalidError, NotFoundError, PreconditionFailedError, UnavailableError
 from tests.paramstore.devcluster import ROOT, SHARDS, DevCluster
 from tests.waiting import wait_until
 
@@ -115,10 +115,11 @@ def test_read_your_writes_from_a_paused_replica(cluster: DevCluster) -> None:
         leader = wait_until(lambda: c.cluster()["shards"][shard]["leader"], 15, "a leader")
     ids = [f"n{i + 1}" for i in range(3)]
     lagging = next(n for n in ids if n != leader)
-    pid = next(p for p in cluster.replica_pids()
-               if f"--node\0{lagging}\0" in Path(f"/proc/{p}/cmdline").read_text())
-    with Client([cluster.urls[ids.index(leader)]]) as writer, \
-            Client([cluster.urls[ids.index(lagging)]], session=writer.session) as reader:
+    pid = next(p for p in cluster.replica_pids() if f"--node\0{lagging}\0" in Path(f"/proc/{p}/cmdline").read_text())
+    with (
+        Client([cluster.urls[ids.index(leader)]]) as writer,
+        Client([cluster.urls[ids.index(lagging)]], session=writer.session) as reader,
+    ):
         os.kill(pid, signal.SIGSTOP)
         try:
             for i in range(1, 6):
@@ -142,7 +143,7 @@ def test_min_version_ahead_of_every_replica_is_unavailable(cluster: DevCluster) 
 
 def test_failover_past_a_dead_url(cluster: DevCluster) -> None:
     dead = closed_port_url()
-    with Client([dead] + cluster.urls[1:], timeout=2.0, deadline=10.0) as c:
+    with Client([dead, *cluster.urls[1:]], timeout=2.0, deadline=10.0) as c:
         name = unique("fo")
         assert c.create(name, np.ones(4, np.float32)) == 1
         assert c._preferred == 1  # the next calls go straight to the live replica
@@ -191,8 +192,12 @@ def test_same_request_id_applies_once(cluster: DevCluster) -> None:
     name = unique("rid")
     with Client(cluster.urls) as c:
         c.create(name, np.zeros(4, np.float32), optimizer={"type": "sgd", "lr": 1.0})
-    headers = {"Content-Type": "application/octet-stream", "X-Dtype": "float32", "X-Shape": "4",
-               "X-Request-Id": uuid.uuid4().hex}
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "X-Dtype": "float32",
+        "X-Shape": "4",
+        "X-Request-Id": uuid.uuid4().hex,
+    }
     body = np.ones(4, np.float32).tobytes()
     with httpx.Client(timeout=10) as http:
         first = http.post(f"{cluster.urls[0]}/v1/tensors/{name}/grad", content=body, headers=headers)
@@ -232,6 +237,7 @@ def test_client_retry_after_lost_response_applies_once(cluster: DevCluster) -> N
                 def record(request: httpx.Request, _send=other_send, **kw) -> httpx.Response:
                     seen_ids.append(request.headers.get("X-Request-Id", ""))
                     return _send(request, **kw)
+
                 other.send = record  # type: ignore[method-assign]
 
         version = c.push_grad(name, np.ones(4, np.float32), base_version=1)
@@ -244,9 +250,13 @@ def test_client_retry_after_lost_response_applies_once(cluster: DevCluster) -> N
 def test_train_digits_example_reaches_90_percent(cluster: DevCluster) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PARAMSTORE_URLS=",".join(cluster.urls))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--workers", "2",
-         "--prefix", unique("digits")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--workers", "2", "--prefix", unique("digits")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     m = re.search(r"final: test accuracy ([0-9.]+)", out)

@@ -1,11 +1,12 @@
 """Which answers the client retries on another replica, against two small real
 HTTP servers on loopback (no cluster: the answers are chosen per test)."""
+
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -25,8 +26,12 @@ class Replica:
                 replica.requests += 1
                 if replica.status == 200:
                     body = np.arange(3, dtype="<f4").tobytes()
-                    headers = {"Content-Type": "application/octet-stream", "X-Dtype": "float32",
-                               "X-Shape": "3", "X-Version": "3"}
+                    headers = {
+                        "Content-Type": "application/octet-stream",
+                        "X-Dtype": "float32",
+                        "X-Shape": "3",
+                        "X-Version": "3",
+                    }
                 else:
                     body = json.dumps({"error": replica.error, "detail": "test answer"}).encode()
                     headers = {"Content-Type": "application/json"}
@@ -59,7 +64,8 @@ def replicas() -> Iterator[list[Replica]]:
 
 @pytest.mark.parametrize("status,error", [(503, "unavailable"), (503, "timeout"), (408, "timeout")])
 def test_a_replica_that_cannot_answer_yet_is_retried_on_the_next(
-        replicas: list[Replica], status: int, error: str) -> None:
+    replicas: list[Replica], status: int, error: str
+) -> None:
     behind, ok = Replica(status, error), Replica(200)
     replicas += [behind, ok]
     with Client([behind.url, ok.url], timeout=2.0, deadline=10.0) as c:
@@ -72,9 +78,8 @@ def test_a_replica_that_cannot_answer_yet_is_retried_on_the_next(
 def test_retries_end_at_the_deadline_with_the_last_answer(replicas: list[Replica]) -> None:
     behind = Replica(408, "timeout")
     replicas.append(behind)
-    with Client([behind.url], timeout=0.5, deadline=0.5) as c:
-        with pytest.raises(UnavailableError) as info:
-            c.pull("w")
+    with Client([behind.url], timeout=0.5, deadline=0.5) as c, pytest.raises(UnavailableError) as info:
+        c.pull("w")
     assert info.value.status == 408 and info.value.code == "timeout"
     assert behind.requests >= 2
 
@@ -82,7 +87,6 @@ def test_retries_end_at_the_deadline_with_the_last_answer(replicas: list[Replica
 def test_a_definite_answer_is_not_retried(replicas: list[Replica]) -> None:
     missing, ok = Replica(404, "not_found"), Replica(200)
     replicas += [missing, ok]
-    with Client([missing.url, ok.url], timeout=2.0, deadline=10.0) as c:
-        with pytest.raises(NotFoundError):
-            c.pull("w")
+    with Client([missing.url, ok.url], timeout=2.0, deadline=10.0) as c, pytest.raises(NotFoundError):
+        c.pull("w")
     assert missing.requests == 1 and ok.requests == 0

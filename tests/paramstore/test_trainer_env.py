@@ -1,6 +1,7 @@
 """A trainer's environment has the client and torch, not the server: `api` and
 `store` (which keep their import names) and the server's dependencies are
 never needed to train against a cluster."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.cluster
 # Runs in a fresh interpreter. The finder makes every server-side module look
 # uninstalled, as in `pip install 'paramstore[torch]'` (the server code is on
 # PYTHONPATH here, so without it a stray import would silently succeed).
-TRAINER = r'''
+TRAINER = r"""
 import importlib.abc, sys
 
 SERVER_ONLY = {"api", "store", "fastapi", "starlette", "uvicorn", "pysyncobj", "cryptography",
@@ -62,13 +63,17 @@ with Client(urls, timeout=5.0, deadline=20.0) as ps:
 loaded = sorted(m for m in sys.modules if m.partition(".")[0] in SERVER_ONLY)
 assert not loaded, loaded
 print("trainer ok; refused imports:", refused)
-'''
+"""
 
 
 def test_a_trainer_never_needs_the_server_packages(cluster: DevCluster, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", TRAINER, ",".join(cluster.urls), f"env-{os.getpid()}-"],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-        timeout=180)
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trainer ok; refused imports: []" in proc.stdout, proc.stdout

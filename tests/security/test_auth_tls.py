@@ -1,4 +1,5 @@
 """Bearer tokens with read/write scopes, the start-up policy, and TLS."""
+
 import datetime
 import os
 import ssl
@@ -23,8 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def authed(tmp_path_factory):
-    cfg = config_from_mapping(raw_config(tmp_path_factory.mktemp("auth"),
-                                         auth={"read_tokens": ["reader-tok"], "write_tokens": ["writer-tok"]}))
+    cfg = config_from_mapping(
+        raw_config(
+            tmp_path_factory.mktemp("auth"), auth={"read_tokens": ["reader-tok"], "write_tokens": ["writer-tok"]}
+        )
+    )
     with TestClient(create_app(cfg)) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 15, "replica ready")
         yield c
@@ -52,7 +56,7 @@ def test_tokens_and_scopes(authed):
 
 
 def test_start_up_policy(tmp_path):
-    with pytest.raises(ConfigError, match="auth.write_tokens"):
+    with pytest.raises(ConfigError, match=r"auth\.write_tokens"):
         check_policy(config_from_mapping(raw_config(tmp_path)))
     check_policy(config_from_mapping(raw_config(tmp_path, auth={"insecure_no_auth": True})))
     off_loopback = raw_config(tmp_path, auth={"insecure_no_auth": True})
@@ -62,33 +66,45 @@ def test_start_up_policy(tmp_path):
 
 
 def _throwaway_ca(tmp_path):
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "paramstore test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(pem))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return tmp_path / "ca.pem"
 
 
@@ -100,9 +116,24 @@ def test_tls_and_tokens_on_a_real_replica(tmp_path):
     (tmp_path / "c.toml").write_text(render_toml(cfg))
     env = dict(os.environ, PYTHONPATH=ROOT, PARAMSTORE_WRITE_TOKENS="w-token", PARAMSTORE_READ_TOKENS="r-token")
     with open(tmp_path / "n1.log", "wb") as log:  # the replica writes to its own copy
-        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--config", str(tmp_path / "c.toml"),
-                                 "--node", "n1", "--data-dir", str(tmp_path / "data")],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "serve",
+                "--config",
+                str(tmp_path / "c.toml"),
+                "--node",
+                "n1",
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"https://{cfg.node.http}"
     try:
         with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=2) as https:

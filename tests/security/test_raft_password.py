@@ -1,6 +1,8 @@
 """pysyncobj unpickles whatever reaches its Raft port. With a password, a raw
 pickle frame is refused before it is ever unpickled; without one (loopback
 only, by our config rules) the same frame runs: this test shows both."""
+
+import contextlib
 import os
 import pickle
 import socket
@@ -28,13 +30,21 @@ class Exploit:
 
 def start_store(tmp_path, password):
     base = free_range(4)
-    cfg = config_from_mapping({
-        "cluster": {"shards": 1, "replication": 1},
-        "nodes": [{"id": "n1", "http": f"127.0.0.1:{base}", "raft": f"127.0.0.1:{base + 1}",
-                   "data": f"127.0.0.1:{base + 2}"}],
-        "node": {"id": "n1", "data_dir": str(tmp_path / "data")},
-        "raft": {"password": password} if password else {},
-    })
+    cfg = config_from_mapping(
+        {
+            "cluster": {"shards": 1, "replication": 1},
+            "nodes": [
+                {
+                    "id": "n1",
+                    "http": f"127.0.0.1:{base}",
+                    "raft": f"127.0.0.1:{base + 1}",
+                    "data": f"127.0.0.1:{base + 2}",
+                }
+            ],
+            "node": {"id": "n1", "data_dir": str(tmp_path / "data")},
+            "raft": {"password": password} if password else {},
+        }
+    )
     store = Store(cfg)
     store.start()
     wait_until(store.is_ready, 15, "single replica ready")
@@ -46,10 +56,8 @@ def send_raw_pickle(addr, marker: str) -> None:
     with socket.create_connection((addr.host, addr.port), timeout=5) as s:
         s.sendall(struct.pack("i", len(frame)) + frame)
         s.settimeout(1.0)
-        try:
+        with contextlib.suppress(TimeoutError, ConnectionError):
             s.recv(1)
-        except (socket.timeout, ConnectionError):
-            pass
 
 
 @pytest.mark.parametrize("password, runs", [(None, True), ("s3cret-raft", False)])
@@ -70,9 +78,12 @@ def test_raw_pickle_frame_to_raft_port(tmp_path, password, runs):
 
 def test_password_required_off_loopback():
     from store.errors import ConfigError
-    cfg = config_from_mapping({
-        "nodes": [{"id": "n1", "http": "10.0.0.1:8700", "raft": "10.0.0.1:9700"}],
-        "node": {"id": "n1", "data_dir": "/tmp/never-used"},
-    })
-    with pytest.raises(ConfigError, match="raft.password"):
+
+    cfg = config_from_mapping(
+        {
+            "nodes": [{"id": "n1", "http": "10.0.0.1:8700", "raft": "10.0.0.1:9700"}],
+            "node": {"id": "n1", "data_dir": "/tmp/never-used"},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"raft\.password"):
         Store(cfg)

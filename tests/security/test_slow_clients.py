@@ -1,8 +1,10 @@
 """Slow-loris clients against a real replica: connections whose request head
 (or body) trickles in are closed by the server in time, and everyone else is
 served meanwhile (api/slow_clients.py)."""
+
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import threading
@@ -16,9 +18,9 @@ from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(90)]
 
-TIMEOUT = 2.0   # header_timeout and body_idle_timeout of the replica under test
-MARGIN = 2.0    # 2 shared cores: the server may fire a little late, never early
-SLOW = 300      # connections trickling header bytes
+TIMEOUT = 2.0  # header_timeout and body_idle_timeout of the replica under test
+MARGIN = 2.0  # 2 shared cores: the server may fire a little late, never early
+SLOW = 300  # connections trickling header bytes
 TRICKLE = 0.25  # seconds between two bytes of a slow client
 
 
@@ -27,8 +29,9 @@ class Trickler:
     of `drip` every TRICKLE seconds (round and round if `repeat`); records when
     the server closed each one and what it answered."""
 
-    def __init__(self, addr: tuple[str, int], count: int, prefix: bytes, drip: bytes = b"",
-                 repeat: bool = False) -> None:
+    def __init__(
+        self, addr: tuple[str, int], count: int, prefix: bytes, drip: bytes = b"", repeat: bool = False
+    ) -> None:
         self.sel = selectors.DefaultSelector()
         self.opened: dict[socket.socket, float] = {}
         self.closed: dict[socket.socket, float] = {}
@@ -64,13 +67,11 @@ class Trickler:
                     self.closed[s] = time.monotonic()
                     self.sel.unregister(s)
             if time.monotonic() >= next_drip and i < len(self.drip):
-                byte = self.drip[i:i + 1]
+                byte = self.drip[i : i + 1]
                 for s in self.opened:
                     if s not in self.closed:
-                        try:
+                        with contextlib.suppress(OSError):
                             s.send(byte)
-                        except OSError:
-                            pass
                 i += 1
                 next_drip += TRICKLE
 
@@ -86,8 +87,12 @@ class Trickler:
 
 @pytest.fixture
 def replica(tmp_path):
-    c = Cluster(tmp_path, replicas=1, shards=1,
-                limits={"header_timeout": TIMEOUT, "body_idle_timeout": TIMEOUT, "max_body_bytes": 1 << 20})
+    c = Cluster(
+        tmp_path,
+        replicas=1,
+        shards=1,
+        limits={"header_timeout": TIMEOUT, "body_idle_timeout": TIMEOUT, "max_body_bytes": 1 << 20},
+    )
     c.start()
     try:
         c.wait_ready()
@@ -102,8 +107,10 @@ def http_addr(c: Cluster) -> tuple[str, int]:
 
 
 def request(path: str, body: bytes = b"", method: str = "PUT") -> bytes:
-    head = (f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
-            f"X-Dtype: float32\r\nX-Shape: {len(body) // 4}\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+        f"X-Dtype: float32\r\nX-Shape: {len(body) // 4}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -115,8 +122,9 @@ def response(s: socket.socket) -> bytes:
         assert chunk, f"connection closed after {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    )
     while len(body) < length:
         body += s.recv(4096)
     return head
@@ -132,8 +140,7 @@ def test_slow_request_heads_are_closed_in_time_while_others_are_served(replica):
     assert response(idle).startswith(b"HTTP/1.1 201")
 
     started = time.monotonic()
-    slow = Trickler(addr, SLOW, b"PUT /v1/tensors/slow HTTP/1.1\r\nHost: t\r\n", b"X-Slow: aaaaaaaa\r\n",
-                    repeat=True)
+    slow = Trickler(addr, SLOW, b"PUT /v1/tensors/slow HTTP/1.1\r\nHost: t\r\n", b"X-Slow: aaaaaaaa\r\n", repeat=True)
     try:
         served = 0
         while slow.open_count > SLOW // 2 and time.monotonic() - started < TIMEOUT:
@@ -147,12 +154,13 @@ def test_slow_request_heads_are_closed_in_time_while_others_are_served(replica):
     finally:
         slow.close()
     lifetimes = slow.lifetimes()
-    print(f"{SLOW} slow clients closed after {min(lifetimes):.2f}..{max(lifetimes):.2f}s "
-          f"(header_timeout {TIMEOUT}s); {served} normal requests served meanwhile")
+    print(
+        f"{SLOW} slow clients closed after {min(lifetimes):.2f}..{max(lifetimes):.2f}s "
+        f"(header_timeout {TIMEOUT}s); {served} normal requests served meanwhile"
+    )
     assert min(lifetimes) >= TIMEOUT - 0.05, "closed before the timeout"
     assert max(lifetimes) <= TIMEOUT + MARGIN, f"closed too late: {max(lifetimes):.2f}s"
-    assert all(a.startswith(b"HTTP/1.1 408 ") for a in slow.answers.values()), \
-        {a[:40] for a in slow.answers.values()}
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in slow.answers.values()), {a[:40] for a in slow.answers.values()}
 
     idle.sendall(request("/v1/tensors/idle", np.zeros(2, np.float32).tobytes()))
     assert response(idle).startswith(b"HTTP/1.1 200"), "a kept-alive idle connection was cut"
@@ -167,10 +175,10 @@ def test_a_stalled_body_is_closed_but_a_slow_one_is_not(replica):
     # stalls after 3 of 16 body bytes
     stalled = Trickler(addr, 5, request("/v1/tensors/stalled", body)[:-13])
     # sends one body byte every TRICKLE s: 4 s in all, twice the idle timeout
-    head = request("/v1/tensors/steady", body)[:-len(body)]
+    head = request("/v1/tensors/steady", body)[: -len(body)]
     steady = Trickler(addr, 1, head, body)
     # answered 413 at once (Content-Length over max_body_bytes), keeps trickling the body
-    big = request("/v1/tensors/big", bytes(2 << 20))[:-(2 << 20)]
+    big = request("/v1/tensors/big", bytes(2 << 20))[: -(2 << 20)]
     refused = Trickler(addr, 1, big, b"x", repeat=True)
     try:
         wait_until(lambda: stalled.open_count == 0, TIMEOUT + MARGIN + 5, "stalled bodies closed")
@@ -184,9 +192,8 @@ def test_a_stalled_body_is_closed_but_a_slow_one_is_not(replica):
     assert refused.lifetimes()[0] <= TIMEOUT + MARGIN, refused.lifetimes()
     print(f"a body still trickling after its 413 closed {refused.lifetimes()[0]:.2f}s after connecting")
     lifetimes = stalled.lifetimes()
-    print(f"stalled bodies closed after {min(lifetimes):.2f}..{max(lifetimes):.2f}s "
-          f"(body_idle_timeout {TIMEOUT}s)")
-    assert TIMEOUT - 0.05 <= min(lifetimes) and max(lifetimes) <= TIMEOUT + MARGIN
+    print(f"stalled bodies closed after {min(lifetimes):.2f}..{max(lifetimes):.2f}s (body_idle_timeout {TIMEOUT}s)")
+    assert min(lifetimes) >= TIMEOUT - 0.05 and max(lifetimes) <= TIMEOUT + MARGIN
     assert all(a.startswith(b"HTTP/1.1 408 ") for a in stalled.answers.values())
     assert next(iter(steady.answers.values())).startswith(b"HTTP/1.1 201"), steady.answers
     got, _ = c.get("n1", "steady")

@@ -1,5 +1,6 @@
 """store/commands.py: every command's log encoding, payload staging, request ids,
 and the state machine's dispatch on command types."""
+
 import pickle
 from dataclasses import fields
 
@@ -30,17 +31,43 @@ from store.state import ShardState
 
 SHA = "ab" * 32
 EVERY = [
-    Put(name="w", dtype="float32", shape=(2, 3), data=Inline(b"\0" * 24), rid="r1", if_match="*",
-        if_none_match=True, optimizer={"type": "adam", "lr": 0.1, "betas": (0.9, 0.99)}, allow_nonfinite=True,
-        max_staleness=4, staleness_policy="scale", state_arrays={"exp_avg": Stored(SHA, 24)},
-        state_scalars={"step": 7}),
+    Put(
+        name="w",
+        dtype="float32",
+        shape=(2, 3),
+        data=Inline(b"\0" * 24),
+        rid="r1",
+        if_match="*",
+        if_none_match=True,
+        optimizer={"type": "adam", "lr": 0.1, "betas": (0.9, 0.99)},
+        allow_nonfinite=True,
+        max_staleness=4,
+        staleness_policy="scale",
+        state_arrays={"exp_avg": Stored(SHA, 24)},
+        state_scalars={"step": 7},
+    ),
     Put(name="w", dtype="float32", shape=(), data=Stored(SHA, 4)),
     Grad(name="w", dtype="float16", shape=(3,), data=Inline(b"\1" * 6), rid="r2", base_version=3, if_match=4),
-    GradRows(name="emb", dtype="float32", row_shape=(4,), k=2, indices=Inline(b"\0" * 16),
-             values=Stored(SHA, 32), rid="r3", base_version=1, if_match=2),
+    GradRows(
+        name="emb",
+        dtype="float32",
+        row_shape=(4,),
+        k=2,
+        indices=Inline(b"\0" * 16),
+        values=Stored(SHA, 32),
+        rid="r3",
+        base_version=1,
+        if_match=2,
+    ),
     Delete(name="w", rid="r4", if_match=9),
-    Batch(ops=(Grad(name="a", dtype="int32", shape=(1,), data=Inline(b"\0" * 4)),
-               Delete(name="b"), Put(name="c", dtype="int64", shape=(1,), data=Inline(b"\0" * 8))), rid="r5"),
+    Batch(
+        ops=(
+            Grad(name="a", dtype="int32", shape=(1,), data=Inline(b"\0" * 4)),
+            Delete(name="b"),
+            Put(name="c", dtype="int64", shape=(1,), data=Inline(b"\0" * 8)),
+        ),
+        rid="r5",
+    ),
     Group(cmds=(Noop(), Delete(name="x", rid="r6"), MemberDrop(id="n3", rid="r7"))),
     MemberSet(id="n4", http="h:1", raft="r:2", data="d:3", rid="r8"),
     MemberDrop(id="n4"),
@@ -65,8 +92,14 @@ def test_round_trip_through_the_log(cmd):
 def test_defaults_are_left_out_of_the_log():
     assert encode(Delete(name="w")) == ("delete", "w")
     assert encode(Noop()) == ("noop",)
-    assert encode(Grad(name="w", dtype="float32", shape=[2], data=Stored(SHA, 8), rid="r")) == \
-        ("grad", "w", "float32", (2,), (SHA, 8), "r")
+    assert encode(Grad(name="w", dtype="float32", shape=[2], data=Stored(SHA, 8), rid="r")) == (
+        "grad",
+        "w",
+        "float32",
+        (2,),
+        (SHA, 8),
+        "r",
+    )
 
 
 def test_a_command_costs_the_log_little_beyond_its_payload():
@@ -92,8 +125,9 @@ def test_unknown_tags_and_extra_fields_are_refused():
 
 def test_blobs_and_refs_reach_every_payload_of_a_batch_and_a_restore():
     raw = memoryview(b"\1" * 8)
-    put = Put(name="c", dtype="float32", shape=(2,), data=raw, state_arrays={"sum": b"\2" * 8},
-              optimizer={"type": "adagrad"})
+    put = Put(
+        name="c", dtype="float32", shape=(2,), data=raw, state_arrays={"sum": b"\2" * 8}, optimizer={"type": "adagrad"}
+    )
     batch = Batch(ops=(Delete(name="a"), Grad(name="b", dtype="float32", shape=(2,), data=b"\3" * 8), put))
     found = dict(commands.blobs(batch))
     assert set(found) == {("ops", 1, "data"), ("ops", 2, "data"), ("ops", 2, "state_arrays", "sum")}

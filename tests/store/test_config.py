@@ -4,8 +4,7 @@ from store.config import config_from_mapping, load_config, render_toml
 from store.errors import ConfigError
 from store.placement import hosts_for, shard_for
 
-NODES = [{"id": f"n{i}", "http": f"127.0.0.1:{8700 + i}", "raft": f"127.0.0.1:{9700 + 10 * i}"}
-         for i in range(3)]
+NODES = [{"id": f"n{i}", "http": f"127.0.0.1:{8700 + i}", "raft": f"127.0.0.1:{9700 + 10 * i}"} for i in range(3)]
 
 
 def test_defaults_and_derived_data_port():
@@ -15,22 +14,25 @@ def test_defaults_and_derived_data_port():
     assert cfg.all_loopback()
 
 
-@pytest.mark.parametrize("raw, field", [
-    ({"cluster": {"shards": 0}, "nodes": NODES}, "cluster.shards"),
-    ({"cluster": {"replication": 4}, "nodes": NODES}, "cluster.replication"),
-    ({"cluster": {"bogus": 1}, "nodes": NODES}, "cluster.bogus"),
-    ({"nodes": []}, "nodes"),
-    ({"nodes": [{"id": "a", "http": "nohost", "raft": "127.0.0.1:1"}]}, "nodes[0].http"),
-    ({"nodes": [{"id": "a", "http": "127.0.0.1:x", "raft": "127.0.0.1:1"}]}, "nodes[0].http"),
-    ({"nodes": NODES + [NODES[0]]}, "nodes"),
-    ({"nodes": [{"id": "a", "http": "127.0.0.1:9700", "raft": "127.0.0.1:9700"}]}, "nodes[0]"),
-    ({"nodes": NODES, "raft": {"min_timeout": "fast"}}, "raft.min_timeout"),
-    ({"nodes": NODES, "raft": {"min_timeout": 0.1}}, "raft.min_timeout"),
-    ({"nodes": NODES, "limits": {"inline_payload_bytes": 1 << 20}}, "limits.inline_payload_bytes"),
-    ({"nodes": NODES, "limits": {"header_timeout": -1}}, "limits.header_timeout"),
-    ({"nodes": NODES, "raft": {"transport": "no colon"}}, "raft.transport"),
-    ({"nodes": NODES, "node": {"id": "zz"}}, "node"),
-])
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"cluster": {"shards": 0}, "nodes": NODES}, "cluster.shards"),
+        ({"cluster": {"replication": 4}, "nodes": NODES}, "cluster.replication"),
+        ({"cluster": {"bogus": 1}, "nodes": NODES}, "cluster.bogus"),
+        ({"nodes": []}, "nodes"),
+        ({"nodes": [{"id": "a", "http": "nohost", "raft": "127.0.0.1:1"}]}, "nodes[0].http"),
+        ({"nodes": [{"id": "a", "http": "127.0.0.1:x", "raft": "127.0.0.1:1"}]}, "nodes[0].http"),
+        ({"nodes": [*NODES, NODES[0]]}, "nodes"),
+        ({"nodes": [{"id": "a", "http": "127.0.0.1:9700", "raft": "127.0.0.1:9700"}]}, "nodes[0]"),
+        ({"nodes": NODES, "raft": {"min_timeout": "fast"}}, "raft.min_timeout"),
+        ({"nodes": NODES, "raft": {"min_timeout": 0.1}}, "raft.min_timeout"),
+        ({"nodes": NODES, "limits": {"inline_payload_bytes": 1 << 20}}, "limits.inline_payload_bytes"),
+        ({"nodes": NODES, "limits": {"header_timeout": -1}}, "limits.header_timeout"),
+        ({"nodes": NODES, "raft": {"transport": "no colon"}}, "raft.transport"),
+        ({"nodes": NODES, "node": {"id": "zz"}}, "node"),
+    ],
+)
 def test_wrong_config_names_the_field(raw, field):
     with pytest.raises(ConfigError) as e:
         config_from_mapping(raw)
@@ -65,10 +67,11 @@ def test_placement_is_stable_and_spread():
 
 def test_raft_transport_loads_a_transport_class_or_says_why():
     from pysyncobj.transport import TCPTransport
+
     from store.transport import transport_class
 
     assert transport_class(None) is TCPTransport
     assert transport_class("tests.faults.droptransport:DropTransport").__name__ == "DropTransport"
     for spec in ("no.such.module:X", "store.config:Config", "tests.faults.droptransport:Nope"):
-        with pytest.raises(ConfigError, match="raft.transport"):
+        with pytest.raises(ConfigError, match=r"raft\.transport"):
             transport_class(spec)

@@ -1,5 +1,6 @@
 """store/journal.py against journals written by a real (one-node) pysyncobj
 SyncObj, then truncated, overwritten or flipped."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,14 @@ VALUE = np.full(16, 1234.5, np.float32)
 
 class Register(SyncObj):
     def __init__(self, journal: Path) -> None:
-        conf = SyncObjConf(journalFile=str(journal), appendEntriesPeriod=0.02, raftMinTimeout=0.1,
-                           raftMaxTimeout=0.2, connectionTimeout=0.5, autoTickPeriod=0.005)
+        conf = SyncObjConf(
+            journalFile=str(journal),
+            appendEntriesPeriod=0.02,
+            raftMinTimeout=0.1,
+            raftMaxTimeout=0.2,
+            connectionTimeout=0.5,
+            autoTickPeriod=0.005,
+        )
         super().__init__(f"127.0.0.1:{free_range(1)}", [], conf)
         self.applied: list[tuple] = []
 
@@ -45,15 +52,24 @@ def write_journal(path: Path, cmds: list) -> None:
 
 
 def put(i: int, value: np.ndarray) -> tuple:
-    return to_log(Put(name=f"t{i}", dtype="float32", shape=(value.size,), rid=f"r{i}",
-                      optimizer={"type": "adam", "lr": 0.01}, data=Inline(value.tobytes())))
+    return to_log(
+        Put(
+            name=f"t{i}",
+            dtype="float32",
+            shape=(value.size,),
+            rid=f"r{i}",
+            optimizer={"type": "adam", "lr": 0.01},
+            data=Inline(value.tobytes()),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("journal")
-    write_journal(d / "journal.bin", [put(i, np.full(16, i, np.float32)) for i in range(5)]
-                  + [put(5, VALUE), to_log(Noop())])
+    write_journal(
+        d / "journal.bin", [put(i, np.full(16, i, np.float32)) for i in range(5)] + [put(5, VALUE), to_log(Noop())]
+    )
     return d
 
 
@@ -88,7 +104,7 @@ def test_an_intact_journal_passes(journal):
 
 
 def test_truncated_mid_entry(journal):
-    damage(journal, lambda d: d[:end_offset(journal) - 7])
+    damage(journal, lambda d: d[: end_offset(journal) - 7])
     refused(journal, "truncated")
 
 
@@ -115,6 +131,7 @@ def test_flipped_value_byte_fails_the_crc(journal):
         i = d.rfind(pattern)
         assert i > 0
         d[i + 1] ^= 0x01  # 'P' -> 'Q': still valid text, another float
+
     damage(journal, flip)
     refused(journal, "CRC32")
 
@@ -141,6 +158,7 @@ def test_an_executable_pickle_is_refused_unexecuted(tmp_path):
     path = tmp_path / "journal.bin"
     write_journal(path, [put(0, VALUE)])
     from pysyncobj.journal import FileJournal
+
     j = FileJournal(str(path))
     j.add(b"\x00" + pickle.dumps((0, (Evil(),)), 2), len(j) + 1, j[-1][2])
     j._destroy()

@@ -42,12 +42,11 @@ def test_member_commands_cannot_ride_in_a_batch():
 
 def test_node_records_round_trip_and_bad_ones_name_the_field():
     node = membership.node_of(N4)
-    assert node == NodeConfig("n4", Address("127.0.0.4", 7000), Address("127.0.0.4", 7001),
-                              Address("127.0.0.4", 7003))
+    assert node == NodeConfig("n4", Address("127.0.0.4", 7000), Address("127.0.0.4", 7001), Address("127.0.0.4", 7003))
     assert membership.record_of(node) == N4
-    with pytest.raises(ConfigError, match="node.raft"):
+    with pytest.raises(ConfigError, match=r"node\.raft"):
         membership.node_of(dict(N4, raft="nowhere"))
-    with pytest.raises(ConfigError, match="node.id"):
+    with pytest.raises(ConfigError, match=r"node\.id"):
         membership.node_of(dict(N4, id="../n4"))
 
 

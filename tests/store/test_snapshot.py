@@ -13,13 +13,28 @@ from store.state import ShardState
 def populated() -> ShardState:
     s = ShardState(3)
     rng = np.random.default_rng(0)
-    for name, dtype, shape in [("a", "float32", (5, 7)), ("b", "int64", (3,)), ("c", "float16", ()),
-                               ("d", "float64", (0,))]:
+    for name, dtype, shape in [
+        ("a", "float32", (5, 7)),
+        ("b", "int64", (3,)),
+        ("c", "float16", ()),
+        ("d", "float64", (0,)),
+    ]:
         arr = (rng.standard_normal(shape) * 10).astype(dtype)
-        s.apply(Put(name=name, dtype=dtype, shape=shape, data=Inline(arr.tobytes()), rid=f"r-{name}",
-                    optimizer={"type": "adam"} if dtype == "float32" else None), lambda r: r.data)
-    s.apply(Grad(name="a", dtype="float32", shape=(5, 7), data=Inline(np.ones((5, 7), np.float32).tobytes())),
-            lambda r: r.data)
+        s.apply(
+            Put(
+                name=name,
+                dtype=dtype,
+                shape=shape,
+                data=Inline(arr.tobytes()),
+                rid=f"r-{name}",
+                optimizer={"type": "adam"} if dtype == "float32" else None,
+            ),
+            lambda r: r.data,
+        )
+    s.apply(
+        Grad(name="a", dtype="float32", shape=(5, 7), data=Inline(np.ones((5, 7), np.float32).tobytes())),
+        lambda r: r.data,
+    )
     return s
 
 
@@ -48,7 +63,7 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path):
     with pytest.raises(CorruptData, match="truncated"):
         read_snapshot(tmp_path / "short.bin")
     hlen = struct.unpack("<Q", data[8:16])[0]
-    header = json.loads(data[16:16 + hlen])
+    header = json.loads(data[16 : 16 + hlen])
     data_start = (16 + hlen + 63) // 64 * 64
     first = header["tensors"][0]["arrays"]["value"]
     flipped = bytearray(data)

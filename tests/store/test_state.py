@@ -1,4 +1,5 @@
 """The pure state machine: every op, every conflict, version arithmetic."""
+
 from dataclasses import replace
 
 import numpy as np
@@ -164,11 +165,14 @@ def test_batch_is_all_or_nothing():
     assert [r["version"] for r in out["results"]] == [2, 1]
 
 
-@pytest.mark.parametrize("op", [
-    GradRows(name="a", dtype="float32", row_shape=(), k=0, indices=Inline(b""), values=Inline(b"")),
-    MemberSet(id="n4", http="h:1", raft="r:1", data="d:1"),
-    Noop(),
-])
+@pytest.mark.parametrize(
+    "op",
+    [
+        GradRows(name="a", dtype="float32", row_shape=(), k=0, indices=Inline(b""), values=Inline(b"")),
+        MemberSet(id="n4", http="h:1", raft="r:1", data="d:1"),
+        Noop(),
+    ],
+)
 def test_a_batch_refuses_what_cannot_be_part_of_one(op):
     s = ShardState(0)
     put(s, "a", np.zeros(1, np.float32))
@@ -188,8 +192,15 @@ def test_unknown_optimizer_field_refused():
 
 def rows_cmd(name, idx, vals, **kw):
     idx = np.asarray(idx, np.int64)
-    return GradRows(name=name, k=len(idx), dtype=str(vals.dtype), row_shape=vals.shape[1:],
-                    indices=inline(idx), values=inline(vals), **kw)
+    return GradRows(
+        name=name,
+        k=len(idx),
+        dtype=str(vals.dtype),
+        row_shape=vals.shape[1:],
+        indices=inline(idx),
+        values=inline(vals),
+        **kw,
+    )
 
 
 def test_grad_rows_touches_only_those_rows_and_sums_duplicates():
@@ -233,6 +244,7 @@ def test_grad_rows_errors_change_nothing():
 
 def test_scalar_tensors_keep_shape_through_optimizer_and_snapshot(tmp_path):
     from store.snapshot import read_snapshot, write_snapshot
+
     s = ShardState(0)
     put(s, "lr", np.array(1.0, np.float32), optimizer={"type": "adam"})
     grad(s, "lr", np.array(0.5, np.float32))
@@ -244,6 +256,7 @@ def test_scalar_tensors_keep_shape_through_optimizer_and_snapshot(tmp_path):
 
 def test_sparse_push_on_a_1m_by_64_table_does_not_copy_the_table():
     import tracemalloc
+
     s = ShardState(0)
     table = np.zeros((1_000_000, 64), np.float32)  # 256 MB
     put(s, "emb", table, optimizer={"type": "sgd", "lr": 0.1})
@@ -253,8 +266,7 @@ def test_sparse_push_on_a_1m_by_64_table_does_not_copy_the_table():
     tracemalloc.start()
     try:
         for _ in range(3):
-            s.apply(rows_cmd("emb", rng.integers(0, 1_000_000, 1000), np.ones((1000, 64), np.float32)),
-                    resolve)
+            s.apply(rows_cmd("emb", rng.integers(0, 1_000_000, 1000), np.ones((1000, 64), np.float32)), resolve)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -268,8 +280,13 @@ def test_put_with_optimizer_state_restores_it():
     for _ in range(3):
         grad(s, "src", np.full(3, 0.5, np.float32))
     src = s.get("src")
-    cmd = put_cmd("dst", src.value, optimizer=src.optimizer, state_scalars={"step": src.opt_state["step"]},
-                  state_arrays={k: inline(src.opt_state[k]) for k in ("exp_avg", "exp_avg_sq")})
+    cmd = put_cmd(
+        "dst",
+        src.value,
+        optimizer=src.optimizer,
+        state_scalars={"step": src.opt_state["step"]},
+        state_arrays={k: inline(src.opt_state[k]) for k in ("exp_avg", "exp_avg_sq")},
+    )
     s.apply(cmd, resolve)
     grad(s, "src", np.full(3, 0.5, np.float32))
     grad(s, "dst", np.full(3, 0.5, np.float32))
@@ -283,14 +300,19 @@ def test_put_with_optimizer_state_restores_it():
 def test_a_group_applies_its_parts_independently_and_each_at_most_once():
     s = ShardState(0)
     one = np.ones(2, np.float32)
-    out = s.apply(Group(cmds=(
-        put_cmd("w", one, optimizer={"type": "sgd", "lr": 1.0}, rid="p"),
-        grad_cmd("w", one, rid="g1"),
-        grad_cmd("w", one, rid="g2", if_match=1),  # stale precondition: fails alone
-        grad_cmd("w", one, rid="g1"),              # a retry of g1: not applied twice
-        grad_cmd("nope", one, rid="g3"),
-        Noop(),
-    )), resolve)["outcomes"]
+    out = s.apply(
+        Group(
+            cmds=(
+                put_cmd("w", one, optimizer={"type": "sgd", "lr": 1.0}, rid="p"),
+                grad_cmd("w", one, rid="g1"),
+                grad_cmd("w", one, rid="g2", if_match=1),  # stale precondition: fails alone
+                grad_cmd("w", one, rid="g1"),  # a retry of g1: not applied twice
+                grad_cmd("nope", one, rid="g3"),
+                Noop(),
+            )
+        ),
+        resolve,
+    )["outcomes"]
     assert out[0]["ok"]["version"] == 1 and out[1]["ok"]["version"] == 2
     assert out[2]["error"] == "precondition_failed"
     assert out[3]["ok"] == dict(out[1]["ok"], duplicate=True)
