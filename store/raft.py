@@ -46,7 +46,7 @@ class ShardReplica(TunedSyncObj):
         self,
         shard: int,
         self_addr: Address,
-        peers: list[Address],
+        peers: list[str],  # the other members' raft addresses, "host:port"
         settings: RaftSettings,
         shard_dir: Path,
         applier: Applier,
@@ -71,7 +71,7 @@ class ShardReplica(TunedSyncObj):
         conf = _conf(settings, self_addr, shard_dir, self.snapshotter, self._state_changed)
         super().__init__(
             str(self_addr),
-            [str(p) for p in peers],
+            list(peers),
             conf,
             transport=transport_class(settings.transport),
             thread_name=f"raft-{shard}",
