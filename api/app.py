@@ -1,9 +1,10 @@
 """The FastAPI application of one replica."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import FastAPI
@@ -34,18 +35,22 @@ def create_app(cfg: Config, store: StoreAPI | None = None) -> FastAPI:
             if owned:
                 await anyio.to_thread.run_sync(the_store.close)
 
-    app = FastAPI(title="paramstore", version="0.1.0", lifespan=lifespan,
-                  description="A Raft-replicated, versioned parameter store for distributed training.")
+    app = FastAPI(
+        title="paramstore",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="A Raft-replicated, versioned parameter store for distributed training.",
+    )
     app.state.store = the_store
     errors.install(app)
     app.include_router(batch.router)  # before tensors: /v1/tensors:batch is not a tensor name
     app.include_router(tensors.router)
     app.include_router(cluster.router)
     app.include_router(checkpoint.router)  # /v1/checkpoint (api/checkpoint.py)
-    app.include_router(ui.router)          # /ui dashboard (api/ui.py)
-    fastpath.install(app, the_store)       # gradient pushes skip route matching, not the middleware
-    metrics.install(app)                   # /metrics and the HTTP metrics middleware
+    app.include_router(ui.router)  # /ui dashboard (api/ui.py)
+    fastpath.install(app, the_store)  # gradient pushes skip route matching, not the middleware
+    metrics.install(app)  # /metrics and the HTTP metrics middleware
     if cfg.auth.enabled:
         app.add_middleware(BearerAuth, cfg=cfg)  # outermost: nothing runs for a bad token
-    openapi.install(app)                   # /openapi.json: bodies, media types, every status
+    openapi.install(app)  # /openapi.json: bodies, media types, every status
     return app

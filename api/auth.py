@@ -6,6 +6,7 @@ Every token is compared in constant time. Probes (/healthz, /readyz),
 /metrics and the /ui page itself stay open; everything else needs a token: GET/HEAD a read or write
 token, any other method a write token.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -30,8 +31,10 @@ def check_policy(cfg: Config) -> None:
     if cfg.auth.enabled:
         return
     if not cfg.auth.insecure_no_auth:
-        raise ConfigError("auth.write_tokens: no API tokens configured; set PARAMSTORE_WRITE_TOKENS "
-                          "(and PARAMSTORE_READ_TOKENS), or auth.insecure_no_auth = true on loopback")
+        raise ConfigError(
+            "auth.write_tokens: no API tokens configured; set PARAMSTORE_WRITE_TOKENS "
+            "(and PARAMSTORE_READ_TOKENS), or auth.insecure_no_auth = true on loopback"
+        )
     if not cfg.all_loopback():
         raise ConfigError("auth.insecure_no_auth: only allowed when every node address is loopback")
     log.warning("API authentication is OFF (auth.insecure_no_auth): loopback development only")
@@ -82,6 +85,8 @@ class BearerAuth:
 def _authorization(scope: Scope) -> str | None:
     """The first Authorization header, as Starlette's `Headers.get` finds it
     (without building a `Headers` for every request)."""
+    key: bytes  # ASGI headers are (bytes, bytes) pairs; declared only for the type checker
+    value: bytes
     for key, value in scope["headers"]:
         if key == b"authorization":
             return value.decode("latin-1")

@@ -3,6 +3,7 @@
 A batch push is grouped by shard; each shard's group is one Raft entry,
 applied atomically (all or none). Different shards commit independently.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,15 +21,21 @@ from . import headers as h
 from . import openapi as oa
 from . import wire
 from .bridge import wait
-from .tensors import wait_version
 from .errors import UnsupportedMediaType, error_response
+from .tensors import wait_version
 
 router = APIRouter()
 
 
-@router.get("/v1/tensors:batch", openapi_extra=oa.pull_batch_extra(), response_class=Response,
-            responses={**oa.safetensors_file("The tensors; their versions in the metadata key `versions`"),
-                       **oa.answers(307, 400, 404, 406, 408, 503)})
+@router.get(
+    "/v1/tensors:batch",
+    openapi_extra=oa.pull_batch_extra(),
+    response_class=Response,
+    responses={
+        **oa.safetensors_file("The tensors; their versions in the metadata key `versions`"),
+        **oa.answers(307, 400, 404, 406, 408, 503),
+    },
+)
 async def pull_batch(
     request: Request,
     names: str = Query(..., pattern=oa.NAMES_PATTERN, description="1 to 10000 comma-separated tensor names"),
@@ -49,8 +56,12 @@ async def pull_batch(
         await wait_version(store, name, version, deadline)
     if consistency == "linearizable":
         shards = {store.shard_of(n) for n in wanted}
-        await asyncio.gather(*(wait(store.barrier(s), max(deadline, limits.request_timeout),
-                                    "linearizable read barrier", write=False) for s in shards))
+        await asyncio.gather(
+            *(
+                wait(store.barrier(s), max(deadline, limits.request_timeout), "linearizable read barrier", write=False)
+                for s in shards
+            )
+        )
 
     def build() -> bytes:
         arrays, versions = {}, {}
@@ -63,10 +74,17 @@ async def pull_batch(
     return Response(body, media_type=wire.SAFETENSORS)
 
 
-@router.post("/v1/grads:batch", openapi_extra=oa.push_batch_extra(),
-             responses={**oa.json_ok({"type": "object", "required": ["versions"],
-                                      "properties": {"versions": oa.VERSIONS_MAP}}, "The new versions"),
-                        **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
+@router.post(
+    "/v1/grads:batch",
+    openapi_extra=oa.push_batch_extra(),
+    responses={
+        **oa.json_ok(
+            {"type": "object", "required": ["versions"], "properties": {"versions": oa.VERSIONS_MAP}},
+            "The new versions",
+        ),
+        **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503),
+    },
+)
 async def push_batch(request: Request) -> Response:
     """Push gradients for many tensors: {"versions": {name: new version}}."""
     store: StoreAPI = request.app.state.store
@@ -85,12 +103,19 @@ async def push_batch(request: Request) -> Response:
         cmd = Grad(name=name, dtype=t.dtype, shape=t.shape, data=t.data, base_version=base_versions.get(name))
         by_shard.setdefault(store.shard_of(name), []).append(cmd)
     shards = sorted(by_shard)
-    outcomes = await asyncio.gather(*(
-        wait(store.write_batch(s, Batch(ops=tuple(by_shard[s]), rid=f"{rid}:{s}" if rid else None)),
-             store.cfg.limits.request_timeout, f"batch push to shard {s}")
-        for s in shards), return_exceptions=True)
+    outcomes = await asyncio.gather(
+        *(
+            wait(
+                store.write_batch(s, Batch(ops=tuple(by_shard[s]), rid=f"{rid}:{s}" if rid else None)),
+                store.cfg.limits.request_timeout,
+                f"batch push to shard {s}",
+            )
+            for s in shards
+        ),
+        return_exceptions=True,
+    )
     versions, failure = {}, None
-    for shard, outcome in zip(shards, outcomes):
+    for outcome in outcomes:
         if isinstance(outcome, StoreError):
             failure = failure or outcome
             continue
@@ -111,6 +136,7 @@ def _versions_header(value: str | None, header: str) -> dict[str, int]:
     except ValueError as e:
         raise InvalidRequest(f"{header}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in doc.values()):
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in doc.values()
+    ):
         raise InvalidRequest(f'{header}: expected {{"name": version, ...}}')
     return doc

@@ -21,6 +21,7 @@ between two commands. Every tensor of a shard is therefore from one point of
 the log that is at least as new as any write acknowledged before the request.
 Different shards are captured at different points.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,7 +31,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import numpy as np
@@ -39,6 +40,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from store import dtypes, record
+from store.buffers import byte_view
 from store.commands import Put
 from store.errors import InvalidRequest, StoreError, Unprocessable
 from store.interface import StoreAPI
@@ -75,8 +77,11 @@ def _tmp_dir(store: StoreAPI) -> Path:
     return d
 
 
-@router.get("/v1/checkpoint", response_class=Response,
-            responses={**oa.safetensors_file("Every tensor hosted here"), **oa.answers(400, 408, 503)})
+@router.get(
+    "/v1/checkpoint",
+    response_class=Response,
+    responses={**oa.safetensors_file("Every tensor hosted here"), **oa.answers(400, 408, 503)},
+)
 async def save_checkpoint(
     request: Request,
     state: bool = Query(True, description="include optimizer state (0 leaves it out)"),
@@ -88,28 +93,32 @@ async def save_checkpoint(
     deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
     mine = timeout is not None and timeout < min(limits.request_timeout, limits.max_wait_seconds)
     shards = store.hosted_shards()
-    await asyncio.gather(*(wait_within(store.barrier(s), deadline, mine, f"checkpoint barrier on shard {s}")
-                           for s in shards))
-    captured = await asyncio.gather(*(wait_within(store.capture(s), deadline, mine,
-                                                  f"checkpoint capture of shard {s}") for s in shards))
+    await asyncio.gather(
+        *(wait_within(store.barrier(s), deadline, mine, f"checkpoint barrier on shard {s}") for s in shards)
+    )
+    captured = await asyncio.gather(
+        *(wait_within(store.capture(s), deadline, mine, f"checkpoint capture of shard {s}") for s in shards)
+    )
     node = store.node.id
     tmp = await anyio.to_thread.run_sync(_tmp_dir, store)
-    path = await anyio.to_thread.run_sync(_write_file, tmp, node, store.cfg.shards,
-                                          dict(zip(shards, captured)), state)
+    path = await anyio.to_thread.run_sync(
+        _write_file, tmp, node, store.cfg.shards, dict(zip(shards, captured, strict=True)), state
+    )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return FileResponse(path, media_type="application/x-safetensors",
-                        filename=f"paramstore-{node}-{stamp}.safetensors",
-                        background=BackgroundTask(_unlink, path))
+    return FileResponse(
+        path,
+        media_type="application/x-safetensors",
+        filename=f"paramstore-{node}-{stamp}.safetensors",
+        background=BackgroundTask(_unlink, path),
+    )
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
-def _write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+def _write_safetensors(f: BinaryIO, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """The safetensors layout (8-byte little-endian header size, JSON header
     with dtype, shape and data offsets, then the raw little-endian bytes),
     written array by array from the stored buffers. safetensors' own
@@ -122,8 +131,11 @@ def _write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str
     order = sorted(arrays)
     for name in order:
         arr = arrays[name]
-        header[name] = {"dtype": dtypes.SAFETENSORS[dtypes.dtype_name(arr.dtype)], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": dtypes.SAFETENSORS[dtypes.dtype_name(arr.dtype)],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -134,12 +146,14 @@ def _write_safetensors(f, arrays: dict[str, np.ndarray], metadata: dict[str, str
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         if arr.nbytes:
-            f.write(memoryview(arr.reshape(-1)).cast("B"))
+            f.write(byte_view(arr.reshape(-1)).cast("B"))
 
 
-def _write_file(tmp: Path, node: str, cluster_shards: int, captured: dict[int, dict], with_state: bool) -> str:
+def _write_file(
+    tmp: Path, node: str, cluster_shards: int, captured: dict[int, dict[str, Tensor]], with_state: bool
+) -> str:
     arrays: dict[str, np.ndarray] = {}
-    described: dict[str, dict] = {}
+    described: dict[str, dict[str, Any]] = {}
     for shard, tensors in sorted(captured.items()):
         for name, t in sorted(tensors.items()):
             entry = record.metadata(t, state=with_state)
@@ -148,14 +162,24 @@ def _write_file(tmp: Path, node: str, cluster_shards: int, captured: dict[int, d
             for key, arr in record.arrays(t, state=with_state).items():
                 arrays[name if key == record.VALUE else f"{name}{STATE_SEP}{key}"] = arr
             described[name] = entry
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "node": node,
-            "created": round(time.time(), 3), "shards": sorted(captured),
-            "cluster_shards": cluster_shards, "state": with_state, "tensors": described}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "node": node,
+        "created": round(time.time(), 3),
+        "shards": sorted(captured),
+        "cluster_shards": cluster_shards,
+        "state": with_state,
+        "tensors": described,
+    }
     fd, path = tempfile.mkstemp(dir=tmp, prefix="save-", suffix=".safetensors")
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_safetensors(f, arrays, {META_KEY: json.dumps(meta), "versions": json.dumps(
-                {n: d["version"] for n, d in described.items()})})
+            _write_safetensors(
+                f,
+                arrays,
+                {META_KEY: json.dumps(meta), "versions": json.dumps({n: d["version"] for n, d in described.items()})},
+            )
     except BaseException:
         _unlink(path)
         raise
@@ -163,15 +187,22 @@ def _write_file(tmp: Path, node: str, cluster_shards: int, captured: dict[int, d
 
 
 # ---- restore -------------------------------------------------------------------------
-@router.put("/v1/checkpoint", openapi_extra=oa.load_checkpoint_extra(),
-            responses={**oa.json_ok(oa.OBJECT, "What was created, replaced, skipped"),
-                       **oa.answers(400, 409, 412, 413, 415, 422, 503)})
+@router.put(
+    "/v1/checkpoint",
+    openapi_extra=oa.load_checkpoint_extra(),
+    responses={
+        **oa.json_ok(oa.OBJECT, "What was created, replaced, skipped"),
+        **oa.answers(400, 409, 412, 413, 415, 422, 503),
+    },
+)
 async def load_checkpoint(
     request: Request,
     mode: str = Query("create", pattern="^(create|replace)$"),
-    if_match: str | None = Query(None, pattern="^checkpoint$",
-                                 description="'checkpoint': replace a tensor only if it is still at the "
-                                             "version recorded in the file"),
+    if_match: str | None = Query(
+        None,
+        pattern="^checkpoint$",
+        description="'checkpoint': replace a tensor only if it is still at the version recorded in the file",
+    ),
 ) -> Response:
     """Restore a checkpoint: values, optimizer specs and optimizer state.
     `mode=create` (default) creates tensors that do
@@ -183,31 +214,47 @@ async def load_checkpoint(
     path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store))
     try:
         plan = await anyio.to_thread.run_sync(_read_plan, path)
-        report: dict[str, Any] = {"created": [], "replaced": [], "skipped": [], "failed": [],
-                                  "versions": {}, "state_restored": []}
+        report: dict[str, Any] = {
+            "created": [],
+            "replaced": [],
+            "skipped": [],
+            "failed": [],
+            "versions": {},
+            "state_restored": [],
+        }
         hosted = set(store.hosted_shards())
         sem = asyncio.Semaphore(RESTORE_CONCURRENCY)
         big = asyncio.Semaphore(1)  # one large tensor in memory at a time
 
-        async def restore_one(item: dict) -> None:
-            async with sem, (big if item["nbytes"] > BIG_TENSOR_BYTES else contextlib.nullcontext()):
+        async def restore_one(item: dict[str, Any]) -> None:
+            async with sem, big if item["nbytes"] > BIG_TENSOR_BYTES else contextlib.nullcontext():
                 name = item["name"]
                 shard = store.shard_of(name)
                 if shard not in hosted:  # restore those from a replica of that shard
-                    report["skipped"].append({"name": name, "reason": "not_hosted", "shard": shard,
-                                              "hosts": [n.url for n in store.hosts_of(shard)]})
+                    report["skipped"].append(
+                        {
+                            "name": name,
+                            "reason": "not_hosted",
+                            "shard": shard,
+                            "hosts": [n.url for n in store.hosts_of(shard)],
+                        }
+                    )
                     return
                 try:
                     arrays = {record.VALUE: await anyio.to_thread.run_sync(_load_array, path, name)}
                     for key in item["state_arrays"]:
                         arrays[key] = await anyio.to_thread.run_sync(_load_array, path, f"{name}{STATE_SEP}{key}")
-                    cmd = _restore_command(record.from_metadata(item["meta"], arrays), mode,
-                                           if_match is not None and item["version"] is not None)
+                    cmd = _restore_command(
+                        record.from_metadata(item["meta"], arrays),
+                        mode,
+                        if_match is not None and item["version"] is not None,
+                    )
                     result = await wait(store.write(cmd), store.cfg.limits.request_timeout, f"restore of {name}")
                 except StoreError as e:
                     if mode == "create" and e.code == "precondition_failed":
-                        report["skipped"].append({"name": name, "reason": "exists",
-                                                  "current_version": e.extra.get("current_version")})
+                        report["skipped"].append(
+                            {"name": name, "reason": "exists", "current_version": e.extra.get("current_version")}
+                        )
                     else:
                         report["failed"].append({"name": name, **e.to_dict()})
                     return
@@ -258,7 +305,7 @@ async def _receive_file(request: Request, tmp: Path) -> str:
     return path
 
 
-def _read_plan(path: str) -> list[dict]:
+def _read_plan(path: str) -> list[dict[str, Any]]:
     """What to restore, from the file's metadata (values, specs, and the
     optimizer state the file holds). A plain safetensors file (no paramstore metadata, e.g. a torch
     state_dict) restores every key as a tensor with the `assign` optimizer."""
@@ -274,7 +321,7 @@ def _read_plan(path: str) -> list[dict]:
                 sizes[k] = int(np.prod(sl.get_shape(), dtype=np.int64)) * _itemsize(sl.get_dtype())
     except Exception as e:
         raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
-    described: dict[str, dict] = {}
+    described: dict[str, dict[str, Any]] = {}
     if META_KEY in meta:
         try:
             doc = json.loads(meta[META_KEY])
@@ -294,11 +341,15 @@ def _read_plan(path: str) -> list[dict]:
             continue
         h.tensor_name(name)
         d = _described(described, name)
-        plan.append({
-            "name": name, "version": d.get("version"), "nbytes": sizes[name],
-            "meta": dict(d, name=name),  # for record.from_metadata
-            "state_arrays": sorted(state_keys.get(name, [])),
-        })
+        plan.append(
+            {
+                "name": name,
+                "version": d.get("version"),
+                "nbytes": sizes[name],
+                "meta": dict(d, name=name),  # for record.from_metadata
+                "state_arrays": sorted(state_keys.get(name, [])),
+            }
+        )
     return plan
 
 
@@ -307,8 +358,9 @@ def _described(described: Any, name: str) -> dict[str, Any]:
     types are wrong (values themselves are checked when the put applies)."""
     d = described.get(name, {}) if isinstance(described, dict) else None
     if not isinstance(d, dict) or not all(
-            d.get(key) is None or isinstance(d[key], want) for key, want in (
-                ("version", int), ("optimizer", dict), ("state_scalars", dict))):
+        d.get(key) is None or isinstance(d[key], want)
+        for key, want in (("version", int), ("optimizer", dict), ("state_scalars", dict))
+    ):
         raise InvalidRequest(f"metadata {META_KEY!r}: the entry of {name!r} is malformed")
     return d
 
@@ -326,16 +378,24 @@ def _restore_command(t: Tensor, mode: str, if_match: bool) -> Put:
     arrays = {k: v for k, v in t.opt_state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in t.opt_state.items() if not isinstance(v, np.ndarray)}
     restore_state = bool(arrays or scalars)
-    return Put(name=t.name, dtype=t.dtype, shape=t.shape, data=_raw(t.value), optimizer=t.optimizer,
-               allow_nonfinite=t.allow_nonfinite, max_staleness=t.max_staleness,
-               staleness_policy=t.staleness_policy, if_none_match=mode == "create",
-               if_match=t.version if mode == "replace" and if_match else None,
-               state_arrays={k: _raw(v) for k, v in arrays.items()} if restore_state else None,
-               state_scalars=scalars if restore_state else None)
+    return Put(
+        name=t.name,
+        dtype=t.dtype,
+        shape=t.shape,
+        data=_raw(t.value),
+        optimizer=t.optimizer,
+        allow_nonfinite=t.allow_nonfinite,
+        max_staleness=t.max_staleness,
+        staleness_policy=t.staleness_policy,
+        if_none_match=mode == "create",
+        if_match=t.version if mode == "replace" and if_match else None,
+        state_arrays={k: _raw(v) for k, v in arrays.items()} if restore_state else None,
+        state_scalars=scalars if restore_state else None,
+    )
 
 
 def _raw(arr: np.ndarray) -> memoryview:
-    return memoryview(arr.reshape(-1)).cast("B")
+    return byte_view(arr.reshape(-1)).cast("B")
 
 
 def _load_array(path: str, name: str) -> np.ndarray:
@@ -343,7 +403,7 @@ def _load_array(path: str, name: str) -> np.ndarray:
 
     try:
         with safe_open(path, framework="numpy") as f:
-            arr = f.get_tensor(name)
+            arr: np.ndarray = f.get_tensor(name)
     except Exception as e:  # e.g. bfloat16, which numpy cannot hold
         raise Unprocessable(f"tensor {name!r} cannot be read: {e}") from None
     dtypes.dtype_name(arr.dtype)  # Unprocessable for dtypes the store does not hold

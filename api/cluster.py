@@ -1,4 +1,5 @@
 """Cluster status and health endpoints."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,13 @@ router = APIRouter()
 
 
 @router.get("/v1/cluster", responses=oa.json_ok(oa.OBJECT, "Nodes and shards as this replica sees them"))
-async def cluster(request: Request) -> dict:
-    return request.app.state.store.status()
+async def cluster(request: Request) -> dict[str, Any]:
+    store: StoreAPI = request.app.state.store
+    return store.status()
 
 
 @router.get("/healthz")
-async def healthz() -> dict:
+async def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 
@@ -32,10 +34,16 @@ async def readyz(request: Request) -> JSONResponse:
     store: StoreAPI = request.app.state.store
     if store.is_ready():
         return JSONResponse({"ready": True})
-    waiting = [f"shard {s['shard']}: " + ("no leader" if s.get("leader") is None else "catching up")
-               for s in store.status()["shards"] if s.get("ready") is False]
-    return JSONResponse({"error": "unavailable", "detail": "; ".join(waiting) or "starting"},
-                        status_code=503, headers={"Retry-After": "1"})
+    waiting = [
+        f"shard {s['shard']}: " + ("no leader" if s.get("leader") is None else "catching up")
+        for s in store.status()["shards"]
+        if s.get("ready") is False
+    ]
+    return JSONResponse(
+        {"error": "unavailable", "detail": "; ".join(waiting) or "starting"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 # ---- membership (admin) -------------------------------------------------------------
@@ -55,9 +63,12 @@ def _shards_param(value: Any) -> list[int] | None:
     return shards
 
 
-@router.post("/v1/cluster/members", openapi_extra=oa.add_member_extra(),
-             responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(307, 400, 409, 503)})
-async def add_member(request: Request) -> dict:
+@router.post(
+    "/v1/cluster/members",
+    openapi_extra=oa.add_member_extra(),
+    responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(307, 400, 409, 503)},
+)
+async def add_member(request: Request) -> dict[str, Any]:
     """Add a replica (started with `paramstore serve --join`, so that it already
     holds a fresh snapshot) as a voting member of every shard hosted here, or
     of `shards`."""
@@ -76,11 +87,15 @@ async def add_member(request: Request) -> dict:
     return await anyio.to_thread.run_sync(store.add_member, node, shards)
 
 
-@router.delete("/v1/cluster/members/{node_id}",
-               responses={**oa.json_ok(oa.OBJECT, "Removed"), **oa.answers(307, 400, 404, 409, 503)})
-async def remove_member(node_id: str, request: Request,
-                        shards: str | None = Query(None, pattern=oa.SHARDS_PATTERN,
-                                                   description="comma-separated shard numbers")) -> dict:
+@router.delete(
+    "/v1/cluster/members/{node_id}",
+    responses={**oa.json_ok(oa.OBJECT, "Removed"), **oa.answers(307, 400, 404, 409, 503)},
+)
+async def remove_member(
+    node_id: str,
+    request: Request,
+    shards: str | None = Query(None, pattern=oa.SHARDS_PATTERN, description="comma-separated shard numbers"),
+) -> dict[str, Any]:
     """Remove a replica from every shard hosted here (or `?shards=0,1`); works
     for a dead replica too, and moves leadership away from a live one first."""
     store: StoreAPI = request.app.state.store

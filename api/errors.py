@@ -1,10 +1,12 @@
 """The one place where errors become HTTP statuses and JSON bodies, and the
 errors only the HTTP layer raises (credentials, media types, body size, the
 caller's own waits)."""
+
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,16 +29,19 @@ class WaitExpired(HttpError):
     """A wait the request itself asked for (min_version, X-Min-Versions, a
     barrier within the caller's `timeout`) ran out. Not 503: the server is
     fine, the caller's condition did not hold in the caller's time."""
+
     code = "wait_timeout"
 
 
 class Unauthorized(HttpError):
     """No valid credentials (HTTP 401 with WWW-Authenticate)."""
+
     code = "unauthorized"
 
 
 class Forbidden(HttpError):
     """Valid credentials without the needed scope (a read token writing)."""
+
     code = "forbidden"
 
 
@@ -78,17 +83,17 @@ def status_of(err: e.StoreError) -> int:
     return 500
 
 
-def error_response(err: e.StoreError, request: Request | None = None,
-                   extra: dict | None = None) -> Response:
+def error_response(err: e.StoreError, request: Request | None = None, extra: dict[str, Any] | None = None) -> Response:
     """The HTTP answer for `err`; `extra` adds fields to the JSON body (e.g.
     the partial results of a batch)."""
-    if isinstance(err, e.NotHosted) and request is not None and err.extra.get("hosts"):
-        target = str(err.extra["hosts"][0]).rstrip("/") + request.url.path
+    hosts = err.extra.get("hosts") if isinstance(err, e.NotHosted) else None
+    if request is not None and isinstance(hosts, list) and hosts:  # NotHosted names its hosts' URLs
+        target = str(hosts[0]).rstrip("/") + request.url.path
         if request.url.query:
             target += "?" + request.url.query
         return RedirectResponse(target, status_code=307)
     status = status_of(err)
-    fields = {"status": status}
+    fields: dict[str, Any] = {"status": status}
     if request is not None:
         fields.update(path=request.url.path, request_id=request.headers.get("x-request-id"))
     if status >= 500 and not isinstance(err, e.Unavailable):
@@ -114,8 +119,7 @@ def install(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(x) for x in err.get("loc", ()))
             parts.append(f"{where}: {err.get('msg')}")
-        return JSONResponse({"error": e.InvalidRequest.code, "detail": "; ".join(parts)},
-                            status_code=400)
+        return JSONResponse({"error": e.InvalidRequest.code, "detail": "; ".join(parts)}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -123,8 +127,7 @@ def install(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = allowed_methods(request)
-        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code,
-                            headers=headers)
+        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -167,5 +170,4 @@ def disconnect_response(request: Request) -> Response:
 def unexpected_error_response(request: Request, exc: Exception) -> Response:
     """A bug: logged with its traceback, answered as a JSON 500."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"},
-                        status_code=500)
+    return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}, status_code=500)

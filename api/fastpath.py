@@ -12,9 +12,10 @@ middleware added later run for it as for every route), it sets the scope's
 the same exception handlers (api/errors.py). The push itself is
 `tensors.apply_grad`, the code the documented route runs too.
 """
+
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -36,7 +37,7 @@ def grad_target(scope: Scope) -> str | None:
     path = scope["path"]
     if not path.endswith(SUFFIX) or not path.startswith(PREFIX):
         return None
-    name = path[len(PREFIX):-len(SUFFIX)]
+    name = path[len(PREFIX) : -len(SUFFIX)]
     return name if name and "/" not in name else None  # what the {name} route would match
 
 
@@ -69,12 +70,23 @@ class GradFastPath:
                     return
 
         result = await tensors.apply_grad(
-            self.store, name, headers,
-            lambda forward: wire.read_stream(headers.get("content-length"), chunks(), self.limit, forward))
+            self.store,
+            name,
+            headers,
+            lambda forward: wire.read_stream(headers.get("content-length"), chunks(), self.limit, forward),
+        )
         body = tensors.written_body(result)
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
-            *((k.lower().encode(), v.encode()) for k, v in tensors.written_headers(result).items())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", b"application/json"),
+                    *((k.lower().encode(), v.encode()) for k, v in tensors.written_headers(result).items()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal, overload
 
 from store.errors import InvalidRequest, Unprocessable
 from store.optimizers import normalize_spec
@@ -23,7 +23,13 @@ def tensor_name(name: str) -> str:
     return name
 
 
-def version_tag(value: str | None, header: str, allow_star: bool = False) -> int | str | None:
+@overload
+def version_tag(value: str, header: str, allow_star: Literal[False] = False) -> int: ...
+@overload
+def version_tag(value: str | None, header: str, allow_star: Literal[False] = False) -> int | None: ...
+@overload
+def version_tag(value: str | None, header: str, allow_star: bool) -> int | Literal["*"] | None: ...
+def version_tag(value: str | None, header: str, allow_star: bool = False) -> int | Literal["*"] | None:
     """'"12"', '12' or W/"12" -> 12; '*' where allowed."""
     if value is None:
         return None
@@ -38,13 +44,13 @@ def version_tag(value: str | None, header: str, allow_star: bool = False) -> int
     return int(v)
 
 
-def version_tags(value: str | None, header: str) -> list[int] | str | None:
+def version_tags(value: str | None, header: str) -> list[int] | Literal["*"] | None:
     """If-None-Match on reads: a list of versions or '*'."""
     if value is None:
         return None
     if value.strip() == "*":
         return "*"
-    return [version_tag(part, header) for part in value.split(",")]  # type: ignore[misc]
+    return [version_tag(part, header) for part in value.split(",")]
 
 
 def integer(value: str | None, header: str, minimum: int = 0) -> int | None:

@@ -12,10 +12,11 @@ Two sources, both scraped without any background thread:
 
 Every app gets its own registry (several apps can live in one test process).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -34,27 +35,35 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class HttpMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("method", "route", "status")
-        self.requests = Counter("paramstore_http_requests", "HTTP requests answered",
-                                labels, registry=registry)
-        self.latency = Histogram("paramstore_http_request_duration_seconds",
-                                 "Time from request start to the last byte of the response",
-                                 labels, buckets=LATENCY_BUCKETS, registry=registry)
-        self.bytes_in = Counter("paramstore_http_request_bytes", "Request body bytes received",
-                                ("method", "route"), registry=registry)
-        self.bytes_out = Counter("paramstore_http_response_bytes", "Response body bytes sent",
-                                 ("method", "route"), registry=registry)
-        self._children: dict[tuple[str, str, int], tuple] = {}
+        self.requests = Counter("paramstore_http_requests", "HTTP requests answered", labels, registry=registry)
+        self.latency = Histogram(
+            "paramstore_http_request_duration_seconds",
+            "Time from request start to the last byte of the response",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.bytes_in = Counter(
+            "paramstore_http_request_bytes", "Request body bytes received", ("method", "route"), registry=registry
+        )
+        self.bytes_out = Counter(
+            "paramstore_http_response_bytes", "Response body bytes sent", ("method", "route"), registry=registry
+        )
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram, Counter, Counter]] = {}
 
-    def record(self, method: str, route: str, status: int, seconds: float, bytes_in: int,
-               bytes_out: int) -> None:
+    def record(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
         """Count one answered request. The labelled children are looked up
         once per (method, route, status): `labels()` costs more than `inc()`."""
         key = (method, route, status)
         children = self._children.get(key)
         if children is None:
             code = str(status)
-            children = (self.requests.labels(method, route, code), self.latency.labels(method, route, code),
-                        self.bytes_in.labels(method, route), self.bytes_out.labels(method, route))
+            children = (
+                self.requests.labels(method, route, code),
+                self.latency.labels(method, route, code),
+                self.bytes_in.labels(method, route),
+                self.bytes_out.labels(method, route),
+            )
             self._children[key] = children
         requests, latency, received, sent = children
         requests.inc()
@@ -100,37 +109,73 @@ class MetricsMiddleware:
             await self.app(scope, counting_receive, counting_send)
         finally:
             route = scope.get("route")
-            self.metrics.record(scope.get("method", ""), getattr(route, "path", None) or UNMATCHED,
-                                status, time.perf_counter() - started, received, sent)
+            self.metrics.record(
+                scope.get("method", ""),
+                getattr(route, "path", None) or UNMATCHED,
+                status,
+                time.perf_counter() - started,
+                received,
+                sent,
+            )
 
 
 Family = type[GaugeMetricFamily] | type[CounterMetricFamily]
 SHARD_FIGURES: tuple[tuple[Family, str, str, Callable[[ShardStats], float]], ...] = (
-    (GaugeMetricFamily, "paramstore_shard_has_leader", "1 when this replica knows a leader for the shard",
-     lambda s: 0.0 if s.leader is None else 1.0),
+    (
+        GaugeMetricFamily,
+        "paramstore_shard_has_leader",
+        "1 when this replica knows a leader for the shard",
+        lambda s: 0.0 if s.leader is None else 1.0,
+    ),
     (GaugeMetricFamily, "paramstore_shard_ready", "1 when the shard is ready here", lambda s: float(s.ready)),
     (GaugeMetricFamily, "paramstore_shard_term", "Current Raft term", lambda s: float(s.term)),
     (GaugeMetricFamily, "paramstore_shard_commit_index", "Raft commit index", lambda s: float(s.commit_index)),
-    (GaugeMetricFamily, "paramstore_shard_applied_index", "Raft index applied by this replica",
-     lambda s: float(s.applied_index)),
-    (GaugeMetricFamily, "paramstore_shard_apply_lag_entries", "commit index minus applied index",
-     lambda s: float(max(0, s.commit_index - s.applied_index))),
+    (
+        GaugeMetricFamily,
+        "paramstore_shard_applied_index",
+        "Raft index applied by this replica",
+        lambda s: float(s.applied_index),
+    ),
+    (
+        GaugeMetricFamily,
+        "paramstore_shard_apply_lag_entries",
+        "commit index minus applied index",
+        lambda s: float(max(0, s.commit_index - s.applied_index)),
+    ),
     (GaugeMetricFamily, "paramstore_shard_log_entries", "Entries in the Raft log", lambda s: float(s.log_entries)),
-    (GaugeMetricFamily, "paramstore_shard_last_snapshot_duration_seconds", "Duration of the last snapshot write",
-     lambda s: s.last_snapshot_seconds),
-    (GaugeMetricFamily, "paramstore_shard_last_snapshot_bytes", "Size of the last snapshot file",
-     lambda s: float(s.last_snapshot_bytes)),
+    (
+        GaugeMetricFamily,
+        "paramstore_shard_last_snapshot_duration_seconds",
+        "Duration of the last snapshot write",
+        lambda s: s.last_snapshot_seconds,
+    ),
+    (
+        GaugeMetricFamily,
+        "paramstore_shard_last_snapshot_bytes",
+        "Size of the last snapshot file",
+        lambda s: float(s.last_snapshot_bytes),
+    ),
     (GaugeMetricFamily, "paramstore_shard_tensors", "Tensors held", lambda s: float(s.tensors)),
-    (GaugeMetricFamily, "paramstore_shard_bytes", "Bytes held (values and optimizer state)",
-     lambda s: float(s.bytes)),
-    (CounterMetricFamily, "paramstore_shard_leader_changes", "Leader changes seen by this replica",
-     lambda s: float(s.leader_changes)),
+    (GaugeMetricFamily, "paramstore_shard_bytes", "Bytes held (values and optimizer state)", lambda s: float(s.bytes)),
+    (
+        CounterMetricFamily,
+        "paramstore_shard_leader_changes",
+        "Leader changes seen by this replica",
+        lambda s: float(s.leader_changes),
+    ),
     (CounterMetricFamily, "paramstore_shard_snapshots", "Snapshots written", lambda s: float(s.snapshots)),
-    (CounterMetricFamily, "paramstore_shard_applied_commands", "Commands applied by the shard's applier",
-     lambda s: float(s.applied_commands)),
-    (CounterMetricFamily, "paramstore_shard_apply_seconds",
-     "Time the applier spent applying commands (divide by applied_commands for the mean)",
-     lambda s: s.apply_seconds),
+    (
+        CounterMetricFamily,
+        "paramstore_shard_applied_commands",
+        "Commands applied by the shard's applier",
+        lambda s: float(s.applied_commands),
+    ),
+    (
+        CounterMetricFamily,
+        "paramstore_shard_apply_seconds",
+        "Time the applier spent applying commands (divide by applied_commands for the mean)",
+        lambda s: s.apply_seconds,
+    ),
 )
 
 
@@ -143,12 +188,12 @@ class StoreCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         node = self.store.node.id
         status = self.store.status()
-        ready = GaugeMetricFamily("paramstore_ready", "1 when every hosted shard has a leader and "
-                                  "this replica caught up", labels=["node"])
+        ready = GaugeMetricFamily(
+            "paramstore_ready", "1 when every hosted shard has a leader and this replica caught up", labels=["node"]
+        )
         ready.add_metric([node], 1.0 if status.get("ready") else 0.0)
         yield ready
-        uptime = GaugeMetricFamily("paramstore_uptime_seconds", "Seconds since the store started",
-                                   labels=["node"])
+        uptime = GaugeMetricFamily("paramstore_uptime_seconds", "Seconds since the store started", labels=["node"])
         uptime.add_metric([node], float(status.get("uptime_seconds", 0.0)))
         yield uptime
         yield from shard_metrics(node, self.store.shard_stats())
@@ -156,8 +201,11 @@ class StoreCollector(Collector):
 
 def shard_metrics(node: str, stats: list[ShardStats]) -> Iterator[Metric]:
     labels = ["node", "shard"]
-    role = GaugeMetricFamily("paramstore_shard_role", "1 for this replica's current Raft "
-                             "role in the shard, 0 for the others", labels=labels + ["role"])
+    role = GaugeMetricFamily(
+        "paramstore_shard_role",
+        "1 for this replica's current Raft role in the shard, 0 for the others",
+        labels=[*labels, "role"],
+    )
     for s in stats:
         for r in ROLES:
             role.add_metric([node, str(s.shard), r], 1.0 if s.role == r else 0.0)

@@ -1,9 +1,11 @@
 """/v1/tensors: create, replace, read, push gradients, delete, list."""
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -20,6 +22,15 @@ from . import wire
 from .bridge import wait, wait_optional
 from .errors import UnsupportedMediaType, WaitExpired
 
+if TYPE_CHECKING:
+    from store.buffers import Bytes
+    from store.datapath import PayloadStream
+
+# A raw body's (dtype, shape) when its X-Dtype / X-Shape headers are absent.
+Default = tuple[str, tuple[int, ...]] | None
+# Reads a gradient body, handing each filled piece to the callback (cut-through), if given.
+ReadBody = Callable[[Callable[[memoryview], None] | None], Awaitable[wire.HashedBody | bytearray]]
+
 router = APIRouter()
 
 DECODE_IN_THREAD_BYTES = 1 << 20
@@ -27,44 +38,55 @@ WRITTEN_FIELDS = ("name", "version", "shard", "deleted", "duplicate")
 
 
 def _store(request: Request) -> StoreAPI:
-    return request.app.state.store
+    store: StoreAPI = request.app.state.store
+    return store
 
 
-async def _decode(request: Request, store: StoreAPI, default=None) -> wire.WireTensor:
+async def _decode(request: Request, store: StoreAPI, default: Default = None) -> wire.WireTensor:
     body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
     return await decode_tensor(store, request.headers, body, default)
 
 
-async def decode_tensor(store: StoreAPI, headers: Mapping[str, str], body: bytearray,
-                        default=None) -> wire.WireTensor:
+async def decode_tensor(
+    store: StoreAPI, headers: Mapping[str, str], body: Bytes, default: Default = None
+) -> wire.WireTensor:
     args = (headers.get("content-type"), headers, body, store.cfg.limits.json_max_elements, default)
     if len(body) > DECODE_IN_THREAD_BYTES and wire.media_type(args[0]) != wire.OCTET:
         return await anyio.to_thread.run_sync(wire.decode, *args)
     return wire.decode(*args)
 
 
-def written_body(result: dict) -> bytes:
-    return json.dumps({k: v for k, v in result.items() if k in WRITTEN_FIELDS},
-                      ensure_ascii=False, separators=(",", ":")).encode()
+def written_body(result: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {k: v for k, v in result.items() if k in WRITTEN_FIELDS}, ensure_ascii=False, separators=(",", ":")
+    ).encode()
 
 
-def written_headers(result: dict) -> dict[str, str]:
+def written_headers(result: dict[str, Any]) -> dict[str, str]:
     version = result["version"]
     return {"ETag": f'"{version}"', "X-Version": str(version)}
 
 
-def _written(result: dict, status: int = 200) -> Response:
-    return Response(written_body(result), status_code=status, headers=written_headers(result),
-                    media_type="application/json")
+def _written(result: dict[str, Any], status: int = 200) -> Response:
+    return Response(
+        written_body(result), status_code=status, headers=written_headers(result), media_type="application/json"
+    )
 
 
 # Declared, not validated here: headers.tensor_name checks it (the same message on every route).
 TensorName = Path(json_schema_extra={"pattern": oa.NAME_PATTERN}, description="1-256 letters, digits and _ . : -")
 
 
-@router.put("/v1/tensors/{name}", status_code=201, openapi_extra=oa.put_tensor_extra(),
-            responses={**oa.written(200, "Replaced"), **oa.written(201, "Created"),
-                       **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
+@router.put(
+    "/v1/tensors/{name}",
+    status_code=201,
+    openapi_extra=oa.put_tensor_extra(),
+    responses={
+        **oa.written(200, "Replaced"),
+        **oa.written(201, "Created"),
+        **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503),
+    },
+)
 async def put_tensor(request: Request, name: str = TensorName) -> Response:
     """Create or replace a tensor (201 on create, 200 on replace)."""
     store = _store(request)
@@ -73,35 +95,48 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
     inm = hd.get("if-none-match")
     if inm is not None and inm.strip() != "*":
         raise InvalidRequest("If-None-Match on PUT only takes '*' (create only)")
-    fields = dict(
-        if_none_match=inm is not None,
-        if_match=h.version_tag(hd.get("if-match"), "If-Match", allow_star=True),
-        optimizer=h.optimizer(hd.get("x-optimizer")),
-        allow_nonfinite=h.boolean(hd.get("x-allow-nonfinite"), "X-Allow-Nonfinite"),
-        staleness_policy=h.staleness_policy(hd.get("x-staleness-policy")),
-        max_staleness=h.integer(hd.get("x-max-staleness"), "X-Max-Staleness"),
-        rid=h.request_id(hd.get("x-request-id")),
-    )
+    # Every header is checked before the body is read.
+    if_match = h.version_tag(hd.get("if-match"), "If-Match", allow_star=True)
+    optimizer = h.optimizer(hd.get("x-optimizer"))
+    allow_nonfinite = h.boolean(hd.get("x-allow-nonfinite"), "X-Allow-Nonfinite")
+    staleness_policy = h.staleness_policy(hd.get("x-staleness-policy"))
+    max_staleness = h.integer(hd.get("x-max-staleness"), "X-Max-Staleness")
+    rid = h.request_id(hd.get("x-request-id"))
     t = await _decode(request, store)
-    cmd = Put(name=name, dtype=t.dtype, shape=t.shape, data=t.data, **fields)
+    cmd = Put(
+        name=name,
+        dtype=t.dtype,
+        shape=t.shape,
+        data=t.data,
+        if_none_match=inm is not None,
+        if_match=if_match,
+        optimizer=optimizer,
+        allow_nonfinite=allow_nonfinite,
+        staleness_policy=staleness_policy,
+        max_staleness=max_staleness,
+        rid=rid,
+    )
     result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "write")
     return _written(result, 201 if result.get("created") else 200)
 
 
-@router.post("/v1/tensors/{name}/grad", openapi_extra=oa.grad_extra(),
-             responses={**oa.written(), **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
+@router.post(
+    "/v1/tensors/{name}/grad",
+    openapi_extra=oa.grad_extra(),
+    responses={**oa.written(), **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)},
+)
 async def push_grad(request: Request, name: str = TensorName) -> Response:
     """Apply a gradient with the tensor's optimizer; returns the new version."""
     store = _store(request)
     limit = store.cfg.limits.max_body_bytes
     length = request.headers.get("content-length")
-    result = await apply_grad(store, name, request.headers,
-                              lambda forward: wire.read_stream(length, request.stream(), limit, forward))
+    result = await apply_grad(
+        store, name, request.headers, lambda forward: wire.read_stream(length, request.stream(), limit, forward)
+    )
     return _written(result)
 
 
-async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str],
-                     read_body: Callable[[Callable | None], Awaitable[bytearray]]) -> dict:
+async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_body: ReadBody) -> dict[str, Any]:
     """The whole of a gradient push but HTTP framing: shared by the route above
     and api/fastpath.py. Headers are checked before the body is read.
     `read_body(forward)` reads the body (`wire.read_stream`)."""
@@ -113,8 +148,9 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str],
         local, _ = store.peek(name)
         default = (local.dtype, local.shape)
     except NotFound:
-        if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and \
-                (hd.get("x-dtype") is None or hd.get("x-shape") is None):
+        if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and (
+            hd.get("x-dtype") is None or hd.get("x-shape") is None
+        ):
             raise  # nothing to take the omitted X-Dtype / X-Shape from: the tensor is unknown here
         default = None
     # A large raw body goes to the shard's other replicas while it arrives
@@ -125,27 +161,44 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str],
     try:
         body = await read_body(stream.feed if stream is not None else None)
         t = await decode_tensor(store, hd, body, default)
-        if stream is not None:
-            body.stream = stream  # store.write finds it on the payload
-        written = store.write(Grad(name=name, dtype=t.dtype, shape=t.shape, data=t.data, rid=rid,
-                                   base_version=base_version, if_match=if_match))
+        if stream is not None:  # opened only for bodies that read_stream returns as a HashedBody
+            body.stream = stream  # type: ignore[union-attr]  # store.write finds it on the payload
+        written = store.write(
+            Grad(
+                name=name,
+                dtype=t.dtype,
+                shape=t.shape,
+                data=t.data,
+                rid=rid,
+                base_version=base_version,
+                if_match=if_match,
+            )
+        )
     except BaseException:
         if stream is not None:
             stream.abort()
         raise
-    return await wait(written, store.cfg.limits.request_timeout, "push")
+    result: dict[str, Any] = await wait(written, store.cfg.limits.request_timeout, "push")
+    return result
 
 
-def _stream_for(store: StoreAPI, name: str, hd: Mapping[str, str]):
+def _stream_for(store: StoreAPI, name: str, hd: Mapping[str, str]) -> PayloadStream | None:
     length = hd.get("content-length")
-    if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and length is not None and length.isdigit() \
-            and wire.HASH_WHILE_READING <= int(length) <= store.cfg.limits.max_body_bytes:
+    if (
+        wire.media_type(hd.get("content-type")) in ("", wire.OCTET)
+        and length is not None
+        and length.isdigit()
+        and wire.HASH_WHILE_READING <= int(length) <= store.cfg.limits.max_body_bytes
+    ):
         return store.payload_stream(name, int(length))
     return None
 
 
-@router.post("/v1/tensors/{name}/grad-rows", openapi_extra=oa.grad_rows_extra(),
-             responses={**oa.written(), **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)})
+@router.post(
+    "/v1/tensors/{name}/grad-rows",
+    openapi_extra=oa.grad_rows_extra(),
+    responses={**oa.written(), **oa.answers(307, 400, 404, 409, 412, 413, 415, 422, 503)},
+)
 async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
     """Sparse push: a safetensors body with `indices` (int64, k) and `values`
     (k x row shape); only those rows and their optimizer state change."""
@@ -164,38 +217,62 @@ async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
     if not vals.shape or vals.shape[0] != idx.shape[0]:
         raise Unprocessable(f"values must have {idx.shape[0]} rows (one per index), shape is {list(vals.shape)}")
     cmd = GradRows(
-        name=name, k=idx.shape[0], dtype=vals.dtype, row_shape=vals.shape[1:], indices=idx.data,
-        values=vals.data, rid=h.request_id(hd.get("x-request-id")),
+        name=name,
+        k=idx.shape[0],
+        dtype=vals.dtype,
+        row_shape=vals.shape[1:],
+        indices=idx.data,
+        values=vals.data,
+        rid=h.request_id(hd.get("x-request-id")),
         base_version=h.integer(hd.get("x-base-version"), "X-Base-Version"),
-        if_match=h.version_tag(hd.get("if-match"), "If-Match"))
+        if_match=h.version_tag(hd.get("if-match"), "If-Match"),
+    )
     result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "sparse push")
     return _written(result)
 
 
-@router.delete("/v1/tensors/{name}", openapi_extra=oa.delete_extra(),
-               responses={**oa.written(200, "Deleted"), **oa.answers(307, 400, 404, 409, 412, 422, 503)})
+@router.delete(
+    "/v1/tensors/{name}",
+    openapi_extra=oa.delete_extra(),
+    responses={**oa.written(200, "Deleted"), **oa.answers(307, 400, 404, 409, 412, 422, 503)},
+)
 async def delete_tensor(request: Request, name: str = TensorName) -> Response:
     store = _store(request)
     h.tensor_name(name)
-    cmd = Delete(name=name, if_match=h.version_tag(request.headers.get("if-match"), "If-Match"),
-                 rid=h.request_id(request.headers.get("x-request-id")))
+    cmd = Delete(
+        name=name,
+        if_match=h.version_tag(request.headers.get("if-match"), "If-Match"),
+        rid=h.request_id(request.headers.get("x-request-id")),
+    )
     result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "delete")
     return _written(result)
 
 
 @router.get("/v1/tensors", responses=oa.json_ok(oa.TENSOR_LIST, "Every tensor hosted here"))
-async def list_tensors(request: Request) -> list[dict]:
+async def list_tensors(request: Request) -> list[dict[str, Any]]:
     return _store(request).list_tensors()
 
 
-_READ_ANSWERS = {**oa.tensor_value("The value, in the format Accept asks for"),
-                 **oa.answers(307, 400, 404, 406, 408, 422, 503)}
+_READ_ANSWERS = {
+    **oa.tensor_value("The value, in the format Accept asks for"),
+    **oa.answers(307, 400, 404, 406, 408, 422, 503),
+}
 
 
-@router.get("/v1/tensors/{name}", operation_id="get_tensor", openapi_extra=oa.get_tensor_extra(),
-            response_class=Response, responses=_READ_ANSWERS)
-@router.head("/v1/tensors/{name}", operation_id="head_tensor", openapi_extra=oa.get_tensor_extra(),
-             response_class=Response, responses=_READ_ANSWERS)
+@router.get(
+    "/v1/tensors/{name}",
+    operation_id="get_tensor",
+    openapi_extra=oa.get_tensor_extra(),
+    response_class=Response,
+    responses=_READ_ANSWERS,
+)
+@router.head(
+    "/v1/tensors/{name}",
+    operation_id="head_tensor",
+    openapi_extra=oa.get_tensor_extra(),
+    response_class=Response,
+    responses=_READ_ANSWERS,
+)
 async def get_tensor(
     request: Request,
     name: str = TensorName,
@@ -204,8 +281,9 @@ async def get_tensor(
     wait_version_gt: int | None = Query(None, ge=0, le=oa.MAX_VERSION),
     timeout: float | None = Query(None, ge=0, le=3600, description="seconds; capped at limits.max_wait_seconds"),
     digest: bool = False,
-    rows: str | None = Query(None, pattern=oa.ROWS_PATTERN,
-                             description="comma-separated row indices: pull only these rows"),
+    rows: str | None = Query(
+        None, pattern=oa.ROWS_PATTERN, description="comma-separated row indices: pull only these rows"
+    ),
 ) -> Response:
     """Read a tensor at the asked consistency; see docs/api.md."""
     store = _store(request)
@@ -216,14 +294,14 @@ async def get_tensor(
     inm = h.version_tags(request.headers.get("if-none-match"), "If-None-Match")
     shard = store.shard_of(name)
     if consistency == "linearizable":
-        await wait(store.barrier(shard), max(deadline, limits.request_timeout), "linearizable read barrier",
-                   write=False)
+        await wait(
+            store.barrier(shard), max(deadline, limits.request_timeout), "linearizable read barrier", write=False
+        )
     if min_version is not None:
         await wait_version(store, name, min_version, deadline, must=True)
-    if wait_version_gt is not None:
-        if not await wait_version(store, name, wait_version_gt + 1, deadline, must=False):
-            t, shard = store.get(name)
-            return Response(status_code=304, headers=wire.tensor_headers(t.dtype, t.shape, t.version, shard))
+    if wait_version_gt is not None and not await wait_version(store, name, wait_version_gt + 1, deadline, must=False):
+        t, shard = store.get(name)
+        return Response(status_code=304, headers=wire.tensor_headers(t.dtype, t.shape, t.version, shard))
     if rows is not None:
         return await _get_rows(store, name, rows, kind, request.method == "HEAD")
     live, shard = store.peek(name)
@@ -238,9 +316,9 @@ async def get_tensor(
     if digest:
         value = t.value
         hdrs["X-Digest"] = "sha256:" + await anyio.to_thread.run_sync(
-            lambda: hashlib.sha256(wire.raw_view(value)).hexdigest())
-    return wire.encode(kind, name, t.value, hdrs, limits.json_max_elements,
-                       head_only=request.method == "HEAD")
+            lambda: hashlib.sha256(wire.raw_view(value)).hexdigest()
+        )
+    return wire.encode(kind, name, t.value, hdrs, limits.json_max_elements, head_only=request.method == "HEAD")
 
 
 async def _get_rows(store: StoreAPI, name: str, rows_text: str, kind: str, head_only: bool) -> Response:
@@ -262,6 +340,8 @@ async def wait_version(store: StoreAPI, name: str, version: int, deadline: float
         # A replica without a leader or behind its log is unavailable (503);
         # a ready one simply has no such version yet (408, the caller's wait).
         kind = WaitExpired if store.is_ready() else Unavailable
-        raise kind(f"this replica has not applied version {version} of {name!r} within "
-                   f"{deadline:g}s; retry or read from another replica")
+        raise kind(
+            f"this replica has not applied version {version} of {name!r} within "
+            f"{deadline:g}s; retry or read from another replica"
+        )
     return False

@@ -4,14 +4,15 @@ Decoding never unpickles (`.npy` headers are parsed with pickling off and
 object dtypes refused) and never copies the bytes of a raw body. Encoding
 serves the stored, read-only array buffer without copying it.
 """
+
 from __future__ import annotations
 
 import hashlib
-
 import io
 import json
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.lib import format as npf
@@ -19,10 +20,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from store import dtypes
-from store.buffers import LARGE, receive_buffer
+from store.buffers import LARGE, Bytes, byte_view, receive_buffer
 from store.errors import InvalidRequest, Unprocessable
 
 from .errors import NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+
+if TYPE_CHECKING:
+    from store.datapath import PayloadStream
 
 OCTET = "application/octet-stream"
 NPY = "application/x-npy"
@@ -42,21 +46,28 @@ class WireTensor:
 class HashedBody(np.ndarray):
     """A large request body (bytes in a numpy buffer: see store/buffers.py)
     with the SHA-256 computed while it arrived: a sideloaded payload is named
-    by it (store/node.py reads `sha256`)."""
+    by it (store/staging.py reads `sha256`), and its cut-through `stream` to the
+    shard's peers, if one was opened (api/tensors.py)."""
+
     sha256: str | None = None
+    stream: PayloadStream | None = None
 
 
 HASH_WHILE_READING = LARGE  # bodies this large are hashed chunk by chunk as they arrive
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
+async def read_body(request: Request, limit: int) -> HashedBody | bytearray:
     """The request body, refused with 413 as soon as it passes `limit` bytes
     (by Content-Length up front, or while streaming a chunked body)."""
     return await read_stream(request.headers.get("content-length"), request.stream(), limit)
 
 
-async def read_stream(length_header: str | None, chunks: AsyncIterator[bytes], limit: int,
-                      forward: Callable[[memoryview], None] | None = None) -> bytearray:
+async def read_stream(
+    length_header: str | None,
+    chunks: AsyncIterator[bytes],
+    limit: int,
+    forward: Callable[[memoryview], None] | None = None,
+) -> HashedBody | bytearray:
     """`read_body` for any source of body chunks (api/fastpath.py reads the
     ASGI messages itself). `forward` (bodies with a Content-Length only) sees
     every piece of the body buffer as soon as it is filled."""
@@ -66,26 +77,27 @@ async def read_stream(length_header: str | None, chunks: AsyncIterator[bytes], l
         except ValueError:
             raise InvalidRequest(f"Content-Length {length_header!r} is not a number") from None
         if length > limit:
-            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit} bytes",
-                                  limit=limit)
-        large = length >= HASH_WHILE_READING
-        buf = receive_buffer(length).view(HashedBody) if large else bytearray(length)
-        hasher = hashlib.sha256() if large else None
-        view = memoryview(buf)
+            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit} bytes", limit=limit)
+        hashed: HashedBody | None = None
+        if length >= HASH_WHILE_READING:  # receive_buffer's numpy case (from LARGE bytes on)
+            hashed = receive_buffer(length).view(HashedBody)  # type: ignore[union-attr]
+        buf = bytearray(length) if hashed is None else hashed
+        hasher = None if hashed is None else hashlib.sha256()
+        view = byte_view(buf)
         got = 0
         async for chunk in chunks:
             if got + len(chunk) > length:
                 raise InvalidRequest("body is longer than its Content-Length")
-            view[got:got + len(chunk)] = chunk
+            view[got : got + len(chunk)] = chunk
             if hasher is not None:
                 hasher.update(chunk)
             if forward is not None and chunk:
-                forward(view[got:got + len(chunk)])
+                forward(view[got : got + len(chunk)])
             got += len(chunk)
         if got != length:
             raise InvalidRequest(f"body ended after {got} of {length} bytes")
-        if hasher is not None:
-            buf.sha256 = hasher.hexdigest()
+        if hashed is not None and hasher is not None:
+            hashed.sha256 = hasher.hexdigest()
         return buf
     buf = bytearray()
     async for chunk in chunks:
@@ -99,8 +111,13 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
 
 
-def decode(content_type: str | None, headers, body, json_max_elements: int,
-           default: tuple[str, tuple[int, ...]] | None = None) -> WireTensor:
+def decode(
+    content_type: str | None,
+    headers: Mapping[str, str],
+    body: Bytes,
+    json_max_elements: int,
+    default: tuple[str, tuple[int, ...]] | None = None,
+) -> WireTensor:
     """Parse a tensor body. `default` (dtype, shape) fills in absent X-Dtype /
     X-Shape headers for raw bodies (gradients of an existing tensor)."""
     kind = media_type(content_type) or OCTET
@@ -110,11 +127,10 @@ def decode(content_type: str | None, headers, body, json_max_elements: int,
         return _decode_npy(body)
     if kind == JSON:
         return _decode_json(body, json_max_elements)
-    raise UnsupportedMediaType(
-        f"Content-Type {kind!r} is not supported for tensors (use {', '.join(TENSOR_TYPES)})")
+    raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported for tensors (use {', '.join(TENSOR_TYPES)})")
 
 
-def _decode_raw(headers, body, default) -> WireTensor:
+def _decode_raw(headers: Mapping[str, str], body: Bytes, default: tuple[str, tuple[int, ...]] | None) -> WireTensor:
     dtype_text = headers.get("x-dtype")
     shape_text = headers.get("x-shape")
     if dtype_text is None or shape_text is None:
@@ -129,13 +145,12 @@ def _decode_raw(headers, body, default) -> WireTensor:
     dtypes.dtype_of(dtype)
     want = dtypes.expected_nbytes(dtype, shape)
     if len(body) != want:
-        raise Unprocessable(
-            f"body has {len(body)} bytes but X-Dtype {dtype} and X-Shape {list(shape)} need {want}")
+        raise Unprocessable(f"body has {len(body)} bytes but X-Dtype {dtype} and X-Shape {list(shape)} need {want}")
     return WireTensor(dtype, shape, body)
 
 
-def _decode_npy(body) -> WireTensor:
-    view = memoryview(body)
+def _decode_npy(body: Bytes) -> WireTensor:
+    view = byte_view(body)
     head = io.BytesIO(bytes(view[:65536]))
     try:
         version = npf.read_magic(head)
@@ -154,21 +169,21 @@ def _decode_npy(body) -> WireTensor:
     offset = head.tell()
     want = dtypes.element_count(shape) * dt.itemsize
     if len(view) - offset != want:
-        raise Unprocessable(f".npy data has {len(view) - offset} bytes, dtype {dt} and shape "
-                            f"{list(shape)} need {want}")
+        raise Unprocessable(f".npy data has {len(view) - offset} bytes, dtype {dt} and shape {list(shape)} need {want}")
     data = view[offset:]
     if fortran or dt.byteorder == ">":
         arr = np.frombuffer(data, dtype=dt)
         arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
         arr = np.ascontiguousarray(arr, dtype=dtypes.dtype_of(name))
-        data = memoryview(arr.reshape(-1)).cast("B")
+        data = byte_view(arr.reshape(-1)).cast("B")
     return WireTensor(name, shape, data)
 
 
-def _decode_json(body, max_elements: int) -> WireTensor:
+def _decode_json(body: Bytes, max_elements: int) -> WireTensor:
     if len(body) > max(1 << 20, max_elements * 32):
-        raise PayloadTooLarge(f"JSON tensor bodies are limited to {max_elements} elements; "
-                              f"use {OCTET} or {NPY} for large tensors")
+        raise PayloadTooLarge(
+            f"JSON tensor bodies are limited to {max_elements} elements; use {OCTET} or {NPY} for large tensors"
+        )
     try:
         doc = json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError) as e:
@@ -186,8 +201,9 @@ def _decode_json(body, max_elements: int) -> WireTensor:
         if shape is None:
             raise InvalidRequest("shape must be a list of integers")
         if arr.size != dtypes.element_count(shape):
-            raise Unprocessable(f"data has {arr.size} elements, shape {list(shape)} needs "
-                                f"{dtypes.element_count(shape)}")
+            raise Unprocessable(
+                f"data has {arr.size} elements, shape {list(shape)} needs {dtypes.element_count(shape)}"
+            )
         arr = arr.reshape(shape)
     if arr.size > max_elements:
         raise PayloadTooLarge(f"JSON tensor bodies are limited to {max_elements} elements")
@@ -221,24 +237,34 @@ def negotiate(accept: str | None, offered: tuple[str, ...] = TENSOR_TYPES) -> st
 
 
 def raw_view(arr: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")
+    return byte_view(np.ascontiguousarray(arr).reshape(-1)).cast("B")
 
 
 def tensor_headers(dtype: str, shape: tuple[int, ...], version: int, shard: int) -> dict[str, str]:
     return {
-        "X-Dtype": dtype, "X-Shape": ",".join(str(d) for d in shape), "X-Version": str(version),
-        "ETag": f'"{version}"', "X-Shard": str(shard),
+        "X-Dtype": dtype,
+        "X-Shape": ",".join(str(d) for d in shape),
+        "X-Version": str(version),
+        "ETag": f'"{version}"',
+        "X-Shard": str(shard),
     }
 
 
-def encode(kind: str, name: str, arr: np.ndarray, headers: dict[str, str], json_max: int,
-           head_only: bool = False) -> Response:
+def encode(
+    kind: str, name: str, arr: np.ndarray, headers: dict[str, str], json_max: int, head_only: bool = False
+) -> Response:
     if kind == JSON:
         if arr.size > json_max:
-            raise NotAcceptable(f"tensor {name!r} has {arr.size} elements; JSON is offered up to "
-                                f"{json_max}; ask for {OCTET} or {NPY}")
-        doc = {"name": name, "dtype": headers["X-Dtype"], "shape": list(arr.shape),
-               "version": int(headers["X-Version"]), "data": arr.tolist()}
+            raise NotAcceptable(
+                f"tensor {name!r} has {arr.size} elements; JSON is offered up to {json_max}; ask for {OCTET} or {NPY}"
+            )
+        doc = {
+            "name": name,
+            "dtype": headers["X-Dtype"],
+            "shape": list(arr.shape),
+            "version": int(headers["X-Version"]),
+            "data": arr.tolist(),
+        }
         body = json.dumps(doc, allow_nan=True, separators=(",", ":")).encode()
         return Response(b"" if head_only else body, media_type=JSON, headers=headers)
     if kind == NPY:
@@ -260,7 +286,7 @@ def encode(kind: str, name: str, arr: np.ndarray, headers: dict[str, str], json_
 
 
 def _slices(view: memoryview) -> list[memoryview]:
-    return [view[i:i + STREAM_CHUNK] for i in range(0, len(view), STREAM_CHUNK)]
+    return [view[i : i + STREAM_CHUNK] for i in range(0, len(view), STREAM_CHUNK)]
 
 
 async def _chunks(*parts: Any) -> AsyncIterator[Any]:
@@ -274,7 +300,7 @@ def _npy_header(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_safetensors(body) -> dict[str, WireTensor]:
+def decode_safetensors(body: Bytes) -> dict[str, WireTensor]:
     """Many tensors in one body, parsed by the safetensors library."""
     import safetensors
 
@@ -282,7 +308,7 @@ def decode_safetensors(body) -> dict[str, WireTensor]:
         items = safetensors.deserialize(bytes(body))
     except Exception as e:  # SafetensorError and friends: the body is malformed
         raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
-    out = {}
+    out: dict[str, WireTensor] = {}
     for name, spec in items:
         dtype = dtypes.from_safetensors(spec["dtype"], f"tensor {name!r}")
         out[name] = WireTensor(dtype, dtypes.check_shape(spec["shape"]), spec["data"])

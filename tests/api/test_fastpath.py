@@ -2,6 +2,7 @@
 the app's middleware stack: it must answer exactly like the documented route
 does, errors, auth and metrics included, and middleware added to the app must
 run for it."""
+
 import numpy as np
 import pytest
 from fastapi import FastAPI
@@ -33,8 +34,11 @@ def both(tmp_path_factory):
     with TestClient(app) as fast:
         wait_until(lambda: fast.get("/readyz").status_code == 200, 15, "single replica ready")
         w = np.zeros(4, np.float32).tobytes()
-        r = fast.put("/v1/tensors/w", content=w, headers={**RAW, "X-Dtype": "float32", "X-Shape": "4",
-                                                          "X-Optimizer": '{"type": "sgd", "lr": 1.0}'})
+        r = fast.put(
+            "/v1/tensors/w",
+            content=w,
+            headers={**RAW, "X-Dtype": "float32", "X-Shape": "4", "X-Optimizer": '{"type": "sgd", "lr": 1.0}'},
+        )
         assert r.status_code == 201, r.text
         yield fast, TestClient(without_fast_path(app))
 
@@ -84,20 +88,30 @@ def test_fast_path_applies_the_gradient_and_counts_it(both):
     after = np.frombuffer(fast.get("/v1/tensors/w").content, np.float32)
     np.testing.assert_array_equal(after, before - 1)  # sgd, lr 1, applied once
     metrics = fast.get("/metrics").text
-    line = next(ln for ln in metrics.splitlines() if ln.startswith("paramstore_http_requests_total{")
-                and 'route="/v1/tensors/{name}/grad"' in ln and 'status="200"' in ln)
+    line = next(
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith("paramstore_http_requests_total{")
+        and 'route="/v1/tensors/{name}/grad"' in ln
+        and 'status="200"' in ln
+    )
     assert float(line.rsplit(" ", 1)[1]) >= 2
     assert 'paramstore_http_request_bytes_total{method="POST",route="/v1/tensors/{name}/grad"}' in metrics
 
 
 def test_fast_path_enforces_tokens(tmp_path):
-    cfg = config_from_mapping(raw_config(tmp_path, auth={"read_tokens": ["reader-tok"],
-                                                         "write_tokens": ["writer-tok"]}))
+    cfg = config_from_mapping(
+        raw_config(tmp_path, auth={"read_tokens": ["reader-tok"], "write_tokens": ["writer-tok"]})
+    )
     with TestClient(create_app(cfg)) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 15, "replica ready")
         auth = {"Authorization": "Bearer writer-tok"}
-        assert c.put("/v1/tensors/w", content=_grad(), headers={**RAW, **auth, "X-Dtype": "float32",
-                                                                 "X-Shape": "4"}).status_code == 201
+        assert (
+            c.put(
+                "/v1/tensors/w", content=_grad(), headers={**RAW, **auth, "X-Dtype": "float32", "X-Shape": "4"}
+            ).status_code
+            == 201
+        )
         r = c.post("/v1/tensors/w/grad", content=_grad(), headers=RAW)
         assert r.status_code == 401 and r.json()["error"] == "unauthorized"
         assert r.headers["www-authenticate"].startswith("Bearer")
@@ -153,8 +167,10 @@ def test_middleware_added_to_the_app_runs_on_gradient_pushes(tmp_path):
     app.add_middleware(Tagging, seen=seen)
     with TestClient(app) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 15, "single replica ready")
-        assert c.put("/v1/tensors/m", content=_grad(), headers={**RAW, "X-Dtype": "float32",
-                                                                 "X-Shape": "4"}).status_code == 201
+        assert (
+            c.put("/v1/tensors/m", content=_grad(), headers={**RAW, "X-Dtype": "float32", "X-Shape": "4"}).status_code
+            == 201
+        )
         seen.clear()
         ok = c.post("/v1/tensors/m/grad", content=_grad(), headers=RAW)
         refused = c.post("/v1/tensors/m/grad", content=b"{}", headers={"Content-Type": "text/plain"})
