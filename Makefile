@@ -34,27 +34,11 @@ run: install
 	$(VENV)/bin/paramstore dev --replicas 3 --http-port 8700 --data-dir data/dev \
 		--then "$(PY) examples/train_digits.py --workers 4" $(if $(EXIT_AFTER),--exit-after)
 
-## ruff (lint rules, import order, format) and mypy (strict on store/ and paramstore/, checked on api/).
-# *_PENDING: files not gated yet because other branches of issue 11 are rewriting them; the pass after
-# those merges cleans them and empties both lists. Never add a file to dodge a finding.
-RUFF_PENDING := \
-	api/app.py api/auth.py api/batch.py api/checkpoint.py api/cluster.py api/errors.py api/fastpath.py \
-	api/metrics.py api/tensors.py api/wire.py \
-	tests/api/test_fastpath.py
-MYPY_PENDING := \
-	api/app.py api/auth.py api/batch.py api/checkpoint.py api/cluster.py api/errors.py api/fastpath.py \
-	api/metrics.py api/tensors.py api/wire.py \
-	store/node.py
-comma := ,
-empty :=
-space := $(empty) $(empty)
-RUFF_EXCLUDE := $(if $(strip $(RUFF_PENDING)),--extend-exclude $(subst $(space),$(comma),$(strip $(RUFF_PENDING))))
-# While modules are pending, mypy reads them for their types but reports only the gated ones.
-MYPY_FILES := $(filter-out $(patsubst %/,%/%,$(MYPY_PENDING)),$(shell find store api paramstore -name '*.py' 2>/dev/null))
+## ruff (lint rules, import order, format) and mypy (strict: store/, api/ and paramstore/).
 lint: install
-	$(VENV)/bin/ruff check $(RUFF_EXCLUDE) .
-	$(VENV)/bin/ruff format --check $(RUFF_EXCLUDE) .
-	$(VENV)/bin/mypy $(if $(strip $(MYPY_PENDING)),--follow-imports=silent) $(MYPY_FILES)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy store api paramstore
 
 ## The whole suite (unit, API and real multi-process cluster tests).
 test: install $(SYSDEPS)
