@@ -42,6 +42,7 @@ class SlowClientTimeouts(HttpToolsProtocol):
     _in_body = False
     _last_body = 0.0
 
+    # Narrows asyncio.Protocol's BaseTransport to Transport, as uvicorn's own does (mypy: override).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm(self.header_timeout, self._head_expired)

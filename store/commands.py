@@ -177,6 +177,7 @@ _TYPES: dict[str, type[Command]] = {
 }
 # per type: (field name, kind, default) in declaration order; and those with a kind
 _FIELDS: dict[type[Command], tuple[tuple[str, str | None, Any], ...]] = {
+    # `fields` is typed to take dataclasses; every Command type is one (mypy: arg-type)
     c: tuple((f.name, f.metadata.get("kind"), f.default) for f in fields(c))  # type: ignore[arg-type]
     for c in _TYPES.values()
 }

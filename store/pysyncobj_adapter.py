@@ -160,7 +160,7 @@ def fail_name(err: int) -> str:
     return _FAIL_NAMES.get(err, str(err))
 
 
-class TunedSyncObj(SyncObj):  # type: ignore[misc]
+class TunedSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no types: SyncObj is Any
     """SyncObj with eager append entries, wake on propose, the nextIndex
     guard and three hooks for subclasses: `_before_append` (tick thread,
     before queued commands are appended), `_may_campaign` and
@@ -400,7 +400,7 @@ def dump_meta_from_json(raft_meta: dict[str, Any]) -> tuple[Any, ...]:
     return entries[0], entries[1], {TCPNode(addr) for addr in raft_meta["cluster"]}
 
 
-class LinkFilterTransport(TCPTransport):  # type: ignore[misc]
+class LinkFilterTransport(TCPTransport):  # type: ignore[misc]  # pysyncobj ships no types
     """TCPTransport that drops messages on links `link_cut(src, dst)` names
     (hosts), in both directions, as a network drop rule would. pysyncobj
     delivers every received message through `_onMessageReceived`."""

@@ -412,10 +412,10 @@ class _Overlay(dict[str, Tensor]):
         return self._base.get(key, default)
 
     def __getitem__(self, key: str) -> Tensor:
-        v = self.get(key)
+        v: Tensor | None = self.get(key)
         if v is None:
             raise KeyError(key)
-        return v  # type: ignore[no-any-return]
+        return v
 
     def __setitem__(self, key: str, value: Tensor) -> None:
         self._staged[key] = value

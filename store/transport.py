@@ -15,7 +15,7 @@ from .pysyncobj_adapter import TCPTransport, Transport
 
 def transport_class(spec: str | None) -> type[Transport]:
     if not spec:
-        return TCPTransport  # type: ignore[no-any-return]
+        return TCPTransport  # type: ignore[no-any-return]  # pysyncobj ships no types
     module, _, name = spec.partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)

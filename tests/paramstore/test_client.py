@@ -228,7 +228,7 @@ def test_client_retry_after_lost_response_applies_once(cluster: DevCluster) -> N
                 raise httpx.ReadTimeout("response lost (simulated)", request=request)
             return response
 
-        first.send = send_then_lose_response  # type: ignore[method-assign]
+        first.send = send_then_lose_response  # type: ignore[method-assign]  # a fault injected into one client
         seen_ids: list[str] = []
         for other in c._http:
             if other is not first:
@@ -238,7 +238,7 @@ def test_client_retry_after_lost_response_applies_once(cluster: DevCluster) -> N
                     seen_ids.append(request.headers.get("X-Request-Id", ""))
                     return _send(request, **kw)
 
-                other.send = record  # type: ignore[method-assign]
+                other.send = record  # type: ignore[method-assign]  # spies on the retry
 
         version = c.push_grad(name, np.ones(4, np.float32), base_version=1)
         assert sent and seen_ids and seen_ids[0] == sent[0]  # retried elsewhere, same id

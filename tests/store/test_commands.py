@@ -154,7 +154,7 @@ def test_commands_are_immutable_and_keyword_only():
     with pytest.raises(AttributeError):
         cmd.name = "v"
     with pytest.raises(TypeError):
-        Delete("w")  # type: ignore[misc]
+        Delete("w")  # type: ignore[misc]  # the positional call this test expects to fail
     assert all(f.kw_only for f in fields(Grad))
 
 

@@ -77,7 +77,7 @@ def test_the_listing_shows_the_same_fields_as_before():
 
 def test_records_are_built_by_keyword():
     with pytest.raises(TypeError):
-        Tensor("w", "float32", (1,), np.zeros(1, np.float32), 1, {"type": "assign"})  # type: ignore[misc]
+        Tensor("w", "float32", (1,), np.zeros(1, np.float32), 1, {"type": "assign"})  # type: ignore[misc]  # positional: must fail
 
 
 @pytest.mark.parametrize("dtype", list(dtypes.DTYPES))
