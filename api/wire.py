@@ -193,8 +193,10 @@ def _decode_json(body: Bytes, max_elements: int) -> WireTensor:
     dtype = str(doc.get("dtype", "float32")).lower()
     np_dtype = dtypes.dtype_of(dtype)
     try:
-        arr = np.asarray(doc["data"], dtype=np_dtype)
-    except (ValueError, TypeError, OverflowError) as e:
+        # A value outside the dtype's range would become inf (float16) or wrap: refuse it instead.
+        with np.errstate(over="raise", invalid="raise"):
+            arr = np.asarray(doc["data"], dtype=np_dtype)
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as e:
         raise Unprocessable(f"data cannot be read as {dtype}: {e}") from None
     if "shape" in doc:
         shape = dtypes.check_shape(doc["shape"]) if isinstance(doc["shape"], list) else None

@@ -97,3 +97,10 @@ def test_optimizer_type_that_is_not_a_string_is_422(client):
 def test_raw_gradient_without_dtype_for_an_unknown_tensor_is_404(client):
     r = client.post("/v1/tensors/never-created/grad", content=b"\0" * 4, headers={"Content-Type": RAW})
     assert r.status_code == 404 and r.json()["error"] == "not_found", r.text
+
+
+def test_json_values_outside_the_dtype_range_are_refused(client):
+    response = client.put("/v1/tensors/overflow16", json={"dtype": "float16", "data": [1e10]})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "unprocessable"
+    assert client.get("/v1/tensors/overflow16").status_code == 404
