@@ -37,45 +37,54 @@ class CommandError(Exception):
         self.code = code
 
 
-def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def with_url(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--url",
-            default=os.environ.get("PARAMSTORE_URL", DEFAULT_URL),
-            help=f"a replica's base URL (or PARAMSTORE_URL; default {DEFAULT_URL})",
-        )
-        p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds")
-        p.add_argument(
-            "--token",
-            default=os.environ.get("PARAMSTORE_TOKEN"),
-            help="API bearer token (or PARAMSTORE_TOKEN); writes need a write token",
-        )
-        p.add_argument("--cacert", help="CA bundle to verify an https:// replica with")
-        return p
+def _with_url(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--url",
+        default=os.environ.get("PARAMSTORE_URL", DEFAULT_URL),
+        help=f"a replica's base URL (or PARAMSTORE_URL; default {DEFAULT_URL})",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("PARAMSTORE_TOKEN"),
+        help="API bearer token (or PARAMSTORE_TOKEN); writes need a write token",
+    )
+    p.add_argument("--cacert", help="CA bundle to verify an https:// replica with")
+    return p
 
-    st = with_url(sub.add_parser("status", help="print the cluster table of one replica"))
+
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _add_status_get_put(sub)
+    _add_checkpoint_commands(sub)
+    _add_cluster_commands(sub)
+
+
+def _add_status_get_put(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    st = _with_url(sub.add_parser("status", help="print the cluster table of one replica"))
     st.add_argument("--json", action="store_true", help="print /v1/cluster as JSON instead")
 
-    get = with_url(sub.add_parser("get", help="download a tensor to a .npy file"))
+    get = _with_url(sub.add_parser("get", help="download a tensor to a .npy file"))
     get.add_argument("name")
     get.add_argument("-o", "--output", required=True, help="output .npy file ('-' for stdout)")
     get.add_argument(
         "--linearizable", action="store_true", help="never older than an acknowledged write (a Raft barrier first)"
     )
 
-    put = with_url(sub.add_parser("put", help="create or replace a tensor from a .npy file"))
+    put = _with_url(sub.add_parser("put", help="create or replace a tensor from a .npy file"))
     put.add_argument("name")
     put.add_argument("file", help=".npy file")
     put.add_argument("--optimizer", help='JSON optimizer spec, e.g. \'{"type": "sgd", "lr": 0.1}\'')
     put.add_argument("--create", action="store_true", help="fail if the tensor exists (If-None-Match: *)")
     put.add_argument("--if-version", type=int, help="replace only if at this version (If-Match)")
 
+
+def _add_checkpoint_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ck = sub.add_parser("checkpoint", help="save or restore every tensor as one safetensors file")
     cks = ck.add_subparsers(dest="checkpoint_command", required=True)
-    save = with_url(cks.add_parser("save", help="download a checkpoint"))
+    save = _with_url(cks.add_parser("save", help="download a checkpoint"))
     save.add_argument("file")
     save.add_argument("--no-state", action="store_true", help="leave optimizer state out")
-    load = with_url(cks.add_parser("load", help="restore a checkpoint"))
+    load = _with_url(cks.add_parser("load", help="restore a checkpoint"))
     load.add_argument("file")
     load.add_argument(
         "--mode",
@@ -91,9 +100,11 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     for p in (save, load):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cl = sub.add_parser("cluster", help="change membership: add or remove a replica")
     cls = cl.add_subparsers(dest="cluster_command", required=True)
-    add = with_url(
+    add = _with_url(
         cls.add_parser(
             "add",
             help="make a replica a voting member (start it with `paramstore serve --join` first, "
@@ -103,7 +114,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("id")
     for field in ("http", "raft", "data"):
         add.add_argument(f"--{field}", required=True, metavar="HOST:PORT", help=f"the replica's {field} address")
-    remove = with_url(
+    remove = _with_url(
         cls.add_parser("remove", help="remove a replica, live or dead (leadership is moved away from it first)")
     )
     remove.add_argument("id")
