@@ -50,11 +50,36 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_NO_SERVER
-    from store.config import load_config  # needs tomli before Python 3.11: a server dependency
+    from . import ops_cli
+
+    args = _parser().parse_args(argv)
+    if args.command in ops_cli.COMMANDS:
+        return ops_cli.run(args)
+    try:
+        return _run_server_command(args)
+    except ConfigError as e:
+        print(f"paramstore: configuration error: {e.detail}", file=sys.stderr)
+        return 2
+    except StoreError as e:
+        print(f"paramstore: cannot start: {e.detail}", file=sys.stderr)
+        return 3
+    except OSError as e:
+        print(f"paramstore: cannot start: {e}", file=sys.stderr)
+        return 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import ops_cli
 
     parser = argparse.ArgumentParser(prog="paramstore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_dev(sub)
+    ops_cli.add_subcommands(sub)  # status, get, put, checkpoint save|load, cluster add|remove
+    return parser
 
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="run one replica")
     serve.add_argument("--config", help="cluster TOML file (or PARAMSTORE_CONFIG)")
     serve.add_argument("--node", help="this replica's node id (or PARAMSTORE_NODE)")
@@ -77,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "then add this node. Ignored once the data dir has joined.",
     )
 
+
+def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dev = sub.add_parser("dev", help="run a local cluster on loopback in the foreground")
     dev.add_argument("--replicas", type=int, default=3)
     dev.add_argument("--http-port", type=int, default=8700)
@@ -87,43 +114,31 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--then", help="shell command to run once the cluster is ready (gets PARAMSTORE_URLS)")
     dev.add_argument("--exit-after", action="store_true", help="stop the cluster when the --then command finishes")
 
-    from . import ops_cli
 
-    ops_cli.add_subcommands(sub)  # status, get, put, checkpoint save|load
+def _run_server_command(args: argparse.Namespace) -> int:
+    """`serve` or `dev`; their ConfigError, StoreError and OSError reach main."""
+    from store.config import load_config  # needs tomli before Python 3.11: a server dependency
 
-    args = parser.parse_args(argv)
-    if args.command in ops_cli.COMMANDS:
-        return ops_cli.run(args)
-    try:
-        if args.command == "serve":
-            cfg = load_config(args.config, overrides=_overrides(args))
-            from .server import serve as run_serve
+    if args.command == "serve":
+        cfg = load_config(args.config, overrides=_overrides(args))
+        from .server import serve as run_serve
 
-            join = args.join or [u for u in os.environ.get("PARAMSTORE_JOIN", "").split(",") if u]
-            run_serve(cfg, join=join or None)
-            return 0
-        if args.command == "dev":
-            from .devcluster import run_dev
+        join = args.join or [u for u in os.environ.get("PARAMSTORE_JOIN", "").split(",") if u]
+        run_serve(cfg, join=join or None)
+        return 0
+    if args.command == "dev":
+        from .devcluster import run_dev
 
-            return run_dev(
-                args.replicas,
-                args.http_port,
-                args.raft_port,
-                args.shards,
-                args.replication,
-                Path(args.data_dir),
-                args.then,
-                args.exit_after,
-            )
-    except ConfigError as e:
-        print(f"paramstore: configuration error: {e.detail}", file=sys.stderr)
-        return 2
-    except StoreError as e:
-        print(f"paramstore: cannot start: {e.detail}", file=sys.stderr)
-        return 3
-    except OSError as e:
-        print(f"paramstore: cannot start: {e}", file=sys.stderr)
-        return 3
+        return run_dev(
+            args.replicas,
+            args.http_port,
+            args.raft_port,
+            args.shards,
+            args.replication,
+            Path(args.data_dir),
+            args.then,
+            args.exit_after,
+        )
     return 0
 
 
