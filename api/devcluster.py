@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from store.config import config_from_mapping, render_toml
+from store.config import Config, config_from_mapping, render_toml
 
 
 def dev_config(replicas: int, http_port: int, raft_port: int, shards: int, replication: int) -> dict[str, Any]:
@@ -48,18 +48,46 @@ def run_dev(
     ready_timeout: float = 60.0,
 ) -> int:
     cfg = config_from_mapping(dev_config(replicas, http_port, raft_port, shards, replication))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    config_path = data_dir / "cluster.toml"
-    config_path.write_text(render_toml(cfg))
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    config_path = _write_config(cfg, data_dir)
     stopping = False
 
     def stop(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
+    def is_stopping() -> bool:
+        return stopping
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    procs = _start_replicas(cfg, config_path, data_dir)
+    urls = [n.url for n in cfg.nodes]
+    _print_cluster(cfg, replicas, data_dir)
+    code = 0
+    try:
+        if not _wait_ready(urls, procs, ready_timeout, is_stopping):
+            print("paramstore dev: cluster did not become ready; see the logs above", file=sys.stderr)
+            return 1
+        print(f"paramstore dev: ready. Try: curl {urls[0]}/v1/cluster")
+        if then:
+            code = _run_then(then, urls, is_stopping)
+            if exit_after:
+                return code
+        print("paramstore dev: serving; Ctrl-C stops every replica")
+        return code if _serve_until_stopped(procs, is_stopping) else 1
+    finally:
+        _stop_replicas(procs)
+
+
+def _write_config(cfg: Config, data_dir: Path) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config_path = data_dir / "cluster.toml"
+    config_path.write_text(render_toml(cfg))
+    return config_path
+
+
+def _start_replicas(cfg: Config, config_path: Path, data_dir: Path) -> dict[str, subprocess.Popen[bytes]]:
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     for n in cfg.nodes:
         with open(data_dir / f"{n.id}.log", "ab") as log_file:  # the replica keeps its own descriptor
             procs[n.id] = subprocess.Popen(
@@ -79,49 +107,52 @@ def run_dev(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-    urls = [n.url for n in cfg.nodes]
+    return procs
+
+
+def _print_cluster(cfg: Config, replicas: int, data_dir: Path) -> None:
     print(f"paramstore dev: {replicas} replicas, {cfg.shards} shards, replication {cfg.replication}")
     print("paramstore dev: WARNING: API authentication is off (loopback development only)")
     for n in cfg.nodes:
         print(f"  {n.id}  {n.url}   (log: {data_dir / (n.id + '.log')})")
-    code = 0
-    try:
-        if not _wait_ready(urls, procs, ready_timeout, lambda: stopping):
-            print("paramstore dev: cluster did not become ready; see the logs above", file=sys.stderr)
-            return 1
-        print(f"paramstore dev: ready. Try: curl {urls[0]}/v1/cluster")
-        if then:
-            env = dict(os.environ, PARAMSTORE_URLS=",".join(urls))
-            print(f"paramstore dev: running {then!r}")
-            child = subprocess.Popen(then, shell=True, env=env)
-            while child.poll() is None and not stopping:
-                time.sleep(0.2)
-            if child.poll() is None:
-                child.terminate()
-            code = child.wait()
-            if exit_after:
-                return code
-        print("paramstore dev: serving; Ctrl-C stops every replica")
-        while not stopping:
-            for node_id, p in procs.items():
-                if p.poll() is not None:
-                    print(f"paramstore dev: replica {node_id} exited with {p.returncode}", file=sys.stderr)
-                    return 1
-            time.sleep(0.2)
-        return code
-    finally:
-        print("paramstore dev: stopping replicas")
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in procs.values():
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        print("paramstore dev: stopped")
+
+
+def _run_then(then: str, urls: list[str], stopping: Callable[[], bool]) -> int:
+    """Run the --then shell command against the cluster; its exit status."""
+    env = dict(os.environ, PARAMSTORE_URLS=",".join(urls))
+    print(f"paramstore dev: running {then!r}")
+    child = subprocess.Popen(then, shell=True, env=env)
+    while child.poll() is None and not stopping():
+        time.sleep(0.2)
+    if child.poll() is None:
+        child.terminate()
+    return child.wait()
+
+
+def _serve_until_stopped(procs: dict[str, subprocess.Popen[bytes]], stopping: Callable[[], bool]) -> bool:
+    """False as soon as a replica exits on its own."""
+    while not stopping():
+        for node_id, p in procs.items():
+            if p.poll() is not None:
+                print(f"paramstore dev: replica {node_id} exited with {p.returncode}", file=sys.stderr)
+                return False
+        time.sleep(0.2)
+    return True
+
+
+def _stop_replicas(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    print("paramstore dev: stopping replicas")
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for p in procs.values():
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    print("paramstore dev: stopped")
 
 
 def _wait_ready(
