@@ -16,7 +16,7 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
-from io import BufferedReader
+from io import BufferedReader, BufferedWriter
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,30 @@ def write_snapshot(
     fsync: bool = False,
 ) -> int:
     """Write `state` (a mapping captured by the applier) to `path`; returns bytes written."""
+    entries, arrays, data_bytes = _layout(state)
+    header = json.dumps(
+        {
+            "format": FORMAT,
+            "shard": shard,
+            "applied_index": applied_index,
+            "raft": raft_meta,
+            "tensors": entries,
+            "dedupe": list(dedupe.items()),
+            "data_bytes": data_bytes,
+        },
+        separators=(",", ":"),
+    ).encode()
+    with open(path, "wb") as f:
+        f.write(MAGIC + struct.pack("<Q", len(header)) + header)
+        pad = _aligned(f.tell()) - f.tell()
+        f.write(b"\0" * pad)
+        data_start = f.tell()
+        _write_arrays(f, arrays, data_start)
+        return _finish(f, data_start, data_bytes, fsync)
+
+
+def _layout(state: dict[str, Tensor]) -> tuple[list[dict[str, Any]], list[np.ndarray], int]:
+    """Each tensor's header entry, its arrays in file order, and the data section's length."""
     arrays: list[np.ndarray] = []
     entries = []
     offset = 0
@@ -67,54 +91,46 @@ def write_snapshot(
             arrays.append(arr)
             offset = _aligned(offset + arr.nbytes)
         entries.append(described)
-    header = json.dumps(
-        {
-            "format": FORMAT,
-            "shard": shard,
-            "applied_index": applied_index,
-            "raft": raft_meta,
-            "tensors": entries,
-            "dedupe": list(dedupe.items()),
-            "data_bytes": offset,
-        },
-        separators=(",", ":"),
-    ).encode()
-    with open(path, "wb") as f:
-        f.write(MAGIC + struct.pack("<Q", len(header)) + header)
-        pad = _aligned(f.tell()) - f.tell()
-        f.write(b"\0" * pad)
-        data_start = f.tell()
-        unsynced = queued = 0
-        for arr in arrays:
-            here = f.tell() - data_start
-            f.write(b"\0" * (_aligned(here) - here))
-            if arr.nbytes:
-                f.write(arr.data.cast("B") if arr.ndim else arr.tobytes())
-                unsynced += arr.nbytes
-                queued += arr.nbytes
-            if queued >= WRITEBACK_EVERY:
-                f.flush()
-                start_writeback(f.fileno())
-                queued = 0
-            if unsynced >= SYNC_EVERY:
-                # Keep the disk's write queue short. pysyncobj's journal is an
-                # mmap: a journal page under writeback cannot be written to
-                # until its I/O completes ("stable pages"), so behind hundreds
-                # of MB of queued snapshot writes on a slow disk the tick
-                # thread stalls for seconds and heartbeats are missed (5-14
-                # term changes per 45 s of 64 MB Adam pushes with 256 MB
-                # batches; none with 32 MB, at the same snapshot speed).
-                f.flush()
-                os.fdatasync(f.fileno())
-                drop_cached(f.fileno())
-                unsynced = 0
+    return entries, arrays, offset
+
+
+def _write_arrays(f: BufferedWriter, arrays: list[np.ndarray], data_start: int) -> None:
+    """Each array's bytes, without copying, at its aligned offset from `data_start`."""
+    unsynced = queued = 0
+    for arr in arrays:
         here = f.tell() - data_start
-        f.write(b"\0" * (offset - here))
-        f.write(END)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-        return f.tell()
+        f.write(b"\0" * (_aligned(here) - here))
+        if arr.nbytes:
+            f.write(arr.data.cast("B") if arr.ndim else arr.tobytes())
+            unsynced += arr.nbytes
+            queued += arr.nbytes
+        if queued >= WRITEBACK_EVERY:
+            f.flush()
+            start_writeback(f.fileno())
+            queued = 0
+        if unsynced >= SYNC_EVERY:
+            # Keep the disk's write queue short. pysyncobj's journal is an
+            # mmap: a journal page under writeback cannot be written to
+            # until its I/O completes ("stable pages"), so behind hundreds
+            # of MB of queued snapshot writes on a slow disk the tick
+            # thread stalls for seconds and heartbeats are missed (5-14
+            # term changes per 45 s of 64 MB Adam pushes with 256 MB
+            # batches; none with 32 MB, at the same snapshot speed).
+            f.flush()
+            os.fdatasync(f.fileno())
+            drop_cached(f.fileno())
+            unsynced = 0
+
+
+def _finish(f: BufferedWriter, data_start: int, data_bytes: int, fsync: bool) -> int:
+    """Pad the data section to `data_bytes`, add the end marker; the file's length."""
+    here = f.tell() - data_start
+    f.write(b"\0" * (data_bytes - here))
+    f.write(END)
+    f.flush()
+    if fsync:
+        os.fsync(f.fileno())
+    return f.tell()
 
 
 def read_snapshot(path: str | os.PathLike[str], dedupe_window: int = 100_000) -> tuple[ShardState, int, dict[str, Any]]:
