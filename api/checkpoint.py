@@ -214,58 +214,78 @@ async def load_checkpoint(
     path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store))
     try:
         plan = await anyio.to_thread.run_sync(_read_plan, path)
-        report: dict[str, Any] = {
-            "created": [],
-            "replaced": [],
-            "skipped": [],
-            "failed": [],
-            "versions": {},
-            "state_restored": [],
-        }
-        hosted = set(store.hosted_shards())
-        sem = asyncio.Semaphore(RESTORE_CONCURRENCY)
-        big = asyncio.Semaphore(1)  # one large tensor in memory at a time
-
-        async def restore_one(item: dict[str, Any]) -> None:
-            async with sem, big if item["nbytes"] > BIG_TENSOR_BYTES else contextlib.nullcontext():
-                name = item["name"]
-                shard = store.shard_of(name)
-                if shard not in hosted:  # restore those from a replica of that shard
-                    report["skipped"].append(
-                        {
-                            "name": name,
-                            "reason": "not_hosted",
-                            "shard": shard,
-                            "hosts": [n.url for n in store.hosts_of(shard)],
-                        }
-                    )
-                    return
-                try:
-                    arrays = {record.VALUE: await anyio.to_thread.run_sync(_load_array, path, name)}
-                    for key in item["state_arrays"]:
-                        arrays[key] = await anyio.to_thread.run_sync(_load_array, path, f"{name}{STATE_SEP}{key}")
-                    cmd = _restore_command(
-                        record.from_metadata(item["meta"], arrays),
-                        mode,
-                        if_match is not None and item["version"] is not None,
-                    )
-                    result = await wait(store.write(cmd), store.cfg.limits.request_timeout, f"restore of {name}")
-                except StoreError as e:
-                    if mode == "create" and e.code == "precondition_failed":
-                        report["skipped"].append(
-                            {"name": name, "reason": "exists", "current_version": e.extra.get("current_version")}
-                        )
-                    else:
-                        report["failed"].append({"name": name, **e.to_dict()})
-                    return
-                report["created" if result.get("created") else "replaced"].append(name)
-                report["versions"][name] = result["version"]
-                if cmd.state_arrays is not None:
-                    report["state_restored"].append(name)
-
-        await asyncio.gather(*(restore_one(item) for item in plan))
+        report = await _restore_all(store, path, plan, mode, if_match is not None)
     finally:
         _unlink(path)
+    return _report_response(report)
+
+
+async def _restore_all(
+    store: StoreAPI, path: str, plan: list[dict[str, Any]], mode: str, if_unchanged: bool
+) -> dict[str, Any]:
+    """Restore every tensor of `plan` this replica hosts; the report of what happened to each."""
+    report: dict[str, Any] = {
+        "created": [],
+        "replaced": [],
+        "skipped": [],
+        "failed": [],
+        "versions": {},
+        "state_restored": [],
+    }
+    hosted = set(store.hosted_shards())
+    sem = asyncio.Semaphore(RESTORE_CONCURRENCY)
+    big = asyncio.Semaphore(1)  # one large tensor in memory at a time
+
+    async def restore_one(item: dict[str, Any]) -> None:
+        async with sem, big if item["nbytes"] > BIG_TENSOR_BYTES else contextlib.nullcontext():
+            name = item["name"]
+            shard = store.shard_of(name)
+            if shard not in hosted:  # restore those from a replica of that shard
+                report["skipped"].append(
+                    {
+                        "name": name,
+                        "reason": "not_hosted",
+                        "shard": shard,
+                        "hosts": [n.url for n in store.hosts_of(shard)],
+                    }
+                )
+                return
+            await _restore_tensor(store, path, item, mode, if_unchanged, report)
+
+    await asyncio.gather(*(restore_one(item) for item in plan))
+    return report
+
+
+async def _restore_tensor(
+    store: StoreAPI, path: str, item: dict[str, Any], mode: str, if_unchanged: bool, report: dict[str, Any]
+) -> None:
+    """Load one tensor's arrays from the file and propose its restore; adds the outcome to `report`."""
+    name = item["name"]
+    try:
+        arrays = {record.VALUE: await anyio.to_thread.run_sync(_load_array, path, name)}
+        for key in item["state_arrays"]:
+            arrays[key] = await anyio.to_thread.run_sync(_load_array, path, f"{name}{STATE_SEP}{key}")
+        cmd = _restore_command(
+            record.from_metadata(item["meta"], arrays),
+            mode,
+            if_unchanged and item["version"] is not None,
+        )
+        result = await wait(store.write(cmd), store.cfg.limits.request_timeout, f"restore of {name}")
+    except StoreError as e:
+        if mode == "create" and e.code == "precondition_failed":
+            report["skipped"].append(
+                {"name": name, "reason": "exists", "current_version": e.extra.get("current_version")}
+            )
+        else:
+            report["failed"].append({"name": name, **e.to_dict()})
+        return
+    report["created" if result.get("created") else "replaced"].append(name)
+    report["versions"][name] = result["version"]
+    if cmd.state_arrays is not None:
+        report["state_restored"].append(name)
+
+
+def _report_response(report: dict[str, Any]) -> Response:
     for key in ("created", "replaced", "state_restored"):
         report[key].sort()
     for key in ("skipped", "failed"):
