@@ -267,16 +267,16 @@ class GuardedElections:
         settings = self._elections
         if settings is None:
             return False
-        now = time.monotonic()
-        if kind == "append_entries":
+        if kind == "append_entries":  # the hot path: every entry and heartbeat
             if message.get("term", -1) >= self.raftCurrentTerm:
-                self._lease.heard_from_leader(now)
+                self._lease.heard_from_leader(time.monotonic())
                 self._pre_vote.cancel()
             return False
         if kind == "next_node_idx":
             if self._quorum is not None:
-                self._quorum.replied(node.id, now)
+                self._quorum.replied(node.id, time.monotonic())
             return False
+        now = time.monotonic()
         if kind == _PRE_VOTE_REQUEST:
             if node in self._SyncObj__otherNodes:
                 self._answer_pre_vote(node, message, now)
