@@ -24,6 +24,11 @@ class ElectionSettings:
     min_timeout: float  # a replica that heard from a leader this recently refuses to help depose it
     quorum_window: float  # a leader that heard from no majority for this long steps down
     stall_gap: float  # a tick this much later than the last means this replica itself was not running
+    # Pre-vote rounds without hearing any leader after which a replica campaigns
+    # anyway, as pysyncobj would: a replica that the leader cannot reach (a
+    # restarted replica that does not know a leader added since its snapshot,
+    # a one-way link) would otherwise wait forever while the others hold the lease.
+    give_up_rounds: int = 10
 
 
 def majority(voters: int) -> int:
@@ -83,11 +88,13 @@ class PreVoteRound:
         self._won_term: int | None = None
         self.rounds_started = 0
         self.rounds_won = 0
+        self.rounds_since_leader = 0  # rounds started since a leader was last heard (or we won)
 
     def start(self, next_term: int, self_id: str, voters: int) -> bool:
         """Begin a round for `next_term`; True if this replica alone is a majority."""
         self.round += 1
         self.rounds_started += 1
+        self.rounds_since_leader += 1
         self.term = next_term
         self._granted = {self_id}
         self._won_term = None
@@ -111,11 +118,21 @@ class PreVoteRound:
         """True (once) if a round for `next_term` won: the real election may start."""
         won = self._won_term == next_term
         self._won_term = None
+        if won:
+            self.rounds_since_leader = 0
         return won
+
+    def gave_up(self, limit: int) -> bool:
+        """True (once per `limit` rounds) when `limit` rounds passed without a leader or a win."""
+        if self.rounds_since_leader < limit:
+            return False
+        self.rounds_since_leader = 0
+        return True
 
     def cancel(self) -> None:
         """A leader was heard from: a win no longer licenses an election."""
         self._won_term = None
+        self.rounds_since_leader = 0
 
 
 class CheckQuorum:

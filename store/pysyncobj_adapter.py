@@ -244,6 +244,13 @@ class GuardedElections:
             return True
         if settings is None or not settings.pre_vote or self._pre_vote.take_win(next_term):
             return True
+        if self._pre_vote.gave_up(settings.give_up_rounds):
+            log.warning(
+                "no leader heard and no pre-vote won in %d election timeouts: campaigning for term %d anyway",
+                settings.give_up_rounds,
+                next_term,
+            )
+            return True
         now = time.monotonic()
         self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
         voters = self._voter_ids()

@@ -84,6 +84,23 @@ def test_hearing_a_leader_cancels_a_win():
     assert not r.take_win(2)
 
 
+def test_after_enough_unanswered_rounds_a_replica_campaigns_anyway():
+    r = PreVoteRound()
+    for _ in range(4):
+        r.start(2, "a", 3)
+        assert not r.gave_up(5)
+    r.cancel()  # a leader was heard: count again from zero
+    for _ in range(4):
+        r.start(2, "a", 3)
+    assert not r.gave_up(5)
+    r.start(2, "a", 3)
+    assert r.gave_up(5)
+    assert not r.gave_up(5), "once per limit rounds"
+    r.start(2, "a", 3)
+    r.granted("b", r.round, 2, 3)
+    assert r.take_win(2) and r.rounds_since_leader == 0
+
+
 def test_a_single_replica_wins_its_own_round():
     r = PreVoteRound()
     assert r.start(2, "a", 1)
