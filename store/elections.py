@@ -25,9 +25,9 @@ class ElectionSettings:
     quorum_window: float  # a leader that heard from no majority for this long steps down
     stall_gap: float  # a tick this much later than the last means this replica itself was not running
     # Pre-vote rounds without hearing any leader after which a replica campaigns
-    # anyway, as pysyncobj would: a replica that the leader cannot reach (a
-    # restarted replica that does not know a leader added since its snapshot,
-    # a one-way link) would otherwise wait forever while the others hold the lease.
+    # anyway, past the others' lease, as pysyncobj would: a replica that the
+    # leader cannot reach (a restarted replica that does not know a leader added
+    # since its snapshot, a one-way link) would otherwise wait forever.
     give_up_rounds: int = 10
 
 
@@ -59,7 +59,8 @@ class LeaderLease:
         return self._heard_at is not None and now - self._heard_at < self.min_timeout
 
     def transfer_announced(self, candidate: str, term: int) -> None:
-        """The candidate was told by the leader to campaign now (Raft TimeoutNow)."""
+        """The candidate was told by the leader to campaign now (Raft TimeoutNow),
+        or gave up on pre-vote after `give_up_rounds`."""
         self._transfer = (candidate, term)
 
     def grant_pre_vote(

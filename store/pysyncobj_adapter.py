@@ -238,18 +238,20 @@ class GuardedElections:
         if self._SyncObj__transferInProgress:
             # TimeoutNow from our leader: the other followers still hold its
             # lease, so no pre-vote; the announcement lets them vote anyway.
-            # It travels on the same connection as the vote request, ahead of it.
-            for node in self._SyncObj__otherNodes:
-                self._send(node, {"type": _TRANSFER_CAMPAIGN, "term": next_term})
+            self._announce_campaign(next_term)
             return True
         if settings is None or not settings.pre_vote or self._pre_vote.take_win(next_term):
             return True
         if self._pre_vote.gave_up(settings.give_up_rounds):
+            # The others hear a leader that cannot reach us (a restarted replica
+            # that does not know a member added since its snapshot, a one-way
+            # link): what pysyncobj would do, term and all, lease or not.
             log.warning(
                 "no leader heard and no pre-vote won in %d election timeouts: campaigning for term %d anyway",
                 settings.give_up_rounds,
                 next_term,
             )
+            self._announce_campaign(next_term)
             return True
         now = time.monotonic()
         self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
@@ -267,6 +269,12 @@ class GuardedElections:
         for node in self._SyncObj__otherNodes:
             self._send(node, request)
         return False
+
+    def _announce_campaign(self, term: int) -> None:
+        """Tell the others that our vote request for `term` may pass their
+        lease. It travels on the same connection as the request, ahead of it."""
+        for node in self._SyncObj__otherNodes:
+            self._send(node, {"type": _TRANSFER_CAMPAIGN, "term": term})
 
     def _election_message(self, node: Any, message: dict[str, Any]) -> bool:
         """Tick thread, every received message; True if consumed here (pysyncobj must not see it)."""
