@@ -124,14 +124,13 @@ class PreVoteRound:
         return won
 
     def gave_up(self, limit: int) -> bool:
-        """True (once per `limit` rounds) when `limit` rounds passed without a leader or a win."""
-        if self.rounds_since_leader < limit:
-            return False
-        self.rounds_since_leader = 0
-        return True
+        """True once `limit` rounds passed without a leader or a win, and from
+        then on until a leader is heard (each campaign raises the term, as
+        pysyncobj's do: one term may not be enough to pass the others')."""
+        return self.rounds_since_leader >= limit
 
     def cancel(self) -> None:
-        """A leader was heard from: a win no longer licenses an election."""
+        """A leader was heard from (or this replica leads): a win no longer licenses an election."""
         self._won_term = None
         self.rounds_since_leader = 0
 

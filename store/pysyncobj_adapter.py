@@ -336,7 +336,11 @@ class GuardedElections:
         election timer re-armed."""
         settings = self._elections
         quorum = self._quorum
-        if settings is None or quorum is None or not settings.check_quorum:
+        if settings is None or quorum is None:
+            return
+        if self._is_leader():
+            self._pre_vote.cancel()  # a leader's own lease: pre-vote counts afresh once it is lost
+        if not settings.check_quorum:
             return
         now = time.monotonic()
         if quorum.tick(now, self._is_leader(), self._voter_ids()):
