@@ -92,6 +92,10 @@ class RaftSettings:
     # True: a write is acknowledged once on stable storage on a majority
     # (docs/reliability.md); False accepts losing recent writes to a power cut
     fsync: bool = True
+    # Raft thesis 9.6 (store/elections.py): no election without a majority's
+    # pre-vote, no vote while a leader is heard; a leader without a majority steps down
+    pre_vote: bool = True
+    check_quorum: bool = True
     # "module:Class", a pysyncobj Transport subclass; only the fault tests set it
     transport: str | None = None
 

@@ -33,6 +33,7 @@ from pysyncobj.node import TCPNode
 from pysyncobj.transport import TCPTransport, Transport
 
 from .durable_journal import DurableJournal
+from .elections import CheckQuorum, ElectionSettings, LeaderLease, PreVoteRound
 from .sockets import source_address
 from .threadnames import name_this_thread
 
@@ -41,6 +42,7 @@ __all__ = [
     "PINNED_VERSION",
     "RELIES_ON",
     "SERIALIZER_STATE",
+    "ElectionSettings",
     "LinkFilterTransport",
     "SyncObjConf",
     "TCPTransport",
@@ -81,6 +83,17 @@ RELIES_ON: list[tuple[str, str, str]] = [
     (_ON_MESSAGE, "next_node_idx", "const"),
     (_ON_MESSAGE, "reset", "const"),
     (_ON_MESSAGE, "success", "const"),
+    # pre-vote and check-quorum (GuardedElections)
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__transport", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftElectionDeadline", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__transferInProgress", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftLeader", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__generateRaftTimeout", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__getCurrentLogTerm", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__setState", "attr"),
+    (_ON_MESSAGE, "request_vote", "const"),
+    (_ON_MESSAGE, "append_entries", "const"),
+    (_ON_MESSAGE, "timeout_now", "const"),
     ("pysyncobj.syncobj:_RAFT_STATE", "FOLLOWER", "attr"),
     ("pysyncobj.syncobj:_RAFT_STATE", "CANDIDATE", "attr"),
     ("pysyncobj.syncobj:_RAFT_STATE", "LEADER", "attr"),
@@ -160,7 +173,188 @@ def fail_name(err: int) -> str:
     return _FAIL_NAMES.get(err, str(err))
 
 
-class TunedSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no types: SyncObj is Any
+# ---- pre-vote and check-quorum ---------------------------------------------------------
+_PRE_VOTE_REQUEST = "pre_vote_request"
+_PRE_VOTE_RESPONSE = "pre_vote_response"
+_TRANSFER_CAMPAIGN = "transfer_campaign"
+
+
+class GuardedElections:
+    """Pre-vote, the leader lease and check-quorum (store/elections.py has the
+    rules) wired into pysyncobj's election code. Mixed into `TunedSyncObj`,
+    which calls `_election_may_start` when pysyncobj's election timer fired
+    and `_election_message` for every received message; the tick callback
+    `_check_quorum` is added in its __init__. pysyncobj ignores message types
+    it does not know, so the three new ones cost nothing to older peers (who
+    never answer a pre-vote, though: run one setting across a cluster)."""
+
+    _SyncObj__raftState: Any
+    _SyncObj__otherNodes: Any
+    _SyncObj__transport: Any
+    _SyncObj__raftElectionDeadline: float
+    _SyncObj__transferInProgress: bool
+    _SyncObj__raftLeader: Any
+    _SyncObj__getCurrentLogTerm: Callable[[], int]
+    _SyncObj__getCurrentLogIndex: Callable[[], int]
+    _SyncObj__generateRaftTimeout: Callable[[], float]
+    _SyncObj__setState: Callable[[int], None]
+    raftCurrentTerm: int
+    selfNode: Any
+
+    def _init_elections(self, settings: ElectionSettings | None) -> None:
+        self._elections = settings
+        self._lease = LeaderLease(settings.min_timeout if settings else 0.0)
+        self._pre_vote = PreVoteRound()
+        self._quorum = CheckQuorum(settings.quorum_window, settings.stall_gap) if settings else None
+
+    @property
+    def pre_vote_rounds(self) -> tuple[int, int]:
+        """(rounds started, rounds won) since start."""
+        return self._pre_vote.rounds_started, self._pre_vote.rounds_won
+
+    @property
+    def quorum_step_downs(self) -> int:
+        return self._quorum.step_downs if self._quorum else 0
+
+    def _is_leader(self) -> bool:
+        return bool(self._SyncObj__raftState == _RAFT_STATE.LEADER)
+
+    def _voter_ids(self) -> list[str]:
+        return [n.id for n in self._SyncObj__otherNodes]
+
+    def _my_log(self) -> tuple[int, int]:
+        return int(self._SyncObj__getCurrentLogTerm()), int(self._SyncObj__getCurrentLogIndex())
+
+    def _send(self, node: Any, message: dict[str, Any]) -> None:
+        self._SyncObj__transport.send(node, message)
+
+    def _election_may_start(self) -> bool:
+        """Tick thread: pysyncobj's election timer fired and it is about to
+        raise the term and ask for votes. With pre-vote on, it may only once a
+        pre-vote round won; otherwise a round starts here and pysyncobj's
+        timer is re-armed, so rounds repeat once per election timeout."""
+        settings = self._elections
+        next_term = self.raftCurrentTerm + 1
+        if self._SyncObj__transferInProgress:
+            # TimeoutNow from our leader: the other followers still hold its
+            # lease, so no pre-vote; the announcement lets them vote anyway.
+            self._announce_campaign(next_term)
+            return True
+        if settings is None or not settings.pre_vote or self._pre_vote.take_win(next_term):
+            return True
+        if self._pre_vote.gave_up(settings.give_up_rounds):
+            # The others hear a leader that cannot reach us (a restarted replica
+            # that does not know a member added since its snapshot, a one-way
+            # link): what pysyncobj would do, term and all, lease or not.
+            log.warning(
+                "no leader heard and no pre-vote won in %d election timeouts: campaigning for term %d anyway",
+                settings.give_up_rounds,
+                next_term,
+            )
+            self._announce_campaign(next_term)
+            return True
+        now = time.monotonic()
+        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        voters = self._voter_ids()
+        if self._pre_vote.start(next_term, self.selfNode.id, len(voters) + 1):
+            return self._pre_vote.take_win(next_term)
+        last_term, last_index = self._my_log()
+        request = {
+            "type": _PRE_VOTE_REQUEST,
+            "term": next_term,
+            "round": self._pre_vote.round,
+            "last_log_term": last_term,
+            "last_log_index": last_index,
+        }
+        for node in self._SyncObj__otherNodes:
+            self._send(node, request)
+        return False
+
+    def _announce_campaign(self, term: int) -> None:
+        """Tell the others that our vote request for `term` may pass their
+        lease. It travels on the same connection as the request, ahead of it."""
+        for node in self._SyncObj__otherNodes:
+            self._send(node, {"type": _TRANSFER_CAMPAIGN, "term": term})
+
+    def _election_message(self, node: Any, message: dict[str, Any]) -> bool:
+        """Tick thread, every received message; True if consumed here (pysyncobj must not see it)."""
+        kind = message.get("type")
+        settings = self._elections
+        if settings is None:
+            return False
+        if kind == "append_entries":  # the hot path: every entry and heartbeat
+            if message.get("term", -1) >= self.raftCurrentTerm:
+                self._lease.heard_from_leader(time.monotonic())
+                self._pre_vote.cancel()
+            return False
+        if kind == "next_node_idx":
+            if self._quorum is not None:
+                self._quorum.replied(node.id, time.monotonic())
+            return False
+        now = time.monotonic()
+        if kind == _PRE_VOTE_REQUEST:
+            if node in self._SyncObj__otherNodes:
+                self._answer_pre_vote(node, message, now)
+            return True
+        if kind == _PRE_VOTE_RESPONSE:
+            if message.get("granted") and node in self._SyncObj__otherNodes:
+                won = self._pre_vote.granted(
+                    node.id, int(message.get("round", -1)), int(message.get("term", -1)), len(self._voter_ids()) + 1
+                )
+                if won:  # campaign in this very tick: pysyncobj checks its timer at the start of the next
+                    self._SyncObj__raftElectionDeadline = 0.0
+            return True
+        if kind == _TRANSFER_CAMPAIGN:
+            self._lease.transfer_announced(node.id, int(message.get("term", -1)))
+            return True
+        if kind == "request_vote" and settings.pre_vote:
+            refuse = self._lease.refuse_vote(now, self._is_leader(), node.id, int(message.get("term", -1)))
+            if refuse:
+                log.info(
+                    "ignoring a vote request from %s for term %s: a leader was heard from within %.2fs",
+                    node.id,
+                    message.get("term"),
+                    settings.min_timeout,
+                )
+            return refuse
+        return False
+
+    def _answer_pre_vote(self, node: Any, message: dict[str, Any], now: float) -> None:
+        settings = self._elections
+        assert settings is not None
+        term = int(message.get("term", -1))
+        candidate = (int(message.get("last_log_term", -1)), int(message.get("last_log_index", -1)))
+        granted = settings.pre_vote and self._lease.grant_pre_vote(
+            now, self._is_leader(), self.raftCurrentTerm, self._my_log(), term, candidate
+        )
+        self._send(node, {"type": _PRE_VOTE_RESPONSE, "term": term, "round": message.get("round"), "granted": granted})
+
+    def _check_quorum(self) -> None:
+        """On-tick callback. pysyncobj's own check steps a leader down only
+        after leaderFallbackTimeout; this one after an election timeout, as
+        pysyncobj's fallback does it (follower, no leader) and with the
+        election timer re-armed."""
+        settings = self._elections
+        quorum = self._quorum
+        if settings is None or quorum is None:
+            return
+        if self._is_leader():
+            self._pre_vote.cancel()  # a leader's own lease: pre-vote counts afresh once it is lost
+        if not settings.check_quorum:
+            return
+        now = time.monotonic()
+        if quorum.tick(now, self._is_leader(), self._voter_ids()):
+            log.warning(
+                "stepping down: no majority answered within %.2fs (term %d)",
+                settings.quorum_window,
+                self.raftCurrentTerm,
+            )
+            self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+            self._SyncObj__raftLeader = None
+            self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+
+
+class TunedSyncObj(GuardedElections, SyncObj):  # type: ignore[misc]  # pysyncobj ships no types: SyncObj is Any
     """SyncObj with eager append entries, wake on propose, the nextIndex
     guard and three hooks for subclasses: `_before_append` (tick thread,
     before queued commands are appended), `_may_campaign` and
@@ -176,9 +370,12 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no types: 
         transport: type[Transport] = TCPTransport,
         thread_name: str | None = None,
         fsync: bool | None = None,
+        elections: ElectionSettings | None = None,
     ) -> None:
         """`fsync`: None keeps pysyncobj's own journal (mmap, never synced);
-        True or False writes it with DurableJournal, synced or not."""
+        True or False writes it with DurableJournal, synced or not.
+        `elections` None: pysyncobj's own elections (bench/rawpeer.py)."""
+        self._init_elections(elections)
         self._sent_mark = (0, 0)
         self._wake: Any = None  # pysyncobj PipeNotifier
         self._thread_name = thread_name
@@ -195,6 +392,7 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no types: 
             self._journal = journal
         self.addOnTickCallback(self._send_eagerly)
         self.addOnTickCallback(self._sync_journal)  # after _send_eagerly: our fdatasync overlaps the followers'
+        self.addOnTickCallback(self._check_quorum)
 
     # ---- hooks for subclasses ----------------------------------------------------
     def _before_append(self) -> None:
@@ -254,7 +452,9 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no types: 
         common) moves it backwards: every later tick re-sends entries already
         in flight and followers log 'truncating already-applied'. We keep
         nextIndex from moving backwards on such replies (raw pysyncobj
-        15K -> 21K ops/s)."""
+        15K -> 21K ops/s). Pre-vote and check-quorum see every message first."""
+        if self._election_message(node, message):
+            return
         if (
             self.guard_next_index
             and message.get("type") == "next_node_idx"
@@ -271,10 +471,11 @@ class TunedSyncObj(SyncObj):  # type: ignore[misc]  # pysyncobj ships no types: 
 
     def _SyncObj__connectedToAnyone(self) -> bool:
         """pysyncobj starts an election on timeout when connected to any
-        peer; `_may_campaign` can veto that (a joining replica must not)."""
+        peer (the only place it asks); `_may_campaign` can veto that (a joining
+        replica must not), then pre-vote (`_election_may_start`)."""
         if not self._may_campaign():
             return False
-        return bool(SyncObj._SyncObj__connectedToAnyone(self))
+        return bool(SyncObj._SyncObj__connectedToAnyone(self)) and self._election_may_start()
 
     def _SyncObj__tryLogCompaction(self) -> None:
         """pysyncobj checks each tick whether to snapshot and drop the log;

@@ -27,7 +27,7 @@ from .durable_journal import RESERVE
 from .errors import Conflict, Unavailable
 from .futures import forward, settle
 from .group_commit import GROUP_MAX_BYTES, GroupCommit
-from .pysyncobj_adapter import FAIL_REASON, SyncObjConf, TunedSyncObj, fail_name, replicated
+from .pysyncobj_adapter import FAIL_REASON, ElectionSettings, SyncObjConf, TunedSyncObj, fail_name, replicated
 from .snapshotter import Snapshotter
 from .transport import transport_class
 
@@ -76,6 +76,7 @@ class ShardReplica(TunedSyncObj):
             transport=transport_class(settings.transport),
             thread_name=f"raft-{shard}",
             fsync=settings.fsync,
+            elections=_elections(settings),
         )
         self.addOnTickCallback(self._track_leader)
 
@@ -303,6 +304,18 @@ def _conf(
         dynamicMembershipChange=True,
         maxBindRetries=10,
         bindRetryTime=0.5,
+    )
+
+
+def _elections(settings: RaftSettings) -> ElectionSettings:
+    return ElectionSettings(
+        pre_vote=settings.pre_vote,
+        check_quorum=settings.check_quorum,
+        min_timeout=settings.min_timeout,
+        # an election timeout: followers have elected another leader by then
+        quorum_window=settings.max_timeout,
+        # three heartbeats late: this replica was not running (paused, starved)
+        stall_gap=3 * settings.append_entries_period,
     )
 
 
