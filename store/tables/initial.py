@@ -10,6 +10,8 @@ ulp between CPU builds (SIMD dispatch), which would make replicas diverge.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .spec import InitializerSpec
@@ -19,7 +21,6 @@ _GOLDEN = _U(0x9E3779B97F4A7C15)
 _M1 = _U(0xBF58476D1CE4E5B9)
 _M2 = _U(0x94D049BB133111EB)
 _LN2 = 0.6931471805599453
-_HALF_PI = 1.5707963267948966
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -43,40 +44,61 @@ def uniform01(h: np.ndarray) -> np.ndarray:
     return (h >> _U(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def _horner(x: np.ndarray, coeffs: list[float]) -> np.ndarray:
+    """coeffs[0] + x*(coeffs[1] + x*(...)), in place on one temporary."""
+    acc = np.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        np.multiply(acc, x, out=acc)
+        np.add(acc, c, out=acc)
+    return acc
+
+
+# atanh series: ln(m) = 2s(1 + s^2/3 + s^4/5 + ...), s = (m-1)/(m+1), |s| < 0.172
+_LOG_COEFFS = [1.0 / k for k in range(1, 24, 2)]
+# sin t = t(1 - t^2/3! + ...), cos t = 1 - t^2/2! + ..., for t in [0, pi/4]: terms to 1e-17
+_SIN_COEFFS = [(-1.0) ** k / math.factorial(2 * k + 1) for k in range(9)]
+_COS_COEFFS = [(-1.0) ** k / math.factorial(2 * k) for k in range(10)]
+
+
 def portable_log(x: np.ndarray) -> np.ndarray:
-    """ln(x) for x > 0, float64, from frexp and an atanh series (|s| < 0.172)."""
+    """ln(x) for x > 0 in float64, from frexp (exact) and a series."""
     m, e = np.frexp(x)  # x = m * 2**e, m in [0.5, 1)
     low = m < 0.7071067811865476
     m = np.where(low, m * 2.0, m)
     e = np.where(low, e - 1, e).astype(np.float64)
     s = (m - 1.0) / (m + 1.0)
-    s2 = s * s
-    acc = np.full_like(s, 1.0 / 23.0)
-    for k in range(21, 0, -2):
-        acc = acc * s2 + 1.0 / k
-    return e * _LN2 + 2.0 * s * acc
+    acc = _horner(s * s, _LOG_COEFFS)
+    np.multiply(acc, s, out=acc)
+    np.multiply(acc, 2.0, out=acc)
+    return e * _LN2 + acc
 
 
-def _sin_cos_quarter(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sin and cos of t in [0, pi/2) by Taylor series to degree 23."""
+def portable_sincos_2pi(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos of 2*pi*u for u in [0, 1): the octant from u*8 (exact), a
+    reflection into [0, pi/4], then the series."""
+    o8 = u * 8.0
+    octant = np.floor(o8)
+    f = o8 - octant
+    o = octant.astype(np.int64) & 7
+    odd = (o & 1).astype(bool)
+    t = np.where(odd, 1.0 - f, f) * _QUARTER_PI
     t2 = t * t
-    s = np.full_like(t, 1.0)
-    c = np.full_like(t, 1.0)
-    for k in range(23, 1, -2):  # sin: 1 - t2/(2*3) * (1 - t2/(4*5) * ...)
-        s = 1.0 - s * t2 / float(k * (k - 1))
-    for k in range(22, 0, -2):
-        c = 1.0 - c * t2 / float(k * (k - 1))
-    return s * t, c
+    s = _horner(t2, _SIN_COEFFS)
+    np.multiply(s, t, out=s)
+    c = _horner(t2, _COS_COEFFS)
+    swap = _SWAP[o]
+    sin = np.where(swap, c, s)
+    cos = np.where(swap, s, c)
+    np.multiply(sin, _SIN_SIGN[o], out=sin)
+    np.multiply(cos, _COS_SIGN[o], out=cos)
+    return sin, cos
 
 
-def portable_cos_2pi(u: np.ndarray) -> np.ndarray:
-    """cos(2*pi*u) for u in [0, 1): quadrant from u*4 (exact), then a series."""
-    q4 = u * 4.0
-    q = np.floor(q4)
-    t = (q4 - q) * _HALF_PI
-    s, c = _sin_cos_quarter(t)
-    qi = q.astype(np.int64) & 3
-    return np.select([qi == 0, qi == 1, qi == 2], [c, -s, -c], s)
+# octant k covers [k*pi/4, (k+1)*pi/4); odd octants were reflected (t -> pi/4 - t)
+_SWAP = np.array([0, 1, 1, 0, 0, 1, 1, 0], dtype=bool)
+_SIN_SIGN = np.array([1, 1, 1, 1, -1, -1, -1, -1], dtype=np.float64)
+_COS_SIGN = np.array([1, 1, -1, -1, -1, -1, 1, 1], dtype=np.float64)
+_QUARTER_PI = 0.7853981633974483
 
 
 def initial_rows(init: InitializerSpec, keys: np.ndarray, dim: int) -> np.ndarray:
@@ -87,8 +109,15 @@ def initial_rows(init: InitializerSpec, keys: np.ndarray, dim: int) -> np.ndarra
     if init.type == "uniform":
         u = uniform01(element_hashes(init.seed, keys, dim, 0))
         return ((u * 2.0 - 1.0) * init.bound).astype(np.float32)
-    # normal: Box-Muller; u1 in (0, 1] so the log is finite
-    u1 = 1.0 - uniform01(element_hashes(init.seed, keys, dim, 1))
-    u2 = uniform01(element_hashes(init.seed, keys, dim, 2))
+    # normal: Box-Muller gives columns 2j and 2j+1 from one pair of uniforms;
+    # u1 in (0, 1] so the log is finite
+    pairs = (dim + 1) // 2
+    u1 = 1.0 - uniform01(element_hashes(init.seed, keys, pairs, 1))
+    u2 = uniform01(element_hashes(init.seed, keys, pairs, 2))
     radius = np.sqrt(-2.0 * portable_log(u1))
-    return (radius * portable_cos_2pi(u2) * init.std).astype(np.float32)
+    np.multiply(radius, init.std, out=radius)
+    sin, cos = portable_sincos_2pi(u2)
+    out = np.empty((n, 2 * pairs), dtype=np.float32)
+    out[:, 0::2] = radius * cos
+    out[:, 1::2] = radius * sin
+    return np.ascontiguousarray(out[:, :dim]) if dim % 2 else out

@@ -52,6 +52,14 @@ class InitializerSpec:
     bound: float = 0.0  # uniform: values in [-bound, bound)
     std: float = 0.0    # normal: mean 0
 
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "seed": self.seed}
+        if self.type == "uniform":
+            out["bound"] = self.bound
+        if self.type == "normal":
+            out["std"] = self.std
+        return out
+
 
 @dataclass(frozen=True)
 class AdmissionSpec:
@@ -82,7 +90,13 @@ class TableSpec:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out["initializer"] = self.initializer.to_json()
         out["optimizer"] = self.optimizer.to_json()
+        for key in ("admission", "eviction", "max_staleness"):
+            if out[key] is None:
+                del out[key]
+        if out.get("eviction"):
+            out["eviction"] = {k: v for k, v in out["eviction"].items() if v is not None}
         return out
 
     @classmethod

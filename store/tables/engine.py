@@ -1,0 +1,217 @@
+"""The on-disk row engine of one table on one shard: an LMDB environment
+(memory-mapped B+tree, one writer, MVCC readers), chosen by measurement
+(bench/table_engine.py; docs/architecture.md "Embedding tables").
+
+Databases in the environment:
+- `rows`: 8-byte big-endian ID -> packed record (last update version, row, optimizer state);
+- `lru`:  8-byte version + 8-byte ID -> b"" (only with eviction): least recently updated first;
+- `meta`: b"state" -> JSON of the table's counters; b"sketch:<i>" -> admission counter chunks.
+
+A write transaction commits atomically, so a process crash leaves the table
+as of its last committed push (writes are not fsynced unless asked: like the
+Raft journal, a power loss may lose the last pushes). Opening a table reads
+only its meta record: nothing is scanned at restart.
+
+The map is read through the kernel's page cache; pages this process touched
+count in its RSS until it unmaps them. `cache_bytes` caps that: once about
+that many bytes of rows were read or written since the last trim, the mapped
+range is released with madvise(MADV_DONTNEED) (the data stays in the page
+cache, which the kernel reclaims as needed). Without MDB_WRITEMAP the map is
+read-only and LMDB writes with pwrite, so dropping mapped pages is always safe.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+import numpy as np
+
+from ..libc import LIBC
+
+MADV_DONTNEED = 4
+PAGE = 4096
+DEFAULT_MAP_SIZE = 1 << 38  # 256 GB of address space per table (no memory is reserved)
+
+_madvise = getattr(LIBC, "madvise", None)
+if _madvise is not None:
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _madvise.restype = ctypes.c_int
+
+
+def encode_keys(keys: np.ndarray) -> list[bytes]:
+    raw = np.asarray(keys, dtype=np.uint64).astype(">u8").tobytes()
+    return [raw[i:i + 8] for i in range(0, len(raw), 8)]
+
+
+def lru_keys(version: int | np.ndarray, keys: np.ndarray) -> list[bytes]:
+    pairs = np.empty((len(keys), 2), dtype=">u8")
+    pairs[:, 0] = version
+    pairs[:, 1] = keys
+    raw = pairs.tobytes()
+    return [raw[i:i + 16] for i in range(0, len(raw), 16)]
+
+
+class RowStore:
+    def __init__(self, path: Path, record_size: int, cache_bytes: int = 256 << 20,
+                 map_size: int = DEFAULT_MAP_SIZE, sync: bool = False) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.record_size = record_size
+        self.cache_bytes = cache_bytes
+        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=4, sync=sync, metasync=sync,
+                             readahead=False, writemap=False, max_readers=256)
+        self.rows_db = self.env.open_db(b"rows")
+        self.lru_db = self.env.open_db(b"lru")
+        self.meta_db = self.env.open_db(b"meta")
+        self._touched = 0
+        self._trim_lock = threading.Lock()
+        self.trims = 0
+
+    # ---- reads ---------------------------------------------------------------
+    def get_records(self, txn: lmdb.Transaction, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, records as (n, record_size) uint8; zeros where absent)."""
+        enc = encode_keys(keys)
+        found = dict(txn.cursor(db=self.rows_db).getmulti(enc))
+        mask = np.fromiter((k in found for k in enc), dtype=bool, count=len(enc))
+        out = np.zeros((len(enc), self.record_size), dtype=np.uint8)
+        if mask.any():
+            out[mask] = np.frombuffer(b"".join(found[k] for k, m in zip(enc, mask) if m),
+                                      dtype=np.uint8).reshape(-1, self.record_size)
+        self._account(len(found))
+        return mask, out
+
+    def meta_get(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        v = txn.get(key, db=self.meta_db)
+        return None if v is None else bytes(v)
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        with self.env.begin(buffers=False) as txn:
+            yield txn
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """One atomic write transaction: aborted if the block raises."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+
+    # ---- writes (inside `write()`) ----------------------------------------------
+    def put_records(self, txn: lmdb.Transaction, keys: np.ndarray, records: np.ndarray) -> None:
+        raw = np.ascontiguousarray(records, dtype=np.uint8).tobytes()
+        n = self.record_size
+        txn.cursor(db=self.rows_db).putmulti(
+            zip(encode_keys(keys), (raw[i * n:(i + 1) * n] for i in range(len(keys)))))
+        self._account(len(keys))
+
+    def delete_records(self, txn: lmdb.Transaction, keys: np.ndarray) -> None:
+        for k in encode_keys(keys):
+            txn.delete(k, db=self.rows_db)
+
+    def lru_move(self, txn: lmdb.Transaction, keys: np.ndarray, old_versions: np.ndarray | None,
+                 new_version: int) -> None:
+        if old_versions is not None and len(old_versions):
+            for k in lru_keys(old_versions, keys):
+                txn.delete(k, db=self.lru_db)
+        txn.cursor(db=self.lru_db).putmulti((k, b"") for k in lru_keys(new_version, keys))
+
+    def lru_oldest(self, txn: lmdb.Transaction, limit: int, before_version: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `limit` (versions, keys) of the least recently updated rows,
+        oldest first, optionally only those updated before `before_version`."""
+        versions, keys = [], []
+        cur = txn.cursor(db=self.lru_db)
+        if cur.first():
+            for k in cur.iternext(keys=True, values=False):
+                v, key = np.frombuffer(k, dtype=">u8")
+                if len(keys) >= limit or (before_version is not None and int(v) >= before_version):
+                    break
+                versions.append(int(v))
+                keys.append(int(key))
+        return np.array(versions, dtype=np.uint64), np.array(keys, dtype=np.uint64)
+
+    def lru_delete(self, txn: lmdb.Transaction, versions: np.ndarray, keys: np.ndarray) -> None:
+        for k in lru_keys(versions, keys):
+            txn.delete(k, db=self.lru_db)
+
+    def meta_put(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
+        txn.put(key, value, db=self.meta_db)
+
+    def iter_records(self, txn: lmdb.Transaction, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (keys, records) in key order, `batch` rows at a time."""
+        cur = txn.cursor(db=self.rows_db)
+        keys: list[bytes] = []
+        vals: list[bytes] = []
+        if cur.first():
+            for k, v in cur.iternext():
+                keys.append(k)
+                vals.append(v)
+                if len(keys) == batch:
+                    yield self._pack(keys, vals)
+                    keys, vals = [], []
+        if keys:
+            yield self._pack(keys, vals)
+
+    def _pack(self, keys: list[bytes], vals: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        self._account(len(keys))
+        return (np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64),
+                np.frombuffer(b"".join(vals), dtype=np.uint8).reshape(-1, self.record_size))
+
+    def count(self, txn: lmdb.Transaction) -> int:
+        return int(txn.stat(self.rows_db)["entries"])
+
+    # ---- snapshots ---------------------------------------------------------------
+    def begin_snapshot(self) -> lmdb.Transaction:
+        """A read transaction pinning the table as it is now; writes go on.
+        Hand it to `write_snapshot` (any thread), which closes it."""
+        return self.env.begin(buffers=False)
+
+    def write_snapshot(self, txn: lmdb.Transaction, fd: int) -> None:
+        """Stream the pinned state to `fd` (a file or a socket) as a compact
+        LMDB file, from C, without passing the table through Python memory."""
+        try:
+            self.env.copyfd(fd, compact=True, txn=txn)
+        finally:
+            txn.abort()
+
+    # ---- size and memory -----------------------------------------------------
+    def disk_bytes(self) -> int:
+        try:
+            return os.stat(self.path / "data.mdb").st_size
+        except FileNotFoundError:
+            return 0
+
+    def _account(self, rows: int) -> None:
+        # each row access maps at most about one page; over-counting only trims early
+        self._touched += rows * max(PAGE, self.record_size)
+        if self._touched >= self.cache_bytes:
+            self.trim()
+
+    def trim(self) -> None:
+        """Release this table's mapped pages from the process (they stay in
+        the kernel's page cache)."""
+        with self._trim_lock:
+            self._touched = 0
+            region = self._mapped_region()
+            if region is None or _madvise is None:
+                return
+            start, length = region
+            _madvise(start, min(length, self.disk_bytes() + PAGE), MADV_DONTNEED)
+            self.trims += 1
+
+    def _mapped_region(self) -> tuple[int, int] | None:
+        target = str((self.path / "data.mdb").resolve())
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip() == target:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    return lo, hi - lo
+        return None
+
+    def close(self) -> None:
+        self.env.close()
