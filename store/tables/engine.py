@@ -12,18 +12,22 @@ as of its last committed push (writes are not fsynced unless asked: like the
 Raft journal, a power loss may lose the last pushes). Opening a table reads
 only its meta record: nothing is scanned at restart.
 
-The map is read through the kernel's page cache; pages this process touched
-count in its RSS until it unmaps them. `cache_bytes` caps that: once about
-that many bytes of rows were read or written since the last trim, the mapped
-range is released with madvise(MADV_DONTNEED) (the data stays in the page
-cache, which the kernel reclaims as needed). Without MDB_WRITEMAP the map is
-read-only and LMDB writes with pwrite, so dropping mapped pages is always safe.
+The map is read through the kernel's page cache; mapped pages count in the
+process's RSS (RssFile) until it unmaps them, and the kernel maps 64 KB around
+every fault, so a lookup of n random rows maps ~85 KB x n. A `MapBudget` caps
+that for all tables of a process: after each batch it reads RssFile and, once
+it passed the baseline by more than the cap, releases every table's mapped
+range with madvise(MADV_DONTNEED) (the data stays in the page cache, which the
+kernel reclaims as needed). Without MDB_WRITEMAP the map is read-only and
+LMDB writes with pwrite, so dropping mapped pages is always safe. Batches are
+read in slices of `SLICE` rows so one batch overshoots the cap by ~100 MB at most.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import threading
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +47,49 @@ if _madvise is not None:
     _madvise.restype = ctypes.c_int
 
 
+SLICE = 1024
+
+
+def rss_file_bytes() -> int:
+    """Resident file-backed mapped bytes of this process."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class MapBudget:
+    """A cap on the mapped table pages of one process (all its tables)."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = cap_bytes
+        self._stores: "weakref.WeakSet[RowStore]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._baseline: int | None = None
+        self.trims = 0
+
+    def register(self, store: "RowStore") -> None:
+        with self._lock:
+            self._stores.add(store)
+            if self._baseline is None:
+                self._baseline = rss_file_bytes()
+
+    def check(self) -> None:
+        now = rss_file_bytes()
+        if self._baseline is not None and now - self._baseline <= self.cap_bytes:
+            return
+        with self._lock:
+            for store in list(self._stores):
+                store.release_map()
+            # what is left mapped is not ours (libraries, the Raft journal): the new baseline
+            self._baseline = rss_file_bytes()
+            self.trims += 1
+
+
+DEFAULT_BUDGET = MapBudget(256 << 20)
+
+
 def encode_keys(keys: np.ndarray) -> list[bytes]:
     raw = np.asarray(keys, dtype=np.uint64).astype(">u8").tobytes()
     return [raw[i:i + 8] for i in range(0, len(raw), 8)]
@@ -57,32 +104,34 @@ def lru_keys(version: int | np.ndarray, keys: np.ndarray) -> list[bytes]:
 
 
 class RowStore:
-    def __init__(self, path: Path, record_size: int, cache_bytes: int = 256 << 20,
+    def __init__(self, path: Path, record_size: int, budget: MapBudget = DEFAULT_BUDGET,
                  map_size: int = DEFAULT_MAP_SIZE, sync: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.record_size = record_size
-        self.cache_bytes = cache_bytes
+        self.budget = budget
         self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=4, sync=sync, metasync=sync,
                              readahead=False, writemap=False, max_readers=256)
         self.rows_db = self.env.open_db(b"rows")
         self.lru_db = self.env.open_db(b"lru")
         self.meta_db = self.env.open_db(b"meta")
-        self._touched = 0
-        self._trim_lock = threading.Lock()
-        self.trims = 0
+        self._region: tuple[int, int] | None = None
+        budget.register(self)
 
     # ---- reads ---------------------------------------------------------------
     def get_records(self, txn: lmdb.Transaction, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, records as (n, record_size) uint8; zeros where absent)."""
         enc = encode_keys(keys)
-        found = dict(txn.cursor(db=self.rows_db).getmulti(enc))
+        cur = txn.cursor(db=self.rows_db)
+        found: dict[bytes, bytes] = {}
+        for s in range(0, len(enc), SLICE):
+            found.update(cur.getmulti(enc[s:s + SLICE]))
+            self.budget.check()
         mask = np.fromiter((k in found for k in enc), dtype=bool, count=len(enc))
         out = np.zeros((len(enc), self.record_size), dtype=np.uint8)
         if mask.any():
             out[mask] = np.frombuffer(b"".join(found[k] for k, m in zip(enc, mask) if m),
                                       dtype=np.uint8).reshape(-1, self.record_size)
-        self._account(len(found))
         return mask, out
 
     def meta_get(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
@@ -104,9 +153,11 @@ class RowStore:
     def put_records(self, txn: lmdb.Transaction, keys: np.ndarray, records: np.ndarray) -> None:
         raw = np.ascontiguousarray(records, dtype=np.uint8).tobytes()
         n = self.record_size
-        txn.cursor(db=self.rows_db).putmulti(
-            zip(encode_keys(keys), (raw[i * n:(i + 1) * n] for i in range(len(keys)))))
-        self._account(len(keys))
+        enc = encode_keys(keys)
+        cur = txn.cursor(db=self.rows_db)
+        for s in range(0, len(enc), SLICE):
+            cur.putmulti(zip(enc[s:s + SLICE], (raw[i * n:(i + 1) * n] for i in range(s, min(len(enc), s + SLICE)))))
+            self.budget.check()
 
     def delete_records(self, txn: lmdb.Transaction, keys: np.ndarray) -> None:
         for k in encode_keys(keys):
@@ -157,7 +208,7 @@ class RowStore:
             yield self._pack(keys, vals)
 
     def _pack(self, keys: list[bytes], vals: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        self._account(len(keys))
+        self.budget.check()
         return (np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64),
                 np.frombuffer(b"".join(vals), dtype=np.uint8).reshape(-1, self.record_size))
 
@@ -185,23 +236,15 @@ class RowStore:
         except FileNotFoundError:
             return 0
 
-    def _account(self, rows: int) -> None:
-        # each row access maps at most about one page; over-counting only trims early
-        self._touched += rows * max(PAGE, self.record_size)
-        if self._touched >= self.cache_bytes:
-            self.trim()
-
-    def trim(self) -> None:
-        """Release this table's mapped pages from the process (they stay in
-        the kernel's page cache)."""
-        with self._trim_lock:
-            self._touched = 0
-            region = self._mapped_region()
-            if region is None or _madvise is None:
-                return
-            start, length = region
+    def release_map(self) -> None:
+        """Unmap this table's pages from the process (they stay in the page cache)."""
+        if _madvise is None:
+            return
+        if self._region is None:
+            self._region = self._mapped_region()
+        if self._region is not None:
+            start, length = self._region
             _madvise(start, min(length, self.disk_bytes() + PAGE), MADV_DONTNEED)
-            self.trims += 1
 
     def _mapped_region(self) -> tuple[int, int] | None:
         target = str((self.path / "data.mdb").resolve())

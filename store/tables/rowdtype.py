@@ -23,7 +23,8 @@ def encode(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return values
     if dtype == "float16":
-        return values.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow -> inf, refused by the caller
+            return values.astype(np.float16)
     bits = values.view(np.uint32)
     # round to nearest even on the 16 bits dropped; NaN stays a quiet NaN
     rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import Conflict, Unprocessable
 from . import eviction, rowdtype
 from .admission import CountMinSketch
-from .engine import RowStore
+from .engine import DEFAULT_BUDGET, MapBudget, RowStore
 from .ids import table_keys
 from .initial import initial_rows
 from .rowopt import apply_rows, coalesce, initial_state, state_width
@@ -79,11 +79,11 @@ def record_dtype(spec: TableSpec) -> np.dtype:
 
 
 class TableState:
-    def __init__(self, path: Path, meta: Meta, cache_bytes: int, sync: bool) -> None:
+    def __init__(self, path: Path, meta: Meta, budget: MapBudget, sync: bool) -> None:
         self.path = Path(path)
         self.spec = meta.spec
         self.rec = record_dtype(self.spec)
-        self.store = RowStore(self.path, self.rec.itemsize, cache_bytes=cache_bytes, sync=sync)
+        self.store = RowStore(self.path, self.rec.itemsize, budget=budget, sync=sync)
         self.sketch = CountMinSketch(self.spec.admission) if self.spec.admission else None
         with self.store.read() as txn:
             raw = self.store.meta_get(txn, META_KEY)
@@ -94,16 +94,16 @@ class TableState:
                 self.store.meta_put(txn, META_KEY, self._meta.to_bytes())
 
     @classmethod
-    def create(cls, path: Path, name: str, spec: TableSpec, cache_bytes: int = 256 << 20,
+    def create(cls, path: Path, name: str, spec: TableSpec, budget: MapBudget = DEFAULT_BUDGET,
                sync: bool = False) -> "TableState":
         if (Path(path) / "data.mdb").exists():
             raise Unprocessable(f"table directory {path} already holds a table")
-        return cls(path, Meta(name, spec), cache_bytes, sync)
+        return cls(path, Meta(name, spec), budget, sync)
 
     @classmethod
-    def open(cls, path: Path, cache_bytes: int = 256 << 20, sync: bool = False) -> "TableState":
+    def open(cls, path: Path, budget: MapBudget = DEFAULT_BUDGET, sync: bool = False) -> "TableState":
         """Reopen a table: reads its meta record (and admission counters) only."""
-        store = RowStore(Path(path), 1)
+        store = RowStore(Path(path), 1, budget=MapBudget(1 << 62))
         try:
             with store.read() as txn:
                 raw = store.meta_get(txn, META_KEY)
@@ -111,7 +111,7 @@ class TableState:
             store.close()
         if raw is None:
             raise Unprocessable(f"{path} holds no table")
-        return cls(path, Meta.from_bytes(raw), cache_bytes, sync)
+        return cls(path, Meta.from_bytes(raw), budget, sync)
 
     @property
     def meta(self) -> Meta:
@@ -311,8 +311,7 @@ class TableState:
         m = self._meta
         return {"name": m.name, "version": m.version, "rows": self.rows_stored(),
                 "bytes_on_disk": self.store.disk_bytes(),
-                "bytes_in_memory": min(self.store.cache_bytes, self.store.disk_bytes())
-                + (self.sketch.nbytes if self.sketch else 0),
+                "bytes_in_memory": (self.sketch.nbytes if self.sketch else 0),
                 "record_bytes": self.rec.itemsize, "step": m.step, "admitted": m.admitted,
                 "refused": m.refused, "evicted": m.evicted, "config": m.spec.to_json()}
 
