@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the store package of this checkout
+
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -81,8 +83,42 @@ class LmdbEngine:
         self.env.close()
 
 
+class CappedLmdbEngine:
+    """LMDB through store.tables.engine.RowStore: mapped pages capped at cache_mb."""
+    name = "lmdb-capped"
+
+    def __init__(self, path: Path, cache_mb: int) -> None:
+        from store.tables.engine import MapBudget, RowStore
+        self.store = RowStore(path, RECORD_BYTES, budget=MapBudget(cache_mb << 20))
+
+    def put(self, keys: list[bytes], values: list[bytes]) -> None:
+        ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64)
+        with self.store.write() as txn:
+            self.store.put_records(txn, ids, np.frombuffer(b"".join(values), dtype=np.uint8)
+                                   .reshape(len(ids), -1))
+
+    def get(self, keys: list[bytes]) -> list[bytes | None]:
+        ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64)
+        with self.store.read() as txn:
+            _, recs = self.store.get_records(txn, ids)
+        return [r.tobytes() for r in recs]
+
+    def snapshot(self, dest: Path) -> None:
+        dest.mkdir()
+        with open(dest / "data.mdb", "wb") as f:
+            self.store.write_snapshot(self.store.begin_snapshot(), f)
+
+    def disk_bytes(self) -> int:
+        return self.store.disk_bytes()
+
+    def close(self) -> None:
+        self.store.close()
+
+
 class RocksEngine:
     name = "rocksdb"
+
+    wal = False
 
     def __init__(self, path: Path, cache_mb: int) -> None:
         import rocksdict as r
@@ -94,12 +130,13 @@ class RocksEngine:
         table.set_bloom_filter(10, False)
         opts.set_block_based_table_factory(table)
         opts.set_compression_type(r.DBCompressionType.none())
-        opts.set_write_buffer_size(64 << 20)
+        table.set_cache_index_and_filter_blocks(True)
+        opts.set_write_buffer_size(32 << 20)
         opts.increase_parallelism(2)
         self.path = path
         self.db = r.Rdict(str(path), opts)
         self.wopt = r.WriteOptions()
-        self.wopt.disable_wal = True  # the Raft log is the WAL
+        self.wopt.disable_wal = not self.wal
 
     def put(self, keys: list[bytes], values: list[bytes]) -> None:
         wb = self.r.WriteBatch(raw_mode=True)
@@ -120,13 +157,22 @@ class RocksEngine:
         self.db.close()
 
 
-ENGINES: dict[str, Callable[[Path, int], Any]] = {"lmdb": LmdbEngine, "rocksdb": RocksEngine}
+class RocksWalEngine(RocksEngine):
+    """RocksDB with its write-ahead log on (not fsynced): a process crash loses nothing."""
+    name = "rocksdb-wal"
+    wal = True
+
+
+ENGINES: dict[str, Callable[[Path, int], Any]] = {"lmdb": LmdbEngine, "lmdb-capped": CappedLmdbEngine,
+                                                   "rocksdb": RocksEngine, "rocksdb-wal": RocksWalEngine}
+RECORD_BYTES = 0  # set per run (CappedLmdbEngine needs it up front)
 
 
 def run_one(engine_name: str, rows: int, dim: int, batch: int, base: Path, cache_mb: int,
             repeats: int) -> dict[str, Any]:
+    global RECORD_BYTES
     rng = np.random.default_rng(1)
-    rec = dim * 4 + 12
+    rec = RECORD_BYTES = dim * 4 + 12
     all_ids = np.unique(rng.integers(0, 2**63 - 1, size=rows + rows // 10, dtype=np.int64))[:rows]
     rng.shuffle(all_ids)
     path = base / engine_name
@@ -192,7 +238,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--cache-mb", type=int, default=64, help="RocksDB block cache")
+    ap.add_argument("--cache-mb", type=int, default=64,
+                    help="RocksDB block cache; lmdb-capped's cap on mapped pages")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--engine", choices=sorted(ENGINES), help="run one engine here (internal)")
     args = ap.parse_args()

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import threading
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import lmdb
 import numpy as np
@@ -221,13 +222,47 @@ class RowStore:
         Hand it to `write_snapshot` (any thread), which closes it."""
         return self.env.begin(buffers=False)
 
-    def write_snapshot(self, txn: lmdb.Transaction, fd: int) -> None:
-        """Stream the pinned state to `fd` (a file or a socket) as a compact
-        LMDB file, from C, without passing the table through Python memory."""
+    def write_snapshot(self, txn: lmdb.Transaction, out: BinaryIO | socket.socket,
+                       release_every: int = 64 << 20) -> int:
+        """Stream the pinned state to `out` (a binary file or a socket) as a
+        compact LMDB file; returns the bytes sent. LMDB copies from its map in
+        C into a pipe on a helper thread; this thread forwards the pipe and
+        unmaps the pages the copy touched every `release_every` bytes, so a
+        table larger than RAM is never held by this process."""
+        rfd, wfd = os.pipe()
+        failure: list[BaseException] = []
+
+        def copy() -> None:
+            try:
+                self.env.copyfd(wfd, compact=True, txn=txn)
+            except BaseException as e:  # reported by the caller
+                failure.append(e)
+            finally:
+                os.close(wfd)
+
+        worker = threading.Thread(target=copy, name="table-snapshot-copy", daemon=True)
+        worker.start()
+        sent = since_release = 0
+        send = out.sendall if isinstance(out, socket.socket) else out.write
         try:
-            self.env.copyfd(fd, compact=True, txn=txn)
+            with os.fdopen(rfd, "rb", buffering=0) as pipe:
+                while True:
+                    chunk = pipe.read(1 << 20)
+                    if not chunk:
+                        break
+                    send(chunk)
+                    sent += len(chunk)
+                    since_release += len(chunk)
+                    if since_release >= release_every:
+                        self.release_map()
+                        since_release = 0
         finally:
+            worker.join()
             txn.abort()
+            self.release_map()
+        if failure:
+            raise failure[0]
+        return sent
 
     # ---- size and memory -----------------------------------------------------
     def disk_bytes(self) -> int:

@@ -320,9 +320,10 @@ class TableState:
         """Pin the table as it is now (call on the applier thread, between pushes)."""
         return self.store.begin_snapshot()
 
-    def write_snapshot(self, pinned: Any, fd: int) -> None:
-        """Stream a pinned state to `fd` (another thread; pushes go on meanwhile)."""
-        self.store.write_snapshot(pinned, fd)
+    def write_snapshot(self, pinned: Any, out: Any) -> int:
+        """Stream a pinned state to `out`, a binary file or a socket (any
+        thread; pushes go on meanwhile). Open the received file with `open`."""
+        return self.store.write_snapshot(pinned, out)
 
     def close(self) -> None:
         self.store.close()

@@ -231,7 +231,8 @@ def test_snapshot_streams_the_pinned_state(tmp_path: Path) -> None:
     assert t.digest() != at_pin
     (tmp_path / "copy").mkdir()
     with open(tmp_path / "copy" / "data.mdb", "wb") as f:
-        t.write_snapshot(pinned, f.fileno())
+        sent = t.write_snapshot(pinned, f)
+    assert sent == os.path.getsize(tmp_path / "copy" / "data.mdb") > 0
     c = TableState.open(tmp_path / "copy")
     assert c.digest() == at_pin and c.version == 20 and c.meta.stamp == 20
     # optimizer state and admission counters came along: both continue identically
