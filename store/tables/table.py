@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import Conflict, Unprocessable
 from . import eviction, rowdtype
 from .admission import CountMinSketch
-from .engine import DEFAULT_BUDGET, MapBudget, RowStore
+from .engine import DEFAULT_BUDGET, Batch, MemoryBudget, RowStore
 from .ids import table_keys
 from .initial import initial_rows
 from .rowopt import apply_rows, coalesce, initial_state, state_width
@@ -40,6 +40,7 @@ class Meta:
     version: int = 0       # pushes applied
     step: int = 0          # optimizer step count (torch: one per parameter tensor)
     stamp: int = 0         # log stamp of the last applied push
+    rows: int = 0          # rows stored
     admitted: int = 0      # rows created
     refused: int = 0       # gradient rows dropped by admission
     evicted: int = 0       # rows evicted
@@ -47,14 +48,14 @@ class Meta:
 
     def to_bytes(self) -> bytes:
         return json.dumps({"name": self.name, "spec": self.spec.to_json(), "version": self.version,
-                           "step": self.step, "stamp": self.stamp, "admitted": self.admitted,
+                           "step": self.step, "stamp": self.stamp, "rows": self.rows, "admitted": self.admitted,
                            "refused": self.refused, "evicted": self.evicted, "extra": self.extra},
                           sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Meta":
         d = json.loads(raw)
-        return cls(d["name"], parse_spec(d["spec"]), d["version"], d["step"], d["stamp"],
+        return cls(d["name"], parse_spec(d["spec"]), d["version"], d["step"], d["stamp"], d["rows"],
                    d["admitted"], d["refused"], d["evicted"], d.get("extra", {}))
 
 
@@ -78,40 +79,44 @@ def record_dtype(spec: TableSpec) -> np.dtype:
                      ("state", "<f4", (state_width(spec.optimizer, spec.dim),))])
 
 
+MAX_TTL_EVICTIONS = 65536  # per push; older expired rows go with the next pushes
+
+
 class TableState:
-    def __init__(self, path: Path, meta: Meta, budget: MapBudget, sync: bool) -> None:
-        self.path = Path(path)
+    def __init__(self, store: RowStore, meta: Meta) -> None:
+        self.store = store
+        self.path = store.path
         self.spec = meta.spec
         self.rec = record_dtype(self.spec)
-        self.store = RowStore(self.path, self.rec.itemsize, budget=budget, sync=sync)
+        store.record_size = self.rec.itemsize
+        self._meta = meta
         self.sketch = CountMinSketch(self.spec.admission) if self.spec.admission else None
-        with self.store.read() as txn:
-            raw = self.store.meta_get(txn, META_KEY)
-            self._meta = Meta.from_bytes(raw) if raw is not None else meta
-            self._load_sketch(txn)
-        if raw is None:
-            with self.store.write() as txn:
-                self.store.meta_put(txn, META_KEY, self._meta.to_bytes())
+        self._load_sketch()
 
     @classmethod
-    def create(cls, path: Path, name: str, spec: TableSpec, budget: MapBudget = DEFAULT_BUDGET,
+    def create(cls, path: Path, name: str, spec: TableSpec, budget: MemoryBudget = DEFAULT_BUDGET,
                sync: bool = False) -> "TableState":
-        if (Path(path) / "data.mdb").exists():
-            raise Unprocessable(f"table directory {path} already holds a table")
-        return cls(path, Meta(name, spec), budget, sync)
+        if Path(path).exists():
+            raise Unprocessable(f"table directory {path} already exists")
+        store = RowStore(Path(path), record_dtype(spec).itemsize, budget=budget, sync=sync)
+        meta = Meta(name, spec)
+        batch = Batch()
+        store.meta_put(batch, META_KEY, meta.to_bytes())
+        store.meta_put(batch, VERSION_KEY, (0).to_bytes(8, "little"))
+        store.write(batch)
+        return cls(store, meta)
 
     @classmethod
-    def open(cls, path: Path, budget: MapBudget = DEFAULT_BUDGET, sync: bool = False) -> "TableState":
-        """Reopen a table: reads its meta record (and admission counters) only."""
-        store = RowStore(Path(path), 1, budget=MapBudget(1 << 62))
-        try:
-            with store.read() as txn:
-                raw = store.meta_get(txn, META_KEY)
-        finally:
-            store.close()
-        if raw is None:
+    def open(cls, path: Path, budget: MemoryBudget = DEFAULT_BUDGET, sync: bool = False) -> "TableState":
+        """Reopen a table: reads its meta keys (and admission counters) only."""
+        if not (Path(path) / "CURRENT").exists():
             raise Unprocessable(f"{path} holds no table")
-        return cls(path, Meta.from_bytes(raw), budget, sync)
+        store = RowStore(Path(path), 0, budget=budget, sync=sync)
+        raw = store.meta_get(META_KEY)
+        if raw is None:
+            store.close()
+            raise Unprocessable(f"{path} holds no table")
+        return cls(store, Meta.from_bytes(raw))
 
     @property
     def meta(self) -> Meta:
@@ -132,9 +137,7 @@ class TableState:
         their initial value. Never creates rows."""
         keys = table_keys(ids, self.spec.id_dtype)
         ukeys, inverse = np.unique(keys, return_inverse=True)
-        with self.store.read() as txn:
-            found, raw = self.store.get_records(txn, ukeys)
-            version_raw = self.store.meta_get(txn, VERSION_KEY)
+        found, raw, (version_raw,) = self.store.get_records(ukeys, meta=(VERSION_KEY,))
         version = int.from_bytes(version_raw, "little") if version_raw else 0
         recs = raw.view(self.rec).reshape(-1)
         rows = np.array(recs["row"])
@@ -148,8 +151,7 @@ class TableState:
         return rowdtype.decode(self.lookup(ids)[0], self.spec.dtype)
 
     def rows_stored(self) -> int:
-        with self.store.read() as txn:
-            return self.store.count(txn)
+        return self._meta.rows
 
     # ---- writes ----------------------------------------------------------------
     def push(self, ids: np.ndarray, grads: np.ndarray, stamp: int | None = None,
@@ -163,23 +165,23 @@ class TableState:
             return PushResult(meta.version, 0, 0, 0, 0, duplicate=True)
         lr_scale = self._lr_scale(base_version)
         ukeys, summed, counts = coalesce(keys, grads)
+        batch = Batch()
         try:
-            with self.store.write() as txn:
-                result, meta = self._apply(txn, meta, ukeys, summed, counts, lr_scale,
-                                           stamp if stamp is not None else meta.stamp)
+            result, meta = self._apply(batch, meta, ukeys, summed, counts, lr_scale,
+                                       stamp if stamp is not None else meta.stamp)
+            self.store.write(batch)
         except BaseException:
-            if self.sketch is not None:  # counts added in the aborted transaction
-                with self.store.read() as txn:
-                    self._load_sketch(txn)
+            if self.sketch is not None:  # counts added for a push that was not written
+                self._load_sketch()
             raise
         self._meta = meta
         return result
 
-    def _apply(self, txn: Any, meta: Meta, ukeys: np.ndarray, summed: np.ndarray, counts: np.ndarray,
+    def _apply(self, batch: Batch, meta: Meta, ukeys: np.ndarray, summed: np.ndarray, counts: np.ndarray,
                lr_scale: float, stamp: int) -> tuple[PushResult, Meta]:
         spec = self.spec
         version, step = meta.version + 1, meta.step + 1
-        found, raw = self.store.get_records(txn, ukeys)
+        found, raw, _ = self.store.get_records(ukeys)
         recs = raw.view(self.rec).reshape(-1)
         touch = found.copy()
         new = ~found
@@ -190,7 +192,7 @@ class TableState:
                 estimates, chunks = self.sketch.add(ukeys[new], counts[new])
                 admit = estimates >= spec.admission.min_count
                 for i in chunks.tolist():
-                    self.store.meta_put(txn, SKETCH_PREFIX + str(i).encode(), self.sketch.chunk(i))
+                    self.store.meta_put(batch, SKETCH_PREFIX + str(i).encode(), self.sketch.chunk(i))
             new_idx = np.flatnonzero(new)[admit]
             touch[new_idx] = True
             created, refused = len(new_idx), int((~admit).sum())
@@ -214,38 +216,42 @@ class TableState:
             out["v"] = version
             out["row"] = stored
             out["state"] = new_state
-            self.store.put_records(txn, ukeys[idx], out.view(np.uint8).reshape(len(idx), -1))
+            self.store.put_records(batch, ukeys[idx], out.view(np.uint8).reshape(len(idx), -1))
             if spec.eviction is not None:
-                self.store.lru_move(txn, ukeys[found], old_versions, version)
-                self.store.lru_move(txn, ukeys[new & touch], None, version)
-        evicted = self._evict(txn, version) if spec.eviction is not None else 0
-        meta = replace(meta, version=version, step=step, stamp=stamp, admitted=meta.admitted + created,
-                       refused=meta.refused + refused, evicted=meta.evicted + evicted)
-        self.store.meta_put(txn, META_KEY, meta.to_bytes())
-        self.store.meta_put(txn, VERSION_KEY, version.to_bytes(8, "little"))
+                self.store.lru_move(batch, ukeys[found], old_versions, version)
+                self.store.lru_move(batch, ukeys[new & touch], None, version)
+        rows = meta.rows + created
+        evicted = self._evict(batch, version, ukeys[idx], rows) if spec.eviction is not None else 0
+        meta = replace(meta, version=version, step=step, stamp=stamp, rows=rows - evicted,
+                       admitted=meta.admitted + created, refused=meta.refused + refused,
+                       evicted=meta.evicted + evicted)
+        self.store.meta_put(batch, META_KEY, meta.to_bytes())
+        self.store.meta_put(batch, VERSION_KEY, version.to_bytes(8, "little"))
         return PushResult(version, len(idx), created, refused, evicted), meta
 
-    def _evict(self, txn: Any, version: int) -> int:
+    def _evict(self, batch: Batch, version: int, touched: np.ndarray, rows: int) -> int:
+        """Drop expired rows, then the least recently updated beyond max_rows.
+        The batch is not written yet, so the index still lists the rows this
+        push touched under their old versions: those entries are skipped."""
         spec = self.spec.eviction
-        total = 0
+        skip = set(touched.tolist())
         cutoff = eviction.ttl_cutoff(spec, version)
-        if cutoff is not None:
-            while True:
-                vs, ks = self.store.lru_oldest(txn, 65536, before_version=cutoff)
-                if not len(ks):
-                    break
-                self._drop(txn, vs, ks)
-                total += len(ks)
-        excess = eviction.excess_rows(spec, self.store.count(txn))
+        vs, ks = (self.store.lru_oldest(MAX_TTL_EVICTIONS, before_version=cutoff, skip=skip)
+                  if cutoff is not None else (np.zeros(0, np.uint64), np.zeros(0, np.uint64)))
+        excess = eviction.excess_rows(spec, rows - len(ks))
         if excess:
-            vs, ks = self.store.lru_oldest(txn, excess)
-            self._drop(txn, vs, ks)
-            total += len(ks)
-        return total
-
-    def _drop(self, txn: Any, versions: np.ndarray, keys: np.ndarray) -> None:
-        self.store.lru_delete(txn, versions, keys)
-        self.store.delete_records(txn, keys)
+            more_v, more_k = self.store.lru_oldest(len(ks) + excess, skip=skip)
+            more_v, more_k = more_v[len(ks):], more_k[len(ks):]
+            vs, ks = np.concatenate([vs, more_v]), np.concatenate([ks, more_k])
+            short = excess - len(more_k)
+            if short > 0:  # this push created more rows than max_rows: its lowest IDs go
+                victims = np.sort(touched)[:short]
+                vs = np.concatenate([vs, np.full(short, version, dtype=np.uint64)])
+                ks = np.concatenate([ks, victims])
+        if len(ks):
+            self.store.lru_delete(batch, vs, ks)
+            self.store.delete_records(batch, ks)
+        return len(ks)
 
     def _check_grads(self, grads: np.ndarray, n: int) -> np.ndarray:
         grads = np.asarray(grads)
@@ -281,49 +287,44 @@ class TableState:
                            current_version=current)
         return 1.0
 
-    def _load_sketch(self, txn: Any) -> None:
+    def _load_sketch(self) -> None:
         if self.sketch is None:
             return
         self.sketch.counters[:] = 0
         for i in range(self.sketch.chunks):
-            raw = self.store.meta_get(txn, SKETCH_PREFIX + str(i).encode())
+            raw = self.store.meta_get(SKETCH_PREFIX + str(i).encode())
             if raw is not None:
                 self.sketch.load_chunk(i, raw)
 
     # ---- description -------------------------------------------------------------
     def digest(self) -> str:
         """sha256 over everything replicated: scalars, every record in ID
-        order, admission counters. Equal on replicas that applied the same pushes."""
+        order, admission counters. Equal on replicas that applied the same
+        pushes (call it between pushes)."""
         h = hashlib.sha256()
-        with self.store.read() as txn:
-            meta = Meta.from_bytes(self.store.meta_get(txn, META_KEY) or self._meta.to_bytes())
-            h.update(json.dumps([meta.name, meta.spec.to_json(), meta.version, meta.step, meta.admitted,
-                                 meta.refused, meta.evicted], sort_keys=True).encode())
-            for keys, recs in self.store.iter_records(txn):
-                h.update(keys.astype(">u8").tobytes())
-                h.update(recs.tobytes())
-            if self.sketch is not None:
-                for i in range(self.sketch.chunks):
-                    h.update(self.store.meta_get(txn, SKETCH_PREFIX + str(i).encode()) or b"")
+        meta = self._meta
+        h.update(json.dumps([meta.name, meta.spec.to_json(), meta.version, meta.step, meta.rows,
+                             meta.admitted, meta.refused, meta.evicted], sort_keys=True).encode())
+        for keys, recs in self.store.iter_records():
+            h.update(keys.astype(">u8").tobytes())
+            h.update(recs.tobytes())
+        if self.sketch is not None:
+            h.update(self.sketch.counters.tobytes())
         return "sha256:" + h.hexdigest()
 
     def info(self) -> dict[str, Any]:
         m = self._meta
-        return {"name": m.name, "version": m.version, "rows": self.rows_stored(),
+        return {"name": m.name, "version": m.version, "rows": m.rows,
                 "bytes_on_disk": self.store.disk_bytes(),
-                "bytes_in_memory": (self.sketch.nbytes if self.sketch else 0),
+                "bytes_in_memory": self.store.memory_bytes() + (self.sketch.nbytes if self.sketch else 0),
                 "record_bytes": self.rec.itemsize, "step": m.step, "admitted": m.admitted,
                 "refused": m.refused, "evicted": m.evicted, "config": m.spec.to_json()}
 
     # ---- snapshots -----------------------------------------------------------------
-    def begin_snapshot(self) -> Any:
-        """Pin the table as it is now (call on the applier thread, between pushes)."""
-        return self.store.begin_snapshot()
-
-    def write_snapshot(self, pinned: Any, out: Any) -> int:
-        """Stream a pinned state to `out`, a binary file or a socket (any
-        thread; pushes go on meanwhile). Open the received file with `open`."""
-        return self.store.write_snapshot(pinned, out)
+    def checkpoint(self, dest: Path) -> None:
+        """A consistent copy of the table as it is now, in `dest` (hard links:
+        O(files)). Call it between pushes, i.e. on the applier thread."""
+        self.store.checkpoint(Path(dest))
 
     def close(self) -> None:
         self.store.close()

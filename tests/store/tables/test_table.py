@@ -1,7 +1,10 @@
 """TableState: lookups, pushes, admission, eviction, replay, snapshots, bad input."""
 from __future__ import annotations
 
+import io
 import os
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from store.errors import Conflict, Unprocessable
+from store.errors import Conflict, CorruptData, Unprocessable
 from store.tables import rowdtype
-from store.tables.engine import MapBudget
+from store.tables.engine import MemoryBudget, receive_dir, send_dir
 from store.tables.initial import initial_rows
 from store.tables.spec import parse_spec
 from store.tables.table import TableState
@@ -192,11 +195,11 @@ def test_replicas_with_different_clocks_and_memory_agree(tmp_path: Path) -> None
            "admission": {"min_count": 2, "width": 256, "depth": 2},
            "eviction": {"ttl_versions": 10, "max_rows": 40}}
     digests = []
-    for name, offset, cap in (("a", 0.0, 1 << 30), ("b", 86400.0, 8192)):
+    for name, offset, cap in (("a", 0.0, 1 << 30), ("b", 86400.0, 64 << 10)):
         real_time, real_mono = time.time, time.monotonic
         with mock.patch("time.time", lambda: real_time() + offset), \
                 mock.patch("time.monotonic", lambda: real_mono() + offset):
-            t = TableState.create(tmp_path / name, "emb", parse_spec(cfg), budget=MapBudget(cap))
+            t = TableState.create(tmp_path / name, "emb", parse_spec(cfg), budget=MemoryBudget(cap))
             evicted = 0
             for i, (k, g) in enumerate(random_commands(7)):
                 evicted += t.push(k, g, stamp=i + 1).evicted
@@ -220,25 +223,43 @@ def test_staleness(tmp_path: Path) -> None:
     assert s.lookup(ids(1))[0].tolist() == [[-1.5] * 4]
 
 
-def test_snapshot_streams_the_pinned_state(tmp_path: Path) -> None:
+def test_checkpoint_streams_to_another_replica(tmp_path: Path) -> None:
     t = make(tmp_path, dim=8, optimizer={"type": "ftrl", "lr": 0.1, "l1": 0.01},
              admission={"min_count": 2}, eviction={"max_rows": 100})
     for i, (k, g) in enumerate(random_commands(3, 20)):
         t.push(k, g, stamp=i + 1)
-    pinned, at_pin = t.begin_snapshot(), t.digest()
-    for i, (k, g) in enumerate(random_commands(4, 5)):  # writes go on while the copy is pending
+    at_pin = t.digest()
+    t.checkpoint(tmp_path / "pinned")
+    for i, (k, g) in enumerate(random_commands(4, 5)):  # writes go on while the copy is sent
         t.push(k, g, stamp=100 + i)
     assert t.digest() != at_pin
-    (tmp_path / "copy").mkdir()
-    with open(tmp_path / "copy" / "data.mdb", "wb") as f:
-        sent = t.write_snapshot(pinned, f)
-    assert sent == os.path.getsize(tmp_path / "copy" / "data.mdb") > 0
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=lambda: send_dir(tmp_path / "pinned", a))
+        sender.start()
+        with b.makefile("rb") as stream:
+            received = receive_dir(stream, tmp_path / "copy")
+        sender.join()
+    assert received > 0
     c = TableState.open(tmp_path / "copy")
     assert c.digest() == at_pin and c.version == 20 and c.meta.stamp == 20
     # optimizer state and admission counters came along: both continue identically
     for i, (k, g) in enumerate(random_commands(4, 5)):
         c.push(k, g, stamp=100 + i)
     assert c.digest() == t.digest()
+
+
+def test_truncated_stream_is_refused(tmp_path: Path) -> None:
+    t = make(tmp_path)
+    t.push(ids(1), np.ones((1, 4), np.float32))
+    t.checkpoint(tmp_path / "pinned")
+    with open(tmp_path / "stream", "wb") as f:
+        send_dir(tmp_path / "pinned", f)
+    data = (tmp_path / "stream").read_bytes()
+    with pytest.raises(CorruptData):
+        receive_dir(io.BytesIO(data[:-20]), tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    assert receive_dir(io.BytesIO(data), tmp_path / "copy") > 0
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -275,33 +296,26 @@ def test_bfloat16_rounding_matches_torch() -> None:
                           torch.from_numpy(x).to(torch.bfloat16).float().numpy())
 
 
-def mapped_rss(path: Path) -> int:
-    """Resident bytes of this process's mapping of `path` (from /proc/self/smaps)."""
-    target, rss, inside = str(path.resolve()), 0, False
-    with open("/proc/self/smaps") as f:
+def rss() -> int:
+    with open("/proc/self/status") as f:
         for line in f:
-            first = line.split()[0]
-            if "-" in first and not first.endswith(":"):
-                inside = line.rstrip().endswith(target)
-            elif inside and first == "Rss:":
-                rss += int(line.split()[1]) * 1024
-    return rss
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
-def test_mapped_rows_stay_within_the_memory_cap(tmp_path: Path) -> None:
-    cap = 4 << 20
-    budget = MapBudget(cap)
-    t = TableState.create(tmp_path / "big", "emb", parse_spec({"dim": 64}), budget=budget)
-    n = 60000  # ~16 MB of records: 4x the cap
-    for s in range(0, n, 5000):
-        t.push(np.arange(s, s + 5000), np.ones((5000, 64), np.float32))
-    data = tmp_path / "big" / "data.mdb"
-    assert os.path.getsize(data) > 3 * cap
+def test_rows_read_stay_within_the_memory_cap(tmp_path: Path) -> None:
+    cap = 8 << 20
+    t = TableState.create(tmp_path / "big", "emb", parse_spec({"dim": 64}), budget=MemoryBudget(cap))
+    n = 200_000  # ~54 MB of records: 6x the cap
+    for s in range(0, n, 10_000):
+        t.push(np.arange(s, s + 10_000), np.ones((10_000, 64), np.float32))
+    t.store.db.flush()
     rng = np.random.default_rng(0)
-    worst = 0
-    for _ in range(200):
-        # the kernel maps ~64 KB around each fault: 20 random rows map ~2 MB
-        t.lookup(rng.integers(0, n, 20))
-        worst = max(worst, mapped_rss(data))
-    assert budget.trims > 0
-    assert worst <= cap + (3 << 20), f"mapped rows used {worst / 2**20:.1f} MB with a 4 MB cap"
+    t.lookup(rng.integers(0, n, 2000))
+    before = rss()
+    for _ in range(100):
+        t.lookup(rng.integers(0, n, 2000))
+    assert t.store.db.property_int_value("rocksdb.block-cache-usage") <= cap
+    grown = rss() - before
+    assert grown <= cap + (16 << 20), f"RSS grew {grown / 2**20:.1f} MB reading a 54 MB table with an 8 MB cap"
