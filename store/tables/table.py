@@ -95,11 +95,13 @@ class TableState:
 
     @classmethod
     def create(cls, path: Path, name: str, spec: TableSpec, budget: MemoryBudget = DEFAULT_BUDGET,
-               sync: bool = False) -> "TableState":
+               sync: bool = False, stamp: int = 0) -> "TableState":
+        """A new empty table; `stamp` is the log stamp of its create command
+        (pushes replayed from before it change nothing)."""
         if Path(path).exists():
             raise Unprocessable(f"table directory {path} already exists")
         store = RowStore(Path(path), record_dtype(spec).itemsize, budget=budget, sync=sync)
-        meta = Meta(name, spec)
+        meta = Meta(name, spec, stamp=stamp)
         batch = Batch()
         store.meta_put(batch, META_KEY, meta.to_bytes())
         store.meta_put(batch, VERSION_KEY, (0).to_bytes(8, "little"))
