@@ -142,6 +142,9 @@ class RocksEngine:
         self.store = RowStore(path, RECORD_BYTES, budget=MemoryBudget(cache_mb << 20))
         self.wopt = self.store.wopt
 
+    def settle(self) -> None:
+        self.store.db.compact_range(None, None)
+
     def put(self, keys: list[bytes], values: list[bytes]) -> None:
         import rocksdict
         wb = rocksdict.WriteBatch(raw_mode=True)
@@ -189,6 +192,8 @@ def run_one(engine_name: str, rows: int, dim: int, batch: int, base: Path, cache
         ids = np.sort(all_ids[s:s + chunk])
         eng.put(keys_of(ids), [blob[i * rec:(i + 1) * rec] for i in range(len(ids))])
     out["load_rows_per_s"] = rows / (time.perf_counter() - t0)
+    if hasattr(eng, "settle"):  # RocksDB: let the bulk load's compactions finish before reading
+        eng.settle()
     out["rss_after_load_mb"] = rss_mb()
 
     def timed(fn: Callable[[], None]) -> float:
