@@ -46,3 +46,23 @@ def ids_from_json(values: object) -> np.ndarray:
             raise Unprocessable("ids: mixes negative IDs with IDs above 2**63-1")
         return np.array(values, dtype=np.uint64)
     return np.array(values, dtype=np.int64)
+
+
+_SHARD_SALT = np.uint64(0x5851F42D4C957F2D)
+
+
+def shard_of_keys(keys: np.ndarray, shards: int) -> np.ndarray:
+    """The shard of each key: a stable hash of the ID (never Python's hash),
+    so every replica, client and restart agrees."""
+    from .initial import splitmix64  # initial.py holds the hash; imported here to keep ids.py light
+    with np.errstate(over="ignore"):
+        return (splitmix64(np.asarray(keys, dtype=np.uint64) ^ _SHARD_SALT)
+                % np.uint64(shards)).astype(np.int64)
+
+
+def split_by_shard(keys: np.ndarray, shards: int) -> dict[int, np.ndarray]:
+    """shard -> positions (into `keys`) of the IDs that live there, in order."""
+    owner = shard_of_keys(keys, shards)
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(shards + 1))
+    return {s: order[bounds[s]:bounds[s + 1]] for s in range(shards) if bounds[s + 1] > bounds[s]}

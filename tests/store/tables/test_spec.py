@@ -78,3 +78,20 @@ def test_ids_from_json() -> None:
     for bad in ([1.5], ["1"], [True], [2**64], [-(2**63) - 1], [-1, 2**63], {"a": 1}):
         with pytest.raises(Unprocessable):
             ids_from_json(bad)
+
+
+PINNED_SHARDS = [0, 1, 0]
+
+
+def test_ids_spread_over_shards_stably() -> None:
+    from store.tables.ids import shard_of_keys, split_by_shard
+    keys = np.arange(100_000, dtype=np.uint64)
+    owner = shard_of_keys(keys, 3)
+    counts = np.bincount(owner, minlength=3)
+    assert counts.min() > 32_000  # about a third each
+    # pinned: clients and replicas of every version must agree
+    assert shard_of_keys(np.array([0, 1, 2**64 - 1], dtype=np.uint64), 3).tolist() == PINNED_SHARDS
+    parts = split_by_shard(keys[:1000], 3)
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(1000))
+    for s, pos in parts.items():
+        assert (owner[pos] == s).all() and (np.diff(pos) > 0).all()
