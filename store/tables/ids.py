@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import Unprocessable
+from .initial import splitmix64
 
 MAX_INT64 = (1 << 63) - 1
 
@@ -54,7 +55,6 @@ _SHARD_SALT = np.uint64(0x5851F42D4C957F2D)
 def shard_of_keys(keys: np.ndarray, shards: int) -> np.ndarray:
     """The shard of each key: a stable hash of the ID (never Python's hash),
     so every replica, client and restart agrees."""
-    from .initial import splitmix64  # initial.py holds the hash; imported here to keep ids.py light
     with np.errstate(over="ignore"):
         return (splitmix64(np.asarray(keys, dtype=np.uint64) ^ _SHARD_SALT)
                 % np.uint64(shards)).astype(np.int64)
