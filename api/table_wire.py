@@ -5,11 +5,12 @@ of a lookup), or JSON `{"ids": [...], "grads": [[...], ...]}` for small
 requests. Out (by `Accept`): safetensors `{"rows"}`, npy, or JSON.
 Nothing is unpickled; dtypes are checked before any array is built.
 """
+
 from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.lib import format as npf
@@ -24,7 +25,12 @@ JSON = "application/json"
 ROW_TYPES = (SAFETENSORS, NPY, JSON)
 JSON_MAX_VALUES = 1 << 20  # ids + grad values in one JSON body
 
-_ST_INT = {"I64": np.dtype("<i8"), "U64": np.dtype("<u8"), "I32": np.dtype("<i4"), "U32": np.dtype("<u4")}
+_ST_INT: dict[str, np.dtype[Any]] = {
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+}
 _ST_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _ST_OF_STORAGE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -35,8 +41,9 @@ def media_type(content_type: str | None) -> str:
 
 def _safetensors(body: Any) -> dict[str, dict[str, Any]]:
     import safetensors
+
     try:
-        return dict(safetensors.deserialize(bytes(body)))
+        return dict(cast(list[tuple[str, dict[str, Any]]], safetensors.deserialize(bytes(body))))  # type: ignore[no-untyped-call]
     except Exception as e:  # SafetensorError and friends: the body is malformed
         raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
 
@@ -80,16 +87,14 @@ def _npy(body: Any) -> np.ndarray:
     want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     offset = head.tell()
     if len(view) - offset != want:
-        raise Unprocessable(f".npy data has {len(view) - offset} bytes, dtype {dt} and shape "
-                            f"{list(shape)} need {want}")
+        raise Unprocessable(f".npy data has {len(view) - offset} bytes, dtype {dt} and shape {list(shape)} need {want}")
     arr = np.frombuffer(view[offset:], dtype=dt)
     return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
 
 
 def _json(body: Any) -> dict[str, Any]:
     if len(body) > JSON_MAX_VALUES * 24:
-        raise PayloadTooLarge(f"JSON table bodies are limited to about {JSON_MAX_VALUES} values; "
-                              f"use {SAFETENSORS}")
+        raise PayloadTooLarge(f"JSON table bodies are limited to about {JSON_MAX_VALUES} values; use {SAFETENSORS}")
     try:
         doc = json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError) as e:
@@ -202,5 +207,6 @@ def safetensors_bytes(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict
         offset += arr.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    return b"".join([len(head).to_bytes(8, "little"), head]
-                    + [np.ascontiguousarray(arr).tobytes() for _, arr in tensors.values()])
+    return b"".join(
+        [len(head).to_bytes(8, "little"), head] + [np.ascontiguousarray(arr).tobytes() for _, arr in tensors.values()]
+    )

@@ -4,6 +4,7 @@ table config) and deterministic: it changes only through pushes, identically
 on every replica. Like DeepRec's CounterFilter, counts never decay, so a
 saturated sketch admits more IDs than it should; size it for the ID space.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,7 @@ class CountMinSketch:
 
     def estimate(self, keys: np.ndarray) -> np.ndarray:
         flat = self._flat_buckets(keys)
-        return self.counters.reshape(-1)[flat].min(axis=0).astype(np.int64)
+        return np.asarray(self.counters.reshape(-1)[flat].min(axis=0), dtype=np.int64)
 
     def add(self, keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Count `counts[i]` more pushes of `keys[i]` (distinct keys). Returns the
@@ -45,8 +46,7 @@ class CountMinSketch:
         if len(keys) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         flat = self._flat_buckets(keys).reshape(-1)
-        inc = np.broadcast_to(np.asarray(counts, dtype=np.uint32)[None, :],
-                              (self.depth, len(keys))).reshape(-1)
+        inc = np.broadcast_to(np.asarray(counts, dtype=np.uint32)[None, :], (self.depth, len(keys))).reshape(-1)
         cells, inverse = np.unique(flat, return_inverse=True)
         total = np.zeros(len(cells), dtype=np.uint32)
         np.add.at(total, inverse, inc)  # keys sharing a bucket add up, as one at a time would
@@ -56,12 +56,12 @@ class CountMinSketch:
 
     def chunk(self, i: int) -> bytes:
         flat = self.counters.reshape(-1)
-        return flat[i * CHUNK:(i + 1) * CHUNK].tobytes()
+        return flat[i * CHUNK : (i + 1) * CHUNK].tobytes()
 
     def load_chunk(self, i: int, data: bytes) -> None:
         flat = self.counters.reshape(-1)
         part = np.frombuffer(data, dtype=np.uint16)
-        flat[i * CHUNK:i * CHUNK + len(part)] = part
+        flat[i * CHUNK : i * CHUNK + len(part)] = part
 
     @property
     def chunks(self) -> int:

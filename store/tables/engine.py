@@ -21,14 +21,16 @@ table files, plus a flush) pins the table in O(files); `send_dir` streams the
 checkpoint's files with sendfile, so no byte of the table passes through
 this process's memory.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import rocksdict
@@ -54,7 +56,7 @@ DEFAULT_BUDGET = MemoryBudget(256 << 20)
 
 def row_keys(keys: np.ndarray) -> list[bytes]:
     raw = np.asarray(keys, dtype=np.uint64).astype(">u8").tobytes()
-    return [ROW + raw[i:i + 8] for i in range(0, len(raw), 8)]
+    return [ROW + raw[i : i + 8] for i in range(0, len(raw), 8)]
 
 
 def lru_keys(version: int | np.ndarray, keys: np.ndarray) -> list[bytes]:
@@ -62,7 +64,7 @@ def lru_keys(version: int | np.ndarray, keys: np.ndarray) -> list[bytes]:
     pairs[:, 0] = version
     pairs[:, 1] = keys
     raw = pairs.tobytes()
-    return [LRU + raw[i:i + 16] for i in range(0, len(raw), 16)]
+    return [LRU + raw[i : i + 16] for i in range(0, len(raw), 16)]
 
 
 def _options(budget: MemoryBudget) -> rocksdict.Options:
@@ -97,8 +99,7 @@ class Batch:
 
 
 class RowStore:
-    def __init__(self, path: Path, record_size: int, budget: MemoryBudget = DEFAULT_BUDGET,
-                 sync: bool = False) -> None:
+    def __init__(self, path: Path, record_size: int, budget: MemoryBudget = DEFAULT_BUDGET, sync: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.record_size = record_size
@@ -108,25 +109,28 @@ class RowStore:
         self.wopt.sync = sync
 
     # ---- reads (any thread) ------------------------------------------------------
-    def get_records(self, keys: np.ndarray, meta: tuple[bytes, ...] = ()
-                    ) -> tuple[np.ndarray, np.ndarray, list[bytes | None]]:
+    def get_records(
+        self, keys: np.ndarray, meta: tuple[bytes, ...] = ()
+    ) -> tuple[np.ndarray, np.ndarray, list[bytes | None]]:
         """(found mask, records as (n, record_size) uint8 with zeros where
         absent, values of the `meta` keys), all read at one point in time."""
         enc = row_keys(keys)
-        got = self.db.get([META + m for m in meta] + enc)
-        metas, vals = got[:len(meta)], got[len(meta):]
+        got = cast(list[bytes | None], self.db.get(cast(Any, [META + m for m in meta] + enc)))
+        metas, vals = got[: len(meta)], got[len(meta) :]
         mask = np.fromiter((v is not None for v in vals), dtype=bool, count=len(vals))
         out = np.zeros((len(vals), self.record_size), dtype=np.uint8)
         if mask.any():
-            out[mask] = np.frombuffer(b"".join(v for v in vals if v is not None),
-                                      dtype=np.uint8).reshape(-1, self.record_size)
+            out[mask] = np.frombuffer(b"".join(v for v in vals if v is not None), dtype=np.uint8).reshape(
+                -1, self.record_size
+            )
         return mask, out, metas
 
     def meta_get(self, key: bytes) -> bytes | None:
         return self.db.get(META + key)
 
-    def lru_oldest(self, limit: int, before_version: int | None = None,
-                   skip: set[int] | frozenset[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+    def lru_oldest(
+        self, limit: int, before_version: int | None = None, skip: set[int] | frozenset[int] = frozenset()
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Up to `limit` (versions, keys) of the least recently updated rows,
         oldest first, optionally only those updated before `before_version`,
         leaving out the IDs in `skip` (their entries are being moved)."""
@@ -170,8 +174,10 @@ class RowStore:
         del it, snap
 
     def _pack(self, keys: list[bytes], vals: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        return (np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64),
-                np.frombuffer(b"".join(vals), dtype=np.uint8).reshape(-1, self.record_size))
+        return (
+            np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64),
+            np.frombuffer(b"".join(vals), dtype=np.uint8).reshape(-1, self.record_size),
+        )
 
     # ---- writes (the applier thread only) ---------------------------------------
     def write(self, batch: Batch) -> None:
@@ -181,14 +187,13 @@ class RowStore:
         raw = np.ascontiguousarray(records, dtype=np.uint8).tobytes()
         n = self.record_size
         for i, k in enumerate(row_keys(keys)):
-            batch.put(k, raw[i * n:(i + 1) * n])
+            batch.put(k, raw[i * n : (i + 1) * n])
 
     def delete_records(self, batch: Batch, keys: np.ndarray) -> None:
         for k in row_keys(keys):
             batch.delete(k)
 
-    def lru_move(self, batch: Batch, keys: np.ndarray, old_versions: np.ndarray | None,
-                 new_version: int) -> None:
+    def lru_move(self, batch: Batch, keys: np.ndarray, old_versions: np.ndarray | None, new_version: int) -> None:
         if old_versions is not None and len(old_versions):
             for k in lru_keys(old_versions, keys):
                 batch.delete(k)
@@ -227,6 +232,7 @@ class RowStore:
 # ---- moving a checkpoint between replicas ---------------------------------------------
 # A stream is: for each file one JSON line {"name", "size"} then its bytes; then {"end": n}.
 
+
 def send_dir(src: Path, out: BinaryIO | socket.socket) -> int:
     """Stream every file of `src` to `out` (sendfile: the bytes go from the
     page cache to the socket or file without passing through this process)."""
@@ -240,7 +246,7 @@ def send_dir(src: Path, out: BinaryIO | socket.socket) -> int:
             offset = 0
             while offset < size:
                 if isinstance(out, socket.socket):
-                    n = out.sendfile(src_file, offset, size - offset)  # type: ignore[arg-type]
+                    n = out.sendfile(src_file, offset, size - offset)
                 else:
                     out.flush()
                     n = os.sendfile(out_fd, src_file.fileno(), offset, size - offset)

@@ -5,6 +5,7 @@ A row's age is the number of pushes to its table (on its shard) since the row
 was last updated. `ttl_versions = K` evicts rows older than K; `max_rows = M`
 keeps the M most recently updated rows (ties broken by the lowest ID first).
 """
+
 from __future__ import annotations
 
 from .spec import EvictionSpec

@@ -3,6 +3,7 @@
 An int64 table keeps each ID's two's-complement bits, so -1 and 2**64-1 are
 the same row of different tables; a uint64 table refuses negative IDs.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,7 @@ def shard_of_keys(keys: np.ndarray, shards: int) -> np.ndarray:
     """The shard of each key: a stable hash of the ID (never Python's hash),
     so every replica, client and restart agrees."""
     with np.errstate(over="ignore"):
-        return (splitmix64(np.asarray(keys, dtype=np.uint64) ^ _SHARD_SALT)
-                % np.uint64(shards)).astype(np.int64)
+        return (splitmix64(np.asarray(keys, dtype=np.uint64) ^ _SHARD_SALT) % np.uint64(shards)).astype(np.int64)
 
 
 def split_by_shard(keys: np.ndarray, shards: int) -> dict[int, np.ndarray]:
@@ -65,4 +65,4 @@ def split_by_shard(keys: np.ndarray, shards: int) -> dict[int, np.ndarray]:
     owner = shard_of_keys(keys, shards)
     order = np.argsort(owner, kind="stable")
     bounds = np.searchsorted(owner[order], np.arange(shards + 1))
-    return {s: order[bounds[s]:bounds[s + 1]] for s in range(shards) if bounds[s + 1] > bounds[s]}
+    return {s: order[bounds[s] : bounds[s + 1]] for s in range(shards) if bounds[s + 1] > bounds[s]}

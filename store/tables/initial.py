@@ -8,6 +8,7 @@ only (IEEE correctly rounded everywhere), evaluated in float64 and rounded to
 float32 once: numpy's own transcendental functions may differ in the last
 ulp between CPU builds (SIMD dispatch), which would make replicas diverge.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,8 @@ def portable_log(x: np.ndarray) -> np.ndarray:
     acc = _horner(s * s, _LOG_COEFFS)
     np.multiply(acc, s, out=acc)
     np.multiply(acc, 2.0, out=acc)
-    return e * _LN2 + acc
+    log: np.ndarray = e * _LN2 + acc
+    return log
 
 
 def portable_sincos_2pi(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,15 +14,17 @@ had the first time (the tensor/table name clash check depends on it).
 Layout under `root`: `registry.json` (replaced atomically) and one directory
 per table incarnation, `<name>@<created stamp>`.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, cast
 
 from ..errors import AlreadyExists, NotFound, PreconditionFailed
 from .engine import DEFAULT_BUDGET, MemoryBudget
@@ -35,6 +37,7 @@ REGISTRY = "registry.json"
 @dataclass(frozen=True)
 class Outcome:
     """What a create or delete did; `replayed` if its stamp was applied before."""
+
     name: str
     stamp: int
     replayed: bool = False
@@ -111,17 +114,17 @@ class Tables:
         return Outcome(name, stamp)
 
     def delete(self, name: str, stamp: int, if_match: int | None = None) -> Outcome:
-        if stamp <= self.stamp:
-            if any(deleted == stamp for _, deleted in self.history.get(name, [])):
-                return Outcome(name, stamp, replayed=True)
+        if stamp <= self.stamp and any(deleted == stamp for _, deleted in self.history.get(name, [])):
+            return Outcome(name, stamp, replayed=True)
         entry = self.live.get(name)
         if entry is None:
             raise NotFound(f"table {name!r} does not exist")
         if if_match is not None:
             current = self.get(name).version
             if current != if_match:
-                raise PreconditionFailed(f"table {name!r} is at version {current}, If-Match asked for "
-                                         f"{if_match}", current_version=current)
+                raise PreconditionFailed(
+                    f"table {name!r} is at version {current}, If-Match asked for {if_match}", current_version=current
+                )
         with self._lock:
             del self.live[name]
             self.history[name][-1][1] = stamp
@@ -144,7 +147,7 @@ class Tables:
         path = self.root / REGISTRY
         if not path.exists():
             return {}
-        return json.loads(path.read_text())
+        return cast(dict[str, Any], json.loads(path.read_text()))
 
     def _write(self) -> None:
         tmp = self.root / (REGISTRY + ".tmp")

@@ -2,6 +2,7 @@
 float32, float16 or bfloat16. numpy has no bfloat16, so it is kept as the
 upper 16 bits of a float32 (uint16), rounded to nearest-even as torch does.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -2,12 +2,14 @@
 
 Every error is an `Unprocessable` (HTTP 422) naming the offending field.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import Unprocessable
 
@@ -25,8 +27,7 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adagrad": {"lr": 0.01, "lr_decay": 0.0, "eps": 1e-10, "initial_accumulator_value": 0.0},
     "rowwise_adagrad": {"lr": 0.01, "eps": 1e-8, "weight_decay": 0.0, "initial_accumulator_value": 0.0},
     "sparse_adam": {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-8},
-    "ftrl": {"lr": 0.01, "lr_power": -0.5, "l1": 0.0, "l2": 0.0, "beta": 0.0,
-             "initial_accumulator_value": 0.1},
+    "ftrl": {"lr": 0.01, "lr_power": -0.5, "l1": 0.0, "l2": 0.0, "beta": 0.0, "initial_accumulator_value": 0.1},
 }
 
 
@@ -50,7 +51,7 @@ class InitializerSpec:
     type: str = "zeros"
     seed: int = 0
     bound: float = 0.0  # uniform: values in [-bound, bound)
-    std: float = 0.0    # normal: mean 0
+    std: float = 0.0  # normal: mean 0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "seed": self.seed}
@@ -65,6 +66,7 @@ class InitializerSpec:
 class AdmissionSpec:
     """An ID gets a row once it was pushed `min_count` times (count-min sketch
     of `depth` x `width` saturating 16-bit counters: depth*width*2 bytes)."""
+
     min_count: int
     width: int = 1 << 18
     depth: int = 4
@@ -100,18 +102,27 @@ class TableSpec:
         return out
 
     @classmethod
-    def from_json(cls, raw: Any) -> "TableSpec":
+    def from_json(cls, raw: Any) -> TableSpec:
         return parse_spec(raw)
 
 
-_TOP_FIELDS = {"dim", "dtype", "id_dtype", "initializer", "optimizer", "admission", "eviction",
-               "max_staleness", "staleness_policy"}
+_TOP_FIELDS = {
+    "dim",
+    "dtype",
+    "id_dtype",
+    "initializer",
+    "optimizer",
+    "admission",
+    "eviction",
+    "max_staleness",
+    "staleness_policy",
+}
 
 
 def parse_spec(raw: Any) -> TableSpec:
     """Validate a table configuration (client JSON or a stored `to_json`)."""
     if not isinstance(raw, Mapping):
-        raise Unprocessable("table config: expected a JSON object such as {\"dim\": 64}")
+        raise Unprocessable('table config: expected a JSON object such as {"dim": 64}')
     _no_unknown(raw, _TOP_FIELDS, "table config")
     dim = _int(raw.get("dim"), "dim", lo=1, hi=MAX_DIM)
     dtype = _choice(raw.get("dtype", "float32"), STORAGE_DTYPES, "dtype")
@@ -120,12 +131,17 @@ def parse_spec(raw: Any) -> TableSpec:
     max_staleness = raw.get("max_staleness")
     if max_staleness is not None:
         max_staleness = _int(max_staleness, "max_staleness", lo=0)
-    return TableSpec(dim=dim, dtype=dtype, id_dtype=id_dtype,
-                     initializer=parse_initializer(raw.get("initializer")),
-                     optimizer=parse_optimizer(raw.get("optimizer")),
-                     admission=parse_admission(raw.get("admission")),
-                     eviction=parse_eviction(raw.get("eviction")),
-                     max_staleness=max_staleness, staleness_policy=policy)
+    return TableSpec(
+        dim=dim,
+        dtype=dtype,
+        id_dtype=id_dtype,
+        initializer=parse_initializer(raw.get("initializer")),
+        optimizer=parse_optimizer(raw.get("optimizer")),
+        admission=parse_admission(raw.get("admission")),
+        eviction=parse_eviction(raw.get("eviction")),
+        max_staleness=max_staleness,
+        staleness_policy=policy,
+    )
 
 
 def parse_initializer(raw: Any) -> InitializerSpec:
@@ -134,7 +150,7 @@ def parse_initializer(raw: Any) -> InitializerSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, Mapping):
-        raise Unprocessable("initializer: expected an object such as {\"type\": \"normal\", \"std\": 0.01}")
+        raise Unprocessable('initializer: expected an object such as {"type": "normal", "std": 0.01}')
     kind = _choice(raw.get("type", "zeros"), INITIALIZERS, "initializer.type")
     allowed = {"type", "seed"} | {"uniform": {"bound"}, "normal": {"std"}, "zeros": set()}[kind]
     _no_unknown(raw, allowed, f"initializer ({kind})")
@@ -153,7 +169,7 @@ def parse_optimizer(raw: Any) -> OptimizerSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, Mapping):
-        raise Unprocessable("optimizer: expected an object such as {\"type\": \"rowwise_adagrad\", \"lr\": 0.05}")
+        raise Unprocessable('optimizer: expected an object such as {"type": "rowwise_adagrad", "lr": 0.05}')
     kind = raw.get("type")
     if kind not in OPTIMIZERS:
         raise Unprocessable(f"optimizer.type: {kind!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -164,8 +180,11 @@ def parse_optimizer(raw: Any) -> OptimizerSpec:
         where = f"optimizer.{key}"
         value = raw.get(key, default)
         if isinstance(default, tuple):
-            if (not isinstance(value, (list, tuple)) or len(value) != 2
-                    or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)):
+            if (
+                not isinstance(value, (list, tuple))
+                or len(value) != 2
+                or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)
+            ):
                 raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {value!r}")
             value = (float(value[0]), float(value[1]))
         elif key == "lr_power":
@@ -184,25 +203,29 @@ def parse_admission(raw: Any) -> AdmissionSpec | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
-        raise Unprocessable("admission: expected an object such as {\"min_count\": 3}")
+        raise Unprocessable('admission: expected an object such as {"min_count": 3}')
     _no_unknown(raw, {"min_count", "width", "depth"}, "admission")
-    return AdmissionSpec(min_count=_int(raw.get("min_count"), "admission.min_count", lo=1, hi=65535),
-                         width=_int(raw.get("width", 1 << 18), "admission.width", lo=64, hi=1 << 26),
-                         depth=_int(raw.get("depth", 4), "admission.depth", lo=1, hi=8))
+    return AdmissionSpec(
+        min_count=_int(raw.get("min_count"), "admission.min_count", lo=1, hi=65535),
+        width=_int(raw.get("width", 1 << 18), "admission.width", lo=64, hi=1 << 26),
+        depth=_int(raw.get("depth", 4), "admission.depth", lo=1, hi=8),
+    )
 
 
 def parse_eviction(raw: Any) -> EvictionSpec | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
-        raise Unprocessable("eviction: expected an object such as {\"ttl_versions\": 1000}")
+        raise Unprocessable('eviction: expected an object such as {"ttl_versions": 1000}')
     _no_unknown(raw, {"ttl_versions", "max_rows"}, "eviction")
     ttl = raw.get("ttl_versions")
     max_rows = raw.get("max_rows")
     if ttl is None and max_rows is None:
         raise Unprocessable("eviction: give ttl_versions, max_rows or both")
-    return EvictionSpec(ttl_versions=None if ttl is None else _int(ttl, "eviction.ttl_versions", lo=1),
-                        max_rows=None if max_rows is None else _int(max_rows, "eviction.max_rows", lo=1))
+    return EvictionSpec(
+        ttl_versions=None if ttl is None else _int(ttl, "eviction.ttl_versions", lo=1),
+        max_rows=None if max_rows is None else _int(max_rows, "eviction.max_rows", lo=1),
+    )
 
 
 def check_name(name: str) -> str:
@@ -240,7 +263,7 @@ def _float(v: Any, where: str, positive: bool = False, hi: float | None = None) 
         raise Unprocessable(f"{where}: expected a number > 0, got {v!r}")
     elif not positive and v < 0:
         raise Unprocessable(f"{where}: expected a number >= 0, got {v!r}")
-    return v
+    return float(v)
 
 
 def _choice(v: Any, options: tuple[str, ...], where: str) -> str:

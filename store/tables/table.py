@@ -8,6 +8,7 @@ Each push carries the `stamp` of its log entry (any number that rises with the
 log); the stamp of the last applied push is committed with the rows, so a push
 replayed after a restart (stamp <= the table's) changes nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,48 +36,81 @@ SKETCH_PREFIX = b"sketch:"
 @dataclass(frozen=True)
 class Meta:
     """The replicated scalars of a table, committed with its rows."""
+
     name: str
     spec: TableSpec
-    version: int = 0       # pushes applied
-    step: int = 0          # optimizer step count (torch: one per parameter tensor)
-    stamp: int = 0         # log stamp of the last applied push
-    rows: int = 0          # rows stored
-    admitted: int = 0      # rows created
-    refused: int = 0       # gradient rows dropped by admission
-    evicted: int = 0       # rows evicted
+    version: int = 0  # pushes applied
+    step: int = 0  # optimizer step count (torch: one per parameter tensor)
+    stamp: int = 0  # log stamp of the last applied push
+    rows: int = 0  # rows stored
+    admitted: int = 0  # rows created
+    refused: int = 0  # gradient rows dropped by admission
+    evicted: int = 0  # rows evicted
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"name": self.name, "spec": self.spec.to_json(), "version": self.version,
-                           "step": self.step, "stamp": self.stamp, "rows": self.rows, "admitted": self.admitted,
-                           "refused": self.refused, "evicted": self.evicted, "extra": self.extra},
-                          sort_keys=True).encode()
+        return json.dumps(
+            {
+                "name": self.name,
+                "spec": self.spec.to_json(),
+                "version": self.version,
+                "step": self.step,
+                "stamp": self.stamp,
+                "rows": self.rows,
+                "admitted": self.admitted,
+                "refused": self.refused,
+                "evicted": self.evicted,
+                "extra": self.extra,
+            },
+            sort_keys=True,
+        ).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "Meta":
+    def from_bytes(cls, raw: bytes) -> Meta:
         d = json.loads(raw)
-        return cls(d["name"], parse_spec(d["spec"]), d["version"], d["step"], d["stamp"], d["rows"],
-                   d["admitted"], d["refused"], d["evicted"], d.get("extra", {}))
+        return cls(
+            d["name"],
+            parse_spec(d["spec"]),
+            d["version"],
+            d["step"],
+            d["stamp"],
+            d["rows"],
+            d["admitted"],
+            d["refused"],
+            d["evicted"],
+            d.get("extra", {}),
+        )
 
 
 @dataclass(frozen=True)
 class PushResult:
     version: int
-    rows: int          # distinct IDs updated
-    created: int       # rows admitted by this push
-    refused: int       # distinct IDs whose gradient admission dropped
+    rows: int  # distinct IDs updated
+    created: int  # rows admitted by this push
+    refused: int  # distinct IDs whose gradient admission dropped
     evicted: int
     duplicate: bool = False  # stamp already applied: nothing changed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "rows": self.rows, "created": self.created,
-                "refused": self.refused, "evicted": self.evicted, "duplicate": self.duplicate}
+        return {
+            "version": self.version,
+            "rows": self.rows,
+            "created": self.created,
+            "refused": self.refused,
+            "evicted": self.evicted,
+            "duplicate": self.duplicate,
+        }
 
 
 def record_dtype(spec: TableSpec) -> np.dtype:
     """Packed record: last update version, the row (storage dtype), float32 optimizer state."""
-    return np.dtype([("v", "<u8"), ("row", rowdtype.STORAGE[spec.dtype], (spec.dim,)),
-                     ("state", "<f4", (state_width(spec.optimizer, spec.dim),))])
+    return np.dtype(
+        [
+            ("v", "<u8"),
+            ("row", rowdtype.STORAGE[spec.dtype], (spec.dim,)),
+            ("state", "<f4", (state_width(spec.optimizer, spec.dim),)),
+        ]
+    )
 
 
 MAX_TTL_EVICTIONS = 65536  # per push; older expired rows go with the next pushes
@@ -94,8 +128,15 @@ class TableState:
         self._load_sketch()
 
     @classmethod
-    def create(cls, path: Path, name: str, spec: TableSpec, budget: MemoryBudget = DEFAULT_BUDGET,
-               sync: bool = False, stamp: int = 0) -> "TableState":
+    def create(
+        cls,
+        path: Path,
+        name: str,
+        spec: TableSpec,
+        budget: MemoryBudget = DEFAULT_BUDGET,
+        sync: bool = False,
+        stamp: int = 0,
+    ) -> TableState:
         """A new empty table; `stamp` is the log stamp of its create command
         (pushes replayed from before it change nothing)."""
         if Path(path).exists():
@@ -109,7 +150,7 @@ class TableState:
         return cls(store, meta)
 
     @classmethod
-    def open(cls, path: Path, budget: MemoryBudget = DEFAULT_BUDGET, sync: bool = False) -> "TableState":
+    def open(cls, path: Path, budget: MemoryBudget = DEFAULT_BUDGET, sync: bool = False) -> TableState:
         """Reopen a table: reads its meta keys (and admission counters) only."""
         if not (Path(path) / "CURRENT").exists():
             raise Unprocessable(f"{path} holds no table")
@@ -145,8 +186,9 @@ class TableState:
         rows = np.array(recs["row"])
         if not found.all():
             missing = ~found
-            rows[missing] = rowdtype.encode(initial_rows(self.spec.initializer, ukeys[missing],
-                                                          self.spec.dim), self.spec.dtype)
+            rows[missing] = rowdtype.encode(
+                initial_rows(self.spec.initializer, ukeys[missing], self.spec.dim), self.spec.dtype
+            )
         return rows[inverse.reshape(-1)], version
 
     def lookup_f32(self, ids: np.ndarray) -> np.ndarray:
@@ -156,8 +198,9 @@ class TableState:
         return self._meta.rows
 
     # ---- writes ----------------------------------------------------------------
-    def push(self, ids: np.ndarray, grads: np.ndarray, stamp: int | None = None,
-             base_version: int | None = None) -> PushResult:
+    def push(
+        self, ids: np.ndarray, grads: np.ndarray, stamp: int | None = None, base_version: int | None = None
+    ) -> PushResult:
         """Apply one push: duplicates summed, admission, the optimizer on the
         touched rows, eviction. All or nothing."""
         keys = table_keys(ids, self.spec.id_dtype)
@@ -169,8 +212,9 @@ class TableState:
         ukeys, summed, counts = coalesce(keys, grads)
         batch = Batch()
         try:
-            result, meta = self._apply(batch, meta, ukeys, summed, counts, lr_scale,
-                                       stamp if stamp is not None else meta.stamp)
+            result, meta = self._apply(
+                batch, meta, ukeys, summed, counts, lr_scale, stamp if stamp is not None else meta.stamp
+            )
             self.store.write(batch)
         except BaseException:
             if self.sketch is not None:  # counts added for a push that was not written
@@ -179,8 +223,16 @@ class TableState:
         self._meta = meta
         return result
 
-    def _apply(self, batch: Batch, meta: Meta, ukeys: np.ndarray, summed: np.ndarray, counts: np.ndarray,
-               lr_scale: float, stamp: int) -> tuple[PushResult, Meta]:
+    def _apply(
+        self,
+        batch: Batch,
+        meta: Meta,
+        ukeys: np.ndarray,
+        summed: np.ndarray,
+        counts: np.ndarray,
+        lr_scale: float,
+        stamp: int,
+    ) -> tuple[PushResult, Meta]:
         spec = self.spec
         version, step = meta.version + 1, meta.step + 1
         found, raw, _ = self.store.get_records(ukeys)
@@ -205,15 +257,16 @@ class TableState:
         old_versions = recs["v"][found].copy()
         if len(idx):
             rows32 = rowdtype.decode(recs["row"][idx], spec.dtype)
-            new_rows, new_state = apply_rows(spec.optimizer, rows32, np.asarray(recs["state"][idx]),
-                                             summed[idx], step, lr_scale)
+            new_rows, new_state = apply_rows(
+                spec.optimizer, rows32, np.asarray(recs["state"][idx]), summed[idx], step, lr_scale
+            )
             if not np.isfinite(new_rows).all() or not np.isfinite(new_state).all():
-                raise Unprocessable(f"table {meta.name!r}: this push would make rows non-finite "
-                                    "(overflow); nothing was changed")
+                raise Unprocessable(
+                    f"table {meta.name!r}: this push would make rows non-finite (overflow); nothing was changed"
+                )
             stored = rowdtype.encode(new_rows, spec.dtype)
             if spec.dtype == "float16" and not np.isfinite(stored).all():
-                raise Unprocessable(f"table {meta.name!r}: this push overflows float16 rows; "
-                                    "nothing was changed")
+                raise Unprocessable(f"table {meta.name!r}: this push overflows float16 rows; nothing was changed")
             out = np.empty(len(idx), dtype=self.rec)
             out["v"] = version
             out["row"] = stored
@@ -224,9 +277,16 @@ class TableState:
                 self.store.lru_move(batch, ukeys[new & touch], None, version)
         rows = meta.rows + created
         evicted = self._evict(batch, version, ukeys[idx], rows) if spec.eviction is not None else 0
-        meta = replace(meta, version=version, step=step, stamp=stamp, rows=rows - evicted,
-                       admitted=meta.admitted + created, refused=meta.refused + refused,
-                       evicted=meta.evicted + evicted)
+        meta = replace(
+            meta,
+            version=version,
+            step=step,
+            stamp=stamp,
+            rows=rows - evicted,
+            admitted=meta.admitted + created,
+            refused=meta.refused + refused,
+            evicted=meta.evicted + evicted,
+        )
         self.store.meta_put(batch, META_KEY, meta.to_bytes())
         self.store.meta_put(batch, VERSION_KEY, version.to_bytes(8, "little"))
         return PushResult(version, len(idx), created, refused, evicted), meta
@@ -238,12 +298,15 @@ class TableState:
         spec = self.spec.eviction
         skip = set(touched.tolist())
         cutoff = eviction.ttl_cutoff(spec, version)
-        vs, ks = (self.store.lru_oldest(MAX_TTL_EVICTIONS, before_version=cutoff, skip=skip)
-                  if cutoff is not None else (np.zeros(0, np.uint64), np.zeros(0, np.uint64)))
+        vs, ks = (
+            self.store.lru_oldest(MAX_TTL_EVICTIONS, before_version=cutoff, skip=skip)
+            if cutoff is not None
+            else (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+        )
         excess = eviction.excess_rows(spec, rows - len(ks))
         if excess:
             more_v, more_k = self.store.lru_oldest(len(ks) + excess, skip=skip)
-            more_v, more_k = more_v[len(ks):], more_k[len(ks):]
+            more_v, more_k = more_v[len(ks) :], more_k[len(ks) :]
             vs, ks = np.concatenate([vs, more_v]), np.concatenate([ks, more_k])
             short = excess - len(more_k)
             if short > 0:  # this push created more rows than max_rows: its lowest IDs go
@@ -262,11 +325,13 @@ class TableState:
         if grads.dtype.kind != "f":
             raise Unprocessable(f"grads: expected floats, got {grads.dtype}")
         if grads.ndim != 2 or grads.shape[0] != n:
-            raise Unprocessable(f"grads: expected shape [{n}, {self.spec.dim}] (one row per ID), "
-                                f"got {list(grads.shape)}")
+            raise Unprocessable(
+                f"grads: expected shape [{n}, {self.spec.dim}] (one row per ID), got {list(grads.shape)}"
+            )
         if grads.shape[1] != self.spec.dim:
-            raise Unprocessable(f"grads: rows have {grads.shape[1]} values but table "
-                                f"{self.name!r} has dim {self.spec.dim}")
+            raise Unprocessable(
+                f"grads: rows have {grads.shape[1]} values but table {self.name!r} has dim {self.spec.dim}"
+            )
         grads = grads.astype(np.float32, copy=False)
         if not np.isfinite(grads).all():
             raise Unprocessable("grads contain NaN or Inf")
@@ -278,15 +343,18 @@ class TableState:
             return 1.0
         current = self._meta.version
         if base > current:
-            raise Conflict(f"base_version {base} is newer than table {self.name!r} (version {current})",
-                           current_version=current)
+            raise Conflict(
+                f"base_version {base} is newer than table {self.name!r} (version {current})", current_version=current
+            )
         staleness = current - base
         if self.spec.staleness_policy == "scale":
             return 1.0 / (1 + staleness)
         if self.spec.max_staleness is not None and staleness > self.spec.max_staleness:
-            raise Conflict(f"push to table {self.name!r} was computed on version {base}, {staleness} "
-                           f"versions behind {current} (max_staleness {self.spec.max_staleness})",
-                           current_version=current)
+            raise Conflict(
+                f"push to table {self.name!r} was computed on version {base}, {staleness} "
+                f"versions behind {current} (max_staleness {self.spec.max_staleness})",
+                current_version=current,
+            )
         return 1.0
 
     def _load_sketch(self) -> None:
@@ -305,8 +373,21 @@ class TableState:
         pushes (call it between pushes)."""
         h = hashlib.sha256()
         meta = self._meta
-        h.update(json.dumps([meta.name, meta.spec.to_json(), meta.version, meta.step, meta.rows,
-                             meta.admitted, meta.refused, meta.evicted], sort_keys=True).encode())
+        h.update(
+            json.dumps(
+                [
+                    meta.name,
+                    meta.spec.to_json(),
+                    meta.version,
+                    meta.step,
+                    meta.rows,
+                    meta.admitted,
+                    meta.refused,
+                    meta.evicted,
+                ],
+                sort_keys=True,
+            ).encode()
+        )
         for keys, recs in self.store.iter_records():
             h.update(keys.astype(">u8").tobytes())
             h.update(recs.tobytes())
@@ -316,11 +397,19 @@ class TableState:
 
     def info(self) -> dict[str, Any]:
         m = self._meta
-        return {"name": m.name, "version": m.version, "rows": m.rows,
-                "bytes_on_disk": self.store.disk_bytes(),
-                "bytes_in_memory": self.store.memory_bytes() + (self.sketch.nbytes if self.sketch else 0),
-                "record_bytes": self.rec.itemsize, "step": m.step, "admitted": m.admitted,
-                "refused": m.refused, "evicted": m.evicted, "config": m.spec.to_json()}
+        return {
+            "name": m.name,
+            "version": m.version,
+            "rows": m.rows,
+            "bytes_on_disk": self.store.disk_bytes(),
+            "bytes_in_memory": self.store.memory_bytes() + (self.sketch.nbytes if self.sketch else 0),
+            "record_bytes": self.rec.itemsize,
+            "step": m.step,
+            "admitted": m.admitted,
+            "refused": m.refused,
+            "evicted": m.evicted,
+            "config": m.spec.to_json(),
+        }
 
     # ---- snapshots -----------------------------------------------------------------
     def checkpoint(self, dest: Path) -> None:

@@ -1,4 +1,5 @@
 """Table request and response bodies: safetensors, npy, JSON; bad bodies are 4xx."""
+
 from __future__ import annotations
 
 import io
@@ -9,7 +10,8 @@ import pytest
 import safetensors
 import torch
 from safetensors.numpy import save
-from safetensors.torch import load as load_torch, save as save_torch
+from safetensors.torch import load as load_torch
+from safetensors.torch import save as save_torch
 
 from api import table_wire as tw
 from store.errors import InvalidRequest, NotAcceptable, Unprocessable, UnsupportedMediaType
@@ -31,18 +33,21 @@ def test_lookup_bodies() -> None:
     assert tw.decode_lookup(tw.SAFETENSORS, save({"ids": u})).dtype == np.uint64
 
 
-@pytest.mark.parametrize("ctype,body,err", [
-    (tw.SAFETENSORS, save({"ids": np.array([1.0, 2.0])}), Unprocessable),
-    (tw.SAFETENSORS, save({"ids": np.ones((2, 2), np.int64)}), Unprocessable),
-    (tw.SAFETENSORS, save({"idz": np.ones(2, np.int64)}), InvalidRequest),
-    (tw.SAFETENSORS, b"garbage", InvalidRequest),
-    (tw.NPY, npy(np.array([1.5])), Unprocessable),
-    (tw.NPY, b"\x93NUMPY garbage", InvalidRequest),
-    (tw.JSON, b'{"ids": [1.5]}', Unprocessable),
-    (tw.JSON, b'{"ids": [1], "x": 1}', InvalidRequest),
-    (tw.JSON, b"[1, 2]", InvalidRequest),
-    ("text/plain", b"1,2", UnsupportedMediaType),
-])
+@pytest.mark.parametrize(
+    "ctype,body,err",
+    [
+        (tw.SAFETENSORS, save({"ids": np.array([1.0, 2.0])}), Unprocessable),
+        (tw.SAFETENSORS, save({"ids": np.ones((2, 2), np.int64)}), Unprocessable),
+        (tw.SAFETENSORS, save({"idz": np.ones(2, np.int64)}), InvalidRequest),
+        (tw.SAFETENSORS, b"garbage", InvalidRequest),
+        (tw.NPY, npy(np.array([1.5])), Unprocessable),
+        (tw.NPY, b"\x93NUMPY garbage", InvalidRequest),
+        (tw.JSON, b'{"ids": [1.5]}', Unprocessable),
+        (tw.JSON, b'{"ids": [1], "x": 1}', InvalidRequest),
+        (tw.JSON, b"[1, 2]", InvalidRequest),
+        ("text/plain", b"1,2", UnsupportedMediaType),
+    ],
+)
 def test_bad_lookup_bodies(ctype: str, body: bytes, err: type) -> None:
     with pytest.raises(err):
         tw.decode_lookup(ctype, body)
@@ -64,18 +69,21 @@ def test_push_bodies() -> None:
     st = save_torch({"ids": torch.from_numpy(ids), "grads": bf})
     assert np.array_equal(tw.decode_push(tw.SAFETENSORS, st)[1], bf.float().numpy())
     ids2, g2 = tw.decode_push(tw.JSON, json.dumps({"ids": [1, 2], "grads": [[1, 2], [3, 4]]}).encode())
-    assert g2.dtype == np.float32 and g2.tolist() == [[1, 2], [3, 4]]
+    assert ids2.tolist() == [1, 2] and g2.dtype == np.float32 and g2.tolist() == [[1, 2], [3, 4]]
 
 
-@pytest.mark.parametrize("ctype,body,err", [
-    (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64)}), InvalidRequest),
-    (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64), "grads": np.ones((2, 2), np.int32)}), Unprocessable),
-    (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64), "grads": np.ones(4, np.float32)}), Unprocessable),
-    (tw.JSON, b'{"ids": [1, 2], "grads": [[1], [2, 3]]}', Unprocessable),
-    (tw.JSON, b'{"ids": [1], "grads": [["x"]]}', Unprocessable),
-    (tw.JSON, b'{"ids": [1]}', InvalidRequest),
-    (tw.NPY, npy(np.ones(2, np.int64)), UnsupportedMediaType),
-])
+@pytest.mark.parametrize(
+    "ctype,body,err",
+    [
+        (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64)}), InvalidRequest),
+        (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64), "grads": np.ones((2, 2), np.int32)}), Unprocessable),
+        (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64), "grads": np.ones(4, np.float32)}), Unprocessable),
+        (tw.JSON, b'{"ids": [1, 2], "grads": [[1], [2, 3]]}', Unprocessable),
+        (tw.JSON, b'{"ids": [1], "grads": [["x"]]}', Unprocessable),
+        (tw.JSON, b'{"ids": [1]}', InvalidRequest),
+        (tw.NPY, npy(np.ones(2, np.int64)), UnsupportedMediaType),
+    ],
+)
 def test_bad_push_bodies(ctype: str, body: bytes, err: type) -> None:
     with pytest.raises(err):
         tw.decode_push(ctype, body)
@@ -85,13 +93,16 @@ def test_row_responses() -> None:
     rows = np.arange(6, dtype=np.float32).reshape(3, 2)
     st = dict(safetensors.deserialize(tw.encode_rows(tw.SAFETENSORS, rows, "float32", {"version": "4"})))
     assert st["rows"]["dtype"] == "F32" and np.frombuffer(st["rows"]["data"], np.float32).tolist() == list(range(6))
-    assert np.load(io.BytesIO(tw.encode_rows(tw.NPY, rows, "float32", {})), allow_pickle=False).tolist() \
-        == rows.tolist()
+    assert (
+        np.load(io.BytesIO(tw.encode_rows(tw.NPY, rows, "float32", {})), allow_pickle=False).tolist() == rows.tolist()
+    )
     bf = rowdtype.encode(rows, "bfloat16")
     back = load_torch(tw.encode_rows(tw.SAFETENSORS, bf, "bfloat16", {}))["rows"]
     assert back.dtype == torch.bfloat16 and back.float().numpy().tolist() == rows.tolist()
     assert json.loads(tw.encode_rows(tw.JSON, bf, "bfloat16", {"version": "1"})) == {
-        "rows": rows.tolist(), "version": "1"}
+        "rows": rows.tolist(),
+        "version": "1",
+    }
 
 
 def test_negotiate() -> None:

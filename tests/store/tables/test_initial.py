@@ -1,5 +1,6 @@
 """Initial rows: deterministic from (seed, ID), the same bytes in another
 process, the distributions asked for, and portable maths close to libm."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,10 +37,13 @@ def digest(raw: dict) -> str:
 
 def test_same_bytes_in_another_process() -> None:
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
-                         env=env).stdout.split()
-    assert out == [digest({"type": "uniform", "bound": 0.5, "seed": 9}),
-                   digest({"type": "normal", "std": 0.1, "seed": 9})]
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
+    assert out == [
+        digest({"type": "uniform", "bound": 0.5, "seed": 9}),
+        digest({"type": "normal", "std": 0.1, "seed": 9}),
+    ]
 
 
 def test_pinned_values() -> None:
@@ -65,8 +69,7 @@ def test_zeros() -> None:
 
 
 def test_uniform_range_and_mean() -> None:
-    rows = initial_rows(parse_initializer({"type": "uniform", "bound": 0.25}),
-                        np.arange(20000, dtype=np.uint64), 16)
+    rows = initial_rows(parse_initializer({"type": "uniform", "bound": 0.25}), np.arange(20000, dtype=np.uint64), 16)
     assert rows.dtype == np.float32 and rows.shape == (20000, 16)
     assert rows.min() >= -0.25 and rows.max() < 0.25
     assert abs(float(rows.mean())) < 0.002
@@ -75,8 +78,9 @@ def test_uniform_range_and_mean() -> None:
 
 @pytest.mark.parametrize("dim", [1, 7, 64])
 def test_normal_moments(dim: int) -> None:
-    rows = initial_rows(parse_initializer({"type": "normal", "std": 2.0}),
-                        np.arange(200000 // dim, dtype=np.uint64), dim).astype(np.float64)
+    rows = initial_rows(
+        parse_initializer({"type": "normal", "std": 2.0}), np.arange(200000 // dim, dtype=np.uint64), dim
+    ).astype(np.float64)
     assert rows.shape[1] == dim and rows.flags["C_CONTIGUOUS"]
     z = rows.reshape(-1) / 2.0
     assert abs(z.mean()) < 0.02

@@ -1,4 +1,5 @@
 """The tables of a shard: create, delete, and replays after a restart change nothing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,16 @@ def test_create_get_delete(tmp_path: Path) -> None:
 def test_replay_after_restart_changes_nothing(tmp_path: Path) -> None:
     """The log from the last Raft snapshot is applied again at restart: every
     create, delete and push it holds was applied to the tables already."""
-    log = [("create", "a", 2), ("push", "a", 3), ("create", "b", 4), ("delete", "a", 5),
-           ("create", "a", 6), ("push", "b", 7), ("create", "c", 8), ("push", "a", 9)]
+    log = [
+        ("create", "a", 2),
+        ("push", "a", 3),
+        ("create", "b", 4),
+        ("delete", "a", 5),
+        ("create", "a", 6),
+        ("push", "b", 7),
+        ("create", "c", 8),
+        ("push", "a", 9),
+    ]
 
     def run(tables: Tables) -> list[object]:
         out: list[object] = []
@@ -44,8 +53,7 @@ def test_replay_after_restart_changes_nothing(tmp_path: Path) -> None:
             elif op == "delete":
                 out.append(tables.delete(name, stamp).replayed)
             else:
-                out.append(tables.get(name).push(np.array([stamp]), np.ones((1, 4), np.float32),
-                                                 stamp=stamp).duplicate)
+                out.append(tables.get(name).push(np.array([stamp]), np.ones((1, 4), np.float32), stamp=stamp).duplicate)
         return out
 
     first = Tables(tmp_path)

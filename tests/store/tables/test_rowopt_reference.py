@@ -6,6 +6,7 @@ coalesces the duplicates); rowwise_adagrad is compared with FBGEMM's
 EXACT_ROWWISE_ADAGRAD written in torch ops; ftrl with McMahan et al. 2013,
 Algorithm 1 (plus the learning-rate power), written in torch ops.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,11 +24,12 @@ TOL = 1e-6
 CASES: list[tuple[str, dict]] = [
     ("sgd", {"type": "sgd", "lr": 0.05}),
     ("adagrad", {"type": "adagrad", "lr": 0.05}),
-    ("adagrad-all", {"type": "adagrad", "lr": 0.05, "lr_decay": 0.01, "eps": 1e-8,
-                     "initial_accumulator_value": 0.1}),
+    ("adagrad-all", {"type": "adagrad", "lr": 0.05, "lr_decay": 0.01, "eps": 1e-8, "initial_accumulator_value": 0.1}),
     ("rowwise_adagrad", {"type": "rowwise_adagrad", "lr": 0.05}),
-    ("rowwise_adagrad-wd", {"type": "rowwise_adagrad", "lr": 0.05, "eps": 1e-6, "weight_decay": 0.01,
-                            "initial_accumulator_value": 0.01}),
+    (
+        "rowwise_adagrad-wd",
+        {"type": "rowwise_adagrad", "lr": 0.05, "eps": 1e-6, "weight_decay": 0.01, "initial_accumulator_value": 0.01},
+    ),
     ("sparse_adam", {"type": "sparse_adam", "lr": 0.01}),
     ("sparse_adam-betas", {"type": "sparse_adam", "lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6}),
     ("ftrl", {"type": "ftrl", "lr": 0.1}),
@@ -76,13 +78,16 @@ class TorchReference:
         if kind == "sgd":
             self.opt = torch.optim.SGD([self.param], lr=spec["lr"], foreach=False)
         elif kind == "adagrad":
-            self.opt = torch.optim.Adagrad([self.param], lr=spec["lr"], lr_decay=spec["lr_decay"],
-                                           eps=spec["eps"],
-                                           initial_accumulator_value=spec["initial_accumulator_value"],
-                                           foreach=False)
+            self.opt = torch.optim.Adagrad(
+                [self.param],
+                lr=spec["lr"],
+                lr_decay=spec["lr_decay"],
+                eps=spec["eps"],
+                initial_accumulator_value=spec["initial_accumulator_value"],
+                foreach=False,
+            )
         elif kind == "sparse_adam":
-            self.opt = torch.optim.SparseAdam([self.param], lr=spec["lr"], betas=tuple(spec["betas"]),
-                                              eps=spec["eps"])
+            self.opt = torch.optim.SparseAdam([self.param], lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"])
         elif kind == "rowwise_adagrad":
             self.acc = torch.full((start.shape[0],), spec["initial_accumulator_value"], dtype=torch.float32)
         elif kind == "ftrl":
@@ -91,14 +96,16 @@ class TorchReference:
 
     def push(self, ids: np.ndarray, grads: np.ndarray) -> None:
         placed = in_torch_summing_order(ids, grads) if self.same_order else grads
-        sparse = torch.sparse_coo_tensor(torch.from_numpy(ids)[None, :], torch.from_numpy(placed),
-                                         self.param.shape, check_invariants=False)
+        sparse = torch.sparse_coo_tensor(
+            torch.from_numpy(ids)[None, :], torch.from_numpy(placed), self.param.shape, check_invariants=False
+        )
         kind = self.spec["type"]
         if kind in ("sgd", "adagrad", "sparse_adam"):
             # coalesced: SGD would otherwise add each duplicate row on its own
             # (one rounding each); the store sums duplicates first, as the others do
             self.param.grad = sparse.coalesce()
-            self.opt.step()
+            with torch.sparse.check_sparse_tensor_invariants(enable=True):  # torch warns unless told
+                self.opt.step()
             return
         g = sparse.coalesce()
         idx, vals = g.indices()[0], g.values()
@@ -119,14 +126,18 @@ class TorchReference:
         p, alpha = -s["lr_power"], s["lr"]
         n_old, z_old, w_old = self.n[idx], self.z[idx], w[idx]
         n_new = n_old + vals * vals
-        sigma = (n_new.double() ** p - n_old.double() ** p).float() / alpha if p not in (0.5, 0.0) else (
-            (n_new.sqrt() - n_old.sqrt()) / alpha if p == 0.5 else torch.zeros_like(n_new))
+        sigma = (
+            (n_new.double() ** p - n_old.double() ** p).float() / alpha
+            if p not in (0.5, 0.0)
+            else ((n_new.sqrt() - n_old.sqrt()) / alpha if p == 0.5 else torch.zeros_like(n_new))
+        )
         z = z_old + vals - sigma * w_old
-        n_new_p = n_new.sqrt() if p == 0.5 else (torch.ones_like(n_new) if p == 0.0
-                                                 else (n_new.double() ** p).float())
-        w_new = torch.where(z.abs() > s["l1"],
-                            (torch.sign(z) * s["l1"] - z) / ((s["beta"] + n_new_p) / alpha + s["l2"]),
-                            torch.zeros_like(z))
+        n_new_p = n_new.sqrt() if p == 0.5 else (torch.ones_like(n_new) if p == 0.0 else (n_new.double() ** p).float())
+        w_new = torch.where(
+            z.abs() > s["l1"],
+            (torch.sign(z) * s["l1"] - z) / ((s["beta"] + n_new_p) / alpha + s["l2"]),
+            torch.zeros_like(z),
+        )
         self.z[idx], self.n[idx], w[idx] = z, n_new, w_new
 
     def rows(self) -> np.ndarray:

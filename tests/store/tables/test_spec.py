@@ -1,4 +1,5 @@
 """Table configuration and ID validation: every bad value is a 422 naming its field."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,12 +13,23 @@ from store.tables.spec import check_name, parse_spec
 def test_defaults_and_round_trip() -> None:
     spec = parse_spec({"dim": 8})
     assert (spec.dtype, spec.id_dtype, spec.initializer.type, spec.optimizer.type) == (
-        "float32", "int64", "zeros", "sgd")
-    full = parse_spec({"dim": 16, "dtype": "bfloat16", "id_dtype": "uint64",
-                       "initializer": {"type": "normal", "std": 0.02, "seed": 7},
-                       "optimizer": {"type": "ftrl", "lr": 0.1, "l1": 0.5, "lr_power": -0.25},
-                       "admission": {"min_count": 3, "width": 1024, "depth": 2},
-                       "eviction": {"ttl_versions": 100}, "max_staleness": 4})
+        "float32",
+        "int64",
+        "zeros",
+        "sgd",
+    )
+    full = parse_spec(
+        {
+            "dim": 16,
+            "dtype": "bfloat16",
+            "id_dtype": "uint64",
+            "initializer": {"type": "normal", "std": 0.02, "seed": 7},
+            "optimizer": {"type": "ftrl", "lr": 0.1, "l1": 0.5, "lr_power": -0.25},
+            "admission": {"min_count": 3, "width": 1024, "depth": 2},
+            "eviction": {"ttl_versions": 100},
+            "max_staleness": 4,
+        }
+    )
     assert parse_spec(full.to_json()) == full
     assert full.to_json()["optimizer"]["lr_power"] == -0.25
 
@@ -85,6 +97,7 @@ PINNED_SHARDS = [0, 1, 0]
 
 def test_ids_spread_over_shards_stably() -> None:
     from store.tables.ids import shard_of_keys, split_by_shard
+
     keys = np.arange(100_000, dtype=np.uint64)
     owner = shard_of_keys(keys, 3)
     counts = np.bincount(owner, minlength=3)

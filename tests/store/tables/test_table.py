@@ -1,8 +1,8 @@
 """TableState: lookups, pushes, admission, eviction, replay, snapshots, bad input."""
+
 from __future__ import annotations
 
 import io
-import os
 import socket
 import threading
 import time
@@ -79,8 +79,9 @@ BAD_PUSHES = [
 
 
 @pytest.mark.parametrize("label,bad_ids,bad_grads", BAD_PUSHES, ids=[b[0] for b in BAD_PUSHES])
-def test_bad_push_is_refused_and_changes_nothing(tmp_path: Path, label: str, bad_ids: np.ndarray,
-                                                 bad_grads: np.ndarray) -> None:
+def test_bad_push_is_refused_and_changes_nothing(
+    tmp_path: Path, label: str, bad_ids: np.ndarray, bad_grads: np.ndarray
+) -> None:
     t = make(tmp_path, optimizer={"type": "sparse_adam"}, admission={"min_count": 2})
     t.push(ids(1, 3), grads([1, 1, 1, 1], [2, 2, 2, 2]))
     before = t.digest()
@@ -127,7 +128,7 @@ def test_state_survives_reopen_and_continues_identically(tmp_path: Path) -> None
 
 def test_admission_counts_pushes_before_creating_a_row(tmp_path: Path) -> None:
     t = make(tmp_path, optimizer={"type": "sgd", "lr": 1.0}, admission={"min_count": 3, "width": 1024})
-    for n in (1, 2):
+    for _ in range(2):
         r = t.push(ids(9), grads([1, 1, 1, 1]))
         assert (r.created, r.refused, r.rows) == (0, 1, 0)
         assert t.lookup(ids(9))[0].tolist() == [[0, 0, 0, 0]] and t.rows_stored() == 0
@@ -156,8 +157,8 @@ def test_admission_memory_is_bounded(tmp_path: Path) -> None:
 def test_ttl_eviction_by_versions(tmp_path: Path) -> None:
     t = make(tmp_path, optimizer={"type": "sgd", "lr": 1.0}, eviction={"ttl_versions": 2})
     one = grads([1, 1, 1, 1])
-    t.push(ids(1), one)      # v1
-    t.push(ids(2), one)      # v2
+    t.push(ids(1), one)  # v1
+    t.push(ids(2), one)  # v2
     assert t.push(ids(2), one).evicted == 0  # v3: row 1 is 2 versions old
     r = t.push(ids(2), one)  # v4: row 1 is 3 versions old
     assert r.evicted == 1 and t.rows_stored() == 1
@@ -169,11 +170,11 @@ def test_max_rows_evicts_least_recently_updated(tmp_path: Path) -> None:
     t = make(tmp_path, eviction={"max_rows": 3})
     one = np.ones((1, 4), np.float32)
     t.push(ids(3, 1, 2), np.ones((3, 4), np.float32))  # v1
-    assert t.push(ids(4), one).evicted == 1            # v2: 1 is the oldest (v1, lowest ID)
+    assert t.push(ids(4), one).evicted == 1  # v2: 1 is the oldest (v1, lowest ID)
     first = t.lookup(ids(1, 2, 3, 4))[0][:, 0]
     assert t.rows_stored() == 3 and first.tolist() == [0] + [np.float32(-0.01)] * 3
-    t.push(ids(2), one)                                # v3
-    t.push(ids(5), one)                                # v4: 3 (v1) goes
+    t.push(ids(2), one)  # v3
+    t.push(ids(5), one)  # v4: 3 (v1) goes
     assert t.lookup(ids(3))[0].tolist() == [[0, 0, 0, 0]]
     assert t.lookup(ids(2))[0][0, 0] == np.float32(-0.01) + np.float32(-0.01)
 
@@ -191,14 +192,19 @@ def test_replicas_with_different_clocks_and_memory_agree(tmp_path: Path) -> None
     """Admission and eviction depend on the pushes only: two state machines fed
     the same pushes with wall clocks a day apart and different memory caps end
     with identical bytes."""
-    cfg = {"dim": 8, "optimizer": {"type": "rowwise_adagrad", "lr": 0.1},
-           "admission": {"min_count": 2, "width": 256, "depth": 2},
-           "eviction": {"ttl_versions": 10, "max_rows": 40}}
+    cfg = {
+        "dim": 8,
+        "optimizer": {"type": "rowwise_adagrad", "lr": 0.1},
+        "admission": {"min_count": 2, "width": 256, "depth": 2},
+        "eviction": {"ttl_versions": 10, "max_rows": 40},
+    }
     digests = []
+    real_time, real_mono = time.time, time.monotonic
     for name, offset, cap in (("a", 0.0, 1 << 30), ("b", 86400.0, 64 << 10)):
-        real_time, real_mono = time.time, time.monotonic
-        with mock.patch("time.time", lambda: real_time() + offset), \
-                mock.patch("time.monotonic", lambda: real_mono() + offset):
+        with (
+            mock.patch("time.time", lambda offset=offset: real_time() + offset),
+            mock.patch("time.monotonic", lambda offset=offset: real_mono() + offset),
+        ):
             t = TableState.create(tmp_path / name, "emb", parse_spec(cfg), budget=MemoryBudget(cap))
             evicted = 0
             for i, (k, g) in enumerate(random_commands(7)):
@@ -224,8 +230,13 @@ def test_staleness(tmp_path: Path) -> None:
 
 
 def test_checkpoint_streams_to_another_replica(tmp_path: Path) -> None:
-    t = make(tmp_path, dim=8, optimizer={"type": "ftrl", "lr": 0.1, "l1": 0.01},
-             admission={"min_count": 2}, eviction={"max_rows": 100})
+    t = make(
+        tmp_path,
+        dim=8,
+        optimizer={"type": "ftrl", "lr": 0.1, "l1": 0.01},
+        admission={"min_count": 2},
+        eviction={"max_rows": 100},
+    )
     for i, (k, g) in enumerate(random_commands(3, 20)):
         t.push(k, g, stamp=i + 1)
     at_pin = t.digest()
@@ -264,8 +275,9 @@ def test_truncated_stream_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_low_precision_rows_update_in_float32(tmp_path: Path, dtype: str) -> None:
-    t = make(tmp_path, dtype=dtype, optimizer={"type": "adagrad", "lr": 0.1},
-             initializer={"type": "normal", "std": 1.0})
+    t = make(
+        tmp_path, dtype=dtype, optimizer={"type": "adagrad", "lr": 0.1}, initializer={"type": "normal", "std": 1.0}
+    )
     rng = np.random.default_rng(1)
     start = rowdtype.decode(t.lookup(np.arange(10))[0], dtype)
     ref_rows, acc = start.copy(), np.zeros_like(start)
@@ -278,7 +290,8 @@ def test_low_precision_rows_update_in_float32(tmp_path: Path, dtype: str) -> Non
         hit = np.unique(k)
         acc[hit] += summed[hit] * summed[hit]
         upd = ref_rows[hit].astype(np.float64) - np.float64(np.float32(0.1)) * (
-            summed[hit] / (np.sqrt(acc[hit]) + np.float32(1e-10))).astype(np.float64)
+            summed[hit] / (np.sqrt(acc[hit]) + np.float32(1e-10))
+        ).astype(np.float64)
         ref_rows[hit] = rowdtype.decode(rowdtype.encode(upd.astype(np.float32), dtype), dtype)
     stored = t.lookup(np.arange(10))[0]
     assert stored.dtype == rowdtype.STORAGE[dtype]
@@ -287,13 +300,13 @@ def test_low_precision_rows_update_in_float32(tmp_path: Path, dtype: str) -> Non
 
 def test_bfloat16_rounding_matches_torch() -> None:
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(0, 1, 10000), rng.normal(0, 1e30, 100), [0.0, -0.0, 1e-40, 3.4e38]]
-                       ).astype(np.float32)
+    x = np.concatenate([rng.normal(0, 1, 10000), rng.normal(0, 1e30, 100), [0.0, -0.0, 1e-40, 3.4e38]]).astype(
+        np.float32
+    )
     ours = rowdtype.encode(x, "bfloat16")
     theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(ours, theirs)
-    assert np.array_equal(rowdtype.decode(ours, "bfloat16"),
-                          torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    assert np.array_equal(rowdtype.decode(ours, "bfloat16"), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
 
 
 def rss() -> int:
