@@ -70,8 +70,18 @@ async def create_table(name: str, request: Request) -> Response:
 
 
 @router.get("/v1/tables/{name}")
-async def describe_table(name: str, request: Request) -> Response:
-    info = await anyio.to_thread.run_sync(_service(request).info, name)
+async def describe_table(
+    name: str,
+    request: Request,
+    digest: bool = False,
+    consistency: str = Query("local", pattern="^(local|linearizable)$"),
+) -> Response:
+    """Rows, bytes, version (summed over shards), config; `digest=1` adds each
+    shard part's sha256 (for comparing replicas)."""
+    service = _service(request)
+    if consistency == "linearizable":
+        await anyio.to_thread.run_sync(service.barrier)
+    info = await anyio.to_thread.run_sync(service.info, name, digest)
     return _json(info, headers={"ETag": f'"{info["version"]}"'})
 
 

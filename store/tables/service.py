@@ -196,12 +196,18 @@ class TableService:
             versions[shard] = version
         return out, spec, versions
 
-    def info(self, name: str) -> dict[str, Any]:
+    def info(self, name: str, digest: bool = False) -> dict[str, Any]:
+        """The table as this replica holds it; `digest`: each shard part's
+        sha256 over everything replicated (reads the whole part)."""
         parts = []
         for shard in range(self.shards):
             tables = self.host.local_tables(shard)
             if name in tables:
-                parts.append((shard, tables.get(name).info()))
+                table = tables.get(name)
+                part = table.info()
+                if digest:
+                    part["digest"] = table.digest()
+                parts.append((shard, part))
         if not parts:
             raise NotFound(f"table {name!r} does not exist")
         first = parts[0][1]
@@ -215,7 +221,7 @@ class TableService:
             "admitted": sum(p["admitted"] for _, p in parts),
             "refused": sum(p["refused"] for _, p in parts),
             "evicted": sum(p["evicted"] for _, p in parts),
-            "shards": {str(s): {"version": p["version"], "rows": p["rows"]} for s, p in parts},
+            "shards": {str(s): {k: p[k] for k in ("version", "rows", "digest") if k in p} for s, p in parts},
         }
 
     def list(self) -> list[dict[str, Any]]:
