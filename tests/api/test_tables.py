@@ -215,3 +215,25 @@ def test_request_id_applies_once(client: TestClient) -> None:
         r = push_st(client, name, np.array([1, 2, 3]), np.ones((3, 4), np.float32), **{"X-Request-Id": "once"})
         assert r.status_code == 200, r.text
     assert lookup_json(client, name, [1]) == [[-1.0] * 4]
+
+
+def test_a_read_token_may_look_up_but_not_push(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from api.app import create_app
+    from store.config import config_from_mapping
+    from tests.helpers.apps import raw_config
+
+    raw = raw_config(
+        tmp_path_factory.mktemp("tables-auth"), auth={"read_tokens": ["reader-tok"], "write_tokens": ["writer-tok"]}
+    )
+    reader, writer = {"Authorization": "Bearer reader-tok"}, {"Authorization": "Bearer writer-tok"}
+    with TestClient(create_app(config_from_mapping(raw))) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 15, "replica ready")
+        assert_error(c.put("/v1/tables/t", json={"dim": 2}, headers=reader), 403, "forbidden")
+        assert c.put("/v1/tables/t", json={"dim": 2}, headers=writer).status_code == 201
+        body = save({"ids": np.array([1]), "grads": np.ones((1, 2), np.float32)})
+        assert_error(
+            c.post("/v1/tables/t:push", content=body, headers={"Content-Type": ST, **reader}), 403, "forbidden"
+        )
+        r = c.post("/v1/tables/t:lookup", json={"ids": [1]}, headers={"Accept": "application/json", **reader})
+        assert r.status_code == 200 and r.json()["rows"] == [[0.0, 0.0]]
+        assert_error(c.post("/v1/tables/t:lookup", json={"ids": [1]}), 401, "unauthorized")
