@@ -116,7 +116,7 @@ def decode_lookup(content_type: str | None, body: Any) -> np.ndarray:
     if kind == SAFETENSORS:
         parts = _safetensors(body)
         if set(parts) != {"ids"}:
-            raise InvalidRequest(f"lookup body must hold exactly 'ids', got {sorted(parts)}")
+            raise Unprocessable(f"lookup body must hold exactly 'ids', got {sorted(parts)}")
         return _st_ids(parts["ids"])
     if kind == NPY:
         ids = _npy(body)
@@ -138,7 +138,7 @@ def decode_push(content_type: str | None, body: Any) -> tuple[np.ndarray, np.nda
     if kind == SAFETENSORS:
         parts = _safetensors(body)
         if set(parts) != {"ids", "grads"}:
-            raise InvalidRequest(f"push body must hold exactly 'ids' and 'grads', got {sorted(parts)}")
+            raise Unprocessable(f"push body must hold exactly 'ids' and 'grads', got {sorted(parts)}")
         return _st_ids(parts["ids"]), _st_grads(parts["grads"])
     if kind == JSON:
         doc = _json(body)

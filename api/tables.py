@@ -12,18 +12,118 @@ from typing import Any
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
-from store.errors import InvalidRequest, PayloadTooLarge, Unprocessable
+from store.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from store.tables.service import TableService
+from store.tables.spec import INITIALIZERS, NAME_RE, OPTIMIZERS, STORAGE_DTYPES
 
 from . import headers as h
+from . import openapi as oa
 from . import table_wire as tw
 from . import wire
 from .bridge import wait
 
 router = APIRouter()
+
+
+class TableNameConvertor(Convertor[str]):
+    """Table names have no ':', so /v1/tables/x:lookup never matches /v1/tables/{name}."""
+
+    regex = NAME_RE.pattern.strip("^$").replace("{1,200}", "+")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("table", TableNameConvertor())
+TableName = Path(json_schema_extra={"pattern": NAME_RE.pattern}, description="1-200 letters, digits and _ . -")
+
+# ---- the OpenAPI description (api/openapi.py serves it) -------------------------------
+_INT_LIST = {"type": "array", "items": {"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1}}
+_CONFIG = {
+    "type": "object",
+    "required": ["dim"],
+    "properties": {
+        "dim": {"type": "integer", "minimum": 1, "maximum": 1 << 16},
+        "dtype": {"type": "string", "enum": list(STORAGE_DTYPES)},
+        "id_dtype": {"type": "string", "enum": ["int64", "uint64"]},
+        "initializer": {"type": "object", "properties": {"type": {"type": "string", "enum": list(INITIALIZERS)}}},
+        "optimizer": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"type": "string", "enum": list(OPTIMIZERS)}},
+        },
+        "admission": {"type": "object"},
+        "eviction": {"type": "object"},
+        "max_staleness": {"type": "integer", "minimum": 0},
+        "staleness_policy": {"type": "string", "enum": ["reject", "scale"]},
+    },
+}
+_INFO = {"type": "object", "required": ["name", "version", "rows", "config", "shards"]}
+_ROWS = {
+    200: {
+        "description": "The rows, in the order of the IDs (Accept: safetensors, npy or JSON)",
+        "headers": {
+            "X-Versions": {"description": "JSON: each shard part's version", "schema": {"type": "string"}},
+            "X-Dtype": {"description": "the table's row dtype", "schema": {"type": "string"}},
+        },
+        "content": {
+            tw.SAFETENSORS: {"schema": oa.BINARY},
+            tw.NPY: {"schema": oa.BINARY},
+            tw.JSON: {"schema": {"type": "object", "required": ["rows"]}},
+        },
+    }
+}
+_LOOKUP_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the IDs: safetensors `ids`, .npy, or JSON",
+        "content": {
+            tw.SAFETENSORS: {"schema": oa.BINARY},
+            tw.NPY: {"schema": oa.BINARY},
+            tw.JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["ids"],
+                    "properties": {"ids": _INT_LIST},
+                    "additionalProperties": False,
+                }
+            },
+        },
+    }
+}
+_PUSH_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "safetensors `ids` and `grads` (n x dim), or JSON",
+        "content": {
+            tw.SAFETENSORS: {"schema": oa.BINARY},
+            tw.JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["ids", "grads"],
+                    "properties": {
+                        "ids": _INT_LIST,
+                        "grads": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                    },
+                    "additionalProperties": False,
+                }
+            },
+        },
+    },
+    "parameters": [oa.BASE_VERSION, oa.REQUEST_ID],
+}
+_CREATE_BODY = {
+    "requestBody": {"required": True, "description": "the table config", "content": {tw.JSON: {"schema": _CONFIG}}},
+    "parameters": [oa.REQUEST_ID],
+}
+_DELETE = {"parameters": [oa.IF_MATCH, oa.REQUEST_ID]}
 
 
 def _service(request: Request) -> TableService:
@@ -49,16 +149,24 @@ def _check_count(ids: np.ndarray, limit: int) -> None:
         raise PayloadTooLarge(f"at most {limit} IDs per request (limits.table_max_ids), got {len(ids)}")
 
 
-@router.get("/v1/tables")
+@router.get("/v1/tables", responses=oa.json_ok({"type": "array", "items": _INFO}, "Every table"))
 async def list_tables(request: Request) -> Response:
     return _json(await anyio.to_thread.run_sync(_service(request).list))
 
 
-@router.put("/v1/tables/{name}", status_code=201)
-async def create_table(name: str, request: Request) -> Response:
+@router.put(
+    "/v1/tables/{name:table}",
+    status_code=201,
+    openapi_extra=_CREATE_BODY,
+    responses={
+        201: {"description": "Created", "content": {tw.JSON: {"schema": oa.OBJECT}}},
+        **oa.answers(400, 404, 409, 413, 415, 422, 503),
+    },
+)
+async def create_table(request: Request, name: str = TableName) -> Response:
     """JSON config: dim, dtype, id_dtype, initializer, optimizer, admission, eviction."""
     if wire.media_type(request.headers.get("content-type")) not in ("", tw.JSON):
-        raise Unprocessable("a table config is a JSON object (Content-Type: application/json)")
+        raise UnsupportedMediaType("a table config is a JSON object (Content-Type: application/json)")
     body = await wire.read_body(request, 1 << 20)
     try:
         config = json.loads(bytes(body) or b"null")
@@ -69,7 +177,10 @@ async def create_table(name: str, request: Request) -> Response:
     return _json(result, status=201)
 
 
-@router.get("/v1/tables/{name}")
+@router.get(
+    "/v1/tables/{name:table}",
+    responses={**oa.json_ok(_INFO, "The table as this replica holds it"), **oa.answers(400, 404, 503)},
+)
 async def describe_table(
     name: str,
     request: Request,
@@ -85,8 +196,12 @@ async def describe_table(
     return _json(info, headers={"ETag": f'"{info["version"]}"'})
 
 
-@router.delete("/v1/tables/{name}")
-async def delete_table(name: str, request: Request) -> Response:
+@router.delete(
+    "/v1/tables/{name:table}",
+    openapi_extra=_DELETE,
+    responses={**oa.json_ok(oa.OBJECT, "Deleted"), **oa.answers(400, 404, 409, 412, 422, 503)},
+)
+async def delete_table(request: Request, name: str = TableName) -> Response:
     if_match = h.version_tag(request.headers.get("if-match"), "If-Match")
     rid = h.request_id(request.headers.get("x-request-id"))
     service = _service(request)
@@ -96,7 +211,12 @@ async def delete_table(name: str, request: Request) -> Response:
     return _json(await wait(fut, _limits(request).request_timeout, "table delete"))
 
 
-@router.post("/v1/tables/{name}:lookup")
+@router.post(
+    "/v1/tables/{name:table}:lookup",
+    openapi_extra=_LOOKUP_BODY,
+    response_class=Response,
+    responses={**_ROWS, **oa.answers(400, 404, 406, 413, 415, 422, 503)},
+)
 async def lookup_rows(
     name: str, request: Request, consistency: str = Query("local", pattern="^(local|linearizable)$")
 ) -> Response:
@@ -115,8 +235,15 @@ async def lookup_rows(
     return Response(payload, media_type=kind, headers={"X-Versions": meta["versions"], "X-Dtype": spec.dtype})
 
 
-@router.post("/v1/tables/{name}:push")
-async def push_rows(name: str, request: Request) -> Response:
+@router.post(
+    "/v1/tables/{name:table}:push",
+    openapi_extra=_PUSH_BODY,
+    responses={
+        **oa.json_ok(oa.OBJECT, "Applied; each shard's outcome"),
+        **oa.answers(400, 404, 409, 412, 413, 415, 422, 503),
+    },
+)
+async def push_rows(request: Request, name: str = TableName) -> Response:
     """`ids` and `grads` (n x dim); duplicates are summed; one command per shard touched."""
     limits = _limits(request)
     hd = request.headers

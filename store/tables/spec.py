@@ -171,7 +171,7 @@ def parse_optimizer(raw: Any) -> OptimizerSpec:
     if not isinstance(raw, Mapping):
         raise Unprocessable('optimizer: expected an object such as {"type": "rowwise_adagrad", "lr": 0.05}')
     kind = raw.get("type")
-    if kind not in OPTIMIZERS:
+    if not isinstance(kind, str) or kind not in OPTIMIZERS:
         raise Unprocessable(f"optimizer.type: {kind!r} is not one of {', '.join(OPTIMIZERS)}")
     defaults = OPTIMIZERS[kind]
     _no_unknown(raw, set(defaults) | {"type"}, f"optimizer ({kind})")

@@ -38,7 +38,7 @@ def test_lookup_bodies() -> None:
     [
         (tw.SAFETENSORS, save({"ids": np.array([1.0, 2.0])}), Unprocessable),
         (tw.SAFETENSORS, save({"ids": np.ones((2, 2), np.int64)}), Unprocessable),
-        (tw.SAFETENSORS, save({"idz": np.ones(2, np.int64)}), InvalidRequest),
+        (tw.SAFETENSORS, save({"idz": np.ones(2, np.int64)}), Unprocessable),
         (tw.SAFETENSORS, b"garbage", InvalidRequest),
         (tw.NPY, npy(np.array([1.5])), Unprocessable),
         (tw.NPY, b"\x93NUMPY garbage", InvalidRequest),
@@ -75,7 +75,7 @@ def test_push_bodies() -> None:
 @pytest.mark.parametrize(
     "ctype,body,err",
     [
-        (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64)}), InvalidRequest),
+        (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64)}), Unprocessable),
         (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64), "grads": np.ones((2, 2), np.int32)}), Unprocessable),
         (tw.SAFETENSORS, save({"ids": np.ones(2, np.int64), "grads": np.ones(4, np.float32)}), Unprocessable),
         (tw.JSON, b'{"ids": [1, 2], "grads": [[1], [2, 3]]}', Unprocessable),

@@ -131,7 +131,7 @@ BAD_PUSHES = [
         413,
     ),
     ("not safetensors", lambda: b"garbage", 400),
-    ("missing grads", lambda: save({"ids": np.array([1])}), 400),
+    ("missing grads", lambda: save({"ids": np.array([1])}), 422),
 ]
 
 

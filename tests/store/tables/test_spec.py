@@ -46,6 +46,8 @@ BAD = [
     ("initializer (zeros)", {"dim": 4, "initializer": {"type": "zeros", "std": 1}}),
     ("initializer.seed", {"dim": 4, "initializer": {"type": "zeros", "seed": -1}}),
     ("optimizer.type", {"dim": 4, "optimizer": {"type": "adamax"}}),
+    ("optimizer.type", {"dim": 4, "optimizer": {"type": [None]}}),
+    ("initializer.type", {"dim": 4, "initializer": {"type": {"a": 1}}}),
     ("optimizer.lr", {"dim": 4, "optimizer": {"type": "sgd", "lr": 0}}),
     ("optimizer.lr", {"dim": 4, "optimizer": {"type": "sgd", "lr": True}}),
     ("optimizer (sgd)", {"dim": 4, "optimizer": {"type": "sgd", "momentum": 0.9}}),
