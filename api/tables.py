@@ -66,7 +66,7 @@ _CONFIG = {
     },
 }
 _INFO = {"type": "object", "required": ["name", "version", "rows", "config", "shards"]}
-_ROWS = {
+_ROWS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The rows, in the order of the IDs (Accept: safetensors, npy or JSON)",
         "headers": {
