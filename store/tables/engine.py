@@ -230,18 +230,24 @@ class RowStore:
 
 
 # ---- moving a checkpoint between replicas ---------------------------------------------
-# A stream is: for each file one JSON line {"name", "size"} then its bytes; then {"end": n}.
+# A stream is: for each file one JSON line {"name": relative path, "size"} then its
+# bytes; then {"end": number of files}. Paths have at most one directory level.
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file())
 
 
 def send_dir(src: Path, out: BinaryIO | socket.socket) -> int:
-    """Stream every file of `src` to `out` (sendfile: the bytes go from the
-    page cache to the socket or file without passing through this process)."""
+    """Stream every file under `src` to `out` (sendfile: the bytes go from
+    the page cache to the socket or file without passing through this process)."""
     sent = 0
-    files = sorted(f for f in Path(src).iterdir() if f.is_file())
+    files = _files(src)
     out_fd = out.fileno()
     for f in files:
         size = f.stat().st_size
-        _send_all(out, (json.dumps({"name": f.name, "size": size}) + "\n").encode())
+        rel = f.relative_to(src).as_posix()
+        _send_all(out, (json.dumps({"name": rel, "size": size}) + "\n").encode())
         with open(f, "rb") as src_file:
             offset = 0
             while offset < size:
@@ -266,6 +272,13 @@ def _send_all(out: BinaryIO | socket.socket, data: bytes) -> None:
         out.flush()
 
 
+def _safe_relative(name: Any) -> Path:
+    parts = name.split("/") if isinstance(name, str) else []
+    if not 1 <= len(parts) <= 2 or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise CorruptData(f"table stream: bad file name {name!r}")
+    return Path(*parts)
+
+
 def receive_dir(src: BinaryIO, dest: Path, chunk: int = 1 << 20) -> int:
     """Write a `send_dir` stream into `dest` (created; must not exist)."""
     dest = Path(dest)
@@ -281,10 +294,12 @@ def receive_dir(src: BinaryIO, dest: Path, chunk: int = 1 << 20) -> int:
                 if head["end"] != files:
                     raise CorruptData(f"table stream: {files} files, trailer says {head['end']}")
                 return received
-            name, size = head["name"], int(head["size"])
-            if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or size < 0:
-                raise CorruptData(f"table stream: bad file entry {head!r}")
-            with open(dest / name, "wb") as f:
+            rel, size = _safe_relative(head.get("name")), head.get("size")
+            if not isinstance(size, int) or size < 0:
+                raise CorruptData(f"table stream: bad size in {head!r}")
+            target = dest / rel
+            target.parent.mkdir(exist_ok=True)
+            with open(target, "wb") as f:
                 left = size
                 while left:
                     data = src.read(min(chunk, left))

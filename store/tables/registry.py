@@ -167,5 +167,18 @@ class Tables:
                 else:
                     child.unlink(missing_ok=True)
 
+    def checkpoint(self, dest: Path) -> None:
+        """A consistent copy of every table of the shard and of the registry,
+        as of now, in `dest` (must not exist): for a joining replica. Call it
+        between commands (the applier thread); O(files), see TableState.checkpoint."""
+        dest = Path(dest)
+        dest.mkdir(parents=True)
+        with self._lock:
+            live = dict(self.live)
+        for name, entry in sorted(live.items()):
+            self.get(name).checkpoint(dest / entry["dir"])
+        with open(dest / REGISTRY, "w") as f:
+            json.dump({"stamp": self.stamp, "live": live, "history": self.history}, f, sort_keys=True)
+
     def describe(self) -> dict[str, Any]:
         return {"stamp": self.stamp, "live": dict(self.live)}

@@ -72,3 +72,51 @@ def test_leader_killed_mid_push_restart_catches_up_to_identical_tables(make_clus
 
     wait_until(same, 60, "identical table digests on every replica", interval=0.5)
     assert survivors and victim in c.ids
+
+
+def test_a_joining_replica_receives_the_tables_over_the_data_path(tmp_path) -> None:
+    """A fourth replica joins: it downloads each shard's Raft snapshot and a
+    checkpoint of its tables (hard links at the source, sendfile), replays
+    the log after them, and serves the same rows; no election."""
+    from tests.cluster.harness import Cluster
+    from tests.ports import free_range
+
+    hosts, spare = ["127.0.0.1", "127.0.0.2", "127.0.0.3"], ["127.0.0.4"]
+    c = Cluster(tmp_path, hosts=hosts, spare_hosts=spare, base_port=free_range(5, *hosts, *spare))
+    try:
+        c.start()
+        c.wait_ready(timeout=40)
+        urls = [c.urls[n] for n in c.ids]
+        rng = np.random.default_rng(5)
+        with Client(urls, timeout=5.0, deadline=60.0) as ps:
+            ps.create_table(
+                "joined_emb",
+                dim=16,
+                optimizer={"type": "ftrl", "lr": 0.1, "l1": 0.01},
+                admission={"min_count": 2},
+                eviction={"ttl_versions": 40},
+            )
+            for _ in range(30):
+                ids = rng.zipf(1.3, 256).astype(np.int64)
+                ps.push_rows("joined_emb", ids, rng.normal(0, 1, (256, 16)).astype(np.float32))
+        terms = {n: c.terms(n) for n in c.ids}
+        c.start_joining("n4", seed="n2")
+        c.wait_ready(["n4"], timeout=60)
+        with Client(urls, timeout=5.0, deadline=60.0) as ps:  # writes after the join reach n4 through Raft
+            for _ in range(5):
+                ids = rng.zipf(1.3, 256).astype(np.int64)
+                ps.push_rows("joined_emb", ids, rng.normal(0, 1, (256, 16)).astype(np.float32))
+        assert {n: c.terms(n) for n in terms} == terms, "a join must not cause an election"
+        log = (tmp_path / "n4.log").read_text()
+        assert log.count("joining: shard") >= 2, log[-2000:]
+        everyone = [*c.ids, "n4"]
+
+        def same() -> bool:
+            for nid in everyone:
+                c.http.get(c.urls[nid] + "/v1/tables/joined_emb", params={"consistency": "linearizable"}, timeout=30)
+            seen = [digests(c, nid, "joined_emb") for nid in everyone]
+            return all(s == seen[0] for s in seen)
+
+        wait_until(same, 60, "identical table digests on all four replicas", interval=0.5)
+    finally:
+        c.close()
