@@ -120,3 +120,31 @@ def test_a_joining_replica_receives_the_tables_over_the_data_path(tmp_path) -> N
         wait_until(same, 60, "identical table digests on all four replicas", interval=0.5)
     finally:
         c.close()
+
+
+def test_a_replica_brought_up_to_date_by_a_snapshot_fetches_the_tables(make_cluster) -> None:
+    """A replica down while the others compact their logs gets a Raft snapshot
+    from the leader, which does not hold tables: it then fetches the leader's
+    tables over the data path before applying anything after the snapshot."""
+    c = make_cluster(raft={"compaction_min_entries": 20})
+    name = "lagging_emb"
+    urls = [c.urls[n] for n in c.ids]
+    rng = np.random.default_rng(9)
+    with Client(urls, timeout=5.0, deadline=60.0) as ps:
+        ps.create_table(name, dim=8, optimizer={"type": "adagrad", "lr": 0.1})
+        ps.push_rows(name, np.arange(100), np.ones((100, 8), np.float32))
+        c.kill("n3")
+        with Client([c.urls["n1"], c.urls["n2"]], timeout=5.0, deadline=60.0) as two:
+            for _ in range(80):  # far more entries than the logs keep
+                ids = rng.integers(0, 500, 64)
+                two.push_rows(name, ids, rng.normal(0, 1, (64, 8)).astype(np.float32))
+    c.restart("n3")
+
+    def same() -> bool:
+        for nid in c.ids:
+            c.http.get(c.urls[nid] + f"/v1/tables/{name}", params={"consistency": "linearizable"}, timeout=30)
+        seen = [digests(c, nid, name) for nid in c.ids]
+        return all(s == seen[0] for s in seen)
+
+    wait_until(same, 60, "identical table digests after the snapshot", interval=0.5)
+    assert "tables from" in (c.tmp / "n3.log").read_text(), "n3 was expected to receive a Raft snapshot"
