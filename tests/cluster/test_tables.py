@@ -148,3 +148,44 @@ def test_a_replica_brought_up_to_date_by_a_snapshot_fetches_the_tables(make_clus
 
     wait_until(same, 60, "identical table digests after the snapshot", interval=0.5)
     assert "tables from" in (c.tmp / "n3.log").read_text(), "n3 was expected to receive a Raft snapshot"
+
+
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_a_table_larger_than_the_memory_cap_stays_within_it(make_cluster) -> None:
+    """~340 MB of rows per replica with a 16 MB cache: once the table is
+    written, reading rows all over it (and pushing more) grows a replica's RSS
+    by about the cache, not by the rows read (~160 MB of them)."""
+    cap = 16 << 20
+    c = make_cluster(limits={"table_cache_bytes": cap})
+    name = "big_emb"
+    urls = [c.urls[n] for n in c.ids]
+    pid = c.procs["n2"].pid
+    rng = np.random.default_rng(3)
+    rows, batch, dim = 300_000, 4096, 256
+    with Client(urls, timeout=10.0, deadline=120.0) as ps:
+        ps.create_table(name, dim=dim, optimizer={"type": "sgd", "lr": 0.1})
+        for start in range(0, rows, batch):
+            ids = np.arange(start, min(rows, start + batch))
+            ps.push_rows(name, ids, np.ones((len(ids), dim), np.float32))
+    before = peak = rss_of(pid)
+    with Client([c.urls["n2"]], timeout=10.0, deadline=60.0) as n2, Client(urls, timeout=10.0) as ps:
+        for i in range(40):
+            got = n2.lookup(name, rng.integers(0, rows, batch))
+            assert got.shape == (batch, dim)
+            if i % 4 == 0:
+                ids = rng.integers(0, rows, batch)
+                ps.push_rows(name, ids, rng.normal(0, 1, (batch, dim)).astype(np.float32))
+            peak = max(peak, rss_of(pid))
+        info = n2.table_info(name)
+    on_disk = info["bytes_on_disk"]
+    grown = peak - before
+    print(f"rows on disk {on_disk >> 20} MB, RSS {before >> 20} -> peak {peak >> 20} MB, cap {cap >> 20} MB")
+    assert on_disk > 250 << 20, info
+    assert grown <= cap + (64 << 20), f"RSS grew {grown >> 20} MB with {on_disk >> 20} MB of rows, cap {cap >> 20} MB"
