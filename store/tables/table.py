@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import Conflict, Unprocessable
+from ..errors import Conflict, NotFound, Unprocessable
 from . import eviction, rowdtype
 from .admission import CountMinSketch
 from .engine import DEFAULT_BUDGET, Batch, MemoryBudget, RowStore
@@ -126,6 +129,24 @@ class TableState:
         self._meta = meta
         self.sketch = CountMinSketch(self.spec.admission) if self.spec.admission else None
         self._load_sketch()
+        # readers on other threads (lookups, descriptions) finish before `close` closes the
+        # database under them (a table deleted on the applier thread while it is read)
+        self._readers = 0
+        self._closed = False
+        self._cv = threading.Condition()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cv:
+            if self._closed:
+                raise NotFound(f"table {self._meta.name!r} was deleted")
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._readers -= 1
+                self._cv.notify_all()
 
     @classmethod
     def create(
@@ -180,7 +201,8 @@ class TableState:
         their initial value. Never creates rows."""
         keys = table_keys(ids, self.spec.id_dtype)
         ukeys, inverse = np.unique(keys, return_inverse=True)
-        found, raw, (version_raw,) = self.store.get_records(ukeys, meta=(VERSION_KEY,))
+        with self.reading():
+            found, raw, (version_raw,) = self.store.get_records(ukeys, meta=(VERSION_KEY,))
         version = int.from_bytes(version_raw, "little") if version_raw else 0
         recs = raw.view(self.rec).reshape(-1)
         rows = np.array(recs["row"])
@@ -388,21 +410,24 @@ class TableState:
                 sort_keys=True,
             ).encode()
         )
-        for keys, recs in self.store.iter_records():
-            h.update(keys.astype(">u8").tobytes())
-            h.update(recs.tobytes())
+        with self.reading():
+            for keys, recs in self.store.iter_records():
+                h.update(keys.astype(">u8").tobytes())
+                h.update(recs.tobytes())
         if self.sketch is not None:
             h.update(self.sketch.counters.tobytes())
         return "sha256:" + h.hexdigest()
 
     def info(self) -> dict[str, Any]:
         m = self._meta
+        with self.reading():
+            on_disk, in_memory = self.store.disk_bytes(), self.store.memory_bytes()
         return {
             "name": m.name,
             "version": m.version,
             "rows": m.rows,
-            "bytes_on_disk": self.store.disk_bytes(),
-            "bytes_in_memory": self.store.memory_bytes() + (self.sketch.nbytes if self.sketch else 0),
+            "bytes_on_disk": on_disk,
+            "bytes_in_memory": in_memory + (self.sketch.nbytes if self.sketch else 0),
             "record_bytes": self.rec.itemsize,
             "step": m.step,
             "admitted": m.admitted,
@@ -418,4 +443,8 @@ class TableState:
         self.store.checkpoint(Path(dest))
 
     def close(self) -> None:
+        """Close the database once the readers in progress are done (new ones get NotFound)."""
+        with self._cv:
+            self._closed = True
+            self._cv.wait_for(lambda: self._readers == 0, timeout=60)
         self.store.close()

@@ -86,3 +86,35 @@ def test_stray_directories_are_removed_at_start(tmp_path: Path) -> None:
     (tmp_path / "gone@2").mkdir()  # a create that crashed before the registry write
     Tables(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep@1", "registry.json"]
+
+
+def test_a_table_deleted_while_it_is_read(tmp_path: Path) -> None:
+    """A lookup in progress finishes before the database closes; later ones get 404."""
+    import threading
+
+    t = Tables(tmp_path)
+    t.create("emb", SPEC, stamp=1)
+    table = t.get("emb")
+    table.push(np.arange(1000), np.ones((1000, 4), np.float32), stamp=2)
+    entered, release = threading.Event(), threading.Event()
+    results: list[object] = []
+
+    def slow_reader() -> None:
+        with table.reading():
+            entered.set()
+            release.wait(5)
+            results.append(table.store.get_records(np.arange(3, dtype=np.uint64))[0].tolist())
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    entered.wait(5)
+    deleter = threading.Thread(target=lambda: t.delete("emb", stamp=3))
+    deleter.start()
+    deleter.join(0.2)
+    assert deleter.is_alive()  # waits for the reader
+    release.set()
+    reader.join(5)
+    deleter.join(5)
+    assert results == [[True, True, True]] and not deleter.is_alive()
+    with pytest.raises(NotFound):
+        table.lookup(np.array([1]))
