@@ -22,6 +22,8 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .table_metrics import TableCollector
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -222,6 +224,7 @@ def install(app: FastAPI) -> None:
     registry = CollectorRegistry(auto_describe=False)
     http = HttpMetrics(registry)
     registry.register(StoreCollector(app.state.store))
+    registry.register(TableCollector(app.state.store))  # embedding tables (api/table_metrics.py)
     app.state.metrics_registry = registry
     app.state.http_metrics = http
     app.add_middleware(MetricsMiddleware, metrics=http)

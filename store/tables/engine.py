@@ -50,6 +50,9 @@ class MemoryBudget:
         self.cache_bytes = cache_bytes
         self.cache = rocksdict.Cache(cache_bytes)
 
+    def usage(self) -> int:
+        return int(self.cache.get_usage())
+
 
 DEFAULT_BUDGET = MemoryBudget(256 << 20)
 

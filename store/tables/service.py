@@ -91,6 +91,15 @@ class TableService:
     def __init__(self, host: TableHost, max_ids: int = MAX_IDS_PER_REQUEST) -> None:
         self.host = host
         self.max_ids = max_ids  # the HTTP layer refuses larger requests (413)
+        # served by this replica (metrics): table -> [lookups, rows looked up, pushes, rows pushed]
+        self.served: dict[str, list[int]] = {}
+        self._served_lock = threading.Lock()
+
+    def _count(self, name: str, field: int, requests: int, rows: int) -> None:
+        with self._served_lock:
+            counts = self.served.setdefault(name, [0, 0, 0, 0])
+            counts[field] += requests
+            counts[field + 1] += rows
 
     @property
     def shards(self) -> int:
@@ -152,6 +161,7 @@ class TableService:
                 rid=_rid(rid, shard),
             )
             futures.append(self.host.submit_to(shard, cmd))
+        self._count(name, 2, 1, len(keys))
         return then(
             gather(futures),
             lambda results: {"name": name, "shards": {str(s): r for s, r in zip(order, results, strict=True)}},
@@ -194,6 +204,7 @@ class TableService:
             rows, version = self.host.local_tables(shard).get(name).lookup(np.asarray(ids)[pos])
             out[pos] = rows
             versions[shard] = version
+        self._count(name, 0, 1, len(keys))
         return out, spec, versions
 
     def info(self, name: str, digest: bool = False) -> dict[str, Any]:

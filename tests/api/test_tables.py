@@ -237,3 +237,22 @@ def test_a_read_token_may_look_up_but_not_push(tmp_path_factory: pytest.TempPath
         r = c.post("/v1/tables/t:lookup", json={"ids": [1]}, headers={"Accept": "application/json", **reader})
         assert r.status_code == 200 and r.json()["rows"] == [[0.0, 0.0]]
         assert_error(c.post("/v1/tables/t:lookup", json={"ids": [1]}), 401, "unauthorized")
+
+
+def test_tables_in_metrics(client: TestClient) -> None:
+    name = create(client, admission={"min_count": 2})
+    push_st(client, name, np.array([1, 2, 2]), np.ones((3, 4), np.float32))
+    lookup_json(client, name, [1, 2, 3])
+    text = client.get("/metrics").text
+    lines = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("paramstore_table") and f'table="{name}"' in line
+    }
+    key = f'{{node="n0",table="{name}"}}'
+    assert lines[f"paramstore_table_rows{key}"] == 1  # ID 2 was pushed twice: admitted
+    assert lines[f"paramstore_table_rows_refused_total{key}"] == 1
+    assert lines[f"paramstore_table_lookup_rows_total{key}"] == 3
+    assert lines[f"paramstore_table_push_rows_total{key}"] == 3
+    assert lines[f"paramstore_table_disk_bytes{key}"] > 0
+    assert 'paramstore_table_cache_bytes{kind="capacity",node="n0"}' in text
