@@ -50,7 +50,7 @@ class TableCollector(Collector):
             for family, value in zip((lookups, lookup_rows, pushes, push_rows), served, strict=True):
                 family.add_metric(key, value)
         yield from (rows, disk, memory, version, admitted, refused, evicted, lookups, lookup_rows, pushes, push_rows)
-        budget = getattr(self.store, "table_budget", None)
+        budget = service.budget
         if budget is not None:
             cache = GaugeMetricFamily(
                 "paramstore_table_cache_bytes",

@@ -15,9 +15,11 @@ from typing import Any, cast
 import numpy as np
 from numpy.lib import format as npf
 
-from store.errors import InvalidRequest, NotAcceptable, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from store.errors import InvalidRequest, Unprocessable
 from store.tables import rowdtype
 from store.tables.ids import ids_from_json
+
+from .errors import NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 SAFETENSORS = "application/x-safetensors"
 NPY = "application/x-npy"

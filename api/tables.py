@@ -16,7 +16,7 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
-from store.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from store.errors import InvalidRequest
 from store.tables.service import TableService
 from store.tables.spec import INITIALIZERS, NAME_RE, OPTIMIZERS, STORAGE_DTYPES
 
@@ -25,6 +25,7 @@ from . import openapi as oa
 from . import table_wire as tw
 from . import wire
 from .bridge import wait
+from .errors import PayloadTooLarge, UnsupportedMediaType
 
 router = APIRouter()
 

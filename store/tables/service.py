@@ -23,6 +23,7 @@ from ..commands import Command, TableCreate, TableDelete, TablePush
 from ..errors import NotFound, PreconditionFailed, StoreError, Unprocessable
 from ..futures import settle
 from . import rowdtype
+from .engine import MemoryBudget
 from .ids import split_by_shard, table_keys
 from .registry import Tables
 from .spec import TableSpec, check_name, parse_spec
@@ -88,8 +89,9 @@ def then(fut: Future[Any], fn: Any) -> Future[Any]:
 
 
 class TableService:
-    def __init__(self, host: TableHost, max_ids: int = MAX_IDS_PER_REQUEST) -> None:
+    def __init__(self, host: TableHost, max_ids: int = MAX_IDS_PER_REQUEST, budget: MemoryBudget | None = None) -> None:
         self.host = host
+        self.budget = budget  # the block cache the tables share (metrics)
         self.max_ids = max_ids  # the HTTP layer refuses larger requests (413)
         # served by this replica (metrics): table -> [lookups, rows looked up, pushes, rows pushed]
         self.served: dict[str, list[int]] = {}

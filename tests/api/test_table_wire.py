@@ -14,7 +14,8 @@ from safetensors.torch import load as load_torch
 from safetensors.torch import save as save_torch
 
 from api import table_wire as tw
-from store.errors import InvalidRequest, NotAcceptable, Unprocessable, UnsupportedMediaType
+from api.errors import NotAcceptable, UnsupportedMediaType
+from store.errors import InvalidRequest, Unprocessable
 from store.tables import rowdtype
 
 
