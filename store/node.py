@@ -12,6 +12,7 @@ likes (the HTTP layer bridges them to asyncio).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -185,9 +186,11 @@ class Store:
         for host in self.shards.values():
             if host.replica is not None:
                 host.replica.destroy()
+            tables = host.state.tables
+            if tables is not None:  # on the applier thread: never under a push that is being applied
+                with contextlib.suppress(Exception):
+                    host.applier.call(tables.close).result(timeout=30)
             host.applier.stop()
-            if host.state.tables is not None:
-                host.state.tables.close()
         self.datapath.close()
         self.staging.close()
 
