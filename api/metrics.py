@@ -22,12 +22,12 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from .table_metrics import TableCollector
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from store.interface import ShardStats, StoreAPI
+
+from .table_metrics import TableCollector
 
 ROLES = ("leader", "follower", "candidate")
 UNMATCHED = "<unmatched>"

@@ -45,7 +45,7 @@ def _safetensors(body: Any) -> dict[str, dict[str, Any]]:
     import safetensors
 
     try:
-        return dict(cast(list[tuple[str, dict[str, Any]]], safetensors.deserialize(bytes(body))))  # type: ignore[no-untyped-call]
+        return dict(cast(list[tuple[str, dict[str, Any]]], safetensors.deserialize(bytes(body))))
     except Exception as e:  # SafetensorError and friends: the body is malformed
         raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
 

@@ -10,6 +10,7 @@ get of `batch` distinct existing IDs (rows/s), a consistent snapshot while the
 engine stays open (seconds, extra RSS), RSS after each phase. Every engine
 runs in its own child process so RSS figures do not mix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +45,7 @@ def peak_rss_mb() -> float:
 
 def keys_of(ids: np.ndarray) -> list[bytes]:
     raw = ids.astype(">u8").tobytes()
-    return [raw[i:i + 8] for i in range(0, len(raw), 8)]
+    return [raw[i : i + 8] for i in range(0, len(raw), 8)]
 
 
 class LmdbEngine:
@@ -51,14 +53,16 @@ class LmdbEngine:
 
     def __init__(self, path: Path, cache_mb: int) -> None:
         import lmdb
+
         self.lmdb = lmdb
-        self.env = lmdb.open(str(path), map_size=1 << 40, sync=False, metasync=False,
-                             readahead=False, max_dbs=4, lock=True)
+        self.env = lmdb.open(
+            str(path), map_size=1 << 40, sync=False, metasync=False, readahead=False, max_dbs=4, lock=True
+        )
         self.db = self.env.open_db(b"rows")
 
     def put(self, keys: list[bytes], values: list[bytes]) -> None:
         with self.env.begin(write=True, db=self.db) as txn:
-            txn.cursor().putmulti(zip(keys, values))
+            txn.cursor().putmulti(zip(keys, values, strict=True))
 
     def get(self, keys: list[bytes]) -> list[bytes | None]:
         with self.env.begin(db=self.db, buffers=False) as txn:
@@ -95,10 +99,12 @@ class CappedLmdbEngine(LmdbEngine):
     """LMDB with its mapped pages capped: after every 1,024 rows, if the
     process's RssFile grew by more than the cap, madvise(MADV_DONTNEED) the map
     (the kernel maps 64 KB around each fault, so ~85 KB per random row)."""
+
     name = "lmdb-capped"
 
     def __init__(self, path: Path, cache_mb: int) -> None:
         import ctypes
+
         super().__init__(path, cache_mb)
         self.cap = cache_mb << 20
         self.libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -119,7 +125,7 @@ class CappedLmdbEngine(LmdbEngine):
         with self.env.begin(write=True, db=self.db) as txn:
             cur = txn.cursor()
             for s in range(0, len(keys), 1024):
-                cur.putmulti(zip(keys[s:s + 1024], values[s:s + 1024]))
+                cur.putmulti(zip(keys[s : s + 1024], values[s : s + 1024], strict=True))
                 self._check()
 
     def get(self, keys: list[bytes]) -> list[bytes | None]:
@@ -127,7 +133,7 @@ class CappedLmdbEngine(LmdbEngine):
         with self.env.begin(db=self.db, buffers=False) as txn:
             cur = txn.cursor()
             for s in range(0, len(keys), 1024):
-                found.update(cur.getmulti(keys[s:s + 1024]))
+                found.update(cur.getmulti(keys[s : s + 1024]))
                 self._check()
         return [found.get(k) for k in keys]
 
@@ -135,10 +141,12 @@ class CappedLmdbEngine(LmdbEngine):
 class RocksEngine:
     """RocksDB as store/tables/engine.py runs it (WAL on, not fsynced; block
     cache of cache_mb holding index and filter blocks too)."""
+
     name = "rocksdb"
 
     def __init__(self, path: Path, cache_mb: int) -> None:
         from store.tables.engine import MemoryBudget, RowStore
+
         self.store = RowStore(path, RECORD_BYTES, budget=MemoryBudget(cache_mb << 20))
         self.wopt = self.store.wopt
 
@@ -147,8 +155,9 @@ class RocksEngine:
 
     def put(self, keys: list[bytes], values: list[bytes]) -> None:
         import rocksdict
+
         wb = rocksdict.WriteBatch(raw_mode=True)
-        for k, v in zip(keys, values):
+        for k, v in zip(keys, values, strict=True):
             wb.put(b"r" + k, v)
         self.store.db.write(wb, self.wopt)
 
@@ -157,6 +166,7 @@ class RocksEngine:
 
     def snapshot(self, dest: Path) -> None:
         from store.tables.engine import send_dir
+
         self.store.checkpoint(dest)
         with open(str(dest) + ".stream", "wb") as f:  # what a joining replica would receive
             send_dir(dest, f)
@@ -168,13 +178,17 @@ class RocksEngine:
         self.store.close()
 
 
-ENGINES: dict[str, Callable[[Path, int], Any]] = {"lmdb": LmdbEngine, "lmdb-capped": CappedLmdbEngine,
-                                                   "rocksdb": RocksEngine}
+ENGINES: dict[str, Callable[[Path, int], Any]] = {
+    "lmdb": LmdbEngine,
+    "lmdb-capped": CappedLmdbEngine,
+    "rocksdb": RocksEngine,
+}
 RECORD_BYTES = 0  # set per run (RocksEngine needs it up front)
 
 
-def run_one(engine_name: str, rows: int, dim: int, batch: int, base: Path, cache_mb: int,
-            repeats: int) -> dict[str, Any]:
+def run_one(
+    engine_name: str, rows: int, dim: int, batch: int, base: Path, cache_mb: int, repeats: int
+) -> dict[str, Any]:
     global RECORD_BYTES
     rng = np.random.default_rng(1)
     rec = RECORD_BYTES = dim * 4 + 12
@@ -183,14 +197,13 @@ def run_one(engine_name: str, rows: int, dim: int, batch: int, base: Path, cache
     path = base / engine_name
     path.mkdir()
     eng = ENGINES[engine_name](path, cache_mb)
-    out: dict[str, Any] = {"engine": engine_name, "rows": rows, "dim": dim, "batch": batch,
-                           "record_bytes": rec}
+    out: dict[str, Any] = {"engine": engine_name, "rows": rows, "dim": dim, "batch": batch, "record_bytes": rec}
     blob = rng.integers(0, 255, size=rec * 65536, dtype=np.uint8).tobytes()
     t0 = time.perf_counter()
     chunk = 65536
     for s in range(0, rows, chunk):
-        ids = np.sort(all_ids[s:s + chunk])
-        eng.put(keys_of(ids), [blob[i * rec:(i + 1) * rec] for i in range(len(ids))])
+        ids = np.sort(all_ids[s : s + chunk])
+        eng.put(keys_of(ids), [blob[i * rec : (i + 1) * rec] for i in range(len(ids))])
     out["load_rows_per_s"] = rows / (time.perf_counter() - t0)
     if hasattr(eng, "settle"):  # RocksDB: let the bulk load's compactions finish before reading
         eng.settle()
@@ -205,7 +218,7 @@ def run_one(engine_name: str, rows: int, dim: int, batch: int, base: Path, cache
         return best
 
     get_times, put_times = [], []
-    for r in range(repeats):
+    for _ in range(repeats):
         ids = np.sort(rng.choice(all_ids, size=batch, replace=False))
         keys = keys_of(ids)
         t = time.perf_counter()
@@ -218,7 +231,7 @@ def run_one(engine_name: str, rows: int, dim: int, batch: int, base: Path, cache
         upd = np.frombuffer(b"".join(got), dtype=np.uint8).reshape(batch, rec).copy()
         upd[:, :4] ^= 1
         raw = upd.tobytes()
-        eng.put(keys, [raw[i * rec:(i + 1) * rec] for i in range(batch)])
+        eng.put(keys, [raw[i * rec : (i + 1) * rec] for i in range(batch)])
         put_times.append(time.perf_counter() - t)
     out["get_rows_per_s"] = batch / float(np.median(get_times))
     out["push_rmw_rows_per_s"] = batch / float(np.median(put_times))
@@ -245,32 +258,36 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--cache-mb", type=int, default=64,
-                    help="RocksDB block cache; lmdb-capped's cap on mapped pages")
+    ap.add_argument("--cache-mb", type=int, default=64, help="RocksDB block cache; lmdb-capped's cap on mapped pages")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--engine", choices=sorted(ENGINES), help="run one engine here (internal)")
     args = ap.parse_args()
     if args.engine:
         base = Path(tempfile.mkdtemp(dir=args.dir, prefix="table-engine-"))
         try:
-            print(json.dumps(run_one(args.engine, args.rows, args.dim, args.batch, base,
-                                     args.cache_mb, args.repeats)))
+            print(json.dumps(run_one(args.engine, args.rows, args.dim, args.batch, base, args.cache_mb, args.repeats)))
         finally:
             shutil.rmtree(base, ignore_errors=True)
         return
     results = []
     for name in ENGINES:
         cmd = [sys.executable, __file__, "--engine", name] + [
-            f"--{k}={v}" for k, v in [("rows", args.rows), ("dim", args.dim), ("batch", args.batch),
-                                      ("repeats", args.repeats), ("cache-mb", args.cache_mb),
-                                      ("dir", args.dir)]]
+            f"--{k}={v}"
+            for k, v in [
+                ("rows", args.rows),
+                ("dim", args.dim),
+                ("batch", args.batch),
+                ("repeats", args.repeats),
+                ("cache-mb", args.cache_mb),
+                ("dir", args.dir),
+            ]
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=True)
         results.append(json.loads(res.stdout.strip().splitlines()[-1]))
     keys = [k for k in results[0] if k not in ("engine",)]
     print(f"{'':24}" + "".join(f"{r['engine']:>14}" for r in results))
     for k in keys:
-        print(f"{k:24}" + "".join(
-            f"{r[k]:>14,.2f}" if isinstance(r[k], float) else f"{r[k]:>14,}" for r in results))
+        print(f"{k:24}" + "".join(f"{r[k]:>14,.2f}" if isinstance(r[k], float) else f"{r[k]:>14,}" for r in results))
 
 
 if __name__ == "__main__":

@@ -76,8 +76,9 @@ EVERY = [
     MemberDrop(id="n4"),
     Noop(),
     TableCreate(name="emb", config={"dim": 4, "optimizer": {"type": "ftrl", "lr": 0.1}}, rid="r9"),
-    TablePush(name="emb", n=2, id_dtype="uint64", ids=Inline(b"\0" * 16), grads=Stored(SHA, 32), rid="r10",
-              base_version=3),
+    TablePush(
+        name="emb", n=2, id_dtype="uint64", ids=Inline(b"\0" * 16), grads=Stored(SHA, 32), rid="r10", base_version=3
+    ),
     TableDelete(name="emb", rid="r11", if_match=5),
 ]
 
