@@ -3,8 +3,8 @@
 Tokens come from the config (`[auth] read_tokens`, `write_tokens`) or the
 environment (PARAMSTORE_READ_TOKENS, PARAMSTORE_WRITE_TOKENS, comma-separated).
 Every token is compared in constant time. Probes (/healthz, /readyz),
-/metrics and the /ui page itself stay open; everything else needs a token: GET/HEAD a read or write
-token, any other method a write token.
+/metrics and the /ui page itself stay open; everything else needs a token: GET/HEAD (and a
+table lookup, a POST that only reads) a read or write token, any other method a write token.
 """
 
 from __future__ import annotations
@@ -76,10 +76,18 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        err = self.policy.refusal(_authorization(scope), scope["method"])
+        err = self.policy.refusal(_authorization(scope), _access(scope["method"], scope["path"]))
         if err is None:
             return await self.app(scope, receive, send)
         await error_response(err, Request(scope))(scope, receive, send)
+
+
+def _access(method: str, path: str) -> str:
+    """The method a request counts as: a table lookup is a POST (its IDs are a
+    body) that only reads, so a read token may send it."""
+    if method == "POST" and path.startswith("/v1/tables/") and path.endswith(":lookup"):
+        return "GET"
+    return method
 
 
 def _authorization(scope: Scope) -> str | None:

@@ -27,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from store.interface import ShardStats, StoreAPI
 
+from .table_metrics import TableCollector
+
 ROLES = ("leader", "follower", "candidate")
 UNMATCHED = "<unmatched>"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -222,6 +224,7 @@ def install(app: FastAPI) -> None:
     registry = CollectorRegistry(auto_describe=False)
     http = HttpMetrics(registry)
     registry.register(StoreCollector(app.state.store))
+    registry.register(TableCollector(app.state.store))  # embedding tables (api/table_metrics.py)
     app.state.metrics_registry = registry
     app.state.http_metrics = http
     app.add_middleware(MetricsMiddleware, metrics=http)

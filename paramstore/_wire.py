@@ -54,3 +54,39 @@ def version_of(r: httpx.Response) -> int:
     if "X-Version" in r.headers:
         return int(r.headers["X-Version"])
     return int(r.json()["version"])
+
+
+_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "U64": "<u8", "I32": "<i4"}
+_ST_NAMES = {np.dtype(v).str: k for k, v in _ST_DTYPES.items()}
+
+
+def safetensors_body(arrays: dict[str, np.ndarray]) -> bytes:
+    """A safetensors file of little-endian arrays (the format's documented
+    framing: u64 header length, JSON header padded to 8 bytes, the data)."""
+    header: dict[str, Any] = {}
+    parts = []
+    offset = 0
+    for name, value in arrays.items():
+        arr = le_contiguous(value)
+        header[name] = {
+            "dtype": _ST_NAMES[arr.dtype.str],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        parts.append(arr.tobytes())
+        offset += arr.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return b"".join([len(head).to_bytes(8, "little"), head, *parts])
+
+
+def safetensors_array(body: bytes, name: str) -> np.ndarray:
+    """One tensor of a safetensors body; bfloat16 comes back as float32 (exact)."""
+    n = int.from_bytes(body[:8], "little")
+    spec = json.loads(body[8 : 8 + n])[name]
+    start, end = spec["data_offsets"]
+    data = body[8 + n + start : 8 + n + end]
+    if spec["dtype"] == "BF16":
+        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << np.uint32(16)
+        return bits.view(np.float32).reshape(spec["shape"])
+    return np.frombuffer(data, dtype=_ST_DTYPES[spec["dtype"]]).reshape(spec["shape"])

@@ -142,6 +142,7 @@ class Applier:
             return self._resolve(ref, index)
 
         try:
+            self.state.log_index = index
             result = self.state.apply(from_log(entry), resolve)
             fut.set_result(result)
         except StoreError as e:
@@ -158,6 +159,8 @@ class Applier:
 
     def install(self, state: ShardState, index: int) -> None:
         """Replace the state (snapshot load). Called with the applier idle."""
+        if state.tables is None:  # tables live on disk beside the snapshot, not in it
+            state.tables = self.state.tables
         self.state = state
         self.applied_index = index
         self._notify(set(state.tensors) | set(self._watchers))

@@ -162,6 +162,40 @@ class MemberDrop(Command):
     rid: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableCreate(Command):
+    """Create an embedding table's part on this shard (store/tables); `config`
+    is the validated table config (`TableSpec.to_json()`)."""
+
+    tag: ClassVar[str] = "table_create"
+    name: str
+    config: dict[str, Any]
+    rid: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TablePush(Command):
+    """Row gradients for the IDs of a table that live on this shard: `n` IDs
+    (`id_dtype` int64 or uint64, little-endian) and n x dim float32 rows."""
+
+    tag: ClassVar[str] = "table_push"
+    name: str
+    n: int
+    id_dtype: str
+    ids: Blob = field(metadata=PAYLOAD)
+    grads: Blob = field(metadata=PAYLOAD)
+    rid: str | None = None
+    base_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableDelete(Command):
+    tag: ClassVar[str] = "table_delete"
+    name: str
+    rid: str | None = None
+    if_match: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Noop(Command):
     """Changes nothing; a barrier for linearizable reads."""
@@ -173,7 +207,21 @@ TensorCommand = Put | Grad | GradRows | Delete
 C = TypeVar("C", bound=Command)
 
 _TYPES: dict[str, type[Command]] = {
-    c.tag: c for c in (Put, Grad, GradRows, Delete, Batch, Group, MemberSet, MemberDrop, Noop)
+    c.tag: c
+    for c in (
+        Put,
+        Grad,
+        GradRows,
+        Delete,
+        Batch,
+        Group,
+        MemberSet,
+        MemberDrop,
+        Noop,
+        TableCreate,
+        TablePush,
+        TableDelete,
+    )
 }
 # per type: (field name, kind, default) in declaration order; and those with a kind
 _FIELDS: dict[type[Command], tuple[tuple[str, str | None, Any], ...]] = {

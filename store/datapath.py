@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import socket
 import socketserver
 import threading
@@ -43,6 +44,7 @@ from .buffers import Bytes, as_buffer, receive_buffer
 from .config import Address
 from .errors import StoreError, Unavailable
 from .payloads import PayloadStore
+from .tables.engine import receive_dir, send_dir
 from .threadnames import name_this_thread
 
 if TYPE_CHECKING:
@@ -111,9 +113,11 @@ class DataPathServer:
         secret: bytes | None,
         max_size: int,
         snapshot_source: Callable[[int], Path] | None = None,
+        tables_source: Callable[[int], Path] | None = None,
     ) -> None:
         self.payloads = payloads
         self.snapshot_source = snapshot_source
+        self.tables_source = tables_source  # a fresh checkpoint of a shard's embedding tables
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -174,6 +178,8 @@ class DataPathServer:
                 _send_line(sock, {"ok": True})
             elif op == "snapshot" and self.snapshot_source is not None:
                 self._send_snapshot(sock, shard, self.snapshot_source(shard))
+            elif op == "tables" and self.tables_source is not None:
+                self._send_tables(sock, shard, self.tables_source(shard))
             elif op == "get":
                 held = store.get(pid)
                 if held is None:
@@ -199,6 +205,15 @@ class DataPathServer:
                     raise ConnectionError(f"snapshot sending stopped at {sent} of {size} bytes")
                 sent += n
         log.info("sent the snapshot of shard %d (%d bytes) to a joining replica", shard, size)
+
+    def _send_tables(self, sock: socket.socket, shard: int, checkpoint: Path) -> None:
+        try:
+            _send_line(sock, {"ok": True})
+            sock.settimeout(None)
+            sent = send_dir(checkpoint, sock)
+        finally:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        log.info("sent the tables of shard %d (%d bytes) to a joining replica", shard, sent)
 
 
 class DataPathClient:
@@ -273,6 +288,21 @@ class DataPathClient:
                 os.fsync(f.fileno())
         os.replace(partial, dest)
         return size
+
+    def fetch_tables(self, addr: Address, shard: int, dest: Path, timeout: float = 600.0) -> int:
+        """Download a fresh checkpoint of `shard`'s embedding tables from the
+        replica at `addr` into the new directory `dest`; returns its bytes."""
+        with self._connect(addr) as sock:
+            sock.settimeout(timeout)
+            _send_line(
+                sock,
+                {"op": "tables", "shard": shard, "id": "", "size": 0, "mac": _mac(self.secret, "tables", shard, "", 0)},
+            )
+            reply = _read_line(sock)
+            if not reply.get("ok"):
+                raise ConnectionError(f"{addr} did not send the tables of shard {shard}: {reply.get('error')}")
+            with sock.makefile("rb") as stream:
+                return receive_dir(stream, dest)
 
     def replicate(
         self, peers: Sequence[Address], shard: int, payload_id: str, data: Bytes, need: int, timeout: float

@@ -19,6 +19,7 @@ from .commands import Batch, TensorCommand
 from .config import Config, NodeConfig
 from .datapath import PayloadStream
 from .record import Tensor
+from .tables.service import TableService
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class StoreAPI(Protocol):
 
     @property
     def node(self) -> NodeConfig: ...
+
+    @property
+    def tables(self) -> TableService: ...  # embedding tables (store/tables/service.py)
 
     @property
     def data_dir(self) -> Path: ...

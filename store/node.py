@@ -12,6 +12,7 @@ likes (the HTTP layer bridges them to asyncio).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -24,10 +25,10 @@ import numpy as np
 
 from . import joining, membership, status
 from .applier import Applier
-from .commands import Batch, Noop, TensorCommand
+from .commands import Batch, Command, Noop, TensorCommand
 from .config import Config, NodeConfig
 from .datapath import DataPathClient, DataPathServer, PayloadStream
-from .errors import ConfigError
+from .errors import ConfigError, Unavailable
 from .interface import ShardStats
 from .journal import check_journal
 from .member_admin import MemberAdmin
@@ -41,6 +42,10 @@ from .snapshot import read_snapshot
 from .sockets import source_address, warn_if_ephemeral
 from .staging import PayloadStaging
 from .state import ShardState
+from .tables import transfer as table_transfer
+from .tables.engine import MemoryBudget
+from .tables.registry import Tables
+from .tables.service import TableService
 
 if TYPE_CHECKING:
     from .interface import StoreAPI
@@ -70,6 +75,8 @@ class Store:
         self.routing = Routing(cfg)
         self.staging = PayloadStaging(cfg, self.routing, self.peer_client, self._closed)
         self.admin = MemberAdmin(cfg, self.routing, self._closed)
+        self.table_budget = MemoryBudget(cfg.limits.table_cache_bytes)  # all tables' block cache
+        self._tables = TableService(self, cfg.limits.table_max_ids, self.table_budget)
         self.membership = membership.MembershipFile(self.data_dir)
         self.join = join if not self.membership.exists() else None
         if join is not None and self.join is None:
@@ -90,6 +97,9 @@ class Store:
             secret,
             max_size=cfg.limits.max_body_bytes,
             snapshot_source=self._snapshot_for_joiner,
+            tables_source=lambda shard: table_transfer.checkpoint_for_peer(
+                self.routing.host(shard), self._shard_dir(shard)
+            ),
         )
 
     @property
@@ -106,6 +116,7 @@ class Store:
             self.staging.resolver(shard, payloads),
             self.staging.payload_used(shard, payloads),
         )
+        applier.state.tables = Tables(self._shard_dir(shard) / "tables", self.table_budget, self.cfg.raft.fsync)
         return ShardHost(shard, self.node, peers, directory, applier, payloads)
 
     def start(self) -> None:
@@ -113,6 +124,9 @@ class Store:
         ones), bind the data path, start Raft."""
         if self.join is not None:
             joining.download_snapshots(self.join, self.peer_client, self._shard_dir)
+            table_transfer.download_for_join(
+                self.join, self.peer_client, self._shard_dir, self.shards, self.table_budget, self.cfg.raft.fsync
+            )
         if not self.membership.exists() and self.join is None:
             self._record_membership()
         preloaded = {}
@@ -134,6 +148,15 @@ class Store:
                 on_snapshot=self.staging.snapshot_done(host),
                 preloaded=preloaded.get(shard),
                 joining=self.join is not None,
+                on_installed=table_transfer.refresher(
+                    host,
+                    self.node,
+                    self.peer_client,
+                    self._shard_dir(shard),
+                    self.table_budget,
+                    self.cfg.raft.fsync,
+                    self._closed,
+                ),
             )
         log.info("node %s: hosting shards %s", self.node.id, sorted(self.shards))
 
@@ -163,6 +186,10 @@ class Store:
         for host in self.shards.values():
             if host.replica is not None:
                 host.replica.destroy()
+            tables = host.state.tables
+            if tables is not None:  # on the applier thread: never under a push that is being applied
+                with contextlib.suppress(Exception):
+                    host.applier.call(tables.close).result(timeout=30)
             host.applier.stop()
         self.datapath.close()
         self.staging.close()
@@ -184,6 +211,10 @@ class Store:
         applies twice."""
         return self.staging.submit(self.routing.host_of(cmd.name), cmd)
 
+    def submit_to(self, shard: int, cmd: Command) -> Future[Any]:
+        """Replicate any command on `shard` (embedding tables: one per shard touched)."""
+        return self.staging.submit(self.routing.host(shard), cmd)
+
     def write_batch(self, shard: int, batch: Batch) -> Future[Any]:
         """Commands of one shard as ONE Raft entry: all apply or none.
         Resolves with {"results": [...]} in order."""
@@ -198,6 +229,20 @@ class Store:
         """Resolves once a no-op committed after this call is applied here:
         reads after it see every write acknowledged before the call."""
         return self.routing.host(shard).raft().propose(Noop())
+
+    # ---- embedding tables (store/tables) --------------------------------------------
+    @property
+    def tables(self) -> TableService:
+        return self._tables
+
+    def table_shards(self) -> int:
+        return self.cfg.shards
+
+    def local_tables(self, shard: int) -> Tables:
+        tables = self.routing.host(shard).state.tables
+        if tables is None:
+            raise Unavailable("this replica keeps no embedding tables")
+        return tables
 
     # ---- reads -------------------------------------------------------------------
     def get(self, name: str) -> tuple[Tensor, int]:

@@ -53,6 +53,7 @@ class ShardReplica(TunedSyncObj):
         on_snapshot: Callable[[int, int, float], None],
         preloaded: tuple[Any, int, dict[str, Any]] | None = None,
         joining: bool = False,
+        on_installed: Callable[[int], None] | None = None,
     ) -> None:
         self.shard = shard
         # A joining replica is not a member until a leader adds it: it must not
@@ -65,7 +66,14 @@ class ShardReplica(TunedSyncObj):
         self._last_leader: Any = None
         self._pending: dict[int, tuple[Any, ...]] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
         self.snapshotter = Snapshotter(
-            shard, shard_dir / "snapshot.bin", applier, settings.fsync, on_snapshot, preloaded, self._log_fields
+            shard,
+            shard_dir / "snapshot.bin",
+            applier,
+            settings.fsync,
+            on_snapshot,
+            preloaded,
+            self._log_fields,
+            on_installed,
         )
         self._group_commit = GroupCommit(self._launch, _group_command, self.wake_tick, f"shard {shard}")
         conf = _conf(settings, self_addr, shard_dir, self.snapshotter, self._state_changed)

@@ -38,6 +38,7 @@ class Snapshotter:
         on_snapshot: Callable[[int, int, float], None],
         preloaded: tuple[Any, int, dict[str, Any]] | None = None,
         log_fields: Callable[[], dict[str, Any]] = dict,
+        on_installed: Callable[[int], None] | None = None,
     ) -> None:
         self.shard = shard
         self.dump_path = dump_path
@@ -46,6 +47,9 @@ class Snapshotter:
         self._on_snapshot = on_snapshot
         self._preloaded = preloaded
         self._log_fields = log_fields
+        # run on the applier thread after a snapshot a leader sent is installed, before the
+        # commands after it (the node brings the shard's embedding tables up to it)
+        self._on_installed = on_installed
         self._status = SERIALIZER_STATE.NOT_SERIALIZING
         self._lock = threading.Lock()
         self.snapshots = 0
@@ -120,6 +124,9 @@ class Snapshotter:
             if self._fsync:  # pysyncobj clears the journal next: a snapshot a leader sent must be on disk first
                 _fsync_file(Path(path))
         self._applier.call(lambda: self._applier.install(state, index)).result()
+        if preloaded is None and self._on_installed is not None:
+            hook = self._on_installed
+            self._applier.call(lambda: hook(index))  # not waited for: the tick thread goes on
         self.last_snapshot_index = index
         log.info("shard %d: installed snapshot at index %d (%d tensors)", self.shard, index, len(state.tensors))
         return dump_meta_from_json(raft_meta)

@@ -21,10 +21,27 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import dtypes
-from .commands import Batch, Command, Delete, Grad, GradRows, Group, MemberDrop, MemberSet, Noop, Put, Ref
-from .errors import Conflict, NotFound, PreconditionFailed, StoreError, Unprocessable
+from .commands import (
+    Batch,
+    Command,
+    Delete,
+    Grad,
+    GradRows,
+    Group,
+    MemberDrop,
+    MemberSet,
+    Noop,
+    Put,
+    Ref,
+    TableCreate,
+    TableDelete,
+    TablePush,
+)
+from .errors import AlreadyExists, Conflict, NotFound, PreconditionFailed, StoreError, Unprocessable
 from .optimizers import STATE_ARRAYS, STATE_SCALARS, apply_step, normalize_spec
 from .record import Tensor
+from .tables import shard as table_cmds
+from .tables.registry import Tables
 
 __all__ = ["PayloadResolver", "ShardState", "Tensor"]
 
@@ -46,6 +63,10 @@ class ShardState:
         # of addresses; the Raft membership itself lives in pysyncobj.
         self.members: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()  # guards in-place (sparse row) updates only
+        # Embedding tables of this shard (store/tables): on disk, not in snapshots; None without a data dir.
+        self.tables: Tables | None = None
+        self.log_index = 0  # index of the entry being applied (the Applier sets it)
+        self.stamp = 0  # log_index << 16 | position in its entry: orders table changes, even at replays
 
     # ---- applying commands -------------------------------------------------
     def apply(self, cmd: Command, resolve: PayloadResolver) -> dict[str, Any]:
@@ -56,6 +77,7 @@ class ShardState:
         instead of applying twice, so clients may retry timed-out writes.
         """
         self.changed = set()
+        self.stamp = self.stamp + 1 if self.stamp >> 16 == self.log_index else (self.log_index << 16) + 1
         handler = self._HANDLERS.get(type(cmd))
         if handler is None:
             raise Unprocessable(f"unknown command {type(cmd).__name__}")
@@ -132,6 +154,8 @@ class ShardState:
         name = cmd.name
         existing = self.tensors.get(name)
         _check_preconditions(existing, name, cmd.if_match, cmd.if_none_match)
+        if existing is None and self.tables is not None and self.tables.existed_at(name, self.stamp):
+            raise AlreadyExists(f"{name!r} is an embedding table; tensors and tables share one namespace")
         dtype, shape = cmd.dtype, tuple(cmd.shape)
         if existing is not None and (existing.dtype, existing.shape) != (dtype, shape):
             raise Unprocessable(
@@ -267,6 +291,9 @@ class ShardState:
         Delete: _delete,
         MemberSet: _member_set,
         MemberDrop: _member_drop,
+        TableCreate: table_cmds.create,
+        TablePush: table_cmds.push,
+        TableDelete: table_cmds.delete,
     }
 
     # ---- reading -----------------------------------------------------------

@@ -20,6 +20,9 @@ from store.commands import (
     Noop,
     Put,
     Stored,
+    TableCreate,
+    TableDelete,
+    TablePush,
     decode,
     encode,
     from_log,
@@ -72,6 +75,11 @@ EVERY = [
     MemberSet(id="n4", http="h:1", raft="r:2", data="d:3", rid="r8"),
     MemberDrop(id="n4"),
     Noop(),
+    TableCreate(name="emb", config={"dim": 4, "optimizer": {"type": "ftrl", "lr": 0.1}}, rid="r9"),
+    TablePush(
+        name="emb", n=2, id_dtype="uint64", ids=Inline(b"\0" * 16), grads=Stored(SHA, 32), rid="r10", base_version=3
+    ),
+    TableDelete(name="emb", rid="r11", if_match=5),
 ]
 
 

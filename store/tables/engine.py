@@ -1,0 +1,317 @@
+"""The on-disk row engine of one table on one shard: a RocksDB database (via
+`rocksdict`), chosen by measurement against LMDB (bench/table_engine.py;
+docs/architecture.md, "Embedding tables").
+
+One key space, by prefix:
+- `r` + 8-byte big-endian ID -> packed record (last update version, row, optimizer state);
+- `l` + 8-byte version + 8-byte ID -> b"" (only with eviction): least recently updated first;
+- `m` + name -> the table's scalars (JSON), its version (8 bytes), admission counter chunks.
+
+A push is one WriteBatch: atomic. The write-ahead log is on but not fsynced
+(unless asked), like the Raft journal: a process crash loses nothing, a power
+loss may lose the last pushes. Opening a table reads its meta keys only.
+
+Memory: the process's tables share one block cache (`MemoryBudget`) that also
+holds index and filter blocks; memtables are bounded per table. Reads go
+through that cache and the kernel's page cache, never a map of the table, so
+the process's RSS stays near the cap whatever the table's size.
+
+Snapshots: `checkpoint` (a RocksDB checkpoint: hard links to the immutable
+table files, plus a flush) pins the table in O(files); `send_dir` streams the
+checkpoint's files with sendfile, so no byte of the table passes through
+this process's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import numpy as np
+import rocksdict
+
+from ..errors import CorruptData
+
+ROW = b"r"
+LRU = b"l"
+META = b"m"
+WRITE_BUFFER_BYTES = 16 << 20
+
+
+class MemoryBudget:
+    """The block cache shared by all tables of a process (rows, index, filters)."""
+
+    def __init__(self, cache_bytes: int) -> None:
+        self.cache_bytes = cache_bytes
+        self.cache = rocksdict.Cache(cache_bytes)
+
+    def usage(self) -> int:
+        return int(self.cache.get_usage())
+
+
+DEFAULT_BUDGET = MemoryBudget(256 << 20)
+
+
+def row_keys(keys: np.ndarray) -> list[bytes]:
+    raw = np.asarray(keys, dtype=np.uint64).astype(">u8").tobytes()
+    return [ROW + raw[i : i + 8] for i in range(0, len(raw), 8)]
+
+
+def lru_keys(version: int | np.ndarray, keys: np.ndarray) -> list[bytes]:
+    pairs = np.empty((len(keys), 2), dtype=">u8")
+    pairs[:, 0] = version
+    pairs[:, 1] = keys
+    raw = pairs.tobytes()
+    return [LRU + raw[i : i + 16] for i in range(0, len(raw), 16)]
+
+
+def _options(budget: MemoryBudget) -> rocksdict.Options:
+    opts = rocksdict.Options(raw_mode=True)
+    opts.create_if_missing(True)
+    table = rocksdict.BlockBasedOptions()
+    table.set_block_cache(budget.cache)
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_bloom_filter(10, False)
+    opts.set_block_based_table_factory(table)
+    opts.set_compression_type(rocksdict.DBCompressionType.none())  # float rows do not compress
+    opts.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    opts.set_max_write_buffer_number(2)
+    opts.set_max_background_jobs(2)
+    opts.set_keep_log_file_num(2)
+    opts.set_max_open_files(512)
+    return opts
+
+
+class Batch:
+    """Writes of one push, applied atomically by `RowStore.write`."""
+
+    def __init__(self) -> None:
+        self.wb = rocksdict.WriteBatch(raw_mode=True)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.wb.put(key, value)
+
+    def delete(self, key: bytes) -> None:
+        self.wb.delete(key)
+
+
+class RowStore:
+    def __init__(self, path: Path, record_size: int, budget: MemoryBudget = DEFAULT_BUDGET, sync: bool = False) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.record_size = record_size
+        self.budget = budget
+        self.db = rocksdict.Rdict(str(self.path), _options(budget))
+        self.wopt = rocksdict.WriteOptions()
+        self.wopt.sync = sync
+
+    # ---- reads (any thread) ------------------------------------------------------
+    def get_records(
+        self, keys: np.ndarray, meta: tuple[bytes, ...] = ()
+    ) -> tuple[np.ndarray, np.ndarray, list[bytes | None]]:
+        """(found mask, records as (n, record_size) uint8 with zeros where
+        absent, values of the `meta` keys), all read at one point in time."""
+        enc = row_keys(keys)
+        got = cast(list[bytes | None], self.db.get(cast(Any, [META + m for m in meta] + enc)))
+        metas, vals = got[: len(meta)], got[len(meta) :]
+        mask = np.fromiter((v is not None for v in vals), dtype=bool, count=len(vals))
+        out = np.zeros((len(vals), self.record_size), dtype=np.uint8)
+        if mask.any():
+            out[mask] = np.frombuffer(b"".join(v for v in vals if v is not None), dtype=np.uint8).reshape(
+                -1, self.record_size
+            )
+        return mask, out, metas
+
+    def meta_get(self, key: bytes) -> bytes | None:
+        return self.db.get(META + key)
+
+    def lru_oldest(
+        self, limit: int, before_version: int | None = None, skip: set[int] | frozenset[int] = frozenset()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `limit` (versions, keys) of the least recently updated rows,
+        oldest first, optionally only those updated before `before_version`,
+        leaving out the IDs in `skip` (their entries are being moved)."""
+        versions: list[int] = []
+        keys: list[int] = []
+        it = self.db.iter()
+        it.seek(LRU)
+        while it.valid() and len(keys) < limit:
+            k = it.key()
+            if not k.startswith(LRU):
+                break
+            v, key = (int(x) for x in np.frombuffer(k[1:], dtype=">u8"))
+            if before_version is not None and v >= before_version:
+                break
+            if key not in skip:
+                versions.append(v)
+                keys.append(key)
+            it.next()
+        del it
+        return np.array(versions, dtype=np.uint64), np.array(keys, dtype=np.uint64)
+
+    def iter_records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (keys, records) in key order from one consistent view."""
+        snap = self.db.snapshot()
+        it = snap.iter()
+        it.seek(ROW)
+        keys: list[bytes] = []
+        vals: list[bytes] = []
+        while it.valid():
+            k = it.key()
+            if not k.startswith(ROW):
+                break
+            keys.append(k[1:])
+            vals.append(it.value())
+            if len(keys) == batch:
+                yield self._pack(keys, vals)
+                keys, vals = [], []
+            it.next()
+        if keys:
+            yield self._pack(keys, vals)
+        del it, snap
+
+    def _pack(self, keys: list[bytes], vals: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64),
+            np.frombuffer(b"".join(vals), dtype=np.uint8).reshape(-1, self.record_size),
+        )
+
+    # ---- writes (the applier thread only) ---------------------------------------
+    def write(self, batch: Batch) -> None:
+        self.db.write(batch.wb, self.wopt)
+
+    def put_records(self, batch: Batch, keys: np.ndarray, records: np.ndarray) -> None:
+        raw = np.ascontiguousarray(records, dtype=np.uint8).tobytes()
+        n = self.record_size
+        for i, k in enumerate(row_keys(keys)):
+            batch.put(k, raw[i * n : (i + 1) * n])
+
+    def delete_records(self, batch: Batch, keys: np.ndarray) -> None:
+        for k in row_keys(keys):
+            batch.delete(k)
+
+    def lru_move(self, batch: Batch, keys: np.ndarray, old_versions: np.ndarray | None, new_version: int) -> None:
+        if old_versions is not None and len(old_versions):
+            for k in lru_keys(old_versions, keys):
+                batch.delete(k)
+        for k in lru_keys(new_version, keys):
+            batch.put(k, b"")
+
+    def lru_delete(self, batch: Batch, versions: np.ndarray, keys: np.ndarray) -> None:
+        for k in lru_keys(versions, keys):
+            batch.delete(k)
+
+    def meta_put(self, batch: Batch, key: bytes, value: bytes) -> None:
+        batch.put(META + key, value)
+
+    # ---- snapshots ---------------------------------------------------------------
+    def checkpoint(self, dest: Path) -> None:
+        """A consistent copy of the table as it is now in `dest` (must not
+        exist): hard links to the table files, so O(files), not O(bytes).
+        Call it between pushes (the applier thread)."""
+        rocksdict.Checkpoint(self.db).create_checkpoint(str(dest))
+
+    # ---- size ----------------------------------------------------------------------
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def memory_bytes(self) -> int:
+        """Memtables and table readers outside the shared block cache."""
+        total = 0
+        for prop in ("rocksdb.cur-size-all-mem-tables", "rocksdb.estimate-table-readers-mem"):
+            total += int(self.db.property_int_value(prop) or 0)
+        return total
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# ---- moving a checkpoint between replicas ---------------------------------------------
+# A stream is: for each file one JSON line {"name": relative path, "size"} then its
+# bytes; then {"end": number of files}. Paths have at most one directory level.
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file())
+
+
+def send_dir(src: Path, out: BinaryIO | socket.socket) -> int:
+    """Stream every file under `src` to `out` (sendfile: the bytes go from
+    the page cache to the socket or file without passing through this process)."""
+    sent = 0
+    files = _files(src)
+    out_fd = out.fileno()
+    for f in files:
+        size = f.stat().st_size
+        rel = f.relative_to(src).as_posix()
+        _send_all(out, (json.dumps({"name": rel, "size": size}) + "\n").encode())
+        with open(f, "rb") as src_file:
+            offset = 0
+            while offset < size:
+                if isinstance(out, socket.socket):
+                    n = out.sendfile(src_file, offset, size - offset)
+                else:
+                    out.flush()
+                    n = os.sendfile(out_fd, src_file.fileno(), offset, size - offset)
+                if n == 0:
+                    raise CorruptData(f"{f} shrank while being sent")
+                offset += n
+        sent += size
+    _send_all(out, (json.dumps({"end": len(files)}) + "\n").encode())
+    return sent
+
+
+def _send_all(out: BinaryIO | socket.socket, data: bytes) -> None:
+    if isinstance(out, socket.socket):
+        out.sendall(data)
+    else:
+        out.write(data)
+        out.flush()
+
+
+def _safe_relative(name: Any) -> Path:
+    parts = name.split("/") if isinstance(name, str) else []
+    if not 1 <= len(parts) <= 2 or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise CorruptData(f"table stream: bad file name {name!r}")
+    return Path(*parts)
+
+
+def receive_dir(src: BinaryIO, dest: Path, chunk: int = 1 << 20) -> int:
+    """Write a `send_dir` stream into `dest` (created; must not exist)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True)
+    received = files = 0
+    try:
+        while True:
+            line = src.readline(4096)
+            if not line.endswith(b"\n"):
+                raise CorruptData("table stream ended early")
+            head: dict[str, Any] = json.loads(line)
+            if "end" in head:
+                if head["end"] != files:
+                    raise CorruptData(f"table stream: {files} files, trailer says {head['end']}")
+                return received
+            rel, size = _safe_relative(head.get("name")), head.get("size")
+            if not isinstance(size, int) or size < 0:
+                raise CorruptData(f"table stream: bad size in {head!r}")
+            target = dest / rel
+            target.parent.mkdir(exist_ok=True)
+            with open(target, "wb") as f:
+                left = size
+                while left:
+                    data = src.read(min(chunk, left))
+                    if not data:
+                        raise CorruptData("table stream ended early")
+                    f.write(data)
+                    left -= len(data)
+            received += size
+            files += 1
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise

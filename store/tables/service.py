@@ -1,0 +1,271 @@
+"""What the HTTP layer asks of a replica about embedding tables.
+
+A table has a part on every shard: an ID lives on shard `shard_of_keys(ID)`
+(a stable hash), so a push touching several shards is one command per shard,
+each atomic, and a lookup reads each shard's part. The table's *home* shard
+(the shard a tensor of the same name would live on) is created first: tensors
+and tables share one namespace, and only that shard can see a clash.
+
+Writes return Futures (never blocking on Raft); lookups and descriptions read
+local disk and block briefly (call them off the event loop).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..commands import Command, TableCreate, TableDelete, TablePush
+from ..errors import NotFound, PreconditionFailed, StoreError, Unprocessable
+from ..futures import settle
+from . import rowdtype
+from .engine import MemoryBudget
+from .ids import split_by_shard, table_keys
+from .registry import Tables
+from .spec import TableSpec, check_name, parse_spec
+
+MAX_IDS_PER_REQUEST = 1 << 20
+
+
+class TableHost(Protocol):
+    """The part of `store.node.Store` this service uses."""
+
+    def shard_of(self, name: str) -> int: ...
+
+    def table_shards(self) -> int: ...
+
+    def submit_to(self, shard: int, cmd: Command) -> Future[Any]: ...
+
+    def barrier(self, shard: int) -> Future[Any]: ...
+
+    def local_tables(self, shard: int) -> Tables: ...
+
+
+def gather(futures: list[Future[Any]]) -> Future[list[Any]]:
+    """One Future for all: their results in order, or the first failure."""
+    out: Future[list[Any]] = Future()
+    results: list[Any] = [None] * len(futures)
+    left = [len(futures)]
+    lock = threading.Lock()
+    if not futures:
+        settle(out, [])
+
+    def done(i: int, f: Future[Any]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            settle(out, exc=exc)
+            return
+        with lock:
+            results[i] = f.result()
+            left[0] -= 1
+            finished = left[0] == 0
+        if finished:
+            settle(out, results)
+
+    for i, f in enumerate(futures):
+        f.add_done_callback(functools.partial(done, i))
+    return out
+
+
+def then(fut: Future[Any], fn: Any) -> Future[Any]:
+    out: Future[Any] = Future()
+
+    def done(f: Future[Any]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            settle(out, exc=exc)
+            return
+        try:
+            settle(out, fn(f.result()))
+        except BaseException as e:
+            settle(out, exc=e)
+
+    fut.add_done_callback(done)
+    return out
+
+
+class TableService:
+    def __init__(self, host: TableHost, max_ids: int = MAX_IDS_PER_REQUEST, budget: MemoryBudget | None = None) -> None:
+        self.host = host
+        self.budget = budget  # the block cache the tables share (metrics)
+        self.max_ids = max_ids  # the HTTP layer refuses larger requests (413)
+        # served by this replica (metrics): table -> [lookups, rows looked up, pushes, rows pushed]
+        self.served: dict[str, list[int]] = {}
+        self._served_lock = threading.Lock()
+
+    def _count(self, name: str, field: int, requests: int, rows: int) -> None:
+        with self._served_lock:
+            counts = self.served.setdefault(name, [0, 0, 0, 0])
+            counts[field] += requests
+            counts[field + 1] += rows
+
+    @property
+    def shards(self) -> int:
+        return self.host.table_shards()
+
+    # ---- writes ----------------------------------------------------------------------
+    def create(self, name: str, config: Any, rid: str | None = None) -> Future[Any]:
+        check_name(name)
+        spec = parse_spec(config)  # 422 here, before anything is proposed
+        raw = spec.to_json()
+        home = self.host.shard_of(name)
+        first = self.host.submit_to(home, TableCreate(name=name, config=raw, rid=_rid(rid, home)))
+
+        def rest(_: Any) -> Future[Any]:
+            others = [
+                self.host.submit_to(s, TableCreate(name=name, config=raw, rid=_rid(rid, s)))
+                for s in range(self.shards)
+                if s != home
+            ]
+            return gather(others)
+
+        out: Future[Any] = Future()
+
+        def after_home(f: Future[Any]) -> None:
+            exc = f.exception()
+            if exc is not None:
+                settle(out, exc=exc)
+                return
+            gather_fut = rest(f.result())
+            gather_fut.add_done_callback(
+                lambda g: settle(out, {"name": name, "shards": self.shards, "config": raw}, g.exception())
+            )
+
+        first.add_done_callback(after_home)
+        return out
+
+    def push(
+        self, name: str, ids: np.ndarray, grads: np.ndarray, base_version: int | None = None, rid: str | None = None
+    ) -> Future[Any]:
+        """Validate everything here (nothing is proposed for a bad push), then
+        one TablePush per shard touched. Resolves with each shard's outcome."""
+        spec = self.spec(name)
+        keys = table_keys(ids, spec.id_dtype)
+        grads = check_grads(np.asarray(grads), len(keys), spec)
+        id_dtype = spec.id_dtype
+        wire_ids = keys if id_dtype == "uint64" else keys.view(np.int64)
+        parts = split_by_shard(keys, self.shards)
+        futures = []
+        order = sorted(parts)
+        for shard in order:
+            pos = parts[shard]
+            cmd = TablePush(
+                name=name,
+                n=len(pos),
+                id_dtype=id_dtype,
+                ids=np.ascontiguousarray(wire_ids[pos]).astype(f"<{id_dtype[0]}8").tobytes(),
+                grads=np.ascontiguousarray(grads[pos], dtype="<f4").tobytes(),
+                base_version=base_version,
+                rid=_rid(rid, shard),
+            )
+            futures.append(self.host.submit_to(shard, cmd))
+        self._count(name, 2, 1, len(keys))
+        return then(
+            gather(futures),
+            lambda results: {"name": name, "shards": {str(s): r for s, r in zip(order, results, strict=True)}},
+        )
+
+    def delete(self, name: str, if_match: int | None = None, rid: str | None = None) -> Future[Any]:
+        """Delete every shard's part. `If-Match` is checked against the
+        table's version as this replica knows it (the sum over shards)."""
+        info = self.info(name)
+        if if_match is not None and info["version"] != if_match:
+            raise PreconditionFailed(
+                f"table {name!r} is at version {info['version']}, If-Match asked for {if_match}",
+                current_version=info["version"],
+            )
+        futures = [self.host.submit_to(s, TableDelete(name=name, rid=_rid(rid, s))) for s in range(self.shards)]
+        return then(gather(futures), lambda _: {"name": name, "deleted": True})
+
+    # ---- reads (blocking; off the event loop) ---------------------------------------
+    def spec(self, name: str) -> TableSpec:
+        for shard in range(self.shards):
+            try:
+                return self.host.local_tables(shard).get(name).spec
+            except StoreError:
+                continue
+        raise NotFound(f"table {name!r} does not exist")
+
+    def barrier(self) -> None:
+        """Wait until every write acknowledged before this call is applied here."""
+        for f in [self.host.barrier(s) for s in range(self.shards)]:
+            f.result()
+
+    def lookup(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, TableSpec, dict[int, int]]:
+        """Rows for `ids` in order (storage dtype), the table's spec, and the
+        version each shard's part was read at."""
+        spec = self.spec(name)
+        keys = table_keys(ids, spec.id_dtype)
+        out = np.empty((len(keys), spec.dim), dtype=rowdtype.STORAGE[spec.dtype])
+        versions: dict[int, int] = {}
+        for shard, pos in split_by_shard(keys, self.shards).items():
+            rows, version = self.host.local_tables(shard).get(name).lookup(np.asarray(ids)[pos])
+            out[pos] = rows
+            versions[shard] = version
+        self._count(name, 0, 1, len(keys))
+        return out, spec, versions
+
+    def info(self, name: str, digest: bool = False) -> dict[str, Any]:
+        """The table as this replica holds it; `digest`: each shard part's
+        sha256 over everything replicated (reads the whole part)."""
+        parts = []
+        for shard in range(self.shards):
+            tables = self.host.local_tables(shard)
+            if name in tables:
+                table = tables.get(name)
+                part = table.info()
+                if digest:
+                    part["digest"] = table.digest()
+                parts.append((shard, part))
+        if not parts:
+            raise NotFound(f"table {name!r} does not exist")
+        first = parts[0][1]
+        return {
+            "name": name,
+            "config": first["config"],
+            "version": sum(p["version"] for _, p in parts),
+            "rows": sum(p["rows"] for _, p in parts),
+            "bytes_on_disk": sum(p["bytes_on_disk"] for _, p in parts),
+            "bytes_in_memory": sum(p["bytes_in_memory"] for _, p in parts),
+            "admitted": sum(p["admitted"] for _, p in parts),
+            "refused": sum(p["refused"] for _, p in parts),
+            "evicted": sum(p["evicted"] for _, p in parts),
+            "shards": {str(s): {k: p[k] for k in ("version", "rows", "digest") if k in p} for s, p in parts},
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        names: set[str] = set()
+        for shard in range(self.shards):
+            names.update(self.host.local_tables(shard).names())
+        out = []
+        for name in sorted(names):
+            try:
+                out.append(self.info(name))
+            except NotFound:  # deleted meanwhile
+                continue
+        return out
+
+
+def check_grads(grads: np.ndarray, n: int, spec: TableSpec) -> np.ndarray:
+    if n == 0:
+        raise Unprocessable("empty push: give at least one ID")
+    if grads.dtype.kind != "f":
+        raise Unprocessable(f"grads: expected floats, got {grads.dtype}")
+    if grads.ndim != 2 or grads.shape[0] != n:
+        raise Unprocessable(f"grads: expected shape [{n}, {spec.dim}] (one row per ID), got {list(grads.shape)}")
+    if grads.shape[1] != spec.dim:
+        raise Unprocessable(f"grads: rows have {grads.shape[1]} values but the table has dim {spec.dim}")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(grads, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise Unprocessable("grads contain NaN or Inf (or values beyond float32)")
+    return out
+
+
+def _rid(rid: str | None, shard: int) -> str | None:
+    """One request id per shard's command, derived from the client's."""
+    return None if rid is None else f"{rid}/{shard}"
