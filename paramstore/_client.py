@@ -5,25 +5,21 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import random
 import ssl
 import threading
-import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import httpx
 import numpy as np
 
-from ._errors import ParamStoreError, PreconditionFailedError, UnavailableError, error_from
+from ._errors import PreconditionFailedError
+from ._tables import TableMethods
+from ._transport import Transport
 from ._wire import (
     OCTET,
     SAFETENSORS,
     array_from,
     le_contiguous,
-    safetensors_array,
-    safetensors_body,
     safetensors_metadata,
     tensor_request,
     version_of,
@@ -31,25 +27,8 @@ from ._wire import (
 
 __all__ = ["Client"]
 
-_BACKOFF_BASE = 0.05
-_BACKOFF_CAP = 1.0
-# Answers another replica (or a later try) may do better on. 503: no leader, not
-# caught up, or the store's deadline passed. 408: this replica stopped waiting,
-# e.g. for the session's min_version, or for a body that stalled in transit.
-# A retried write carries the same X-Request-Id, so it still applies at most once.
-_RETRY_STATUSES = (408, 503)
 
-
-class _Retry(Exception):
-    """An attempt that another replica (or a later try) may succeed at."""
-
-    def __init__(self, cause: BaseException, retry_after: float = 0.0) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.retry_after = retry_after
-
-
-class Client:
+class Client(TableMethods):
     """A thread-safe client for one cluster.
 
     `urls`: any replicas (a list or a comma-separated string); `timeout`: per
@@ -101,34 +80,39 @@ class Client:
     ) -> None:
         if isinstance(urls, str):
             urls = urls.split(",")
-        self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
-        if not self.urls:
+        urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not urls:
             raise ValueError("Client needs at least one replica URL")
-        self.timeout = timeout
-        self.deadline = deadline
         self.session: dict[str, int] = session if session is not None else {}
         self._lock = threading.Lock()
-        self._preferred = 0
         token = token if token is not None else os.environ.get("PARAMSTORE_TOKEN")
-        if isinstance(verify, str):  # a CA bundle file
-            verify = ssl.create_default_context(cafile=verify)
-        auth = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = [
-            httpx.Client(
-                base_url=u,
-                timeout=timeout,
-                follow_redirects=True,
-                headers=auth,
-                verify=verify,
-                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-            )
-            for u in self.urls
-        ]
+        self._transport = Transport(urls, timeout, deadline, token, verify)
+
+    @property
+    def urls(self) -> builtins.list[str]:
+        return self._transport.urls
+
+    @property
+    def timeout(self) -> float:
+        """Per HTTP attempt."""
+        return self._transport.timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._transport.timeout = value
+
+    @property
+    def deadline(self) -> float:
+        """Per call, across all retries."""
+        return self._transport.deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._transport.deadline = value
 
     # ---- lifecycle ------------------------------------------------------------------
     def close(self) -> None:
-        for c in self._http:
-            c.close()
+        self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -157,7 +141,7 @@ class Client:
         if staleness_policy is not None:
             headers["X-Staleness-Policy"] = staleness_policy
         try:
-            r = self._request("PUT", f"/v1/tensors/{name}", headers=headers, content=body, write=True)
+            r = self._transport.request("PUT", f"/v1/tensors/{name}", headers=headers, content=body, write=True)
         except PreconditionFailedError as e:
             if not exist_ok or e.current_version is None:
                 raise
@@ -173,7 +157,7 @@ class Client:
         body, headers = tensor_request(value)
         if if_version is not None:
             headers["If-Match"] = f'"{int(if_version)}"'
-        r = self._request("PUT", f"/v1/tensors/{name}", headers=headers, content=body, write=True)
+        r = self._transport.request("PUT", f"/v1/tensors/{name}", headers=headers, content=body, write=True)
         return self._saw(name, version_of(r))
 
     def push_grad(self, name: str, grad: Any, base_version: int | None = None) -> int:
@@ -183,7 +167,7 @@ class Client:
         body, headers = tensor_request(grad)
         if base_version is not None:
             headers["X-Base-Version"] = str(int(base_version))
-        r = self._request("POST", f"/v1/tensors/{name}/grad", headers=headers, content=body, write=True)
+        r = self._transport.request("POST", f"/v1/tensors/{name}/grad", headers=headers, content=body, write=True)
         return self._saw(name, version_of(r))
 
     def push_grads(self, grads: Mapping[str, Any], base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
@@ -195,12 +179,12 @@ class Client:
         headers = {"Content-Type": SAFETENSORS}
         if base_versions:
             headers["X-Base-Versions"] = json.dumps({k: int(v) for k, v in base_versions.items()})
-        r = self._request("POST", "/v1/grads:batch", headers=headers, content=body, write=True)
+        r = self._transport.request("POST", "/v1/grads:batch", headers=headers, content=body, write=True)
         return {name: self._saw(name, v) for name, v in r.json()["versions"].items()}
 
     def delete(self, name: str, if_version: int | None = None) -> None:
         headers = {"If-Match": f'"{int(if_version)}"'} if if_version is not None else {}
-        self._request("DELETE", f"/v1/tensors/{name}", headers=headers, write=True)
+        self._transport.request("DELETE", f"/v1/tensors/{name}", headers=headers, write=True)
         with self._lock:
             self.session.pop(name, None)
 
@@ -213,7 +197,7 @@ class Client:
         if seen is not None:
             # Bound the replica-side wait so a lagging replica gives way to another.
             params = {"min_version": seen, "timeout": max(0.5, self.timeout / 2)}
-        r = self._request("GET", f"/v1/tensors/{name}", params=params, headers={"Accept": OCTET})
+        r = self._transport.request("GET", f"/v1/tensors/{name}", params=params, headers={"Accept": OCTET})
         arr = array_from(r)
         return arr, self._saw(name, version_of(r))
 
@@ -227,21 +211,21 @@ class Client:
         headers = {"Accept": SAFETENSORS}
         if seen:
             headers["X-Min-Versions"] = json.dumps(seen)
-        r = self._request("GET", "/v1/tensors:batch", params={"names": ",".join(names)}, headers=headers)
+        r = self._transport.request("GET", "/v1/tensors:batch", params={"names": ",".join(names)}, headers=headers)
         arrays = load(r.content)
         versions = json.loads(safetensors_metadata(r.content)["versions"])
         return {n: (arrays[n], self._saw(n, versions[n])) for n in names}
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """Every tensor's name, dtype, shape, version and shard."""
-        tensors: builtins.list[dict[str, Any]] = self._request("GET", "/v1/tensors").json()
+        tensors: builtins.list[dict[str, Any]] = self._transport.request("GET", "/v1/tensors").json()
         return tensors
 
     def wait_for(self, name: str, version_gt: int, timeout: float) -> int | None:
         """Block until `name` has a version > `version_gt` (returned), or
         `timeout` seconds pass (None). The server caps one wait at
         limits.max_wait_seconds (60 s by default)."""
-        r = self._request(
+        r = self._transport.request(
             "HEAD",
             f"/v1/tensors/{name}",
             params={"wait_version_gt": int(version_gt), "timeout": timeout},
@@ -255,85 +239,8 @@ class Client:
 
     def cluster(self) -> dict[str, Any]:
         """The answering replica's view of the shards, their leaders and members."""
-        doc: dict[str, Any] = self._request("GET", "/v1/cluster").json()
+        doc: dict[str, Any] = self._transport.request("GET", "/v1/cluster").json()
         return doc
-
-    # ---- embedding tables (docs/api.md, "Embedding tables") ----------------------------
-    def create_table(
-        self,
-        name: str,
-        dim: int,
-        dtype: str = "float32",
-        id_dtype: str = "int64",
-        initializer: Mapping[str, Any] | None = None,
-        optimizer: Mapping[str, Any] | None = None,
-        admission: Mapping[str, Any] | None = None,
-        eviction: Mapping[str, Any] | None = None,
-        exist_ok: bool = False,
-        **config: Any,
-    ) -> dict[str, Any]:
-        """Create a table of `dim`-wide rows keyed by 64-bit IDs; returns its
-        description. `config` takes the other table fields (max_staleness, ...)."""
-        body: dict[str, Any] = {"dim": dim, "dtype": dtype, "id_dtype": id_dtype, **config}
-        for key, value in (
-            ("initializer", initializer),
-            ("optimizer", optimizer),
-            ("admission", admission),
-            ("eviction", eviction),
-        ):
-            if value is not None:
-                body[key] = dict(value)
-        try:
-            self._request(
-                "PUT",
-                f"/v1/tables/{name}",
-                headers={"Content-Type": "application/json"},
-                content=json.dumps(body).encode(),
-                write=True,
-            )
-        except ParamStoreError as e:
-            if not (exist_ok and e.code == "already_exists"):
-                raise
-        return self.table_info(name)
-
-    def lookup(self, name: str, ids: Any, consistency: str = "local") -> np.ndarray:
-        """Rows for `ids` (int64 or uint64), in order: float32 (float16 tables:
-        float16). IDs never pushed read their initial value; nothing is created."""
-        body = safetensors_body({"ids": np.asarray(ids)})
-        r = self._request(
-            "POST",
-            f"/v1/tables/{name}:lookup",
-            params={"consistency": consistency},
-            headers={"Content-Type": SAFETENSORS, "Accept": SAFETENSORS},
-            content=body,
-        )
-        return safetensors_array(r.content, "rows")
-
-    def push_rows(self, name: str, ids: Any, grads: Any, base_version: int | None = None) -> dict[str, Any]:
-        """Row gradients (n x dim) for `ids`; duplicates are summed. The store
-        applies one atomic command per shard the IDs live on; returns each
-        shard's outcome (its new version) under "shards"."""
-        body = safetensors_body({"ids": np.asarray(ids), "grads": np.asarray(grads, dtype=np.float32)})
-        headers = {"Content-Type": SAFETENSORS}
-        if base_version is not None:
-            headers["X-Base-Version"] = str(int(base_version))
-        result: dict[str, Any] = self._request(
-            "POST", f"/v1/tables/{name}:push", headers=headers, content=body, write=True
-        ).json()
-        return result
-
-    def table_info(self, name: str) -> dict[str, Any]:
-        """Rows, bytes in memory and on disk, version (summed over shards), config."""
-        info: dict[str, Any] = self._request("GET", f"/v1/tables/{name}").json()
-        return info
-
-    def list_tables(self) -> builtins.list[dict[str, Any]]:
-        tables: builtins.list[dict[str, Any]] = self._request("GET", "/v1/tables").json()
-        return tables
-
-    def delete_table(self, name: str, if_version: int | None = None) -> None:
-        headers = {"If-Match": f'"{int(if_version)}"'} if if_version is not None else {}
-        self._request("DELETE", f"/v1/tables/{name}", headers=headers, write=True)
 
     # ---- plumbing ---------------------------------------------------------------------
     def _saw(self, name: str, version: int) -> int:
@@ -341,79 +248,3 @@ class Client:
             if version > self.session.get(name, 0):
                 self.session[name] = version
         return version
-
-    def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: dict[str, str] | None = None,
-        params: dict[str, Any] | None = None,
-        content: Any = None,
-        write: bool = False,
-        attempt_timeout: float | None = None,
-        deadline: float | None = None,
-        ok: tuple[int, ...] = (200, 201),
-    ) -> httpx.Response:
-        """One logical call: retried across replicas until it gets a definite
-        answer or the deadline passes. Writes keep one X-Request-Id throughout."""
-        headers = dict(headers or {})
-        if write:
-            headers["X-Request-Id"] = uuid.uuid4().hex
-        end = time.monotonic() + (self.deadline if deadline is None else deadline)
-        per_try = self.timeout if attempt_timeout is None else attempt_timeout
-        n = len(self.urls)
-        start = self._preferred
-        attempt = 0
-        while True:
-            i = (start + attempt) % n
-            remaining = end - time.monotonic()
-            try:
-                r = self._attempt(i, method, path, headers, params, content, max(0.05, min(per_try, remaining)), ok)
-                self._preferred = i
-                return r
-            except _Retry as e:
-                cause, retry_after = e.cause, e.retry_after
-            attempt += 1
-            # After a full round of replicas, honour the server's Retry-After (capped).
-            pause = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(attempt - 1, 10))
-            pause *= random.uniform(0.5, 1.5)
-            if attempt % n == 0:
-                pause = max(pause, min(retry_after, _BACKOFF_CAP))
-            if time.monotonic() + pause >= end:
-                msg = (
-                    f"{method} {path}: no replica answered within the deadline "
-                    f"({attempt} attempts over {', '.join(self.urls)}); last: {cause}"
-                )
-                if isinstance(cause, ParamStoreError):
-                    raise UnavailableError(msg, status=cause.status, code=cause.code, body=cause.body) from cause
-                raise UnavailableError(msg) from cause
-            time.sleep(pause)
-
-    def _attempt(
-        self,
-        i: int,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        params: dict[str, Any] | None,
-        content: Any,
-        timeout: float,
-        ok: tuple[int, ...],
-    ) -> httpx.Response:
-        http = self._http[i]
-        try:
-            request = http.build_request(method, path, headers=headers, params=params, content=content, timeout=timeout)
-            r = http.send(request)
-        except httpx.TransportError as e:  # refused, reset, timed out: outcome may be unknown
-            raise _Retry(e) from e
-        if r.status_code in ok:
-            return r
-        err = error_from(r)
-        if r.status_code in _RETRY_STATUSES:
-            try:
-                retry_after = float(r.headers.get("Retry-After", "0"))
-            except ValueError:
-                retry_after = 0.0
-            raise _Retry(err, retry_after)
-        raise err

@@ -146,7 +146,7 @@ def test_failover_past_a_dead_url(cluster: DevCluster) -> None:
     with Client([dead, *cluster.urls[1:]], timeout=2.0, deadline=10.0) as c:
         name = unique("fo")
         assert c.create(name, np.ones(4, np.float32)) == 1
-        assert c._preferred == 1  # the next calls go straight to the live replica
+        assert c._transport.preferred == 1  # the next calls go straight to the live replica
         np.testing.assert_array_equal(c.pull(name)[0], np.ones(4, np.float32))
 
 
@@ -217,7 +217,7 @@ def test_client_retry_after_lost_response_applies_once(cluster: DevCluster) -> N
     name = unique("lost")
     with Client(cluster.urls, timeout=5.0, deadline=20.0) as c:
         c.create(name, np.zeros(4, np.float32), optimizer={"type": "sgd", "lr": 1.0})
-        first = c._http[c._preferred]
+        first = c._transport.http[c._transport.preferred]
         real_send = first.send
         sent: list[str] = []
 
@@ -230,7 +230,7 @@ def test_client_retry_after_lost_response_applies_once(cluster: DevCluster) -> N
 
         first.send = send_then_lose_response  # type: ignore[method-assign]  # a fault injected into one client
         seen_ids: list[str] = []
-        for other in c._http:
+        for other in c._transport.http:
             if other is not first:
                 other_send = other.send
 

@@ -71,7 +71,7 @@ def test_a_replica_that_cannot_answer_yet_is_retried_on_the_next(
     with Client([behind.url, ok.url], timeout=2.0, deadline=10.0) as c:
         value, version = c.pull("w")
         assert version == 3 and value.tolist() == [0.0, 1.0, 2.0]
-        assert c._preferred == 1  # the next call goes to the replica that answered
+        assert c._transport.preferred == 1  # the next call goes to the replica that answered
     assert behind.requests == 1 and ok.requests == 1
 
 

@@ -1,0 +1,95 @@
+"""The embedding-table methods of `Client` (docs/api.md, "Embedding tables")."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._errors import ParamStoreError
+from ._transport import Transport
+from ._wire import SAFETENSORS, safetensors_array, safetensors_body
+
+
+class TableMethods:
+    """Mixed into `Client`: tables of rows keyed by 64-bit IDs."""
+
+    _transport: Transport
+
+    def create_table(
+        self,
+        name: str,
+        dim: int,
+        dtype: str = "float32",
+        id_dtype: str = "int64",
+        initializer: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        admission: Mapping[str, Any] | None = None,
+        eviction: Mapping[str, Any] | None = None,
+        exist_ok: bool = False,
+        **config: Any,
+    ) -> dict[str, Any]:
+        """Create a table of `dim`-wide rows keyed by 64-bit IDs; returns its
+        description. `config` takes the other table fields (max_staleness, ...)."""
+        body: dict[str, Any] = {"dim": dim, "dtype": dtype, "id_dtype": id_dtype, **config}
+        for key, value in (
+            ("initializer", initializer),
+            ("optimizer", optimizer),
+            ("admission", admission),
+            ("eviction", eviction),
+        ):
+            if value is not None:
+                body[key] = dict(value)
+        try:
+            self._transport.request(
+                "PUT",
+                f"/v1/tables/{name}",
+                headers={"Content-Type": "application/json"},
+                content=json.dumps(body).encode(),
+                write=True,
+            )
+        except ParamStoreError as e:
+            if not (exist_ok and e.code == "already_exists"):
+                raise
+        return self.table_info(name)
+
+    def lookup(self, name: str, ids: Any, consistency: str = "local") -> np.ndarray:
+        """Rows for `ids` (int64 or uint64), in order: float32 (float16 tables:
+        float16). IDs never pushed read their initial value; nothing is created."""
+        body = safetensors_body({"ids": np.asarray(ids)})
+        r = self._transport.request(
+            "POST",
+            f"/v1/tables/{name}:lookup",
+            params={"consistency": consistency},
+            headers={"Content-Type": SAFETENSORS, "Accept": SAFETENSORS},
+            content=body,
+        )
+        return safetensors_array(r.content, "rows")
+
+    def push_rows(self, name: str, ids: Any, grads: Any, base_version: int | None = None) -> dict[str, Any]:
+        """Row gradients (n x dim) for `ids`; duplicates are summed. The store
+        applies one atomic command per shard the IDs live on; returns each
+        shard's outcome (its new version) under "shards"."""
+        body = safetensors_body({"ids": np.asarray(ids), "grads": np.asarray(grads, dtype=np.float32)})
+        headers = {"Content-Type": SAFETENSORS}
+        if base_version is not None:
+            headers["X-Base-Version"] = str(int(base_version))
+        result: dict[str, Any] = self._transport.request(
+            "POST", f"/v1/tables/{name}:push", headers=headers, content=body, write=True
+        ).json()
+        return result
+
+    def table_info(self, name: str) -> dict[str, Any]:
+        """Rows, bytes in memory and on disk, version (summed over shards), config."""
+        info: dict[str, Any] = self._transport.request("GET", f"/v1/tables/{name}").json()
+        return info
+
+    def list_tables(self) -> list[dict[str, Any]]:
+        tables: list[dict[str, Any]] = self._transport.request("GET", "/v1/tables").json()
+        return tables
+
+    def delete_table(self, name: str, if_version: int | None = None) -> None:
+        headers = {"If-Match": f'"{int(if_version)}"'} if if_version is not None else {}
+        self._transport.request("DELETE", f"/v1/tables/{name}", headers=headers, write=True)
