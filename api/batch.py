@@ -18,8 +18,8 @@ from store.errors import InvalidRequest, StoreError
 from store.interface import StoreAPI
 
 from . import headers as h
+from . import json_input, wire
 from . import openapi as oa
-from . import wire
 from .bridge import wait
 from .errors import UnsupportedMediaType, error_response
 from .tensors import wait_version
@@ -131,10 +131,7 @@ async def push_batch(request: Request) -> Response:
 def _versions_header(value: str | None, header: str) -> dict[str, int]:
     if value is None:
         return {}
-    try:
-        doc = json.loads(value)
-    except ValueError as e:
-        raise InvalidRequest(f"{header}: not valid JSON ({e})") from None
+    doc = json_input.loads(value, header)
     if not isinstance(doc, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in doc.values()
     ):

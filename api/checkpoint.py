@@ -348,7 +348,7 @@ def _read_plan(path: str) -> list[dict[str, Any]]:
             if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format {doc.get('format')!r} version {doc.get('format_version')!r}")
             described = doc["tensors"]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise InvalidRequest(f"metadata {META_KEY!r} is not a paramstore checkpoint: {e}") from None
     plan = []
     state_keys: dict[str, list[str]] = {}

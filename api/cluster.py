@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import anyio
@@ -13,6 +12,7 @@ from store import membership
 from store.errors import ConfigError, InvalidRequest
 from store.interface import StoreAPI
 
+from . import json_input
 from . import openapi as oa
 
 router = APIRouter()
@@ -72,10 +72,7 @@ async def add_member(request: Request) -> dict[str, Any]:
     """Add a replica (started with `paramstore serve --join`, so that it already
     holds a fresh snapshot) as a voting member of every shard hosted here, or
     of `shards`."""
-    try:
-        body = json.loads(await request.body() or b"null")
-    except ValueError:
-        raise InvalidRequest("body: expected JSON {id, http, raft, data, shards?}") from None
+    body = json_input.loads(await request.body() or b"null", "body")
     if not isinstance(body, dict):
         raise InvalidRequest("body: expected JSON {id, http, raft, data, shards?}")
     try:

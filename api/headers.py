@@ -3,15 +3,20 @@ InvalidRequest (400) or Unprocessable (422), never a 500."""
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Literal, overload
 
 from store.errors import InvalidRequest, Unprocessable
 from store.optimizers import normalize_spec
 
+from . import json_input
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,255}$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+# ASCII digits only (str.isdigit takes '²', which int() refuses), one optional
+# sign (int() refuses '--1'); values past int64 are refused, not stored.
+INTEGER_RE = re.compile(r"-?[0-9]{1,19}")
+MAX_INTEGER = 2**63 - 1
 
 
 def tensor_name(name: str) -> str:
@@ -39,7 +44,7 @@ def version_tag(value: str | None, header: str, allow_star: bool = False) -> int
     if v.startswith("W/"):
         v = v[2:]
     v = v.strip('"')
-    if not (v.isascii() and v.isdigit()):  # str.isdigit alone takes '²', which int() refuses
+    if not (INTEGER_RE.fullmatch(v) and 0 <= int(v) <= MAX_INTEGER):
         raise InvalidRequest(f'{header}: expected a version such as "3", got {value!r}')
     return int(v)
 
@@ -57,8 +62,8 @@ def integer(value: str | None, header: str, minimum: int = 0) -> int | None:
     if value is None:
         return None
     v = value.strip()
-    if not (v.isascii() and v.lstrip("-").isdigit()) or int(v) < minimum:
-        raise InvalidRequest(f"{header}: expected an integer >= {minimum}, got {value!r}")
+    if not (INTEGER_RE.fullmatch(v) and minimum <= int(v) <= MAX_INTEGER):
+        raise InvalidRequest(f"{header}: expected an integer in [{minimum}, {MAX_INTEGER}], got {value!r}")
     return int(v)
 
 
@@ -76,11 +81,7 @@ def boolean(value: str | None, header: str) -> bool | None:
 def optimizer(value: str | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    try:
-        spec = json.loads(value)
-    except ValueError as e:
-        raise InvalidRequest(f"X-Optimizer: not valid JSON ({e})") from None
-    return normalize_spec(spec)
+    return normalize_spec(json_input.loads(value, "X-Optimizer"))
 
 
 def request_id(value: str | None) -> str | None:

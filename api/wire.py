@@ -23,6 +23,7 @@ from store import dtypes
 from store.buffers import LARGE, Bytes, byte_view, receive_buffer
 from store.errors import InvalidRequest, Unprocessable
 
+from . import json_input
 from .errors import NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 if TYPE_CHECKING:
@@ -184,10 +185,7 @@ def _decode_json(body: Bytes, max_elements: int) -> WireTensor:
         raise PayloadTooLarge(
             f"JSON tensor bodies are limited to {max_elements} elements; use {OCTET} or {NPY} for large tensors"
         )
-    try:
-        doc = json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"body is not valid JSON: {e}") from None
+    doc = json_input.loads(bytes(body), "body")
     if not isinstance(doc, dict) or "data" not in doc:
         raise InvalidRequest('JSON tensor body must be an object {"dtype": ..., "shape": [...], "data": [...]}')
     dtype = str(doc.get("dtype", "float32")).lower()

@@ -65,17 +65,19 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def check_shape(given: Any) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in given)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) from a JSON Infinity or 1e400
         raise InvalidRequest(f"shape {given!r} is not a list of integers") from None
     if len(dims) > MAX_RANK:
         raise Unprocessable(f"shape {dims} has rank {len(dims)} > {MAX_RANK}")
     if any(d < 0 for d in dims):
         raise Unprocessable(f"shape {dims} has a negative dimension")
+    # Zero-size dimensions are skipped: numpy refuses (0, 2**62, 2**62) too,
+    # whose other dimensions overflow its index type.
     n = 1
     for d in dims:
-        n *= d
+        n *= max(d, 1)
         if n > MAX_ELEMENTS:
-            raise Unprocessable(f"shape {dims} has more than {MAX_ELEMENTS} elements")
+            raise Unprocessable(f"shape {dims} has more than {MAX_ELEMENTS} elements (zero dimensions aside)")
     return dims
 
 
@@ -91,7 +93,10 @@ def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 
 def array_from_bytes(data: Any, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A read-only view of `data` (no copy) with the declared dtype and shape."""
+    """A read-only view of `data` (no copy) with the declared dtype and shape.
+    The shape is checked again here, in the state machine: a command that got
+    past the API's checks fails the same way on every replica (422), not in numpy."""
+    shape = check_shape(shape)
     want = expected_nbytes(dtype, shape)
     if len(data) != want:
         raise Unprocessable(f"body has {len(data)} bytes but dtype {dtype} and shape {list(shape)} need {want}")

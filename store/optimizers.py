@@ -70,18 +70,18 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
         where = f"optimizer.{key}"
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise Unprocessable(f"{where}: expected true or false, got {value!r}")
+                raise Unprocessable(f"{where}: expected true or false, got {_short(value)}")
         elif isinstance(default, tuple):
             if (
                 not isinstance(value, (list, tuple))
                 or len(value) != 2
                 or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)
             ):
-                raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {value!r}")
+                raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {_short(value)}")
             value = [float(v) for v in value]
         else:
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise Unprocessable(f"{where}: expected a finite number >= 0, got {value!r}")
+            if not _is_number(value) or not math.isfinite(_as_float(value)) or value < 0:
+                raise Unprocessable(f"{where}: expected a finite number >= 0, got {_short(value)}")
             value = float(value)
         out[key] = value
     if kind == "sgd" and out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
@@ -91,6 +91,19 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _as_float(v: float) -> float:
+    """float(v), inf for a JSON integer too large for a float (float() raises)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 @dataclass(frozen=True)
