@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ router = APIRouter()
 FORMAT = "paramstore.checkpoint"
 FORMAT_VERSION = 1
 STATE_SEP = "/"
+STATE_KEY_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 META_KEY = "paramstore"
 RESTORE_CONCURRENCY = 8
 CHUNK = 1 << 20
@@ -352,9 +354,16 @@ def _read_plan(path: str) -> list[dict[str, Any]]:
             raise InvalidRequest(f"metadata {META_KEY!r} is not a paramstore checkpoint: {e}") from None
     plan = []
     state_keys: dict[str, list[str]] = {}
+    tensors = {name for name in keys if STATE_SEP not in name}
     for name in keys:
         if STATE_SEP in name:  # optimizer state; see the module doc
             owner, _, key = name.partition(STATE_SEP)
+            # an entry nothing would restore is refused, not skipped in silence ('../x')
+            if owner not in tensors or not STATE_KEY_RE.fullmatch(key):
+                raise InvalidRequest(
+                    f"entry {name[:100]!r} is not the optimizer state of a tensor in the file "
+                    f"('<tensor>{STATE_SEP}<state key>')"
+                )
             state_keys.setdefault(owner, []).append(key)
     for name in keys:
         if STATE_SEP in name:

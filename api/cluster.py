@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse
 
 from store import membership
-from store.errors import ConfigError, InvalidRequest
+from store.errors import ConfigError, InvalidRequest, NotFound
 from store.interface import StoreAPI
 
 from . import json_input
@@ -47,12 +47,16 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 # ---- membership (admin) -------------------------------------------------------------
-def _shards_param(value: Any) -> list[int] | None:
+def _shards_param(value: Any, count: int) -> list[int] | None:
+    """The `shards` of a membership change. A shard past the last is a 404
+    (routing would answer 307 to a replica that has none either: a loop)."""
     if value is None:
         return None
     if isinstance(value, str):
         value = [v for v in value.split(",") if v.strip()]
     try:
+        if not isinstance(value, list) or any(isinstance(v, (bool, float)) for v in value):
+            raise TypeError  # int() would take true as 1, 2.5 as 2 and 1e400 not at all (OverflowError)
         shards = [int(v) for v in value]
     except (TypeError, ValueError):
         raise InvalidRequest(f"shards: expected a list of shard numbers, got {value!r}") from None
@@ -60,13 +64,15 @@ def _shards_param(value: Any) -> list[int] | None:
         raise InvalidRequest("shards: empty list")
     if min(shards) < 0:
         raise InvalidRequest(f"shards: shard numbers are >= 0, got {min(shards)}")
+    if max(shards) >= count:
+        raise NotFound(f"shard {max(shards)} does not exist: this cluster has shards 0 to {count - 1}")
     return shards
 
 
 @router.post(
     "/v1/cluster/members",
     openapi_extra=oa.add_member_extra(),
-    responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(307, 400, 409, 503)},
+    responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(307, 400, 404, 409, 503)},
 )
 async def add_member(request: Request) -> dict[str, Any]:
     """Add a replica (started with `paramstore serve --join`, so that it already
@@ -79,8 +85,8 @@ async def add_member(request: Request) -> dict[str, Any]:
         node = membership.node_of(body)
     except ConfigError as e:
         raise InvalidRequest(e.detail) from None
-    shards = _shards_param(body.get("shards"))
     store: StoreAPI = request.app.state.store
+    shards = _shards_param(body.get("shards"), store.cfg.shards)
     return await anyio.to_thread.run_sync(store.add_member, node, shards)
 
 
@@ -96,4 +102,4 @@ async def remove_member(
     """Remove a replica from every shard hosted here (or `?shards=0,1`); works
     for a dead replica too, and moves leadership away from a live one first."""
     store: StoreAPI = request.app.state.store
-    return await anyio.to_thread.run_sync(store.remove_member, node_id, _shards_param(shards))
+    return await anyio.to_thread.run_sync(store.remove_member, node_id, _shards_param(shards, store.cfg.shards))

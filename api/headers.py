@@ -7,7 +7,7 @@ import re
 from typing import Any, Literal, overload
 
 from store.errors import InvalidRequest, Unprocessable
-from store.optimizers import normalize_spec
+from store.optimizers import normalize_spec, refuse_degenerate
 
 from . import json_input
 
@@ -43,7 +43,10 @@ def version_tag(value: str | None, header: str, allow_star: bool = False) -> int
         return "*"
     if v.startswith("W/"):
         v = v[2:]
-    v = v.strip('"')
+    if v.startswith('"') or v.endswith('"'):  # quoted: exactly one pair ('"3' is not a version)
+        if len(v) < 2 or not (v.startswith('"') and v.endswith('"')):
+            raise InvalidRequest(f"{header}: unbalanced quotes in {value!r}")
+        v = v[1:-1]
     if not (INTEGER_RE.fullmatch(v) and 0 <= int(v) <= MAX_INTEGER):
         raise InvalidRequest(f'{header}: expected a version such as "3", got {value!r}')
     return int(v)
@@ -81,7 +84,9 @@ def boolean(value: str | None, header: str) -> bool | None:
 def optimizer(value: str | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    return normalize_spec(json_input.loads(value, "X-Optimizer"))
+    spec = normalize_spec(json_input.loads(value, "X-Optimizer"))
+    refuse_degenerate(spec)
+    return spec
 
 
 def request_id(value: str | None) -> str | None:

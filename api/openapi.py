@@ -213,7 +213,8 @@ def _param(name: str, schema: dict[str, Any], description: str, required: bool =
     return {"name": name, "in": "header", "required": required, "description": description, "schema": schema}
 
 
-VERSION_TAG = r'^(W/)?"?[0-9]{1,18}"?$'
+ONE_TAG = r'(W/)?("[0-9]{1,18}"|[0-9]{1,18})'  # quoted, or not: never half quoted
+VERSION_TAG = "^" + ONE_TAG + "$"
 REQUEST_ID = _param(
     "X-Request-Id",
     {"type": "string", "pattern": REQUEST_ID_RE.pattern},
@@ -250,7 +251,7 @@ def put_tensor_extra() -> dict[str, Any]:
             _param("If-None-Match", {"type": "string", "enum": ["*"]}, "create only"),
             _param(
                 "If-Match",
-                {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?)$'},
+                {"type": "string", "pattern": "^(\\*|" + ONE_TAG + ")$"},
                 "compare-and-set: replace only at this version ('*': only if it exists)",
             ),
             {
@@ -306,7 +307,7 @@ def get_tensor_extra() -> dict[str, Any]:
         "parameters": [
             _param(
                 "If-None-Match",
-                {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?(, *(W/)?"?[0-9]{1,18}"?)*)$'},
+                {"type": "string", "pattern": "^(\\*|" + ONE_TAG + "(, *" + ONE_TAG + ")*)$"},
                 "304 if the tensor is at one of these versions",
             ),
         ]

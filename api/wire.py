@@ -190,12 +190,14 @@ def _decode_json(body: Bytes, max_elements: int) -> WireTensor:
         raise InvalidRequest('JSON tensor body must be an object {"dtype": ..., "shape": [...], "data": [...]}')
     dtype = str(doc.get("dtype", "float32")).lower()
     np_dtype = dtypes.dtype_of(dtype)
+    _check_json_leaves(doc["data"], dtype, np_dtype)
     try:
         # A value outside the dtype's range would become inf (float16) or wrap: refuse it instead.
         with np.errstate(over="raise", invalid="raise"):
             arr = np.asarray(doc["data"], dtype=np_dtype)
     except (ValueError, TypeError, OverflowError, FloatingPointError) as e:
         raise Unprocessable(f"data cannot be read as {dtype}: {e}") from None
+    dtypes.check_shape(arr.shape)  # the rank nesting gives, when no shape is sent
     if "shape" in doc:
         shape = dtypes.check_shape(doc["shape"]) if isinstance(doc["shape"], list) else None
         if shape is None:
@@ -209,6 +211,21 @@ def _decode_json(body: Bytes, max_elements: int) -> WireTensor:
         raise PayloadTooLarge(f"JSON tensor bodies are limited to {max_elements} elements")
     arr = np.asarray(arr, order="C")  # ascontiguousarray would turn a scalar into shape (1,)
     return WireTensor(dtype, tuple(arr.shape), arr.tobytes())
+
+
+def _check_json_leaves(data: Any, dtype: str, np_dtype: np.dtype) -> None:
+    """Numbers only, and integers (2.0 is one) for an integer dtype: numpy
+    would take the string "123", true as 1 and truncate 2.5 to 2 without a word."""
+    try:
+        leaves = np.asarray(data, dtype=object).reshape(-1).tolist()
+    except ValueError as e:  # deeper than numpy's dimension limit
+        raise Unprocessable(f"data cannot be read as {dtype}: {e}") from None
+    kinds = set(map(type, leaves))
+    if not kinds <= {int, float}:  # ragged nesting leaves lists here
+        found = ", ".join(sorted(k.__name__ for k in kinds - {int, float}))
+        raise Unprocessable(f"data must hold only JSON numbers, found {found}")
+    if np_dtype.kind == "i" and float in kinds and not all(v.is_integer() for v in leaves if type(v) is float):
+        raise Unprocessable(f"data must hold only integers for {dtype}")
 
 
 def negotiate(accept: str | None, offered: tuple[str, ...] = TENSOR_TYPES) -> str:

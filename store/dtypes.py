@@ -63,10 +63,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def check_shape(given: Any) -> tuple[int, ...]:
+    # Integers only (2.0 is one, as in JSON Schema): int() would take 2.5 as 2, True as 1 and "3" as 3.
     try:
+        if isinstance(given, (str, bytes)) or not all(_is_integer(d) for d in given):
+            raise TypeError
         dims = tuple(int(d) for d in given)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf) from a JSON Infinity or 1e400
-        raise InvalidRequest(f"shape {given!r} is not a list of integers") from None
+    except TypeError:
+        raise InvalidRequest(f"shape {_short(given)} is not a list of integers") from None
     if len(dims) > MAX_RANK:
         raise Unprocessable(f"shape {dims} has rank {len(dims)} > {MAX_RANK}")
     if any(d < 0 for d in dims):
@@ -79,6 +82,17 @@ def check_shape(given: Any) -> tuple[int, ...]:
         if n > MAX_ELEMENTS:
             raise Unprocessable(f"shape {dims} has more than {MAX_ELEMENTS} elements (zero dimensions aside)")
     return dims
+
+
+def _is_integer(d: Any) -> bool:
+    if isinstance(d, float):
+        return d.is_integer()
+    return isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_))
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def element_count(shape: tuple[int, ...]) -> int:

@@ -89,6 +89,23 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
     return out
 
 
+# Settings no training uses and that overflow on ordinary gradients (lr 1e308
+# turns any gradient >= 2 into Inf even in float64). Checked where a client
+# sets an optimizer (api/headers.py), not in the state machine: entries and
+# checkpoints written before this check still apply and restore the same way.
+MAX_SETTING = 1e6
+NEEDS_EPS = ("adam", "adamw", "adagrad")  # eps 0: 0 / 0 = NaN wherever a gradient element is 0
+
+
+def refuse_degenerate(spec: Spec) -> None:
+    """Unprocessable for a normalized spec whose steps can only give NaN or Inf."""
+    for key, value in spec.items():
+        if isinstance(value, float) and value > MAX_SETTING:
+            raise Unprocessable(f"optimizer.{key}: {value:g} is above {MAX_SETTING:g}; steps would overflow")
+    if spec["type"] in NEEDS_EPS and spec["eps"] <= 0:
+        raise Unprocessable(f"optimizer.eps: must be > 0 for {spec['type']} (0 gives 0/0 = NaN)")
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
