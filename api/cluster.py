@@ -12,10 +12,12 @@ from store import membership
 from store.errors import ConfigError, InvalidRequest, NotFound
 from store.interface import StoreAPI
 
-from . import json_input
+from . import json_input, wire
 from . import openapi as oa
 
 router = APIRouter()
+
+MAX_MEMBER_BODY = 64 * 1024  # a node record and a shard list; counted as it arrives, chunked too
 
 
 @router.get("/v1/cluster", responses=oa.json_ok(oa.OBJECT, "Nodes and shards as this replica sees them"))
@@ -72,13 +74,13 @@ def _shards_param(value: Any, count: int) -> list[int] | None:
 @router.post(
     "/v1/cluster/members",
     openapi_extra=oa.add_member_extra(),
-    responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(307, 400, 404, 409, 503)},
+    responses={**oa.json_ok(oa.OBJECT, "Added"), **oa.answers(307, 400, 404, 409, 413, 503)},
 )
 async def add_member(request: Request) -> dict[str, Any]:
     """Add a replica (started with `paramstore serve --join`, so that it already
     holds a fresh snapshot) as a voting member of every shard hosted here, or
     of `shards`."""
-    body = json_input.loads(await request.body() or b"null", "body")
+    body = json_input.loads(bytes(await wire.read_body(request, MAX_MEMBER_BODY)) or b"null", "body")
     if not isinstance(body, dict):
         raise InvalidRequest("body: expected JSON {id, http, raft, data, shards?}")
     try:

@@ -15,6 +15,11 @@ can hold every connection slot (`limit_concurrency`). This subclass adds:
 
 Either answers `408 Request Timeout` (if this request sent anything and no
 response has started) and closes the connection. 0 turns a timeout off.
+
+And a cap on the request head (`max_head_bytes`): httptools buffers a header
+that never ends for as long as it keeps coming (a probe saw ~180 MB and a full
+core per connection until the timeout); past the cap the request gets 431 with
+the JSON error body and the connection closes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ from collections.abc import Callable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; h11's default cap, which httptools lacks
+_HEAD_TOO_LARGE = b'{"error":"request_header_fields_too_large","detail":"request line and headers exceed 65536 bytes"}'
+HEAD_TOO_LARGE = (
+    STATUS_LINE[431] + b"content-type: application/json\r\n"
+    b"content-length: " + str(len(_HEAD_TOO_LARGE)).encode() + b"\r\nconnection: close\r\n\r\n" + _HEAD_TOO_LARGE
+)
 
 REQUEST_TIMEOUT = (
     STATUS_LINE[408] + b"content-type: text/plain; charset=utf-8\r\n"
@@ -41,6 +53,20 @@ class SlowClientTimeouts(HttpToolsProtocol):
     _in_head = False  # bytes of a request head arrived, its end did not
     _in_body = False
     _last_body = 0.0
+    _head_bytes = 0  # bytes fed to the parser since the last request head ended
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_body:
+            super().data_received(data)
+            return
+        self._head_bytes += len(data)
+        super().data_received(data)  # may end the head (on_headers_complete resets the count)
+        if not self._in_body and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            log.info("closing a connection from %s: request head over %d bytes", self._peer(), MAX_HEAD_BYTES)
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
+            self.transport.write(HEAD_TOO_LARGE)
+            self.transport.close()
 
     # Narrows asyncio.Protocol's BaseTransport to Transport, as uvicorn's own does (mypy: override).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -60,6 +86,7 @@ class SlowClientTimeouts(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_bytes = 0
         self._disarm()
         super().on_headers_complete()
         self._in_body = True
@@ -73,6 +100,7 @@ class SlowClientTimeouts(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        self._head_bytes = 0
         self._disarm()
         super().on_message_complete()
 

@@ -73,7 +73,10 @@ def _read_line(sock: socket.socket) -> dict[str, Any]:
         buf += chunk
         if len(buf) > MAX_HEADER:
             raise ConnectionError("header too long")
-    msg = json.loads(buf)
+    try:
+        msg = json.loads(buf)
+    except (ValueError, RecursionError):  # RecursionError: nesting, not a ValueError; the line is capped
+        raise ConnectionError("header is not a JSON object") from None
     if not isinstance(msg, dict):
         raise ConnectionError("header is not an object")
     return msg
@@ -149,7 +152,7 @@ class DataPathServer:
             msg = _read_line(sock)
             op, pid, size = msg.get("op"), str(msg.get("id", "")), msg.get("size", 0)
             shard = msg.get("shard")
-            if not isinstance(size, int) or not 0 <= size <= self.max_size:
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= self.max_size:
                 return _send_line(sock, {"ok": False, "error": "bad size"})
             if not hmac.compare_digest(_mac(self.secret, op, shard, pid, size), str(msg.get("mac", ""))):
                 return _send_line(sock, {"ok": False, "error": "authentication failed"})

@@ -121,7 +121,8 @@ def test_deeply_nested_json_is_400(client, base, depth):
         "/v1/grads:batch", content=b"", headers={"Content-Type": "application/x-safetensors", "X-Base-Versions": nested}
     )
     _refused(client, r, 400)
-    r = client.post("/v1/cluster/members", content=nested, headers={"Content-Type": JSON})
+    members_nested = "[" * 5000 + "]" * 5000  # under the 64 KiB cap of that body
+    r = client.post("/v1/cluster/members", content=members_nested, headers={"Content-Type": JSON})
     _refused(client, r, 400)
     assert _listing(client) == before
 
@@ -163,3 +164,16 @@ def test_numbers_too_large_for_a_float_in_optimizer_settings_are_422(client, spe
 def test_rows_too_large_or_not_integers_are_400(client, base, rows):
     r = client.get(f"/v1/tensors/{base}", params={"rows": rows})
     _refused(client, r, 400)
+
+
+def test_a_chunked_membership_body_is_refused_as_soon_as_it_passes_its_cap(client):
+    sent = []
+
+    def chunks():
+        for _ in range(64):  # 4 MiB in all, chunked (no Content-Length)
+            sent.append(1)
+            yield b" " * (64 * 1024)
+
+    r = client.post("/v1/cluster/members", content=chunks(), headers={"Content-Type": JSON})
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large", r.text
+    print(f"413 after {len(sent)} of 64 chunks of 64 KiB were produced")
