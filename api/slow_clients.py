@@ -28,7 +28,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn.protocols.http import flow_control
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,23 @@ REQUEST_TIMEOUT = (
     STATUS_LINE[408] + b"content-type: text/plain; charset=utf-8\r\n"
     b"content-length: 16\r\nconnection: close\r\n\r\nrequest timeout\n"
 )
+
+
+PROBES = ("/healthz", "/readyz")  # answered even when every connection slot is taken
+_BUSY = b'{"error":"unavailable","detail":"this replica has no free connection slot; retry shortly or elsewhere"}'
+
+
+async def service_unavailable(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """uvicorn's answer once `limit_concurrency` is spent, as every other 503:
+    the JSON error body and Retry-After (uvicorn's own is plain text)."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_BUSY)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": _BUSY, "more_body": False})
 
 
 class SlowClientTimeouts(HttpToolsProtocol):
@@ -76,6 +95,13 @@ class SlowClientTimeouts(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        if app is flow_control.service_unavailable:
+            # Probes still get the truth: an orchestrator must not restart or
+            # drain a replica whose slots idle sockets hold (they cost a task each).
+            app = self.app if cycle.scope["path"] in PROBES else service_unavailable
+        super()._start_asgi_task(cycle, app)
 
     # ---- parser callbacks --------------------------------------------------
     def on_message_begin(self) -> None:
