@@ -7,9 +7,10 @@ One key space, by prefix:
 - `l` + 8-byte version + 8-byte ID -> b"" (only with eviction): least recently updated first;
 - `m` + name -> the table's scalars (JSON), its version (8 bytes), admission counter chunks.
 
-A push is one WriteBatch: atomic. The write-ahead log is on but not fsynced
-(unless asked), like the Raft journal: a process crash loses nothing, a power
-loss may lose the last pushes. Opening a table reads its meta keys only.
+A push is one WriteBatch: atomic. The write-ahead log is synced with every
+push when `sync` is set (`raft.fsync`, on by default, as for the Raft
+journal); without it a process crash loses nothing but a power loss may lose
+the last pushes. Opening a table reads its meta keys only.
 
 Memory: the process's tables share one block cache (`MemoryBudget`) that also
 holds index and filter blocks; memtables are bounded per table. Reads go
