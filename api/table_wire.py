@@ -13,13 +13,13 @@ import json
 from typing import Any, cast
 
 import numpy as np
-from numpy.lib import format as npf
 
 from store.errors import InvalidRequest, Unprocessable
 from store.tables import rowdtype
 from store.tables.ids import ids_from_json
 
 from .errors import NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from .wire import read_npy_header
 
 SAFETENSORS = "application/x-safetensors"
 NPY = "application/x-npy"
@@ -73,21 +73,8 @@ def _st_grads(spec: dict[str, Any]) -> np.ndarray:
 
 def _npy(body: Any) -> np.ndarray:
     view = memoryview(body)
-    head = io.BytesIO(bytes(view[:65536]))
-    try:
-        version = npf.read_magic(head)
-        if version == (1, 0):
-            shape, fortran, dt = npf.read_array_header_1_0(head)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dt = npf.read_array_header_2_0(head)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, SyntaxError, TypeError, EOFError) as e:
-        raise InvalidRequest(f"body is not a valid .npy file: {e}") from None
-    if dt.hasobject or dt.kind not in "iuf":
-        raise Unprocessable(f".npy dtype {dt} is not supported (object arrays are never accepted)")
+    shape, fortran, dt, offset = read_npy_header(view, "iuf")
     want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    offset = head.tell()
     if len(view) - offset != want:
         raise Unprocessable(f".npy data has {len(view) - offset} bytes, dtype {dt} and shape {list(shape)} need {want}")
     arr = np.frombuffer(view[offset:], dtype=dt)

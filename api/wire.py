@@ -150,8 +150,9 @@ def _decode_raw(headers: Mapping[str, str], body: Bytes, default: tuple[str, tup
     return WireTensor(dtype, shape, body)
 
 
-def _decode_npy(body: Bytes) -> WireTensor:
-    view = byte_view(body)
+def read_npy_header(view: memoryview, kinds: str) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """Shape, Fortran order, dtype and data offset of an .npy body, parsed without
+    pickling; a dtype whose kind is not in `kinds` (numpy kind letters) is refused."""
     head = io.BytesIO(bytes(view[:65536]))
     try:
         version = npf.read_magic(head)
@@ -163,11 +164,16 @@ def _decode_npy(body: Bytes) -> WireTensor:
             raise ValueError(f"unsupported .npy version {version}")
     except (ValueError, SyntaxError, TypeError, EOFError) as e:
         raise InvalidRequest(f"body is not a valid .npy file: {e}") from None
-    if dt.hasobject or dt.kind not in "fi":
+    if dt.hasobject or dt.kind not in kinds:
         raise Unprocessable(f".npy dtype {dt} is not supported (object arrays are never accepted)")
+    return tuple(shape), bool(fortran), dt, head.tell()
+
+
+def _decode_npy(body: Bytes) -> WireTensor:
+    view = byte_view(body)
+    raw_shape, fortran, dt, offset = read_npy_header(view, "fi")
     name = dtypes.dtype_name(dt)
-    shape = dtypes.check_shape(shape)
-    offset = head.tell()
+    shape = dtypes.check_shape(raw_shape)
     want = dtypes.element_count(shape) * dt.itemsize
     if len(view) - offset != want:
         raise Unprocessable(f".npy data has {len(view) - offset} bytes, dtype {dt} and shape {list(shape)} need {want}")

@@ -28,10 +28,11 @@ def check_grads(spec: TableSpec, name: str, grads: np.ndarray, n: int) -> np.nda
         raise Unprocessable(f"grads: expected shape [{n}, {spec.dim}] (one row per ID), got {list(grads.shape)}")
     if grads.shape[1] != spec.dim:
         raise Unprocessable(f"grads: rows have {grads.shape[1]} values but table {name!r} has dim {spec.dim}")
-    grads = grads.astype(np.float32, copy=False)
-    if not np.isfinite(grads).all():
-        raise Unprocessable("grads contain NaN or Inf")
-    return grads
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
+        out = np.ascontiguousarray(grads, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise Unprocessable("grads contain NaN or Inf (or values beyond float32)")
+    return out
 
 
 def lr_scale(spec: TableSpec, name: str, current: int, base: int | None) -> float:

@@ -20,11 +20,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..commands import Command, TableCreate, TableDelete, TablePush
-from ..errors import NotFound, PreconditionFailed, StoreError, Unprocessable
+from ..errors import NotFound, PreconditionFailed, StoreError
 from ..futures import settle
 from . import rowdtype
 from .engine import MemoryBudget
 from .ids import split_by_shard, table_keys
+from .push import check_grads
 from .registry import Tables
 from .spec import TableSpec, check_name, parse_spec
 
@@ -145,7 +146,7 @@ class TableService:
         one TablePush per shard touched. Resolves with each shard's outcome."""
         spec = self.spec(name)
         keys = table_keys(ids, spec.id_dtype)
-        grads = check_grads(np.asarray(grads), len(keys), spec)
+        grads = check_grads(spec, name, grads, len(keys))
         id_dtype = spec.id_dtype
         wire_ids = keys if id_dtype == "uint64" else keys.view(np.int64)
         parts = split_by_shard(keys, self.shards)
@@ -248,22 +249,6 @@ class TableService:
             except NotFound:  # deleted meanwhile
                 continue
         return out
-
-
-def check_grads(grads: np.ndarray, n: int, spec: TableSpec) -> np.ndarray:
-    if n == 0:
-        raise Unprocessable("empty push: give at least one ID")
-    if grads.dtype.kind != "f":
-        raise Unprocessable(f"grads: expected floats, got {grads.dtype}")
-    if grads.ndim != 2 or grads.shape[0] != n:
-        raise Unprocessable(f"grads: expected shape [{n}, {spec.dim}] (one row per ID), got {list(grads.shape)}")
-    if grads.shape[1] != spec.dim:
-        raise Unprocessable(f"grads: rows have {grads.shape[1]} values but the table has dim {spec.dim}")
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(grads, dtype=np.float32)
-    if not np.isfinite(out).all():
-        raise Unprocessable("grads contain NaN or Inf (or values beyond float32)")
-    return out
 
 
 def _rid(rid: str | None, shard: int) -> str | None:
