@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import Unprocessable
+from ..tensor_commands import STALENESS_POLICIES
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 ID_DTYPES = ("int64", "uint64")
 INITIALIZERS = ("zeros", "uniform", "normal")
-STALENESS_POLICIES = ("reject", "scale")
 MAX_DIM = 1 << 16
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
