@@ -72,13 +72,7 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise Unprocessable(f"{where}: expected true or false, got {_short(value)}")
         elif isinstance(default, tuple):
-            if (
-                not isinstance(value, (list, tuple))
-                or len(value) != 2
-                or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)
-            ):
-                raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {_short(value)}")
-            value = [float(v) for v in value]
+            value = list(parse_betas(value, where))
         else:
             if not _is_number(value) or not math.isfinite(_as_float(value)) or value < 0:
                 raise Unprocessable(f"{where}: expected a finite number >= 0, got {_short(value)}")
@@ -108,6 +102,17 @@ def refuse_degenerate(spec: Spec) -> None:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_betas(value: Any, where: str) -> tuple[float, float]:
+    """Adam's (beta1, beta2): two numbers in [0, 1), for tensors and tables alike."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)
+    ):
+        raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {_short(value)}")
+    return float(value[0]), float(value[1])
 
 
 def _as_float(v: float) -> float:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import Unprocessable
+from ..optimizers import parse_betas
 from ..tensor_commands import STALENESS_POLICIES
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -180,13 +181,7 @@ def parse_optimizer(raw: Any) -> OptimizerSpec:
         where = f"optimizer.{key}"
         value = raw.get(key, default)
         if isinstance(default, tuple):
-            if (
-                not isinstance(value, (list, tuple))
-                or len(value) != 2
-                or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)
-            ):
-                raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {value!r}")
-            value = (float(value[0]), float(value[1]))
+            value = parse_betas(value, where)
         elif key == "lr_power":
             value = _float(value, where, hi=0.0)
         elif key in ("lr",):
