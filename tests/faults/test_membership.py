@@ -121,6 +121,8 @@ def test_replace_a_dead_replica_with_an_empty_one(member_cluster):
     # n1 comes back from a journal holding the membership changes
     c.restart("n1", timeout=40)
     c.ids.append("n1")
-    assert members(c, "n1") == [["n1", "n2", "n5"]] * 2
+    # ready means serving, not caught up: the leader may still be sending n1 the entries that added n5
+    want = [["n1", "n2", "n5"]] * 2
+    wait_until(lambda: members(c, "n1") == want, 30, "restarted n1 reports the membership with n5")
     history = load.finish()
     converge_and_check(c, load, history)
