@@ -13,12 +13,12 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
 from store.commands import Delete, Grad, GradRows, Put
-from store.errors import InvalidRequest, NotFound, Unavailable, Unprocessable
+from store.errors import InvalidRequest, NotFound, PreconditionFailed, Unavailable, Unprocessable
 from store.interface import StoreAPI
 
 from . import headers as h
 from . import openapi as oa
-from . import wire
+from . import partitioned, wire
 from .bridge import wait, wait_optional
 from .errors import UnsupportedMediaType, WaitExpired
 
@@ -34,7 +34,7 @@ ReadBody = Callable[[Callable[[memoryview], None] | None], Awaitable[wire.Hashed
 router = APIRouter()
 
 DECODE_IN_THREAD_BYTES = 1 << 20
-WRITTEN_FIELDS = ("name", "version", "shard", "deleted", "duplicate")
+WRITTEN_FIELDS = ("name", "version", "versions", "shard", "deleted", "duplicate")
 
 
 def _store(request: Request) -> StoreAPI:
@@ -64,6 +64,9 @@ def written_body(result: dict[str, Any]) -> bytes:
 
 def written_headers(result: dict[str, Any]) -> dict[str, str]:
     version = result["version"]
+    if "versions" in result:  # a partitioned tensor: the version vector
+        vector = result["versions"]
+        return {"ETag": partitioned.etag(vector), "X-Version": str(version), "X-Versions": json.dumps(vector)}
     return {"ETag": f'"{version}"', "X-Version": str(version)}
 
 
@@ -103,6 +106,26 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
     max_staleness = h.integer(hd.get("x-max-staleness"), "X-Max-Staleness")
     rid = h.request_id(hd.get("x-request-id"))
     t = await _decode(request, store)
+    options = {
+        "optimizer": optimizer,
+        "allow_nonfinite": allow_nonfinite,
+        "staleness_policy": staleness_policy,
+        "max_staleness": max_staleness,
+        "rid": rid,
+    }
+    lay = store.layout(name)
+    if lay is not None:
+        if hd.get("x-partitions") is not None:
+            raise Unprocessable(
+                f"tensor {name!r} is partitioned in {lay.k} parts; repartition it through a checkpoint and reload"
+            )
+        if inm is not None:
+            raise PreconditionFailed(f"tensor {name!r} already exists (If-None-Match: *)", current_version=None)
+        return await partitioned.replace(store, lay, hd, t, options)
+    if if_match is None and not _exists(store, name):
+        k = partitioned.partitions_of(store, hd, t)
+        if k > 1:
+            return await partitioned.create(store, name, t, k, options)
     cmd = Put(
         name=name,
         dtype=t.dtype,
@@ -118,6 +141,14 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
     )
     result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "write")
     return _written(result, 201 if result.get("created") else 200)
+
+
+def _exists(store: StoreAPI, name: str) -> bool:
+    try:
+        store.peek(name)
+    except NotFound:
+        return False
+    return True
 
 
 @router.post(
@@ -141,17 +172,25 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_bod
     and api/fastpath.py. Headers are checked before the body is read.
     `read_body(forward)` reads the body (`wire.read_stream`)."""
     h.tensor_name(name)
+    try:
+        local, _ = store.peek(name)
+    except NotFound:
+        lay = store.layout(name)
+        if lay is not None:
+            body = await read_body(None)
+            return await partitioned.push(store, lay, hd, await decode_tensor(store, hd, body, (lay.dtype, lay.shape)))
+        local = None
     base_version = h.integer(hd.get("x-base-version"), "X-Base-Version")
     if_match = h.version_tag(hd.get("if-match"), "If-Match")
     rid = h.request_id(hd.get("x-request-id"))
-    try:
-        local, _ = store.peek(name)
-        default = (local.dtype, local.shape)
-    except NotFound:
+    if local is not None:
+        default: Default = (local.dtype, local.shape)
+    else:
         if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and (
             hd.get("x-dtype") is None or hd.get("x-shape") is None
         ):
-            raise  # nothing to take the omitted X-Dtype / X-Shape from: the tensor is unknown here
+            # nothing to take the omitted X-Dtype / X-Shape from: the tensor is unknown here
+            raise NotFound(f"tensor {name!r} does not exist")
         default = None
     # A large raw body goes to the shard's other replicas while it arrives
     # (cut-through: store/datapath.py PayloadStream); store.write then only
@@ -239,6 +278,9 @@ async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
 async def delete_tensor(request: Request, name: str = TensorName) -> Response:
     store = _store(request)
     h.tensor_name(name)
+    lay = store.layout(name)
+    if lay is not None:
+        return await partitioned.delete(store, lay, request.headers)
     cmd = Delete(
         name=name,
         if_match=h.version_tag(request.headers.get("if-match"), "If-Match"),
@@ -291,6 +333,22 @@ async def get_tensor(
     limits = store.cfg.limits
     kind = wire.negotiate(request.headers.get("accept"))
     deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
+    lay = store.layout(name)
+    if lay is not None:
+        if rows is not None:
+            raise Unprocessable(f"rows= of a partitioned tensor ({name!r}) is not served; pull it whole")
+        return await partitioned.pull(
+            store,
+            lay,
+            kind=kind,
+            linearizable=consistency == "linearizable",
+            min_version=min_version,
+            wait_version_gt=wait_version_gt,
+            deadline=deadline,
+            if_none_match=request.headers.get("if-none-match"),
+            digest=digest,
+            head_only=request.method == "HEAD",
+        )
     inm = h.version_tags(request.headers.get("if-none-match"), "If-None-Match")
     shard = store.shard_of(name)
     if consistency == "linearizable":

@@ -196,6 +196,19 @@ class TableDelete(Command):
     if_match: int | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayoutCreate(Command):
+    """Create the layout record of a partitioned tensor in its home shard
+    (store/partitions.py); its parts are created by their own Puts."""
+
+    tag: ClassVar[str] = "layout_create"
+    name: str
+    dtype: str
+    shape: tuple[int, ...] = field(metadata={"kind": _TUPLE})
+    counts: tuple[int, ...] = field(metadata={"kind": _TUPLE})
+    rid: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Noop(Command):
     """Changes nothing; a barrier for linearizable reads."""
@@ -203,7 +216,7 @@ class Noop(Command):
     tag: ClassVar[str] = "noop"
 
 
-TensorCommand = Put | Grad | GradRows | Delete
+TensorCommand = Put | Grad | GradRows | Delete | LayoutCreate
 C = TypeVar("C", bound=Command)
 
 _TYPES: dict[str, type[Command]] = {
@@ -221,6 +234,7 @@ _TYPES: dict[str, type[Command]] = {
         TableCreate,
         TablePush,
         TableDelete,
+        LayoutCreate,
     )
 }
 # per type: (field name, kind, default) in declaration order; and those with a kind

@@ -116,6 +116,11 @@ class LimitSettings:
     # memory cap), and the most IDs one lookup or push may carry (413 beyond)
     table_cache_bytes: int = 256 << 20
     table_max_ids: int = 1 << 20
+    # partitioned tensors (store/partitions.py): tensors over partition_auto_bytes (0: never) are cut
+    # into parts of about partition_bytes, at most one per shard; X-Partitions may ask up to max_partitions
+    partition_auto_bytes: int = 0
+    partition_bytes: int = 4 << 20
+    max_partitions: int = 256
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 from .commands import Batch, TensorCommand
 from .config import Config, NodeConfig
 from .datapath import PayloadStream
+from .partitions import Layout
 from .record import Tensor
 from .tables.service import TableService
 
@@ -86,6 +87,8 @@ class StoreAPI(Protocol):
     def peek(self, name: str) -> tuple[Tensor, int]: ...
 
     def get_rows(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, Tensor, int]: ...
+
+    def layout(self, name: str) -> Layout | None: ...  # a partitioned tensor's layout (home shard), else None
 
     def watch(self, name: str, min_version: int) -> Future[Any]: ...
 

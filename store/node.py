@@ -32,6 +32,7 @@ from .errors import ConfigError, Unavailable
 from .interface import ShardStats
 from .journal import check_journal
 from .member_admin import MemberAdmin
+from .partitions import Layout, describe_partitioned, parse_part
 from .payloads import PayloadStore
 from .pysyncobj_adapter import bind_outgoing_raft
 from .raft import ShardReplica
@@ -262,6 +263,11 @@ class Store:
         arr, t = host.state.read_rows(name, rows)
         return arr, t, host.shard
 
+    def layout(self, name: str) -> Layout | None:
+        """The layout of partitioned tensor `name` as its home shard here has
+        applied it; None for a whole tensor or no tensor."""
+        return self.routing.host_of(name).state.layouts.get(name)
+
     def watch(self, name: str, min_version: int) -> Future[Any]:
         return self.routing.host_of(name).applier.watch(name, min_version)
 
@@ -275,9 +281,21 @@ class Store:
         return host.applier.call(host.state.capture)
 
     def list_tensors(self) -> list[dict[str, Any]]:
+        """Whole tensors, and each partitioned tensor (whose home shard is
+        hosted here) as one entry describing its parts; parts are not listed
+        on their own unless their layout is not hosted here."""
+        layouts = {n: lay for host in self.shards.values() for n, lay in list(host.state.layouts.items())}
+        parts: dict[str, dict[int, Any]] = {n: {} for n in layouts}
         out = []
         for shard, host in sorted(self.shards.items()):
-            out += [t.describe(shard) for t in list(host.state.tensors.values())]
+            for t in list(host.state.tensors.values()):
+                part = parse_part(t.name)
+                if part is not None and part[0] in layouts:
+                    parts[part[0]][part[1]] = t
+                else:
+                    out.append(t.describe(shard))
+        for name, lay in layouts.items():
+            out.append(describe_partitioned(lay, parts[name], self.cfg.shards))
         return sorted(out, key=lambda d: d["name"])
 
     # ---- status ------------------------------------------------------------------

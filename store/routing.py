@@ -3,7 +3,7 @@ nodes host the others (the target of a 307 for a shard not hosted here)."""
 
 from __future__ import annotations
 
-from . import membership, placement
+from . import membership, partitions, placement
 from .config import Config, NodeConfig
 from .errors import NotHosted
 from .shardhost import ShardHost
@@ -36,7 +36,8 @@ class Routing:
         self.shards: dict[int, ShardHost] = {}
 
     def shard_of(self, name: str) -> int:
-        return placement.shard_for(name, self.cfg.shards)
+        """A tensor's shard; a part `<name>#p<i>` of a partitioned tensor is placed after its home."""
+        return partitions.shard_of(name, self.cfg.shards)
 
     def hosts_of(self, shard: int) -> list[NodeConfig]:
         """The shard's current members if hosted here, else its bootstrap placement."""

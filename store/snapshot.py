@@ -24,6 +24,7 @@ import numpy as np
 
 from . import dtypes, record
 from .errors import CorruptData
+from .partitions import Layout
 from .record import Tensor
 from .state import ShardState
 from .writeback import drop_cached, start_writeback
@@ -182,4 +183,5 @@ def _read(f: BufferedReader, path: Path, dedupe_window: int) -> tuple[ShardState
         raise CorruptData(f"snapshot {path} lacks its end marker (truncated?)")
     state.dedupe = OrderedDict((rid, outcome) for rid, outcome in header["dedupe"])
     state.members = dict(header["raft"].get("members", {}))
+    state.layouts = {d["name"]: Layout.from_json(d) for d in header["raft"].get("layouts", [])}
     return state, header["applied_index"], header["raft"]

@@ -69,6 +69,7 @@ class Snapshotter:
         tensor map is a consistent capture in O(#tensors)."""
         state = self._applier.state
         raft_meta["members"] = dict(state.members)
+        raft_meta["layouts"] = [layout.to_json() for layout in state.layouts.values()]
         tensors = state.capture()
         dedupe = state.dedupe.copy()
         threading.Thread(

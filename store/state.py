@@ -28,6 +28,7 @@ from .commands import (
     Grad,
     GradRows,
     Group,
+    LayoutCreate,
     MemberDrop,
     MemberSet,
     Noop,
@@ -38,6 +39,7 @@ from .commands import (
     TablePush,
 )
 from .errors import NotFound, StoreError, Unprocessable
+from .partitions import Layout
 from .record import Tensor
 from .tables import shard as table_cmds
 from .tables.registry import Tables
@@ -54,6 +56,8 @@ class ShardState:
     def __init__(self, shard: int, dedupe_window: int = 100_000) -> None:
         self.shard = shard
         self.tensors: dict[str, Tensor] = {}
+        # Partitioned tensors whose home is this shard: name -> layout (the parts are in `tensors` of their shards)
+        self.layouts: dict[str, Layout] = {}
         self.dedupe: OrderedDict[str, Result] = OrderedDict()
         self.dedupe_window = dedupe_window
         self.changed: set[str] = set()  # names touched by the last apply
@@ -158,6 +162,7 @@ class ShardState:
         Grad: tensor_cmds.grad,
         GradRows: tensor_cmds.grad_rows,
         Delete: tensor_cmds.delete,
+        LayoutCreate: tensor_cmds.layout_create,
         MemberSet: _member_set,
         MemberDrop: _member_drop,
         TableCreate: table_cmds.create,

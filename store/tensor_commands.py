@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import dtypes
-from .commands import Delete, Grad, GradRows, Put
+from .commands import Delete, Grad, GradRows, LayoutCreate, Put
 from .errors import AlreadyExists, Conflict, NotFound, PreconditionFailed, Unprocessable
 from .optimizers import STATE_ARRAYS, STATE_SCALARS, apply_step, normalize_spec
+from .partitions import Layout
 from .record import Tensor
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ def _existing(state: ShardState, name: str, if_match: int | None) -> Tensor:
 def put(state: ShardState, cmd: Put, resolve: PayloadResolver) -> Result:
     name = cmd.name
     existing = state.tensors.get(name)
+    if existing is None and name in state.layouts:
+        raise AlreadyExists(f"{name!r} is a partitioned tensor: its parts are written one by one")
     _check_preconditions(existing, name, cmd.if_match, cmd.if_none_match)
     if existing is None and state.tables is not None and state.tables.existed_at(name, state.stamp):
         raise AlreadyExists(f"{name!r} is an embedding table; tensors and tables share one namespace")
@@ -155,10 +158,34 @@ def grad_rows(state: ShardState, cmd: GradRows, resolve: PayloadResolver) -> Res
 
 
 def delete(state: ShardState, cmd: Delete, resolve: PayloadResolver) -> Result:
+    layout = state.layouts.pop(cmd.name, None) if cmd.name not in state.tensors else None
+    if layout is not None:  # the API deleted the parts first
+        state.changed.add(cmd.name)
+        return {"name": cmd.name, "version": 1, "shard": state.shard, "deleted": True}
     t = _existing(state, cmd.name, cmd.if_match)
     del state.tensors[cmd.name]
     state.changed.add(cmd.name)
     return {"name": cmd.name, "version": t.version, "shard": state.shard, "deleted": True}
+
+
+def layout_create(state: ShardState, cmd: LayoutCreate, resolve: PayloadResolver) -> Result:
+    """Claim `name` for a partitioned tensor (create only, like If-None-Match: *)."""
+    name = cmd.name
+    existing = state.tensors.get(name)
+    if existing is not None or name in state.layouts:
+        raise PreconditionFailed(
+            f"tensor {name!r} already exists (If-None-Match: *)",
+            current_version=existing.version if existing else None,
+        )
+    if state.tables is not None and state.tables.existed_at(name, state.stamp):
+        raise AlreadyExists(f"{name!r} is an embedding table; tensors and tables share one namespace")
+    counts, shape = tuple(int(n) for n in cmd.counts), tuple(int(n) for n in cmd.shape)
+    if not shape or len(counts) < 2 or sum(counts) != shape[0] or min(counts) < 1:
+        raise Unprocessable(f"layout of {name!r}: row counts {list(counts)} do not cut shape {list(shape)}")
+    dtypes.dtype_of(cmd.dtype)  # a known dtype, or Unprocessable
+    state.layouts[name] = Layout(name, cmd.dtype, shape, counts)
+    state.changed.add(name)
+    return {"name": name, "version": 1, "shard": state.shard, "created": True}
 
 
 def _restored_state(

@@ -15,6 +15,7 @@ from store.commands import (
     GradRows,
     Group,
     Inline,
+    LayoutCreate,
     MemberDrop,
     MemberSet,
     Noop,
@@ -80,6 +81,7 @@ EVERY = [
         name="emb", n=2, id_dtype="uint64", ids=Inline(b"\0" * 16), grads=Stored(SHA, 32), rid="r10", base_version=3
     ),
     TableDelete(name="emb", rid="r11", if_match=5),
+    LayoutCreate(name="big", dtype="float32", shape=(10, 4), counts=(4, 3, 3), rid="r12"),
 ]
 
 

@@ -1,0 +1,422 @@
+"""The tensor routes for a partitioned tensor (store/partitions.py): create,
+push, pull and delete fan out to the parts, one command per part in its own
+shard, proposed concurrently; a pull streams the parts in order.
+
+Each part applies atomically and has its own version. The answer carries the
+version vector (`X-Versions`, a JSON list in part order), its minimum as
+`X-Version`, and `ETag: "v0.v1..."`: the whole vector, which `If-Match` and
+`If-None-Match` compare. A write whose parts did not all apply answers with
+the first failure's status (503 if a part's shard had no leader in time),
+naming the failed parts and listing those applied (`applied`): a retry with
+the same X-Request-Id applies each part at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import anyio
+import numpy as np
+import numpy.lib.format as npf
+from starlette.responses import Response, StreamingResponse
+
+from store import dtypes
+from store.commands import Delete, Grad, LayoutCreate, Put
+from store.errors import InvalidRequest, NotFound, PreconditionFailed, StoreError, Unavailable, Unprocessable
+from store.interface import StoreAPI
+from store.partitions import Layout, auto_partitions, check_partitions, row_counts, split
+from store.placement import shard_for
+
+from . import headers as h
+from . import wire
+from .bridge import wait, wait_within
+from .errors import WaitExpired
+
+CHUNK = wire.STREAM_CHUNK
+
+
+# ---- headers -------------------------------------------------------------------------
+def partitions_of(store: StoreAPI, hd: Mapping[str, str], t: wire.WireTensor) -> int:
+    """K asked by X-Partitions (checked against the shape and the limits: 422),
+    else what automatic partitioning picks; 1 is a whole tensor."""
+    limits = store.cfg.limits
+    text = hd.get("x-partitions")
+    if text is None:
+        nbytes = dtypes.expected_nbytes(t.dtype, t.shape)
+        return auto_partitions(t.shape, nbytes, limits.partition_bytes, limits.partition_auto_bytes, store.cfg.shards)
+    if not h.INTEGER_RE.fullmatch(text.strip()):
+        raise InvalidRequest(f"X-Partitions: expected an integer, got {text!r}")
+    k = int(text.strip())
+    check_partitions(k, t.shape, limits.max_partitions)
+    return k
+
+
+def version_vector(value: str | None, header: str, k: int) -> list[int] | None:
+    """'"3.4.3"' (the ETag of a partitioned tensor) -> [3, 4, 3]; one version
+    ('"3"') applies to every part."""
+    if value is None:
+        return None
+    v = value.strip()
+    if v.startswith("W/"):
+        v = v[2:]
+    if len(v) >= 2 and v[0] == v[-1] == '"':
+        v = v[1:-1]
+    items = v.split(".")
+    try:
+        out = [h.version_tag(item, header) for item in items]
+    except InvalidRequest:
+        raise InvalidRequest(f'{header}: expected a version vector such as "3.4.3", got {value!r}') from None
+    if len(out) == 1:
+        return out * k
+    if len(out) != k:
+        raise InvalidRequest(f"{header}: {len(out)} versions given for {k} parts")
+    return out
+
+
+def etag(versions: list[int]) -> str:
+    return '"' + ".".join(str(v) for v in versions) + '"'
+
+
+def answer_headers(store: StoreAPI, lay: Layout, versions: list[int]) -> dict[str, str]:
+    return {
+        "X-Dtype": lay.dtype,
+        "X-Shape": ",".join(str(d) for d in lay.shape),
+        "X-Version": str(min(versions)),
+        "X-Versions": json.dumps(versions, separators=(",", ":")),
+        "ETag": etag(versions),
+        "X-Shard": str(shard_for(lay.name, store.cfg.shards)),
+        "X-Partitions": json.dumps(lay.describe(store.cfg.shards), separators=(",", ":")),
+    }
+
+
+def written(store: StoreAPI, lay: Layout, versions: list[int], status: int = 200, created: bool = False) -> Response:
+    doc: dict[str, Any] = {
+        "name": lay.name,
+        "version": min(versions),
+        "versions": versions,
+        "shard": shard_for(lay.name, store.cfg.shards),
+        "partitions": lay.describe(store.cfg.shards, versions),
+    }
+    if created:
+        doc["created"] = True
+    hd = answer_headers(store, lay, versions)
+    del hd["X-Partitions"]  # in the body
+    return Response(json.dumps(doc, separators=(",", ":")).encode(), status, hd, media_type="application/json")
+
+
+# ---- fan-out -----------------------------------------------------------------------
+def _rid(rid: str | None) -> str:
+    """One base id for every part's command, so a retry with the client's id
+    finds each part's recorded outcome."""
+    return rid if rid is not None else uuid.uuid4().hex
+
+
+async def fan_out(store: StoreAPI, lay: Layout, cmds: list[Any], what: str) -> list[dict[str, Any]]:
+    """Propose one command per part concurrently and wait for all. All
+    applied: their results in part order. Otherwise the first failure, with
+    `failed` (part, shard, error) and `applied` (part, shard, version)."""
+    shards = lay.part_shards(store.cfg.shards)
+    timeout = store.cfg.limits.request_timeout
+
+    async def one(i: int, cmd: Any) -> dict[str, Any]:
+        fut: Future[Any] = store.write(cmd)
+        result: dict[str, Any] = await wait(fut, timeout, f"{what} of part {i} of {lay.name!r} (shard {shards[i]})")
+        return result
+
+    outcomes = await asyncio.gather(*(one(i, c) for i, c in enumerate(cmds)), return_exceptions=True)
+    applied, failed = [], []
+    for i, out in enumerate(outcomes):
+        if isinstance(out, StoreError):
+            failed.append((i, out))
+        elif isinstance(out, BaseException):
+            raise out
+        else:
+            applied.append({"part": i, "shard": shards[i], "version": out.get("version")})
+    if not failed:
+        return [o for o in outcomes if isinstance(o, dict)]
+    # 503 first: a part that may still apply is what the client must retry
+    failed.sort(key=lambda f: (not isinstance(f[1], Unavailable), f[0]))
+    i, first = failed[0]
+    names = ", ".join(f"part {j} (shard {shards[j]})" for j, _ in failed)
+    detail = (
+        f"{what} of {lay.name!r}: {names} failed; {len(applied)} of {lay.k} parts applied. Part {i}: {first.detail}"
+    )
+    extra = dict(first.extra)
+    extra.update(
+        failed=[{"part": j, "shard": shards[j], "error": e.code, "detail": e.detail} for j, e in failed],
+        applied=applied,
+    )
+    if isinstance(first, Unavailable):
+        raise type(first)(detail, retry_after=first.retry_after, **extra)
+    raise type(first)(detail, **extra)
+
+
+# ---- create, replace, push, delete ---------------------------------------------------
+def _array(t: wire.WireTensor) -> np.ndarray:
+    return np.frombuffer(t.data, dtype=dtypes.dtype_of(t.dtype)).reshape(t.shape)
+
+
+async def create(store: StoreAPI, name: str, t: wire.WireTensor, k: int, options: dict[str, Any]) -> Response:
+    """Claim the name with the layout record (home shard), then create every
+    part. A failure after the layout leaves the tensor with missing parts:
+    reads of it answer 503 until a retry (same X-Request-Id) or a DELETE."""
+    rid = _rid(options.pop("rid", None))
+    counts = row_counts(t.shape[0], k)
+    lay = Layout(name, t.dtype, tuple(t.shape), counts)
+    timeout = store.cfg.limits.request_timeout
+    await wait(
+        store.write(LayoutCreate(name=name, dtype=t.dtype, shape=t.shape, counts=counts, rid=f"{rid}#layout")),
+        timeout,
+        "create",
+    )
+    parts = split(_array(t), counts)
+    cmds = [
+        Put(
+            name=p,
+            dtype=t.dtype,
+            shape=lay.part_shape(i),
+            data=wire.raw_view(parts[i]),
+            if_none_match=True,
+            rid=f"{rid}#p{i}",
+            **options,
+        )
+        for i, p in enumerate(lay.parts())
+    ]
+    results = await fan_out(store, lay, cmds, "create")
+    return written(store, lay, [r["version"] for r in results], 201, created=True)
+
+
+async def replace(
+    store: StoreAPI, lay: Layout, hd: Mapping[str, str], t: wire.WireTensor, options: dict[str, Any]
+) -> Response:
+    """PUT of an existing partitioned tensor: every part replaced (same dtype
+    and shape as the whole), each with its own If-Match from the vector."""
+    _same_shape(lay, t, "a replace")
+    if_match = version_vector(hd.get("if-match"), "If-Match", lay.k)
+    if if_match is not None:
+        _precheck(store, lay, if_match)
+    rid = _rid(options.pop("rid", None))
+    parts = split(_array(t), lay.counts)
+    cmds = [
+        Put(
+            name=p,
+            dtype=t.dtype,
+            shape=lay.part_shape(i),
+            data=wire.raw_view(parts[i]),
+            if_match=None if if_match is None else if_match[i],
+            rid=f"{rid}#p{i}",
+            **options,
+        )
+        for i, p in enumerate(lay.parts())
+    ]
+    results = await fan_out(store, lay, cmds, "replace")
+    return written(store, lay, [r["version"] for r in results])
+
+
+async def push(store: StoreAPI, lay: Layout, hd: Mapping[str, str], t: wire.WireTensor) -> dict[str, Any]:
+    """A gradient of the whole tensor, split by part: checked whole first
+    (shape, finiteness, If-Match against this replica's view), so a bad push
+    applies no part."""
+    _same_shape(lay, t, "a gradient")
+    base = version_vector(hd.get("x-base-version"), "X-Base-Version", lay.k)
+    if_match = version_vector(hd.get("if-match"), "If-Match", lay.k)
+    rid = _rid(h.request_id(hd.get("x-request-id")))
+    grad = _array(t)
+    if not _allows_nonfinite(store, lay) and not dtypes.all_finite(grad):
+        raise Unprocessable(f"gradient for {lay.name!r} contains NaN or Inf")
+    if if_match is not None:
+        _precheck(store, lay, if_match)
+    parts = split(grad, lay.counts)
+    cmds = [
+        Grad(
+            name=p,
+            dtype=t.dtype,
+            shape=lay.part_shape(i),
+            data=wire.raw_view(parts[i]),
+            rid=f"{rid}#p{i}",
+            base_version=None if base is None else base[i],
+            if_match=None if if_match is None else if_match[i],
+        )
+        for i, p in enumerate(lay.parts())
+    ]
+    results = await fan_out(store, lay, cmds, "push")
+    versions = [r["version"] for r in results]
+    out = {
+        "name": lay.name,
+        "version": min(versions),
+        "versions": versions,
+        "shard": shard_for(lay.name, store.cfg.shards),
+    }
+    if all(r.get("duplicate") for r in results):
+        out["duplicate"] = True
+    return out
+
+
+async def delete(store: StoreAPI, lay: Layout, hd: Mapping[str, str]) -> Response:
+    """Every part (an absent one counts as deleted), then the layout."""
+    if_match = version_vector(hd.get("if-match"), "If-Match", lay.k)
+    if if_match is not None:
+        _precheck(store, lay, if_match)
+    rid = _rid(h.request_id(hd.get("x-request-id")))
+    cmds = [
+        Delete(name=p, rid=f"{rid}#p{i}", if_match=None if if_match is None else if_match[i])
+        for i, p in enumerate(lay.parts())
+    ]
+    try:
+        results = await fan_out(store, lay, cmds, "delete")
+        versions = [r["version"] for r in results]
+    except NotFound as e:  # parts a failed create never made, or an earlier delete removed
+        failed: list[dict[str, Any]] = list(e.extra.get("failed", []))  # type: ignore[call-overload]
+        if any(f["error"] != NotFound.code for f in failed):
+            raise
+        versions = [0] * lay.k
+    await wait(store.write(Delete(name=lay.name, rid=f"{rid}#layout")), store.cfg.limits.request_timeout, "delete")
+    doc = {"name": lay.name, "version": min(versions), "versions": versions, "deleted": True}
+    return Response(json.dumps(doc, separators=(",", ":")).encode(), media_type="application/json")
+
+
+def _same_shape(lay: Layout, t: wire.WireTensor, what: str) -> None:
+    if (t.dtype, tuple(t.shape)) != (lay.dtype, lay.shape):
+        raise Unprocessable(
+            f"{what} is {t.dtype}{list(t.shape)} but tensor {lay.name!r} is {lay.dtype}{list(lay.shape)} "
+            f"(partitioned in {lay.k} parts); no part was changed"
+        )
+
+
+def _allows_nonfinite(store: StoreAPI, lay: Layout) -> bool:
+    try:
+        part, _ = store.peek(lay.parts()[0])
+    except StoreError:
+        return False
+    return part.allow_nonfinite
+
+
+def _precheck(store: StoreAPI, lay: Layout, if_match: list[int]) -> None:
+    """If-Match against this replica's view of every part, before anything is
+    proposed; each part's command checks its own version again when applied."""
+    current = _local_versions(store, lay)
+    if current != if_match:
+        raise PreconditionFailed(
+            f"tensor {lay.name!r} is at versions {current}, If-Match asked for {if_match}",
+            current_version=min(v for v in current) if current else None,
+            current_versions=current,
+        )
+
+
+def _local_versions(store: StoreAPI, lay: Layout) -> list[int]:
+    out = []
+    for p in lay.parts():
+        try:
+            out.append(store.peek(p)[0].version)
+        except NotFound:
+            out.append(0)
+    return out
+
+
+# ---- reads ------------------------------------------------------------------------
+async def pull(
+    store: StoreAPI,
+    lay: Layout,
+    *,
+    kind: str,
+    linearizable: bool,
+    min_version: int | None,
+    wait_version_gt: int | None,
+    deadline: float,
+    if_none_match: str | None,
+    digest: bool,
+    head_only: bool,
+) -> Response:
+    """The whole tensor, its parts read in order; `min_version` and
+    `consistency=linearizable` apply to every part."""
+    limits = store.cfg.limits
+    parts = lay.parts()
+    if linearizable:
+        shards = sorted(set(lay.part_shards(store.cfg.shards)))
+        await asyncio.gather(
+            *(
+                wait_within(store.barrier(s), max(deadline, limits.request_timeout), False, "linearizable read barrier")
+                for s in shards
+            )
+        )
+    if min_version is not None and not await _wait_all(store, parts, min_version, deadline):
+        kind_ = WaitExpired if store.is_ready() else Unavailable
+        raise kind_(
+            f"this replica has not applied version {min_version} of every part of {lay.name!r} within "
+            f"{deadline:g}s; retry or read from another replica"
+        )
+    if wait_version_gt is not None and not await _wait_all(store, parts, wait_version_gt + 1, deadline):
+        records = _records(store, lay)
+        return Response(status_code=304, headers=answer_headers(store, lay, [t.version for t in records]))
+    records = _records(store, lay)
+    versions = [t.version for t in records]
+    hdrs = answer_headers(store, lay, versions)
+    inm = if_none_match
+    if inm is not None and (inm.strip() == "*" or version_vector(inm, "If-None-Match", lay.k) == versions):
+        return Response(status_code=304, headers=hdrs)
+    values = [t.value for t in records]
+    if digest:
+        hdrs["X-Digest"] = "sha256:" + await anyio.to_thread.run_sync(_sha256, values)
+    if kind == wire.JSON:
+        return wire.encode(kind, lay.name, np.concatenate(values), hdrs, limits.json_max_elements, head_only)
+    head = b""
+    if kind == wire.NPY:
+        buf = io.BytesIO()
+        header = {"descr": npf.dtype_to_descr(dtypes.dtype_of(lay.dtype)), "fortran_order": False, "shape": lay.shape}
+        npf.write_array_header_1_0(buf, header)
+        head = buf.getvalue()
+    total = len(head) + sum(v.nbytes for v in values)
+    hdrs["Content-Length"] = str(total)
+    if head_only:
+        return Response(b"", media_type=kind, headers=hdrs)
+    return StreamingResponse(_stream(head, values), media_type=kind, headers=hdrs)
+
+
+async def _stream(head: bytes, values: list[np.ndarray]) -> AsyncIterator[Any]:
+    if head:
+        yield head
+    for v in values:
+        view = wire.raw_view(v)
+        for i in range(0, len(view), CHUNK):
+            yield view[i : i + CHUNK]
+
+
+def _sha256(values: list[np.ndarray]) -> str:
+    hasher = hashlib.sha256()
+    for v in values:
+        hasher.update(wire.raw_view(v))
+    return hasher.hexdigest()
+
+
+def _records(store: StoreAPI, lay: Layout) -> list[Any]:
+    out = []
+    for i, p in enumerate(lay.parts()):
+        try:
+            out.append(store.get(p)[0])
+        except NotFound:
+            raise Unavailable(
+                f"part {i} of {lay.name!r} is not on this replica (not applied here yet, or its creation "
+                "failed: retry the create with the same X-Request-Id, or delete the tensor)",
+                part=i,
+            ) from None
+    return out
+
+
+async def _wait_all(store: StoreAPI, parts: list[str], version: int, deadline: float) -> bool:
+    async def one(p: str) -> bool:
+        fut = store.watch(p, version)
+        try:
+            await wait(fut, deadline, "version wait", write=False)
+            return True
+        except StoreError:
+            store.unwatch(p, fut)
+            return False
+
+    return all(await asyncio.gather(*(one(p) for p in parts)))
