@@ -129,11 +129,16 @@ class Client(TableMethods):
         max_staleness: int | None = None,
         staleness_policy: str | None = None,
         exist_ok: bool = False,
+        partitions: int | None = None,
     ) -> int:
         """Create `name` (If-None-Match: *). Returns its version: 1, or with
-        `exist_ok` the current version of an existing tensor (left unchanged)."""
+        `exist_ok` the current version of an existing tensor (left unchanged).
+        `partitions`: cut it into that many row ranges, each in its own shard
+        (docs/api.md, "Partitioned tensors"); default: the store decides."""
         body, headers = tensor_request(value)
         headers["If-None-Match"] = "*"
+        if partitions is not None:
+            headers["X-Partitions"] = str(int(partitions))
         if optimizer is not None:
             headers["X-Optimizer"] = json.dumps(optimizer)
         if max_staleness is not None:

@@ -1,0 +1,129 @@
+"""Partitioned tensors through the HTTP API of one replica hosting both
+shards: create, pull, push, If-Match on the version vector, bad input,
+listing, delete."""
+
+import json
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from tests.helpers.apps import single_node_app
+from tests.waiting import wait_until
+
+SGD = json.dumps({"type": "sgd", "lr": 0.5})
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    app = single_node_app(tmp_path_factory.mktemp("partitioned"), limits={"max_partitions": 8})
+    with TestClient(app) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 15, "single replica ready")
+        yield c
+
+
+def raw(arr, **headers):
+    return {
+        "content": arr.tobytes(),
+        "headers": {"X-Dtype": str(arr.dtype), "X-Shape": ",".join(map(str, arr.shape)), **headers},
+    }
+
+
+def pull(c, name, **params):
+    r = c.get(f"/v1/tensors/{name}", params=params)
+    assert r.status_code == 200, r.text
+    shape = tuple(int(d) for d in r.headers["X-Shape"].split(","))
+    return np.frombuffer(r.content, r.headers["X-Dtype"]).reshape(shape), r
+
+
+def test_a_partitioned_tensor_is_created_read_and_listed_whole(client):
+    value = np.arange(40, dtype=np.float32).reshape(10, 4)
+    r = client.put("/v1/tensors/p1", **raw(value, **{"X-Partitions": "3", "If-None-Match": "*"}))
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    assert doc["versions"] == [1, 1, 1] and doc["version"] == 1
+    assert [p["rows"] for p in doc["partitions"]] == [[0, 4], [4, 7], [7, 10]]
+    assert len({p["shard"] for p in doc["partitions"]}) == 2  # both shards of the cluster
+    got, r = pull(client, "p1")
+    assert got.tobytes() == value.tobytes()
+    assert r.headers["X-Version"] == "1" and json.loads(r.headers["X-Versions"]) == [1, 1, 1]
+    assert r.headers["ETag"] == '"1.1.1"'
+    assert [p["rows"] for p in json.loads(r.headers["X-Partitions"])] == [[0, 4], [4, 7], [7, 10]]
+    npy = client.get("/v1/tensors/p1", headers={"Accept": "application/x-npy"})
+    assert np.load(__import__("io").BytesIO(npy.content)).tobytes() == value.tobytes()
+    js = client.get("/v1/tensors/p1", headers={"Accept": "application/json"}).json()
+    assert js["data"] == value.tolist() and js["shape"] == [10, 4]
+    listed = {t["name"]: t for t in client.get("/v1/tensors").json()}
+    assert "p1" in listed and not any("#" in n for n in listed)
+    assert listed["p1"]["shape"] == [10, 4] and listed["p1"]["versions"] == [1, 1, 1]
+    assert [p["rows"] for p in listed["p1"]["partitions"]] == [[0, 4], [4, 7], [7, 10]]
+    assert client.head("/v1/tensors/p1").headers["Content-Length"] == str(value.nbytes)
+
+
+def test_a_push_applies_to_every_part_as_to_the_whole_tensor(client):
+    init = np.random.default_rng(1).standard_normal((7, 3)).astype(np.float32)
+    grad = np.random.default_rng(2).standard_normal((7, 3)).astype(np.float32)
+    for name, k in (("whole", "1"), ("cut", "4")):
+        r = client.put(f"/v1/tensors/{name}", **raw(init, **{"X-Partitions": k, "X-Optimizer": SGD}))
+        assert r.status_code == 201, r.text
+        r = client.post(f"/v1/tensors/{name}/grad", **raw(grad))
+        assert r.status_code == 200, r.text
+    assert "X-Versions" not in client.get("/v1/tensors/whole").headers  # X-Partitions: 1 is a whole tensor
+    assert r.json()["versions"] == [2, 2, 2, 2] and r.headers["ETag"] == '"2.2.2.2"'
+    assert pull(client, "cut")[0].tobytes() == pull(client, "whole")[0].tobytes()
+    # a raw body may omit X-Dtype / X-Shape, as for a whole tensor
+    r = client.post("/v1/tensors/cut/grad", content=grad.tobytes())
+    assert r.status_code == 200 and r.json()["version"] == 3
+
+
+def test_if_match_compares_the_whole_version_vector(client):
+    value = np.ones(6, np.float64)
+    client.put("/v1/tensors/vec", **raw(value, **{"X-Partitions": "2"}))
+    r = client.post("/v1/tensors/vec/grad", **raw(value, **{"If-Match": '"1.2"'}))
+    assert r.status_code == 412 and r.json()["current_versions"] == [1, 1]
+    r = client.post("/v1/tensors/vec/grad", **raw(value, **{"If-Match": '"1.1"'}))
+    assert r.status_code == 200 and r.json()["versions"] == [2, 2]
+    assert client.get("/v1/tensors/vec", headers={"If-None-Match": '"2.2"'}).status_code == 304
+    r = client.get("/v1/tensors/vec", params={"min_version": 3, "timeout": 0.2})
+    assert r.status_code == 408
+    assert client.get("/v1/tensors/vec", params={"min_version": 2, "consistency": "linearizable"}).status_code == 200
+
+
+@pytest.mark.parametrize(("k", "status"), [("0", 422), ("-2", 422), ("11", 422), ("9", 422), ("x", 400), ("1.5", 400)])
+def test_out_of_range_partition_counts_are_refused_with_the_limits_and_create_nothing(client, k, status):
+    r = client.put("/v1/tensors/bad", **raw(np.zeros((10, 2), np.float32), **{"X-Partitions": k}))
+    assert r.status_code == status, r.text
+    if status == 422:
+        body = r.json()
+        assert body["rows"] == 10 and body["max_partitions"] == 8 and "min(10, 8) = 8" in body["detail"]
+    assert client.get("/v1/tensors/bad").status_code == 404
+
+
+def test_a_push_of_the_wrong_shape_or_with_nan_applies_no_part(client):
+    client.put("/v1/tensors/shp", **raw(np.zeros((5, 2), np.float32), **{"X-Partitions": "2"}))
+    for bad in (np.zeros((4, 2), np.float32), np.zeros((5, 2), np.float64), np.full((5, 2), np.nan, np.float32)):
+        r = client.post("/v1/tensors/shp/grad", **raw(bad))
+        assert r.status_code == 422, r.text
+    _, r = pull(client, "shp")
+    assert json.loads(r.headers["X-Versions"]) == [1, 1]
+    r = client.put("/v1/tensors/shp", **raw(np.zeros((5, 2), np.float32), **{"X-Partitions": "3"}))
+    assert r.status_code == 422 and "checkpoint" in r.json()["detail"]
+    assert (
+        client.put("/v1/tensors/shp", **raw(np.zeros((5, 2), np.float32), **{"If-None-Match": "*"})).status_code == 412
+    )
+    r = client.put("/v1/tensors/shp", **raw(np.ones((5, 2), np.float32)))  # replace: every part
+    assert r.status_code == 200 and r.json()["versions"] == [2, 2]
+    assert pull(client, "shp")[0].tobytes() == np.ones((5, 2), np.float32).tobytes()
+
+
+def test_parts_are_not_addressable_and_delete_removes_every_part(client):
+    client.put("/v1/tensors/gone", **raw(np.zeros(4, np.int64), **{"X-Partitions": "2"}))
+    assert client.get("/v1/tensors/gone%23p0").status_code == 400  # '#' is not allowed in names
+    r = client.delete("/v1/tensors/gone", headers={"If-Match": '"2.1"'})
+    assert r.status_code == 412
+    r = client.delete("/v1/tensors/gone", headers={"If-Match": '"1.1"'})
+    assert r.status_code == 200 and r.json()["deleted"]
+    assert client.get("/v1/tensors/gone").status_code == 404
+    assert "gone" not in {t["name"] for t in client.get("/v1/tensors").json()}
+    r = client.put("/v1/tensors/gone", **raw(np.zeros(4, np.int64), **{"X-Partitions": "4"}))
+    assert r.status_code == 201 and r.json()["versions"] == [1, 1, 1, 1]  # the name is free again
