@@ -49,6 +49,7 @@ from store.record import Tensor
 
 from . import headers as h
 from . import openapi as oa
+from . import partition_checkpoint as partitioned
 from .bridge import wait, wait_within
 from .errors import UnsupportedMediaType, error_response
 
@@ -103,9 +104,8 @@ async def save_checkpoint(
     )
     node = store.node.id
     tmp = await anyio.to_thread.run_sync(_tmp_dir, store)
-    path = await anyio.to_thread.run_sync(
-        _write_file, tmp, node, store.cfg.shards, dict(zip(shards, captured, strict=True)), state
-    )
+    wholes = await anyio.to_thread.run_sync(partitioned.merge_parts, store, dict(zip(shards, captured, strict=True)))
+    path = await anyio.to_thread.run_sync(_write_file, tmp, node, store.cfg.shards, wholes, state)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return FileResponse(
         path,
@@ -151,16 +151,17 @@ def _write_safetensors(f: BinaryIO, arrays: dict[str, np.ndarray], metadata: dic
             f.write(byte_view(arr.reshape(-1)).cast("B"))
 
 
-def _write_file(
-    tmp: Path, node: str, cluster_shards: int, captured: dict[int, dict[str, Tensor]], with_state: bool
-) -> str:
+def _write_file(tmp: Path, node: str, cluster_shards: int, wholes: partitioned.Captured, with_state: bool) -> str:
     arrays: dict[str, np.ndarray] = {}
     described: dict[str, dict[str, Any]] = {}
+    captured = wholes.shards
     for shard, tensors in sorted(captured.items()):
         for name, t in sorted(tensors.items()):
             entry = record.metadata(t, state=with_state)
             del entry["name"]  # the key
             entry["shard"] = shard
+            if name in wholes.layouts:  # a partitioned tensor, assembled: its parts' versions and row counts
+                entry.update(wholes.layouts[name])
             for key, arr in record.arrays(t, state=with_state).items():
                 arrays[name if key == record.VALUE else f"{name}{STATE_SEP}{key}"] = arr
             described[name] = entry
@@ -173,6 +174,7 @@ def _write_file(
         "cluster_shards": cluster_shards,
         "state": with_state,
         "tensors": described,
+        "incomplete": wholes.incomplete,
     }
     fd, path = tempfile.mkstemp(dir=tmp, prefix="save-", suffix=".safetensors")
     try:
@@ -205,6 +207,11 @@ async def load_checkpoint(
         pattern="^checkpoint$",
         description="'checkpoint': replace a tensor only if it is still at the version recorded in the file",
     ),
+    partitions: str | None = Query(
+        None,
+        max_length=65536,
+        description='JSON {"name": K}: restore these tensors in K parts (1: whole), whatever the file recorded',
+    ),
 ) -> Response:
     """Restore a checkpoint: values, optimizer specs and optimizer state.
     `mode=create` (default) creates tensors that do
@@ -213,9 +220,12 @@ async def load_checkpoint(
     store: StoreAPI = request.app.state.store
     if if_match is not None and mode != "replace":
         raise InvalidRequest("if_match=checkpoint only applies with mode=replace")
+    asked = partitioned.parse_partitions_query(partitions)
     path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store))
     try:
         plan = await anyio.to_thread.run_sync(_read_plan, path)
+        for item in plan:
+            item["partitions"] = asked.get(item["name"], item["meta"].get("partitions"))
         report = await _restore_all(store, path, plan, mode, if_match is not None)
     finally:
         _unlink(path)
@@ -267,12 +277,14 @@ async def _restore_tensor(
         arrays = {record.VALUE: await anyio.to_thread.run_sync(_load_array, path, name)}
         for key in item["state_arrays"]:
             arrays[key] = await anyio.to_thread.run_sync(_load_array, path, f"{name}{STATE_SEP}{key}")
-        cmd = _restore_command(
-            record.from_metadata(item["meta"], arrays),
-            mode,
-            if_unchanged and item["version"] is not None,
-        )
-        result = await wait(store.write(cmd), store.cfg.limits.request_timeout, f"restore of {name}")
+        t = record.from_metadata(item["meta"], arrays)
+        k = partitioned.restore_partitions(store, t, item["partitions"])
+        if k > 1 or store.layout(name) is not None:
+            part_versions = item["meta"].get("versions") if if_unchanged else None
+            result = await partitioned.restore(store, t, k, mode, part_versions, _restore_command)
+        else:
+            cmd = _restore_command(t, mode, if_unchanged and item["version"] is not None)
+            result = await wait(store.write(cmd), store.cfg.limits.request_timeout, f"restore of {name}")
     except StoreError as e:
         if mode == "create" and e.code == "precondition_failed":
             report["skipped"].append(
@@ -283,7 +295,7 @@ async def _restore_tensor(
         return
     report["created" if result.get("created") else "replaced"].append(name)
     report["versions"][name] = result["version"]
-    if cmd.state_arrays is not None:
+    if t.opt_state:  # what _restore_command restores
         report["state_restored"].append(name)
 
 

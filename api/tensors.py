@@ -18,7 +18,7 @@ from store.interface import StoreAPI
 
 from . import headers as h
 from . import openapi as oa
-from . import partitioned, wire
+from . import partition_reads, partitioned, wire
 from .bridge import wait, wait_optional
 from .errors import UnsupportedMediaType, WaitExpired
 
@@ -337,7 +337,7 @@ async def get_tensor(
     if lay is not None:
         if rows is not None:
             raise Unprocessable(f"rows= of a partitioned tensor ({name!r}) is not served; pull it whole")
-        return await partitioned.pull(
+        return await partition_reads.pull(
             store,
             lay,
             kind=kind,

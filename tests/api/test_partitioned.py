@@ -127,3 +127,49 @@ def test_parts_are_not_addressable_and_delete_removes_every_part(client):
     assert "gone" not in {t["name"] for t in client.get("/v1/tensors").json()}
     r = client.put("/v1/tensors/gone", **raw(np.zeros(4, np.int64), **{"X-Partitions": "4"}))
     assert r.status_code == 201 and r.json()["versions"] == [1, 1, 1, 1]  # the name is free again
+
+
+def test_a_checkpoint_holds_partitioned_tensors_whole_and_reloads_them_in_any_number_of_parts(client):
+    from safetensors.numpy import load as st_load
+
+    adam = json.dumps({"type": "adam", "lr": 0.01})
+    init = np.random.default_rng(5).standard_normal((9, 4)).astype(np.float32)
+    g = np.random.default_rng(6).standard_normal((9, 4)).astype(np.float32)
+    for name, k in (("ckw", "1"), ("ckp", "3")):
+        assert (
+            client.put(f"/v1/tensors/{name}", **raw(init, **{"X-Partitions": k, "X-Optimizer": adam})).status_code
+            == 201
+        )
+        for _ in range(2):
+            assert client.post(f"/v1/tensors/{name}/grad", **raw(g)).status_code == 200
+    r = client.get("/v1/checkpoint")
+    assert r.status_code == 200, r.text
+    arrays = st_load(r.content)
+    assert not any("#" in key for key in arrays)
+    n = int.from_bytes(r.content[:8], "little")
+    meta = json.loads(json.loads(r.content[8 : 8 + n])["__metadata__"]["paramstore"])
+    assert meta["tensors"]["ckp"]["partitions"] == 3 and meta["tensors"]["ckp"]["versions"] == [3, 3, 3]
+    assert meta["incomplete"] == []
+    for key in ("ckp", "ckp/exp_avg", "ckp/exp_avg_sq"):
+        assert arrays[key].tobytes() == arrays[key.replace("ckp", "ckw")].tobytes()  # whole, part for part
+    file = r.content
+
+    # reload as recorded (3 parts), then as 2 parts, and the whole tensor as 4 parts
+    for asked, parts in ((None, {"ckp": 3}), ({"ckp": 2, "ckw": 4}, {"ckp": 2, "ckw": 4})):
+        for name in ("ckp", "ckw"):
+            assert client.delete(f"/v1/tensors/{name}").status_code == 200
+        params = {"partitions": json.dumps(asked)} if asked else {}
+        r = client.put("/v1/checkpoint", content=file, params=params)
+        assert r.status_code == 200, r.text
+        assert {"ckp", "ckw"} <= set(r.json()["created"]) and {"ckp", "ckw"} <= set(r.json()["state_restored"])
+        for name, k in parts.items():
+            _, got = pull(client, name)
+            assert len(json.loads(got.headers["X-Versions"])) == k
+        # the optimizer state came back too: one more Adam step gives the same bytes, cut or whole
+        for name in ("ckp", "ckw"):
+            assert client.post(f"/v1/tensors/{name}/grad", **raw(g)).status_code == 200
+        assert pull(client, "ckp")[0].tobytes() == pull(client, "ckw")[0].tobytes()
+    r = client.put("/v1/checkpoint", content=file, params={"mode": "replace"})
+    assert r.status_code == 422 and "repartition" in r.text  # ckp: 2 parts here, 3 in the file
+    r = client.put("/v1/checkpoint", content=file, params={"partitions": json.dumps({"ckp": 0})})
+    assert r.status_code == 422

@@ -1,0 +1,128 @@
+"""Reads of a partitioned tensor (api/partitioned.py): the parts in order,
+each read locally at its own version, streamed without assembling them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import numpy as np
+import numpy.lib.format as npf
+from starlette.responses import Response, StreamingResponse
+
+from store import dtypes
+from store.errors import NotFound, StoreError, Unavailable
+from store.interface import StoreAPI
+from store.partitions import Layout
+
+from . import wire
+from .bridge import wait, wait_within
+from .errors import WaitExpired
+from .partitioned import answer_headers, version_vector
+
+CHUNK = wire.STREAM_CHUNK
+
+
+async def pull(
+    store: StoreAPI,
+    lay: Layout,
+    *,
+    kind: str,
+    linearizable: bool,
+    min_version: int | None,
+    wait_version_gt: int | None,
+    deadline: float,
+    if_none_match: str | None,
+    digest: bool,
+    head_only: bool,
+) -> Response:
+    """The whole tensor, its parts read in order; `min_version` and
+    `consistency=linearizable` apply to every part."""
+    limits = store.cfg.limits
+    parts = lay.parts()
+    if linearizable:
+        shards = sorted(set(lay.part_shards(store.cfg.shards)))
+        await asyncio.gather(
+            *(
+                wait_within(store.barrier(s), max(deadline, limits.request_timeout), False, "linearizable read barrier")
+                for s in shards
+            )
+        )
+    if min_version is not None and not await _wait_all(store, parts, min_version, deadline):
+        kind_ = WaitExpired if store.is_ready() else Unavailable
+        raise kind_(
+            f"this replica has not applied version {min_version} of every part of {lay.name!r} within "
+            f"{deadline:g}s; retry or read from another replica"
+        )
+    if wait_version_gt is not None and not await _wait_all(store, parts, wait_version_gt + 1, deadline):
+        records = _records(store, lay)
+        return Response(status_code=304, headers=answer_headers(store, lay, [t.version for t in records]))
+    records = _records(store, lay)
+    versions = [t.version for t in records]
+    hdrs = answer_headers(store, lay, versions)
+    inm = if_none_match
+    if inm is not None and (inm.strip() == "*" or version_vector(inm, "If-None-Match", lay.k) == versions):
+        return Response(status_code=304, headers=hdrs)
+    values = [t.value for t in records]
+    if digest:
+        hdrs["X-Digest"] = "sha256:" + await anyio.to_thread.run_sync(_sha256, values)
+    if kind == wire.JSON:
+        return wire.encode(kind, lay.name, np.concatenate(values), hdrs, limits.json_max_elements, head_only)
+    head = b""
+    if kind == wire.NPY:
+        buf = io.BytesIO()
+        header = {"descr": npf.dtype_to_descr(dtypes.dtype_of(lay.dtype)), "fortran_order": False, "shape": lay.shape}
+        npf.write_array_header_1_0(buf, header)
+        head = buf.getvalue()
+    total = len(head) + sum(v.nbytes for v in values)
+    hdrs["Content-Length"] = str(total)
+    if head_only:
+        return Response(b"", media_type=kind, headers=hdrs)
+    return StreamingResponse(_stream(head, values), media_type=kind, headers=hdrs)
+
+
+async def _stream(head: bytes, values: list[np.ndarray]) -> AsyncIterator[Any]:
+    if head:
+        yield head
+    for v in values:
+        view = wire.raw_view(v)
+        for i in range(0, len(view), CHUNK):
+            yield view[i : i + CHUNK]
+
+
+def _sha256(values: list[np.ndarray]) -> str:
+    hasher = hashlib.sha256()
+    for v in values:
+        hasher.update(wire.raw_view(v))
+    return hasher.hexdigest()
+
+
+def _records(store: StoreAPI, lay: Layout) -> list[Any]:
+    out = []
+    for i, p in enumerate(lay.parts()):
+        try:
+            out.append(store.get(p)[0])
+        except NotFound:
+            raise Unavailable(
+                f"part {i} of {lay.name!r} is not on this replica (not applied here yet, or its creation "
+                "failed: retry the create with the same X-Request-Id, or delete the tensor)",
+                part=i,
+            ) from None
+    return out
+
+
+async def _wait_all(store: StoreAPI, parts: list[str], version: int, deadline: float) -> bool:
+    async def one(p: str) -> bool:
+        fut = store.watch(p, version)
+        try:
+            await wait(fut, deadline, "version wait", write=False)
+            return True
+        except StoreError:
+            store.unwatch(p, fut)
+            return False
+
+    return all(await asyncio.gather(*(one(p) for p in parts)))
