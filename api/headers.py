@@ -8,6 +8,7 @@ from typing import Any, Literal, overload
 
 from store.errors import InvalidRequest, Unprocessable
 from store.optimizers import normalize_spec, refuse_degenerate
+from store.partitions import parse_part
 
 from . import json_input
 
@@ -25,6 +26,14 @@ def tensor_name(name: str) -> str:
             f"tensor name {name!r} is invalid: 1-256 characters of letters, digits and _ . : -, "
             "not starting with . : or -"
         )
+    return name
+
+
+def tensor_or_part_name(name: str) -> str:
+    """A tensor name, or a part of a partitioned tensor, `<name>#p<i>`: the
+    client reads and pushes parts directly (never creates or deletes them)."""
+    part = parse_part(name)
+    tensor_name(part[0] if part is not None else name)
     return name
 
 

@@ -171,7 +171,7 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_bod
     """The whole of a gradient push but HTTP framing: shared by the route above
     and api/fastpath.py. Headers are checked before the body is read.
     `read_body(forward)` reads the body (`wire.read_stream`)."""
-    h.tensor_name(name)
+    h.tensor_or_part_name(name)
     try:
         local, _ = store.peek(name)
     except NotFound:
@@ -329,7 +329,7 @@ async def get_tensor(
 ) -> Response:
     """Read a tensor at the asked consistency; see docs/api.md."""
     store = _store(request)
-    h.tensor_name(name)
+    h.tensor_or_part_name(name)
     limits = store.cfg.limits
     kind = wire.negotiate(request.headers.get("accept"))
     deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)

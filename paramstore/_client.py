@@ -8,11 +8,13 @@ import os
 import ssl
 import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ._errors import PreconditionFailedError
+from ._partitions import PartitionMethods, PartLayout
 from ._tables import TableMethods
 from ._transport import Transport
 from ._wire import (
@@ -28,7 +30,7 @@ from ._wire import (
 __all__ = ["Client"]
 
 
-class Client(TableMethods):
+class Client(TableMethods, PartitionMethods):
     """A thread-safe client for one cluster.
 
     `urls`: any replicas (a list or a comma-separated string); `timeout`: per
@@ -87,6 +89,8 @@ class Client(TableMethods):
         self._lock = threading.Lock()
         token = token if token is not None else os.environ.get("PARAMSTORE_TOKEN")
         self._transport = Transport(urls, timeout, deadline, token, verify)
+        self._layouts: dict[str, PartLayout] = {}  # partitioned tensors' parts (paramstore/_partitions.py)
+        self._pool: ThreadPoolExecutor | None = None  # their parallel requests
 
     @property
     def urls(self) -> builtins.list[str]:
@@ -112,6 +116,8 @@ class Client(TableMethods):
 
     # ---- lifecycle ------------------------------------------------------------------
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._transport.close()
 
     def __enter__(self) -> Client:
@@ -155,6 +161,10 @@ class Client(TableMethods):
         version = version_of(r)
         with self._lock:
             self.session[name] = version  # a fresh tensor: forget any older incarnation
+            self._layouts.pop(name, None)
+        parts = r.json().get("partitions")
+        if parts:
+            self._learn_parts(name, tuple(np.shape(value)), parts)
         return version
 
     def set(self, name: str, value: Any, if_version: int | None = None) -> int:
@@ -168,11 +178,18 @@ class Client(TableMethods):
     def push_grad(self, name: str, grad: Any, base_version: int | None = None) -> int:
         """Apply `grad` with the tensor's server-side optimizer; returns the new
         version. `base_version`: the version the gradient was computed on (for
-        max_staleness / the `scale` staleness policy)."""
+        max_staleness / the `scale` staleness policy). A partitioned tensor's
+        parts are pushed in parallel, each applied atomically; the version is
+        the lowest part's."""
+        version = self._with_parts(name, lambda lay: self._push_parts(name, lay, grad, base_version))
+        if version is not None:
+            return self._saw(name, version)
         body, headers = tensor_request(grad)
         if base_version is not None:
             headers["X-Base-Version"] = str(int(base_version))
         r = self._transport.request("POST", f"/v1/tensors/{name}/grad", headers=headers, content=body, write=True)
+        if "X-Versions" in r.headers:  # partitioned: next time, straight to the parts
+            self._learn_from(name, self._transport.request("HEAD", f"/v1/tensors/{name}"))
         return self._saw(name, version_of(r))
 
     def push_grads(self, grads: Mapping[str, Any], base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
@@ -192,17 +209,24 @@ class Client(TableMethods):
         self._transport.request("DELETE", f"/v1/tensors/{name}", headers=headers, write=True)
         with self._lock:
             self.session.pop(name, None)
+            self._layouts.pop(name, None)
 
     # ---- reads -----------------------------------------------------------------------
     def pull(self, name: str) -> tuple[np.ndarray, int]:
         """(value, version); the value is a read-only view of the response body.
-        Never older than what this session already wrote or read."""
+        Never older than what this session already wrote or read. A
+        partitioned tensor's parts are pulled in parallel (a writable array;
+        the version is the lowest part's)."""
+        pulled = self._with_parts(name, lambda lay: self._pull_parts(name, lay))
+        if pulled is not None:
+            return pulled[0], self._saw(name, pulled[1])
         params: dict[str, Any] = {}
         seen = self.session.get(name)
         if seen is not None:
             # Bound the replica-side wait so a lagging replica gives way to another.
             params = {"min_version": seen, "timeout": max(0.5, self.timeout / 2)}
         r = self._transport.request("GET", f"/v1/tensors/{name}", params=params, headers={"Accept": OCTET})
+        self._learn_from(name, r)
         arr = array_from(r)
         return arr, self._saw(name, version_of(r))
 

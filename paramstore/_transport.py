@@ -78,16 +78,19 @@ class Transport:
         attempt_timeout: float | None = None,
         deadline: float | None = None,
         ok: tuple[int, ...] = (200, 201),
+        first: int | None = None,
     ) -> httpx.Response:
         """One logical call: retried across replicas until it gets a definite
-        answer or the deadline passes. Writes keep one X-Request-Id throughout."""
+        answer or the deadline passes. Writes keep one X-Request-Id throughout.
+        `first`: the index of the replica to try first (default: the one that
+        answered last)."""
         headers = dict(headers or {})
         if write:
             headers["X-Request-Id"] = uuid.uuid4().hex
         end = time.monotonic() + (self.deadline if deadline is None else deadline)
         per_try = self.timeout if attempt_timeout is None else attempt_timeout
         n = len(self.urls)
-        start = self.preferred
+        start = self.preferred if first is None else first
         attempt = 0
         while True:
             i = (start + attempt) % n

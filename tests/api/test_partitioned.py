@@ -116,12 +116,21 @@ def test_a_push_of_the_wrong_shape_or_with_nan_applies_no_part(client):
     assert pull(client, "shp")[0].tobytes() == np.ones((5, 2), np.float32).tobytes()
 
 
-def test_parts_are_not_addressable_and_delete_removes_every_part(client):
-    client.put("/v1/tensors/gone", **raw(np.zeros(4, np.int64), **{"X-Partitions": "2"}))
-    assert client.get("/v1/tensors/gone%23p0").status_code == 400  # '#' is not allowed in names
+def test_parts_are_read_and_pushed_directly_but_never_created_or_deleted_and_delete_removes_every_part(client):
+    client.put("/v1/tensors/gone", **raw(np.arange(4, dtype=np.int64), **{"X-Partitions": "2"}))
+    part, r = pull(client, "gone%23p1")  # what the SDK does: '#' escaped
+    assert part.tolist() == [2, 3] and r.headers["X-Version"] == "1" and "X-Versions" not in r.headers
+    r = client.post("/v1/tensors/gone%23p1/grad", **raw(np.array([5, 6], np.int64)))
+    assert r.status_code == 200 and r.json()["version"] == 2
+    assert pull(client, "gone")[0].tolist() == [0, 1, 5, 6]
+    assert client.put("/v1/tensors/gone%23p1", **raw(np.zeros(2, np.int64))).status_code == 400
+    assert client.put("/v1/tensors/gone%23p7", **raw(np.zeros(2, np.int64))).status_code == 400
+    assert client.delete("/v1/tensors/gone%23p1").status_code == 400
+    assert client.get("/v1/tensors/gone%23p01").status_code == 400
+    assert client.post("/v1/tensors/gone/grad", **raw(np.ones(4, np.int64), **{"If-Match": '"1.1"'})).status_code == 412
     r = client.delete("/v1/tensors/gone", headers={"If-Match": '"2.1"'})
     assert r.status_code == 412
-    r = client.delete("/v1/tensors/gone", headers={"If-Match": '"1.1"'})
+    r = client.delete("/v1/tensors/gone", headers={"If-Match": '"1.2"'})
     assert r.status_code == 200 and r.json()["deleted"]
     assert client.get("/v1/tensors/gone").status_code == 404
     assert "gone" not in {t["name"] for t in client.get("/v1/tensors").json()}

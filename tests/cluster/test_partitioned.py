@@ -68,8 +68,11 @@ def whole(c: Cluster, nid: str, **params) -> tuple[bytes, list[int]]:
 def test_parts_on_every_shard_with_leaders_on_every_node_and_concurrent_pushes_agree(cluster):
     c = cluster
     init = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
-    with Client(c.urls["n1"]) as client:
+    with Client(list(c.urls.values())) as client:
         assert client.create(NAME, init, optimizer={"type": "sgd", "lr": LR}, partitions=K) == 1
+        assert len(client._layouts[NAME].rows) == K  # pushes and pulls go to the parts from now on
+        value, version = client.pull(NAME)
+        assert version == 1 and value.tobytes() == init.tobytes()
     listed = {t["name"]: t for t in c.http.get(c.urls["n2"] + "/v1/tensors").json()}
     assert [p["shard"] for p in listed[NAME]["partitions"]] == part_shards()
     assert sorted(part_shards()) == [0, 1, 2]
@@ -82,10 +85,17 @@ def test_parts_on_every_shard_with_leaders_on_every_node_and_concurrent_pushes_a
     errors: list[BaseException] = []
 
     def pusher(nid: str) -> None:
+        """Each client learns the parts from its first answer and then pushes
+        them itself, in parallel; n3's client knows every replica and sends
+        each part to its shard's leader."""
         try:
-            with Client(c.urls[nid]) as client:
+            with Client(list(c.urls.values()) if nid == "n3" else c.urls[nid]) as client:
                 for _ in range(pushes):
                     client.push_grad(NAME, grads[nid])
+                assert NAME in client._layouts
+                if nid == "n3":
+                    assert client._layouts[NAME].replicas == (0, 1, 2)  # n(i+1) leads part i's shard
+                assert client.pull(NAME)[1] >= pushes + 1
         except BaseException as e:  # reported below
             errors.append(e)
 
