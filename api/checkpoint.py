@@ -210,7 +210,8 @@ async def load_checkpoint(
     partitions: str | None = Query(
         None,
         max_length=65536,
-        description='JSON {"name": K}: restore these tensors in K parts (1: whole), whatever the file recorded',
+        pattern=partitioned.PARTITIONS_QUERY,
+        description="name:K,name:K,...: restore these tensors in K parts (1: whole), whatever the file recorded",
     ),
 ) -> Response:
     """Restore a checkpoint: values, optimizer specs and optimizer state.

@@ -274,6 +274,12 @@ def put_tensor_extra() -> dict[str, Any]:
             _param(
                 "X-Staleness-Policy", {"type": "string", "enum": ["reject", "scale"]}, "what a too-stale gradient gets"
             ),
+            _param(
+                "X-Partitions",
+                {"type": "integer", "minimum": 1, "maximum": 10**6},
+                "create only: cut the tensor into this many row ranges, each in its own shard "
+                "(1 <= K <= min(rows, limits.max_partitions); 1: whole)",
+            ),
             REQUEST_ID,
         ],
     }

@@ -6,7 +6,6 @@ versions, and restored in the recorded number of parts or in another one
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,19 +79,22 @@ def merge_parts(store: StoreAPI, captured: dict[int, dict[str, Tensor]]) -> Capt
     return out
 
 
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,255}"
+PARTITIONS_QUERY = rf"^{_NAME}:[0-9]{{1,7}}(,{_NAME}:[0-9]{{1,7}})*$"  # ?partitions= of a restore
+
+
 def parse_partitions_query(text: str | None) -> dict[str, int]:
-    """?partitions={"name": K, ...} of a checkpoint restore."""
+    """?partitions=name:K,name:K of a checkpoint restore (the route checked
+    PARTITIONS_QUERY; a name may hold ':', K never does)."""
     if text is None:
         return {}
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in doc.items()
-    ):
-        raise InvalidRequest('partitions: expected a JSON object {"tensor name": number of parts}')
-    return doc
+    out = {}
+    for item in text.split(","):
+        name, _, k = item.rpartition(":")
+        if not name or not k.isdigit():
+            raise InvalidRequest(f"partitions: expected name:K,name:K,..., got {item!r}")
+        out[name] = int(k)
+    return out
 
 
 def restore_partitions(store: StoreAPI, t: Tensor, asked: Any) -> int:

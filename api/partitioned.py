@@ -65,6 +65,8 @@ def version_vector(value: str | None, header: str, k: int) -> list[int] | None:
     if value is None:
         return None
     v = value.strip()
+    if v == "*":  # If-Match: * on a replace: the tensor exists, which it does
+        return None
     if v.startswith("W/"):
         v = v[2:]
     if len(v) >= 2 and v[0] == v[-1] == '"':
@@ -172,11 +174,18 @@ async def create(store: StoreAPI, name: str, t: wire.WireTensor, k: int, options
     counts = row_counts(t.shape[0], k)
     lay = Layout(name, t.dtype, tuple(t.shape), counts)
     timeout = store.cfg.limits.request_timeout
-    await wait(
-        store.write(LayoutCreate(name=name, dtype=t.dtype, shape=t.shape, counts=counts, rid=f"{rid}#layout")),
-        timeout,
-        "create",
-    )
+    try:
+        await wait(
+            store.write(LayoutCreate(name=name, dtype=t.dtype, shape=t.shape, counts=counts, rid=f"{rid}#layout")),
+            timeout,
+            "create",
+        )
+    except PreconditionFailed as e:
+        existing = store.layout(name)
+        if existing is None or e.extra.get("current_version") is not None:
+            raise
+        # an existing partitioned tensor: its version is the lowest part's (the SDK's exist_ok reads it)
+        raise PreconditionFailed(e.detail, current_version=min(local_versions(store, existing))) from None
     parts = split(_array(t), counts)
     cmds = [
         Put(

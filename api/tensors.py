@@ -120,7 +120,8 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
                 f"tensor {name!r} is partitioned in {lay.k} parts; repartition it through a checkpoint and reload"
             )
         if inm is not None:
-            raise PreconditionFailed(f"tensor {name!r} already exists (If-None-Match: *)", current_version=None)
+            current = min(partitioned.local_versions(store, lay))
+            raise PreconditionFailed(f"tensor {name!r} already exists (If-None-Match: *)", current_version=current)
         return await partitioned.replace(store, lay, hd, t, options)
     if if_match is None and not _exists(store, name):
         k = partitioned.partitions_of(store, hd, t)

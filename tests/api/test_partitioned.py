@@ -16,7 +16,8 @@ SGD = json.dumps({"type": "sgd", "lr": 0.5})
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    app = single_node_app(tmp_path_factory.mktemp("partitioned"), limits={"max_partitions": 8})
+    limits = {"max_partitions": 8, "partition_auto_bytes": 4096, "partition_bytes": 1024}
+    app = single_node_app(tmp_path_factory.mktemp("partitioned"), limits=limits)
     with TestClient(app) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 15, "single replica ready")
         yield c
@@ -167,7 +168,7 @@ def test_a_checkpoint_holds_partitioned_tensors_whole_and_reloads_them_in_any_nu
     for asked, parts in ((None, {"ckp": 3}), ({"ckp": 2, "ckw": 4}, {"ckp": 2, "ckw": 4})):
         for name in ("ckp", "ckw"):
             assert client.delete(f"/v1/tensors/{name}").status_code == 200
-        params = {"partitions": json.dumps(asked)} if asked else {}
+        params = {"partitions": ",".join(f"{n}:{k}" for n, k in asked.items())} if asked else {}
         r = client.put("/v1/checkpoint", content=file, params=params)
         assert r.status_code == 200, r.text
         assert {"ckp", "ckw"} <= set(r.json()["created"]) and {"ckp", "ckw"} <= set(r.json()["state_restored"])
@@ -180,5 +181,20 @@ def test_a_checkpoint_holds_partitioned_tensors_whole_and_reloads_them_in_any_nu
         assert pull(client, "ckp")[0].tobytes() == pull(client, "ckw")[0].tobytes()
     r = client.put("/v1/checkpoint", content=file, params={"mode": "replace"})
     assert r.status_code == 422 and "repartition" in r.text  # ckp: 2 parts here, 3 in the file
-    r = client.put("/v1/checkpoint", content=file, params={"partitions": json.dumps({"ckp": 0})})
+    r = client.put("/v1/checkpoint", content=file, params={"partitions": "ckp:0"})
     assert r.status_code == 422
+    assert client.put("/v1/checkpoint", content=file, params={"partitions": "ckp"}).status_code == 400
+
+
+def test_tensors_over_the_configured_size_are_partitioned_automatically_one_part_per_shard(client):
+    big = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)  # 8 KB: over 4 KB, parts of 1 KB, 2 shards
+    r = client.put("/v1/tensors/auto", **raw(big, **{"If-None-Match": "*"}))
+    assert r.status_code == 201 and r.json()["versions"] == [1, 1]
+    assert [p["rows"] for p in r.json()["partitions"]] == [[0, 32], [32, 64]]
+    r = client.put("/v1/tensors/auto", **raw(big, **{"If-None-Match": "*"}))
+    assert r.status_code == 412 and r.json()["current_version"] == 1  # what create(exist_ok=True) reads
+    assert client.put("/v1/tensors/auto", **raw(big, **{"If-Match": "*"})).json()["versions"] == [2, 2]
+    small = client.put("/v1/tensors/auto_small", **raw(np.zeros(1000, np.float32)))  # 4,000 bytes
+    assert small.status_code == 201 and "versions" not in small.json()
+    one = client.put("/v1/tensors/auto_one", **raw(big, **{"X-Partitions": "1"}))  # asked whole
+    assert one.status_code == 201 and "versions" not in one.json()
