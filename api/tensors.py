@@ -123,9 +123,15 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
             current = min(partitioned.local_versions(store, lay))
             raise PreconditionFailed(f"tensor {name!r} already exists (If-None-Match: *)", current_version=current)
         return await partitioned.replace(store, lay, hd, t, options)
-    if if_match is None and not _exists(store, name):
-        k = partitioned.partitions_of(store, hd, t)
-        if k > 1:
+    asked = hd.get("x-partitions") is not None
+    if asked or if_match is None:
+        k = partitioned.partitions_of(store, hd, t)  # 422 for a K out of range, even on a replace
+        if k > 1 and _exists(store, name):
+            if asked:
+                raise Unprocessable(
+                    f"tensor {name!r} is whole; partition it through a checkpoint and reload (docs/api.md)"
+                )
+        elif k > 1 and if_match is None:
             return await partitioned.create(store, name, t, k, options)
     cmd = Put(
         name=name,

@@ -198,3 +198,9 @@ def test_tensors_over_the_configured_size_are_partitioned_automatically_one_part
     assert small.status_code == 201 and "versions" not in small.json()
     one = client.put("/v1/tensors/auto_one", **raw(big, **{"X-Partitions": "1"}))  # asked whole
     assert one.status_code == 201 and "versions" not in one.json()
+    replaced = client.put("/v1/tensors/auto_one", **raw(big))  # a replace of a whole tensor stays whole
+    assert replaced.status_code == 200 and replaced.json()["version"] == 2 and "versions" not in replaced.json()
+    for k in ("2", "0"):
+        r = client.put("/v1/tensors/auto_one", **raw(big, **{"X-Partitions": k}))
+        assert r.status_code == 422, r.text
+    assert pull(client, "auto_one")[1].headers["X-Version"] == "2"
