@@ -140,3 +140,10 @@ def test_a_part_whose_leader_is_killed_fails_alone_and_a_retry_applies_each_part
     expected = np.frombuffer(before, np.float32) - np.float32(LR) * grad.ravel()
     assert after == expected.astype(np.float32).tobytes()
     assert whole(c, "n1", min_version=v + 1)[0] == after
+
+    with Client([c.urls["n1"], c.urls["n2"]]) as client:  # the SDK, straight to the parts, after the failover
+        client.pull(NAME)
+        assert client.push_grad(NAME, grad) == v + 2 and NAME in client._layouts
+        value, version = client.pull(NAME)
+    assert version == v + 2 and whole(c, "n2", min_version=v + 2)[1] == [v + 2] * K
+    assert value.tobytes() == (expected - np.float32(LR) * grad.ravel()).astype(np.float32).tobytes()
