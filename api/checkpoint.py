@@ -429,6 +429,7 @@ def _restore_command(t: Tensor, mode: str, if_match: bool) -> Put:
         allow_nonfinite=t.allow_nonfinite,
         max_staleness=t.max_staleness,
         staleness_policy=t.staleness_policy,
+        sync=t.sync,
         if_none_match=mode == "create",
         if_match=t.version if mode == "replace" and if_match else None,
         state_arrays={k: _raw(v) for k, v in arrays.items()} if restore_state else None,

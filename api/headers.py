@@ -9,6 +9,7 @@ from typing import Any, Literal, overload
 from store.errors import InvalidRequest, Unprocessable
 from store.optimizers import normalize_spec, refuse_degenerate
 from store.partitions import parse_part
+from store.sync_rounds import normalize_sync
 
 from . import json_input
 
@@ -112,3 +113,10 @@ def staleness_policy(value: str | None) -> str | None:
     if value not in ("reject", "scale"):
         raise Unprocessable(f"X-Staleness-Policy: {value!r} is not one of reject, scale")
     return value
+
+
+def sync(value: str | None) -> dict[str, Any] | None:
+    """X-Sync: synchronous rounds (store/sync_rounds.py); 422 for a bad spec."""
+    if value is None:
+        return None
+    return normalize_sync(json_input.loads(value, "X-Sync"))

@@ -178,6 +178,24 @@ SHARD_FIGURES: tuple[tuple[Family, str, str, Callable[[ShardStats], float]], ...
         "Time the applier spent applying commands (divide by applied_commands for the mean)",
         lambda s: s.apply_seconds,
     ),
+    (
+        CounterMetricFamily,
+        "paramstore_shard_sync_rounds_closed",
+        "Synchronous rounds closed (optimizer applied to their gradients), by workers or by round_timeout",
+        lambda s: float(s.rounds_closed),
+    ),
+    (
+        CounterMetricFamily,
+        "paramstore_shard_sync_rounds_timed_out",
+        "Synchronous rounds closed by round_timeout with fewer gradients than needed",
+        lambda s: float(s.rounds_timed_out),
+    ),
+    (
+        CounterMetricFamily,
+        "paramstore_shard_sync_late_grads_refused",
+        "Gradients refused (409) because their synchronous round had closed",
+        lambda s: float(s.late_grads_refused),
+    ),
 )
 
 

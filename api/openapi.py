@@ -50,6 +50,7 @@ TENSOR_LIST: dict[str, Any] = {
             "shard": {"type": "integer"},
             "optimizer": {"type": "object"},
             "nbytes": {"type": "integer"},
+            "sync": {"type": "object", "description": "synchronous rounds (X-Sync), when set"},
         },
     },
 }
@@ -59,7 +60,8 @@ ERROR_SCHEMA: dict[str, Any] = {
     "title": "Error",
     "type": "object",
     "description": "Every error answer (api/errors.py). Some carry more fields: "
-    "`current_version` (409, 412), `limit` (413), `versions` (a batch push "
+    "`current_version` (409, 412), `round` (409 from a tensor with synchronous rounds: "
+    "the open round's version, received and needed), `limit` (413), `versions` (a batch push "
     "that committed on some shards), a checkpoint restore's report.",
     "required": ["error", "detail"],
     "properties": {
@@ -133,6 +135,18 @@ WRITTEN_SCHEMA: dict[str, Any] = {
         "shard": {"type": "integer", "minimum": 0},
         "deleted": {"type": "boolean"},
         "duplicate": {"type": "boolean"},
+        "round": {
+            "type": "object",
+            "description": "a push to a tensor with synchronous rounds: the round it joined "
+            "(`closed`: this push completed it, the optimizer applied and `version` is the new one)",
+            "properties": {
+                "version": {"type": "integer"},
+                "received": {"type": "integer"},
+                "needed": {"type": "integer"},
+                "closed": {"type": "boolean"},
+                "by": {"type": "string", "enum": ["workers", "timeout"]},
+            },
+        },
     },
 }
 
@@ -186,6 +200,19 @@ def safetensors_file(description: str) -> dict[int | str, Any]:
 
 def json_ok(schema: dict[str, Any], description: str = "OK") -> dict[int | str, Any]:
     return {200: {"description": description, "content": {JSON: {"schema": schema}}}}
+
+
+SYNC_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["workers"],
+    "additionalProperties": False,
+    "properties": {
+        "workers": {"type": "integer", "minimum": 1},
+        "backup_workers": {"type": "integer", "minimum": 0, "default": 0, "description": "< workers"},
+        "round_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 86400, "default": None},
+        "reduce": {"type": "string", "enum": ["mean", "sum"], "default": "mean"},
+    },
+}
 
 
 def _optimizer_schema() -> dict[str, Any]:
@@ -280,6 +307,14 @@ def put_tensor_extra() -> dict[str, Any]:
                 "create only: cut the tensor into this many row ranges, each in its own shard "
                 "(1 <= K <= min(rows, limits.max_partitions); 1: whole)",
             ),
+            {
+                "name": "X-Sync",
+                "in": "header",
+                "required": False,
+                "description": "synchronous rounds: gradients for version V are averaged and applied once "
+                "when workers - backup_workers have arrived (docs/api.md)",
+                "content": {JSON: {"schema": SYNC_SCHEMA}},
+            },
             REQUEST_ID,
         ],
     }

@@ -34,7 +34,7 @@ ReadBody = Callable[[Callable[[memoryview], None] | None], Awaitable[wire.Hashed
 router = APIRouter()
 
 DECODE_IN_THREAD_BYTES = 1 << 20
-WRITTEN_FIELDS = ("name", "version", "versions", "shard", "deleted", "duplicate")
+WRITTEN_FIELDS = ("name", "version", "versions", "shard", "deleted", "duplicate", "round")
 
 
 def _store(request: Request) -> StoreAPI:
@@ -104,6 +104,7 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
     allow_nonfinite = h.boolean(hd.get("x-allow-nonfinite"), "X-Allow-Nonfinite")
     staleness_policy = h.staleness_policy(hd.get("x-staleness-policy"))
     max_staleness = h.integer(hd.get("x-max-staleness"), "X-Max-Staleness")
+    sync = h.sync(hd.get("x-sync"))
     rid = h.request_id(hd.get("x-request-id"))
     t = await _decode(request, store)
     options = {
@@ -115,6 +116,8 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
     }
     lay = store.layout(name)
     if lay is not None:
+        if sync is not None:
+            raise Unprocessable(f"tensor {name!r} is partitioned; synchronous rounds (X-Sync) take whole tensors")
         if hd.get("x-partitions") is not None:
             raise Unprocessable(
                 f"tensor {name!r} is partitioned in {lay.k} parts; repartition it through a checkpoint and reload"
@@ -126,6 +129,10 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
     asked = hd.get("x-partitions") is not None
     if asked or if_match is None:
         k = partitioned.partitions_of(store, hd, t)  # 422 for a K out of range, even on a replace
+        if k > 1 and sync is not None:  # a round is one tensor's state in one shard
+            if asked:
+                raise Unprocessable("synchronous rounds (X-Sync) take whole tensors: X-Partitions must be 1")
+            k = 1  # no automatic partitioning
         if k > 1 and _exists(store, name):
             if asked:
                 raise Unprocessable(
@@ -145,6 +152,7 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
         staleness_policy=staleness_policy,
         max_staleness=max_staleness,
         rid=rid,
+        sync=sync,
     )
     result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "write")
     return _written(result, 201 if result.get("created") else 200)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ._errors import PreconditionFailedError
 from ._partitions import PartitionMethods, PartLayout
+from ._sync import SyncMethods
 from ._tables import TableMethods
 from ._transport import Transport
 from ._wire import (
@@ -30,7 +31,7 @@ from ._wire import (
 __all__ = ["Client"]
 
 
-class Client(TableMethods, PartitionMethods):
+class Client(TableMethods, PartitionMethods, SyncMethods):
     """A thread-safe client for one cluster.
 
     `urls`: any replicas (a list or a comma-separated string); `timeout`: per
@@ -136,11 +137,14 @@ class Client(TableMethods, PartitionMethods):
         staleness_policy: str | None = None,
         exist_ok: bool = False,
         partitions: int | None = None,
+        sync: Mapping[str, Any] | None = None,
     ) -> int:
         """Create `name` (If-None-Match: *). Returns its version: 1, or with
         `exist_ok` the current version of an existing tensor (left unchanged).
         `partitions`: cut it into that many row ranges, each in its own shard
-        (docs/api.md, "Partitioned tensors"); default: the store decides."""
+        (docs/api.md, "Partitioned tensors"); default: the store decides.
+        `sync`: synchronous rounds, e.g. {"workers": 4, "backup_workers": 1,
+        "round_timeout": 30} (see `sync_step`); such a tensor stays whole."""
         body, headers = tensor_request(value)
         headers["If-None-Match"] = "*"
         if partitions is not None:
@@ -151,6 +155,8 @@ class Client(TableMethods, PartitionMethods):
             headers["X-Max-Staleness"] = str(int(max_staleness))
         if staleness_policy is not None:
             headers["X-Staleness-Policy"] = staleness_policy
+        if sync is not None:
+            headers["X-Sync"] = json.dumps(dict(sync))
         try:
             r = self._transport.request("PUT", f"/v1/tensors/{name}", headers=headers, content=body, write=True)
         except PreconditionFailedError as e:

@@ -85,6 +85,7 @@ class Put(Command):
     # Optimizer state restored with the value (checkpoint restore); both None: none given.
     state_arrays: Mapping[str, Blob] | None = field(default=None, metadata={"kind": _REFS})
     state_scalars: Mapping[str, int] | None = None
+    sync: dict[str, Any] | None = None  # synchronous rounds (store/sync_rounds.py); None keeps the existing
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,6 +210,18 @@ class LayoutCreate(Command):
     rid: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundClose(Command):
+    """Close the open synchronous rounds `(name, version)` with the gradients
+    that arrived (round_timeout): proposed by the shard's leader when its
+    timer fires, so every replica closes the same rounds at the same point of
+    the log. A round already closed (or never opened) is left alone."""
+
+    tag: ClassVar[str] = "round_close"
+    rounds: tuple[tuple[str, int], ...] = field(metadata={"kind": _TUPLE})
+    rid: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Noop(Command):
     """Changes nothing; a barrier for linearizable reads."""
@@ -235,6 +248,7 @@ _TYPES: dict[str, type[Command]] = {
         TablePush,
         TableDelete,
         LayoutCreate,
+        RoundClose,
     )
 }
 # per type: (field name, kind, default) in declaration order; and those with a kind

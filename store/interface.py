@@ -43,6 +43,9 @@ class ShardStats:
     last_snapshot_bytes: int
     applied_commands: int
     apply_seconds: float
+    rounds_closed: int = 0  # synchronous rounds (store/sync_rounds.py), as applied here
+    rounds_timed_out: int = 0
+    late_grads_refused: int = 0
 
 
 class StoreAPI(Protocol):

@@ -37,6 +37,7 @@ from .payloads import PayloadStore
 from .pysyncobj_adapter import bind_outgoing_raft
 from .raft import ShardReplica
 from .record import Tensor
+from .round_timer import RoundTimer
 from .routing import Routing, placed_shards
 from .shardhost import ShardHost
 from .snapshot import read_snapshot
@@ -76,6 +77,7 @@ class Store:
         self.routing = Routing(cfg)
         self.staging = PayloadStaging(cfg, self.routing, self.peer_client, self._closed)
         self.admin = MemberAdmin(cfg, self.routing, self._closed)
+        self.round_timer = RoundTimer(lambda: list(self.shards.values()), self._closed)
         self.table_budget = MemoryBudget(cfg.limits.table_cache_bytes)  # all tables' block cache
         self._tables = TableService(self, cfg.limits.table_max_ids, self.table_budget)
         self.membership = membership.MembershipFile(self.data_dir)
@@ -159,6 +161,7 @@ class Store:
                     self._closed,
                 ),
             )
+        self.round_timer.start()
         log.info("node %s: hosting shards %s", self.node.id, sorted(self.shards))
 
     def complete_join(self) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from . import dtypes
 
 VALUE = "value"  # the key of a tensor's value among its arrays; the others are optimizer state
+ROUND_SUM = "round_sum"  # the open synchronous round's partial sum (snapshots only, never checkpoints)
 # What the tensor listing shows, in this order (GET /v1/tensors)
 LISTED = (
     "name",
@@ -30,6 +31,16 @@ LISTED = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Round:
+    """The open synchronous round of a tensor (store/sync_rounds.py): the
+    gradients pushed for the tensor's current version, summed in log order."""
+
+    sum: np.ndarray  # read-only, the tensor's dtype and shape
+    count: int
+    opened: int  # ShardState.stamp of the command that brought the first gradient
+
+
 @dataclass(kw_only=True)
 class Tensor:
     name: str
@@ -42,6 +53,8 @@ class Tensor:
     allow_nonfinite: bool = False
     max_staleness: int | None = None
     staleness_policy: str = "reject"
+    sync: dict[str, Any] | None = None  # synchronous rounds (store/sync_rounds.py normalize_sync)
+    round: Round | None = None  # the open round, if a gradient for this version arrived
     # Set once sparse row pushes update this record's arrays in place: readers
     # and snapshots then copy under the shard lock instead of sharing buffers.
     in_place: bool = False
@@ -54,12 +67,16 @@ class Tensor:
         """The tensor listing's entry."""
         meta = metadata(self, state=False)
         meta.update(shard=shard, nbytes=self.nbytes)
-        return {k: meta[k] for k in LISTED}
+        listed = {k: meta[k] for k in LISTED}
+        if self.sync is not None:
+            listed["sync"] = self.sync
+        return listed
 
 
-def metadata(t: Tensor, state: bool = True) -> dict[str, Any]:
+def metadata(t: Tensor, state: bool = True, round_state: bool = False) -> dict[str, Any]:
     """JSON-able metadata of `t`; with `state`, its optimizer state's scalars
-    and the keys of its state arrays (see `arrays`)."""
+    and the keys of its state arrays (see `arrays`); with `round_state`, the
+    open round's count and stamp (its sum is among `arrays`)."""
     scalars = (
         {
             k: v.item() if isinstance(v, np.generic) else v
@@ -80,15 +97,20 @@ def metadata(t: Tensor, state: bool = True) -> dict[str, Any]:
         "staleness_policy": t.staleness_policy,
         "state_arrays": sorted(k for k, v in t.opt_state.items() if isinstance(v, np.ndarray)) if state else [],
         "state_scalars": scalars,
+        **({"sync": t.sync} if t.sync is not None else {}),
+        **({"round": {"count": t.round.count, "opened": t.round.opened}} if round_state and t.round else {}),
     }
 
 
-def arrays(t: Tensor, state: bool = True) -> dict[str, np.ndarray]:
+def arrays(t: Tensor, state: bool = True, round_state: bool = False) -> dict[str, np.ndarray]:
     """The value (key VALUE) and, with `state`, every optimizer state array,
-    C-contiguous (0-d arrays stay 0-d)."""
+    with `round_state` the open round's sum (key ROUND_SUM), C-contiguous
+    (0-d arrays stay 0-d)."""
     out = {VALUE: _c_order(t.value)}
     if state:
         out.update((k, _c_order(v)) for k, v in sorted(t.opt_state.items()) if isinstance(v, np.ndarray))
+    if round_state and t.round is not None:
+        out[ROUND_SUM] = _c_order(t.round.sum)
     return out
 
 
@@ -98,7 +120,13 @@ def from_metadata(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> 
     dtype and shape come from the value."""
     value = arrays[VALUE]
     state: dict[str, Any] = dict(meta.get("state_scalars") or {})
-    state.update((k, a) for k, a in arrays.items() if k != VALUE)
+    state.update((k, a) for k, a in arrays.items() if k not in (VALUE, ROUND_SUM))
+    opened = meta.get("round")
+    open_round = (
+        Round(arrays[ROUND_SUM], int(opened["count"]), int(opened["opened"]))
+        if opened and ROUND_SUM in arrays
+        else None
+    )
     return Tensor(
         name=meta["name"],
         dtype=dtypes.dtype_name(value.dtype),
@@ -110,6 +138,8 @@ def from_metadata(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> 
         allow_nonfinite=bool(meta.get("allow_nonfinite", False)),
         max_staleness=meta.get("max_staleness"),
         staleness_policy=meta.get("staleness_policy") or "reject",
+        sync=meta.get("sync"),
+        round=open_round,
     )
 
 

@@ -79,9 +79,9 @@ def _layout(state: dict[str, Tensor]) -> tuple[list[dict[str, Any]], list[np.nda
     entries = []
     offset = 0
     for t in state.values():
-        described = record.metadata(t)
+        described = record.metadata(t, round_state=True)
         described["arrays"] = {}
-        for key, arr in record.arrays(t).items():
+        for key, arr in record.arrays(t, round_state=True).items():
             described["arrays"][key] = {
                 "offset": offset,
                 "nbytes": int(arr.nbytes),
@@ -184,4 +184,5 @@ def _read(f: BufferedReader, path: Path, dedupe_window: int) -> tuple[ShardState
     state.dedupe = OrderedDict((rid, outcome) for rid, outcome in header["dedupe"])
     state.members = dict(header["raft"].get("members", {}))
     state.layouts = {d["name"]: Layout.from_json(d) for d in header["raft"].get("layouts", [])}
+    state.open_rounds = {n for n, t in state.tensors.items() if t.round is not None}
     return state, header["applied_index"], header["raft"]

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from . import sync_rounds
 from . import tensor_commands as tensor_cmds
 from .commands import (
     Batch,
@@ -34,6 +35,7 @@ from .commands import (
     Noop,
     Put,
     Ref,
+    RoundClose,
     TableCreate,
     TableDelete,
     TablePush,
@@ -69,6 +71,11 @@ class ShardState:
         self.tables: Tables | None = None
         self.log_index = 0  # index of the entry being applied (the Applier sets it)
         self.stamp = 0  # log_index << 16 | position in its entry: orders table changes, even at replays
+        # Synchronous rounds (store/sync_rounds.py), for /metrics: counted as applied, not snapshotted.
+        self.round_stats = {"closed": 0, "timed_out": 0, "late_refused": 0}
+        # Tensors with an open round, for the leader's round timer (store/round_timer.py); may
+        # name some whose round a replace, a delete or a failed batch ended: the timer checks.
+        self.open_rounds: set[str] = set()
 
     # ---- applying commands -------------------------------------------------
     def apply(self, cmd: Command, resolve: PayloadResolver) -> dict[str, Any]:
@@ -168,6 +175,7 @@ class ShardState:
         TableCreate: table_cmds.create,
         TablePush: table_cmds.push,
         TableDelete: table_cmds.delete,
+        RoundClose: sync_rounds.close,
     }
 
     # ---- reading -----------------------------------------------------------

@@ -33,6 +33,9 @@ def shard_stats(host: ShardHost) -> ShardStats | None:
         last_snapshot_bytes=r.last_snapshot_bytes,
         applied_commands=host.applier.applied_count,
         apply_seconds=host.applier.apply_seconds,
+        rounds_closed=host.state.round_stats["closed"],
+        rounds_timed_out=host.state.round_stats["timed_out"],
+        late_grads_refused=host.state.round_stats["late_refused"],
     )
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, sync_rounds
 from .commands import Delete, Grad, GradRows, LayoutCreate, Put
 from .errors import AlreadyExists, Conflict, NotFound, PreconditionFailed, Unprocessable
 from .optimizers import STATE_ARRAYS, STATE_SCALARS, apply_step, normalize_spec
@@ -60,6 +60,9 @@ def put(state: ShardState, cmd: Put, resolve: PayloadResolver) -> Result:
         )
     spec = normalize_spec(cmd.optimizer) if cmd.optimizer is not None else None
     max_staleness, policy = _staleness(cmd, existing)
+    sync = sync_rounds.normalize_sync(cmd.sync) if cmd.sync is not None else (existing.sync if existing else None)
+    if sync is not None:
+        sync_rounds.check_tensor(name, dtype)
     restored = _restored_state(cmd, spec or (existing.optimizer if existing else {"type": "assign"}), value, resolve)
     if existing is None:
         optimizer, opt_state, version = spec or {"type": "assign"}, restored or {}, 1
@@ -79,6 +82,7 @@ def put(state: ShardState, cmd: Put, resolve: PayloadResolver) -> Result:
         allow_nonfinite=allow,
         max_staleness=max_staleness,
         staleness_policy=policy,
+        sync=sync,  # a replace starts a new version: an open round's gradients are dropped
     )
     state.tensors[name] = t
     state.changed.add(name)
@@ -93,6 +97,8 @@ def grad(state: ShardState, cmd: Grad, resolve: PayloadResolver) -> Result:
     grad = dtypes.array_from_bytes(resolve(cmd.data), t.dtype, t.shape)
     if not t.allow_nonfinite and not dtypes.all_finite(grad):
         raise Unprocessable(f"gradient for {name!r} contains NaN or Inf")
+    if t.sync is not None:
+        return sync_rounds.contribute(state, t, grad, cmd.base_version)
     lr_scale = _lr_scale(t, cmd.base_version)
     step = apply_step(t.optimizer, t.opt_state, t.value, grad, lr_scale)
     # assign stores the gradient, checked above; the others can overflow
@@ -115,6 +121,8 @@ def grad_rows(state: ShardState, cmd: GradRows, resolve: PayloadResolver) -> Res
         raise Unprocessable(f"tensor {name!r} is a scalar; grad-rows needs rank >= 1")
     if t.value.dtype.kind != "f":
         raise Unprocessable(f"grad-rows needs a float tensor, {name!r} is {t.dtype}")
+    if t.sync is not None:
+        raise Unprocessable(f"tensor {name!r} takes synchronous rounds: push dense gradients (POST .../grad)")
     if (cmd.dtype, tuple(cmd.row_shape)) != (t.dtype, t.shape[1:]):
         raise Unprocessable(
             f"rows are {cmd.dtype}{list(cmd.row_shape)} but rows of {name!r} are {t.dtype}{list(t.shape[1:])}"

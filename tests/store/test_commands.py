@@ -20,6 +20,7 @@ from store.commands import (
     MemberSet,
     Noop,
     Put,
+    RoundClose,
     Stored,
     TableCreate,
     TableDelete,
@@ -82,6 +83,8 @@ EVERY = [
     ),
     TableDelete(name="emb", rid="r11", if_match=5),
     LayoutCreate(name="big", dtype="float32", shape=(10, 4), counts=(4, 3, 3), rid="r12"),
+    Put(name="s", dtype="float32", shape=(2,), data=Inline(b"\0" * 8), sync={"workers": 3, "backup_workers": 1}),
+    RoundClose(rounds=(("s", 4), ("t", 9)), rid="r13"),
 ]
 
 
