@@ -5,7 +5,13 @@ pull the parameters, compute a minibatch gradient in numpy, push it with the
 version it was computed on; the store applies it with a server-side optimizer.
 No worker waits for another (asynchronous SGD, as in a parameter server).
 
+With --sync the store runs synchronous rounds instead (TF's
+SyncReplicasOptimizer): each step, the store averages the N workers'
+gradients for the same version and applies the optimizer once, so the run
+computes what data-parallel SGD with batch N x --batch computes.
+
     python -m api.cli dev --then "python examples/train_digits.py" --exit-after
+    python -m api.cli dev --then "python examples/train_digits.py --sync" --exit-after
     python examples/train_digits.py --urls http://127.0.0.1:8700,http://127.0.0.1:8701
 
 Data: scikit-learn's bundled 8x8 digits if scikit-learn is importable, else a
@@ -111,17 +117,26 @@ def worker(rank: int, args: argparse.Namespace, urls: list[str], results: mp.Que
     # Spread the workers' reads over the replicas; any replica takes writes.
     with Client(urls[rank % len(urls) :] + urls[: rank % len(urls)]) as ps:
         optimizer = {"type": args.optimizer, "lr": args.lr}
+        sync = (
+            {"workers": args.workers, "backup_workers": args.backup_workers, "round_timeout": args.round_timeout}
+            if args.sync
+            else None
+        )
         for key, value in init_params(x.shape[1], args.hidden).items():
-            ps.create(names[key], value, optimizer=optimizer, exist_ok=True)  # first worker wins
+            ps.create(names[key], value, optimizer=optimizer, exist_ok=True, sync=sync)  # first worker wins
         pushes, losses = 0, []
+        pulled = ps.pull_many(names.values())
         for step in range(args.steps):
-            pulled = ps.pull_many(names.values())
             params = {k: pulled[n][0] for k, n in names.items()}
             idx = rng.integers(0, len(x), args.batch)
             loss, _, grads = loss_and_grads(params, x[idx], y[idx])
-            ps.push_grads(
-                {names[k]: g for k, g in grads.items()}, base_versions={n: pulled[n][1] for n in names.values()}
-            )
+            pushed = {names[k]: g for k, g in grads.items()}
+            versions = {n: pulled[n][1] for n in names.values()}
+            if args.sync:  # push into this version's round, wait for it to close, get the new values
+                pulled = ps.sync_step(pushed, versions)
+            else:
+                ps.push_grads(pushed, base_versions=versions)
+                pulled = ps.pull_many(names.values())
             pushes += len(grads)
             losses.append(loss)
             if (step + 1) % 10 == 0 or step + 1 == args.steps:
@@ -176,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="default 0.5 for sgd, 0.01 otherwise")
     p.add_argument("--prefix", default="digits", help="tensor name prefix")
     p.add_argument("--resume", action="store_true", help="keep stored tensors instead of starting over")
+    p.add_argument("--sync", action="store_true", help="synchronous rounds: one averaged update per step")
+    p.add_argument("--backup-workers", type=int, default=0, help="with --sync: close a round after N - this many")
+    p.add_argument("--round-timeout", type=float, default=30.0, help="with --sync: close a round after this long")
     p.add_argument("--target", type=float, default=0.90, help="exit 1 below this test accuracy")
     args = p.parse_args(argv)
     if args.lr is None:
@@ -188,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"data: {what}, {len(x_tr)} train / {len(x_te)} test; model: {model}; "
         f"{args.workers} workers x {args.steps} steps, batch {args.batch}, "
-        f"server-side {args.optimizer} lr {args.lr}",
+        f"server-side {args.optimizer} lr {args.lr}" + (", synchronous rounds" if args.sync else ""),
         flush=True,
     )
     with Client(urls) as ps:
