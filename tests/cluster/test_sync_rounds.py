@@ -208,6 +208,11 @@ def test_round_timeout_and_backup_workers(cluster, clients):
     assert e.value.body["round"] == {"version": 2, "received": 0, "needed": 2}
     c.push_grad("to.w", np.array([1.0, 1.0], np.float32), base_version=2)
     assert c.push_grad("to.w", np.array([3.0, 3.0], np.float32), base_version=2) == 3  # N - B closes it
+    # the backup worker through sync_step: its gradient is refused as late, its step skipped
+    late = c.sync_step({"to.w": np.array([9.0, 9.0], np.float32)}, {"to.w": 2}, timeout=10)
+    assert late["to.w"][1] == 3 and late["to.w"][0].tolist() == [-1.0, 0.0]
+    with pytest.raises(ConflictError):
+        c.sync_step({"to.w": np.array([9.0, 9.0], np.float32)}, {"to.w": 7}, timeout=10)  # not late: from the future
     for nid in cluster.ids:
         metrics = cluster.http.get(cluster.urls[nid] + "/metrics").text
         assert _metric(metrics, "paramstore_shard_sync_rounds_timed_out_total") >= 1
