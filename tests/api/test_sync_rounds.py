@@ -100,3 +100,19 @@ def test_round_timeout_closes_the_round_with_what_arrived(client):
 
 def _metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_rounds_a_batch_push_opened_close_together_on_timeout(client):
+    from safetensors.numpy import save
+
+    for name in ("sr.a", "sr.b"):
+        r = _put(client, name, np.zeros(2, np.float32), {"workers": 2, "round_timeout": 0.3}, **{"X-Optimizer": SGD})
+        assert r.status_code == 201, r.text
+    body = save({"sr.a": np.array([1.0, 1.0], np.float32), "sr.b": np.array([2.0, 2.0], np.float32)})
+    hdrs = {"Content-Type": "application/x-safetensors", "X-Base-Versions": json.dumps({"sr.a": 1, "sr.b": 1})}
+    r = client.post("/v1/grads:batch", content=body, headers=hdrs)
+    assert r.status_code == 200 and r.json() == {"versions": {"sr.a": 1, "sr.b": 1}}, r.text
+    wait_until(lambda: _value(client, "sr.a")[1] == 2 and _value(client, "sr.b")[1] == 2, 10, "both rounds closed")
+    assert _value(client, "sr.a")[0].tolist() == [-0.5, -0.5] and _value(client, "sr.b")[0].tolist() == [-1.0, -1.0]
+    stale = client.post("/v1/grads:batch", content=body, headers=hdrs)
+    assert stale.status_code == 409 and stale.json()["round"]["version"] == 2
