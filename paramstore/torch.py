@@ -16,15 +16,22 @@ except ImportError as e:  # the base install has no torch: say which extra bring
 
 from ._client import Client
 
-__all__ = ["create_module", "load_module", "push_module_grads"]
+__all__ = ["create_module", "load_module", "push_module_grads", "sync_module_step"]
 
 
 def create_module(
-    client: Client, module: torch.nn.Module, optimizer: Mapping[str, object] | None = None, prefix: str = ""
+    client: Client,
+    module: torch.nn.Module,
+    optimizer: Mapping[str, object] | None = None,
+    prefix: str = "",
+    sync: Mapping[str, object] | None = None,
 ) -> dict[str, int]:
-    """Create one tensor per parameter from the module's current values (exist_ok)."""
+    """Create one tensor per parameter from the module's current values
+    (exist_ok); `sync`: synchronous rounds (`Client.create`)."""
     return {
-        prefix + n: client.create(prefix + n, p.detach().cpu().contiguous().numpy(), optimizer=optimizer, exist_ok=True)
+        prefix + n: client.create(
+            prefix + n, p.detach().cpu().contiguous().numpy(), optimizer=optimizer, exist_ok=True, sync=sync
+        )
         for n, p in module.named_parameters()
     }
 
@@ -51,3 +58,20 @@ def push_module_grads(
         if p.grad is not None
     }
     return client.push_grads(grads, base_versions)
+
+
+def sync_module_step(
+    client: Client, module: torch.nn.Module, base_versions: Mapping[str, int], prefix: str = "", timeout: float = 300.0
+) -> dict[str, int]:
+    """One synchronous step (`Client.sync_step`): push every parameter's
+    `.grad` into the rounds of `base_versions` (from `load_module` or the
+    previous step), wait for them to close, and copy the new values into the
+    module; returns the new versions."""
+    params = dict(module.named_parameters())
+    grads = {prefix + n: p.grad.detach().cpu().contiguous().numpy() for n, p in params.items() if p.grad is not None}
+    new = client.sync_step(grads, {name: base_versions[name] for name in grads}, timeout)
+    with torch.no_grad():
+        for name, (arr, _) in new.items():
+            p = params[name[len(prefix) :]]
+            p.copy_(torch.from_numpy(np.array(arr)).reshape(p.shape))
+    return {name: version for name, (_, version) in new.items()}

@@ -219,6 +219,24 @@ def test_round_timeout_and_backup_workers(cluster, clients):
         assert _metric(metrics, "paramstore_shard_sync_rounds_closed_total") >= 2
 
 
+def test_torch_module_helpers(clients):
+    from paramstore.torch import create_module, load_module, sync_module_step
+
+    torch.manual_seed(0)
+    net, ref = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ref.load_state_dict(net.state_dict())
+    create_module(clients[0], net, optimizer={"type": "sgd", "lr": 0.1}, prefix="tm.", sync={"workers": 1})
+    versions = load_module(clients[0], net, prefix="tm.")
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+    for m in (net, ref):
+        m(x).square().mean().backward()
+    opt.step()
+    assert sync_module_step(clients[0], net, versions, prefix="tm.") == {k: v + 1 for k, v in versions.items()}
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_leader_killed_in_the_middle_of_a_round_loses_no_acknowledged_gradient(cluster, clients):
     create(clients[0], "fo.")
     ranked = workers_in_rank_order()
