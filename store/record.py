@@ -119,14 +119,10 @@ def from_metadata(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> 
     Fields a plain file may lack (a torch state_dict) take their defaults;
     dtype and shape come from the value."""
     value = arrays[VALUE]
+    open_round = _round(meta.get("round"), arrays.get(ROUND_SUM))
     state: dict[str, Any] = dict(meta.get("state_scalars") or {})
-    state.update((k, a) for k, a in arrays.items() if k not in (VALUE, ROUND_SUM))
-    opened = meta.get("round")
-    open_round = (
-        Round(arrays[ROUND_SUM], int(opened["count"]), int(opened["opened"]))
-        if opened and ROUND_SUM in arrays
-        else None
-    )
+    # a ROUND_SUM without its round stays among the state arrays, where a restore refuses it
+    state.update((k, a) for k, a in arrays.items() if k != VALUE and (k != ROUND_SUM or open_round is None))
     return Tensor(
         name=meta["name"],
         dtype=dtypes.dtype_name(value.dtype),
@@ -141,6 +137,15 @@ def from_metadata(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> 
         sync=meta.get("sync"),
         round=open_round,
     )
+
+
+def _round(described: Any, total: np.ndarray | None) -> Round | None:
+    if total is None or not isinstance(described, dict):
+        return None
+    count, opened = described.get("count"), described.get("opened")
+    if not (isinstance(count, int) and isinstance(opened, int)):
+        return None
+    return Round(total, count, opened)
 
 
 def _c_order(arr: np.ndarray) -> np.ndarray:

@@ -116,3 +116,18 @@ def test_rounds_a_batch_push_opened_close_together_on_timeout(client):
     assert _value(client, "sr.a")[0].tolist() == [-0.5, -0.5] and _value(client, "sr.b")[0].tolist() == [-1.0, -1.0]
     stale = client.post("/v1/grads:batch", content=body, headers=hdrs)
     assert stale.status_code == 409 and stale.json()["round"]["version"] == 2
+
+
+def test_a_checkpoint_keeps_the_sync_settings_but_not_the_open_round(client):
+    sync = {"workers": 3, "backup_workers": 1, "round_timeout": 60.0, "reduce": "sum"}
+    assert _put(client, "sr.ck", np.ones(2, np.float32), sync, **{"X-Optimizer": SGD}).status_code == 201
+    assert _grad(client, "sr.ck", np.ones(2, np.float32), base=1).json()["round"]["received"] == 1
+    saved = client.get("/v1/checkpoint")
+    assert saved.status_code == 200
+    assert client.delete("/v1/tensors/sr.ck").status_code == 200
+    r = client.put("/v1/checkpoint", content=saved.content)  # mode=create: creates sr.ck, skips the others
+    assert r.status_code == 200 and "sr.ck" in r.json()["created"], r.text
+    listed = {t["name"]: t for t in client.get("/v1/tensors").json()}
+    assert listed["sr.ck"]["sync"] == sync
+    again = _grad(client, "sr.ck", np.ones(2, np.float32), base=listed["sr.ck"]["version"])
+    assert again.json()["round"]["received"] == 1  # a checkpoint is model state: no partial round
