@@ -226,7 +226,10 @@ class ShardState:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes + _state_nbytes(t.opt_state) for t in self.tensors.values())
+        return sum(
+            t.nbytes + _state_nbytes(t.opt_state) + (t.round.sum.nbytes if t.round is not None else 0)
+            for t in list(self.tensors.values())
+        )
 
 
 def _state_nbytes(state: Mapping[str, Any]) -> int:
