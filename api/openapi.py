@@ -207,7 +207,7 @@ SYNC_SCHEMA: dict[str, Any] = {
     "required": ["workers"],
     "additionalProperties": False,
     "properties": {
-        "workers": {"type": "integer", "minimum": 1},
+        "workers": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
         "backup_workers": {"type": "integer", "minimum": 0, "default": 0, "description": "< workers"},
         "round_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 86400, "default": None},
         "reduce": {"type": "string", "enum": ["mean", "sum"], "default": "mean"},

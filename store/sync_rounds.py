@@ -20,7 +20,6 @@ with what arrived at that point of the log.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
 Result = dict[str, Any]
 REDUCE = ("mean", "sum")
 FIELDS = ("workers", "backup_workers", "round_timeout", "reduce")
+MAX_WORKERS = 1_000_000
 
 
 def normalize_sync(spec: Any) -> dict[str, Any]:
@@ -48,18 +48,16 @@ def normalize_sync(spec: Any) -> dict[str, Any]:
     if unknown:
         raise Unprocessable(f"sync: unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
     workers, backups = spec.get("workers"), spec.get("backup_workers", 0)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise Unprocessable(f"sync.workers: expected an integer >= 1, got {workers!r}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= MAX_WORKERS:
+        raise Unprocessable(f"sync.workers: expected an integer in [1, {MAX_WORKERS}], got {workers!r}")
     if not isinstance(backups, int) or isinstance(backups, bool) or not 0 <= backups < workers:
         raise Unprocessable(
             f"sync.backup_workers: expected an integer in [0, workers - 1 = {workers - 1}], got {backups!r}"
         )
     timeout = spec.get("round_timeout")
+    # no float() of the value: a JSON integer of 400 digits would overflow (NaN and Inf fail the range)
     if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not math.isfinite(timeout)
-        or not 0 < timeout <= 86400
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400
     ):
         raise Unprocessable(f"sync.round_timeout: expected seconds in (0, 86400] or null, got {timeout!r}")
     reduce = spec.get("reduce", "mean")
