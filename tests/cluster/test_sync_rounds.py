@@ -19,7 +19,7 @@ from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
-N, BATCH, STEPS = 3, 4, 5
+N, BATCH, STEPS = 3, 4, 4
 SGD = {"type": "sgd", "lr": 0.1, "momentum": 0.9}
 SHAPES = {"W1": (6, 8), "b1": (8,), "W2": (8, 3)}
 Params = dict[str, np.ndarray]
@@ -240,15 +240,25 @@ def test_torch_module_helpers(clients):
 def test_a_leader_killed_in_the_middle_of_a_round_loses_no_acknowledged_gradient(cluster, clients):
     create(clients[0], "fo.")
     ranked = workers_in_rank_order()
+    # a round that only its timeout will close, opened just before the leader dies: the new leader times it
+    timed = {"workers": 3, "round_timeout": 2.0}
+    clients[0].create("fo.timed", np.ones(2, np.float32), optimizer={"type": "sgd", "lr": 1.0}, sync=timed)
     victim = cluster.leader_of(0)
     survivors = [n for n in cluster.ids if n != victim]
+
+    def kill() -> None:
+        clients[0].push_grad("fo.timed", np.array([0.5, 0.25], np.float32), base_version=1)
+        cluster.kill(victim)
+
     for step in range(STEPS):
         # step 1: workers 0 and 1 pushed (acknowledged), then the leader dies before worker 2 pushes
-        kill = (lambda: cluster.kill(victim)) if step == 1 else None
         if step == 2:
             assert cluster.leader_of(0, among=survivors) != victim
-        ours = push_in_rank_order(clients, "fo.", step, before_last=kill)
+        ours = push_in_rank_order(clients, "fo.", step, before_last=kill if step == 1 else None)
         assert_identical(ours, ranked[step], f"step {step} (leader killed in step 1)")
+    for nid in survivors:
+        value, version = cluster.get(nid, "fo.timed", min_version=2, timeout=20)
+        assert version == 2 and value.tolist() == [0.5, 0.75]
     cluster.restart(victim)
     wait_until(lambda: cluster.get(victim, "fo.W2")[1] == STEPS + 1, 30, "the restarted replica to catch up")
     assert len({cluster.digest(n, "fo.W2") for n in cluster.ids}) == 1
