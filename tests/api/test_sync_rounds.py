@@ -131,3 +131,9 @@ def test_a_checkpoint_keeps_the_sync_settings_but_not_the_open_round(client):
     assert listed["sr.ck"]["sync"] == sync
     again = _grad(client, "sr.ck", np.ones(2, np.float32), base=listed["sr.ck"]["version"])
     assert again.json()["round"]["received"] == 1  # a checkpoint is model state: no partial round
+
+
+def test_synchronous_rounds_take_whole_tensors(client):
+    r = _put(client, "sr.parts", np.zeros((4, 2), np.float32), {"workers": 2}, **{"X-Partitions": "2"})
+    assert r.status_code == 422 and "whole" in r.json()["detail"], r.text
+    assert client.get("/v1/tensors/sr.parts").status_code == 404
