@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,7 +17,11 @@ import httpx
 from store.config import Config, config_from_mapping, render_toml
 
 
-def dev_config(replicas: int, http_port: int, raft_port: int, shards: int, replication: int) -> dict[str, Any]:
+def dev_config(
+    replicas: int, http_port: int, raft_port: int, shards: int, replication: int, secret: str | None = None
+) -> dict[str, Any]:
+    """A loopback cluster's config mapping; `secret` (the cluster secret, raft.password) is
+    generated unless given (nodes that join a running cluster need its secret)."""
     nodes = []
     for i in range(replicas):
         raft_base = raft_port + i * (shards + 2)
@@ -28,11 +33,13 @@ def dev_config(replicas: int, http_port: int, raft_port: int, shards: int, repli
                 "data": f"127.0.0.1:{raft_base + shards}",
             }
         )
-    # Loopback development only: API tokens off (the replicas log a warning).
+    # Loopback development only: API tokens off (the replicas log a warning). The
+    # internal ports are authenticated all the same, by a secret of this cluster's own.
     return {
         "cluster": {"shards": shards, "replication": min(replication, replicas)},
         "nodes": nodes,
         "auth": {"insecure_no_auth": True},
+        "raft": {"password": secret or secrets.token_hex(24)},
     }
 
 
@@ -82,6 +89,8 @@ def run_dev(
 def _write_config(cfg: Config, data_dir: Path) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path = data_dir / "cluster.toml"
+    config_path.touch(mode=0o600)  # it holds the cluster secret
+    config_path.chmod(0o600)
     config_path.write_text(render_toml(cfg))
     return config_path
 

@@ -43,7 +43,7 @@ class JoiningParamstore(Paramstore):
         from api.devcluster import dev_config
         from store.config import config_from_mapping, render_toml
 
-        full = config_from_mapping(dev_config(3 + spares, self.HTTP, self.RAFT, shards, 3))
+        full = config_from_mapping(dev_config(3 + spares, self.HTTP, self.RAFT, shards, 3, self.cfg.raft.password))
         self.join_config = self.dir / "cluster-join.toml"
         self.join_config.write_text(render_toml(full))
         self.urls.update({n.id: (n.http.host, n.http.port) for n in full.nodes})

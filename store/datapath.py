@@ -3,7 +3,7 @@
 Raft entries stay small; tensor bytes go here, with no pickle and no
 compression. One request per connection:
 
-    client -> server   one JSON line {"op": ..., "shard", "id", "size", "mac"}
+    client -> server   one JSON line {"op": ..., "shard", "id", "size", "ts", "nonce", "mac"}
     put_stream: client sends `size` raw bytes (as they arrive from its own
           client, or all at once), then a trailer line {"id", "mac"} naming
           them; server answers {"ok": true} once the bytes are stored and their
@@ -15,16 +15,17 @@ compression. One request per connection:
           is behind) and answers like `get` with the snapshot file; a joining
           replica starts from it instead of a transfer through Raft messages
 
-When a Raft password is configured every request carries an HMAC of its
-header (and a `put_stream` trailer one of its own) under that password;
-unauthenticated requests are refused.
+Every request carries an HMAC of its header (and a `put_stream` trailer one
+of its own) under the cluster secret, with a timestamp and a nonce, so a
+captured header cannot be replayed (store/peer_auth.py); anything else is
+refused before a byte past the header line is read. Payload bytes travel
+unencrypted (docs/reliability.md, "Security defaults").
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -44,6 +45,8 @@ from .buffers import Bytes, as_buffer, receive_buffer
 from .config import Address
 from .errors import StoreError, Unavailable
 from .payloads import PayloadStore
+from .peer_auth import PeerAuth
+from .refusals import RefusalLog, clip
 from .tables.engine import receive_dir, send_dir
 from .threadnames import name_this_thread
 
@@ -55,13 +58,6 @@ log = logging.getLogger(__name__)
 MAX_HEADER = 4096
 CHUNK = 4 << 20
 SOCKET_BUFFER = 4 << 20
-
-
-def _mac(secret: bytes | None, op: object, shard: object, payload_id: object, size: int) -> str:
-    """Any values a header may carry: what is not as expected fails the comparison."""
-    if secret is None:
-        return ""
-    return hmac.new(secret, f"{op}:{shard}:{payload_id}:{size}".encode(), hashlib.sha256).hexdigest()
 
 
 def _read_line(sock: socket.socket) -> dict[str, Any]:
@@ -113,7 +109,7 @@ class DataPathServer:
         self,
         address: Address,
         payloads: Mapping[int, PayloadStore],
-        secret: bytes | None,
+        secret: bytes,
         max_size: int,
         snapshot_source: Callable[[int], Path] | None = None,
         tables_source: Callable[[int], Path] | None = None,
@@ -131,7 +127,8 @@ class DataPathServer:
             daemon_threads = True
             allow_reuse_address = True
 
-        self.secret = secret
+        self.auth = PeerAuth(secret)
+        self.refusals = RefusalLog(log, "data-path request")
         self.max_size = max_size
         self._server = Server((address.host, address.port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="datapath", daemon=True)
@@ -144,20 +141,28 @@ class DataPathServer:
             self._server.shutdown()
         self._server.server_close()
 
+    def _refuse(self, sock: socket.socket, peer: str, error: str) -> None:
+        self.refusals.refused(peer, error)
+        _send_line(sock, {"ok": False, "error": error})
+
     def _handle(self, sock: socket.socket) -> None:
         name_this_thread("datapath-serve")
+        peer = "?"
         try:
+            peer = str(sock.getpeername()[0])
             sock.settimeout(30)
             _tune(sock)
             msg = _read_line(sock)
             op, pid, size = msg.get("op"), str(msg.get("id", "")), msg.get("size", 0)
             shard = msg.get("shard")
             if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= self.max_size:
-                return _send_line(sock, {"ok": False, "error": "bad size"})
-            if not hmac.compare_digest(_mac(self.secret, op, shard, pid, size), str(msg.get("mac", ""))):
-                return _send_line(sock, {"ok": False, "error": "authentication failed"})
+                return self._refuse(sock, peer, f"bad size {clip(size, 40)}")
+            refused = self.auth.check_header(msg)
+            if refused is not None:
+                return self._refuse(sock, peer, refused)
             if not isinstance(shard, int) or shard not in self.payloads:
-                return _send_line(sock, {"ok": False, "error": f"shard {shard!r} is not hosted here"})
+                return self._refuse(sock, peer, f"shard {clip(shard, 40)} is not hosted here")
+            nonce = str(msg["nonce"])
             store = self.payloads[shard]
             if op == "put":  # sent by replicas of earlier versions (rolling upgrades)
                 hasher = hashlib.sha256()
@@ -173,10 +178,8 @@ class DataPathServer:
                 data = _recv_exact(sock, size, hasher)
                 trailer = _read_line(sock)
                 pid = str(trailer.get("id", ""))
-                if not hmac.compare_digest(
-                    _mac(self.secret, "put_stream_end", shard, pid, size), str(trailer.get("mac", ""))
-                ):
-                    return _send_line(sock, {"ok": False, "error": "authentication failed"})
+                if not self.auth.check_trailer(trailer, shard, size, nonce):
+                    return self._refuse(sock, peer, "authentication failed (trailer)")
                 store.put(data, pid, digest=hasher.hexdigest())
                 _send_line(sock, {"ok": True})
             elif op == "snapshot" and self.snapshot_source is not None:
@@ -190,11 +193,11 @@ class DataPathServer:
                 _send_line(sock, {"ok": True, "size": len(held)})
                 sock.sendall(as_buffer(held))
             else:
-                _send_line(sock, {"ok": False, "error": "unknown op"})
+                self._refuse(sock, peer, f"unknown op {clip(op, 40)}")
         except (OSError, ConnectionError, ValueError, StoreError) as e:  # StoreError: CorruptData, Unavailable...
-            log.warning("data path request failed: %s", e)
+            self.refusals.refused(peer, f"request failed: {e}")
             with contextlib.suppress(OSError):
-                _send_line(sock, {"ok": False, "error": str(e)})
+                _send_line(sock, {"ok": False, "error": clip(str(e))})
 
     def _send_snapshot(self, sock: socket.socket, shard: int, path: Path) -> None:
         with open(path, "rb") as f:  # an open file survives the next snapshot's rename
@@ -220,8 +223,8 @@ class DataPathServer:
 
 
 class DataPathClient:
-    def __init__(self, secret: bytes | None, timeout: float = 30.0, source: tuple[str, int] | None = None) -> None:
-        self.secret = secret
+    def __init__(self, secret: bytes, timeout: float = 30.0, source: tuple[str, int] | None = None) -> None:
+        self.auth = PeerAuth(secret)
         self.timeout = timeout
         self.source = source
 
@@ -232,16 +235,7 @@ class DataPathClient:
 
     def fetch(self, addr: Address, shard: int, payload_id: str) -> np.ndarray | bytearray | None:
         with self._connect(addr) as sock:
-            _send_line(
-                sock,
-                {
-                    "op": "get",
-                    "shard": shard,
-                    "id": payload_id,
-                    "size": 0,
-                    "mac": _mac(self.secret, "get", shard, payload_id, 0),
-                },
-            )
+            _send_line(sock, self.auth.header("get", shard, payload_id, 0))
             reply = _read_line(sock)
             if not reply.get("ok"):
                 return None
@@ -260,16 +254,7 @@ class DataPathClient:
         partial = dest.with_suffix(".fetching")
         with self._connect(addr) as sock:
             sock.settimeout(timeout)  # the source may first have to write the snapshot
-            _send_line(
-                sock,
-                {
-                    "op": "snapshot",
-                    "shard": shard,
-                    "id": "",
-                    "size": 0,
-                    "mac": _mac(self.secret, "snapshot", shard, "", 0),
-                },
-            )
+            _send_line(sock, self.auth.header("snapshot", shard, "", 0))
             reply = _read_line(sock)
             if not reply.get("ok"):
                 raise ConnectionError(f"{addr} did not send a snapshot of shard {shard}: {reply.get('error')}")
@@ -297,10 +282,7 @@ class DataPathClient:
         replica at `addr` into the new directory `dest`; returns its bytes."""
         with self._connect(addr) as sock:
             sock.settimeout(timeout)
-            _send_line(
-                sock,
-                {"op": "tables", "shard": shard, "id": "", "size": 0, "mac": _mac(self.secret, "tables", shard, "", 0)},
-            )
+            _send_line(sock, self.auth.header("tables", shard, "", 0))
             reply = _read_line(sock)
             if not reply.get("ok"):
                 raise ConnectionError(f"{addr} did not send the tables of shard {shard}: {reply.get('error')}")
@@ -400,16 +382,8 @@ class PayloadStream:
         sock: socket.socket | None = None
         try:
             sock = client._connect(peer)
-            _send_line(
-                sock,
-                {
-                    "op": "put_stream",
-                    "shard": shard,
-                    "id": "",
-                    "size": size,
-                    "mac": _mac(client.secret, "put_stream", shard, "", size),
-                },
-            )
+            header = client.auth.header("put_stream", shard, "", size)
+            _send_line(sock, header)
             sent = 0
             while True:
                 item = q.get(timeout=STREAM_IDLE)  # Empty: the write was given up without abort()
@@ -426,7 +400,7 @@ class PayloadStream:
             if sent != size:
                 raise ConnectionError(f"stream ended after {sent} of {size} bytes")
             pid = self.payload_id or ""  # set by finish(), which queued _END
-            _send_line(sock, {"id": pid, "mac": _mac(client.secret, "put_stream_end", shard, pid, size)})
+            _send_line(sock, {"id": pid, "mac": client.auth.trailer_mac(shard, pid, size, header["nonce"])})
             reply = _read_line(sock)
             if not reply.get("ok"):
                 raise ConnectionError(f"{peer} refused payload: {reply.get('error')}")

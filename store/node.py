@@ -59,19 +59,20 @@ class Store:
     def __init__(self, cfg: Config, join: membership.JoinPlan | None = None) -> None:
         if cfg.data_dir is None:
             raise ConfigError("node.data_dir: a data directory is required (--data-dir)")
-        if cfg.raft.password is None and not cfg.all_loopback():
+        if not cfg.raft.password:
+            # loopback included: any local user can reach a loopback port
             raise ConfigError(
-                "raft.password: required when any node address is not loopback, because pysyncobj "
-                "unpickles whatever reaches its port (set PARAMSTORE_RAFT_PASSWORD)"
+                "raft.password: a cluster secret is required on every replica, loopback included: it "
+                "authenticates the Raft and data-path ports, whose peers could otherwise run code in "
+                "this process (set PARAMSTORE_RAFT_PASSWORD, e.g. to $(openssl rand -hex 24); "
+                "`paramstore dev` generates one)"
             )
         self.cfg = cfg
         self.node: NodeConfig = cfg.node
         self.data_dir = Path(cfg.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
-        secret = (
-            hashlib.sha256(b"paramstore-datapath:" + cfg.raft.password.encode()).digest() if cfg.raft.password else None
-        )
+        secret = hashlib.sha256(b"paramstore-datapath:" + cfg.raft.password.encode()).digest()
         self.peer_client = DataPathClient(secret, source=source_address(self.node.data.host))
         self._closed = threading.Event()
         self.routing = Routing(cfg)

@@ -10,6 +10,7 @@ import pytest
 from store.config import config_from_mapping
 from store.interface import StoreAPI
 from store.node import Store
+from tests.helpers.apps import cluster_secret
 from tests.ports import free_range
 
 API = Path(__file__).resolve().parents[2] / "api"
@@ -39,6 +40,7 @@ def store(tmp_path_factory):
             "cluster": {"shards": 2, "replication": 1},
             "nodes": [{"id": "n0", "http": f"127.0.0.1:{base}", "raft": f"127.0.0.1:{base + 1}"}],
             "node": {"id": "n0", "data_dir": str(tmp_path_factory.mktemp("boundary"))},
+            "raft": {"password": cluster_secret()},
         }
     )
     s = Store(cfg)  # built, not started: nothing here needs Raft

@@ -191,6 +191,7 @@ def test_partial_placement_saves_hosted_shards_and_skips_the_others(tmp_path):
     from api.app import create_app
     from store.config import config_from_mapping
     from store.placement import shard_for
+    from tests.helpers.apps import cluster_secret
     from tests.ports import free_range
     from tests.waiting import wait_until
 
@@ -203,6 +204,7 @@ def test_partial_placement_saves_hosted_shards_and_skips_the_others(tmp_path):
                 for i in range(2)
             ],
             "node": {"id": "n0", "data_dir": str(tmp_path / "n0")},
+            "raft": {"password": cluster_secret()},
             "limits": {"request_timeout": 1.5},
         }
     )

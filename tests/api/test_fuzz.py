@@ -17,6 +17,7 @@ from api.app import create_app
 from store.commands import Put
 from store.config import config_from_mapping
 from store.node import Store
+from tests.helpers.apps import cluster_secret
 from tests.ports import free_range
 from tests.waiting import wait_until
 
@@ -60,6 +61,7 @@ def fuzz_store(tmp_path_factory):
             "cluster": {"shards": 2, "replication": 1},
             "nodes": [{"id": "n0", "http": f"127.0.0.1:{base}", "raft": f"127.0.0.1:{base + 1}"}],
             "node": {"id": "n0", "data_dir": str(tmp_path_factory.mktemp("fuzz"))},
+            "raft": {"password": cluster_secret()},
             "limits": {"max_body_bytes": 1 << 20, "request_timeout": 1.0, "max_wait_seconds": 0.2},
             "auth": {"write_tokens": [WRITE_TOKEN], "read_tokens": [READ_TOKEN]},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -72,9 +73,8 @@ class Cluster:
             "cluster": {"shards": shards, "replication": len(nodes)},
             "nodes": nodes,
             "auth": {"insecure_no_auth": True},
+            "raft": {"password": secrets.token_hex(16), **(raft or {})},  # one secret per cluster
         }
-        if raft:
-            raw["raft"] = raft
         if limits:
             raw["limits"] = limits
         self.cfg = config_from_mapping(raw)
