@@ -51,7 +51,7 @@ from . import headers as h
 from . import openapi as oa
 from . import partition_checkpoint as partitioned
 from .bridge import wait, wait_within
-from .errors import UnsupportedMediaType, error_response
+from .errors import PayloadTooLarge, UnsupportedMediaType, error_response
 
 router = APIRouter()
 
@@ -222,7 +222,8 @@ async def load_checkpoint(
     if if_match is not None and mode != "replace":
         raise InvalidRequest("if_match=checkpoint only applies with mode=replace")
     asked = partitioned.parse_partitions_query(partitions)
-    path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store))
+    limit = store.cfg.limits.max_checkpoint_bytes
+    path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store), limit)
     try:
         plan = await anyio.to_thread.run_sync(_read_plan, path)
         for item in plan:
@@ -315,17 +316,26 @@ def _report_response(report: dict[str, Any]) -> Response:
     return JSONResponse(report)
 
 
-async def _receive_file(request: Request, tmp: Path) -> str:
+async def _receive_file(request: Request, tmp: Path, limit: int) -> str:
     """Stream the body to a file (a checkpoint may be larger than any one
-    request body the tensor routes accept)."""
+    request body the tensor routes accept), refused with 413 as soon as it
+    passes `limit` bytes (by Content-Length, or counted as a chunked body arrives)."""
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if ctype not in ("", "application/octet-stream", "application/x-safetensors"):
         raise UnsupportedMediaType("a checkpoint body is a safetensors file (application/x-safetensors)")
+    too_large = PayloadTooLarge(f"a checkpoint body over limits.max_checkpoint_bytes ({limit})", limit=limit)
+    length = request.headers.get("content-length")
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
+        raise too_large
     fd, path = tempfile.mkstemp(dir=tmp, prefix="load-", suffix=".safetensors")
     f = os.fdopen(fd, "wb")
     try:
         buf = bytearray()
+        received = 0
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise too_large
             buf += chunk
             if len(buf) >= CHUNK:
                 data, buf = bytes(buf), bytearray()

@@ -103,6 +103,7 @@ class RaftSettings:
 @dataclass(frozen=True)
 class LimitSettings:
     max_body_bytes: int = 1 << 30
+    max_checkpoint_bytes: int = 64 << 30  # PUT /v1/checkpoint streams to disk: 413 beyond
     request_timeout: float = 10.0
     # slow clients (api/slow_clients.py): seconds for a whole request head, and
     # the longest silence inside a request body; 0 turns a timeout off

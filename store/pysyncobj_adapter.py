@@ -20,6 +20,7 @@ import errno
 import importlib
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -34,11 +35,13 @@ from pysyncobj.transport import TCPTransport, Transport
 
 from .durable_journal import DurableJournal
 from .elections import CheckQuorum, ElectionSettings, LeaderLease, PreVoteRound
+from .refusals import RefusalLog
 from .sockets import source_address
 from .threadnames import name_this_thread
 
 __all__ = [
     "FAIL_REASON",
+    "MAX_RAFT_FRAME",
     "PINNED_VERSION",
     "RELIES_ON",
     "SERIALIZER_STATE",
@@ -108,6 +111,13 @@ RELIES_ON: list[tuple[str, str, str]] = [
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftLog", "field"),
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__sendNextNodeIdx", "attr"),
     ("pysyncobj.syncobj:SyncObj", "_onTick", "attr"),
+    # peer input limits (the section "Raft frames from peers" below)
+    ("pysyncobj.tcp_connection:TcpConnection", "_TcpConnection__processRead", "attr"),
+    ("pysyncobj.tcp_connection:TcpConnection", "_TcpConnection__processParseMessage", "attr"),
+    ("pysyncobj.tcp_connection:TcpConnection", "_TcpConnection__readBuffer", "field"),
+    ("pysyncobj.tcp_connection:TcpConnection", "_TcpConnection__socket", "field"),
+    ("pysyncobj.tcp_connection:TcpConnection", "_TcpConnection__state", "field"),
+    ("pysyncobj.tcp_connection:CONNECTION_STATE", "DISCONNECTED", "attr"),
 ]
 
 
@@ -645,3 +655,64 @@ def bind_outgoing_raft(host: str) -> None:
     module's `socket` for one whose IPv4 sockets bind to `host` first."""
     if source_address(host) is not None:
         _tcp.socket = _BoundSocketModule(host)
+
+
+# ---- Raft frames from peers -------------------------------------------------------------
+# pysyncobj reads a 4-byte length, then buffers (`bytes +=`, quadratic) until
+# that many bytes arrived, before anything is authenticated: a frame announcing
+# 2**31-1 bytes made a replica buffer ~400 MB and cost 13 elections. Our largest
+# frame is one append batch (64 KB of entries plus one entry of at most 48 KB,
+# group commit) or a 64 KB snapshot piece, pickled (x1.5 for bytes), compressed
+# and Fernet-encoded (x4/3): well under 1 MB. A frame announcing more (or a
+# negative length) drops the connection as soon as its length arrives.
+MAX_RAFT_FRAME = 4 << 20
+_DISCONNECTED = _resolve("pysyncobj.tcp_connection:CONNECTION_STATE").DISCONNECTED
+_frame_refusals = RefusalLog(log, "Raft frame")
+_pysyncobj_process_read = _tcp.TcpConnection._TcpConnection__processRead
+_pysyncobj_parse_message = _tcp.TcpConnection._TcpConnection__processParseMessage
+
+
+def oversized_frame(buffer: bytes, limit: int = MAX_RAFT_FRAME) -> int | None:
+    """The first length announced in `buffer` (a run of frames) outside 0..limit, or None."""
+    pos, end = 0, len(buffer)
+    while pos + 4 <= end:
+        (length,) = struct.unpack_from("i", buffer, pos)
+        if not 0 <= length <= limit:
+            return int(length)
+        pos += 4 + length
+    return None
+
+
+def _peer_of(conn: Any) -> str:
+    peer: str | None = getattr(conn, "_paramstore_peer", None)
+    if peer is None:
+        try:
+            peer = str(conn._TcpConnection__socket.getpeername()[0])
+        except (OSError, AttributeError):
+            return "?"
+        conn._paramstore_peer = peer
+    return peer
+
+
+def _process_read_capped(conn: Any) -> bool:
+    more = bool(_pysyncobj_process_read(conn))
+    length = oversized_frame(conn._TcpConnection__readBuffer)
+    if length is None:
+        return more
+    _frame_refusals.refused(_peer_of(conn), f"a frame announcing {length} bytes (limit {MAX_RAFT_FRAME})")
+    conn.disconnect()
+    return False
+
+
+def _parse_message_logged(conn: Any) -> Any:
+    """pysyncobj drops a frame that fails to decrypt or unpickle, and its
+    connection, without a word: say so, once per peer."""
+    peer = _peer_of(conn)
+    message = _pysyncobj_parse_message(conn)
+    if message is None and conn._TcpConnection__state == _DISCONNECTED:
+        _frame_refusals.refused(peer, "a frame that is not authentic under the cluster secret (or not decodable)")
+    return message
+
+
+_tcp.TcpConnection._TcpConnection__processRead = _process_read_capped
+_tcp.TcpConnection._TcpConnection__processParseMessage = _parse_message_logged

@@ -293,3 +293,28 @@ def test_restore_brings_back_optimizer_state(client):
         push("os.w", g)
     got, _ = get(client, "os.w")
     assert got.tobytes() == expected.tobytes()
+
+
+def test_a_checkpoint_body_over_the_limit_is_refused_as_it_arrives(tmp_path):
+    from starlette.testclient import TestClient
+
+    from tests.helpers.apps import single_node_app
+    from tests.waiting import wait_until
+
+    app = single_node_app(tmp_path, limits={"max_checkpoint_bytes": 64 << 10})
+    staged = tmp_path / "n0" / "checkpoint-tmp"
+
+    def chunked():  # no Content-Length: counted as it arrives
+        for _ in range(1 << 10):
+            yield b"\0" * (16 << 10)
+
+    with TestClient(app) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, 15, "single replica ready")
+        r = c.put("/v1/checkpoint", content=chunked())
+        assert r.status_code == 413 and r.json()["error"] == "payload_too_large", r.text
+        r = c.put("/v1/checkpoint", content=b"\0" * ((64 << 10) + 1))
+        assert r.status_code == 413, r.text
+        assert list(staged.iterdir()) == []
+        small = st_save({"ck.small": np.ones(4, "<f4")})
+        r = c.put("/v1/checkpoint", content=small)
+        assert r.status_code == 200 and r.json()["created"] == ["ck.small"], r.text
