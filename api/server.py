@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import resource
 import ssl
 import sys
 import time
@@ -78,6 +80,17 @@ def serve(cfg: Config, join: list[str] | None = None) -> None:
         store.close()
 
 
+def _connections_within_fd_limit(wanted: int) -> int:
+    """Raise the soft descriptor limit to the hard one, and keep the connection
+    cap under it with room for journals, payload files and peers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return max(64, min(wanted, soft - 512)) if soft != resource.RLIM_INFINITY else wanted
+
+
 def _run_http(app: FastAPI, cfg: Config) -> None:
     node = cfg.node
     tls = cfg.tls
@@ -87,13 +100,13 @@ def _run_http(app: FastAPI, cfg: Config) -> None:
         port=node.http.port,
         workers=1,
         log_config=None,
-        http=protocol_class(cfg.limits.header_timeout, cfg.limits.body_idle_timeout),
+        http=protocol_class(cfg.limits, _connections_within_fd_limit(cfg.limits.max_connections)),
         loop="uvloop",
         access_log=False,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
         h11_max_incomplete_event_size=64 * 1024,
-        limit_concurrency=1024,
+        limit_concurrency=None,  # api/connection_caps.py: requests in flight count, idle connections do not
         ssl_certfile=tls.cert_file,
         ssl_keyfile=tls.key_file,
         ssl_ca_certs=tls.client_ca_file,

@@ -4,6 +4,9 @@ uvicorn (0.54) closes idle keep-alive connections, but waits forever for a
 request head or body that arrives slowly, so a few hundred slow-loris clients
 can hold every connection slot (`limit_concurrency`). This subclass adds:
 
+- `first_byte_timeout`: a new connection that sends nothing this long is
+  closed without an answer (a socket opened and left idle holds a
+  connection; api/connection_caps.py, the base class, has the caps on them).
 - `header_timeout`: the request line and headers must be complete within this
   many seconds of the connection opening (or, on a kept-alive connection, of
   the request's first byte). Trickling bytes does not extend it.
@@ -26,11 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
-from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
-from uvicorn.protocols.http import flow_control
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+from store.config import LimitSettings
+
+from .connection_caps import ConnectionCaps
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +53,26 @@ REQUEST_TIMEOUT = (
 )
 
 
-PROBES = ("/healthz", "/readyz")  # answered even when every connection slot is taken
-_BUSY = b'{"error":"unavailable","detail":"this replica has no free connection slot; retry shortly or elsewhere"}'
-
-
-async def service_unavailable(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    """uvicorn's answer once `limit_concurrency` is spent, as every other 503:
-    the JSON error body and Retry-After (uvicorn's own is plain text)."""
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(_BUSY)).encode()),
-        (b"retry-after", b"1"),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": _BUSY, "more_body": False})
-
-
-class SlowClientTimeouts(HttpToolsProtocol):
+class SlowClientTimeouts(ConnectionCaps):
     header_timeout = 10.0
     body_idle_timeout = 30.0
+    first_byte_timeout = 5.0
 
     _timer: asyncio.TimerHandle | None = None
     _in_head = False  # bytes of a request head arrived, its end did not
     _in_body = False
     _last_body = 0.0
     _head_bytes = 0  # bytes fed to the parser since the last request head ended
+    _silent_since: float | None = None  # the connection opened and has sent nothing yet
 
     def data_received(self, data: bytes) -> None:
+        if self._silent_since is not None:  # its first bytes: the rest of header_timeout applies
+            elapsed = self.loop.time() - self._silent_since
+            self._silent_since = None
+            if self.header_timeout > 0:
+                self._arm(max(self.header_timeout - elapsed, 0.0), self._head_expired)
+            else:
+                self._disarm()
         if self._in_body:
             super().data_received(data)
             return
@@ -90,18 +88,16 @@ class SlowClientTimeouts(HttpToolsProtocol):
     # Narrows asyncio.Protocol's BaseTransport to Transport, as uvicorn's own does (mypy: override).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm(self.header_timeout, self._head_expired)
+        first, head = self.first_byte_timeout, self.header_timeout
+        if first > 0 and (head <= 0 or first < head):
+            self._silent_since = self.loop.time()
+            self._arm(self.first_byte_timeout, self._silent_expired)
+        else:
+            self._arm(self.header_timeout, self._head_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
-
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        if app is flow_control.service_unavailable:
-            # Probes still get the truth: an orchestrator must not restart or
-            # drain a replica whose slots idle sockets hold (they cost a task each).
-            app = self.app if cycle.scope["path"] in PROBES else service_unavailable
-        super()._start_asgi_task(cycle, app)
 
     # ---- parser callbacks --------------------------------------------------
     def on_message_begin(self) -> None:
@@ -141,6 +137,11 @@ class SlowClientTimeouts(HttpToolsProtocol):
             self._timer.cancel()
             self._timer = None
 
+    def _silent_expired(self) -> None:
+        self._timer = None
+        log.debug("closing a connection from %s: no byte within %.1fs", self._peer(), self.first_byte_timeout)
+        self._close(answer=False)
+
     def _head_expired(self) -> None:
         self._timer = None
         log.info(
@@ -177,10 +178,20 @@ class SlowClientTimeouts(HttpToolsProtocol):
         return f"{self.client[0]}:{self.client[1]}" if self.client else "?"
 
 
-def protocol_class(header_timeout: float, body_idle_timeout: float) -> type[SlowClientTimeouts]:
-    """The protocol class to pass as uvicorn's `http=` with these timeouts."""
+def protocol_class(limits: LimitSettings, max_connections: int | None = None) -> type[SlowClientTimeouts]:
+    """The protocol class to pass as uvicorn's `http=` with these limits (one per server:
+    it holds the server's connection bookkeeping)."""
     return type(
-        "HttpToolsWithTimeouts",
+        "HttpToolsWithLimits",
         (SlowClientTimeouts,),
-        {"header_timeout": header_timeout, "body_idle_timeout": body_idle_timeout},
+        {
+            "header_timeout": limits.header_timeout,
+            "body_idle_timeout": limits.body_idle_timeout,
+            "first_byte_timeout": limits.first_byte_timeout,
+            "max_active": limits.max_active_requests,
+            "max_connections": max_connections if max_connections is not None else limits.max_connections,
+            "max_per_peer": limits.max_connections_per_peer,
+            "_idle": OrderedDict(),
+            "_per_peer": {},
+        },
     )

@@ -109,6 +109,13 @@ class LimitSettings:
     # the longest silence inside a request body; 0 turns a timeout off
     header_timeout: float = 10.0
     body_idle_timeout: float = 30.0
+    # idle connections (api/connection_caps.py): a new connection must send its first byte within
+    # first_byte_timeout; requests in flight past max_active_requests get 503; past max_connections
+    # (or max_connections_per_peer from one address) a new connection closes the longest-idle one
+    first_byte_timeout: float = 5.0
+    max_active_requests: int = 1024
+    max_connections: int = 4096
+    max_connections_per_peer: int = 512
     max_wait_seconds: float = 60.0
     json_max_elements: int = 1 << 16
     inline_payload_bytes: int = 16 << 10
