@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Match
 
 from store import errors as e
+from store.refusals import clip
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ def status_of(err: e.StoreError) -> int:
     return 500
 
 
+# An error's detail may quote the input it refuses (a header, a name, a JSON
+# fragment): cut, so that an answer or a log line never echoes kilobytes of it.
+MAX_DETAIL = 400
+
+
 def error_response(err: e.StoreError, request: Request | None = None, extra: dict[str, Any] | None = None) -> Response:
     """The HTTP answer for `err`; `extra` adds fields to the JSON body (e.g.
     the partial results of a batch)."""
@@ -96,16 +102,17 @@ def error_response(err: e.StoreError, request: Request | None = None, extra: dic
     fields: dict[str, Any] = {"status": status}
     if request is not None:
         fields.update(path=request.url.path, request_id=request.headers.get("x-request-id"))
+    detail = clip(err.detail, MAX_DETAIL)
     if status >= 500 and not isinstance(err, e.Unavailable):
-        log.error("internal error: %s", err.detail, extra=fields)
+        log.error("internal error: %s", detail, extra=fields)
     elif status == 503:
-        log.warning("unavailable: %s", err.detail, extra=fields)
+        log.warning("unavailable: %s", detail, extra=fields)
     headers = {}
     if isinstance(err, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="paramstore"'
     if isinstance(err, e.Unavailable):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
-    return JSONResponse({**err.to_dict(), **(extra or {})}, status_code=status, headers=headers)
+    return JSONResponse({**err.to_dict(), "detail": detail, **(extra or {})}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -119,7 +126,8 @@ def install(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(x) for x in err.get("loc", ()))
             parts.append(f"{where}: {err.get('msg')}")
-        return JSONResponse({"error": e.InvalidRequest.code, "detail": "; ".join(parts)}, status_code=400)
+        detail = clip("; ".join(parts), MAX_DETAIL)
+        return JSONResponse({"error": e.InvalidRequest.code, "detail": detail}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -127,7 +135,8 @@ def install(app: FastAPI) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = allowed_methods(request)
-        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
+        detail = clip(str(exc.detail), MAX_DETAIL)
+        return JSONResponse({"error": code, "detail": detail}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:

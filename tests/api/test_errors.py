@@ -92,6 +92,22 @@ def test_400_malformed_headers(client, stored, headers):
     assert_error(r, 400, "invalid_request")
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Dtype": "float32", "X-Shape": "2," + "9" * 10_000},
+        {"X-Dtype": "x" * 10_000, "X-Shape": "2,3"},
+        {"X-Dtype": "float32", "X-Shape": "2,3", "X-Optimizer": "{" + '"a":' * 3_000},
+    ],
+    ids=["shape", "dtype", "optimizer"],
+)
+def test_an_error_does_not_echo_kilobytes_of_input(client, stored, headers, caplog):
+    r = client.put(f"/v1/tensors/{stored}", content=b"\0" * 24, headers={"Content-Type": RAW, **headers})
+    assert 400 <= r.status_code < 500, r.text[:500]
+    assert len(r.json()["detail"]) <= 450, len(r.json()["detail"])
+    assert all(len(rec.getMessage()) < 1000 for rec in caplog.records)
+
+
 @pytest.mark.parametrize("name", ["..", ".hidden", "a b", "x%01y", "a%2Fb", "-x", "a" * 300])
 def test_400_bad_tensor_names(client, name):
     r = client.put(
