@@ -38,7 +38,9 @@ def log(msg: str) -> None:
 class JoiningParamstore(Paramstore):
     """3 bootstrap replicas plus spare nodes n4.. that join with --join."""
 
-    def __init__(self, workdir: Path, spares: int = 1, shards: int = 4) -> None:
+    def __init__(self, workdir: Path, spares: int = 1, shards: int = 4, ports: int | None = None) -> None:
+        if ports is not None:  # another cluster (another bench) may hold the default ports
+            self.HTTP, self.RAFT = ports, ports + 100
         super().__init__(workdir, replicas=3, shards=shards)
         from api.devcluster import dev_config
         from store.config import config_from_mapping, render_toml
@@ -105,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.join", description=__doc__)
     ap.add_argument("--mb", type=int, default=512, help="parameter bytes held by the cluster (MB)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ports", type=int, help="first HTTP port (Raft ports from +100); default 11000")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "join.json"))
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="psbench-join-"))
-    ps = JoiningParamstore(work)
+    ps = JoiningParamstore(work, ports=args.ports)
     log(f"starting 3 replicas in {work}")
     ps.start()
     runs = []
@@ -167,10 +170,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| leader elections during joins | {sum(r['elections'] for r in runs)} | | |")
         Path(args.out).write_text(json.dumps({"mb": args.mb, "loopback_mb_s": tcp, "runs": runs}, indent=1))
         log(f"wrote {args.out}")
-    finally:
+    except BaseException:
         ps.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        show_logs(ps, work)
+        raise
+    ps.stop()
+    shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def show_logs(ps: Paramstore, work: Path, lines: int = 60) -> None:
+    """A failed run keeps its work dir and shows the end of every replica's log,
+    the joiner's first (it is the one that usually failed)."""
+    logs = sorted(ps.dir.glob("*.log"), key=lambda p: (p.stem != "n4", p.stem))
+    for path in logs:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        print(f"\n[join] ---- last {len(tail)} lines of {path} ----", file=sys.stderr)
+        print("\n".join(tail), file=sys.stderr)
+    print(f"\n[join] FAILED; work dir kept: {work}", file=sys.stderr)
 
 
 if __name__ == "__main__":

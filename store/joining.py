@@ -50,8 +50,18 @@ def download_snapshots(plan: JoinPlan, client: DataPathClient, shard_dir: Callab
 
 def fresh_snapshot(host: ShardHost, path: Path, max_wait: float, closed: threading.Event) -> Path:
     """Data path thread: `path`, a snapshot at most a few entries behind this
-    replica's applied index, for a joining replica to start from."""
+    replica's applied index, for a joining replica to start from; or, while
+    an earlier join holds compaction, the snapshot it got."""
     replica = host.raft()
+    if replica.compaction_held():
+        # Another join is under way, or was abandoned after its download: the
+        # log after the last snapshot is kept for it, so this joiner can start
+        # from that snapshot too. A fresh one would need a compaction, which
+        # the hold forbids (it used to wait here until the deadline).
+        replica.hold_compaction(replica.last_snapshot_index, JOIN_CATCH_UP_SECONDS)
+        if replica.compaction_held():
+            log.info("shard %d: a joiner gets the snapshot an earlier join holds the log for", host.shard)
+            return path
     target = replica.raftLastApplied
     deadline = time.monotonic() + max_wait
     if replica.last_snapshot_index < target:

@@ -13,7 +13,6 @@ likes (the HTTP layer bridges them to asyncio).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from .journal import check_journal
 from .member_admin import MemberAdmin
 from .partitions import Layout, describe_partitioned, parse_part
 from .payloads import PayloadStore
+from .peer_auth import datapath_key
 from .pysyncobj_adapter import bind_outgoing_raft
 from .raft import ShardReplica
 from .record import Tensor
@@ -72,7 +72,7 @@ class Store:
         self.data_dir = Path(cfg.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
-        secret = hashlib.sha256(b"paramstore-datapath:" + cfg.raft.password.encode()).digest()
+        secret = datapath_key(cfg.raft.password)
         self.peer_client = DataPathClient(secret, source=source_address(self.node.data.host))
         self._closed = threading.Event()
         self.routing = Routing(cfg)

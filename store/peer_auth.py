@@ -24,6 +24,11 @@ WINDOW = 60.0  # seconds a header stays valid either side of the server's clock
 MAX_REMEMBERED = 1_000_000  # nonces held at once (~8,000 requests/s over 2 windows); beyond, refuse
 
 
+def datapath_key(cluster_secret: str) -> bytes:
+    """The data path's MAC key, derived from the cluster secret (raft.password)."""
+    return hashlib.sha256(b"paramstore-datapath:" + cluster_secret.encode()).digest()
+
+
 class PeerAuth:
     def __init__(self, secret: bytes, window: float = WINDOW, max_remembered: int = MAX_REMEMBERED) -> None:
         if not secret:

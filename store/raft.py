@@ -13,6 +13,7 @@ What we change inside pysyncobj itself is in store/pysyncobj_adapter.py.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -60,6 +61,7 @@ class ShardReplica(TunedSyncObj):
         # campaign meanwhile (its rising term would depose the leader once added).
         self._joining = joining
         self._compaction_hold: tuple[float, int, frozenset[str]] | None = None
+        self._hold_lock = threading.Lock()  # the data path sets holds, the tick thread releases them
         self._applier = applier
         self.term_changes = 0
         self.leader_changes = 0
@@ -231,22 +233,41 @@ class ShardReplica(TunedSyncObj):
         return outer
 
     def hold_compaction(self, index: int, seconds: float) -> None:
-        """Keep the log after `index` until a node that joins from a snapshot
-        at `index` has caught up (or `seconds` pass): otherwise a compaction
-        meanwhile would make this leader send it a snapshot through Raft
-        messages, pysyncobj's slow path."""
-        self._compaction_hold = (time.monotonic() + seconds, index, frozenset(self.members()))
+        """Keep the log after `index` until nodes that join from a snapshot
+        at `index` have caught up (or `seconds` pass): otherwise a compaction
+        meanwhile would make this leader send them a snapshot through Raft
+        messages, pysyncobj's slow path. A hold already in place is extended
+        (the lower index, the members before the first of the joins)."""
+        with self._hold_lock:
+            until, before = time.monotonic() + seconds, frozenset(self.members())
+            if self._compaction_hold is not None:
+                _, held, before = self._compaction_hold
+                index = min(index, held)
+            self._compaction_hold = (until, index, before)
+
+    def compaction_held(self) -> bool:
+        return self._compaction_hold is not None
 
     def _compaction_may_run(self) -> bool:
-        hold = self._compaction_hold
-        if hold is None:
+        """Tick thread. A hold ends once every node that joined since has
+        matched its index, when it expires, or when this replica stops leading
+        (only a leader sends snapshots, and only a leader's match indexes move)."""
+        if self._compaction_hold is None:
             return True
-        until, index, before = hold
-        joined = [match for node, match in self.match_indexes().items() if node not in before]
-        if time.monotonic() > until or (joined and all(match >= index for match in joined)):
-            self._compaction_hold = None
-            return True
-        return False
+        with self._hold_lock:
+            hold = self._compaction_hold
+            if hold is None:
+                return True
+            until, index, before = hold
+            joined = [match for node, match in self.match_indexes().items() if node not in before]
+            if (
+                time.monotonic() > until
+                or not self._is_leader()
+                or (joined and all(match >= index for match in joined))
+            ):
+                self._compaction_hold = None
+                return True
+            return False
 
     # ---- snapshots and status ------------------------------------------------
     @property
