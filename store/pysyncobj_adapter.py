@@ -111,6 +111,12 @@ RELIES_ON: list[tuple[str, str, str]] = [
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftLog", "field"),
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__sendNextNodeIdx", "attr"),
     ("pysyncobj.syncobj:SyncObj", "_onTick", "attr"),
+    # membership changes in the journal adopted at start (_adopt_logged_membership)
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__needLoadDumpFile", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftLastApplied", "field"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__getEntries", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__parseChangeClusterRequest", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__doChangeCluster", "attr"),
     # peer input limits (the section "Raft frames from peers" below)
     ("pysyncobj.tcp_connection:TcpConnection", "_TcpConnection__processRead", "attr"),
     ("pysyncobj.tcp_connection:TcpConnection", "_TcpConnection__processParseMessage", "attr"),
@@ -391,6 +397,7 @@ class TunedSyncObj(GuardedElections, SyncObj):  # type: ignore[misc]  # pysyncob
         self._thread_name = thread_name
         self._journal: DurableJournal | None = None
         self._full_logged = 0.0
+        self._membership_adopted = not conf.dynamicMembershipChange
         if fsync is not None and conf.journalFile:
             _durable_journals[conf.journalFile] = fsync
         try:
@@ -538,6 +545,26 @@ class TunedSyncObj(GuardedElections, SyncObj):  # type: ignore[misc]  # pysyncob
         """The leader's commit computation at the start of the tick counts its own log."""
         self._sync_journal()
         SyncObj._onTick(self, timeToWait)
+        if not self._membership_adopted and not self._SyncObj__needLoadDumpFile:
+            self._membership_adopted = True
+            self._adopt_logged_membership()
+
+    def _adopt_logged_membership(self) -> None:
+        """Tick thread, once, after the snapshot is loaded at start. Raft uses
+        the latest configuration in its log, committed or not (thesis 4.1), and
+        pysyncobj does so for entries it appends, but at start it adopts a
+        logged change only when it applies the entry, i.e. once it learns the
+        commit index from a leader. A replica whose log held 'add n5' past its
+        saved commit index, with n5 leading, refused n5's connections (an
+        unknown node) and never learnt it: the give-up rule in
+        store/elections.py recovered it after 6-12 s of campaigning. Adopting
+        is what pysyncobj does on append; applying the entry later is a no-op,
+        and a leader truncating the entry reverts it as for any appended one."""
+        applied = self._SyncObj__raftLastApplied
+        for entry in self._SyncObj__getEntries(applied + 1):
+            request = self._SyncObj__parseChangeClusterRequest(entry[0])
+            if request is not None and self._SyncObj__doChangeCluster(request):
+                log.info("adopted the membership change %s %s logged at index %d", request[0], request[1], entry[1])
 
     # ---- read-only views of pysyncobj's state ---------------------------------------
     @property

@@ -13,9 +13,10 @@ from tests.waiting import wait_until
 
 
 class Node(adapter.TunedSyncObj):
-    def __init__(self, journal: Path, addr: str, peers: list[str], fsync: bool = True) -> None:
+    def __init__(self, journal: Path, addr: str, peers: list[str], fsync: bool = True, dynamic: bool = False) -> None:
         conf = adapter.SyncObjConf(
             journalFile=str(journal),
+            dynamicMembershipChange=dynamic,
             appendEntriesPeriod=0.02,
             raftMinTimeout=0.15,
             raftMaxTimeout=0.3,
