@@ -126,21 +126,21 @@ def test_a_thousand_idle_sockets_do_not_starve_real_writes(replica):
     c = replica
     addr = _addr(c)
     baseline: dict[int, int] = {}
-    _write_for(c, 2.0, baseline)
+    _write_for(c, 1.5, baseline)
     # 1,100 (uvicorn alone refused almost everything past 1,024 idle sockets); one source past its cap
     sources = {"127.0.0.2": 400, "127.0.0.3": 234, "127.0.0.4": 233, "127.0.0.5": 233}
     idle = IdleSockets(addr, sources)
     statuses: dict[int, int] = {}
     try:
-        _write_for(c, 5.0, statuses)
+        _write_for(c, 3.0, statuses)
     finally:
         idle.close()
     print(
-        f"writes+probes: {sum(baseline.values()) / 2:.1f}/s alone; {sum(statuses.values()) / 5:.1f}/s with 1,100 idle "
+        f"writes+probes: {sum(baseline.values()) / 1.5:.1f}/s alone; {sum(statuses.values()) / 3:.1f}/s with 1,100 idle "
         f"sockets reopened as they close ({statuses}; the replica closed {idle.closed_by_server} of them)"
     )
     assert set(statuses) <= {200, 201}, statuses
-    assert sum(statuses.values()) >= 3, statuses
+    assert sum(statuses.values()) >= 2, statuses
     assert idle.closed_by_server > 0  # the caps and the first-byte timeout did close some
 
 
