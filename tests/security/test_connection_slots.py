@@ -136,8 +136,8 @@ def test_a_thousand_idle_sockets_do_not_starve_real_writes(replica):
     finally:
         idle.close()
     print(
-        f"writes+probes: {sum(baseline.values()) / 1.5:.1f}/s alone; {sum(statuses.values()) / 3:.1f}/s with 1,100 idle "
-        f"sockets reopened as they close ({statuses}; the replica closed {idle.closed_by_server} of them)"
+        f"writes+probes: {sum(baseline.values()) / 1.5:.1f}/s alone; {sum(statuses.values()) / 3:.1f}/s with "
+        f"1,100 idle sockets reopened as they close ({statuses}; the replica closed {idle.closed_by_server})"
     )
     assert set(statuses) <= {200, 201}, statuses
     assert sum(statuses.values()) >= 2, statuses
