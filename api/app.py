@@ -13,7 +13,7 @@ from store.config import Config
 from store.interface import StoreAPI
 from store.node import Store
 
-from . import batch, checkpoint, cluster, errors, fastpath, metrics, openapi, tables, tensors, ui
+from . import batch, checkpoint, cluster, errors, fastpath, metrics, openapi, table_delta, tables, tensors, ui
 from .auth import BearerAuth
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def create_app(cfg: Config, store: StoreAPI | None = None) -> FastAPI:
     app.include_router(batch.router)  # before tensors: /v1/tensors:batch is not a tensor name
     app.include_router(tensors.router)
     app.include_router(tables.router)  # /v1/tables (api/tables.py)
+    app.include_router(table_delta.router)  # /v1/tables/{name}/delta (api/table_delta.py)
     app.include_router(cluster.router)
     app.include_router(checkpoint.router)  # /v1/checkpoint (api/checkpoint.py)
     app.include_router(ui.router)  # /ui dashboard (api/ui.py)

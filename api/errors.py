@@ -66,6 +66,7 @@ STATUS: dict[type[e.StoreError], int] = {
     NotAcceptable: 406,
     e.AlreadyExists: 409,
     e.Conflict: 409,
+    e.Gone: 410,
     e.PreconditionFailed: 412,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,

@@ -83,6 +83,7 @@ WHY: dict[int, str] = {
     408: "A wait the request asked for (min_version, X-Min-Versions, a barrier within `timeout`) "
     "ran out: the request may succeed later or on another replica",
     409: "Conflict with the stored state (e.g. a push staler than max_staleness; a member id in use)",
+    410: "No longer kept: a delta since a version older than the table's change log; carries oldest_version",
     412: "If-Match / If-None-Match did not hold; carries current_version",
     413: "Body over limits.max_body_bytes",
     415: "Content-Type not accepted by this route",

@@ -83,6 +83,13 @@ class NotHosted(StoreError):
     code = "not_hosted"
 
 
+class Gone(StoreError):
+    """What was asked for is no longer kept (a delta since a version older
+    than the table's change log); carries `oldest_version`."""
+
+    code = "gone"
+
+
 class ConfigError(StoreError):
     code = "config_error"
 
@@ -102,6 +109,7 @@ _RECORDED: tuple[type[StoreError], ...] = (  # every type the store raises; reco
     Unavailable,
     Timeout,
     NotHosted,
+    Gone,
     ConfigError,
     CorruptData,
 )

@@ -275,6 +275,12 @@ class Store:
     def watch(self, name: str, min_version: int) -> Future[Any]:
         return self.routing.host_of(name).applier.watch(name, min_version)
 
+    def watch_shard(self, shard: int, key: str, min_version: int) -> Future[Any]:
+        return self.routing.host(shard).applier.watch(key, min_version)
+
+    def unwatch_shard(self, shard: int, key: str, fut: Future[Any]) -> None:
+        self.routing.host(shard).applier.unwatch(key, fut)
+
     def unwatch(self, name: str, fut: Future[Any]) -> None:
         self.routing.host_of(name).applier.unwatch(name, fut)
 

@@ -45,6 +45,7 @@ from .partitions import Layout
 from .record import Tensor
 from .tables import shard as table_cmds
 from .tables.registry import Tables
+from .tables.shard import TABLE_WATCH
 
 __all__ = ["PayloadResolver", "ShardState", "Tensor"]
 
@@ -221,6 +222,10 @@ class ShardState:
             }
 
     def version_of(self, name: str) -> int:
+        """A tensor's version, or with TABLE_WATCH + name this shard part's of a table."""
+        if name.startswith(TABLE_WATCH):
+            table = name[len(TABLE_WATCH) :]
+            return self.tables.get(table).version if self.tables is not None and table in self.tables else 0
         t = self.tensors.get(name)
         return 0 if t is None else t.version
 

@@ -5,7 +5,9 @@ docs/architecture.md, "Embedding tables").
 One key space, by prefix:
 - `r` + 8-byte big-endian ID -> packed record (last update version, row, optimizer state);
 - `l` + 8-byte version + 8-byte ID -> b"" (only with eviction): least recently updated first;
-- `m` + name -> the table's scalars (JSON), its version (8 bytes), admission counter chunks.
+- `m` + name -> the table's scalars (JSON), its version (8 bytes), admission counter chunks;
+- `c` + 8-byte version -> the IDs (uint64) a push changed or evicted: the change
+  log delta export reads (store/tables/changes.py), trimmed to the last versions.
 
 A push is one WriteBatch: atomic. The write-ahead log is synced with every
 push when `sync` is set (`raft.fsync`, on by default, as for the Raft
@@ -41,6 +43,7 @@ from ..errors import CorruptData
 ROW = b"r"
 LRU = b"l"
 META = b"m"
+CHANGE = b"c"
 WRITE_BUFFER_BYTES = 16 << 20
 
 
@@ -158,30 +161,18 @@ class RowStore:
 
     def iter_records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (keys, records) in key order from one consistent view."""
-        snap = self.db.snapshot()
-        it = snap.iter()
-        it.seek(ROW)
-        keys: list[bytes] = []
-        vals: list[bytes] = []
-        while it.valid():
-            k = it.key()
-            if not k.startswith(ROW):
-                break
-            keys.append(k[1:])
-            vals.append(it.value())
-            if len(keys) == batch:
-                yield self._pack(keys, vals)
-                keys, vals = [], []
-            it.next()
-        if keys:
-            yield self._pack(keys, vals)
-        del it, snap
+        with self.view() as view:
+            yield from view.records(batch)
 
     def _pack(self, keys: list[bytes], vals: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         return (
             np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64),
             np.frombuffer(b"".join(vals), dtype=np.uint8).reshape(-1, self.record_size),
         )
+
+    def view(self) -> TableView:
+        """A consistent point-in-time view (a RocksDB snapshot) for long reads."""
+        return TableView(self)
 
     # ---- writes (the applier thread only) ---------------------------------------
     def write(self, batch: Batch) -> None:
@@ -211,6 +202,12 @@ class RowStore:
     def meta_put(self, batch: Batch, key: bytes, value: bytes) -> None:
         batch.put(META + key, value)
 
+    def change_put(self, batch: Batch, version: int, keys: np.ndarray) -> None:
+        batch.put(CHANGE + version.to_bytes(8, "big"), np.ascontiguousarray(keys, dtype="<u8").tobytes())
+
+    def change_delete(self, batch: Batch, version: int) -> None:
+        batch.delete(CHANGE + version.to_bytes(8, "big"))
+
     # ---- snapshots ---------------------------------------------------------------
     def checkpoint(self, dest: Path) -> None:
         """A consistent copy of the table as it is now in `dest` (must not
@@ -231,6 +228,67 @@ class RowStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+class TableView:
+    """One RocksDB snapshot of a table: its meta keys, its change log and its
+    records as they were when the view was taken, however long the reader takes."""
+
+    def __init__(self, store: RowStore) -> None:
+        self.store = store
+        self.snap = store.db.snapshot()
+
+    def meta_get(self, key: bytes) -> bytes | None:
+        try:
+            value: bytes = self.snap[META + key]
+        except KeyError:
+            return None
+        except Exception as e:  # rocksdict raises a bare Exception for a missing key
+            if "not found" in str(e):
+                return None
+            raise
+        return value
+
+    def changes(self, after: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(version, IDs) of the change log entries after version `after`, oldest first."""
+        it = self.snap.iter()
+        it.seek(CHANGE + (after + 1).to_bytes(8, "big"))
+        while it.valid():
+            k = it.key()
+            if not k.startswith(CHANGE):
+                break
+            yield int.from_bytes(k[1:], "big"), np.frombuffer(it.value(), dtype="<u8").astype(np.uint64)
+            it.next()
+        del it
+
+    def records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (keys, records as (n, record_size) uint8) in key order."""
+        it = self.snap.iter()
+        it.seek(ROW)
+        keys: list[bytes] = []
+        vals: list[bytes] = []
+        while it.valid():
+            k = it.key()
+            if not k.startswith(ROW):
+                break
+            keys.append(k[1:])
+            vals.append(it.value())
+            if len(keys) == batch:
+                yield self.store._pack(keys, vals)
+                keys, vals = [], []
+            it.next()
+        if keys:
+            yield self.store._pack(keys, vals)
+        del it
+
+    def close(self) -> None:
+        del self.snap
+
+    def __enter__(self) -> TableView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---- moving a checkpoint between replicas ---------------------------------------------

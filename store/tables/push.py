@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import Conflict, Unprocessable
-from . import rowdtype
+from . import changes, rowdtype
 from .engine import Batch, RowStore
 from .initial import initial_rows
 from .records import META_KEY, VERSION_KEY, Meta, PushResult
@@ -85,9 +85,11 @@ class PushPath:
         if len(idx):
             self._update(batch, meta.name, recs, ukeys, summed, found, new & touch, idx, step, version, lr_scale)
         rows = meta.rows + created
-        evicted = 0
+        gone = np.zeros(0, np.uint64)
         if self.spec.eviction is not None:
-            evicted = evict(self.store, self.spec.eviction, batch, version, ukeys[idx], rows)
+            gone = evict(self.store, self.spec.eviction, batch, version, ukeys[idx], rows)
+        evicted = len(gone)
+        meta = changes.record(self.store, batch, meta, version, np.concatenate([ukeys[idx], gone]))
         meta = replace(
             meta,
             version=version,

@@ -20,13 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..commands import Command, TableCreate, TableDelete, TablePush
-from ..errors import NotFound, PreconditionFailed, StoreError
+from ..errors import Gone, NotFound, PreconditionFailed, StoreError, Unprocessable
 from ..futures import settle
-from . import rowdtype
+from . import export, rowdtype
 from .engine import MemoryBudget
 from .ids import split_by_shard, table_keys
 from .push import check_grads
 from .registry import Tables
+from .shard import TABLE_WATCH
 from .spec import TableSpec, check_name, parse_spec
 
 MAX_IDS_PER_REQUEST = 1 << 20
@@ -44,6 +45,10 @@ class TableHost(Protocol):
     def barrier(self, shard: int) -> Future[Any]: ...
 
     def local_tables(self, shard: int) -> Tables: ...
+
+    def watch_shard(self, shard: int, key: str, min_version: int) -> Future[Any]: ...
+
+    def unwatch_shard(self, shard: int, key: str, fut: Future[Any]) -> None: ...
 
 
 def gather(futures: list[Future[Any]]) -> Future[list[Any]]:
@@ -209,6 +214,68 @@ class TableService:
             versions[shard] = version
         self._count(name, 0, 1, len(keys))
         return out, spec, versions
+
+    # ---- delta export (blocking reads; off the event loop) ---------------------------
+    def cursor(self, name: str, since: list[int]) -> list[int]:
+        """`since` as one version per shard part: [0] means every part from 0."""
+        if since == [0]:
+            return [0] * self.shards
+        if len(since) != self.shards:
+            raise Unprocessable(
+                f"since: table {name!r} has {self.shards} shard parts; give one version per part, "
+                f"comma-separated in shard order (the X-Version of the last delta), or 0"
+            )
+        return since
+
+    def delta(self, name: str, since: list[int]) -> tuple[TableSpec, list[export.DeltaPart]]:
+        """Each part's rows changed after its `since` (at most about max_ids
+        in all); Gone naming the oldest cursor if a part no longer keeps them."""
+        spec = self.spec(name)
+        limit = max(1, self.max_ids // self.shards)
+        parts, oldest = [], []
+        for shard, v in enumerate(since):
+            try:
+                parts.append(export.delta(self.host.local_tables(shard).get(name), v, limit))
+                oldest.append(v)
+            except Gone as e:
+                oldest.append(int(str(e.extra["oldest_version"])))
+        if len(parts) < len(since):
+            cursor = ",".join(str(max(o, v)) for o, v in zip(oldest, since, strict=True))
+            raise Gone(
+                f"table {name!r}: changes since {','.join(map(str, since))} are no longer kept; "
+                f"the oldest cursor is {cursor}; start again from a full export (since=0)",
+                oldest_version=cursor,
+            )
+        self._count(name, 0, 1, sum(len(p.keys) + len(p.removed) for p in parts))
+        return spec, parts
+
+    def dump(self, name: str) -> tuple[TableSpec, list[export.PartDump]]:
+        """Every part at one version each, to stream; the caller closes them."""
+        spec = self.spec(name)
+        dumps: list[export.PartDump] = []
+        try:
+            for shard in range(self.shards):
+                dumps.append(export.PartDump(self.host.local_tables(shard).get(name), shard))
+        except BaseException:
+            for d in dumps:
+                d.close()
+            raise
+        return spec, dumps
+
+    def changed(self, name: str, since: list[int]) -> tuple[Future[Any], Any]:
+        """A Future resolved once some part passes its `since`, and a function
+        that drops the waits (call it when done waiting)."""
+        key = TABLE_WATCH + name
+        watches = [(s, self.host.watch_shard(s, key, v + 1)) for s, v in enumerate(since)]
+        out: Future[Any] = Future()
+        for _, f in watches:
+            f.add_done_callback(lambda f: settle(out, f.result() if f.exception() is None else None))
+
+        def cancel() -> None:
+            for s, f in watches:
+                self.host.unwatch_shard(s, key, f)
+
+        return out, cancel
 
     def info(self, name: str, digest: bool = False) -> dict[str, Any]:
         """The table as this replica holds it; `digest`: each shard part's

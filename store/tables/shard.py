@@ -13,6 +13,8 @@ from ..errors import AlreadyExists, NotFound, Unprocessable
 from .registry import Tables
 from .spec import parse_spec
 
+TABLE_WATCH = "table/"  # + name: version waits on a table part ("/" never occurs in a tensor name)
+
 if TYPE_CHECKING:
     from ..state import PayloadResolver, ShardState
 
@@ -55,6 +57,7 @@ def push(state: ShardState, cmd: TablePush, resolve: PayloadResolver) -> Result:
     ids = np.frombuffer(raw_ids, dtype=id_dtype)
     grads = np.frombuffer(raw_grads, dtype="<f4").reshape(cmd.n, dim)
     r = table.push(ids, grads, stamp=state.stamp, base_version=cmd.base_version)
+    state.changed.add(TABLE_WATCH + cmd.name)  # wakes delta long-polls
     return {"name": cmd.name, "shard": state.shard, **r.to_dict()}
 
 

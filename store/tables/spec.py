@@ -19,6 +19,7 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 ID_DTYPES = ("int64", "uint64")
 INITIALIZERS = ("zeros", "uniform", "normal")
 MAX_DIM = 1 << 16
+DELTA_VERSIONS = 10_000  # pushes per shard part whose changed IDs delta export can still name
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
 # optimizer -> {hyper-parameter: default}. Defaults follow the reference each
@@ -90,6 +91,7 @@ class TableSpec:
     eviction: EvictionSpec | None = None
     max_staleness: int | None = None
     staleness_policy: str = "reject"
+    delta_versions: int = DELTA_VERSIONS
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -117,6 +119,7 @@ _TOP_FIELDS = {
     "eviction",
     "max_staleness",
     "staleness_policy",
+    "delta_versions",
 }
 
 
@@ -132,6 +135,7 @@ def parse_spec(raw: Any) -> TableSpec:
     max_staleness = raw.get("max_staleness")
     if max_staleness is not None:
         max_staleness = _int(max_staleness, "max_staleness", lo=0)
+    delta_versions = _int(raw.get("delta_versions", DELTA_VERSIONS), "delta_versions", lo=0, hi=10**8)
     return TableSpec(
         dim=dim,
         dtype=dtype,
@@ -142,6 +146,7 @@ def parse_spec(raw: Any) -> TableSpec:
         eviction=parse_eviction(raw.get("eviction")),
         max_staleness=max_staleness,
         staleness_policy=policy,
+        delta_versions=delta_versions,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NotFound, Unprocessable
-from . import describe, rowdtype
+from . import changes, describe, rowdtype
 from .admission import CountMinSketch
 from .engine import DEFAULT_BUDGET, Batch, MemoryBudget, RowStore
 from .ids import table_keys
@@ -76,7 +76,7 @@ class TableState:
         if Path(path).exists():
             raise Unprocessable(f"table directory {path} already exists")
         store = RowStore(Path(path), record_dtype(spec).itemsize, budget=budget, sync=sync)
-        meta = Meta(name, spec, stamp=stamp)
+        meta = Meta(name, spec, stamp=stamp, extra={changes.CHANGES_FROM: 0})
         batch = Batch()
         store.meta_put(batch, META_KEY, meta.to_bytes())
         store.meta_put(batch, VERSION_KEY, (0).to_bytes(8, "little"))

@@ -41,8 +41,11 @@ class PersistedSketch:
         return admit
 
 
-def evict(store: RowStore, spec: EvictionSpec, batch: Batch, version: int, touched: np.ndarray, rows: int) -> int:
-    """Drop expired rows, then the least recently updated beyond max_rows.
+def evict(
+    store: RowStore, spec: EvictionSpec, batch: Batch, version: int, touched: np.ndarray, rows: int
+) -> np.ndarray:
+    """Drop expired rows, then the least recently updated beyond max_rows;
+    returns their IDs.
     The batch is not written yet, so the index still lists the rows this
     push touched under their old versions: those entries are skipped."""
     skip = set(touched.tolist())
@@ -65,4 +68,4 @@ def evict(store: RowStore, spec: EvictionSpec, batch: Batch, version: int, touch
     if len(ks):
         store.lru_delete(batch, vs, ks)
         store.delete_records(batch, ks)
-    return len(ks)
+    return ks

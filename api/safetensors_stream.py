@@ -1,0 +1,58 @@
+"""safetensors files written as a stream: the header first (every tensor's
+dtype and shape known up front), then each tensor's bytes chunk by chunk, so
+a file larger than memory is never built whole (table dumps, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from store.errors import CorruptData
+
+ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "U8": 1}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str  # safetensors code (F32, BF16, I64, ...)
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterator[np.ndarray]]  # called once, when the tensor's turn comes
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
+
+
+def header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header (padded to 8 bytes) of a file
+    holding `entries` in this order."""
+    doc: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for e in entries:
+        doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head
+
+
+def stream(entries: list[Entry], metadata: dict[str, str]) -> Iterator[bytes]:
+    """The file, in pieces. A tensor whose chunks do not add up to its shape
+    raises CorruptData (the stream is cut: a reader sees a short file)."""
+    yield header(entries, metadata)
+    for e in entries:
+        sent = 0
+        for chunk in e.chunks():
+            data = np.ascontiguousarray(chunk).tobytes()
+            sent += len(data)
+            if sent > e.nbytes:
+                break
+            if data:
+                yield data
+        if sent != e.nbytes:
+            raise CorruptData(f"{e.name}: {sent} bytes where its shape {list(e.shape)} needs {e.nbytes}")
