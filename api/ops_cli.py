@@ -57,6 +57,9 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add_status_get_put(sub)
     _add_checkpoint_commands(sub)
     _add_cluster_commands(sub)
+    from . import export_cli  # paramstore export (api/export_cli.py)
+
+    export_cli.add_subcommand(sub)
 
 
 def _add_status_get_put(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -122,7 +125,7 @@ def _add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         p.add_argument("--shards", help="comma-separated shards (default: every shard the --url replica hosts)")
 
 
-COMMANDS = ("status", "get", "put", "checkpoint", "cluster")
+COMMANDS = ("status", "get", "put", "checkpoint", "cluster", "export")
 
 
 def run(args: argparse.Namespace, http: httpx.Client | None = None, out: TextIO | None = None) -> int:
@@ -144,6 +147,10 @@ def run(args: argparse.Namespace, http: httpx.Client | None = None, out: TextIO 
             return _put(client, base, args, out)
         if args.command == "cluster":
             return _cluster(client, base, args, out)
+        if args.command == "export":
+            from . import export_cli
+
+            return export_cli.run(client, base, args, out)
         if args.checkpoint_command == "save":
             return _save(client, base, args, out)
         return _load(client, base, args, out)

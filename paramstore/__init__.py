@@ -24,6 +24,7 @@ from ._errors import (
     PreconditionFailedError,
     UnavailableError,
 )
+from ._serving import ServingTable
 
 __version__ = "0.1.0"
 
@@ -38,5 +39,6 @@ __all__ = [
     "ParamStoreClient",
     "ParamStoreError",
     "PreconditionFailedError",
+    "ServingTable",
     "UnavailableError",
 ]
