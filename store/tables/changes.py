@@ -76,9 +76,7 @@ def changed_since(view: TableView, meta: Meta, since: int, limit: int) -> Change
     parts: list[np.ndarray] = []
     n = 0
     complete = meta.version
-    for version, keys in view.changes(since):
-        if version > meta.version:  # not possible in one view; kept as a guard
-            break
+    for version, keys in view.changes(since, meta.version):
         if n and n + len(keys) > limit:
             complete = version - 1
             break

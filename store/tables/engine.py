@@ -160,9 +160,28 @@ class RowStore:
         return np.array(versions, dtype=np.uint64), np.array(keys, dtype=np.uint64)
 
     def iter_records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (keys, records) in key order from one consistent view."""
-        with self.view() as view:
-            yield from view.records(batch)
+        """All (keys, records) in key order, as they were when the iteration
+        began (a RocksDB iterator reads one implicit snapshot)."""
+        return self.scan_records(batch)
+
+    def scan_records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        it = self.db.iter()
+        it.seek(ROW)
+        keys: list[bytes] = []
+        vals: list[bytes] = []
+        while it.valid():
+            k = it.key()
+            if not k.startswith(ROW):
+                break
+            keys.append(k[1:])
+            vals.append(it.value())
+            if len(keys) == batch:
+                yield self._pack(keys, vals)
+                keys, vals = [], []
+            it.next()
+        if keys:
+            yield self._pack(keys, vals)
+        del it
 
     def _pack(self, keys: list[bytes], vals: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         return (
@@ -231,16 +250,19 @@ class RowStore:
 
 
 class TableView:
-    """One RocksDB snapshot of a table: its meta keys, its change log and its
-    records as they were when the view was taken, however long the reader takes."""
+    """A point-in-time view of a table (a RocksDB snapshot) for reads that
+    must not see pushes applied meanwhile: meta keys and change-log entries,
+    by key. (rocksdict 0.3's `Snapshot.iter` ignores the snapshot: it reads the
+    table as of the iterator's creation, so reads of several passes go to a
+    `FrozenTable` instead.)"""
 
     def __init__(self, store: RowStore) -> None:
         self.store = store
         self.snap = store.db.snapshot()
 
-    def meta_get(self, key: bytes) -> bytes | None:
+    def _get(self, key: bytes) -> bytes | None:
         try:
-            value: bytes = self.snap[META + key]
+            value: bytes = self.snap[key]
         except KeyError:
             return None
         except Exception as e:  # rocksdict raises a bare Exception for a missing key
@@ -249,37 +271,15 @@ class TableView:
             raise
         return value
 
-    def changes(self, after: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(version, IDs) of the change log entries after version `after`, oldest first."""
-        it = self.snap.iter()
-        it.seek(CHANGE + (after + 1).to_bytes(8, "big"))
-        while it.valid():
-            k = it.key()
-            if not k.startswith(CHANGE):
-                break
-            yield int.from_bytes(k[1:], "big"), np.frombuffer(it.value(), dtype="<u8").astype(np.uint64)
-            it.next()
-        del it
+    def meta_get(self, key: bytes) -> bytes | None:
+        return self._get(META + key)
 
-    def records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (keys, records as (n, record_size) uint8) in key order."""
-        it = self.snap.iter()
-        it.seek(ROW)
-        keys: list[bytes] = []
-        vals: list[bytes] = []
-        while it.valid():
-            k = it.key()
-            if not k.startswith(ROW):
-                break
-            keys.append(k[1:])
-            vals.append(it.value())
-            if len(keys) == batch:
-                yield self.store._pack(keys, vals)
-                keys, vals = [], []
-            it.next()
-        if keys:
-            yield self.store._pack(keys, vals)
-        del it
+    def changes(self, after: int, upto: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(version, IDs) of the change log entries in (after, upto], oldest first."""
+        for version in range(after + 1, upto + 1):
+            raw = self._get(CHANGE + version.to_bytes(8, "big"))
+            if raw is not None:
+                yield version, np.frombuffer(raw, dtype="<u8").astype(np.uint64)
 
     def close(self) -> None:
         del self.snap
@@ -289,6 +289,36 @@ class TableView:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FrozenTable:
+    """A table as it was at one point, for long reads (full exports,
+    checkpoints): a RocksDB checkpoint of it (hard links, O(files)) opened
+    read-only, deleted on `close`. Pushes go on meanwhile."""
+
+    def __init__(self, store: RowStore, dest: Path) -> None:
+        self.path = Path(dest)
+        store.checkpoint(self.path)
+        self.reader = RowStore.__new__(RowStore)
+        self.reader.path, self.reader.record_size, self.reader.budget = self.path, store.record_size, store.budget
+        try:
+            self.reader.db = rocksdict.Rdict(
+                str(self.path), _options(store.budget), access_type=rocksdict.AccessType.read_only()
+            )
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def meta_get(self, key: bytes) -> bytes | None:
+        return self.reader.meta_get(key)
+
+    def records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.reader.scan_records(batch)
+
+    def close(self) -> None:
+        if self.path.exists():
+            self.reader.db.close()
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 # ---- moving a checkpoint between replicas ---------------------------------------------

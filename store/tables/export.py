@@ -5,14 +5,15 @@ version (store/tables/changes.py)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import CorruptData, NotFound
 from .changes import changed_since
+from .engine import FrozenTable
 from .records import META_KEY, Meta
 from .table import TableState
 
@@ -46,14 +47,13 @@ def delta(table: TableState, since: int, limit: int) -> DeltaPart:
 class PartDump:
     """Every record of a table part at one version, for streaming: `rows` and
     `version` are known up front, each column is read in a pass of its own
-    over the same snapshot. Holds the table open until `close`."""
+    over a frozen copy (hard links; pushes go on). `close` deletes the copy."""
 
     def __init__(self, table: TableState, shard: int) -> None:
         self.table = table
         self.shard = shard
-        self._stack = ExitStack()
-        self._stack.enter_context(table.reading())
-        self.view = self._stack.enter_context(table.store.view())
+        with table.reading():  # the copy sits beside the table dirs; the registry drops strays at start
+            self.view = FrozenTable(table.store, table.path.parent / f"dump-{uuid.uuid4().hex}")
         raw = self.view.meta_get(META_KEY)
         if raw is None:
             self.close()
@@ -84,4 +84,4 @@ class PartDump:
             )
 
     def close(self) -> None:
-        self._stack.close()
+        self.view.close()
