@@ -13,6 +13,7 @@ changes that old) makes it write a fresh base: changes are never skipped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -24,7 +25,9 @@ from typing import TextIO
 import httpx
 
 from paramstore._serving import export_metadata
+from store import dtypes
 
+from . import safetensors_stream as sts
 from .ops_cli import CHUNK, CommandError, _check, _progress, _with_url
 
 RETRY_SECONDS = 1.0
@@ -32,7 +35,9 @@ RETRY_SECONDS = 1.0
 
 def add_subcommand(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex = _with_url(sub.add_parser("export", help="follow a table's changes into a directory for serving"))
-    ex.add_argument("--table", required=True, help="the table to export")
+    what = ex.add_mutually_exclusive_group(required=True)
+    what.add_argument("--table", help="the table to export")
+    what.add_argument("--tensor", help="a dense tensor to export (a file per new version, the tensor whole)")
     ex.add_argument("--follow", required=True, metavar="DIR", help="directory to write base and delta files into")
     ex.add_argument("--once", action="store_true", help="stop once caught up instead of following")
     ex.add_argument("--wait", type=float, default=30.0, help="seconds each long poll waits for changes")
@@ -95,18 +100,19 @@ class Exporter:
         from safetensors import safe_open
 
         with safe_open(str(partial), framework="numpy") as f:  # also checks the file is whole
-            sizes = {k: f.get_slice(k).get_shape()[0] for k in f.keys()}  # noqa: SIM118 (not a dict)
-        if not base and sizes.get("ids", 0) == 0 and sizes.get("removed", 0) == 0:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 (not a dict)
+        rows, removed = (shapes.get(k, [0])[0] for k in ("ids", "removed"))
+        if not base and rows == 0 and removed == 0:
             partial.unlink()
             return False
         target = partial.with_name(f"{version:020d}.safetensors")
         os.replace(partial, target)
         target.with_suffix(".done").touch()
         self.files += 1
-        kind = "base" if base else "delta"
+        what = f"{rows} rows, {removed} removed" if "ids" in shapes else f"shape {shapes.get(self.table)}"
+        kind = ("base" if "ids" in shapes else "tensor") if base else "delta"
         print(
-            f"{self.table}: {kind} {target.name}: {sizes.get('ids', 0)} rows, {sizes.get('removed', 0)} removed "
-            f"(version {version}, {self.files} files written)",
+            f"{self.table}: {kind} {target.name}: {what} (version {version}, {self.files} files written)",
             file=self.out,
             flush=True,
         )
@@ -130,12 +136,48 @@ class Exporter:
         return self.files
 
 
+class TensorExporter(Exporter):
+    """A dense tensor: each new version written whole (a long poll on
+    `wait_version_gt`), as a safetensors file holding the tensor under its name."""
+
+    def __init__(
+        self, client: httpx.Client, base: str, tensor: str, directory: Path, auth: dict[str, str], out: TextIO
+    ) -> None:
+        super().__init__(client, base, tensor, directory, auth, out)
+        self.url = f"{base}/v1/tensors/{tensor}"
+
+    def step(self, cursor: str | None, wait: float) -> tuple[str, bool]:
+        version = int(cursor or 0)
+        # at least 1 s: with timeout=0 the tensor route answers 304 even for a newer version
+        params = {"wait_version_gt": version, "timeout": max(wait, 1.0)}
+        timeout = httpx.Timeout(max(self.client.timeout.read or 60.0, wait + 30.0), connect=5.0)
+        headers = {**self.auth, "Accept": "application/octet-stream"}
+        with self.client.stream("GET", self.url, params=params, headers=headers, timeout=timeout) as r:
+            if r.status_code == 304:
+                return str(version), False
+            _check(r)
+            new = int(r.headers["x-version"])
+            shape = tuple(int(d) for d in r.headers["x-shape"].split(",") if d.strip())
+            meta = {"format": "paramstore.tensor_export", "tensor": self.table, "kind": "full"}
+            meta.update(version=str(new), table_version=str(new))
+            entry = sts.Entry(self.table, dtypes.SAFETENSORS[r.headers["x-dtype"]], shape, lambda: iter(()))
+            partial = self.directory / f"{new:020d}.safetensors.partial"
+            with open(partial, "wb") as f:
+                f.write(sts.header([entry], {"paramstore": json.dumps(meta, sort_keys=True)}))
+                for chunk in r.iter_bytes(CHUNK):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        return str(new), self._keep(partial, new, base=True)
+
+
 def run(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO) -> int:
     stop = threading.Event()
-    exporter = Exporter(client, base, args.table, Path(args.follow), args.auth, out)
+    kind = Exporter if args.table else TensorExporter
+    exporter = kind(client, base, args.table or args.tensor, Path(args.follow), args.auth, out)
     exporter.progress = not args.no_progress
     try:
         exporter.follow(once=args.once, wait=args.wait, stop=stop.is_set)
     except KeyboardInterrupt:
-        print(f"{args.table}: stopped after {exporter.files} files", file=out)
+        print(f"{exporter.table}: stopped after {exporter.files} files", file=out)
     return 0

@@ -110,7 +110,7 @@ async def table_delta(
         deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
         fut, cancel = service.changed(name, cursor)
         try:
-            changed = await wait_optional(fut, deadline)
+            changed = fut.done() or await wait_optional(fut, deadline)
         finally:
             cancel()
         if not changed:

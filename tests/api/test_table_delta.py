@@ -199,3 +199,23 @@ def test_a_serving_table_needs_a_finished_base(tmp_path: Path) -> None:
     (tmp_path / "00000000000000000001.safetensors").write_bytes(b"partial")  # no .done marker yet
     with pytest.raises(FileNotFoundError):
         ServingTable.load(tmp_path)
+
+
+def test_a_dense_tensor_is_exported_whole_at_each_new_version(client: TestClient, tmp_path: Path) -> None:
+    name = f"dense{next(_names)}"
+    first = np.arange(6, dtype=np.float32).reshape(2, 3)
+    r = client.put(f"/v1/tensors/{name}", json={"dtype": "float32", "shape": [2, 3], "data": first.tolist()})
+    assert r.status_code == 201, r.text
+    argv = ["export", "--tensor", name, "--follow", str(tmp_path), "--once", "--url", "", "--no-progress"]
+    assert ops_cli.main(argv, http=client, out=io.StringIO()) == 0
+    assert ops_cli.main(argv, http=client, out=io.StringIO()) == 0  # nothing new: no file
+    second = first * 2
+    r = client.put(f"/v1/tensors/{name}", json={"dtype": "float32", "shape": [2, 3], "data": second.tolist()})
+    assert r.status_code == 200, r.text
+    assert ops_cli.main(argv, http=client, out=io.StringIO()) == 0
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert [f.name for f in files] == ["00000000000000000001.safetensors", "00000000000000000002.safetensors"]
+    assert all(f.with_suffix(".done").exists() for f in files)
+    assert load(files[0].read_bytes())[name].tobytes() == first.tobytes()
+    assert load(files[1].read_bytes())[name].tobytes() == second.tobytes()
+    assert export_metadata(files[1])["version"] == "2"
