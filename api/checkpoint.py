@@ -31,14 +31,15 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import anyio
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.background import BackgroundTask
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from store import dtypes, record
 from store.buffers import byte_view
@@ -47,9 +48,11 @@ from store.errors import InvalidRequest, StoreError, Unprocessable
 from store.interface import StoreAPI
 from store.record import Tensor
 
+from . import checkpoint_tables
 from . import headers as h
 from . import openapi as oa
 from . import partition_checkpoint as partitioned
+from . import safetensors_stream as sts
 from .bridge import wait, wait_within
 from .errors import PayloadTooLarge, UnsupportedMediaType, error_response
 
@@ -103,16 +106,43 @@ async def save_checkpoint(
         *(wait_within(store.capture(s), deadline, mine, f"checkpoint capture of shard {s}") for s in shards)
     )
     node = store.node.id
-    tmp = await anyio.to_thread.run_sync(_tmp_dir, store)
     wholes = await anyio.to_thread.run_sync(partitioned.merge_parts, store, dict(zip(shards, captured, strict=True)))
-    path = await anyio.to_thread.run_sync(_write_file, tmp, node, store.cfg.shards, wholes, state)
+    tables, tables_skipped = await anyio.to_thread.run_sync(checkpoint_tables.dump_all, store)
+    try:
+        entries, metadata = _entries(node, store.cfg.shards, wholes, state)
+        table_entries, described = checkpoint_tables.entries(tables, state)
+        doc = json.loads(metadata[META_KEY])
+        doc["tables"] = described
+        if tables_skipped:
+            doc["tables_skipped"] = tables_skipped
+        metadata[META_KEY] = json.dumps(doc)
+        entries += table_entries
+        size = len(sts.header(entries, metadata)) + sum(e.nbytes for e in entries)
+    except BaseException:
+        checkpoint_tables.close_all(tables)
+        raise
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return FileResponse(
-        path,
+    return StreamingResponse(
+        _closing(sts.stream(entries, metadata), tables),
         media_type="application/x-safetensors",
-        filename=f"paramstore-{node}-{stamp}.safetensors",
-        background=BackgroundTask(_unlink, path),
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="paramstore-{node}-{stamp}.safetensors"',
+        },
+        background=BackgroundTask(checkpoint_tables.close_all, tables),  # also if the stream never started
     )
+
+
+def _one(arr: np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
+    return lambda: iter((arr.astype(arr.dtype.newbyteorder("<"), copy=False),))
+
+
+def _closing(chunks: Iterator[bytes | memoryview], tables: Any) -> Iterator[bytes | memoryview]:
+    """Iterated on a worker thread by Starlette; the frozen copies go however it ends."""
+    try:
+        yield from chunks
+    finally:
+        checkpoint_tables.close_all(tables)
 
 
 def _unlink(path: str) -> None:
@@ -120,38 +150,11 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def _write_safetensors(f: BinaryIO, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """The safetensors layout (8-byte little-endian header size, JSON header
-    with dtype, shape and data offsets, then the raw little-endian bytes),
-    written array by array from the stored buffers. safetensors' own
-    `save_file` first copies every array into a bytes object, which would
-    double the memory of a large store for the duration of a checkpoint.
-    Readers are safetensors itself (tests load the files with it and with
-    safetensors.torch)."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    order = sorted(arrays)
-    for name in order:
-        arr = arrays[name]
-        header[name] = {
-            "dtype": dtypes.SAFETENSORS[dtypes.dtype_name(arr.dtype)],
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
-        }
-        offset += arr.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for name in order:
-        arr = arrays[name]
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        if arr.nbytes:
-            f.write(byte_view(arr.reshape(-1)).cast("B"))
-
-
-def _write_file(tmp: Path, node: str, cluster_shards: int, wholes: partitioned.Captured, with_state: bool) -> str:
+def _entries(
+    node: str, cluster_shards: int, wholes: partitioned.Captured, with_state: bool
+) -> tuple[list[sts.Entry], dict[str, str]]:
+    """The file entries of every captured tensor (their stored buffers, not
+    copies) and the metadata describing them."""
     arrays: dict[str, np.ndarray] = {}
     described: dict[str, dict[str, Any]] = {}
     captured = wholes.shards
@@ -176,18 +179,17 @@ def _write_file(tmp: Path, node: str, cluster_shards: int, wholes: partitioned.C
         "tensors": described,
         "incomplete": wholes.incomplete,
     }
-    fd, path = tempfile.mkstemp(dir=tmp, prefix="save-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_safetensors(
-                f,
-                arrays,
-                {META_KEY: json.dumps(meta), "versions": json.dumps({n: d["version"] for n, d in described.items()})},
-            )
-    except BaseException:
-        _unlink(path)
-        raise
-    return path
+    entries = [
+        sts.Entry(
+            name,
+            dtypes.SAFETENSORS[dtypes.dtype_name(arr.dtype)],
+            tuple(arr.shape),
+            _one(arr),
+        )
+        for name, arr in sorted(arrays.items())
+    ]
+    metadata = {META_KEY: json.dumps(meta), "versions": json.dumps({n: d["version"] for n, d in described.items()})}
+    return entries, metadata
 
 
 # ---- restore -------------------------------------------------------------------------
@@ -225,10 +227,14 @@ async def load_checkpoint(
     limit = store.cfg.limits.max_checkpoint_bytes
     path = await _receive_file(request, await anyio.to_thread.run_sync(_tmp_dir, store), limit)
     try:
-        plan = await anyio.to_thread.run_sync(_read_plan, path)
+        plan, tables = await anyio.to_thread.run_sync(_read_plan, path)
         for item in plan:
             item["partitions"] = asked.get(item["name"], item["meta"].get("partitions"))
         report = await _restore_all(store, path, plan, mode, if_match is not None)
+        if tables:
+            table_report = await checkpoint_tables.restore(store, path, tables, mode, if_match is not None)
+            report["failed"] += table_report.pop("failed")
+            report.update(table_report)
     finally:
         _unlink(path)
     return _report_response(report)
@@ -350,9 +356,9 @@ async def _receive_file(request: Request, tmp: Path, limit: int) -> str:
     return path
 
 
-def _read_plan(path: str) -> list[dict[str, Any]]:
+def _read_plan(path: str) -> tuple[list[dict[str, Any]], list[checkpoint_tables.TablePlan]]:
     """What to restore, from the file's metadata (values, specs, and the
-    optimizer state the file holds). A plain safetensors file (no paramstore metadata, e.g. a torch
+    optimizer state the file holds; tables). A plain safetensors file (no paramstore metadata, e.g. a torch
     state_dict) restores every key as a tensor with the `assign` optimizer."""
     from safetensors import safe_open
 
@@ -360,13 +366,15 @@ def _read_plan(path: str) -> list[dict[str, Any]]:
         with safe_open(path, framework="numpy") as f:
             keys = list(f.keys())
             meta = f.metadata() or {}
-            sizes = {}
+            sizes, shapes = {}, {}
             for k in keys:
                 sl = f.get_slice(k)
+                shapes[k] = {"shape": sl.get_shape()}
                 sizes[k] = int(np.prod(sl.get_shape(), dtype=np.int64)) * _itemsize(sl.get_dtype())
     except Exception as e:
         raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
     described: dict[str, dict[str, Any]] = {}
+    doc: dict[str, Any] = {}
     if META_KEY in meta:
         try:
             doc = json.loads(meta[META_KEY])
@@ -375,6 +383,8 @@ def _read_plan(path: str) -> list[dict[str, Any]]:
             described = doc["tensors"]
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise InvalidRequest(f"metadata {META_KEY!r} is not a paramstore checkpoint: {e}") from None
+    tables = checkpoint_tables.plan(doc, shapes)
+    keys = [k for k in keys if not k.startswith(checkpoint_tables.PREFIX)]
     plan = []
     state_keys: dict[str, list[str]] = {}
     tensors = {name for name in keys if STATE_SEP not in name}
@@ -402,7 +412,7 @@ def _read_plan(path: str) -> list[dict[str, Any]]:
                 "state_arrays": sorted(state_keys.get(name, [])),
             }
         )
-    return plan
+    return plan, tables
 
 
 def _described(described: Any, name: str) -> dict[str, Any]:

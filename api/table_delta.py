@@ -158,7 +158,7 @@ def _chain(dumps: list[PartDump], column: str) -> Iterator[np.ndarray]:
         yield from d.column(column)
 
 
-def _closing(chunks: Iterator[bytes], dumps: list[PartDump]) -> Iterator[bytes]:
+def _closing(chunks: Iterator[bytes | memoryview], dumps: list[PartDump]) -> Iterator[bytes | memoryview]:
     """Starlette iterates a sync iterator on a worker thread; the snapshots
     are released however the stream ends."""
     try:

@@ -190,6 +190,25 @@ class TablePush(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TableLoad(Command):
+    """Restored rows (a checkpoint) for the IDs of a table that live on this
+    shard: `n` >= 1 IDs (uint64 keys, little-endian) and their n records in
+    the table's layout (store/tables/records.py: last-update version, row,
+    optimizer state). The part's version becomes at least `version`, its step
+    at least `step`. (One records blob: a payload is never empty, which the
+    journal's plain-data check could not read back.)"""
+
+    tag: ClassVar[str] = "table_load"
+    name: str
+    n: int
+    ids: Blob = field(metadata=PAYLOAD)
+    records: Blob = field(metadata=PAYLOAD)
+    version: int = 0
+    step: int = 0
+    rid: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TableDelete(Command):
     tag: ClassVar[str] = "table_delete"
     name: str
@@ -249,6 +268,7 @@ _TYPES: dict[str, type[Command]] = {
         TableDelete,
         LayoutCreate,
         RoundClose,
+        TableLoad,
     )
 }
 # per type: (field name, kind, default) in declaration order; and those with a kind

@@ -38,6 +38,7 @@ from .commands import (
     RoundClose,
     TableCreate,
     TableDelete,
+    TableLoad,
     TablePush,
 )
 from .errors import NotFound, StoreError, Unprocessable
@@ -177,6 +178,7 @@ class ShardState:
         TablePush: table_cmds.push,
         TableDelete: table_cmds.delete,
         RoundClose: sync_rounds.close,
+        TableLoad: table_cmds.load,
     }
 
     # ---- reading -----------------------------------------------------------

@@ -35,13 +35,18 @@ def oldest(meta: Meta) -> int:
     return max(start, meta.version - meta.spec.delta_versions)
 
 
-def record(store: RowStore, batch: Batch, meta: Meta, version: int, keys: np.ndarray) -> Meta:
-    """Log the `keys` push `version` changed; drop the entry that falls out
-    of the window. Returns `meta` with `changes_from` set."""
+def record(
+    store: RowStore, batch: Batch, meta: Meta, version: int, keys: np.ndarray, previous: int | None = None
+) -> Meta:
+    """Log the `keys` that `version` changed; drop the entries that fall out
+    of the window (the one of version - delta_versions; all those up to it
+    when the version jumps from `previous`, as a restore may make it).
+    Returns `meta` with `changes_from` set."""
     if len(keys):
         store.change_put(batch, version, np.unique(keys))
-    drop = version - meta.spec.delta_versions
-    if drop >= 1:
+    kept = meta.spec.delta_versions
+    first = version - kept if previous is None else max(1, previous + 1 - kept)
+    for drop in range(max(1, first), version - kept + 1):
         store.change_delete(batch, drop)
     if CHANGES_FROM in meta.extra:
         return meta

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..commands import Command, TableCreate, TableDelete, TablePush
+from ..commands import Command, TableCreate, TableDelete, TableLoad, TablePush
 from ..errors import Gone, NotFound, PreconditionFailed, StoreError, Unprocessable
 from ..futures import settle
 from . import export, rowdtype
@@ -174,6 +174,26 @@ class TableService:
             gather(futures),
             lambda results: {"name": name, "shards": {str(s): r for s, r in zip(order, results, strict=True)}},
         )
+
+    def load(
+        self, name: str, keys: np.ndarray, records: np.ndarray, versions: dict[int, tuple[int, int]]
+    ) -> Future[Any]:
+        """Restore records (the table's layout) for `keys`: one TableLoad per
+        shard they live on; `versions`: shard -> (version, step) each part
+        rises to. Keys must be distinct (a checkpoint's are)."""
+        futures = []
+        for shard, pos in sorted(split_by_shard(keys, self.shards).items()):
+            version, step = versions.get(shard, (0, 0))
+            cmd = TableLoad(
+                name=name,
+                n=len(pos),
+                ids=np.ascontiguousarray(keys[pos], dtype="<u8").tobytes(),
+                records=np.ascontiguousarray(records[pos]).tobytes(),
+                version=version,
+                step=step,
+            )
+            futures.append(self.host.submit_to(shard, cmd))
+        return gather(futures)
 
     def delete(self, name: str, if_match: int | None = None, rid: str | None = None) -> Future[Any]:
         """Delete every shard's part. `If-Match` is checked against the

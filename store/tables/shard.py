@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..commands import TableCreate, TableDelete, TablePush
+from ..commands import TableCreate, TableDelete, TableLoad, TablePush
 from ..errors import AlreadyExists, NotFound, Unprocessable
 from .registry import Tables
 from .spec import parse_spec
@@ -58,6 +58,28 @@ def push(state: ShardState, cmd: TablePush, resolve: PayloadResolver) -> Result:
     grads = np.frombuffer(raw_grads, dtype="<f4").reshape(cmd.n, dim)
     r = table.push(ids, grads, stamp=state.stamp, base_version=cmd.base_version)
     state.changed.add(TABLE_WATCH + cmd.name)  # wakes delta long-polls
+    return {"name": cmd.name, "shard": state.shard, **r.to_dict()}
+
+
+def load(state: ShardState, cmd: TableLoad, resolve: PayloadResolver) -> Result:
+    """Restore rows from a checkpoint (PUT /v1/checkpoint), records as they were saved."""
+    tables = _tables(state)
+    if cmd.name not in tables:
+        if tables.existed_at(cmd.name, state.stamp):
+            return {"name": cmd.name, "shard": state.shard, "replayed": True}
+        raise NotFound(f"table {cmd.name!r} does not exist")
+    table = tables.get(cmd.name)
+    raw_ids, raw_recs = resolve(cmd.ids), resolve(cmd.records)
+    size = table.rec.itemsize
+    if cmd.n < 1 or len(raw_ids) != cmd.n * 8 or len(raw_recs) != cmd.n * size:
+        raise Unprocessable(
+            f"load into {cmd.name!r}: {cmd.n} rows need {cmd.n * 8} bytes of IDs and {cmd.n * size} of "
+            f"records, got {len(raw_ids)} and {len(raw_recs)}"
+        )
+    keys = np.frombuffer(raw_ids, dtype="<u8").astype(np.uint64)
+    recs = np.frombuffer(raw_recs, dtype=table.rec)
+    r = table.load(keys, recs, stamp=state.stamp, version=cmd.version, step=cmd.step)
+    state.changed.add(TABLE_WATCH + cmd.name)
     return {"name": cmd.name, "shard": state.shard, **r.to_dict()}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,38 @@ class TableState:
             raise
         self._meta = meta
         return result
+
+    def load(self, keys: np.ndarray, recs: np.ndarray, stamp: int, version: int = 0, step: int = 0) -> PushResult:
+        """Write restored records (a checkpoint) as they are: rows, optimizer
+        state, last-update versions. The part's version rises by one (the
+        rows appear in the change log under it), to `version` if that is more;
+        its step to `step` if more. IDs must be distinct."""
+        meta = self._meta
+        if stamp <= meta.stamp:
+            return PushResult(meta.version, 0, 0, 0, 0, duplicate=True)
+        if len(np.unique(keys)) != len(keys):
+            raise Unprocessable(f"load into table {self.name!r}: IDs must be distinct")
+        if len(recs) and int(recs["v"].max()) > max(meta.version + 1, version):
+            raise Unprocessable(f"load into table {self.name!r}: a row's version is newer than the table's")
+        if not (np.isfinite(rowdtype.decode(recs["row"], self.spec.dtype)).all() and np.isfinite(recs["state"]).all()):
+            raise Unprocessable(f"load into table {self.name!r}: rows or optimizer state are not finite")
+        new_version = max(meta.version + 1, version)
+        batch = Batch()
+        found, raw, _ = self.store.get_records(keys)
+        if self.spec.eviction is not None:
+            self.store.lru_delete(batch, raw.view(self.rec).reshape(-1)["v"][found], keys[found])
+            for v in np.unique(recs["v"]):
+                at = recs["v"] == v
+                self.store.lru_move(batch, keys[at], None, int(v))
+        self.store.put_records(batch, keys, recs.view(np.uint8).reshape(len(keys), -1))
+        created = int((~found).sum())
+        meta = changes.record(self.store, batch, meta, new_version, keys, previous=meta.version)
+        meta = replace(meta, version=new_version, step=max(meta.step, step), stamp=stamp, rows=meta.rows + created)
+        self.store.meta_put(batch, META_KEY, meta.to_bytes())
+        self.store.meta_put(batch, VERSION_KEY, new_version.to_bytes(8, "little"))
+        self.store.write(batch)
+        self._meta = meta
+        return PushResult(new_version, len(keys), created, 0, 0)
 
     # ---- description -------------------------------------------------------------
     def digest(self) -> str:

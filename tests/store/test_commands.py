@@ -24,6 +24,7 @@ from store.commands import (
     Stored,
     TableCreate,
     TableDelete,
+    TableLoad,
     TablePush,
     decode,
     encode,
@@ -85,6 +86,15 @@ EVERY = [
     LayoutCreate(name="big", dtype="float32", shape=(10, 4), counts=(4, 3, 3), rid="r12"),
     Put(name="s", dtype="float32", shape=(2,), data=Inline(b"\0" * 8), sync={"workers": 3, "backup_workers": 1}),
     RoundClose(rounds=(("s", 4), ("t", 9)), rid="r13"),
+    TableLoad(
+        name="emb",
+        n=1,
+        ids=Inline(b"\0" * 8),
+        records=Stored(SHA, 24),
+        version=7,
+        step=3,
+        rid="r14",
+    ),
 ]
 
 
