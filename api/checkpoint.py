@@ -1,4 +1,5 @@
-"""Checkpoints: every tensor as one safetensors file, and restoring from one.
+"""Checkpoints: every tensor (and embedding table: api/checkpoint_tables.py)
+as one safetensors file, streamed, and restoring from one.
 
 File layout (docs/operations.md has the full description):
 
@@ -13,7 +14,8 @@ File layout (docs/operations.md has the full description):
   "shards", "cluster_shards", "state", "tensors": {name: {"version", "shard",
   "dtype", "shape", "optimizer", "allow_nonfinite", "max_staleness",
   "staleness_policy", "state_arrays": [keys], "state_scalars": {key: value}}}}``;
-  ``versions`` holds ``{name: version}`` (the same key batch pulls use).
+  ``versions`` holds ``{name: version}`` (the same key batch pulls use);
+* tables under ``@table/<name>/<shard>/...`` and the metadata's ``tables``.
 
 Consistency: per shard, a linearizable barrier (a no-op through the Raft log)
 and then one capture of the shard's whole tensor map on its applier thread,

@@ -426,6 +426,12 @@ def _load(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO
         f"skipped {exist} (already exist), failed {len(doc['failed'])}",
         file=out,
     )
+    if "table_rows" in doc:
+        print(
+            f"tables: created {len(doc['tables_created'])}, replaced {len(doc['tables_replaced'])}, "
+            f"skipped {len(doc['tables_skipped'])}, {sum(doc['table_rows'].values())} rows loaded",
+            file=out,
+        )
     elsewhere = [d for d in doc["skipped"] if d.get("reason") == "not_hosted"]
     if elsewhere:
         shards = sorted({d["shard"] for d in elsewhere})
