@@ -101,7 +101,7 @@ class TablePlan:
     spec: TableSpec
     config: dict[str, Any]
     parts: dict[int, dict[str, Any]]  # file shard -> {"version", "step", "rows"}
-    state: bool
+    has_state: bool  # the file holds optimizer state
 
 
 def plan(doc: dict[str, Any], header: dict[str, Any]) -> list[TablePlan]:
@@ -171,7 +171,7 @@ def chunks(cols: _Columns, t: TablePlan, shard: int) -> Iterator[tuple[np.ndarra
         keys = cols.read(key + "ids", "<u8", a, b).astype(np.uint64)
         recs = np.zeros(b - a, dtype=rec)
         recs["row"] = cols.read(key + "rows", storage.str, a, b)
-        if t.state:
+        if t.has_state:
             recs["state"] = cols.read(key + "state", "<f4", a, b)
         else:
             recs["state"] = initial_state(t.spec.optimizer, b - a, t.spec.dim)

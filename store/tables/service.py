@@ -266,7 +266,6 @@ class TableService:
                 f"the oldest cursor is {cursor}; start again from a full export (since=0)",
                 oldest_version=cursor,
             )
-        self._count(name, 0, 1, sum(len(p.keys) + len(p.removed) for p in parts))
         return spec, parts
 
     def dump(self, name: str) -> tuple[TableSpec, list[export.PartDump]]:
