@@ -38,15 +38,15 @@ def oldest(meta: Meta) -> int:
 def record(
     store: RowStore, batch: Batch, meta: Meta, version: int, keys: np.ndarray, previous: int | None = None
 ) -> Meta:
-    """Log the `keys` that `version` changed; drop the entries that fall out
+    """Log the (distinct) `keys` that `version` changed; drop the entries that fall out
     of the window (the one of version - delta_versions; all those up to it
     when the version jumps from `previous`, as a restore may make it).
     Returns `meta` with `changes_from` set."""
-    if len(keys):
-        store.change_put(batch, version, np.unique(keys))
     kept = meta.spec.delta_versions
+    if kept and len(keys):  # 0: no tracking (every delta but since=version is Gone)
+        store.change_put(batch, version, keys)
     first = version - kept if previous is None else max(1, previous + 1 - kept)
-    for drop in range(max(1, first), version - kept + 1):
+    for drop in range(max(1, first), version - kept + 1) if kept else ():
         store.change_delete(batch, drop)
     if CHANGES_FROM in meta.extra:
         return meta

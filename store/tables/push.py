@@ -89,7 +89,8 @@ class PushPath:
         if self.spec.eviction is not None:
             gone = evict(self.store, self.spec.eviction, batch, version, ukeys[idx], rows)
         evicted = len(gone)
-        meta = changes.record(self.store, batch, meta, version, np.concatenate([ukeys[idx], gone]))
+        changed = np.union1d(ukeys[idx], gone) if len(gone) else ukeys[idx]  # ukeys: distinct already
+        meta = changes.record(self.store, batch, meta, version, changed)
         meta = replace(
             meta,
             version=version,

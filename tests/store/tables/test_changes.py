@@ -142,3 +142,13 @@ def test_a_dump_whose_count_disagrees_with_its_records_is_cut_not_wrong(tmp_path
             list(dump.column("ids"))
     finally:
         dump.close()
+
+
+def test_delta_versions_0_keeps_no_change_log(tmp_path: Path) -> None:
+    t = make(tmp_path, delta_versions=0)
+    push(t, 1)
+    push(t, 2)
+    assert not [k for k, _ in t.store.db.items(from_key=CHANGE) if k.startswith(CHANGE)]
+    with pytest.raises(Gone):
+        export.delta(t, 1, limit=100)
+    assert export.delta(t, 2, limit=100).keys.tolist() == []  # nothing since the current version
