@@ -162,9 +162,6 @@ class RowStore:
     def iter_records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (keys, records) in key order, as they were when the iteration
         began (a RocksDB iterator reads one implicit snapshot)."""
-        return self.scan_records(batch)
-
-    def scan_records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         it = self.db.iter()
         it.seek(ROW)
         keys: list[bytes] = []
@@ -190,7 +187,7 @@ class RowStore:
         )
 
     def view(self) -> TableView:
-        """A consistent point-in-time view (a RocksDB snapshot) for long reads."""
+        """A point-in-time view (a RocksDB snapshot) for reads by key."""
         return TableView(self)
 
     # ---- writes (the applier thread only) ---------------------------------------
@@ -313,7 +310,7 @@ class FrozenTable:
         return self.reader.meta_get(key)
 
     def records(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self.reader.scan_records(batch)
+        return self.reader.iter_records(batch)
 
     def close(self) -> None:
         if self.path.exists():
