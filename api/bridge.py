@@ -69,6 +69,10 @@ def _expire(waiter: asyncio.Future[Any]) -> None:
 
 async def wait_optional(fut: Future[Any], timeout: float) -> bool:
     """True if `fut` completed within `timeout`."""
+    if fut.done():
+        # wrap_future hands the result over with call_soon_threadsafe: with a
+        # zero timeout it would look pending even though it is already there.
+        return True
     try:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout)
         return True

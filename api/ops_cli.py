@@ -442,8 +442,14 @@ def _load(client: httpx.Client, base: str, args: argparse.Namespace, out: TextIO
         )
     for f in doc["failed"]:
         print(f"  failed {f['name']}: {f.get('error')}: {f.get('detail')}", file=out)
-    if doc["created"] or doc["replaced"]:
-        print("note: optimizer specs were restored, optimizer state was not (see docs/operations.md)", file=out)
+    restored = set(doc.get("state_restored", []))
+    without_state = [n for n in [*doc["created"], *doc["replaced"]] if n not in restored]
+    if without_state:
+        print(
+            f"note: {len(without_state)} tensors had no optimizer state in the file (plain SGD has none); "
+            "their optimizers start fresh",
+            file=out,
+        )
     return 0 if not doc["failed"] else EXIT_HTTP_ERROR
 
 

@@ -243,6 +243,9 @@ def test_long_poll_and_min_version(client):
     raw_put(client, "lp", np.zeros(1, np.float32))
     r = client.get("/v1/tensors/lp?wait_version_gt=1&timeout=0.2")
     assert r.status_code == 304 and r.headers["X-Version"] == "1"
+    # A version already newer than asked answers at once, even with no time to wait.
+    r = client.get("/v1/tensors/lp?wait_version_gt=0&timeout=0")
+    assert r.status_code == 200 and r.headers["X-Version"] == "1"
     r = client.get("/v1/tensors/lp?min_version=1")
     assert r.status_code == 200
     r = client.get("/v1/tensors/lp?consistency=linearizable")
