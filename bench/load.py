@@ -150,9 +150,11 @@ def _worker(job: Job, indexes: list[int], start: float, end: float, q) -> None:
     q.put((lat, [str(e) for e in errors[:5]], len(errors)))
 
 
-def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None) -> dict:
+def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None, probe=None) -> dict:
     """Run `clients` closed-loop clients for `seconds`; ops/s counts replies
-    received inside the window (after a common start instant)."""
+    received inside the window (after a common start instant). `probe()`, if
+    given, is read at the window's start and end; "probed" is the difference
+    (e.g. the servers' CPU seconds spent inside the window)."""
     procs = procs or min(clients, int(os.environ.get("BENCH_LOAD_PROCS", "4")))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -161,6 +163,12 @@ def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None
     ps = [ctx.Process(target=_worker, args=(job, list(range(p, clients, procs)), start, end, q)) for p in range(procs)]
     for p in ps:
         p.start()
+    probed = None
+    if probe is not None:
+        time.sleep(max(0.0, start - time.time()))
+        first = probe()
+        time.sleep(max(0.0, end - time.time()))
+        probed = probe() - first
     lat: list[float] = []
     errs: list = []
     nerr = 0
@@ -183,6 +191,7 @@ def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None
         "ops": len(lat),
         "errors": nerr,
         "error_samples": errs[:3],
+        "probed": probed,
     }
 
 
