@@ -3,11 +3,13 @@
     python -m bench.cpu_ab --tree A=/path/to/checkout --tree B=/other [--env B:PARAMSTORE_RAFT__FSYNC=false]
                            [--clients 64] [--seconds 4] [--rounds 3]
 
-Each round starts a fresh 3-replica cluster of every tree in turn (A B A B ...,
-so drift in the machine's load hits both), drives `--clients` closed-loop
+Each round starts a fresh 3-replica cluster of every tree in turn (A B, then
+B A, ...: drift in the machine's load hits both alike), drives `--clients` closed-loop
 1 KB gradient pushes, and reads utime + stime of the three replica processes
 from /proc/<pid>/stat before and after the window. CPU-µs per committed write
-(summed over replicas) is stable on a shared machine where ops/s is not.
+(summed over replicas) is stable on a shared machine where ops/s is not, as
+long as the writes are CPU-bound (it includes idle upkeep, which dominates
+when something else, e.g. a slow fdatasync, holds throughput down).
 Ports 21000-21999, away from `python -m bench`'s.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -31,7 +34,8 @@ def measure(tree: Path, env: dict[str, str], clients: int, seconds: float) -> di
     old_root, old_path, old_env = systems.PS_ROOT, systems.PS_PATH, dict(os.environ)
     systems.PS_ROOT, systems.PS_PATH = tree, str(tree)
     os.environ.update(env)
-    ps = Cluster(Path(tempfile.mkdtemp(prefix="paramstore-cpu-")))
+    work = Path(tempfile.mkdtemp(prefix="paramstore-cpu-"))
+    ps = Cluster(work)
     try:
         ps.start()
         job = ps.small_job()
@@ -42,6 +46,7 @@ def measure(tree: Path, env: dict[str, str], clients: int, seconds: float) -> di
         return {"ops_s": r["ops_s"], "cpu_us_per_write": cpu / max(1, r["ops"]) * 1e6, "errors": r["errors"]}
     finally:
         ps.stop()
+        shutil.rmtree(work, ignore_errors=True)
         systems.PS_ROOT, systems.PS_PATH = old_root, old_path
         os.environ.clear()
         os.environ.update(old_env)
