@@ -139,7 +139,11 @@ async def _client(job: Job, idx: int, start: float, end: float, lat: list, error
         writer.close()
 
 
-def _worker(job: Job, indexes: list[int], start: float, end: float, q) -> None:
+def _worker(job: Job, indexes: list[int], seconds: float, ready, go, start_at, q) -> None:
+    ready.put(os.getpid())
+    go.wait()  # every worker is up (spawning and importing can take seconds on a loaded machine)
+    start = start_at.value
+    end = start + seconds
     lat: list[float] = []
     errors: list = []
 
@@ -157,12 +161,19 @@ def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None
     (e.g. the servers' CPU seconds spent inside the window)."""
     procs = procs or min(clients, int(os.environ.get("BENCH_LOAD_PROCS", "4")))
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    start = time.time() + 1.5  # every process connected and waiting
-    end = start + seconds
-    ps = [ctx.Process(target=_worker, args=(job, list(range(p, clients, procs)), start, end, q)) for p in range(procs)]
+    q, ready, go, start_at = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+    ps = [
+        ctx.Process(target=_worker, args=(job, list(range(p, clients, procs)), seconds, ready, go, start_at, q))
+        for p in range(procs)
+    ]
     for p in ps:
         p.start()
+    for _ in ps:
+        ready.get(timeout=120)
+    start = time.time() + 1.0  # every client connected and waiting
+    end = start + seconds
+    start_at.value = start
+    go.set()
     probed = None
     if probe is not None:
         time.sleep(max(0.0, start - time.time()))
