@@ -59,9 +59,10 @@ test-faults: install $(SYSDEPS)
 
 ## Benchmarks side by side with etcd, Redis, raw pysyncobj and loopback TCP (not part of make test).
 BENCH_STAMP := $(VENV)/.installed-bench
-$(BENCH_STAMP): bench/requirements.txt $(STAMP)
-	@command -v etcd >/dev/null && command -v redis-server >/dev/null || \
-		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server redis-server) >/dev/null
+$(BENCH_STAMP): bench/requirements.txt Makefile $(STAMP)
+	@command -v etcd >/dev/null && command -v redis-server >/dev/null && command -v iperf3 >/dev/null && \
+		command -v fio >/dev/null || (apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server redis-server iperf3 fio) >/dev/null
 	$(PY) -m pip install -q -r bench/requirements.txt
 	touch $@
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
+from . import limits, report
 from .load import BlockingHTTP, closed_loop, loopback_mb_s
-from .systems import ROOT, Etcd, Paramstore, RawSyncObj, Redis, raw_headers, rid, rss_peak_mb
+from .systems import ROOT, Etcd, Paramstore, RawSyncObj, Redis, cpu_seconds, raw_headers, rid, rss_peak_mb
 
 MB = 1 << 20
 T0 = time.monotonic()
@@ -69,19 +69,25 @@ class Elections:
 
 
 def small_http(system, job, args, out: dict, label: str) -> None:
+    """`system.pids()` (all replicas/members): their CPU per committed write is
+    recorded too; unlike ops/s it hardly moves with the machine's load."""
+    pids = system.pids()
     for c in args.clients:
-        runs = [closed_loop(job, c, args.seconds) for _ in range(args.reps)]
+        runs = [closed_loop(job, c, args.seconds, probe=partial(cpu_seconds, pids)) for _ in range(args.reps)]
         errs = sum(r["errors"] for r in runs)
         out.setdefault(label, {})[str(c)] = {
             "ops_s": summary([r["ops_s"] for r in runs]),
+            "cpu_us": summary([r["probed"] / r["ops"] * 1e6 if r["ops"] else None for r in runs]),
             "p50_ms": summary([r["p50_ms"] for r in runs]),
             "p99_ms": summary([r["p99_ms"] for r in runs]),
             "errors": errs,
             "error_samples": [s for r in runs for s in r["error_samples"]][:3],
         }
+        cpu = out[label][str(c)]["cpu_us"]["median"]
         log(
             f"  {label:14s} {c:3d} clients: {out[label][str(c)]['ops_s']['median']:8.0f} ops/s "
-            f"p50 {out[label][str(c)]['p50_ms']['median']:.1f} ms p99 {out[label][str(c)]['p99_ms']['median']:.1f} ms"
+            f"p50 {out[label][str(c)]['p50_ms']['median']:.1f} ms p99 {out[label][str(c)]['p99_ms']['median']:.1f} ms "
+            f"CPU {cpu if cpu is not None else float('nan'):.0f} us/write"
             + (f"  errors {errs} {runs[0]['error_samples']}" if errs else "")
         )
 
@@ -92,16 +98,21 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_paramstore(args, res, el: Elections, work: Path) -> None:
-    ps = Paramstore(work)
-    log("paramstore: starting 3 replicas")
+# Variants of the defaults, run on the writes their setting changes (pulls do not sync)
+VARIANTS = {"paramstore-nofsync": {"PARAMSTORE_RAFT__FSYNC": "false"}}
+
+
+def run_paramstore(args, res, el: Elections, work: Path, label: str = "paramstore") -> None:
+    variant = label in VARIANTS
+    ps = Paramstore(work, name=label, env=VARIANTS.get(label))
+    log(f"{label}: starting 3 replicas" + (f" with {VARIANTS[label]}" if variant else ""))
     ps.start()
     try:
-        if "failover" in args.only:  # first, on a short log, as for every system
+        if "failover" in args.only and not variant:  # first, on a short log, as for every system
             res["failover"]["paramstore"] = failover_paramstore(ps, args)
         if "small" in args.only:
             job = ps.small_job()
-            el.run(ps, "small", lambda: small_http(ps, job, args, res["small"], "paramstore"))
+            el.run(ps, "small", lambda: small_http(ps, job, args, res["small"], label))
         shard_leader = {}
 
         def follower_of(name):
@@ -109,7 +120,7 @@ def run_paramstore(args, res, el: Elections, work: Path) -> None:
             lead = ps.leader_of(shard)
             return lead, next(n for n in ps.nodes if n != lead)
 
-        if "pull" in args.only:
+        if "pull" in args.only and not variant:
 
             def pulls():
                 for mb in args.sizes:
@@ -154,18 +165,18 @@ def run_paramstore(args, res, el: Elections, work: Path) -> None:
                         full.append(mb / t_all)
                     for oc in [c, *others.values()]:
                         oc.close()
-                    res["push"].setdefault("paramstore", {})[str(mb)] = summary(full)
-                    res["push"].setdefault("paramstore (majority ack)", {})[str(mb)] = summary(ack)
+                    res["push"].setdefault(label, {})[str(mb)] = summary(full)
+                    res["push"].setdefault(f"{label} (majority ack)", {})[str(mb)] = summary(ack)
                     log(
-                        f"  paramstore push {mb:3d} MB: {np.median(full):6.0f} MB/s on 3 replicas, "
+                        f"  {label} push {mb:3d} MB: {np.median(full):6.0f} MB/s on 3 replicas, "
                         f"{np.median(ack):6.0f} MB/s acked"
                     )
 
             el.run(ps, "push", pushes)
-        res["elections"]["paramstore"] = el.by_system.get("paramstore", {})
+        res["elections"][label] = el.by_system.get(label, {})
     finally:
         ps.stop()
-        log("paramstore: stopped")
+        log(f"{label}: stopped")
 
 
 def first_commit_after(t0: float, attempt, interval: float = 0.05, limit: float = 30.0) -> float | None:
@@ -369,7 +380,7 @@ def failover_etcd(et: Etcd, args) -> dict:
 
     times = []
     v = np.ones(256, np.float32).tobytes()
-    for k in range(args.failovers):
+    for k in range(args.peer_failovers):
         lead = et.leader()
         survivors = [m for m in et.members if m != lead]
 
@@ -489,7 +500,7 @@ def run_raw(args, res, el: Elections, work: Path) -> None:
     try:
         if "failover" in args.only:  # first: a restarted member replaying a long journal
             times = []
-            for k in range(args.failovers):
+            for k in range(args.peer_failovers):
                 lead = raw.leader()
                 survivors = [i for i in range(raw.n) if i != lead]
                 raw.kill(lead)
@@ -600,15 +611,16 @@ def main(argv=None) -> int:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 rep: a smoke run")
-    ap.add_argument("--only", default="small,pull,push,memory,failover,recovery")
-    ap.add_argument("--systems", default="paramstore,etcd,redis,pysyncobj,loopback")
+    ap.add_argument("--only", default="limits,small,pull,push,memory,failover,recovery")
+    ap.add_argument("--systems", default="paramstore,paramstore-nofsync,etcd,redis,pysyncobj,loopback")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0, help="measurement window per small-update run")
     ap.add_argument("--clients", default="1,16,64")
     ap.add_argument("--sizes", default="1,16,64", help="MB, pulls and large pushes")
     ap.add_argument("--mem-mb", type=int, default=1024, help="parameter bytes for memory/recovery (MB)")
     ap.add_argument("--mem-seconds", type=float, default=60.0)
-    ap.add_argument("--failovers", type=int, default=5)
+    ap.add_argument("--failovers", type=int, default=20, help="paramstore leader kills (median and p99 over them)")
+    ap.add_argument("--peer-failovers", type=int, default=5, help="leader kills of etcd and raw pysyncobj")
     ap.add_argument("--recovery-reps", type=int, default=3)
     ap.add_argument("--etcd-max-request", type=int, default=200 * MB, help="the raised etcd --max-request-bytes")
     ap.add_argument("--raw-big-timeout", type=float, default=15.0)
@@ -617,7 +629,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.seconds, args.mem_mb, args.mem_seconds = 1, 2.0, 128, 10.0
-        args.failovers, args.recovery_reps, args.raw_big_timeout = 2, 1, 5.0
+        args.failovers, args.peer_failovers, args.recovery_reps, args.raw_big_timeout = 2, 2, 1, 5.0
     args.only = set(args.only.split(","))
     args.systems = args.systems.split(",")
     args.clients = [int(x) for x in args.clients.split(",")]
@@ -651,6 +663,7 @@ def main(argv=None) -> int:
         "failover": {},
         "recovery": {},
         "elections": {},
+        "limits": {},
         "failures": [],
     }
     el = Elections()
@@ -660,6 +673,8 @@ def main(argv=None) -> int:
         f"load {res['machine']['load_avg_at_start']}"
     )
     steps = []
+    if "limits" in args.only:
+        steps.append(("limits", lambda: res["limits"].update(limits.measure(work / "limits", log))))
     if "loopback" in args.systems and "pull" in args.only:
 
         def loop():
@@ -670,6 +685,9 @@ def main(argv=None) -> int:
         steps.append(("loopback", loop))
     if "paramstore" in args.systems:
         steps.append(("paramstore", lambda: run_paramstore(args, res, el, work)))
+    for variant in VARIANTS:  # right after the defaults, so that the load of the machine is alike
+        if variant in args.systems and args.only & {"small", "push"}:
+            steps.append((variant, partial(run_paramstore, args, res, el, work, variant)))
         if args.only & {"memory", "recovery"}:
             steps.append(("paramstore memory", lambda: run_memory_paramstore(args, res, el, work)))
     if "redis" in args.systems:

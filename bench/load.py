@@ -139,7 +139,11 @@ async def _client(job: Job, idx: int, start: float, end: float, lat: list, error
         writer.close()
 
 
-def _worker(job: Job, indexes: list[int], start: float, end: float, q) -> None:
+def _worker(job: Job, indexes: list[int], seconds: float, ready, go, start_at, q) -> None:
+    ready.put(os.getpid())
+    go.wait()  # every worker is up (spawning and importing can take seconds on a loaded machine)
+    start = start_at.value
+    end = start + seconds
     lat: list[float] = []
     errors: list = []
 
@@ -150,17 +154,32 @@ def _worker(job: Job, indexes: list[int], start: float, end: float, q) -> None:
     q.put((lat, [str(e) for e in errors[:5]], len(errors)))
 
 
-def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None) -> dict:
+def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None, probe=None) -> dict:
     """Run `clients` closed-loop clients for `seconds`; ops/s counts replies
-    received inside the window (after a common start instant)."""
+    received inside the window (after a common start instant). `probe()`, if
+    given, is read at the window's start and end; "probed" is the difference
+    (e.g. the servers' CPU seconds spent inside the window)."""
     procs = procs or min(clients, int(os.environ.get("BENCH_LOAD_PROCS", "4")))
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    start = time.time() + 1.5  # every process connected and waiting
-    end = start + seconds
-    ps = [ctx.Process(target=_worker, args=(job, list(range(p, clients, procs)), start, end, q)) for p in range(procs)]
+    q, ready, go, start_at = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+    ps = [
+        ctx.Process(target=_worker, args=(job, list(range(p, clients, procs)), seconds, ready, go, start_at, q))
+        for p in range(procs)
+    ]
     for p in ps:
         p.start()
+    for _ in ps:
+        ready.get(timeout=120)
+    start = time.time() + 1.0  # every client connected and waiting
+    end = start + seconds
+    start_at.value = start
+    go.set()
+    probed = None
+    if probe is not None:
+        time.sleep(max(0.0, start - time.time()))
+        first = probe()
+        time.sleep(max(0.0, end - time.time()))
+        probed = probe() - first
     lat: list[float] = []
     errs: list = []
     nerr = 0
@@ -183,6 +202,7 @@ def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None
         "ops": len(lat),
         "errors": nerr,
         "error_samples": errs[:3],
+        "probed": probed,
     }
 
 

@@ -33,6 +33,16 @@ PS_PATH = os.pathsep.join(p for p in (str(PS_ROOT), os.environ.get("BENCH_EXTRA_
 HOST = "127.0.0.1"
 
 
+def cpu_seconds(pids) -> float:
+    """utime + stime (every thread) of the processes `pids`, summed, in seconds."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def rss_peak_mb(pid: int) -> float:
     """VmHWM: the process's peak resident set since it started."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -78,11 +88,17 @@ class Paramstore:
     name = "paramstore"
     HTTP, RAFT = 11000, 11100
 
-    def __init__(self, workdir: Path, replicas: int = 3, shards: int = 4):
+    def __init__(
+        self, workdir: Path, replicas: int = 3, shards: int = 4, name: str = "paramstore", env: dict | None = None
+    ):
+        """`name`, `env`: a variant of the defaults (e.g. "paramstore-nofsync"
+        with PARAMSTORE_RAFT__FSYNC=false), run on the same ports."""
         from api.devcluster import dev_config
         from store.config import config_from_mapping, render_toml
 
-        self.dir = workdir / "paramstore"
+        self.name = name
+        self.env = env or {}
+        self.dir = workdir / name
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self.cfg = config_from_mapping(dev_config(replicas, self.HTTP, self.RAFT, shards, 3))
@@ -101,7 +117,7 @@ class Paramstore:
         log_level: str = "warning",
         fresh_log: bool = False,
     ) -> float:
-        env = dict(os.environ, PYTHONPATH=PS_PATH)
+        env = dict(os.environ, PYTHONPATH=PS_PATH, **self.env)
         with open(self.dir / f"{node}.log", "wb" if fresh_log else "ab") as log:
             self.procs[node] = subprocess.Popen(
                 [
@@ -165,6 +181,9 @@ class Paramstore:
 
     def pid(self, node: str) -> int:
         return self.procs[node].pid
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
 
     # -- operations
     def conn(self, node: str | None = None) -> BlockingHTTP:
@@ -322,6 +341,9 @@ class Etcd:
     def kill(self, m: str) -> None:
         _kill(self.procs[m], signal.SIGKILL)
 
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
     def call(self, conn: BlockingHTTP, path: str, obj: dict) -> tuple[int, dict | bytes]:
         st, body = conn.request("POST", path, {"Content-Type": "application/json"}, json.dumps(obj).encode())
         try:
@@ -469,6 +491,9 @@ class Redis:
 
     def kill(self, port: int) -> None:
         _kill(self.procs[port], signal.SIGKILL)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
 
     def conn(self, port: int | None = None) -> BlockingRESP:
         return BlockingRESP(HOST, port or self.PORTS[0])

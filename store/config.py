@@ -78,10 +78,15 @@ class NodeConfig:
 class RaftSettings:
     """pysyncobj timers and limits; docs/architecture.md explains each default."""
 
-    auto_tick_period: float = 0.005
+    # the tick thread's idle poll timeout; work never waits for it (wake on propose,
+    # sockets wake the poll), only idle upkeep runs this often: 5 ms cost an idle
+    # 3-replica cluster of 4 shards 22% of a core, 20 ms 10%
+    auto_tick_period: float = 0.02
     append_entries_period: float = 0.05
-    min_timeout: float = 0.6
-    max_timeout: float = 1.2
+    # election timeouts: with pre-vote and check-quorum, 0.3/0.6 s failed over in a
+    # median 0.40 s (20 kills; 0.76 s at 0.6/1.2) and saw no election under load
+    min_timeout: float = 0.3
+    max_timeout: float = 0.6
     connection_timeout: float = 3.5
     leader_fallback_timeout: float = 3.0
     socket_buffer_bytes: int = 4 << 20
