@@ -10,7 +10,7 @@ import numpy as np
 
 from ._errors import ParamStoreError
 from ._transport import Transport
-from ._wire import SAFETENSORS, safetensors_array, safetensors_body
+from ._wire import SAFETENSORS, safetensors_array, safetensors_body, safetensors_metadata
 
 
 class TableMethods:
@@ -58,6 +58,11 @@ class TableMethods:
     def lookup(self, name: str, ids: Any, consistency: str = "local") -> np.ndarray:
         """Rows for `ids` (int64 or uint64), in order: float32 (float16 tables:
         float16). IDs never pushed read their initial value; nothing is created."""
+        return self.lookup_versions(name, ids, consistency)[0]
+
+    def lookup_versions(self, name: str, ids: Any, consistency: str = "local") -> tuple[np.ndarray, dict[int, int]]:
+        """`lookup`, and the version each shard's part of the table was read at
+        ({shard: version}, the shards the IDs live on)."""
         body = safetensors_body({"ids": np.asarray(ids)})
         r = self._transport.request(
             "POST",
@@ -66,18 +71,27 @@ class TableMethods:
             headers={"Content-Type": SAFETENSORS, "Accept": SAFETENSORS},
             content=body,
         )
-        return safetensors_array(r.content, "rows")
+        versions = json.loads(safetensors_metadata(r.content).get("versions", "{}"))
+        return safetensors_array(r.content, "rows"), {int(s): int(v) for s, v in versions.items()}
 
-    def push_rows(self, name: str, ids: Any, grads: Any, base_version: int | None = None) -> dict[str, Any]:
+    def push_rows(
+        self,
+        name: str,
+        ids: Any,
+        grads: Any,
+        base_version: int | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
         """Row gradients (n x dim) for `ids`; duplicates are summed. The store
         applies one atomic command per shard the IDs live on; returns each
-        shard's outcome (its new version) under "shards"."""
+        shard's outcome (its new version) under "shards". Retrying a failed
+        call with the same `request_id` applies it at most once."""
         body = safetensors_body({"ids": np.asarray(ids), "grads": np.asarray(grads, dtype=np.float32)})
         headers = {"Content-Type": SAFETENSORS}
         if base_version is not None:
             headers["X-Base-Version"] = str(int(base_version))
         result: dict[str, Any] = self._transport.request(
-            "POST", f"/v1/tables/{name}:push", headers=headers, content=body, write=True
+            "POST", f"/v1/tables/{name}:push", headers=headers, content=body, write=True, request_id=request_id
         ).json()
         return result
 

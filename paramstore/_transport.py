@@ -79,14 +79,16 @@ class Transport:
         deadline: float | None = None,
         ok: tuple[int, ...] = (200, 201),
         first: int | None = None,
+        request_id: str | None = None,
     ) -> httpx.Response:
         """One logical call: retried across replicas until it gets a definite
-        answer or the deadline passes. Writes keep one X-Request-Id throughout.
-        `first`: the index of the replica to try first (default: the one that
-        answered last)."""
+        answer or the deadline passes. Writes keep one X-Request-Id throughout
+        (`request_id`, or a fresh one): a caller that retries a failed call with
+        the same id gets it applied at most once. `first`: the index of the
+        replica to try first (default: the one that answered last)."""
         headers = dict(headers or {})
         if write:
-            headers["X-Request-Id"] = uuid.uuid4().hex
+            headers["X-Request-Id"] = request_id or uuid.uuid4().hex
         end = time.monotonic() + (self.deadline if deadline is None else deadline)
         per_try = self.timeout if attempt_timeout is None else attempt_timeout
         n = len(self.urls)
