@@ -1,4 +1,5 @@
-"""PyTorch helpers: a module's parameters as stored tensors.
+"""PyTorch helpers: a module's parameters as stored tensors, and
+`StoreEmbeddingBag`, an embedding bag whose rows live in a table.
 
 Tensor names are `prefix + parameter name` (e.g. "net.fc1.weight").
 """
@@ -15,8 +16,19 @@ except ImportError as e:  # the base install has no torch: say which extra bring
     raise ImportError("paramstore.torch needs PyTorch: pip install 'paramstore[torch]'") from e
 
 from ._client import Client
+from ._embedding_bag import PrefetchingLoader, StoreEmbeddingBag
+from ._pushes import FailedPush, PushFailed
 
-__all__ = ["create_module", "load_module", "push_module_grads", "sync_module_step"]
+__all__ = [
+    "FailedPush",
+    "PrefetchingLoader",
+    "PushFailed",
+    "StoreEmbeddingBag",
+    "create_module",
+    "load_module",
+    "push_module_grads",
+    "sync_module_step",
+]
 
 
 def create_module(
