@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: run lint test test-fast test-cluster test-faults bench bench-join install clean
+.PHONY: run run-ctr lint test test-fast test-cluster test-faults bench bench-join install clean
 
 $(PY):
 	python3 -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv $(VENV))
@@ -33,6 +33,11 @@ $(SYSDEPS): | $(PY)
 run: install
 	$(VENV)/bin/paramstore dev --replicas 3 --http-port 8700 --data-dir data/dev \
 		--then "$(PY) examples/train_digits.py --workers 4" $(if $(EXIT_AFTER),--exit-after)
+
+## The same cluster, training a click-through-rate model with embedding tables (examples/train_ctr.py).
+run-ctr: install
+	$(VENV)/bin/paramstore dev --replicas 3 --http-port 8700 --data-dir data/dev \
+		--then "$(PY) examples/train_ctr.py --workers 4" $(if $(EXIT_AFTER),--exit-after)
 
 ## ruff (lint rules, import order, format) and mypy (strict: store/, api/ and paramstore/).
 lint: install
