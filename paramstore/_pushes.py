@@ -73,9 +73,9 @@ class PushPipeline:
         )
 
     def submit(self, ids: np.ndarray, grads: np.ndarray) -> None:
-        """Push `grads` (n x dim) for `ids`; raises `PushFailed` for earlier
-        failures first (nothing new is sent then)."""
-        self.check()
+        """Push `grads` (n x dim) for `ids`. Always sent (or queued), even
+        after earlier failures, so this gradient is never the one lost; with
+        K = 0 raises `PushFailed` if it (or an earlier push) failed."""
         rid = uuid.uuid4().hex
         if self._pool is None:
             self._send(rid, ids, grads)
