@@ -3,6 +3,7 @@
     python -m bench                 # everything (make bench); ~10-15 min on 2 cores
     python -m bench --quick         # smaller sizes, 1 rep: a smoke run
     python -m bench --only small,pull --systems paramstore,redis
+    python -m bench --only ctr --systems paramstore   # CTR training throughput (bench/ctr.py)
 
 Starts every system itself on 127.0.0.1 (ports 11000-19999), runs the
 workloads, tears everything down, prints the table, writes
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import limits, report
+from . import ctr, limits, report
 from .load import BlockingHTTP, closed_loop, loopback_mb_s
 from .systems import ROOT, Etcd, Paramstore, RawSyncObj, Redis, cpu_seconds, raw_headers, rid, rss_peak_mb
 
@@ -611,7 +612,7 @@ def main(argv=None) -> int:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 rep: a smoke run")
-    ap.add_argument("--only", default="limits,small,pull,push,memory,failover,recovery")
+    ap.add_argument("--only", default="limits,small,pull,push,memory,failover,recovery,ctr")
     ap.add_argument("--systems", default="paramstore,paramstore-nofsync,etcd,redis,pysyncobj,loopback")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0, help="measurement window per small-update run")
@@ -621,6 +622,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-seconds", type=float, default=60.0)
     ap.add_argument("--failovers", type=int, default=20, help="paramstore leader kills (median and p99 over them)")
     ap.add_argument("--peer-failovers", type=int, default=5, help="leader kills of etcd and raw pysyncobj")
+    ap.add_argument("--ctr-steps", type=int, default=150, help="CTR training steps per worker (bench/ctr.py)")
     ap.add_argument("--recovery-reps", type=int, default=3)
     ap.add_argument("--etcd-max-request", type=int, default=200 * MB, help="the raised etcd --max-request-bytes")
     ap.add_argument("--raw-big-timeout", type=float, default=15.0)
@@ -630,6 +632,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.reps, args.seconds, args.mem_mb, args.mem_seconds = 1, 2.0, 128, 10.0
         args.failovers, args.peer_failovers, args.recovery_reps, args.raw_big_timeout = 2, 2, 1, 5.0
+        args.ctr_steps = 40
     args.only = set(args.only.split(","))
     args.systems = args.systems.split(",")
     args.clients = [int(x) for x in args.clients.split(",")]
@@ -690,6 +693,8 @@ def main(argv=None) -> int:
             steps.append((variant, partial(run_paramstore, args, res, el, work, variant)))
         if args.only & {"memory", "recovery"}:
             steps.append(("paramstore memory", lambda: run_memory_paramstore(args, res, el, work)))
+    if "paramstore" in args.systems and "ctr" in args.only:
+        steps.append(("ctr", lambda: res.__setitem__("ctr", ctr.measure(work / "ctr", args.ctr_steps, log))))
     if "redis" in args.systems:
         steps.append(("redis", lambda: run_redis(args, res, el, work)))
     if "etcd" in args.systems:

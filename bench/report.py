@@ -265,6 +265,10 @@ def markdown(res: dict) -> str:
     lines += ["", "**Targets**", "", "| target | met | figure |", "|---|---|---|"]
     for name, ok, fig in targets(res):
         lines.append(f"| {name} | {'yes' if ok else ('–' if ok is None else '**no**')} | {fig} |")
+    if res.get("ctr"):
+        from .ctr import markdown as ctr_markdown
+
+        lines += ctr_markdown(res["ctr"])
     if res.get("failures"):
         lines += ["", "**Failures:** " + "; ".join(res["failures"])]
     return "\n".join(lines) + "\n"

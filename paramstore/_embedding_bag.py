@@ -163,6 +163,7 @@ class StoreEmbeddingBag(torch.nn.Module):
             "hit_rate": self.hit_rate,
             "pushes": self.pushes.pushes,
             "rows_pushed": self.pushes.rows_pushed,
+            "bytes_pushed": self.pushes.rows_pushed * (4 * self.embedding_dim + 8),  # float32 row + int64 ID
         }
 
     def extra_repr(self) -> str:
