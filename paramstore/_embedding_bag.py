@@ -24,8 +24,6 @@ from ._rowfetch import RowFetcher
 
 T = TypeVar("T")
 
-_ROW_OVERHEAD = 40  # bytes per cached row beyond its values: id, shard, version, recency, dict entry
-
 
 class _PushRowGrads(torch.autograd.Function):
     """Identity on the batch's rows; backward pushes their gradient instead of
@@ -50,6 +48,8 @@ class StoreEmbeddingBag(torch.nn.Module):
     version this worker has seen of its shard is at most this many versions
     past the one it was read at (docs/embeddings.md). `max_in_flight`: row
     pushes running in the background (0: backward waits for its push).
+    IDs are int64 tensors (a uint64 table's IDs up to 2**63-1). The module
+    has no parameters: the rows are the table's, updated by its optimizer.
     """
 
     def __init__(
@@ -62,17 +62,16 @@ class StoreEmbeddingBag(torch.nn.Module):
         cache_bytes: int | None = None,
         max_staleness: int = 0,
         max_in_flight: int = 0,
+        include_last_offset: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("sum", "mean", "max"):
             raise ValueError(f"mode must be 'sum', 'mean' or 'max', not {mode!r}")
         self.table = table
         self.mode = mode
-        dim = int(client.table_info(table)["config"]["dim"])
-        if cache_bytes is not None:
-            cache_rows = int(cache_bytes) // (4 * dim + _ROW_OVERHEAD)
-        self.embedding_dim = dim
-        self.fetcher = RowFetcher(client, table, cache_rows, max_staleness)
+        self.include_last_offset = include_last_offset
+        self.fetcher = RowFetcher(client, table, cache_rows, max_staleness, cache_bytes)
+        self.embedding_dim = self.fetcher.dim
         self.pushes = PushPipeline(client, table, max_in_flight, on_result=self.fetcher.observe_push)
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paramstore-prefetch")
         self._prefetching: deque[Future[np.ndarray]] = deque()
@@ -96,7 +95,12 @@ class StoreEmbeddingBag(torch.nn.Module):
         else:
             weight = rows
         return F.embedding_bag(
-            inverse.reshape(input.shape), weight, offsets, mode=self.mode, per_sample_weights=per_sample_weights
+            inverse.reshape(input.shape),
+            weight.to(input.device),
+            None if offsets is None else offsets.to(torch.long),  # inverse is int64: offsets must match
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            include_last_offset=self.include_last_offset,
         )
 
     def _push(self, ids: np.ndarray, grad: torch.Tensor) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+ROW_OVERHEAD_BYTES = 40  # per cached row beyond its float32 values: ID, shard, version, recency, dict entry
+
 
 class RowCache:
     def __init__(self, dim: int, max_rows: int, max_staleness: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._rowcache import RowCache
+from ._rowcache import ROW_OVERHEAD_BYTES, RowCache
 from ._table_shards import shard_of_ids
 
 
@@ -24,13 +24,18 @@ class FetchStats:
 
 
 class RowFetcher:
-    """Thread-safe. `max_rows` = 0: no cache (every row is fetched)."""
+    """Thread-safe. `max_rows` = 0: no cache (every row is fetched);
+    `max_bytes` bounds the cache in bytes instead."""
 
-    def __init__(self, client: Any, table: str, max_rows: int = 0, max_staleness: int = 0) -> None:
+    def __init__(
+        self, client: Any, table: str, max_rows: int = 0, max_staleness: int = 0, max_bytes: int | None = None
+    ) -> None:
         info = client.table_info(table)
         self.client = client
         self.table = table
         self.dim = int(info["config"]["dim"])
+        if max_bytes is not None:
+            max_rows = int(max_bytes) // (4 * self.dim + ROW_OVERHEAD_BYTES)
         self.shards = len(info["shards"])
         self.newest = np.zeros(self.shards, dtype=np.int64)
         self.observe({int(s): int(p["version"]) for s, p in info["shards"].items()})

@@ -128,6 +128,28 @@ def test_two_dimensional_input_without_offsets_and_eval_mode_pushes_nothing(ps: 
         bag.close()
 
 
+@pytest.mark.cluster
+def test_include_last_offset_int32_offsets_and_a_cache_bounded_in_bytes(ps: Client) -> None:
+    name = fresh("lastoff")
+    ps.create_table(name, dim=4, initializer={"type": "uniform", "bound": 1.0})
+    ids = torch.tensor([3, -4, 3, 8, 9], dtype=torch.int32)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+    distinct = np.unique(ids.numpy())
+    local = torch.nn.EmbeddingBag(len(distinct), 4, mode="mean", include_last_offset=True)
+    with torch.no_grad():
+        local.weight.copy_(torch.from_numpy(np.array(ps.lookup(name, distinct))))
+    expect = local(torch.from_numpy(np.searchsorted(distinct, ids.numpy())), offsets.long())
+    bag = StoreEmbeddingBag(ps, name, mode="mean", include_last_offset=True, cache_bytes=10 * (16 + 40))
+    try:
+        bag.eval()
+        out = bag(ids, offsets)
+        assert out.shape == (2, 4)
+        np.testing.assert_allclose(out.numpy(), expect.detach().numpy(), rtol=0, atol=1e-6)
+        assert bag.fetcher.cache is not None and bag.fetcher.cache.max_rows == 10
+    finally:
+        bag.close()
+
+
 def one_shard_ids(ps: Client, name: str, n: int, shard: int, start: int = 1000) -> list[int]:
     shards = len(ps.table_info(name)["shards"])
     candidates = np.arange(start, start + 50 * n, dtype=np.int64)
