@@ -5,7 +5,8 @@ part of the table had when the row was read (the lookup answer says). A row
 is served from the cache only while the newest version of its shard the
 worker has seen is at most `max_staleness` ahead of that; otherwise it counts
 as stale and is fetched again. Capacity is in rows; least recently used rows
-go first (recency is per batch: rows of one batch tie). Not thread-safe: the
+go first (recency is per batch: rows of one batch tie; a full cache frees
+1/16 of its rows at a time). Not thread-safe: the
 fetcher holds a lock around it.
 """
 
@@ -28,6 +29,7 @@ class RowCache:
         self.shard = np.zeros(max_rows, dtype=np.int64)
         self.version = np.zeros(max_rows, dtype=np.int64)
         self.used = np.zeros(max_rows, dtype=np.int64)  # batch counter of the last use
+        self.in_use = np.zeros(max_rows, dtype=bool)
         self.slot_of: dict[int, int] = {}
         self.free = list(range(max_rows - 1, -1, -1))
         self.tick = 0
@@ -86,15 +88,22 @@ class RowCache:
         self.shard[slots] = shards
         self.version[slots] = versions
         self.used[slots] = self.tick
+        self.in_use[slots] = True
 
     def _evict(self, n: int, keep: np.ndarray) -> None:
-        """Free the `n` least recently used slots, never one in `keep`."""
-        occupied = np.fromiter(self.slot_of.values(), dtype=np.int64, count=len(self.slot_of))
-        occupied = occupied[~np.isin(occupied, keep)]
-        order = np.argsort(self.used[occupied], kind="stable")[:n]
-        for slot in occupied[order].tolist():
+        """Free at least `n` of the least recently used slots, never one in
+        `keep`. A full cache frees 1/16 of itself at once, so the sort over
+        all slots runs once per many batches rather than on every one."""
+        candidate = self.in_use.copy()
+        candidate[keep] = False
+        slots = np.flatnonzero(candidate)
+        n = min(len(slots), max(n, self.max_rows // 16))
+        if n < len(slots):
+            slots = slots[np.argpartition(self.used[slots], n - 1)[:n]]
+        for slot in slots.tolist():
             del self.slot_of[int(self.ids[slot])]
-            self.free.append(slot)
+        self.in_use[slots] = False
+        self.free.extend(slots.tolist())
 
     def hit_rate(self) -> float:
         total = self.hits + self.misses

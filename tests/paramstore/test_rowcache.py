@@ -49,3 +49,15 @@ def test_a_batch_larger_than_the_cache_and_a_disabled_cache() -> None:
     put(off, [1])
     _, hit, _ = off.get(np.array([1]), np.zeros(1, dtype=np.int64))
     assert not hit.any() and off.hit_rate() == 0.0
+
+
+def test_a_full_cache_frees_a_sixteenth_of_itself_at_once_oldest_first() -> None:
+    cache = RowCache(dim=2, max_rows=32, max_staleness=0)
+    newest = np.zeros(1, dtype=np.int64)
+    for i in range(32):  # one batch each: 0 is the oldest
+        cache.tick += 1
+        put(cache, [i])
+    cache.tick += 1
+    put(cache, [100])
+    _, hit, _ = cache.get(np.array([0, 1, 2, 100]), newest)
+    assert hit.tolist() == [False, False, True, True] and len(cache) == 31
