@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -36,10 +37,18 @@ def example() -> ModuleType:
     return importlib.import_module("train_ctr")
 
 
-def measure(work: Path, steps: int, log: Any = print) -> dict[str, Any]:
+def measure(work: Path, steps: int, log: Any = print, http_port: int = Paramstore.HTTP) -> dict[str, Any]:
     ex = example()
     out: dict[str, Any] = {"steps_per_worker": steps, "load_avg_at_start": os.getloadavg()}
-    system = Paramstore(work, replicas=3, shards=2)
+
+    class Cluster(Paramstore):
+        HTTP, RAFT = http_port, http_port + 100
+
+    for port in range(http_port, http_port + 3):  # else /readyz may be answered by another cluster
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise RuntimeError(f"port {port} is taken (another benchmark?): choose --http-port")
+    system = Cluster(work, replicas=3, shards=2)
     system.start()
     try:
         urls = [f"http://{h}:{p}" for h, p in system.urls.values()]
@@ -93,9 +102,10 @@ def markdown(res: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ctr", description=__doc__)
     ap.add_argument("--steps", type=int, default=150, help="steps per worker")
+    ap.add_argument("--http-port", type=int, default=Paramstore.HTTP, help="first replica's port (Raft: +100)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
-    res = measure(Path(tempfile.mkdtemp(prefix="paramstore-bench-ctr-")), args.steps)
+    res = measure(Path(tempfile.mkdtemp(prefix="paramstore-bench-ctr-")), args.steps, http_port=args.http_port)
     print("\n".join(markdown(res)))
     print(f"\n({time.monotonic() - t0:.0f} s; load average at start {res['load_avg_at_start']})")
     return 0

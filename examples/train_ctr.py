@@ -315,6 +315,7 @@ def local_index(s: Setup) -> Any:
 
 def train_locally(s: Setup) -> dict[str, Any]:
     """The same model and batches, torch.nn.EmbeddingBag + Adagrad and MLP + Adam, one process."""
+    torch.set_num_threads(1)  # one core, like each worker (two threads on a busy 2-core machine thrash)
     weights = true_weights(s)
     torch.manual_seed(s.seed + 2)
     emb = torch.nn.EmbeddingBag(s.fields * s.vocab, s.dim, mode="sum", sparse=True)
@@ -359,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--tolerance", type=float, default=0.02, help="exit 1 if AUC is further from the reference")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)  # the reference, like each worker, gets one core: replicas need the others
     fields: dict[str, Any] = dict(SHORT) if args.short else {}
     if args.steps is not None:
         fields["steps"] = args.steps

@@ -66,26 +66,12 @@ class RowFetcher:
             self.stats.batches += 1
             if self.cache is None:
                 todo = np.ones(len(ids), dtype=bool)
-                served = np.zeros(len(ids), dtype=bool)
-                read_at = np.zeros(len(ids), dtype=np.int64)
             else:
-                rows, served, read_at = self.cache.get(ids, self.newest)
+                rows, served, _ = self.cache.get(ids, self.newest)
                 out[served] = rows[served]
                 todo = ~served
-        while todo.any():
+        if todo.any():
             self._fetch_into(out, ids, shard, np.flatnonzero(todo))
-            if self.cache is None:
-                break
-            # An answer may have raised a shard's newest version past the bound
-            # for rows served from the cache in this batch: fetch those again.
-            with self._lock:
-                stale = served & (self.newest[shard] - read_at > self.cache.max_staleness)
-                n = int(stale.sum())
-                self.cache.hits -= n
-                self.cache.misses += n
-                self.cache.stale += n
-            served &= ~stale
-            todo = stale
         return out
 
     def _fetch_into(self, out: np.ndarray, ids: np.ndarray, shard: np.ndarray, idx: np.ndarray) -> None:
