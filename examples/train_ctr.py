@@ -64,7 +64,7 @@ class Setup:
     seed: int = 0
 
 
-SHORT = {"steps": 30, "test": 8_000}
+SHORT = {"steps": 40, "test": 8_000}
 
 
 # ---- the synthetic click log -------------------------------------------------------------
