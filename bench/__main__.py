@@ -691,8 +691,8 @@ def main(argv=None) -> int:
     for variant in VARIANTS:  # right after the defaults, so that the load of the machine is alike
         if variant in args.systems and args.only & {"small", "push"}:
             steps.append((variant, partial(run_paramstore, args, res, el, work, variant)))
-        if args.only & {"memory", "recovery"}:
-            steps.append(("paramstore memory", lambda: run_memory_paramstore(args, res, el, work)))
+    if "paramstore" in args.systems and args.only & {"memory", "recovery"}:
+        steps.append(("paramstore memory", lambda: run_memory_paramstore(args, res, el, work)))
     if "paramstore" in args.systems and "ctr" in args.only:
         steps.append(("ctr", lambda: res.__setitem__("ctr", ctr.measure(work / "ctr", args.ctr_steps, log))))
     if "redis" in args.systems:
