@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import ops_cli
 
     args = _parser().parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is not None:  # a subcommand module registered with set_defaults(handler=...)
+        return int(handler(args))
     if args.command in ops_cli.COMMANDS:
         return ops_cli.run(args)
     try:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 import httpx
 import numpy as np
 
+from . import plan_cli
+
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
     from rich.table import Table
@@ -60,6 +62,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     from . import export_cli  # paramstore export (api/export_cli.py)
 
     export_cli.add_subcommand(sub)
+    plan_cli.add_subcommand(sub)
 
 
 def _add_status_get_put(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

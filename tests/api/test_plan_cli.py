@@ -1,0 +1,83 @@
+"""`paramstore plan`: flags, model files, output forms and refusals (the maths: tests/paramstore/test_plan.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from api import plan_cli
+from api.cli import main
+
+WORKED = ["plan", "--params", "7e9", "--workers", "64", "--bandwidth", "25", "--step-time", "10", "--replicas", "3"]
+
+
+def test_worked_example_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*WORKED, "--latency", "0", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model_bytes"] == 28_000_000_000
+    assert doc["job"]["bandwidth"] == 25e9 / 8
+    assert doc["worker_sent"] == doc["worker_received"] == 28e9
+    assert doc["allreduce_time"] == pytest.approx(17.64)
+    assert doc["ps"]["total"] == pytest.approx(573.44 + 191.146667)
+    assert doc["nodes_for_worker_links"] == 192
+    assert [o["compress"] for o in doc["options"]] == ["none", "float16", "bfloat16", "int8", "topk:0.01"]
+    assert doc["verdict"][0].startswith("Ring all-reduce fits better")
+
+
+def test_table_names_the_bottleneck_and_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(WORKED) == 0
+    text = capsys.readouterr().out
+    for expected in ("Bytes per step", "ring all-reduce", "store node downlink (gradients in)", "topk:0.01", "int8"):
+        assert expected in text
+    assert "17.6 s" in text and "28 GB" in text
+
+
+def test_text_fallback_aligns_columns() -> None:
+    out = io.StringIO()
+    plan_cli.render_text([("T", ["", "sent"], [["worker", "28 GB"], ["busiest store node", "1.79 TB"]])], ["n"], out)
+    lines = out.getvalue().splitlines()
+    assert lines[:4] == ["T", " " * 25 + "sent", "  worker" + " " * 16 + "28 GB", "  busiest store node  1.79 TB"]
+    assert lines[-1] == "n"
+
+
+def test_model_files_are_counted(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    st = tmp_path / "m.safetensors"
+    save_file({"w": np.zeros((300, 200), np.float16), "b": np.zeros(200, np.float32)}, str(st))
+    assert plan_cli.count_model(st) == (60_200, "float16")
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": {"w": torch.zeros(10, 10), "b": torch.zeros(10)}, "step": 7, "opt": [torch.zeros(5)]}, ckpt)
+    assert plan_cli.count_model(ckpt) == (115, "float32")
+    assert main(["plan", "--model", str(st), "--workers", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["job"]["params"] == 60_200 and doc["job"]["dtype"] == "float16"
+    assert doc["model_bytes"] == 120_400
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--params", "abc", "--workers", "2"], "parameter count 'abc'"),
+        (["--params", "1e6", "--workers", "0"], "workers must be at least 1"),
+        (["--params", "1e6", "--workers", "2", "--compress", "topk:1.5"], "must be in (0, 1]"),
+        (["--params", "1e6", "--workers", "2", "--replicas", "2", "--replication", "3"], "replication 3 needs"),
+        (["--params", "1e6", "--workers", "2", "--latency", "fast"], "duration 'fast'"),
+        (["--model", "/nonexistent/m.safetensors", "--workers", "2"], "No such file"),
+    ],
+)
+def test_bad_input_is_a_clear_error(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err and captured.err.startswith("paramstore plan: ")
+
+
+def test_not_a_model_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a checkpoint")
+    assert main(["plan", "--model", str(junk), "--workers", "2"]) == 2
+    assert "not a safetensors file or torch checkpoint" in capsys.readouterr().err
