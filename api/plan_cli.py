@@ -47,7 +47,7 @@ def add_subcommand(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--step-time", default="1s", help="compute time of one step (bare number: s; default 1s)")
     p.add_argument("--replicas", type=int, default=3, help="store nodes (default 3)")
     p.add_argument("--shards", type=int, help="shards (default: one per store node)")
-    p.add_argument("--replication", type=int, help="replicas per shard (default: every store node)")
+    p.add_argument("--replication", type=int, help="replicas per shard (default: 3, at most --replicas)")
     p.add_argument(
         "--compress",
         default="none",
@@ -123,7 +123,7 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, list[str]]:
         step_time=parse_duration(args.step_time, 1.0),
         nodes=nodes,
         shards=kw.pop("shards", None) or args.shards or nodes,
-        replication=kw.pop("replication", None) or args.replication or nodes,
+        replication=kw.pop("replication", None) or args.replication or min(3, nodes),
         compress=args.compress,
         **kw,
     )

@@ -227,12 +227,12 @@ def allreduce(job: Job) -> AllReduce:
 
 
 def _spread(job: Job, nodes: int) -> Job:
-    """`job` on `nodes` store nodes: shards = max(shards, nodes), replication
-    kept (at most `nodes`), even placement."""
+    """`job` on `nodes` store nodes: shards rounded up to a multiple of the
+    nodes (each node leads as many), replication kept (at most `nodes`)."""
     return replace(
         job,
         nodes=nodes,
-        shards=max(job.shards, nodes),
+        shards=-(-job.shards // nodes) * nodes,
         replication=min(job.replication, nodes),
         lead_shares=None,
         host_shares=None,
