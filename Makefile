@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: run run-ctr lint test test-fast test-cluster test-faults bench bench-join install clean
+.PHONY: run run-ctr lint test test-fast test-cluster test-faults bench bench-join bench-net install clean
 
 $(PY):
 	python3 -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv $(VENV))
@@ -77,6 +77,11 @@ bench: $(BENCH_STAMP)
 ## A 4th replica joins a cluster holding 512 MB, under write load (~2 min).
 bench-join: $(BENCH_STAMP)
 	$(PY) -m bench.join $(BENCH_ARGS)
+
+## Replicas and workers on their own hosts (network namespaces) behind 1 Gbit/s links shaped with tc:
+## step time of a 100 M-parameter job against `paramstore plan`, a 256 MB push and pull (root; ~10 min).
+bench-net: install $(SYSDEPS)
+	$(PY) -m bench.netsim $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -85,11 +85,13 @@ class Job:
     """A training job and the store it would use.
 
     `lead_shares[i]` / `host_shares[i]`: the fraction of the model's bytes whose
-    shard node i leads / hosts. None: shard k hosted by the `replication`
-    consecutive nodes from k mod nodes, led by the first, the model spread
-    evenly over the shards (what partitioned tensors give; a whole tensor sits in
-    one shard). `push_bandwidth` / `pull_bandwidth` replace `bandwidth` on the
-    parameter server's links when measured (`paramstore plan --measure`).
+    shard's pushes and pulls node i takes (the shard's "entry": any replica
+    of a shard accepts a push and forwards the body to the others) / hosts.
+    None: shard k hosted by the `replication` consecutive nodes from k mod
+    nodes, entered at the first, the model spread evenly over the shards
+    (what partitioned tensors give; a whole tensor sits in one shard).
+    `push_bandwidth` / `pull_bandwidth` replace `bandwidth` on the parameter
+    server's links when measured (`paramstore plan --measure`).
     """
 
     params: int
@@ -153,15 +155,15 @@ class Links:
     worker_sent: float
     worker_received: float
     node_sent: tuple[float, ...]  # per store node: pulls served + gradients replicated
-    node_received: tuple[float, ...]  # per store node: gradients, from workers or leaders
+    node_received: tuple[float, ...]  # per store node: gradients, from workers or entry replicas
 
 
 def links(job: Job) -> Links:
     """Per step: each worker pushes its gradient for the whole model and pulls
-    the whole model. A shard's leader takes its part of every worker's
-    gradient and sends it on to the shard's replication-1 followers (paramstore
-    sideloads gradient bodies to every replica; only a digest goes through the
-    Raft log), and serves its part of every pull."""
+    the whole model. A shard's entry replica takes its part of every worker's
+    gradient and sends it on to the shard's replication-1 other replicas
+    (paramstore sideloads gradient bodies; only a digest goes through the Raft
+    log), and serves its part of every pull."""
     w = wire(job.compress, job.dtype)
     lead, host = (
         (job.lead_shares, job.host_shares)

@@ -106,15 +106,17 @@ class SimCluster:
 
         self.net.call(from_host, ready)
 
-    def client(self, **kw: Any) -> Client:
-        """A client for every replica; use it only inside a host's thread (`with_client`)."""
-        return Client(list(self.urls.values()), token=self.token, **kw)
+    def client(self, first: str | None = None, **kw: Any) -> Client:
+        """A client for every replica, `first` (a replica host) tried first; use
+        it only inside a host's thread (`with_client`)."""
+        urls = sorted(self.urls.values(), key=lambda u: u != self.urls.get(first or ""))
+        return Client(urls, token=self.token, **kw)
 
-    def with_client(self, host: str, fn: Callable[[Client], T], **kw: Any) -> T:
+    def with_client(self, host: str, fn: Callable[[Client], T], first: str | None = None, **kw: Any) -> T:
         """fn(client) in a thread on `host`: its connections leave from that host."""
 
         def go() -> T:
-            with self.client(**kw) as c:
+            with self.client(first, **kw) as c:
                 return fn(c)
 
         return self.net.call(host, go)

@@ -1,0 +1,333 @@
+"""The simulated-network benchmark (issue 16 item 5; needs root):
+
+    python -m bench.netsim [--nodes 3,5] [--rate 1000] [--params 1e8] [--workers 4] [--steps 3]
+
+For each store size: replicas and workers each on their own host behind
+shaped links (bench/netsim/net.py); a data-parallel job whose model is split
+into `--tensors` tensors spread evenly over the shards, each worker pushing a
+synthetic gradient for every tensor and then pulling every tensor, to and
+from one replica per shard (spread over the nodes); the measured step time
+beside `paramstore plan`'s prediction for the same topology (the real
+placement; the links' nominal rate, and the rates `plan --measure` measures
+on the simulated cluster). Then a large tensor pushed and pulled by one worker, in each layout
+of LARGE_LAYOUTS. Results: stdout (markdown) and bench/results/netsim.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from api.plan_measure import measure
+from paramstore import Client
+from paramstore.plan import Job, gbit, ps_timing
+from store.placement import shard_for
+
+from .cluster import SimCluster
+from .net import NetsimUnavailable, Shape, SimNet, remove_stale, unavailable
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "netsim.json"
+# How the large tensor is created: (label, Client.create keyword arguments). The
+# partitioned-tensor work (issue 16 items 1-3) adds e.g. ("4 parts", {"partitions": 4}).
+LARGE_LAYOUTS: list[tuple[str, dict[str, Any]]] = [("whole", {})]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.netsim", description=__doc__)
+    p.add_argument("--nodes", default="3,5", help="store sizes to run, comma-separated")
+    p.add_argument("--rate", type=float, default=1000.0, help="every host link, Mbit/s each way")
+    p.add_argument("--delay", type=float, default=0.2, help="one-way delay per host link, ms (needs sch_netem)")
+    p.add_argument("--params", type=float, default=1e8, help="model parameters (float32)")
+    p.add_argument("--tensors", type=int, default=15, help="tensors the model is split into")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3, help="steps per run; the first is a warm-up")
+    p.add_argument("--large-mb", type=float, default=256.0, help="the large tensor, MB (0: skip)")
+    args = p.parse_args(argv)
+    why = unavailable()
+    if why:
+        print(f"bench.netsim: cannot run here: {why}", file=sys.stderr)
+        return 2
+    remove_stale()
+    runs = []
+    try:
+        for nodes in (int(n) for n in args.nodes.split(",")):
+            with tempfile.TemporaryDirectory(prefix="psim-bench-") as tmp:
+                runs.append(run_topology(nodes, args, Path(tmp)))
+    except NetsimUnavailable as e:
+        print(f"bench.netsim: {e}", file=sys.stderr)
+        return 2
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    print(report(runs, args))
+    return 0
+
+
+def run_topology(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    replicas = [f"r{i + 1}" for i in range(nodes)]
+    workers = [f"w{i + 1}" for i in range(args.workers)]
+    shape = Shape(rate_mbit=args.rate, delay_ms=args.delay, required=False)
+    replication = min(3, nodes)
+    with SimNet(replicas + workers, shape) as net:
+        c = SimCluster(net, replicas, tmp, shards=nodes, replication=replication, limits={"request_timeout": 300.0})
+        c.start()
+        c.wait_ready("w1", timeout=120)
+        numel = int(args.params) // args.tensors
+        names = balanced_names(args.tensors, nodes)
+
+        def create(client: Client) -> None:
+            for n in names:
+                client.create(n, np.zeros(numel, np.float32), optimizer={"type": "sgd", "lr": 1e-3})
+
+        log(f"{nodes} nodes: cluster up on {shape.describe()} links (applied: {net.applied.describe()}); creating")
+        c.with_client("w1", create, timeout=300, deadline=600)
+        leaders, hosts, shard_of = net.call("w1", cluster_view, c)
+        entries = spread_entries(replicas, hosts)
+        lead_share, host_share = shares(replicas, names, entries, hosts, shard_of)
+        link = gbit(args.rate / 1000)
+        nominal = Job(
+            params=numel * len(names),
+            workers=args.workers,
+            bandwidth=link,
+            step_time=1.0,
+            nodes=nodes,
+            shards=nodes,
+            replication=replication,
+            lead_shares=lead_share,
+            host_shares=host_share,
+        )
+        m = net.call("w1", measure, list(c.urls.values()), 64_000_000, 3, c.token)
+        measured_job = replace(nominal, push_bandwidth=m.push_bytes_per_s, pull_bandwidth=m.pull_bytes_per_s)
+        rates = f"push {m.push_bytes_per_s / 1e6:.0f} MB/s, pull {m.pull_bytes_per_s / 1e6:.0f} MB/s"
+        log(f"{nodes} nodes: plan --measure: {rates}; running the job")
+        steps = run_job(net, c, workers, names, numel, entries, shard_of, args.steps, tmp)
+        large = [
+            run_large(net, c, args.large_mb, label, kw, replicas, link, hosts)
+            for label, kw in LARGE_LAYOUTS
+            if args.large_mb
+        ]
+    later = steps[1:] or steps
+    return {
+        "nodes": nodes,
+        "shards": nodes,
+        "replication": replication,
+        "shape": shape.__dict__,
+        "applied": net.applied.__dict__,
+        "leaders": leaders,
+        "entries": entries,
+        "lead_shares": lead_share,
+        "host_shares": host_share,
+        "measured_push": m.push_bytes_per_s,
+        "measured_pull": m.pull_bytes_per_s,
+        "steps": steps,
+        "step": statistics.mean(s["step"] for s in later),
+        "push": statistics.mean(s["push"] for s in later),
+        "pull": statistics.mean(s["pull"] for s in later),
+        "predicted": ps_timing(nominal).__dict__,
+        "predicted_measured": ps_timing(measured_job).__dict__,
+        "large": large,
+    }
+
+
+def cluster_view(c: SimCluster) -> tuple[dict[int, str], dict[int, list[str]], dict[str, int]]:
+    """Each shard's leader (every replica asked: one knows only the shards it
+    hosts), its replicas, and each tensor's shard."""
+    leaders: dict[int, str] = {}
+    hosts: dict[int, list[str]] = {}
+    auth = {"Authorization": f"Bearer {c.token}"}
+    with httpx.Client(timeout=10) as http:
+        for url in c.urls.values():
+            for s in http.get(url + "/v1/cluster", headers=auth).json()["shards"]:
+                hosts[s["shard"]] = s["replicas"]
+                if s.get("leader"):
+                    leaders[s["shard"]] = s["leader"]
+        tensors = http.get(next(iter(c.urls.values())) + "/v1/tensors", headers=auth).json()
+    return leaders, hosts, {t["name"]: int(t["shard"]) for t in tensors}
+
+
+def balanced_names(count: int, shards: int) -> list[str]:
+    """`count` tensor names spread as evenly as the count allows over the shards
+    (placement is a hash of the name: store/placement.py)."""
+    per_shard = -(-count // shards)
+    taken = [0] * shards
+    names: list[str] = []
+    j = 0
+    while len(names) < count:
+        name = f"layer{j:03d}"
+        k = shard_for(name, shards)
+        if taken[k] < per_shard:
+            taken[k] += 1
+            names.append(name)
+        j += 1
+    return names
+
+
+def spread_entries(nodes: list[str], hosts: dict[int, list[str]]) -> dict[int, str]:
+    """The replica each shard's pushes and pulls go to. Any replica of a shard
+    takes a push and forwards its body to the others itself (the Raft leader
+    gets only the small command), so the entries can be spread over the nodes
+    whoever the leaders are: each shard to its host with the fewest so far."""
+    load = dict.fromkeys(nodes, 0)
+    entries = {}
+    for k in sorted(hosts):
+        entry = min(hosts[k], key=lambda h: (load[h], nodes.index(h)))
+        load[entry] += 1
+        entries[k] = entry
+    return entries
+
+
+def shares(
+    nodes: list[str],
+    names: list[str],
+    entries: dict[int, str],
+    hosts: dict[int, list[str]],
+    shard_of: dict[str, int],
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The fraction of the model each node takes pushes and pulls of, and hosts."""
+    lead = dict.fromkeys(nodes, 0.0)
+    host = dict.fromkeys(nodes, 0.0)
+    for n in names:
+        k = shard_of[n]
+        lead[entries[k]] += 1 / len(names)
+        for h in hosts[k]:
+            host[h] += 1 / len(names)
+    return tuple(lead[n] for n in nodes), tuple(host[n] for n in nodes)
+
+
+def run_job(
+    net: SimNet,
+    c: SimCluster,
+    workers: list[str],
+    names: list[str],
+    numel: int,
+    entries: dict[int, str],
+    shard_of: dict[str, int],
+    steps: int,
+    tmp: Path,
+) -> list[dict[str, float]]:
+    """Every worker's steps (worker.py), started together; the step of the job
+    is the slowest worker's."""
+    tensors = [{"name": n, "numel": numel, "url": c.urls[entries[shard_of[n]]]} for n in names]
+    start_at = time.time() + 15  # after every worker process has imported and built its gradients
+    procs = []
+    for i, w in enumerate(workers):
+        spec = {"token": c.token, "urls": list(c.urls.values()), "steps": steps, "start_at": start_at, "seed": i}
+        (tmp / f"{w}.spec.json").write_text(json.dumps({**spec, "tensors": tensors}))
+        cmd = [sys.executable, "-m", "bench.netsim.worker", str(tmp / f"{w}.spec.json"), str(tmp / f"{w}.json")]
+        log_file = open(tmp / f"{w}.log", "wb")  # noqa: SIM115 (closed below, after the worker exits)
+        procs.append(
+            (w, net.popen(w, cmd, stdout=log_file, stderr=log_file, cwd=Path(__file__).resolve().parents[2]), log_file)
+        )
+    for w, proc, log_file in procs:
+        code = proc.wait(timeout=3600)
+        log_file.close()
+        if code != 0:
+            raise RuntimeError(f"worker {w} failed ({code}): {(tmp / f'{w}.log').read_text()[-2000:]}")
+    per_worker = [json.loads((tmp / f"{w}.json").read_text())["steps"] for w in workers]
+    return [{k: max(run[i][k] for run in per_worker) for k in ("push", "pull", "step")} for i in range(steps)]
+
+
+def run_large(
+    net: SimNet,
+    c: SimCluster,
+    mb: float,
+    label: str,
+    create_kw: dict[str, Any],
+    replicas: list[str],
+    link: float,
+    hosts: dict[int, list[str]],
+) -> dict[str, Any]:
+    """One worker pushes (committed on a majority) and pulls a `mb` tensor,
+    created with `create_kw`, through the first replica of its shard."""
+    value = np.random.default_rng(1).standard_normal(int(mb * 1e6) // 4, dtype=np.float32)
+    name = f"large-{label.replace(' ', '-')}"
+    entry = hosts[shard_for(name, len(hosts))][0]
+
+    def go(client: Client) -> tuple[float, float, int]:
+        client.create(name, value, optimizer={"type": "sgd", "lr": 1e-3}, **create_kw)
+        pushes, pulls = [], []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            client.push_grad(name, value)
+            pushes.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            client.pull(name)
+            pulls.append(time.perf_counter() - t0)
+        shard = next(t["shard"] for t in client.list() if t["name"] == name)
+        client.delete(name)
+        return min(pushes), min(pulls), int(shard)
+
+    push_s, pull_s, shard = c.with_client("w1", go, first=entry, timeout=300, deadline=600)
+    one = Job(
+        params=value.size,
+        workers=1,
+        bandwidth=link,
+        step_time=1.0,
+        nodes=len(replicas),
+        shards=len(hosts),
+        replication=len(hosts[shard]),
+        lead_shares=tuple(1.0 if r == entry else 0.0 for r in replicas),
+        host_shares=tuple(1.0 if r in hosts[shard] else 0.0 for r in replicas),
+    )
+    t = ps_timing(one)
+    return {
+        "layout": label,
+        "bytes": value.nbytes,
+        "push_s": push_s,
+        "pull_s": pull_s,
+        "push_mb_s": value.nbytes / push_s / 1e6,
+        "pull_mb_s": value.nbytes / pull_s / 1e6,
+        "link_mb_s": link / 1e6,
+        "predicted_push_s": t.push,
+        "predicted_pull_s": t.pull,
+    }
+
+
+def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"Job: {args.params:.3g} float32 parameters in {args.tensors} tensors, {args.workers} workers, links "
+        f"{runs[0]['shape']['rate_mbit']:g} Mbit/s each way (applied: {runs[0]['applied']['rate_mbit']:g} Mbit/s, "
+        f"delay {runs[0]['applied']['delay_ms']:g} ms), replication min(3, nodes), {args.steps - 1} timed steps",
+        "",
+        "| store | measured step (push + pull) | plan, nominal links | plan --measure | measured / plan | "
+        "plan's bottleneck | Raft leaders |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        p, pm = r["predicted"], r["predicted_measured"]
+        leaders = ", ".join(f"{k}:{v}" for k, v in sorted(r["leaders"].items()))
+        lines.append(
+            f"| {r['nodes']} nodes | {r['step']:.1f} s ({r['push']:.1f} + {r['pull']:.1f}) | "
+            f"{p['total']:.1f} s ({p['push']:.1f} + {p['pull']:.1f}) | {pm['total']:.1f} s | "
+            f"{r['step'] / p['total']:.2f}x | {p['bottleneck']} | {leaders} |"
+        )
+    lines += [
+        "",
+        "| store | large tensor | push MB/s (plan) | pull MB/s (plan) | link limit |",
+        "|---|---|---|---|---|",
+    ]
+    for r in runs:
+        for g in r["large"]:
+            lines.append(
+                f"| {r['nodes']} nodes | {g['bytes'] / 1e6:.0f} MB {g['layout']} | {g['push_mb_s']:.0f} "
+                f"({g['bytes'] / g['predicted_push_s'] / 1e6:.0f}) | {g['pull_mb_s']:.0f} "
+                f"({g['bytes'] / g['predicted_pull_s'] / 1e6:.0f}) | {g['link_mb_s']:.0f} MB/s |"
+            )
+    return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
