@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from paramstore import Client
+from store.placement import shard_for
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,26 @@ def placement(doc: dict[str, Any]) -> Placement:
     )
 
 
+def probe_name(doc: dict[str, Any]) -> str:
+    """A fresh tensor name whose shard the answering replica hosts: no 307 to
+    another replica (on which httpx would drop the bearer token)."""
+    hosted = {s["shard"] for s in doc["shards"] if doc["node"] in s["replicas"]}
+    while True:
+        name = f"_plan_probe_{uuid.uuid4().hex[:12]}"
+        if not hosted or shard_for(name, len(doc["shards"])) in hosted:
+            return name
+
+
 def measure(urls: list[str], probe_bytes: int, rounds: int = 3, token: str | None = None) -> Measured:
     """Create a float32 probe tensor of `probe_bytes` (optimizer `assign`: a push
     stores the gradient, no arithmetic), time `rounds` pushes (committed on a
     majority) and `rounds` pulls, delete it. Rates are bytes / median time."""
     n = max(1, probe_bytes // 4)
     data = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
-    name = f"_plan_probe_{uuid.uuid4().hex[:12]}"
     with Client(urls, timeout=120.0, deadline=300.0, token=token) as client:
-        where = placement(client.cluster())  # before the probe adds its own bytes
+        doc = client.cluster()
+        where = placement(doc)  # before the probe adds its own bytes
+        name = probe_name(doc)
         client.create(name, data, optimizer={"type": "assign"})
         try:
             pushes, pulls = [], []

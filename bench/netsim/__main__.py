@@ -10,18 +10,20 @@ from one replica per shard (spread over the nodes); the measured step time
 beside `paramstore plan`'s prediction for the same topology (the real
 placement; the links' nominal rate, and the rates `plan --measure` measures
 on the simulated cluster). Then a large tensor pushed and pulled by one worker, in each layout
-of LARGE_LAYOUTS. Results: stdout (markdown) and bench/results/netsim.json.
+of LARGE_LAYOUTS. Results: stdout (markdown) and bench/results/netsim-<rate>mbit.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from store.placement import shard_for
 from .cluster import SimCluster
 from .net import NetsimUnavailable, Shape, SimNet, remove_stale, unavailable
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "netsim.json"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 # How the large tensor is created: (label, Client.create keyword arguments). The
 # partitioned-tensor work (issue 16 items 1-3) adds e.g. ("4 parts", {"partitions": 4}).
 LARGE_LAYOUTS: list[tuple[str, dict[str, Any]]] = [("whole", {})]
@@ -58,16 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.netsim: cannot run here: {why}", file=sys.stderr)
         return 2
     remove_stale()
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C: the SimNet's teardown runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs = []
+    out = RESULTS / f"netsim-{args.rate:g}mbit.json"
     try:
         for nodes in (int(n) for n in args.nodes.split(",")):
             with tempfile.TemporaryDirectory(prefix="psim-bench-") as tmp:
                 runs.append(run_topology(nodes, args, Path(tmp)))
+            RESULTS.mkdir(exist_ok=True)
+            out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))  # after each, in case
     except NetsimUnavailable as e:
         print(f"bench.netsim: {e}", file=sys.stderr)
         return 2
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
     print(report(runs, args))
     return 0
 
@@ -84,14 +89,17 @@ def run_topology(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
         numel = int(args.params) // args.tensors
         names = balanced_names(args.tensors, nodes)
 
-        def create(client: Client) -> None:
-            for n in names:
-                client.create(n, np.zeros(numel, np.float32), optimizer={"type": "sgd", "lr": 1e-3})
-
         log(f"{nodes} nodes: cluster up on {shape.describe()} links (applied: {net.applied.describe()}); creating")
-        c.with_client("w1", create, timeout=300, deadline=600)
-        leaders, hosts, shard_of = net.call("w1", cluster_view, c)
+        _, hosts = net.call("w1", cluster_view, c)
         entries = spread_entries(replicas, hosts)
+        for n in names:
+            # Through a replica of the tensor's shard: the SDK follows a 307 to another
+            # replica, but httpx drops the Authorization header on that redirect.
+            zeros = np.zeros(numel, np.float32)
+            create = partial(Client.create, name=n, value=zeros, optimizer={"type": "sgd", "lr": 1e-3})
+            c.with_client("w1", create, first=entries[shard_for(n, nodes)], timeout=300, deadline=600)
+        leaders, hosts = net.call("w1", cluster_view, c)
+        shard_of = {n: shard_for(n, nodes) for n in names}
         lead_share, host_share = shares(replicas, names, entries, hosts, shard_of)
         link = gbit(args.rate / 1000)
         nominal = Job(
@@ -138,9 +146,9 @@ def run_topology(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
     }
 
 
-def cluster_view(c: SimCluster) -> tuple[dict[int, str], dict[int, list[str]], dict[str, int]]:
+def cluster_view(c: SimCluster) -> tuple[dict[int, str], dict[int, list[str]]]:
     """Each shard's leader (every replica asked: one knows only the shards it
-    hosts), its replicas, and each tensor's shard."""
+    hosts) and its replicas."""
     leaders: dict[int, str] = {}
     hosts: dict[int, list[str]] = {}
     auth = {"Authorization": f"Bearer {c.token}"}
@@ -150,8 +158,7 @@ def cluster_view(c: SimCluster) -> tuple[dict[int, str], dict[int, list[str]], d
                 hosts[s["shard"]] = s["replicas"]
                 if s.get("leader"):
                     leaders[s["shard"]] = s["leader"]
-        tensors = http.get(next(iter(c.urls.values())) + "/v1/tensors", headers=auth).json()
-    return leaders, hosts, {t["name"]: int(t["shard"]) for t in tensors}
+    return leaders, hosts
 
 
 def balanced_names(count: int, shards: int) -> list[str]:

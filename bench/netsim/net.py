@@ -20,6 +20,7 @@ without them (`Shape.required=False`), recording that it did.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -117,11 +118,16 @@ def _run(*cmd: str) -> None:
 
 
 def remove_stale() -> list[str]:
-    """Delete namespaces a run that no longer exists left behind (it was killed)."""
+    """Delete what a run that no longer exists left behind (it was killed):
+    the processes still inside its namespaces, then the namespaces."""
     removed = []
     for ns in namespaces(PREFIX):
         pid = ns[len(PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            orphans = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for orphan in orphans:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(orphan), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             removed.append(ns)
     return removed
