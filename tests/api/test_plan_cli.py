@@ -81,3 +81,25 @@ def test_not_a_model_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     junk.write_bytes(b"not a checkpoint")
     assert main(["plan", "--model", str(junk), "--workers", "2"]) == 2
     assert "not a safetensors file or torch checkpoint" in capsys.readouterr().err
+
+
+def test_placement_from_a_cluster_document() -> None:
+    from api.plan_measure import placement, probe_name
+    from store.placement import shard_for
+
+    doc = {
+        "node": "n1",
+        "replication": 2,
+        "shards": [
+            {"shard": 0, "replicas": ["n1", "n2"], "leader": "n2", "bytes": 300},
+            {"shard": 1, "replicas": ["n2", "n3"]},  # not hosted by n1: no leader or bytes known
+            {"shard": 2, "replicas": ["n3", "n1"], "leader": "n1", "bytes": 100},
+        ],
+    }
+    p = placement(doc)
+    assert (p.nodes, p.shards, p.replication) == (("n1", "n2", "n3"), 3, 2)
+    assert p.lead_shares == pytest.approx((0.25, 0.75, 0.0))  # by stored bytes; shard 1 holds none known
+    assert p.host_shares == pytest.approx((1.0, 0.75, 0.25))
+    empty = placement({**doc, "shards": [{k: v for k, v in s.items() if k != "bytes"} for s in doc["shards"]]})
+    assert empty.lead_shares == pytest.approx((1 / 3, 2 / 3, 0.0))  # by shard count; shard 1 -> its first replica
+    assert shard_for(probe_name(doc), 3) in (0, 2)  # a shard n1 hosts: no redirect
