@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from paramstore import ParamStoreError
-from paramstore.plan import COMPRESSIONS, DTYPE_BYTES, Job, Plan, PlanError, gbit, parse_count, parse_duration, plan
+from paramstore.plan import (
+    COMPRESSIONS,
+    DTYPE_BYTES,
+    Job,
+    Plan,
+    PlanError,
+    effective_push_bandwidth,
+    gbit,
+    parse_count,
+    parse_duration,
+    plan,
+)
 
 SAFETENSORS_DTYPES = {
     "F64": "float64",
@@ -102,7 +113,7 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, list[str]]:
         where = m.placement
         nodes = len(where.nodes)
         kw = {
-            "push_bandwidth": m.push_bytes_per_s,
+            "push_bandwidth": effective_push_bandwidth(m.push_bytes_per_s, where.replication),
             "pull_bandwidth": m.pull_bytes_per_s,
             "shards": where.shards,
             "replication": where.replication,
@@ -111,7 +122,8 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, list[str]]:
         }
         notes.append(
             f"measured at {args.measure} with a {fmt_bytes(m.probe_bytes)} tensor (median of {m.rounds}): "
-            f"push {fmt_rate(m.push_bytes_per_s)}, pull {fmt_rate(m.pull_bytes_per_s)}; "
+            f"push {fmt_rate(m.push_bytes_per_s)} (links: {fmt_rate(kw['push_bandwidth'])}, the entry forwarding "
+            f"each push to {where.replication - 1} replicas), pull {fmt_rate(m.pull_bytes_per_s)}; "
             f"{nodes} nodes, {where.shards} shards, replication {where.replication}, leaders as placed now"
         )
     job = Job(

@@ -388,6 +388,13 @@ def plan(job: Job, options: Sequence[str] = COMPRESSIONS) -> Plan:
     )
 
 
+def effective_push_bandwidth(measured: float, replication: int) -> float:
+    """The link rate that explains one client's measured push rate: in this
+    model a lone push of M bytes takes max(1, R-1)·M/B, its entry replica
+    forwarding it to the R-1 others through its own uplink."""
+    return measured * max(1, replication - 1)
+
+
 def parse_count(text: str) -> int:
     """A parameter count: `7e9`, `7000000000`, `7_000_000_000`, `7B`, `350M`, `10k`."""
     t = text.strip().replace("_", "")

@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import numpy as np
 
 from api.plan_measure import measure
 from paramstore import Client
-from paramstore.plan import Job, gbit, ps_timing
+from paramstore.plan import Job, effective_push_bandwidth, gbit, ps_timing
 from store.placement import shard_for
 
 from .cluster import SimCluster
@@ -54,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="steps per run; the first is a warm-up")
     p.add_argument("--large-mb", type=float, default=256.0, help="the large tensor, MB (0: skip)")
+    p.add_argument(
+        "--report", metavar="JSON", help="only print the tables of a saved run (bench/results/netsim-*.json)"
+    )
     args = p.parse_args(argv)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        print(report(saved["runs"], argparse.Namespace(**saved["args"])))
+        return 0
     why = unavailable()
     if why:
         print(f"bench.netsim: cannot run here: {why}", file=sys.stderr)
@@ -102,19 +109,7 @@ def run_topology(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
         shard_of = {n: shard_for(n, nodes) for n in names}
         lead_share, host_share = shares(replicas, names, entries, hosts, shard_of)
         link = gbit(args.rate / 1000)
-        nominal = Job(
-            params=numel * len(names),
-            workers=args.workers,
-            bandwidth=link,
-            step_time=1.0,
-            nodes=nodes,
-            shards=nodes,
-            replication=replication,
-            lead_shares=lead_share,
-            host_shares=host_share,
-        )
         m = net.call("w1", measure, list(c.urls.values()), 64_000_000, 3, c.token)
-        measured_job = replace(nominal, push_bandwidth=m.push_bytes_per_s, pull_bandwidth=m.pull_bytes_per_s)
         rates = f"push {m.push_bytes_per_s / 1e6:.0f} MB/s, pull {m.pull_bytes_per_s / 1e6:.0f} MB/s"
         log(f"{nodes} nodes: plan --measure: {rates}; running the job")
         steps = run_job(net, c, workers, names, numel, entries, shard_of, args.steps, tmp)
@@ -140,8 +135,6 @@ def run_topology(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
         "step": statistics.mean(s["step"] for s in later),
         "push": statistics.mean(s["push"] for s in later),
         "pull": statistics.mean(s["pull"] for s in later),
-        "predicted": ps_timing(nominal).__dict__,
-        "predicted_measured": ps_timing(measured_job).__dict__,
         "large": large,
     }
 
@@ -299,23 +292,51 @@ def run_large(
     }
 
 
+def predictions(run: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`paramstore plan`'s push and pull phases for a run's topology: on the
+    links' nominal rate, and on the rates its --measure found (recomputed
+    from the saved figures, so a report always uses the current model)."""
+    job = job_of(run, args)
+    measured = replace(
+        job,
+        push_bandwidth=effective_push_bandwidth(run["measured_push"], job.replication),
+        pull_bandwidth=run["measured_pull"],
+    )
+    return asdict(ps_timing(job)), asdict(ps_timing(measured))
+
+
+def job_of(run: dict[str, Any], args: argparse.Namespace) -> Job:
+    """The job a run measured, as the plan sees it (its real placement)."""
+    return Job(
+        params=int(args.params) // args.tensors * args.tensors,
+        workers=args.workers,
+        bandwidth=gbit(args.rate / 1000),
+        step_time=1.0,
+        nodes=run["nodes"],
+        shards=run["shards"],
+        replication=run["replication"],
+        lead_shares=tuple(run["lead_shares"]),
+        host_shares=tuple(run["host_shares"]),
+    )
+
+
 def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Job: {args.params:.3g} float32 parameters in {args.tensors} tensors, {args.workers} workers, links "
         f"{runs[0]['shape']['rate_mbit']:g} Mbit/s each way (applied: {runs[0]['applied']['rate_mbit']:g} Mbit/s, "
         f"delay {runs[0]['applied']['delay_ms']:g} ms), replication min(3, nodes), {args.steps - 1} timed steps",
         "",
-        "| store | measured step (push + pull) | plan, nominal links | plan --measure | measured / plan | "
-        "plan's bottleneck | Raft leaders |",
-        "|---|---|---|---|---|---|---|",
+        "| store | measured step (push + pull) | plan, nominal links | measured / plan | plan --measure | "
+        "measured / plan --measure | plan's bottleneck | Raft leaders |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        p, pm = r["predicted"], r["predicted_measured"]
+        p, pm = predictions(r, args)
         leaders = ", ".join(f"{k}:{v}" for k, v in sorted(r["leaders"].items()))
         lines.append(
             f"| {r['nodes']} nodes | {r['step']:.1f} s ({r['push']:.1f} + {r['pull']:.1f}) | "
-            f"{p['total']:.1f} s ({p['push']:.1f} + {p['pull']:.1f}) | {pm['total']:.1f} s | "
-            f"{r['step'] / p['total']:.2f}x | {p['bottleneck']} | {leaders} |"
+            f"{p['total']:.1f} s ({p['push']:.1f} + {p['pull']:.1f}) | {r['step'] / p['total']:.2f}x | "
+            f"{pm['total']:.1f} s | {r['step'] / pm['total']:.2f}x | {p['bottleneck']} | {leaders} |"
         )
     lines += [
         "",
