@@ -79,7 +79,7 @@ bench-join: $(BENCH_STAMP)
 	$(PY) -m bench.join $(BENCH_ARGS)
 
 ## Replicas and workers on their own hosts (network namespaces) behind 1 Gbit/s links shaped with tc:
-## step time of a 100 M-parameter job against `paramstore plan`, a 256 MB push and pull (root; ~10 min).
+## step time of a 100 M-parameter job against `paramstore plan`, a 256 MB push and pull (root; 10-20 min).
 bench-net: install $(SYSDEPS)
 	$(PY) -m bench.netsim $(BENCH_ARGS)
 
