@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 import httpx
 import numpy as np
 
-from . import plan_cli
-
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
     from rich.table import Table
@@ -62,6 +60,8 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     from . import export_cli  # paramstore export (api/export_cli.py)
 
     export_cli.add_subcommand(sub)
+    from . import plan_cli  # paramstore plan (api/plan_cli.py; dispatched by its handler)
+
     plan_cli.add_subcommand(sub)
 
 
