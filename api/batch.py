@@ -20,6 +20,7 @@ from store.interface import StoreAPI
 from . import headers as h
 from . import json_input, wire
 from . import openapi as oa
+from . import wire_dtypes as wd
 from .bridge import wait
 from .errors import UnsupportedMediaType, error_response
 from .tensors import wait_version
@@ -46,6 +47,7 @@ async def pull_batch(
     `X-Min-Versions: {"name": v}` waits (bounded) until this replica has
     applied those versions: read-your-writes for a session."""
     store: StoreAPI = request.app.state.store
+    wire_dtype = wd.requested(request.headers.get("x-wire-dtype"))
     wanted = [h.tensor_name(n) for n in names.split(",") if n]
     if not wanted or len(wanted) > 10_000:
         raise InvalidRequest("names: give 1 to 10000 comma-separated tensor names")
@@ -67,7 +69,11 @@ async def pull_batch(
         arrays, versions = {}, {}
         for n in wanted:
             t, _ = store.get(n)
+            if wire_dtype is not None:
+                wd.check_float(n, t.dtype, wire_dtype)
             arrays[n], versions[n] = t.value, t.version
+        if wire_dtype is not None:
+            return wd.batch_body(arrays, wire_dtype, {"versions": json.dumps(versions)})
         return wire.encode_safetensors(arrays, {"versions": json.dumps(versions)})
 
     body = await anyio.to_thread.run_sync(build)

@@ -19,7 +19,7 @@ from store.errors import NotFound, StoreError, Unavailable
 from store.interface import StoreAPI
 from store.partitions import Layout
 
-from . import wire
+from . import wire, wire_dtypes
 from .bridge import wait, wait_within
 from .errors import WaitExpired
 from .partitioned import answer_headers, version_vector
@@ -39,6 +39,7 @@ async def pull(
     if_none_match: str | None,
     digest: bool,
     head_only: bool,
+    wire_dtype: str | None = None,
 ) -> Response:
     """The whole tensor, its parts read in order; `min_version` and
     `consistency=linearizable` apply to every part."""
@@ -70,6 +71,9 @@ async def pull(
     values = [t.value for t in records]
     if digest:
         hdrs["X-Digest"] = "sha256:" + await anyio.to_thread.run_sync(_sha256, values)
+    if wire_dtype is not None:  # narrowed whole: an int8 row may span parts (a partitioned vector)
+        whole = await anyio.to_thread.run_sync(np.concatenate, values)
+        return await wire_dtypes.tensor_response(lay.name, whole, hdrs, wire_dtype, kind, head_only)
     if kind == wire.JSON:
         return wire.encode(kind, lay.name, np.concatenate(values), hdrs, limits.json_max_elements, head_only)
     head = b""

@@ -17,6 +17,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
 from store.errors import InvalidRequest
+from store.tables import rowdtype
 from store.tables.service import TableService
 from store.tables.spec import INITIALIZERS, NAME_RE, OPTIMIZERS, STORAGE_DTYPES
 
@@ -24,6 +25,7 @@ from . import headers as h
 from . import openapi as oa
 from . import table_wire as tw
 from . import wire
+from . import wire_dtypes as wd
 from .bridge import wait
 from .errors import PayloadTooLarge, UnsupportedMediaType
 
@@ -223,7 +225,9 @@ async def lookup_rows(
 ) -> Response:
     """Rows for the IDs in the body, in order; an ID without a row reads its initial value."""
     limits = _limits(request)
-    kind = tw.negotiate(request.headers.get("accept"))
+    wire_dtype = wd.requested(request.headers.get("x-wire-dtype"))
+    accept = request.headers.get("accept")
+    kind = wire.negotiate(accept, (tw.SAFETENSORS,)) if wire_dtype else tw.negotiate(accept)
     body = await wire.read_body(request, limits.max_body_bytes)
     ids = await anyio.to_thread.run_sync(tw.decode_lookup, request.headers.get("content-type"), body)
     _check_count(ids, limits.table_max_ids)
@@ -232,8 +236,14 @@ async def lookup_rows(
         await anyio.to_thread.run_sync(service.barrier)
     rows, spec, versions = await anyio.to_thread.run_sync(service.lookup, name, ids)
     meta = {"versions": json.dumps({str(k): v for k, v in sorted(versions.items())})}
+    hdrs = {"X-Versions": meta["versions"], "X-Dtype": spec.dtype}
+    if wire_dtype is not None:
+        payload = await anyio.to_thread.run_sync(
+            lambda: wd.rows_body(rowdtype.decode(rows, spec.dtype), wire_dtype, meta)
+        )
+        return Response(payload, media_type=kind, headers={**hdrs, "X-Wire-Dtype": wire_dtype})
     payload = await anyio.to_thread.run_sync(tw.encode_rows, kind, rows, spec.dtype, meta)
-    return Response(payload, media_type=kind, headers={"X-Versions": meta["versions"], "X-Dtype": spec.dtype})
+    return Response(payload, media_type=kind, headers=hdrs)
 
 
 @router.post(

@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
+from store import dtypes
 from store.commands import Delete, Grad, GradRows, Put
 from store.errors import InvalidRequest, NotFound, PreconditionFailed, Unavailable, Unprocessable
 from store.interface import StoreAPI
@@ -19,6 +20,7 @@ from store.interface import StoreAPI
 from . import headers as h
 from . import openapi as oa
 from . import partition_reads, partitioned, wire
+from . import wire_dtypes as wd
 from .bridge import wait, wait_optional
 from .errors import UnsupportedMediaType, WaitExpired
 
@@ -193,7 +195,12 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_bod
         lay = store.layout(name)
         if lay is not None:
             body = await read_body(None)
-            return await partitioned.push(store, lay, hd, await decode_tensor(store, hd, body, (lay.dtype, lay.shape)))
+            whole = (lay.dtype, lay.shape)
+            if wd.is_compressed(hd, whole):  # widened whole, then split like any gradient
+                t = await wd.off_loop(dtypes.expected_nbytes(*whole), wd.decode_grad, name, hd, body, whole)
+            else:
+                t = await decode_tensor(store, hd, body, whole)
+            return await partitioned.push(store, lay, hd, t)
         local = None
     base_version = h.integer(hd.get("x-base-version"), "X-Base-Version")
     if_match = h.version_tag(hd.get("if-match"), "If-Match")
@@ -201,20 +208,25 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_bod
     if local is not None:
         default: Default = (local.dtype, local.shape)
     else:
-        if wire.media_type(hd.get("content-type")) in ("", wire.OCTET) and (
-            hd.get("x-dtype") is None or hd.get("x-shape") is None
+        media = wire.media_type(hd.get("content-type"))
+        if (media in ("", wire.OCTET) and (hd.get("x-dtype") is None or hd.get("x-shape") is None)) or (
+            media == wire.SAFETENSORS
         ):
-            # nothing to take the omitted X-Dtype / X-Shape from: the tensor is unknown here
+            # nothing to take the omitted X-Dtype / X-Shape (or a compressed body's) from: the tensor is unknown here
             raise NotFound(f"tensor {name!r} does not exist")
         default = None
     # A large raw body goes to the shard's other replicas while it arrives
     # (cut-through: store/datapath.py PayloadStream); store.write then only
     # waits for their acknowledgements. Until store.write owns it, a failure
     # aborts it and the peers drop what they received.
-    stream = _stream_for(store, name, hd)
+    compressed = wd.is_compressed(hd, default)  # widened here: the log carries full-width gradients
+    stream = None if compressed else _stream_for(store, name, hd)
     try:
         body = await read_body(stream.feed if stream is not None else None)
-        t = await decode_tensor(store, hd, body, default)
+        if compressed:
+            t = await wd.off_loop(len(body), wd.decode_grad, name, hd, body, default)
+        else:
+            t = await decode_tensor(store, hd, body, default)
         if stream is not None:  # opened only for bodies that read_stream returns as a HashedBody
             body.stream = stream  # type: ignore[union-attr]  # store.write finds it on the payload
         written = store.write(
@@ -346,7 +358,9 @@ async def get_tensor(
     store = _store(request)
     h.tensor_or_part_name(name)
     limits = store.cfg.limits
-    kind = wire.negotiate(request.headers.get("accept"))
+    wire_dtype = wd.requested(request.headers.get("x-wire-dtype"))
+    accept = request.headers.get("accept")
+    kind = wd.negotiate(accept, wire_dtype) if wire_dtype else wire.negotiate(accept)
     deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
     lay = store.layout(name)
     if lay is not None:
@@ -363,6 +377,7 @@ async def get_tensor(
             if_none_match=request.headers.get("if-none-match"),
             digest=digest,
             head_only=request.method == "HEAD",
+            wire_dtype=wire_dtype,
         )
     inm = h.version_tags(request.headers.get("if-none-match"), "If-None-Match")
     shard = store.shard_of(name)
@@ -376,7 +391,7 @@ async def get_tensor(
         t, shard = store.get(name)
         return Response(status_code=304, headers=wire.tensor_headers(t.dtype, t.shape, t.version, shard))
     if rows is not None:
-        return await _get_rows(store, name, rows, kind, request.method == "HEAD")
+        return await _get_rows(store, name, rows, kind, request.method == "HEAD", wire_dtype)
     live, shard = store.peek(name)
     hdrs = wire.tensor_headers(live.dtype, live.shape, live.version, shard)
     if inm == "*" or (isinstance(inm, list) and live.version in inm):
@@ -391,16 +406,22 @@ async def get_tensor(
         hdrs["X-Digest"] = "sha256:" + await anyio.to_thread.run_sync(
             lambda: hashlib.sha256(wire.raw_view(value)).hexdigest()
         )
+    if wire_dtype is not None:
+        return await wd.tensor_response(name, t.value, hdrs, wire_dtype, kind, request.method == "HEAD")
     return wire.encode(kind, name, t.value, hdrs, limits.json_max_elements, head_only=request.method == "HEAD")
 
 
-async def _get_rows(store: StoreAPI, name: str, rows_text: str, kind: str, head_only: bool) -> Response:
+async def _get_rows(
+    store: StoreAPI, name: str, rows_text: str, kind: str, head_only: bool, wire_dtype: str | None = None
+) -> Response:
     try:
         rows = np.array([int(r) for r in rows_text.split(",") if r.strip()], dtype=np.int64)
     except ValueError:
         raise InvalidRequest("rows: expected comma-separated integers") from None
     arr, t, shard = store.get_rows(name, rows)
     hdrs = wire.tensor_headers(t.dtype, arr.shape, t.version, shard)
+    if wire_dtype is not None:
+        return await wd.tensor_response(name, arr, hdrs, wire_dtype, kind, head_only)
     return wire.encode(kind, name, arr, hdrs, store.cfg.limits.json_max_elements, head_only=head_only)
 
 
