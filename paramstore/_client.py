@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._compress import Residuals, decode_batch, decode_tensor, wire_dtype_of
 from ._errors import PreconditionFailedError
 from ._partitions import PartitionMethods, PartLayout
 from ._sync import SyncMethods
@@ -92,6 +93,7 @@ class Client(TableMethods, PartitionMethods, SyncMethods):
         self._transport = Transport(urls, timeout, deadline, token, verify)
         self._layouts: dict[str, PartLayout] = {}  # partitioned tensors' parts (paramstore/_partitions.py)
         self._pool: ThreadPoolExecutor | None = None  # their parallel requests
+        self._residuals = Residuals()
 
     @property
     def urls(self) -> builtins.list[str]:
@@ -181,22 +183,42 @@ class Client(TableMethods, PartitionMethods, SyncMethods):
         r = self._transport.request("PUT", f"/v1/tensors/{name}", headers=headers, content=body, write=True)
         return self._saw(name, version_of(r))
 
-    def push_grad(self, name: str, grad: Any, base_version: int | None = None) -> int:
+    def push_grad(
+        self,
+        name: str,
+        grad: Any,
+        base_version: int | None = None,
+        wire_dtype: str | None = None,
+        compress: str | None = None,
+    ) -> int:
         """Apply `grad` with the tensor's server-side optimizer; returns the new
         version. `base_version`: the version the gradient was computed on (for
         max_staleness / the `scale` staleness policy). A partitioned tensor's
         parts are pushed in parallel, each applied atomically; the version is
-        the lowest part's."""
-        version = self._with_parts(name, lambda lay: self._push_parts(name, lay, grad, base_version))
-        if version is not None:
-            return self._saw(name, version)
-        body, headers = tensor_request(grad)
-        if base_version is not None:
-            headers["X-Base-Version"] = str(int(base_version))
-        r = self._transport.request("POST", f"/v1/tensors/{name}/grad", headers=headers, content=body, write=True)
+        the lowest part's.
+
+        `wire_dtype` ("float16", "bfloat16", "int8"): send the gradient
+        narrowed; the server widens it to the tensor's dtype. `compress=
+        "topk:0.01"`: send only the largest 1% of entries of grad + this
+        tensor's residual (as flat indices and values, float32 or `wire_dtype`
+        float16 / bfloat16) and keep the rest as the residual for the next
+        push (error feedback; `residual(name)`). A compressed gradient of a
+        partitioned tensor goes whole to the server, which splits it."""
+        if wire_dtype is None and compress is None:
+            version = self._with_parts(name, lambda lay: self._push_parts(name, lay, grad, base_version))
+            if version is not None:
+                return self._saw(name, version)
+        with self._residuals.grad_request(name, grad, wire_dtype, compress) as (body, headers):
+            if base_version is not None:
+                headers["X-Base-Version"] = str(int(base_version))
+            r = self._transport.request("POST", f"/v1/tensors/{name}/grad", headers=headers, content=body, write=True)
         if "X-Versions" in r.headers:  # partitioned: next time, straight to the parts
             self._learn_from(name, self._transport.request("HEAD", f"/v1/tensors/{name}"))
         return self._saw(name, version_of(r))
+
+    def residual(self, name: str) -> np.ndarray | None:
+        """What top-k compression of `name` has not sent yet (a copy), if anything."""
+        return self._residuals.peek(name)
 
     def push_grads(self, grads: Mapping[str, Any], base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
         """Push many gradients in ONE request (safetensors). The tensors of each
@@ -216,28 +238,34 @@ class Client(TableMethods, PartitionMethods, SyncMethods):
         with self._lock:
             self.session.pop(name, None)
             self._layouts.pop(name, None)
+        self._residuals.forget(name)
 
     # ---- reads -----------------------------------------------------------------------
-    def pull(self, name: str) -> tuple[np.ndarray, int]:
+    def pull(self, name: str, wire_dtype: str | None = None) -> tuple[np.ndarray, int]:
         """(value, version); the value is a read-only view of the response body.
         Never older than what this session already wrote or read. A
         partitioned tensor's parts are pulled in parallel (a writable array;
-        the version is the lowest part's)."""
-        pulled = self._with_parts(name, lambda lay: self._pull_parts(name, lay))
-        if pulled is not None:
-            return pulled[0], self._saw(name, pulled[1])
+        the version is the lowest part's). `wire_dtype` ("float16",
+        "bfloat16", "int8"): the server sends the value narrowed, returned
+        decoded as float32 (a float tensor only; a partitioned one whole)."""
+        if wire_dtype_of(wire_dtype) is None:
+            pulled = self._with_parts(name, lambda lay: self._pull_parts(name, lay))
+            if pulled is not None:
+                return pulled[0], self._saw(name, pulled[1])
         params: dict[str, Any] = {}
         seen = self.session.get(name)
         if seen is not None:
             # Bound the replica-side wait so a lagging replica gives way to another.
             params = {"min_version": seen, "timeout": max(0.5, self.timeout / 2)}
-        r = self._transport.request("GET", f"/v1/tensors/{name}", params=params, headers={"Accept": OCTET})
+        headers = {"Accept": OCTET} if wire_dtype is None else {"X-Wire-Dtype": wire_dtype}
+        r = self._transport.request("GET", f"/v1/tensors/{name}", params=params, headers=headers)
         self._learn_from(name, r)
-        arr = array_from(r)
+        arr = decode_tensor(r) if wire_dtype is not None else array_from(r)
         return arr, self._saw(name, version_of(r))
 
-    def pull_many(self, names: Iterable[str]) -> dict[str, tuple[np.ndarray, int]]:
-        """Many tensors in ONE request (safetensors), with session consistency."""
+    def pull_many(self, names: Iterable[str], wire_dtype: str | None = None) -> dict[str, tuple[np.ndarray, int]]:
+        """Many tensors in ONE request (safetensors), with session consistency;
+        `wire_dtype` as for `pull` (every tensor decoded to float32)."""
         from safetensors.numpy import load
 
         names = builtins.list(names)
@@ -246,8 +274,10 @@ class Client(TableMethods, PartitionMethods, SyncMethods):
         headers = {"Accept": SAFETENSORS}
         if seen:
             headers["X-Min-Versions"] = json.dumps(seen)
+        if wire_dtype_of(wire_dtype) is not None:
+            headers["X-Wire-Dtype"] = str(wire_dtype)
         r = self._transport.request("GET", "/v1/tensors:batch", params={"names": ",".join(names)}, headers=headers)
-        arrays = load(r.content)
+        arrays = decode_batch(r.content, names) if wire_dtype is not None else load(r.content)
         versions = json.loads(safetensors_metadata(r.content)["versions"])
         return {n: (arrays[n], self._saw(n, versions[n])) for n in names}
 

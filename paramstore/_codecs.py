@@ -41,13 +41,21 @@ def rows_of(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
+def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, values per row) of the int8 view of `shape`."""
+    cols = 1
+    for d in shape[1:] if len(shape) >= 2 else shape:
+        cols *= d
+    return rows_of(shape), cols
+
+
 def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values, same shape; float32 scales, one per row). Non-finite
     values cannot be carried: ValueError."""
     x = np.asarray(values)
-    rows = rows_of(x.shape)
-    flat = x.reshape(rows, -1) if x.size else np.zeros((rows, 0), np.float64)
-    amax = np.abs(flat).max(axis=1) if flat.shape[1] else np.zeros(rows)
+    rows, cols = _matrix(x.shape)
+    flat = x.reshape(rows, cols)
+    amax = np.abs(flat).max(axis=1) if cols else np.zeros(rows)
     if not np.isfinite(amax).all():
         raise ValueError("int8 cannot carry NaN or Inf")
     with np.errstate(over="ignore"):
@@ -61,9 +69,9 @@ def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """float32 values of int8 `q` (any shape) with one scale per row."""
-    rows = rows_of(q.shape)
+    rows, cols = _matrix(q.shape)
     s = np.asarray(scales, dtype=np.float32).reshape(rows, 1)
-    return (q.reshape(rows, -1).astype(np.float32) * s).reshape(q.shape)
+    return (q.reshape(rows, cols).astype(np.float32) * s).reshape(q.shape)
 
 
 def narrow(values: np.ndarray, wire_dtype: str) -> np.ndarray:

@@ -8,9 +8,19 @@ from typing import Any
 
 import numpy as np
 
+from ._codecs import NARROW_FLOATS, narrow
+from ._compress import ST_CODE, decode_rows, wire_dtype_of
 from ._errors import ParamStoreError
 from ._transport import Transport
-from ._wire import SAFETENSORS, safetensors_array, safetensors_body, safetensors_metadata
+from ._wire import (
+    SAFETENSORS,
+    ST_NAMES,
+    le_contiguous,
+    safetensors_array,
+    safetensors_body,
+    safetensors_file,
+    safetensors_metadata,
+)
 
 
 class TableMethods:
@@ -55,24 +65,27 @@ class TableMethods:
                 raise
         return self.table_info(name)
 
-    def lookup(self, name: str, ids: Any, consistency: str = "local") -> np.ndarray:
+    def lookup(self, name: str, ids: Any, consistency: str = "local", wire_dtype: str | None = None) -> np.ndarray:
         """Rows for `ids` (int64 or uint64), in order: float32 (float16 tables:
-        float16). IDs never pushed read their initial value; nothing is created."""
-        return self.lookup_versions(name, ids, consistency)[0]
+        float16). IDs never pushed read their initial value; nothing is created.
+        `wire_dtype` ("float16", "bfloat16", "int8"): sent narrowed, returned as float32."""
+        return self.lookup_versions(name, ids, consistency, wire_dtype)[0]
 
-    def lookup_versions(self, name: str, ids: Any, consistency: str = "local") -> tuple[np.ndarray, dict[int, int]]:
+    def lookup_versions(
+        self, name: str, ids: Any, consistency: str = "local", wire_dtype: str | None = None
+    ) -> tuple[np.ndarray, dict[int, int]]:
         """`lookup`, and the version each shard's part of the table was read at
         ({shard: version}, the shards the IDs live on)."""
         body = safetensors_body({"ids": np.asarray(ids)})
+        headers = {"Content-Type": SAFETENSORS, "Accept": SAFETENSORS}
+        if wire_dtype_of(wire_dtype) is not None:
+            headers["X-Wire-Dtype"] = str(wire_dtype)
         r = self._transport.request(
-            "POST",
-            f"/v1/tables/{name}:lookup",
-            params={"consistency": consistency},
-            headers={"Content-Type": SAFETENSORS, "Accept": SAFETENSORS},
-            content=body,
+            "POST", f"/v1/tables/{name}:lookup", params={"consistency": consistency}, headers=headers, content=body
         )
         versions = json.loads(safetensors_metadata(r.content).get("versions", "{}"))
-        return safetensors_array(r.content, "rows"), {int(s): int(v) for s, v in versions.items()}
+        rows = decode_rows(r.content) if wire_dtype is not None else safetensors_array(r.content, "rows")
+        return rows, {int(s): int(v) for s, v in versions.items()}
 
     def push_rows(
         self,
@@ -81,12 +94,19 @@ class TableMethods:
         grads: Any,
         base_version: int | None = None,
         request_id: str | None = None,
+        wire_dtype: str | None = None,
     ) -> dict[str, Any]:
         """Row gradients (n x dim) for `ids`; duplicates are summed. The store
         applies one atomic command per shard the IDs live on; returns each
         shard's outcome (its new version) under "shards". Retrying a failed
-        call with the same `request_id` applies it at most once."""
-        body = safetensors_body({"ids": np.asarray(ids), "grads": np.asarray(grads, dtype=np.float32)})
+        call with the same `request_id` applies it at most once. `wire_dtype`
+        ("float16" or "bfloat16"): the gradients are sent narrowed."""
+        if wire_dtype is not None and wire_dtype not in NARROW_FLOATS:
+            raise ValueError(f"row gradients are sent as float16 or bfloat16, not {wire_dtype!r}")
+        g = np.asarray(grads, dtype=np.float32)
+        grads_entry = ("F32", g) if wire_dtype is None else (ST_CODE[wire_dtype], narrow(g, wire_dtype))
+        ids_arr = le_contiguous(np.asarray(ids))
+        body = safetensors_file({"ids": (ST_NAMES[ids_arr.dtype.str], ids_arr), "grads": grads_entry})
         headers = {"Content-Type": SAFETENSORS}
         if base_version is not None:
             headers["X-Base-Version"] = str(int(base_version))

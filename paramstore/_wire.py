@@ -56,23 +56,29 @@ def version_of(r: httpx.Response) -> int:
     return int(r.json()["version"])
 
 
-_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "U64": "<u8", "I32": "<i4"}
-_ST_NAMES = {np.dtype(v).str: k for k, v in _ST_DTYPES.items()}
+_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "U64": "<u8", "I32": "<i4", "I8": "i1"}
+ST_NAMES = {np.dtype(v).str: k for k, v in _ST_DTYPES.items()}
 
 
 def safetensors_body(arrays: dict[str, np.ndarray]) -> bytes:
-    """A safetensors file of little-endian arrays (the format's documented
-    framing: u64 header length, JSON header padded to 8 bytes, the data)."""
+    """A safetensors file of little-endian arrays."""
+    entries = {}
+    for name, value in arrays.items():
+        arr = le_contiguous(value)
+        entries[name] = (ST_NAMES[arr.dtype.str], arr)
+    return safetensors_file(entries)
+
+
+def safetensors_file(entries: dict[str, tuple[str, np.ndarray]]) -> bytes:
+    """A safetensors file of (dtype code, array) entries (BF16 as uint16 bits):
+    the format's documented framing, u64 header length, JSON header padded to
+    8 bytes, the data."""
     header: dict[str, Any] = {}
     parts = []
     offset = 0
-    for name, value in arrays.items():
+    for name, (code, value) in entries.items():
         arr = le_contiguous(value)
-        header[name] = {
-            "dtype": _ST_NAMES[arr.dtype.str],
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
-        }
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         parts.append(arr.tobytes())
         offset += arr.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -80,13 +86,25 @@ def safetensors_body(arrays: dict[str, np.ndarray]) -> bytes:
     return b"".join([len(head).to_bytes(8, "little"), head, *parts])
 
 
+def safetensors_entries(body: bytes) -> dict[str, tuple[str, np.ndarray]]:
+    """Every tensor of a safetensors body as (dtype code, array); BF16 as its
+    uint16 bits. Views of `body`, no copy."""
+    n = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8 : 8 + n])
+    view = memoryview(body)[8 + n :]
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = spec["data_offsets"]
+        dt = "<u2" if spec["dtype"] == "BF16" else _ST_DTYPES[spec["dtype"]]
+        out[name] = (spec["dtype"], np.frombuffer(view[start:end], dtype=dt).reshape(spec["shape"]))
+    return out
+
+
 def safetensors_array(body: bytes, name: str) -> np.ndarray:
     """One tensor of a safetensors body; bfloat16 comes back as float32 (exact)."""
-    n = int.from_bytes(body[:8], "little")
-    spec = json.loads(body[8 : 8 + n])[name]
-    start, end = spec["data_offsets"]
-    data = body[8 + n + start : 8 + n + end]
-    if spec["dtype"] == "BF16":
-        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << np.uint32(16)
-        return bits.view(np.float32).reshape(spec["shape"])
-    return np.frombuffer(data, dtype=_ST_DTYPES[spec["dtype"]]).reshape(spec["shape"])
+    code, arr = safetensors_entries(body)[name]
+    if code == "BF16":
+        return (arr.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return arr

@@ -1,0 +1,70 @@
+"""The wire-dtype codecs and top-k with error feedback, without a server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from paramstore._codecs import dequantize_int8, from_bfloat16, quantize_int8, to_bfloat16
+from paramstore._compress import Residuals, topk_fraction
+from paramstore._wire import safetensors_entries
+
+rng = np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (9,), (4, 7), (3, 2, 5), (0, 4), (5, 0)])
+def test_int8_error_is_at_most_half_a_scale_per_row(shape: tuple[int, ...]) -> None:
+    x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 6)).astype(np.float32)
+    q, scales = quantize_int8(x)
+    assert q.shape == x.shape and q.dtype == np.int8 and scales.dtype == np.float32
+    rows = scales.size
+    err = np.abs(dequantize_int8(q, scales) - x).reshape(rows, x.size // rows if rows else 0)
+    assert (err <= scales[:, None] / 2 * (1 + 1e-6)).all()
+
+
+def test_int8_refuses_nonfinite() -> None:
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_int8(np.array([1.0, np.nan], np.float32))
+
+
+def test_bfloat16_round_trip_is_exact_for_bfloat16_values() -> None:
+    x = from_bfloat16(rng.integers(0, 0x7F80, 1000).astype(np.uint16))
+    assert np.array_equal(from_bfloat16(to_bfloat16(x)), x)
+
+
+@pytest.mark.parametrize("bad", ["topk:0", "topk:1.0001", "topk:-1", "topk:nan", "topk:", "topk", "randk:0.1"])
+def test_topk_fraction_outside_0_1_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        topk_fraction(bad)
+
+
+@pytest.mark.parametrize("wire_dtype", [None, "float16", "bfloat16"])
+def test_topk_sent_plus_residual_equals_the_sum_of_gradients(wire_dtype: str | None) -> None:
+    residuals = Residuals()
+    total = np.zeros((30, 40))
+    sent = np.zeros((30, 40))
+    for _ in range(300):
+        g = rng.standard_normal((30, 40)).astype(np.float32)
+        total += g
+        with residuals.grad_request("w", g, wire_dtype, "topk:0.01") as (body, headers):
+            parts = safetensors_entries(body)
+            idx = parts["indices"][1]
+            code, vals = parts["values"]
+            assert len(idx) == 12 and headers["Content-Type"] == "application/x-safetensors"
+            vals = from_bfloat16(vals) if code == "BF16" else vals.astype(np.float32)
+            np.add.at(sent.reshape(-1), idx, vals)
+    residual = residuals.peek("w")
+    assert residual is not None
+    np.testing.assert_allclose(sent + residual, total, rtol=0, atol=1e-3)
+    assert np.abs(residual).max() < np.abs(total).max()  # the largest entries did go out
+
+
+def test_a_failed_push_gives_the_residual_back() -> None:
+    residuals = Residuals()
+    g = np.arange(10, dtype=np.float32)
+    with residuals.grad_request("w", g, None, "topk:0.1"):
+        pass
+    kept = residuals.peek("w")
+    with pytest.raises(RuntimeError), residuals.grad_request("w", g, None, "topk:0.1"):
+        raise RuntimeError("network down")
+    assert np.array_equal(residuals.peek("w"), kept)

@@ -1,0 +1,108 @@
+"""Compressed pulls and pushes through the client on the real 3-replica cluster:
+wire dtypes decode to float32, narrowed pushes apply what was sent, top-k with
+error feedback loses no gradient mass."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from paramstore import Client
+from paramstore._codecs import from_bfloat16, to_bfloat16
+
+pytestmark = pytest.mark.cluster
+rng = np.random.default_rng(1414)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def test_pull_and_pull_many_decode_each_wire_dtype(ps: Client) -> None:
+    a = rng.standard_normal((16, 8)).astype(np.float32)
+    b = (rng.standard_normal(10) * 100).astype(np.float32)
+    na, nb = unique("cpa"), unique("cpb")
+    ps.create(na, a)
+    ps.create(nb, b)
+    got, version = ps.pull(na, wire_dtype="float16")
+    assert version == 1 and got.dtype == np.float32 and got.shape == (16, 8)
+    assert np.array_equal(got, a.astype(np.float16).astype(np.float32))
+    got, _ = ps.pull(na, wire_dtype="bfloat16")
+    assert np.array_equal(got, from_bfloat16(to_bfloat16(a)))
+    got, _ = ps.pull(na, wire_dtype="int8")
+    scales = np.abs(a).max(axis=1) / 127
+    assert got.dtype == np.float32 and (np.abs(got - a) <= scales[:, None] / 2 * 1.0001).all()
+    many = ps.pull_many([na, nb], wire_dtype="int8")
+    assert np.array_equal(many[na][0], got) and many[nb][1] == 1
+    assert np.abs(many[nb][0] - b).max() <= np.abs(b).max() / 127 / 2 * 1.0001
+    many = ps.pull_many([na, nb], wire_dtype="bfloat16")
+    assert np.array_equal(many[nb][0], from_bfloat16(to_bfloat16(b)))
+    with pytest.raises(ValueError, match="float8"):
+        ps.pull(na, wire_dtype="float8")
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16", "int8"])
+def test_narrow_push_applies_the_widened_gradient(ps: Client, wire_dtype: str) -> None:
+    name = unique("cpush")
+    value = rng.standard_normal((6, 5)).astype(np.float32)
+    ps.create(name, value, optimizer={"type": "sgd", "lr": 1.0})
+    g = rng.standard_normal((6, 5)).astype(np.float32)
+    assert ps.push_grad(name, g, wire_dtype=wire_dtype) == 2
+    got, _ = ps.pull(name)
+    if wire_dtype == "float16":
+        assert np.array_equal(got, value - g.astype(np.float16).astype(np.float32))
+    elif wire_dtype == "bfloat16":
+        assert np.array_equal(got, value - from_bfloat16(to_bfloat16(g)))
+    else:
+        scales = np.abs(g).max(axis=1) / 127
+        assert (np.abs((value - got) - g) <= scales[:, None] / 2 * 1.0001 + 1e-6).all()
+
+
+def test_topk_error_feedback_loses_no_gradient_mass(ps: Client) -> None:
+    name = unique("topk")
+    value = np.zeros((20, 25), np.float32)
+    ps.create(name, value, optimizer={"type": "sgd", "lr": 1.0})
+    total = np.zeros_like(value, dtype=np.float64)
+    before = value
+    for step in range(20):
+        g = rng.standard_normal(value.shape).astype(np.float32)
+        total += g
+        ps.push_grad(name, g, compress="topk:0.02", wire_dtype="float16" if step % 2 else None)
+        now, version = ps.pull(name)
+        assert version == step + 2
+        assert np.count_nonzero(now != before) <= 10  # 2% of 500 entries per push
+        before = now
+    residual = ps.residual(name)
+    assert residual is not None
+    sent = -before.astype(np.float64)  # sgd with lr 1: value = -(sum of what was applied)
+    np.testing.assert_allclose(sent + residual, total, rtol=0, atol=1e-4)
+
+
+def test_bad_topk_fraction_sends_nothing(ps: Client) -> None:
+    name = unique("topkbad")
+    ps.create(name, np.zeros(4, np.float32), optimizer={"type": "sgd", "lr": 1.0})
+    for bad in ("topk:0", "topk:1.5", "topk:-0.1", "topk:x", "random:0.1"):
+        with pytest.raises(ValueError):
+            ps.push_grad(name, np.ones(4, np.float32), compress=bad)
+    assert ps.pull(name)[1] == 1 and ps.residual(name) is None
+
+
+def test_table_lookup_and_row_push_in_wire_dtypes(ps: Client) -> None:
+    name = unique("ctab").replace("-", "_")
+    ps.create_table(
+        name, dim=8, initializer={"type": "normal", "std": 1.0, "seed": 5}, optimizer={"type": "sgd", "lr": 1.0}
+    )
+    ids = np.array([3, 77, 1 << 50], np.int64)
+    plain = ps.lookup(name, ids)
+    assert np.array_equal(ps.lookup(name, ids, wire_dtype="float16"), plain.astype(np.float16).astype(np.float32))
+    assert np.array_equal(ps.lookup(name, ids, wire_dtype="bfloat16"), from_bfloat16(to_bfloat16(plain)))
+    got = ps.lookup(name, ids, wire_dtype="int8")
+    assert (np.abs(got - plain) <= np.abs(plain).max(axis=1, keepdims=True) / 127 / 2 * 1.0001).all()
+    g = rng.standard_normal((3, 8)).astype(np.float32)
+    ps.push_rows(name, ids, g, wire_dtype="bfloat16")
+    after = ps.lookup(name, ids, consistency="linearizable")
+    np.testing.assert_allclose(after, plain - from_bfloat16(to_bfloat16(g)), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError):
+        ps.push_rows(name, ids, g, wire_dtype="int8")
