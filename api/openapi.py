@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from paramstore._codecs import NARROW_FLOATS, WIRE_DTYPES
 from store.dtypes import DTYPES, MAX_RANK
 from store.optimizers import SPECS
 
@@ -125,6 +126,11 @@ TENSOR_HEADERS = {
     "ETag": _header("the version as an entity tag"),
     "X-Shard": _header("the tensor's shard", {"type": "string", "pattern": "^[0-9]+$"}),
 }
+WIRE_DTYPE_ANSWER = _header(
+    "the wire dtype the body is in (present only when X-Wire-Dtype was asked)",
+    {"type": "string", "enum": list(WIRE_DTYPES)},
+    required=False,
+)
 WRITTEN_HEADERS = {"ETag": TENSOR_HEADERS["ETag"], "X-Version": TENSOR_HEADERS["X-Version"]}
 
 WRITTEN_SCHEMA: dict[str, Any] = {
@@ -187,9 +193,14 @@ def tensor_value(description: str) -> dict[int | str, Any]:
     }
     return {
         200: {
-            "description": description,
-            "headers": TENSOR_HEADERS,
-            "content": {OCTET: {"schema": BINARY}, NPY: {"schema": BINARY}, JSON: {"schema": json_doc}},
+            "description": description + "; with X-Wire-Dtype, narrowed (int8: a safetensors file)",
+            "headers": {**TENSOR_HEADERS, "X-Wire-Dtype": WIRE_DTYPE_ANSWER},
+            "content": {
+                OCTET: {"schema": BINARY},
+                NPY: {"schema": BINARY},
+                JSON: {"schema": json_doc},
+                SAFETENSORS: {"schema": BINARY},
+            },
         },
         304: {"description": WHY[304], "headers": TENSOR_HEADERS},
     }
@@ -256,6 +267,12 @@ BASE_VERSION = _param(
     "the version the gradient was computed on (max_staleness, staleness policy)",
 )
 DTYPE = _param("X-Dtype", {"type": "string", "enum": sorted(DTYPES)}, f"element type of an {OCTET} body")
+WIRE_DTYPE = _param(
+    "X-Wire-Dtype",
+    {"type": "string", "enum": list(WIRE_DTYPES)},
+    "serve float values narrowed (docs/api.md, Wire dtypes): float16 or bfloat16 raw bytes, int8 with one "
+    "float32 scale per row in a safetensors file; 406 for another value, 422 for a tensor that is not float",
+)
 SHAPE = _param(
     "X-Shape",
     {"type": "string", "pattern": r"^([0-9]{1,9}(,[0-9]{1,9}){0," + str(MAX_RANK - 1) + "})?$"},
@@ -322,12 +339,19 @@ def put_tensor_extra() -> dict[str, Any]:
 
 
 def grad_extra() -> dict[str, Any]:
+    grad_dtype = {
+        **DTYPE,
+        "schema": {"type": "string", "enum": sorted(DTYPES) + [d for d in NARROW_FLOATS if d not in DTYPES]},
+        "description": DTYPE["description"] + "; float16 or bfloat16 for a float32/float64 tensor is widened",
+    }
     return {
         "requestBody": _body(
-            {OCTET: BINARY, NPY: BINARY, JSON: JSON_TENSOR},
-            "the gradient, same dtype and shape as the tensor; a raw body may omit X-Dtype and X-Shape",
+            {OCTET: BINARY, NPY: BINARY, JSON: JSON_TENSOR, SAFETENSORS: BINARY},
+            "the gradient, same dtype and shape as the tensor (a raw body may omit X-Dtype and X-Shape), or "
+            "narrower: raw float16/bfloat16, or safetensors with int8 `values` and float32 `scales` (one per row), "
+            "or sparse flat `indices` (int64) and `values`",
         ),
-        "parameters": [DTYPE, SHAPE, IF_MATCH, BASE_VERSION, REQUEST_ID],
+        "parameters": [grad_dtype, SHAPE, IF_MATCH, BASE_VERSION, REQUEST_ID],
     }
 
 
@@ -352,6 +376,7 @@ def get_tensor_extra() -> dict[str, Any]:
                 {"type": "string", "pattern": "^(\\*|" + ONE_TAG + "(, *" + ONE_TAG + ")*)$"},
                 "304 if the tensor is at one of these versions",
             ),
+            WIRE_DTYPE,
         ]
     }
 
@@ -369,6 +394,7 @@ def pull_batch_extra() -> dict[str, Any]:
                 "description": "wait until this replica has applied these versions (read-your-writes)",
                 "content": {JSON: {"schema": {**VERSIONS_MAP, "propertyNames": {"pattern": NAME_PATTERN}}}},
             },
+            WIRE_DTYPE,
         ]
     }
 

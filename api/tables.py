@@ -75,6 +75,7 @@ _ROWS: dict[int | str, dict[str, Any]] = {
         "headers": {
             "X-Versions": {"description": "JSON: each shard part's version", "schema": {"type": "string"}},
             "X-Dtype": {"description": "the table's row dtype", "schema": {"type": "string"}},
+            "X-Wire-Dtype": oa.WIRE_DTYPE_ANSWER,
         },
         "content": {
             tw.SAFETENSORS: {"schema": oa.BINARY},
@@ -99,7 +100,8 @@ _LOOKUP_BODY = {
                 }
             },
         },
-    }
+    },
+    "parameters": [oa.WIRE_DTYPE],
 }
 _PUSH_BODY = {
     "requestBody": {

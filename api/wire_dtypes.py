@@ -48,11 +48,9 @@ def requested(value: str | None) -> str | None:
 
 
 def check_float(name: str, dtype: str, wire_dtype: str) -> None:
+    """422 (it depends on what is stored, as a dtype mismatch of a write does)."""
     if np.dtype(dtypes.dtype_of(dtype)).kind != "f":
-        raise NotAcceptable(
-            f"tensor {name!r} is {dtype}; X-Wire-Dtype {wire_dtype} applies to float tensors only",
-            supported=list(WIRE_DTYPES),
-        )
+        raise Unprocessable(f"tensor {name!r} is {dtype}; X-Wire-Dtype {wire_dtype} applies to float tensors only")
 
 
 def media_type(wire_dtype: str) -> str:
@@ -91,7 +89,7 @@ def narrowed(key: str, values: np.ndarray, wire_dtype: str) -> dict[str, tuple[s
         try:
             q, scales = quantize_int8(values)
         except ValueError as e:
-            raise NotAcceptable(f"{key!r}: {e}; pull it without X-Wire-Dtype int8") from None
+            raise Unprocessable(f"{key!r}: {e}; pull it without X-Wire-Dtype int8") from None
         return {key: ("I8", q), key + SCALES: ("F32", scales)}
     return {key: (_ST_CODE[wire_dtype], narrow(values, wire_dtype))}
 

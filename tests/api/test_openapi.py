@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 RAW = "application/octet-stream"
+ST = "application/x-safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_tensor_routes_declare_bodies_headers_and_media_types(doc):
     headers = {p["name"] for p in put["parameters"] if p["in"] == "header"}
     assert {"X-Dtype", "X-Shape", "If-Match", "If-None-Match", "X-Optimizer", "X-Request-Id"} <= headers
     get = doc["paths"]["/v1/tensors/{name}"]["get"]
-    assert set(get["responses"]["200"]["content"]) == {RAW, "application/x-npy", "application/json"}
+    assert set(get["responses"]["200"]["content"]) == {RAW, "application/x-npy", "application/json", ST}
     assert {"304", "404", "406", "408"} <= set(get["responses"])
     batch = doc["paths"]["/v1/tensors:batch"]["get"]
     assert set(batch["responses"]["200"]["content"]) == {"application/x-safetensors"}
@@ -45,6 +46,24 @@ def test_tensor_routes_declare_bodies_headers_and_media_types(doc):
     assert set(doc["paths"]["/v1/checkpoint"]["get"]["responses"]["200"]["content"]) == {"application/x-safetensors"}
     members = doc["paths"]["/v1/cluster/members"]["post"]
     assert members["requestBody"]["content"]["application/json"]["schema"]["required"] == ["id", "http", "raft", "data"]
+
+
+def test_wire_dtypes_are_documented(doc):
+    """X-Wire-Dtype on every read that takes it, and narrowed gradient bodies (issue 14)."""
+    paths = doc["paths"]
+    for path, method in (
+        ("/v1/tensors/{name}", "get"),
+        ("/v1/tensors/{name}", "head"),
+        ("/v1/tensors:batch", "get"),
+        ("/v1/tables/{name}:lookup", "post"),
+    ):
+        wire = next(p for p in paths[path][method]["parameters"] if p["name"] == "X-Wire-Dtype")
+        assert wire["in"] == "header" and wire["schema"]["enum"] == ["float16", "bfloat16", "int8"], path
+    assert "X-Wire-Dtype" in paths["/v1/tensors/{name}"]["get"]["responses"]["200"]["headers"]
+    grad = paths["/v1/tensors/{name}/grad"]["post"]
+    assert ST in grad["requestBody"]["content"]
+    dtype = next(p for p in grad["parameters"] if p["name"] == "X-Dtype")
+    assert {"float16", "bfloat16", "float32"} <= set(dtype["schema"]["enum"])
 
 
 def test_query_validation_is_a_400_with_the_error_body(client):
