@@ -125,7 +125,8 @@ def worker(rank: int, args: argparse.Namespace, urls: list[str], results: mp.Que
         for key, value in init_params(x.shape[1], args.hidden).items():
             ps.create(names[key], value, optimizer=optimizer, exist_ok=True, sync=sync)  # first worker wins
         pushes, losses = 0, []
-        pulled = ps.pull_many(names.values())
+        wire_dtype = None if args.pull_dtype == "float32" else args.pull_dtype
+        pulled = ps.pull_many(names.values(), wire_dtype=wire_dtype)
         for step in range(args.steps):
             params = {k: pulled[n][0] for k, n in names.items()}
             idx = rng.integers(0, len(x), args.batch)
@@ -135,8 +136,12 @@ def worker(rank: int, args: argparse.Namespace, urls: list[str], results: mp.Que
             if args.sync:  # push into this version's round, wait for it to close, get the new values
                 pulled = ps.sync_step(pushed, versions)
             else:
-                ps.push_grads(pushed, base_versions=versions)
-                pulled = ps.pull_many(names.values())
+                if args.compress:  # top-k is per tensor (its residual too): one push each
+                    for n, g in pushed.items():
+                        ps.push_grad(n, g, base_version=versions[n], compress=args.compress)
+                else:
+                    ps.push_grads(pushed, base_versions=versions)
+                pulled = ps.pull_many(names.values(), wire_dtype=wire_dtype)
             pushes += len(grads)
             losses.append(loss)
             if (step + 1) % 10 == 0 or step + 1 == args.steps:
@@ -195,7 +200,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backup-workers", type=int, default=0, help="with --sync: close a round after N - this many")
     p.add_argument("--round-timeout", type=float, default=30.0, help="with --sync: close a round after this long")
     p.add_argument("--target", type=float, default=0.90, help="exit 1 below this test accuracy")
+    p.add_argument(
+        "--pull-dtype",
+        choices=["float32", "float16", "bfloat16", "int8"],
+        default="float32",
+        help="wire dtype of the parameters the workers pull (the store keeps float32)",
+    )
+    p.add_argument(
+        "--compress", default=None, help="topk:F sends the largest fraction F of each gradient (error feedback)"
+    )
     args = p.parse_args(argv)
+    if args.compress is not None:
+        kind, _, fraction = args.compress.partition(":")
+        try:
+            ok = kind == "topk" and 0 < float(fraction) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--compress {args.compress!r}: expected topk:F with F in (0, 1], e.g. topk:0.01")
+    if args.sync and (args.compress or args.pull_dtype != "float32"):
+        p.error("--sync does not take --compress or --pull-dtype yet")
     if args.lr is None:
         args.lr = 0.5 if args.optimizer == "sgd" else 0.01
     urls = [u.strip() for u in args.urls.split(",") if u.strip()]
@@ -206,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"data: {what}, {len(x_tr)} train / {len(x_te)} test; model: {model}; "
         f"{args.workers} workers x {args.steps} steps, batch {args.batch}, "
-        f"server-side {args.optimizer} lr {args.lr}" + (", synchronous rounds" if args.sync else ""),
+        f"server-side {args.optimizer} lr {args.lr}"
+        + (", synchronous rounds" if args.sync else "")
+        + f"; pulls {args.pull_dtype}, pushes {args.compress or 'dense'}",
         flush=True,
     )
     with Client(urls) as ps:
