@@ -100,7 +100,7 @@ async def push_batch(request: Request) -> Response:
     base_versions = _versions_header(hd.get("x-base-versions"), "X-Base-Versions")
     rid = h.request_id(hd.get("x-request-id"))
     body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
-    grads = await anyio.to_thread.run_sync(wire.decode_safetensors, body)
+    grads = await anyio.to_thread.run_sync(wd.decode_batch_grads, body, lambda n: _local_dtype(store, n))
     if not grads:
         raise InvalidRequest("the safetensors body holds no tensors")
     by_shard: dict[int, list[Grad]] = {}
@@ -132,6 +132,14 @@ async def push_batch(request: Request) -> Response:
     if failure is not None:  # report the shards that did commit too
         return error_response(failure, request, extra={"versions": versions})
     return JSONResponse({"versions": versions})
+
+
+def _local_dtype(store: StoreAPI, name: str) -> str | None:
+    """The dtype of `name` if this replica holds it (narrow gradients are widened to it)."""
+    try:
+        return store.peek(name)[0].dtype
+    except StoreError:
+        return None
 
 
 def _versions_header(value: str | None, header: str) -> dict[str, int]:

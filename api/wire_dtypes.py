@@ -14,7 +14,7 @@ The codecs themselves are paramstore/_codecs.py, shared with the SDK.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from paramstore._codecs import NARROW_FLOATS, WIRE_DTYPES, dequantize_int8, narrow, quantize_int8, rows_of, widen
 from store import dtypes
 from store.buffers import Bytes
-from store.errors import Unprocessable
+from store.errors import InvalidRequest, Unprocessable
 
 from . import wire
 from .errors import NotAcceptable
@@ -180,6 +180,40 @@ def decode_grad(
         dense = widen(raw, wire_dtype)
     out = np.ascontiguousarray(dense, dtype=dtypes.dtype_of(dtype))
     return wire.WireTensor(dtype, shape, wire.raw_view(out))
+
+
+def decode_batch_grads(body: Bytes, dtype_of: Callable[[str], str | None]) -> dict[str, wire.WireTensor]:
+    """The gradients of a batch push: each tensor N as sent, or, for a float
+    tensor (its dtype by `dtype_of`), N as F16 / BF16, or I8 with N/scales,
+    widened to the tensor's dtype."""
+    import safetensors
+
+    try:
+        parts = dict(safetensors.deserialize(bytes(body)))
+    except Exception as e:  # SafetensorError and friends: the body is malformed
+        raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
+    out: dict[str, wire.WireTensor] = {}
+    for key, spec in parts.items():
+        if key.endswith(SCALES) and key[: -len(SCALES)] in parts:
+            continue
+        shape = dtypes.check_shape(spec["shape"])
+        code = spec["dtype"]
+        target = dtype_of(key) if code in ("F16", "BF16", "I8") else None
+        if target is None or np.dtype(dtypes.dtype_of(target)).kind != "f" or _ST_FLOAT.get(code) == target:
+            if code == "I8" and key + SCALES in parts:
+                raise Unprocessable(f"{key!r}: int8 gradients apply to float tensors held by this replica")
+            out[key] = wire.WireTensor(dtypes.from_safetensors(code, f"tensor {key!r}"), shape, spec["data"])
+            continue
+        if code == "I8":
+            if key + SCALES not in parts:
+                raise Unprocessable(f"{key!r}: int8 values need their scales in {key + SCALES!r}")
+            dense = _int8(key, spec, parts[key + SCALES], shape)
+        else:
+            kind = _ST_FLOAT[code]
+            dense = widen(np.frombuffer(spec["data"], dtype="<f2" if kind == "float16" else "<u2"), kind)
+        arr = np.ascontiguousarray(dense.reshape(shape), dtype=dtypes.dtype_of(target))
+        out[key] = wire.WireTensor(target, shape, wire.raw_view(arr))
+    return out
 
 
 def _from_safetensors(name: str, body: Bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compress import Residuals, decode_batch, decode_tensor, wire_dtype_of
+from ._compress import Residuals, batch_grads_body, decode_batch, decode_tensor, wire_dtype_of
 from ._errors import PreconditionFailedError
 from ._partitions import PartitionMethods, PartLayout
 from ._sync import SyncMethods
@@ -23,7 +23,6 @@ from ._wire import (
     OCTET,
     SAFETENSORS,
     array_from,
-    le_contiguous,
     safetensors_metadata,
     tensor_request,
     version_of,
@@ -220,12 +219,16 @@ class Client(TableMethods, PartitionMethods, SyncMethods):
         """What top-k compression of `name` has not sent yet (a copy), if anything."""
         return self._residuals.peek(name)
 
-    def push_grads(self, grads: Mapping[str, Any], base_versions: Mapping[str, int] | None = None) -> dict[str, int]:
+    def push_grads(
+        self,
+        grads: Mapping[str, Any],
+        base_versions: Mapping[str, int] | None = None,
+        wire_dtype: str | None = None,
+    ) -> dict[str, int]:
         """Push many gradients in ONE request (safetensors). The tensors of each
-        shard are applied atomically as one Raft entry; returns new versions."""
-        from safetensors.numpy import save
-
-        body = save({name: le_contiguous(g) for name, g in grads.items()})
+        shard are applied atomically as one Raft entry; returns new versions.
+        `wire_dtype` as for `push_grad` (the tensors must be float)."""
+        body = batch_grads_body(grads, wire_dtype_of(wire_dtype))
         headers = {"Content-Type": SAFETENSORS}
         if base_versions:
             headers["X-Base-Versions"] = json.dumps({k: int(v) for k, v in base_versions.items()})

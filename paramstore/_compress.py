@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +14,14 @@ import httpx
 import numpy as np
 
 from ._codecs import NARROW_FLOATS, WIRE_DTYPES, dequantize_int8, narrow, quantize_int8, widen
-from ._wire import OCTET, SAFETENSORS, le_contiguous, safetensors_entries, safetensors_file, tensor_request
+from ._wire import (
+    OCTET,
+    SAFETENSORS,
+    le_contiguous,
+    safetensors_entries,
+    safetensors_file,
+    tensor_request,
+)
 
 SCALES = "/scales"  # a batch's int8 tensor N has its scales in N/scales
 ST_CODE = {"float16": "F16", "bfloat16": "BF16"}
@@ -80,6 +87,24 @@ def grad_body(grad: np.ndarray, wire_dtype: str) -> tuple[bytes | list[memoryvie
         "X-Shape": ",".join(str(d) for d in g.shape),
     }
     return [view], headers, widen(narrowed, wire_dtype)
+
+
+def batch_grads_body(grads: Mapping[str, Any], wire_dtype: str | None) -> bytes:
+    """A batch push's safetensors body: each gradient as it is, or narrowed
+    (int8: N and N/scales)."""
+    if wire_dtype is None:
+        from safetensors.numpy import save
+
+        return save({name: le_contiguous(g) for name, g in grads.items()})
+    entries: dict[str, tuple[str, np.ndarray]] = {}
+    for name, g in grads.items():
+        arr = le_contiguous(g)
+        if wire_dtype == "int8":
+            q, scales = quantize_int8(arr)
+            entries[name], entries[name + SCALES] = ("I8", q), ("F32", scales)
+        else:
+            entries[name] = (ST_CODE[wire_dtype], narrow(arr, wire_dtype))
+    return safetensors_file(entries)
 
 
 def topk_fraction(compress: str) -> float:

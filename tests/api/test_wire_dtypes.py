@@ -375,3 +375,39 @@ def test_table_lookup_in_each_wire_dtype_and_narrow_row_pushes(client: TestClien
     assert r.status_code == 200, r.text
     after = load(client.post("/v1/tables/wdtab:lookup", content=body, headers={"Content-Type": ST}).content)["rows"]
     assert not np.array_equal(after, plain)
+
+
+def test_batch_push_widens_narrow_and_int8_gradients(client: TestClient) -> None:
+    a, b, c = (rng.standard_normal((3, 4)).astype(np.float32) for _ in range(3))
+    na, nb, nc = create(client, a), create(client, b), create(client, c)
+    ga, gb = (rng.standard_normal((3, 4)).astype(np.float32) for _ in range(2))
+    q = rng.integers(-127, 128, (3, 4)).astype(np.int8)
+    s = np.array([0.1, 0.2, 0.3], np.float32)
+    header = {
+        na: {"dtype": "F16", "shape": [3, 4], "data": ga.astype(np.float16).tobytes()},
+        nb: {"dtype": "BF16", "shape": [3, 4], "data": bf16_reference(gb).tobytes()},
+        nc: {"dtype": "I8", "shape": [3, 4], "data": q.tobytes()},
+        nc + "/scales": {"dtype": "F32", "shape": [3], "data": s.tobytes()},
+    }
+    r = client.post("/v1/grads:batch", content=st_file(header), headers={"Content-Type": ST})
+    assert r.status_code == 200, r.text
+    assert r.json()["versions"] == {na: 2, nb: 2, nc: 2}
+    assert np.array_equal(stored(client, na)[0], a - ga.astype(np.float16).astype(np.float32))
+    assert np.array_equal(stored(client, nb)[0], b - (bf16_reference(gb).astype(np.uint32) << 16).view(np.float32))
+    assert np.array_equal(stored(client, nc)[0], c - q.astype(np.float32) * s[:, None])
+    # int8 without its scales: 422, nothing applied
+    r = client.post("/v1/grads:batch", content=st_file({nc: header[nc]}), headers={"Content-Type": ST})
+    assert r.status_code == 422 and "scales" in r.json()["detail"]
+    assert stored(client, nc)[1] == 2
+
+
+def st_file(entries: dict[str, dict[str, Any]]) -> bytes:
+    """A safetensors file from raw entries (numpy has no bfloat16 for safetensors' own writer)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, e in entries.items():
+        header[key] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [offset, offset + len(e["data"])]}
+        offset += len(e["data"])
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(e["data"] for e in entries.values())

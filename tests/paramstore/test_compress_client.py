@@ -60,6 +60,20 @@ def test_narrow_push_applies_the_widened_gradient(ps: Client, wire_dtype: str) -
         assert (np.abs((value - got) - g) <= scales[:, None] / 2 * 1.0001 + 1e-6).all()
 
 
+def test_push_grads_in_wire_dtypes(ps: Client) -> None:
+    a, b = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(7).astype(np.float32)
+    na, nb = unique("cba"), unique("cbb")
+    ps.create(na, a, optimizer={"type": "sgd", "lr": 1.0})
+    ps.create(nb, b, optimizer={"type": "sgd", "lr": 1.0})
+    ga, gb = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(7).astype(np.float32)
+    assert ps.push_grads({na: ga, nb: gb}, wire_dtype="float16") == {na: 2, nb: 2}
+    assert np.array_equal(ps.pull(na)[0], a - ga.astype(np.float16).astype(np.float32))
+    ps.push_grads({na: ga, nb: gb}, wire_dtype="int8")
+    got = ps.pull(nb)[0]
+    want = b - gb.astype(np.float16).astype(np.float32) - gb
+    assert np.abs(got - want).max() <= np.abs(gb).max() / 127 / 2 * 1.0001 + 1e-6
+
+
 def test_topk_error_feedback_loses_no_gradient_mass(ps: Client) -> None:
     name = unique("topk")
     value = np.zeros((20, 25), np.float32)
