@@ -126,7 +126,7 @@ def topk_body(acc: np.ndarray, fraction: float, wire_dtype: str | None) -> tuple
     ceil(fraction * size) entries of `acc` by magnitude."""
     flat = acc.reshape(-1)
     k = min(flat.size, max(1, math.ceil(fraction * flat.size))) if flat.size else 0
-    idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]) if k else np.zeros(0, np.int64)
+    idx = top_indices(np.abs(flat), k)
     values = flat[idx]
     if wire_dtype in NARROW_FLOATS:
         sent_values = narrow(values, wire_dtype)
@@ -143,6 +143,25 @@ def topk_body(acc: np.ndarray, fraction: float, wire_dtype: str | None) -> tuple
 
 
 Body = bytes | list[memoryview]
+
+
+def top_indices(magnitudes: np.ndarray, k: int) -> np.ndarray:
+    """Sorted positions of the k largest of a 1-D array (exactly; ties either way).
+    A selection over millions of values is slow (argpartition of 4 M: 300 ms),
+    so, as Deep Gradient Compression does, a sample first gives a threshold
+    that about 2k values pass; the exact top k is chosen among those."""
+    n = magnitudes.size
+    if k == 0:
+        return np.zeros(0, np.int64)
+    if n > 1 << 16 and 8 * k < n:
+        sample = magnitudes[np.random.default_rng(n).integers(0, n, 1 << 14)]
+        rank = int(len(sample) * (1 - 2 * k / n))
+        threshold = np.partition(sample, rank)[rank]
+        candidates = np.flatnonzero(magnitudes >= threshold)
+        if candidates.size >= k:  # then the k largest are all among them
+            chosen = np.argpartition(magnitudes[candidates], candidates.size - k)[candidates.size - k :]
+            return np.sort(candidates[chosen])
+    return np.sort(np.argpartition(magnitudes, n - k)[n - k :])
 
 
 class Residuals:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from paramstore._codecs import dequantize_int8, from_bfloat16, quantize_int8, to_bfloat16
-from paramstore._compress import Residuals, topk_fraction
+from paramstore._compress import Residuals, top_indices, topk_fraction
 from paramstore._wire import safetensors_entries
 
 rng = np.random.default_rng(7)
@@ -68,3 +68,11 @@ def test_a_failed_push_gives_the_residual_back() -> None:
     with pytest.raises(RuntimeError), residuals.grad_request("w", g, None, "topk:0.1"):
         raise RuntimeError("network down")
     assert np.array_equal(residuals.peek("w"), kept)
+
+
+@pytest.mark.parametrize("n,k", [(1 << 18, 2621), (1 << 18, 1), (1 << 18, 40000), (1000, 10), (5, 5)])
+def test_top_indices_are_exactly_the_k_largest(n: int, k: int) -> None:
+    a = np.abs(rng.standard_normal(n)).astype(np.float32)
+    got = top_indices(a, k)
+    assert len(got) == k and np.all(np.diff(got) > 0)
+    assert np.array_equal(np.sort(a[got]), np.sort(a)[n - k :])
