@@ -18,6 +18,7 @@ import numpy as np
 
 WIRE_DTYPES = ("float16", "bfloat16", "int8")
 NARROW_FLOATS = ("float16", "bfloat16")  # sent as one array, no scales
+CHUNK = 1 << 20  # int8 quantization works on blocks of about this many values
 
 
 def to_bfloat16(values: np.ndarray) -> np.ndarray:
@@ -51,11 +52,12 @@ def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values, same shape; float32 scales, one per row). Non-finite
-    values cannot be carried: ValueError."""
+    values cannot be carried: ValueError. Computed in float64, in blocks of
+    about CHUNK values (bounded temporaries for large tensors)."""
     x = np.asarray(values)
     rows, cols = _matrix(x.shape)
     flat = x.reshape(rows, cols)
-    amax = np.abs(flat).max(axis=1) if cols else np.zeros(rows)
+    amax = np.maximum(flat.max(axis=1), -flat.min(axis=1)) if cols else np.zeros(rows)
     if not np.isfinite(amax).all():
         raise ValueError("int8 cannot carry NaN or Inf")
     with np.errstate(over="ignore"):
@@ -63,8 +65,20 @@ def quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(scales).all():
         raise ValueError("int8 scales would overflow float32")
     safe = np.where(scales > 0, scales, 1).astype(np.float64)
-    q = np.rint(flat.astype(np.float64) / safe[:, None])
-    return np.clip(q, -127, 127).astype(np.int8).reshape(x.shape), scales
+    q = np.empty((rows, cols), np.int8)
+    if cols >= CHUNK:
+        for r in range(rows):
+            for c in range(0, cols, CHUNK):
+                q[r, c : c + CHUNK] = _round(flat[r, c : c + CHUNK], safe[r])
+    else:
+        step = max(1, CHUNK // max(cols, 1))
+        for r in range(0, rows, step):
+            q[r : r + step] = _round(flat[r : r + step], safe[r : r + step, None])
+    return q.reshape(x.shape), scales
+
+
+def _round(x: np.ndarray, scale: np.ndarray | np.float64) -> np.ndarray:
+    return np.clip(np.rint(x.astype(np.float64) / scale), -127, 127).astype(np.int8)
 
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -18,8 +18,22 @@ def test_int8_error_is_at_most_half_a_scale_per_row(shape: tuple[int, ...]) -> N
     q, scales = quantize_int8(x)
     assert q.shape == x.shape and q.dtype == np.int8 and scales.dtype == np.float32
     rows = scales.size
-    err = np.abs(dequantize_int8(q, scales) - x).reshape(rows, x.size // rows if rows else 0)
-    assert (err <= scales[:, None] / 2 * (1 + 1e-6)).all()
+    as_rows = (rows, x.size // rows if rows else 0)
+    s = scales.astype(np.float64)[:, None]
+    exact = np.abs(q.reshape(as_rows) * s - x.reshape(as_rows))  # q * s in float64: no rounding
+    assert (exact <= s / 2).all()
+    # decoded in float32, the product's own rounding (half an ulp of the value) comes on top
+    err = np.abs(dequantize_int8(q, scales) - x).reshape(as_rows)
+    assert (err <= s / 2 + np.abs(x.reshape(as_rows)) * 2.0**-24).all()
+
+
+def test_int8_of_a_large_tensor_is_quantized_in_blocks_within_the_bound() -> None:
+    x = rng.standard_normal((3, (1 << 20) + 5)).astype(np.float32)  # rows longer than a block
+    for shape in (x.shape, (x.size // 3, 3)):  # and many short rows per block
+        q, scales = quantize_int8(x.reshape(shape))
+        s = scales.astype(np.float64)[:, None]
+        assert (np.abs(q.reshape(len(scales), -1) * s - x.reshape(len(scales), -1)) <= s / 2).all()
+        assert np.abs(q).max() == 127
 
 
 def test_int8_refuses_nonfinite() -> None:
