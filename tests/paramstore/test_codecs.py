@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,6 +13,7 @@ from paramstore._compress import Residuals, top_indices, topk_fraction
 from paramstore._wire import safetensors_entries
 
 rng = np.random.default_rng(7)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (9,), (4, 7), (3, 2, 5), (0, 4), (5, 0)])
@@ -90,3 +94,14 @@ def test_top_indices_are_exactly_the_k_largest(n: int, k: int) -> None:
     got = top_indices(a, k)
     assert len(got) == k and np.all(np.diff(got) > 0)
     assert np.array_equal(np.sort(a[got]), np.sort(a)[n - k :])
+
+
+@pytest.mark.parametrize("bad", ["topk:2", "topk:0", "top:0.1"])
+def test_train_digits_refuses_a_bad_compress_flag(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("train_digits", ROOT / "examples" / "train_digits.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["--compress", bad])
+    assert exit_info.value.code == 2 and "(0, 1]" in capsys.readouterr().err

@@ -4,6 +4,10 @@ error feedback loses no gradient mass."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 
 from paramstore import Client
 from paramstore._codecs import from_bfloat16, to_bfloat16
+from tests.paramstore.devcluster import ROOT, DevCluster
 
 pytestmark = pytest.mark.cluster
 rng = np.random.default_rng(1414)
@@ -120,3 +125,23 @@ def test_table_lookup_and_row_push_in_wire_dtypes(ps: Client) -> None:
     np.testing.assert_allclose(after, plain - from_bfloat16(to_bfloat16(g)), rtol=0, atol=1e-6)
     with pytest.raises(ValueError):
         ps.push_rows(name, ids, g, wire_dtype="int8")
+
+
+@pytest.mark.skipif(not os.environ.get("PARAMSTORE_LONG_TESTS"), reason="~40 s; set PARAMSTORE_LONG_TESTS=1")
+def test_train_digits_with_float16_pulls_and_topk_pushes(cluster: DevCluster) -> None:
+    """The README's compressed run, shortened: 2 workers x 80 steps."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PARAMSTORE_URLS=",".join(cluster.urls))
+    args = ["--workers", "2", "--steps", "80", "--pull-dtype", "float16", "--compress", "topk:0.01"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_digits.py"), *args, "--prefix", unique("cdigits")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "pulls float16, pushes topk:0.01" in out
+    m = re.search(r"final: test accuracy ([0-9.]+)", out)
+    assert m and float(m.group(1)) >= 0.90, out
