@@ -48,28 +48,44 @@ def create_module(
     }
 
 
-def load_module(client: Client, module: torch.nn.Module, prefix: str = "") -> dict[str, int]:
+def load_module(
+    client: Client, module: torch.nn.Module, prefix: str = "", wire_dtype: str | None = None
+) -> dict[str, int]:
     """Copy the stored values into the module's parameters; returns
-    {tensor name: version}, the base versions for `push_module_grads`."""
+    {tensor name: version}, the base versions for `push_module_grads`.
+    `wire_dtype`: pull them narrowed (Client.pull)."""
     versions = {}
     with torch.no_grad():
         for n, p in module.named_parameters():
-            arr, version = client.pull(prefix + n)
+            arr, version = client.pull(prefix + n, wire_dtype=wire_dtype)
             p.copy_(torch.from_numpy(np.array(arr)).reshape(p.shape))  # copy: pulled arrays are read-only
             versions[prefix + n] = version
     return versions
 
 
 def push_module_grads(
-    client: Client, module: torch.nn.Module, prefix: str = "", base_versions: Mapping[str, int] | None = None
+    client: Client,
+    module: torch.nn.Module,
+    prefix: str = "",
+    base_versions: Mapping[str, int] | None = None,
+    wire_dtype: str | None = None,
+    compress: str | None = None,
 ) -> dict[str, int]:
-    """Push every parameter's `.grad` in one request (parameters without one are skipped)."""
+    """Push every parameter's `.grad` in one request (parameters without one
+    are skipped), narrowed with `wire_dtype`; with `compress` ("topk:F", see
+    Client.push_grad) one request per parameter, each keeping its residual."""
     grads = {
         prefix + n: p.grad.detach().cpu().contiguous().numpy()
         for n, p in module.named_parameters()
         if p.grad is not None
     }
-    return client.push_grads(grads, base_versions)
+    if compress is None:
+        return client.push_grads(grads, base_versions, wire_dtype=wire_dtype)
+    bases = base_versions or {}
+    return {
+        name: client.push_grad(name, g, base_version=bases.get(name), wire_dtype=wire_dtype, compress=compress)
+        for name, g in grads.items()
+    }
 
 
 def sync_module_step(

@@ -127,6 +127,31 @@ def test_table_lookup_and_row_push_in_wire_dtypes(ps: Client) -> None:
         ps.push_rows(name, ids, g, wire_dtype="int8")
 
 
+def test_torch_helpers_pull_and_push_compressed(ps: Client) -> None:
+    import torch
+
+    from paramstore import torch as pt
+
+    prefix = unique("cnet") + "."
+    torch.manual_seed(0)
+    net = torch.nn.Linear(40, 30)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    pt.create_module(ps, net, optimizer={"type": "sgd", "lr": 1.0}, prefix=prefix)
+    versions = pt.load_module(ps, net, prefix=prefix, wire_dtype="bfloat16")
+    assert torch.equal(net.weight, start["weight"].bfloat16().float())  # torch's own rounding
+    net(torch.randn(4, 40)).pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    new = pt.push_module_grads(ps, net, prefix=prefix, base_versions=versions, compress="topk:0.1")
+    assert set(new.values()) == {2}
+    weight = ps.pull(prefix + "weight")[0]
+    changed = np.count_nonzero(weight != start["weight"].numpy())
+    assert changed == 120  # 10% of 1200
+    residual = ps.residual(prefix + "weight")
+    assert residual is not None
+    sent = start["weight"].numpy() - weight
+    np.testing.assert_allclose(sent + residual, grads["weight"].numpy(), rtol=0, atol=1e-6)
+
+
 @pytest.mark.skipif(not os.environ.get("PARAMSTORE_LONG_TESTS"), reason="~40 s; set PARAMSTORE_LONG_TESTS=1")
 def test_train_digits_with_float16_pulls_and_topk_pushes(cluster: DevCluster) -> None:
     """The README's compressed run, shortened: 2 workers x 80 steps."""
