@@ -62,8 +62,8 @@ ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "Every error answer (api/errors.py). Some carry more fields: "
     "`current_version` (409, 412), `round` (409 from a tensor with synchronous rounds: "
-    "the open round's version, received and needed), `limit` (413), `versions` (a batch push "
-    "that committed on some shards), a checkpoint restore's report.",
+    "the open round's version, received and needed), `limit` (413), `supported` (406: the wire "
+    "dtypes served), `versions` (a batch push that committed on some shards), a checkpoint restore's report.",
     "required": ["error", "detail"],
     "properties": {
         "error": {"type": "string", "description": "stable machine-readable code"},
