@@ -223,8 +223,9 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_bod
     stream = None if compressed else _stream_for(store, name, hd)
     try:
         body = await read_body(stream.feed if stream is not None else None)
-        if compressed:
-            t = await wd.off_loop(len(body), wd.decode_grad, name, hd, body, default)
+        if compressed:  # the widened gradient may be far larger than the body (a sparse one)
+            size = max(len(body), dtypes.expected_nbytes(*default)) if default else len(body)
+            t = await wd.off_loop(size, wd.decode_grad, name, hd, body, default)
         else:
             t = await decode_tensor(store, hd, body, default)
         if stream is not None:  # opened only for bodies that read_stream returns as a HashedBody
