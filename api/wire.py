@@ -308,6 +308,16 @@ def encode(
     return StreamingResponse(_chunks(*_slices(view)), media_type=OCTET, headers=hdrs)
 
 
+def parts_response(parts: list[Any], media_type: str, headers: dict[str, str]) -> Response:
+    """A body made of bytes-like parts: one write up to STREAM_CHUNK, else
+    streamed in slices of that size (large memoryviews are not copied)."""
+    total = sum(len(p) for p in parts)
+    if total <= STREAM_CHUNK:
+        return Response(b"".join(parts), media_type=media_type, headers=headers)
+    pieces = [s for p in parts for s in (_slices(p) if isinstance(p, memoryview) else [p])]
+    return StreamingResponse(_chunks(*pieces), media_type=media_type, headers=headers)
+
+
 def _slices(view: memoryview) -> list[memoryview]:
     return [view[i : i + STREAM_CHUNK] for i in range(0, len(view), STREAM_CHUNK)]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import numpy as np
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from paramstore._codecs import NARROW_FLOATS, WIRE_DTYPES, dequantize_int8, narrow, quantize_int8, rows_of, widen
 from store import dtypes
@@ -112,10 +112,7 @@ async def tensor_response(
     hdrs = dict(headers, **{"X-Wire-Dtype": wire_dtype, "Content-Length": str(total)})
     if head_only:
         return Response(b"", media_type=kind, headers=hdrs)
-    if total <= wire.STREAM_CHUNK:
-        return Response(b"".join(parts), media_type=kind, headers=hdrs)
-    slices = [s for p in parts for s in (wire._slices(p) if isinstance(p, memoryview) else [p])]
-    return StreamingResponse(wire._chunks(*slices), media_type=kind, headers=hdrs)
+    return wire.parts_response(parts, kind, hdrs)
 
 
 def batch_body(arrays: dict[str, np.ndarray], wire_dtype: str, metadata: dict[str, str]) -> bytes:
