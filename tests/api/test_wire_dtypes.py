@@ -151,10 +151,11 @@ def test_float64_tensor_and_rows_and_head(client: TestClient) -> None:
     r = get(client, name, "float16", rows="1,4")
     assert r.status_code == 200 and r.headers["X-Shape"] == "2,4" and r.headers["X-Dtype"] == "float64"
     assert r.content == value[[1, 4]].astype(np.float16).tobytes()
-    head = client.head(f"/v1/tensors/{name}", headers={"X-Wire-Dtype": "int8"})
-    full = get(client, name, "int8")
-    assert head.status_code == 200 and head.content == b""
-    assert int(head.headers["content-length"]) == len(full.content)
+    for wire_dtype in ("float16", "bfloat16", "int8"):
+        head = client.head(f"/v1/tensors/{name}", headers={"X-Wire-Dtype": wire_dtype})
+        full = get(client, name, wire_dtype)
+        assert head.status_code == 200 and head.content == b"" and head.headers["X-Wire-Dtype"] == wire_dtype
+        assert int(head.headers["content-length"]) == len(full.content)
 
 
 def test_large_pull_is_streamed_and_exact(client: TestClient) -> None:
