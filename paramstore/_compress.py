@@ -17,6 +17,7 @@ from ._codecs import NARROW_FLOATS, WIRE_DTYPES, dequantize_int8, narrow, quanti
 from ._wire import (
     OCTET,
     SAFETENSORS,
+    array_from,
     le_contiguous,
     safetensors_entries,
     safetensors_file,
@@ -42,8 +43,11 @@ def float32_of(code: str, arr: np.ndarray) -> np.ndarray:
 
 # ---- reads ------------------------------------------------------------------------------
 def decode_tensor(r: httpx.Response) -> np.ndarray:
-    """float32 value of a single-tensor answer to X-Wire-Dtype."""
-    wire_dtype = r.headers["X-Wire-Dtype"]
+    """float32 value of a single-tensor answer to X-Wire-Dtype (a server that
+    ignored the header sent the stored value)."""
+    wire_dtype = r.headers.get("X-Wire-Dtype")
+    if wire_dtype is None:
+        return np.asarray(array_from(r), dtype=np.float32)
     text = r.headers["X-Shape"].strip()
     shape = tuple(int(d) for d in text.split(",") if d.strip()) if text else ()
     if wire_dtype == "int8":
