@@ -29,7 +29,7 @@ rng = np.random.default_rng(14)
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     # 16 MB bodies: the large cases cross the 1 MB off-loop and 4 MB streaming thresholds
-    app = single_node_app(tmp_path_factory.mktemp("wire"), limits={"max_body_bytes": 16 << 20})
+    app = single_node_app(tmp_path_factory.mktemp("wire"), limits={"max_body_bytes": 16 << 20, "max_partitions": 8})
     with TestClient(app) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 15, "single replica ready")
         yield c
@@ -412,3 +412,40 @@ def st_file(entries: dict[str, dict[str, Any]]) -> bytes:
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)
     return len(head).to_bytes(8, "little") + head + b"".join(e["data"] for e in entries.values())
+
+
+def test_partitioned_tensor_in_wire_dtypes(client: TestClient) -> None:
+    """Reads are narrowed whole (int8: one scale per row of the whole tensor, a
+    vector's single row spanning its parts); compressed pushes are widened whole
+    and split like any gradient."""
+    for value in (rng.standard_normal((10, 3)).astype(np.float32), rng.standard_normal(9).astype(np.float32)):
+        name = f"wdp{next(_names)}"
+        r = client.put(
+            f"/v1/tensors/{name}",
+            content=value.tobytes(),
+            headers={
+                "X-Dtype": "float32",
+                "X-Shape": ",".join(map(str, value.shape)),
+                "X-Partitions": "3",
+                "X-Optimizer": '{"type": "sgd", "lr": 1.0}',
+            },
+        )
+        assert r.status_code == 201 and len(r.json()["partitions"]) == 3, r.text
+        r = get(client, name, "float16")
+        assert r.status_code == 200 and r.content == value.astype(np.float16).tobytes()
+        assert r.headers["X-Versions"] == "[1,1,1]"
+        parts = load(get(client, name, "int8").content)
+        rows = value.shape[0] if value.ndim == 2 else 1
+        assert parts["scales"].shape == (rows,)
+        s = parts["scales"].astype(np.float64).reshape(rows, 1)
+        assert (np.abs(parts["values"].reshape(rows, -1) * s - value.reshape(rows, -1)) <= s / 2).all()
+        g = rng.standard_normal(value.shape).astype(np.float32)
+        r = push(client, name, g.astype(np.float16).tobytes(), **{"X-Dtype": "float16"})
+        assert r.status_code == 200 and r.json()["versions"] == [2, 2, 2], r.text
+        idx = np.array([0, value.size - 1], np.int64)
+        r = push(client, name, save({"indices": idx, "values": np.ones(2, np.float32)}), **{"Content-Type": ST})
+        assert r.status_code == 200, r.text
+        want = value - g.astype(np.float16).astype(np.float32)
+        want.reshape(-1)[idx] -= 1
+        got = np.frombuffer(client.get(f"/v1/tensors/{name}").content, np.float32).reshape(value.shape)
+        assert np.array_equal(got, want)

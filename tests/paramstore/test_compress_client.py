@@ -79,6 +79,21 @@ def test_push_grads_in_wire_dtypes(ps: Client) -> None:
     assert np.abs(got - want).max() <= np.abs(gb).max() / 127 / 2 * 1.0001 + 1e-6
 
 
+def test_partitioned_tensor_pulls_and_pushes_compressed(ps: Client) -> None:
+    name = unique("cpart")
+    value = rng.standard_normal((12, 5)).astype(np.float32)
+    ps.create(name, value, optimizer={"type": "sgd", "lr": 1.0}, partitions=3)
+    got, version = ps.pull(name, wire_dtype="bfloat16")  # whole, even though the client knows the parts
+    assert version == 1 and np.array_equal(got, from_bfloat16(to_bfloat16(value)))
+    g = rng.standard_normal((12, 5)).astype(np.float32)
+    assert ps.push_grad(name, g, compress="topk:0.05") == 2  # 3 entries, every part advances
+    assert ps.push_grad(name, g, wire_dtype="float16") == 3
+    now, _ = ps.pull(name)  # through the parts
+    residual = ps.residual(name)
+    assert residual is not None
+    np.testing.assert_allclose((value - now) + residual, g + g.astype(np.float16).astype(np.float32), atol=1e-6)
+
+
 def test_topk_error_feedback_loses_no_gradient_mass(ps: Client) -> None:
     name = unique("topk")
     value = np.zeros((20, 25), np.float32)
