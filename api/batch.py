@@ -17,8 +17,8 @@ from store.commands import Batch, Grad
 from store.errors import InvalidRequest, StoreError
 from store.interface import StoreAPI
 
+from . import grad_widen, json_input, wire
 from . import headers as h
-from . import json_input, wire
 from . import openapi as oa
 from . import wire_dtypes as wd
 from .bridge import wait
@@ -100,7 +100,7 @@ async def push_batch(request: Request) -> Response:
     base_versions = _versions_header(hd.get("x-base-versions"), "X-Base-Versions")
     rid = h.request_id(hd.get("x-request-id"))
     body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
-    grads = await anyio.to_thread.run_sync(wd.decode_batch_grads, body, lambda n: _local_dtype(store, n))
+    grads = await anyio.to_thread.run_sync(grad_widen.decode_batch_grads, body, lambda n: _local_dtype(store, n))
     if not grads:
         raise InvalidRequest("the safetensors body holds no tensors")
     by_shard: dict[int, list[Grad]] = {}

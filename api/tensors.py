@@ -17,9 +17,9 @@ from store.commands import Delete, Grad, GradRows, Put
 from store.errors import InvalidRequest, NotFound, PreconditionFailed, Unavailable, Unprocessable
 from store.interface import StoreAPI
 
+from . import grad_widen, partition_reads, partitioned, wire
 from . import headers as h
 from . import openapi as oa
-from . import partition_reads, partitioned, wire
 from . import wire_dtypes as wd
 from .bridge import wait, wait_optional
 from .errors import UnsupportedMediaType, WaitExpired
@@ -196,8 +196,8 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_bod
         if lay is not None:
             body = await read_body(None)
             whole = (lay.dtype, lay.shape)
-            if wd.is_compressed(hd, whole):  # widened whole, then split like any gradient
-                t = await wd.off_loop(dtypes.expected_nbytes(*whole), wd.decode_grad, name, hd, body, whole)
+            if grad_widen.is_compressed(hd, whole):  # widened whole, then split like any gradient
+                t = await wd.off_loop(dtypes.expected_nbytes(*whole), grad_widen.decode_grad, name, hd, body, whole)
             else:
                 t = await decode_tensor(store, hd, body, whole)
             return await partitioned.push(store, lay, hd, t)
@@ -219,13 +219,13 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_bod
     # (cut-through: store/datapath.py PayloadStream); store.write then only
     # waits for their acknowledgements. Until store.write owns it, a failure
     # aborts it and the peers drop what they received.
-    compressed = wd.is_compressed(hd, default)  # widened here: the log carries full-width gradients
+    compressed = grad_widen.is_compressed(hd, default)  # widened here: the log carries full-width gradients
     stream = None if compressed else _stream_for(store, name, hd)
     try:
         body = await read_body(stream.feed if stream is not None else None)
         if compressed:  # the widened gradient may be far larger than the body (a sparse one)
             size = max(len(body), dtypes.expected_nbytes(*default)) if default else len(body)
-            t = await wd.off_loop(size, wd.decode_grad, name, hd, body, default)
+            t = await wd.off_loop(size, grad_widen.decode_grad, name, hd, body, default)
         else:
             t = await decode_tensor(store, hd, body, default)
         if stream is not None:  # opened only for bodies that read_stream returns as a HashedBody
