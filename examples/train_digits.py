@@ -134,7 +134,7 @@ def worker(rank: int, args: argparse.Namespace, urls: list[str], results: mp.Que
             pushed = {names[k]: g for k, g in grads.items()}
             versions = {n: pulled[n][1] for n in names.values()}
             if args.sync:  # push into this version's round, wait for it to close, get the new values
-                pulled = ps.sync_step(pushed, versions)
+                pulled = ps.sync_step(pushed, versions, compress=args.compress, pull_dtype=wire_dtype)
             else:
                 if args.compress:  # top-k is per tensor (its residual too): one push each
                     for n, g in pushed.items():
@@ -218,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
         if not ok:
             p.error(f"--compress {args.compress!r}: expected topk:F with F in (0, 1], e.g. topk:0.01")
-    if args.sync and (args.compress or args.pull_dtype != "float32"):
-        p.error("--sync does not take --compress or --pull-dtype yet")
     if args.lr is None:
         args.lr = 0.5 if args.optimizer == "sgd" else 0.01
     urls = [u.strip() for u in args.urls.split(",") if u.strip()]

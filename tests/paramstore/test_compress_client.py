@@ -94,6 +94,20 @@ def test_partitioned_tensor_pulls_and_pushes_compressed(ps: Client) -> None:
     np.testing.assert_allclose((value - now) + residual, g + g.astype(np.float16).astype(np.float32), atol=1e-6)
 
 
+def test_sync_step_with_topk_pushes_and_narrow_pulls(ps: Client) -> None:
+    name = unique("csync")
+    value = rng.standard_normal(50).astype(np.float32)
+    ps.create(name, value, optimizer={"type": "sgd", "lr": 1.0}, sync={"workers": 1})
+    g = rng.standard_normal(50).astype(np.float32)
+    new = ps.sync_step({name: g}, {name: 1}, compress="topk:0.1", pull_dtype="float16")
+    got, version = new[name]
+    assert version == 2
+    residual = ps.residual(name)
+    assert residual is not None and np.count_nonzero(residual) == 45
+    applied = value - (g - residual)  # the round of one worker applied the 5 entries sent
+    assert np.array_equal(got, applied.astype(np.float16).astype(np.float32))
+
+
 def test_topk_error_feedback_loses_no_gradient_mass(ps: Client) -> None:
     name = unique("topk")
     value = np.zeros((20, 25), np.float32)
