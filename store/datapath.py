@@ -12,14 +12,21 @@ compression. One request per connection:
     put:  the same with `id` in the header; sent by earlier versions
     get:  server answers {"ok": true, "size": n} and the n raw bytes
     snapshot: the server takes a fresh snapshot of the shard (if its last one
-          is behind) and answers like `get` with the snapshot file; a joining
-          replica starts from it instead of a transfer through Raft messages
+          is behind) and answers {"ok": true, "size": n, "mac"}, the file's n
+          bytes, then a trailer line {"mac"}; a joining replica starts from it
+          instead of a transfer through Raft messages
+    tables: the same with a `send_dir` stream of a fresh checkpoint of the
+          shard's embedding tables (no size in the head)
 
 Every request carries an HMAC of its header (and a `put_stream` trailer one
 of its own) under the cluster secret, with a timestamp and a nonce, so a
 captured header cannot be replayed (store/peer_auth.py); anything else is
-refused before a byte past the header line is read. Payload bytes travel
-unencrypted (docs/reliability.md, "Security defaults").
+refused before a byte past the header line is read. `snapshot` and `tables`
+replies are signed (their head, and a trailer over the SHA-256 of the bytes,
+both bound to the request's nonce); the receiver hashes while it receives
+and installs nothing that fails. `get` replies need no MAC: a payload's name
+is its SHA-256, checked on arrival. Bytes travel unencrypted
+(docs/reliability.md, "Security defaults").
 """
 
 from __future__ import annotations
@@ -37,17 +44,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import numpy as np
 
 from .buffers import Bytes, as_buffer, receive_buffer
 from .config import Address
-from .errors import StoreError, Unavailable
+from .errors import CorruptData, StoreError, Unavailable
 from .payloads import PayloadStore
 from .peer_auth import PeerAuth
 from .refusals import RefusalLog, clip
-from .tables.engine import receive_dir, send_dir
+from .tables.engine import receive_dir, send_dir, send_hashed
 from .threadnames import name_this_thread
 
 if TYPE_CHECKING:
@@ -75,6 +82,20 @@ def _read_line(sock: socket.socket) -> dict[str, Any]:
         raise ConnectionError("header is not a JSON object") from None
     if not isinstance(msg, dict):
         raise ConnectionError("header is not an object")
+    return msg
+
+
+def _read_line_from(stream: BinaryIO) -> dict[str, Any]:
+    """`_read_line` from a buffered stream (the socket is already wrapped in it)."""
+    line = stream.readline(MAX_HEADER + 1)
+    if not line.endswith(b"\n"):
+        raise ConnectionError("connection closed or header too long while reading a trailer")
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError):
+        raise ConnectionError("trailer is not a JSON object") from None
+    if not isinstance(msg, dict):
+        raise ConnectionError("trailer is not an object")
     return msg
 
 
@@ -183,9 +204,9 @@ class DataPathServer:
                 store.put(data, pid, digest=hasher.hexdigest())
                 _send_line(sock, {"ok": True})
             elif op == "snapshot" and self.snapshot_source is not None:
-                self._send_snapshot(sock, shard, self.snapshot_source(shard))
+                self._send_snapshot(sock, shard, nonce, self.snapshot_source(shard))
             elif op == "tables" and self.tables_source is not None:
-                self._send_tables(sock, shard, self.tables_source(shard))
+                self._send_tables(sock, shard, nonce, self.tables_source(shard))
             elif op == "get":
                 held = store.get(pid)
                 if held is None:
@@ -199,27 +220,92 @@ class DataPathServer:
             with contextlib.suppress(OSError):
                 _send_line(sock, {"ok": False, "error": clip(str(e))})
 
-    def _send_snapshot(self, sock: socket.socket, shard: int, path: Path) -> None:
+    def _send_snapshot(self, sock: socket.socket, shard: int, nonce: str, path: Path) -> None:
+        # read, hashed and sent in one pass (no sendfile: the trailer signs the digest)
         with open(path, "rb") as f:  # an open file survives the next snapshot's rename
             size = os.fstat(f.fileno()).st_size
-            _send_line(sock, {"ok": True, "size": size})
+            _send_line(
+                sock, {"ok": True, "size": size, "mac": self.auth.reply_head_mac("snapshot", shard, nonce, size)}
+            )
             sock.settimeout(None)
-            sent = 0
-            while sent < size:
-                n = os.sendfile(sock.fileno(), f.fileno(), sent, min(CHUNK * 4, size - sent))
-                if n == 0:
-                    raise ConnectionError(f"snapshot sending stopped at {sent} of {size} bytes")
-                sent += n
+            hasher = hashlib.sha256()
+            sent = send_hashed(f, sock, size, hasher, CHUNK)
+            if sent != size:
+                raise ConnectionError(f"snapshot sending stopped at {sent} of {size} bytes")
+            _send_line(sock, {"mac": self.auth.reply_end_mac("snapshot", shard, nonce, size, hasher.hexdigest())})
         log.info("sent the snapshot of shard %d (%d bytes) to a joining replica", shard, size)
 
-    def _send_tables(self, sock: socket.socket, shard: int, checkpoint: Path) -> None:
+    def _send_tables(self, sock: socket.socket, shard: int, nonce: str, checkpoint: Path) -> None:
         try:
-            _send_line(sock, {"ok": True})
+            _send_line(sock, {"ok": True, "mac": self.auth.reply_head_mac("tables", shard, nonce, None)})
             sock.settimeout(None)
-            sent = send_dir(checkpoint, sock)
+            hasher = _CountingHasher()
+            send_dir(checkpoint, sock, hasher)
+            mac = self.auth.reply_end_mac("tables", shard, nonce, hasher.size, hasher.hexdigest())
+            _send_line(sock, {"mac": mac})
         finally:
             shutil.rmtree(checkpoint, ignore_errors=True)
-        log.info("sent the tables of shard %d (%d bytes) to a joining replica", shard, sent)
+        log.info("sent the tables of shard %d (%d bytes) to a joining replica", shard, hasher.size)
+
+
+class _CountingHasher:
+    """SHA-256 of a stream, and its length."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def update(self, data: bytes | memoryview, /) -> None:
+        self._h.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+class _HashingReader:
+    """A binary stream's `read` / `readline`, feeding what they return to a hasher."""
+
+    def __init__(self, stream: BinaryIO, hasher: _CountingHasher) -> None:
+        self._stream = stream
+        self._hasher = hasher
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        self._hasher.update(data)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._stream.readline(limit)
+        self._hasher.update(line)
+        return line
+
+
+def _signed_reply(auth: PeerAuth, reply: Mapping[str, Any], op: str, shard: int, nonce: str, addr: Address) -> None:
+    """Refuse a `snapshot` / `tables` reply head that is not the answer of a
+    replica holding the cluster secret to this very request."""
+    what = "a snapshot" if op == "snapshot" else "the tables"
+    if not reply.get("ok"):
+        raise ConnectionError(f"{addr} did not send {what} of shard {shard}: {clip(reply.get('error'))}")
+    size = reply.get("size") if op == "snapshot" else None
+    if op == "snapshot" and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise ConnectionError(f"{addr} sent {what} of shard {shard} with a bad size {clip(size, 40)}")
+    if not auth.same(auth.reply_head_mac(op, shard, nonce, size), reply):
+        raise ConnectionError(
+            f"{addr} sent {what} of shard {shard} that failed authentication (reply not signed with the "
+            "cluster secret: not a replica of this cluster, or one of a version before signed replies)"
+        )
+
+
+def _check_end(
+    auth: PeerAuth, trailer: Mapping[str, Any], op: str, shard: int, nonce: str, hasher: _CountingHasher, addr: Address
+) -> None:
+    if not auth.same(auth.reply_end_mac(op, shard, nonce, hasher.size, hasher.hexdigest()), trailer):
+        what = "a snapshot" if op == "snapshot" else "the tables"
+        raise ConnectionError(
+            f"{addr} sent {what} of shard {shard} that failed authentication: its {hasher.size} bytes do not "
+            "match the signed digest (forged or altered in transit); nothing installed"
+        )
 
 
 class DataPathClient:
@@ -254,26 +340,33 @@ class DataPathClient:
         partial = dest.with_suffix(".fetching")
         with self._connect(addr) as sock:
             sock.settimeout(timeout)  # the source may first have to write the snapshot
-            _send_line(sock, self.auth.header("snapshot", shard, "", 0))
+            header = self.auth.header("snapshot", shard, "", 0)
+            _send_line(sock, header)
             reply = _read_line(sock)
-            if not reply.get("ok"):
-                raise ConnectionError(f"{addr} did not send a snapshot of shard {shard}: {reply.get('error')}")
+            _signed_reply(self.auth, reply, "snapshot", shard, header["nonce"], addr)
             size = int(reply["size"])
             got, last_report = 0, time.monotonic()
+            hasher = _CountingHasher()
             buf = bytearray(CHUNK)
             view = memoryview(buf)
-            with open(partial, "wb") as f:
-                while got < size:
-                    n = sock.recv_into(view, min(CHUNK, size - got))
-                    if n == 0:
-                        raise ConnectionError(f"snapshot of shard {shard} cut after {got} of {size} bytes")
-                    f.write(view[:n])
-                    got += n
-                    if progress is not None and (time.monotonic() - last_report > 1.0 or got == size):
-                        last_report = time.monotonic()
-                        progress(got, size)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(partial, "wb") as f:
+                    while got < size:
+                        n = sock.recv_into(view, min(CHUNK, size - got))
+                        if n == 0:
+                            raise ConnectionError(f"{addr}: snapshot of shard {shard} cut after {got} of {size} bytes")
+                        hasher.update(view[:n])
+                        f.write(view[:n])
+                        got += n
+                        if progress is not None and (time.monotonic() - last_report > 1.0 or got == size):
+                            last_report = time.monotonic()
+                            progress(got, size)
+                    _check_end(self.auth, _read_line(sock), "snapshot", shard, header["nonce"], hasher, addr)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
         os.replace(partial, dest)
         return size
 
@@ -282,12 +375,23 @@ class DataPathClient:
         replica at `addr` into the new directory `dest`; returns its bytes."""
         with self._connect(addr) as sock:
             sock.settimeout(timeout)
-            _send_line(sock, self.auth.header("tables", shard, "", 0))
+            header = self.auth.header("tables", shard, "", 0)
+            _send_line(sock, header)
             reply = _read_line(sock)
-            if not reply.get("ok"):
-                raise ConnectionError(f"{addr} did not send the tables of shard {shard}: {reply.get('error')}")
+            _signed_reply(self.auth, reply, "tables", shard, header["nonce"], addr)
+            hasher = _CountingHasher()
             with sock.makefile("rb") as stream:
-                return receive_dir(stream, dest)
+                try:
+                    size = receive_dir(cast(BinaryIO, _HashingReader(stream, hasher)), dest)
+                except CorruptData as e:  # receive_dir removed dest
+                    raise ConnectionError(f"{addr} sent the tables of shard {shard}: {e}") from None
+                try:
+                    trailer = _read_line_from(stream)
+                    _check_end(self.auth, trailer, "tables", shard, header["nonce"], hasher, addr)
+                except BaseException:
+                    shutil.rmtree(dest, ignore_errors=True)
+                    raise
+            return size
 
     def replicate(
         self, peers: Sequence[Address], shard: int, payload_id: str, data: Bytes, need: int, timeout: float

@@ -8,6 +8,12 @@ be replayed, neither at once (the nonce is remembered) nor later (the
 timestamp is too old by the time the nonce is forgotten). A `put_stream`
 trailer's MAC covers the header's nonce, so it cannot be spliced onto another
 stream. Replicas' clocks must agree within `WINDOW` (NTP does far better).
+
+Replies that carry state (`snapshot`, `tables`) are signed too, bound to the
+request's nonce: a head MAC before the first byte, and a trailer MAC over the
+SHA-256 of every byte streamed, which the receiver hashes as they arrive and
+checks before it installs anything. Someone who binds a dead peer's data port
+cannot feed a joiner a forged snapshot, nor replay an old authentic one.
 """
 
 from __future__ import annotations
@@ -62,6 +68,19 @@ class PeerAuth:
     def check_trailer(self, msg: Mapping[str, Any], shard: int, size: int, nonce: str) -> bool:
         pid = str(msg.get("id", ""))
         return hmac.compare_digest(self.trailer_mac(shard, pid, size, nonce), str(msg.get("mac", "")))
+
+    def reply_head_mac(self, op: str, shard: int, nonce: str, size: int | None) -> str:
+        """The MAC of a `snapshot` / `tables` reply's head line (`size`: None
+        when the length is not known in advance)."""
+        return self._mac(op + "_reply", shard, nonce, size)
+
+    def reply_end_mac(self, op: str, shard: int, nonce: str, size: int, digest: str) -> str:
+        """The MAC of the trailer after a reply's `size` bytes hashing to `digest` (SHA-256)."""
+        return self._mac(op + "_reply_end", shard, nonce, size, digest)
+
+    @staticmethod
+    def same(expected: str, msg: Mapping[str, Any]) -> bool:
+        return hmac.compare_digest(expected, str(msg.get("mac", "")))
 
     def check_header(self, msg: Mapping[str, Any]) -> str | None:
         """None if `msg` is an authentic, fresh header never seen before (its

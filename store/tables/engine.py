@@ -33,12 +33,17 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import numpy as np
 import rocksdict
 
 from ..errors import CorruptData
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
 
 ROW = b"r"
 LRU = b"l"
@@ -327,17 +332,24 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.is_file())
 
 
-def send_dir(src: Path, out: BinaryIO | socket.socket) -> int:
+def send_dir(src: Path, out: BinaryIO | socket.socket, hasher: Hasher | None = None) -> int:
     """Stream every file under `src` to `out` (sendfile: the bytes go from
-    the page cache to the socket or file without passing through this process)."""
+    the page cache to the socket or file without passing through this process).
+    With `hasher`, every byte sent (file heads included) is fed to it on the
+    way instead: read, hashed and sent in one pass, for a signed stream."""
     sent = 0
     files = _files(src)
     out_fd = out.fileno()
     for f in files:
         size = f.stat().st_size
         rel = f.relative_to(src).as_posix()
-        _send_all(out, (json.dumps({"name": rel, "size": size}) + "\n").encode())
+        _send_all(out, (json.dumps({"name": rel, "size": size}) + "\n").encode(), hasher)
         with open(f, "rb") as src_file:
+            if hasher is not None:
+                if send_hashed(src_file, out, size, hasher) != size:
+                    raise CorruptData(f"{f} shrank while being sent")
+                sent += size
+                continue
             offset = 0
             while offset < size:
                 if isinstance(out, socket.socket):
@@ -349,11 +361,28 @@ def send_dir(src: Path, out: BinaryIO | socket.socket) -> int:
                     raise CorruptData(f"{f} shrank while being sent")
                 offset += n
         sent += size
-    _send_all(out, (json.dumps({"end": len(files)}) + "\n").encode())
+    _send_all(out, (json.dumps({"end": len(files)}) + "\n").encode(), hasher)
     return sent
 
 
-def _send_all(out: BinaryIO | socket.socket, data: bytes) -> None:
+def send_hashed(src: BinaryIO, out: BinaryIO | socket.socket, size: int, hasher: Hasher, chunk: int = 1 << 20) -> int:
+    """Copy up to `size` bytes of `src` to `out`, feeding them to `hasher`; returns the bytes copied."""
+    buf = bytearray(min(chunk, max(size, 1)))
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        n = src.readinto(view[: min(len(buf), size - done)])  # type: ignore[attr-defined]
+        if not n:
+            break
+        hasher.update(view[:n])
+        _send_all(out, view[:n])
+        done += n
+    return done
+
+
+def _send_all(out: BinaryIO | socket.socket, data: bytes | memoryview, hasher: Hasher | None = None) -> None:
+    if hasher is not None:
+        hasher.update(data)
     if isinstance(out, socket.socket):
         out.sendall(data)
     else:
