@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from store import dtypes, record
 from store.buffers import byte_view
 from store.commands import Put
-from store.errors import InvalidRequest, StoreError, Unprocessable
+from store.errors import InvalidRequest, StoreError, Unprocessable, echo
 from store.interface import StoreAPI
 from store.record import Tensor
 
@@ -381,7 +381,7 @@ def _read_plan(path: str) -> tuple[list[dict[str, Any]], list[checkpoint_tables.
         try:
             doc = json.loads(meta[META_KEY])
             if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format {doc.get('format')!r} version {doc.get('format_version')!r}")
+                raise ValueError(f"format {echo(doc.get('format'))} version {echo(doc.get('format_version'))}")
             described = doc["tensors"]
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise InvalidRequest(f"metadata {META_KEY!r} is not a paramstore checkpoint: {e}") from None
@@ -425,7 +425,7 @@ def _described(described: Any, name: str) -> dict[str, Any]:
         d.get(key) is None or isinstance(d[key], want)
         for key, want in (("version", int), ("optimizer", dict), ("state_scalars", dict))
     ):
-        raise InvalidRequest(f"metadata {META_KEY!r}: the entry of {name!r} is malformed")
+        raise InvalidRequest(f"metadata {META_KEY!r}: the entry of {echo(name)} is malformed")
     return d
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse
 
 from store import membership
-from store.errors import ConfigError, InvalidRequest, NotFound
+from store.errors import ConfigError, InvalidRequest, NotFound, echo
 from store.interface import StoreAPI
 
 from . import json_input, wire
@@ -61,7 +61,7 @@ def _shards_param(value: Any, count: int) -> list[int] | None:
             raise TypeError  # int() would take true as 1, 2.5 as 2 and 1e400 not at all (OverflowError)
         shards = [int(v) for v in value]
     except (TypeError, ValueError):
-        raise InvalidRequest(f"shards: expected a list of shard numbers, got {value!r}") from None
+        raise InvalidRequest(f"shards: expected a list of shard numbers, got {echo(value)}") from None
     if not shards:
         raise InvalidRequest("shards: empty list")
     if min(shards) < 0:

@@ -85,9 +85,10 @@ def status_of(err: e.StoreError) -> int:
     return 500
 
 
-# An error's detail may quote the input it refuses (a header, a name, a JSON
-# fragment): cut, so that an answer or a log line never echoes kilobytes of it.
-MAX_DETAIL = 400
+# Where an error's detail quotes the input it refuses, the quote is cut to
+# 200 bytes (store.errors.echo); this is only the backstop for a detail that
+# quotes more than once or through an exception's text.
+MAX_DETAIL = 2000
 
 
 def error_response(err: e.StoreError, request: Request | None = None, extra: dict[str, Any] | None = None) -> Response:
@@ -180,4 +181,5 @@ def disconnect_response(request: Request) -> Response:
 def unexpected_error_response(request: Request, exc: Exception) -> Response:
     """A bug: logged with its traceback, answered as a JSON 500."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
+    detail = clip(f"{type(exc).__name__}: {exc}", MAX_DETAIL)
+    return JSONResponse({"error": "internal", "detail": detail}, status_code=500)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, overload
 
-from store.errors import InvalidRequest, Unprocessable
+from store.errors import InvalidRequest, Unprocessable, echo
 from store.optimizers import normalize_spec, refuse_degenerate
 from store.partitions import parse_part
 from store.sync_rounds import normalize_sync
@@ -24,7 +24,7 @@ MAX_INTEGER = 2**63 - 1
 def tensor_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise InvalidRequest(
-            f"tensor name {name!r} is invalid: 1-256 characters of letters, digits and _ . : -, "
+            f"tensor name {echo(name)} is invalid: 1-256 characters of letters, digits and _ . : -, "
             "not starting with . : or -"
         )
     return name
@@ -55,10 +55,10 @@ def version_tag(value: str | None, header: str, allow_star: bool = False) -> int
         v = v[2:]
     if v.startswith('"') or v.endswith('"'):  # quoted: exactly one pair ('"3' is not a version)
         if len(v) < 2 or not (v.startswith('"') and v.endswith('"')):
-            raise InvalidRequest(f"{header}: unbalanced quotes in {value!r}")
+            raise InvalidRequest(f"{header}: unbalanced quotes in {echo(value)}")
         v = v[1:-1]
     if not (INTEGER_RE.fullmatch(v) and 0 <= int(v) <= MAX_INTEGER):
-        raise InvalidRequest(f'{header}: expected a version such as "3", got {value!r}')
+        raise InvalidRequest(f'{header}: expected a version such as "3", got {echo(value)}')
     return int(v)
 
 
@@ -76,7 +76,7 @@ def integer(value: str | None, header: str, minimum: int = 0) -> int | None:
         return None
     v = value.strip()
     if not (INTEGER_RE.fullmatch(v) and minimum <= int(v) <= MAX_INTEGER):
-        raise InvalidRequest(f"{header}: expected an integer in [{minimum}, {MAX_INTEGER}], got {value!r}")
+        raise InvalidRequest(f"{header}: expected an integer in [{minimum}, {MAX_INTEGER}], got {echo(value)}")
     return int(v)
 
 
@@ -88,7 +88,7 @@ def boolean(value: str | None, header: str) -> bool | None:
         return True
     if v in ("0", "false", "no"):
         return False
-    raise InvalidRequest(f"{header}: expected true or false, got {value!r}")
+    raise InvalidRequest(f"{header}: expected true or false, got {echo(value)}")
 
 
 def optimizer(value: str | None) -> dict[str, Any] | None:
@@ -111,7 +111,7 @@ def staleness_policy(value: str | None) -> str | None:
     if value is None:
         return None
     if value not in ("reject", "scale"):
-        raise Unprocessable(f"X-Staleness-Policy: {value!r} is not one of reject, scale")
+        raise Unprocessable(f"X-Staleness-Policy: {echo(value)} is not one of reject, scale")
     return value
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from store.commands import LayoutCreate, Put
-from store.errors import InvalidRequest, NotFound, PreconditionFailed, StoreError, Unprocessable
+from store.errors import InvalidRequest, NotFound, PreconditionFailed, StoreError, Unprocessable, echo
 from store.interface import StoreAPI
 from store.partitions import Layout, assemble, auto_partitions, check_partitions, parse_part, row_counts, split
 from store.placement import shard_for
@@ -92,7 +92,7 @@ def parse_partitions_query(text: str | None) -> dict[str, int]:
     for item in text.split(","):
         name, _, k = item.rpartition(":")
         if not name or not k.isdigit():
-            raise InvalidRequest(f"partitions: expected name:K,name:K,..., got {item!r}")
+            raise InvalidRequest(f"partitions: expected name:K,name:K,..., got {echo(item)}")
         out[name] = int(k)
     return out
 
@@ -104,7 +104,7 @@ def restore_partitions(store: StoreAPI, t: Tensor, asked: Any) -> int:
     if asked is None:
         return auto_partitions(t.shape, t.nbytes, limits.partition_bytes, limits.partition_auto_bytes, store.cfg.shards)
     if not isinstance(asked, int) or isinstance(asked, bool):
-        raise Unprocessable(f"partitions of {t.name!r}: expected an integer, got {asked!r}")
+        raise Unprocessable(f"partitions of {echo(t.name)}: expected an integer, got {echo(asked)}")
     check_partitions(asked, t.shape, limits.max_partitions)
     return asked
 

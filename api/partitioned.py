@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from store import dtypes
 from store.commands import Delete, Grad, LayoutCreate, Put
-from store.errors import InvalidRequest, NotFound, PreconditionFailed, StoreError, Unavailable, Unprocessable
+from store.errors import InvalidRequest, NotFound, PreconditionFailed, StoreError, Unavailable, Unprocessable, echo
 from store.interface import StoreAPI
 from store.partitions import (
     Layout,
@@ -56,7 +56,7 @@ def partitions_of(store: StoreAPI, hd: Mapping[str, str], t: wire.WireTensor) ->
         nbytes = dtypes.expected_nbytes(t.dtype, t.shape)
         return auto_partitions(t.shape, nbytes, limits.partition_bytes, limits.partition_auto_bytes, store.cfg.shards)
     if not h.INTEGER_RE.fullmatch(text.strip()):
-        raise InvalidRequest(f"X-Partitions: expected an integer, got {text!r}")
+        raise InvalidRequest(f"X-Partitions: expected an integer, got {echo(text)}")
     k = int(text.strip())
     check_partitions(k, t.shape, limits.max_partitions)
     return k
@@ -78,7 +78,7 @@ def version_vector(value: str | None, header: str, k: int) -> list[int] | None:
     try:
         out = [h.version_tag(item, header) for item in items]
     except InvalidRequest:
-        raise InvalidRequest(f'{header}: expected a version vector such as "3.4.3", got {value!r}') from None
+        raise InvalidRequest(f'{header}: expected a version vector such as "3.4.3", got {echo(value)}') from None
     if len(out) == 1:
         return out * k
     if len(out) != k:

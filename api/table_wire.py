@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from store.errors import InvalidRequest, Unprocessable
+from store.errors import InvalidRequest, Unprocessable, echo
 from store.tables import rowdtype
 from store.tables.ids import ids_from_json
 
@@ -116,7 +116,7 @@ def decode_lookup(content_type: str | None, body: Any) -> np.ndarray:
         doc = _json(body)
         unknown = set(doc) - {"ids"}
         if unknown:
-            raise InvalidRequest(f"lookup body: unknown field {sorted(unknown)[0]!r}")
+            raise InvalidRequest(f"lookup body: unknown field {echo(sorted(unknown)[0])}")
         return _json_ids(doc)
     raise UnsupportedMediaType(f"lookup takes {SAFETENSORS}, {NPY} or {JSON}")
 

@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 
 from store import dtypes
 from store.buffers import LARGE, Bytes, byte_view, receive_buffer
-from store.errors import InvalidRequest, Unprocessable
+from store.errors import InvalidRequest, Unprocessable, echo
 
 from . import json_input
 from .errors import NotAcceptable, PayloadTooLarge, UnsupportedMediaType
@@ -76,7 +76,7 @@ async def read_stream(
         try:
             length = int(length_header)
         except ValueError:
-            raise InvalidRequest(f"Content-Length {length_header!r} is not a number") from None
+            raise InvalidRequest(f"Content-Length {echo(length_header)} is not a number") from None
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit} bytes", limit=limit)
         hashed: HashedBody | None = None
@@ -128,7 +128,9 @@ def decode(
         return _decode_npy(body)
     if kind == JSON:
         return _decode_json(body, json_max_elements)
-    raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported for tensors (use {', '.join(TENSOR_TYPES)})")
+    raise UnsupportedMediaType(
+        f"Content-Type {echo(kind)} is not supported for tensors (use {', '.join(TENSOR_TYPES)})"
+    )
 
 
 def _decode_raw(headers: Mapping[str, str], body: Bytes, default: tuple[str, tuple[int, ...]] | None) -> WireTensor:
@@ -256,7 +258,7 @@ def negotiate(accept: str | None, offered: tuple[str, ...] = TENSOR_TYPES) -> st
             return mt
         if mt in ("*/*", "application/*"):
             return offered[0]
-    raise NotAcceptable(f"none of {accept!r} can be served; available: {', '.join(offered)}")
+    raise NotAcceptable(f"none of {echo(accept)} can be served; available: {', '.join(offered)}")
 
 
 def raw_view(arr: np.ndarray) -> memoryview:
@@ -343,7 +345,7 @@ def decode_safetensors(body: Bytes) -> dict[str, WireTensor]:
         raise InvalidRequest(f"body is not a valid safetensors file: {e}") from None
     out: dict[str, WireTensor] = {}
     for name, spec in items:
-        dtype = dtypes.from_safetensors(spec["dtype"], f"tensor {name!r}")
+        dtype = dtypes.from_safetensors(spec["dtype"], f"tensor {echo(name)}")
         out[name] = WireTensor(dtype, dtypes.check_shape(spec["shape"]), spec["data"])
     return out
 

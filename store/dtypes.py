@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequest, Unprocessable
+from .errors import InvalidRequest, Unprocessable, echo
 
 # The one table of the dtypes a tensor may have: name (X-Dtype, JSON, .npy),
 # numpy dtype (little-endian, as stored) and safetensors code.
@@ -29,7 +29,7 @@ def dtype_of(name: str) -> np.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise Unprocessable(f"dtype {name!r} is not supported (supported: {', '.join(DTYPES)})") from None
+        raise Unprocessable(f"dtype {echo(name)} is not supported (supported: {', '.join(DTYPES)})") from None
 
 
 def dtype_name(dt: np.dtype) -> str:
@@ -58,7 +58,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(p) for p in parts if p.strip() != "")
     except ValueError:
-        raise InvalidRequest(f"shape {text!r} is not a comma-separated list of integers") from None
+        raise InvalidRequest(f"shape {echo(text)} is not a comma-separated list of integers") from None
     return check_shape(dims)
 
 
@@ -69,7 +69,7 @@ def check_shape(given: Any) -> tuple[int, ...]:
             raise TypeError
         dims = tuple(int(d) for d in given)
     except TypeError:
-        raise InvalidRequest(f"shape {_short(given)} is not a list of integers") from None
+        raise InvalidRequest(f"shape {echo(given)} is not a list of integers") from None
     if len(dims) > MAX_RANK:
         raise Unprocessable(f"shape {dims} has rank {len(dims)} > {MAX_RANK}")
     if any(d < 0 for d in dims):
@@ -88,11 +88,6 @@ def _is_integer(d: Any) -> bool:
     if isinstance(d, float):
         return d.is_integer()
     return isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_))
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def element_count(shape: tuple[int, ...]) -> int:

@@ -9,6 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+ECHO_BYTES = 200  # the most of its input an error message quotes
+
+
+def echo(value: object, limit: int = ECHO_BYTES) -> str:
+    """`value` (input being refused) as an error message quotes it: its repr,
+    cut to `limit` bytes of UTF-8 (whole characters), so that an answer or a
+    log line never echoes kilobytes; the message's own words stay whole."""
+    text = repr(value)
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore") + f"... ({len(raw)} bytes)"
+
 
 class StoreError(Exception):
     code = "store_error"

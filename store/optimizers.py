@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import Unprocessable
+from .errors import Unprocessable, echo
 
 Spec = Mapping[str, Any]  # a normalized optimizer spec (normalize_spec)
 State = Mapping[str, Any]  # a tensor's optimizer state: arrays and scalars
@@ -57,7 +57,7 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
         raise Unprocessable('optimizer: expected a JSON object such as {"type": "sgd", "lr": 0.1}')
     kind = spec.get("type")
     if not isinstance(kind, str) or kind not in SPECS:
-        raise Unprocessable(f"optimizer.type: {kind!r} is not one of {', '.join(SPECS)}")
+        raise Unprocessable(f"optimizer.type: {echo(kind)} is not one of {', '.join(SPECS)}")
     defaults = SPECS[kind]
     unknown = set(spec) - set(defaults) - {"type"}
     if unknown:
@@ -70,12 +70,12 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
         where = f"optimizer.{key}"
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise Unprocessable(f"{where}: expected true or false, got {_short(value)}")
+                raise Unprocessable(f"{where}: expected true or false, got {echo(value)}")
         elif isinstance(default, tuple):
             value = list(parse_betas(value, where))
         else:
             if not _is_number(value) or not math.isfinite(_as_float(value)) or value < 0:
-                raise Unprocessable(f"{where}: expected a finite number >= 0, got {_short(value)}")
+                raise Unprocessable(f"{where}: expected a finite number >= 0, got {echo(value)}")
             value = float(value)
         out[key] = value
     if kind == "sgd" and out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
@@ -111,7 +111,7 @@ def parse_betas(value: Any, where: str) -> tuple[float, float]:
         or len(value) != 2
         or not all(_is_number(v) and 0.0 <= v < 1.0 for v in value)
     ):
-        raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {_short(value)}")
+        raise Unprocessable(f"{where}: expected two numbers in [0, 1), got {echo(value)}")
     return float(value[0]), float(value[1])
 
 
@@ -121,11 +121,6 @@ def _as_float(v: float) -> float:
         return float(v)
     except OverflowError:
         return math.inf
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:60] + "..."
 
 
 @dataclass(frozen=True)

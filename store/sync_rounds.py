@@ -27,7 +27,7 @@ import numpy as np
 
 from . import dtypes
 from .commands import RoundClose
-from .errors import Conflict, StoreError, Unprocessable
+from .errors import Conflict, StoreError, Unprocessable, echo
 from .optimizers import apply_step
 from .record import Round, Tensor
 
@@ -49,20 +49,20 @@ def normalize_sync(spec: Any) -> dict[str, Any]:
         raise Unprocessable(f"sync: unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
     workers, backups = spec.get("workers"), spec.get("backup_workers", 0)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= MAX_WORKERS:
-        raise Unprocessable(f"sync.workers: expected an integer in [1, {MAX_WORKERS}], got {workers!r}")
+        raise Unprocessable(f"sync.workers: expected an integer in [1, {MAX_WORKERS}], got {echo(workers)}")
     if not isinstance(backups, int) or isinstance(backups, bool) or not 0 <= backups < workers:
         raise Unprocessable(
-            f"sync.backup_workers: expected an integer in [0, workers - 1 = {workers - 1}], got {backups!r}"
+            f"sync.backup_workers: expected an integer in [0, workers - 1 = {workers - 1}], got {echo(backups)}"
         )
     timeout = spec.get("round_timeout")
     # no float() of the value: a JSON integer of 400 digits would overflow (NaN and Inf fail the range)
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400
     ):
-        raise Unprocessable(f"sync.round_timeout: expected seconds in (0, 86400] or null, got {timeout!r}")
+        raise Unprocessable(f"sync.round_timeout: expected seconds in (0, 86400] or null, got {echo(timeout)}")
     reduce = spec.get("reduce", "mean")
     if reduce not in REDUCE:
-        raise Unprocessable(f"sync.reduce: {reduce!r} is not one of {', '.join(REDUCE)}")
+        raise Unprocessable(f"sync.reduce: {echo(reduce)} is not one of {', '.join(REDUCE)}")
     return {
         "workers": workers,
         "backup_workers": backups,

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import dtypes, sync_rounds
 from .commands import Delete, Grad, GradRows, LayoutCreate, Put
-from .errors import AlreadyExists, Conflict, NotFound, PreconditionFailed, Unprocessable
+from .errors import AlreadyExists, Conflict, NotFound, PreconditionFailed, Unprocessable, echo
 from .optimizers import STATE_ARRAYS, STATE_SCALARS, apply_step, normalize_spec
 from .partitions import Layout
 from .record import Tensor
@@ -209,13 +209,13 @@ def _restored_state(
     for key in list(arrays) + list(scalars):
         if key not in allowed_arrays + allowed_scalars:
             raise Unprocessable(
-                f"optimizer state {key!r} does not belong to {kind} "
+                f"optimizer state {echo(key)} does not belong to {kind} "
                 f"(it keeps {', '.join(allowed_arrays + allowed_scalars) or 'nothing'})"
             )
     state: dict[str, Any] = {}
     for key, v in scalars.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise Unprocessable(f"optimizer state {key!r}: expected an integer >= 0, got {v!r}")
+            raise Unprocessable(f"optimizer state {echo(key)}: expected an integer >= 0, got {echo(v)}")
         state[key] = v
     for key, ref in arrays.items():
         state[key] = dtypes.array_from_bytes(resolve(ref), dtypes.dtype_name(value.dtype), value.shape)
@@ -272,7 +272,7 @@ def _staleness(cmd: Put, existing: Tensor | None) -> tuple[int | None, str]:
     )
     policy = cmd.staleness_policy or (existing.staleness_policy if existing else "reject")
     if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
-        raise Unprocessable(f"max_staleness: expected an integer >= 0, got {max_staleness!r}")
+        raise Unprocessable(f"max_staleness: expected an integer >= 0, got {echo(max_staleness)}")
     if policy not in STALENESS_POLICIES:
-        raise Unprocessable(f"staleness_policy: {policy!r} is not one of {', '.join(STALENESS_POLICIES)}")
+        raise Unprocessable(f"staleness_policy: {echo(policy)} is not one of {', '.join(STALENESS_POLICIES)}")
     return max_staleness, policy

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import Unprocessable
+from ..errors import Unprocessable, echo
 from ..optimizers import parse_betas
 from ..tensor_commands import STALENESS_POLICIES
 
@@ -178,7 +178,7 @@ def parse_optimizer(raw: Any) -> OptimizerSpec:
         raise Unprocessable('optimizer: expected an object such as {"type": "rowwise_adagrad", "lr": 0.05}')
     kind = raw.get("type")
     if not isinstance(kind, str) or kind not in OPTIMIZERS:
-        raise Unprocessable(f"optimizer.type: {kind!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise Unprocessable(f"optimizer.type: {echo(kind)} is not one of {', '.join(OPTIMIZERS)}")
     defaults = OPTIMIZERS[kind]
     _no_unknown(raw, set(defaults) | {"type"}, f"optimizer ({kind})")
     params: list[tuple[str, Any]] = []
@@ -230,14 +230,14 @@ def parse_eviction(raw: Any) -> EvictionSpec | None:
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise Unprocessable(f"table name {name!r}: use 1-200 letters, digits, '_', '-' or '.'")
+        raise Unprocessable(f"table name {echo(name)}: use 1-200 letters, digits, '_', '-' or '.'")
     return name
 
 
 def _no_unknown(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise Unprocessable(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+        raise Unprocessable(f"{where}: unknown field {echo(unknown[0])} (known: {', '.join(sorted(allowed))})")
 
 
 def _is_number(v: Any) -> bool:
@@ -246,7 +246,7 @@ def _is_number(v: Any) -> bool:
 
 def _int(v: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
-        raise Unprocessable(f"{where}: expected an integer, got {v!r}")
+        raise Unprocessable(f"{where}: expected an integer, got {echo(v)}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise Unprocessable(f"{where}: {v} is outside [{lo}, {hi if hi is not None else 'inf'}]")
     return v
@@ -254,19 +254,19 @@ def _int(v: Any, where: str, lo: int | None = None, hi: int | None = None) -> in
 
 def _float(v: Any, where: str, positive: bool = False, hi: float | None = None) -> float:
     if not _is_number(v) or not math.isfinite(v):
-        raise Unprocessable(f"{where}: expected a finite number, got {v!r}")
+        raise Unprocessable(f"{where}: expected a finite number, got {echo(v)}")
     v = float(v)
     if hi is not None:
         if v > hi:
-            raise Unprocessable(f"{where}: expected a number <= {hi}, got {v!r}")
+            raise Unprocessable(f"{where}: expected a number <= {hi}, got {echo(v)}")
     elif positive and v <= 0:
-        raise Unprocessable(f"{where}: expected a number > 0, got {v!r}")
+        raise Unprocessable(f"{where}: expected a number > 0, got {echo(v)}")
     elif not positive and v < 0:
-        raise Unprocessable(f"{where}: expected a number >= 0, got {v!r}")
+        raise Unprocessable(f"{where}: expected a number >= 0, got {echo(v)}")
     return float(v)
 
 
 def _choice(v: Any, options: tuple[str, ...], where: str) -> str:
     if v not in options:
-        raise Unprocessable(f"{where}: {v!r} is not one of {', '.join(options)}")
+        raise Unprocessable(f"{where}: {echo(v)} is not one of {', '.join(options)}")
     return str(v)

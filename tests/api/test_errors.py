@@ -2,6 +2,8 @@
 change to stored data."""
 
 import io
+import json
+import re
 
 import numpy as np
 import pytest
@@ -292,3 +294,75 @@ def test_removing_a_shards_last_member_is_refused(client):
     assert "last member" in r.json()["detail"]
     r = client.delete("/v1/cluster/members/nobody")
     assert r.status_code == 200 and {s["status"] for s in r.json()["shards"]} == {"not a member"}
+
+
+def _quoted_input(detail: str, before: str, after: str) -> str:
+    """The input a detail quotes between our words `before` and `after`
+    (which must be whole), without the cut marker."""
+    assert detail.startswith(before) and detail.endswith(after), detail
+    middle = detail[len(before) : len(detail) - len(after)]
+    cut = re.fullmatch(r"(.*)\.\.\. \((\d+) bytes\)", middle, re.S)
+    assert cut is not None and int(cut.group(2)) > 10_000, middle[-80:]  # the 10 KB were cut
+    return cut.group(1)
+
+
+@pytest.mark.parametrize(
+    "send, before, after",
+    [
+        (
+            lambda c, n: c.post(
+                f"/v1/tensors/{n}/grad",
+                content=b"\0" * 24,
+                headers={"Content-Type": RAW, "X-Base-Version": "7" * 5_000 + "x" * 5_000},
+            ),
+            f"X-Base-Version: expected an integer in [0, {2**63 - 1}], got ",
+            "",
+        ),
+        (  # 10 KB of UTF-8 on the wire: 200 bytes is ~100 characters of it
+            lambda c, n: c.put(
+                f"/v1/tensors/{n}",
+                content=b"\0" * 24,
+                headers={
+                    "Content-Type": RAW,
+                    "X-Dtype": "float32",
+                    "X-Shape": "2,3",
+                    "X-Staleness-Policy": b"\xc3\xa9" * 5_000,
+                },
+            ),
+            "X-Staleness-Policy: ",
+            " is not one of reject, scale",
+        ),
+        (
+            lambda c, n: c.put(
+                f"/v1/tensors/{n}",
+                content=b"\0" * 24,
+                headers={
+                    "Content-Type": RAW,
+                    "X-Dtype": "float32",
+                    "X-Shape": "2,3",
+                    "X-Optimizer": json.dumps({"type": "é" * 5_000}),
+                },
+            ),
+            "optimizer.type: ",
+            " is not one of ",
+        ),
+        (
+            lambda c, n: c.put(f"/v1/tensors/{n}", json={"dtype": "x" * 10_000, "shape": [2, 3], "data": [0] * 6}),
+            "dtype ",
+            " is not supported (supported: ",
+        ),
+    ],
+    ids=["header", "utf8-header", "json-in-header", "json-body"],
+)
+def test_an_error_quotes_at_most_200_bytes_of_its_input_and_all_of_its_words(client, stored, send, before, after):
+    r = send(client, stored)
+    assert 400 <= r.status_code < 500, r.text[:300]
+    detail = r.json()["detail"]
+    if after == " is not one of ":  # the list of optimizers follows: keep the check independent of it
+        after = detail[detail.index(after) :]
+        assert after.endswith("adagrad") or "sgd" in after, detail[-200:]
+    if after == " is not supported (supported: ":
+        after = detail[detail.index(after) :]
+        assert after.endswith(")") and "float32" in after, detail[-200:]
+    quoted = _quoted_input(detail, before, after)
+    assert len(quoted.encode()) <= 200, len(quoted.encode())
