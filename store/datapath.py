@@ -320,12 +320,21 @@ class DataPathClient:
         return sock
 
     def fetch(self, addr: Address, shard: int, payload_id: str) -> np.ndarray | bytearray | None:
+        """The payload `payload_id` from the replica at `addr` (None: not
+        there), verified against its name (SHA-256) as it arrives."""
         with self._connect(addr) as sock:
             _send_line(sock, self.auth.header("get", shard, payload_id, 0))
             reply = _read_line(sock)
             if not reply.get("ok"):
                 return None
-            return _recv_exact(sock, int(reply["size"]))
+            size = reply.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ConnectionError(f"{addr} answered payload {payload_id[:16]}… with a bad size {clip(size, 40)}")
+            hasher = hashlib.sha256()
+            data = _recv_exact(sock, size, hasher)
+            if hasher.hexdigest() != payload_id:  # a squatter on a dead peer's port, or bytes altered in transit
+                raise ConnectionError(f"{addr} sent bytes for payload {payload_id[:16]}… that hash to something else")
+            return data
 
     def fetch_snapshot(
         self,

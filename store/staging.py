@@ -125,7 +125,7 @@ class PayloadStaging:
                         log.info("fetching payload %s from %s failed: %s", payload_id[:12], peer.id, e)
                         continue
                     if fetched is not None:
-                        payloads.put(fetched, payload_id)
+                        payloads.put(fetched, payload_id, digest=payload_id)  # fetch verified it
                         return fetched
                 if self._closed.is_set():
                     raise Unavailable("shutting down")

@@ -218,3 +218,21 @@ def test_tables_altered_in_transit_or_forged_are_refused(real: Address, tmp_path
     finally:
         close()
         shutil.rmtree(tmp_path / "tables.fetching", ignore_errors=True)
+
+
+def test_a_payload_that_does_not_hash_to_its_name_is_refused_naming_the_peer(real: Address) -> None:
+    """`get` replies are checked by content: a squatter's bytes raise (the
+    applier then asks the next peer) instead of reaching the payload store."""
+    wanted = hashlib.sha256(b"the real payload").hexdigest()
+    forged = b"a forged payload"
+    fake, close = fake_server(lambda line: json.dumps({"ok": True, "size": len(forged)}).encode() + b"\n" + forged)
+    try:
+        with pytest.raises(ConnectionError, match="hash to something else") as refused:
+            DataPathClient(SECRET, timeout=10).fetch(fake, 0, wanted)
+        assert str(fake) in str(refused.value)
+    finally:
+        close()
+    data = b"a payload a real peer holds"
+    client = DataPathClient(SECRET, timeout=10)
+    client.replicate([real], 0, hashlib.sha256(data).hexdigest(), data, need=1, timeout=10)
+    assert bytes(client.fetch(real, 0, hashlib.sha256(data).hexdigest()) or b"") == data
