@@ -309,8 +309,15 @@ def _check_end(
 
 
 class DataPathClient:
-    def __init__(self, secret: bytes, timeout: float = 30.0, source: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        timeout: float = 30.0,
+        source: tuple[str, int] | None = None,
+        max_size: int | None = None,
+    ) -> None:
         self.auth = PeerAuth(secret)
+        self.max_size = max_size  # the largest payload a `get` reply may announce (None: no cap)
         self.timeout = timeout
         self.source = source
 
@@ -328,7 +335,12 @@ class DataPathClient:
             if not reply.get("ok"):
                 return None
             size = reply.get("size")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or (self.max_size is not None and size > self.max_size)
+            ):  # checked before a buffer of that size is allocated
                 raise ConnectionError(f"{addr} answered payload {payload_id[:16]}… with a bad size {clip(size, 40)}")
             hasher = hashlib.sha256()
             data = _recv_exact(sock, size, hasher)

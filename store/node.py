@@ -73,7 +73,9 @@ class Store:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
         secret = datapath_key(cfg.raft.password)
-        self.peer_client = DataPathClient(secret, source=source_address(self.node.data.host))
+        self.peer_client = DataPathClient(
+            secret, source=source_address(self.node.data.host), max_size=cfg.limits.max_body_bytes
+        )
         self._closed = threading.Event()
         self.routing = Routing(cfg)
         self.staging = PayloadStaging(cfg, self.routing, self.peer_client, self._closed)

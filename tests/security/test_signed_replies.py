@@ -236,3 +236,14 @@ def test_a_payload_that_does_not_hash_to_its_name_is_refused_naming_the_peer(rea
     client = DataPathClient(SECRET, timeout=10)
     client.replicate([real], 0, hashlib.sha256(data).hexdigest(), data, need=1, timeout=10)
     assert bytes(client.fetch(real, 0, hashlib.sha256(data).hexdigest()) or b"") == data
+
+
+def test_a_get_reply_announcing_more_than_the_payload_cap_is_refused_before_allocating() -> None:
+    announced = 1 << 40  # a buffer this size would exhaust memory, or fail allocating it
+    fake, close = fake_server(lambda line: json.dumps({"ok": True, "size": announced}).encode() + b"\n")
+    try:
+        with pytest.raises(ConnectionError, match="bad size") as refused:
+            DataPathClient(SECRET, timeout=10, max_size=1 << 20).fetch(fake, 0, "0" * 64)
+        assert str(fake) in str(refused.value)
+    finally:
+        close()
