@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import anyio
 import numpy as np
 
-from store.errors import InvalidRequest, NotFound, StoreError, Unprocessable
+from store.errors import InvalidRequest, NotFound, StoreError, Unprocessable, echo
 from store.interface import StoreAPI
 from store.tables.export import PartDump
 from store.tables.records import record_dtype
@@ -151,7 +151,7 @@ class _Columns:
         self.f.seek(self.data_start + entry["data_offsets"][0] + a * row)
         raw = self.f.read((b - a) * row)
         if len(raw) != (b - a) * row:
-            raise InvalidRequest(f"entry {key!r} is cut short")
+            raise InvalidRequest(f"entry {echo(key)} is cut short")
         return np.frombuffer(raw, dtype=dtype).reshape([b - a, *shape[1:]])
 
 

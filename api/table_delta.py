@@ -22,7 +22,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from store.errors import Unprocessable
+from store.errors import Unprocessable, echo
 from store.tables.export import DeltaPart, PartDump
 from store.tables.service import TableService
 from store.tables.spec import TableSpec
@@ -59,7 +59,7 @@ def parse_cursor(raw: str) -> list[int]:
     """`since`: versions >= 0, comma-separated; 422 otherwise."""
     if not _CURSOR.fullmatch(raw) or any(int(v) > oa.MAX_VERSION for v in raw.split(",")):
         raise Unprocessable(
-            f"since: expected a version >= 0, or one per shard part comma-separated (e.g. 12,40), got {raw[:100]!r}"
+            f"since: expected a version >= 0, or one per shard part comma-separated (e.g. 12,40), got {echo(raw)}"
         )
     return [int(v) for v in raw.split(",")]
 

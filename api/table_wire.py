@@ -53,7 +53,7 @@ def _safetensors(body: Any) -> dict[str, dict[str, Any]]:
 def _st_ids(spec: dict[str, Any]) -> np.ndarray:
     dt = _ST_INT.get(spec["dtype"])
     if dt is None:
-        raise Unprocessable(f"ids: expected an integer tensor (I64 or U64), got {spec['dtype']}")
+        raise Unprocessable(f"ids: expected an integer tensor (I64 or U64), got {echo(spec['dtype'])}")
     if len(spec["shape"]) != 1:
         raise Unprocessable(f"ids: expected a 1-D tensor, got shape {spec['shape']}")
     return np.frombuffer(spec["data"], dtype=dt)
@@ -62,7 +62,7 @@ def _st_ids(spec: dict[str, Any]) -> np.ndarray:
 def _st_grads(spec: dict[str, Any]) -> np.ndarray:
     kind = _ST_FLOAT.get(spec["dtype"])
     if kind is None:
-        raise Unprocessable(f"grads: expected a float tensor (F32, F16, BF16), got {spec['dtype']}")
+        raise Unprocessable(f"grads: expected a float tensor (F32, F16, BF16), got {echo(spec['dtype'])}")
     if len(spec["shape"]) != 2:
         raise Unprocessable(f"grads: expected a 2-D tensor (one row per ID), got shape {spec['shape']}")
     if kind == "bfloat16":
@@ -105,7 +105,7 @@ def decode_lookup(content_type: str | None, body: Any) -> np.ndarray:
     if kind == SAFETENSORS:
         parts = _safetensors(body)
         if set(parts) != {"ids"}:
-            raise Unprocessable(f"lookup body must hold exactly 'ids', got {sorted(parts)}")
+            raise Unprocessable(f"lookup body must hold exactly 'ids', got {echo(sorted(parts))}")
         return _st_ids(parts["ids"])
     if kind == NPY:
         ids = _npy(body)
@@ -127,7 +127,7 @@ def decode_push(content_type: str | None, body: Any) -> tuple[np.ndarray, np.nda
     if kind == SAFETENSORS:
         parts = _safetensors(body)
         if set(parts) != {"ids", "grads"}:
-            raise Unprocessable(f"push body must hold exactly 'ids' and 'grads', got {sorted(parts)}")
+            raise Unprocessable(f"push body must hold exactly 'ids' and 'grads', got {echo(sorted(parts))}")
         return _st_ids(parts["ids"]), _st_grads(parts["grads"])
     if kind == JSON:
         doc = _json(body)

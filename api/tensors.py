@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from store import dtypes
 from store.commands import Delete, Grad, GradRows, Put
-from store.errors import InvalidRequest, NotFound, PreconditionFailed, Unavailable, Unprocessable
+from store.errors import InvalidRequest, NotFound, PreconditionFailed, Unavailable, Unprocessable, echo
 from store.interface import StoreAPI
 
 from . import grad_widen, partition_reads, partitioned, wire
@@ -277,7 +277,7 @@ async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
     body = await wire.read_body(request, store.cfg.limits.max_body_bytes)
     parts = await anyio.to_thread.run_sync(wire.decode_safetensors, body)
     if set(parts) != {"indices", "values"}:
-        raise InvalidRequest(f"grad-rows body must hold exactly 'indices' and 'values', got {sorted(parts)}")
+        raise InvalidRequest(f"grad-rows body must hold exactly 'indices' and 'values', got {echo(sorted(parts))}")
     idx, vals = parts["indices"], parts["values"]
     if idx.dtype != "int64" or len(idx.shape) != 1:
         raise Unprocessable("indices must be a 1-D int64 tensor")
