@@ -4,6 +4,7 @@
     python -m bench --quick         # smaller sizes, 1 rep: a smoke run
     python -m bench --only small,pull --systems paramstore,redis
     python -m bench --only ctr --systems paramstore   # CTR training throughput (bench/ctr.py)
+    python -m bench --only tables   # embedding tables vs Redis and numpy (bench/tables.py)
 
 Starts every system itself on 127.0.0.1 (ports 11000-19999), runs the
 workloads, tears everything down, prints the table, writes
@@ -33,6 +34,7 @@ import numpy as np
 from . import ctr, limits, report
 from .load import BlockingHTTP, closed_loop, loopback_mb_s
 from .systems import ROOT, Etcd, Paramstore, RawSyncObj, Redis, cpu_seconds, raw_headers, rid, rss_peak_mb
+from .tables import run_tables
 
 MB = 1 << 20
 T0 = time.monotonic()
@@ -612,7 +614,7 @@ def main(argv=None) -> int:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 rep: a smoke run")
-    ap.add_argument("--only", default="limits,small,pull,push,memory,failover,recovery,ctr")
+    ap.add_argument("--only", default="limits,small,pull,push,memory,failover,recovery,ctr,tables")
     ap.add_argument("--systems", default="paramstore,paramstore-nofsync,etcd,redis,pysyncobj,loopback")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0, help="measurement window per small-update run")
@@ -626,6 +628,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recovery-reps", type=int, default=3)
     ap.add_argument("--etcd-max-request", type=int, default=200 * MB, help="the raised etcd --max-request-bytes")
     ap.add_argument("--raw-big-timeout", type=float, default=15.0)
+    ap.add_argument("--table-rows", type=int, default=1_000_000, help="rows of the dim-64 table (tables)")
+    ap.add_argument("--table-cap-mb", type=int, default=128, help="the replicas' table cache (memory cap), MB")
+    ap.add_argument("--table-no-join", action="store_true", help="skip the joining replica (table snapshot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-docs", action="store_true", help="do not refresh docs/benchmarks.md")
     args = ap.parse_args(argv)
@@ -633,6 +638,7 @@ def main(argv=None) -> int:
         args.reps, args.seconds, args.mem_mb, args.mem_seconds = 1, 2.0, 128, 10.0
         args.failovers, args.peer_failovers, args.recovery_reps, args.raw_big_timeout = 2, 2, 1, 5.0
         args.ctr_steps = 40
+        args.table_rows, args.table_cap_mb = 200_000, 32
     args.only = set(args.only.split(","))
     args.systems = args.systems.split(",")
     args.clients = [int(x) for x in args.clients.split(",")]
@@ -686,7 +692,8 @@ def main(argv=None) -> int:
                 log(f"  loopback TCP {mb:3d} MB: {res['pull']['loopback TCP'][str(mb)]['median']:7.0f} MB/s")
 
         steps.append(("loopback", loop))
-    if "paramstore" in args.systems:
+    basic = args.only & {"small", "pull", "push", "failover", "memory", "recovery"}
+    if "paramstore" in args.systems and basic:
         steps.append(("paramstore", lambda: run_paramstore(args, res, el, work)))
     for variant in VARIANTS:  # right after the defaults, so that the load of the machine is alike
         if variant in args.systems and args.only & {"small", "push"}:
@@ -695,7 +702,9 @@ def main(argv=None) -> int:
         steps.append(("paramstore memory", lambda: run_memory_paramstore(args, res, el, work)))
     if "paramstore" in args.systems and "ctr" in args.only:
         steps.append(("ctr", lambda: res.__setitem__("ctr", ctr.measure(work / "ctr", args.ctr_steps, log))))
-    if "redis" in args.systems:
+    if "tables" in args.only and {"paramstore", "redis"} <= set(args.systems):
+        steps.append(("tables", lambda: run_tables(args, res, el, work, log)))
+    if "redis" in args.systems and basic:
         steps.append(("redis", lambda: run_redis(args, res, el, work)))
     if "etcd" in args.systems:
         steps.append(("etcd", lambda: run_etcd(args, res, el, work)))
