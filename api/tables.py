@@ -23,8 +23,8 @@ from store.tables.spec import INITIALIZERS, NAME_RE, OPTIMIZERS, STORAGE_DTYPES
 
 from . import headers as h
 from . import openapi as oa
+from . import table_min_version, wire
 from . import table_wire as tw
-from . import wire
 from . import wire_dtypes as wd
 from .bridge import wait
 from .errors import PayloadTooLarge, UnsupportedMediaType
@@ -223,7 +223,16 @@ async def delete_table(request: Request, name: str = TableName) -> Response:
     responses={**_ROWS, **oa.answers(400, 404, 406, 413, 415, 422, 503)},
 )
 async def lookup_rows(
-    name: str, request: Request, consistency: str = Query("local", pattern="^(local|linearizable)$")
+    name: str,
+    request: Request,
+    consistency: str = Query("local", pattern="^(local|linearizable)$"),
+    min_version: str | None = Query(
+        None,
+        max_length=20 * 4096,
+        description="one version per shard part in shard order (12,0,40,7), or shard:version "
+        "pairs for the parts to wait on (0:12,2:40: a push's answer, a lookup's X-Versions)",
+    ),
+    timeout: float | None = Query(None, ge=0, le=3600, description="seconds; capped at limits.max_wait_seconds"),
 ) -> Response:
     """Rows for the IDs in the body, in order; an ID without a row reads its initial value."""
     limits = _limits(request)
@@ -236,6 +245,10 @@ async def lookup_rows(
     service = _service(request)
     if consistency == "linearizable":
         await anyio.to_thread.run_sync(service.barrier)
+    if min_version is not None:
+        cursor = await anyio.to_thread.run_sync(table_min_version.cursor, service, name, min_version)
+        deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
+        await table_min_version.wait_parts(service, name, cursor, deadline, request.app.state.store.is_ready())
     rows, spec, versions = await anyio.to_thread.run_sync(service.lookup, name, ids)
     meta = {"versions": json.dumps({str(k): v for k, v in sorted(versions.items())})}
     hdrs = {"X-Versions": meta["versions"], "X-Dtype": spec.dtype}

@@ -23,6 +23,18 @@ from ._wire import (
 )
 
 
+def min_version_param(v: Any) -> str:
+    """The `min_version` query value: shard:version pairs, or a cursor (all parts in order)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, Mapping):
+        parts = v.get("shards", v)
+        return ",".join(
+            f"{int(s)}:{int(p['version'] if isinstance(p, Mapping) else p)}" for s, p in sorted(parts.items())
+        )
+    return ",".join(str(int(x)) for x in v)
+
+
 class TableMethods:
     """Mixed into `Client`: tables of rows keyed by 64-bit IDs."""
 
@@ -65,14 +77,31 @@ class TableMethods:
                 raise
         return self.table_info(name)
 
-    def lookup(self, name: str, ids: Any, consistency: str = "local", wire_dtype: str | None = None) -> np.ndarray:
+    def lookup(
+        self,
+        name: str,
+        ids: Any,
+        consistency: str = "local",
+        wire_dtype: str | None = None,
+        min_version: Any = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
         """Rows for `ids` (int64 or uint64), in order: float32 (float16 tables:
         float16). IDs never pushed read their initial value; nothing is created.
-        `wire_dtype` ("float16", "bfloat16", "int8"): sent narrowed, returned as float32."""
-        return self.lookup_versions(name, ids, consistency, wire_dtype)[0]
+        `wire_dtype` ("float16", "bfloat16", "int8"): sent narrowed, returned as float32.
+        `min_version`: wait (up to `timeout` s) until the replica has applied
+        each shard part's version: a `push_rows` answer, {shard: version}, or
+        one version per part in shard order."""
+        return self.lookup_versions(name, ids, consistency, wire_dtype, min_version, timeout)[0]
 
     def lookup_versions(
-        self, name: str, ids: Any, consistency: str = "local", wire_dtype: str | None = None
+        self,
+        name: str,
+        ids: Any,
+        consistency: str = "local",
+        wire_dtype: str | None = None,
+        min_version: Any = None,
+        timeout: float | None = None,
     ) -> tuple[np.ndarray, dict[int, int]]:
         """`lookup`, and the version each shard's part of the table was read at
         ({shard: version}, the shards the IDs live on)."""
@@ -80,9 +109,12 @@ class TableMethods:
         headers = {"Content-Type": SAFETENSORS, "Accept": SAFETENSORS}
         if wire_dtype_of(wire_dtype) is not None:
             headers["X-Wire-Dtype"] = str(wire_dtype)
-        r = self._transport.request(
-            "POST", f"/v1/tables/{name}:lookup", params={"consistency": consistency}, headers=headers, content=body
-        )
+        params: dict[str, Any] = {"consistency": consistency}
+        if min_version is not None:
+            params["min_version"] = min_version_param(min_version)
+        if timeout is not None:
+            params["timeout"] = timeout
+        r = self._transport.request("POST", f"/v1/tables/{name}:lookup", params=params, headers=headers, content=body)
         versions = json.loads(safetensors_metadata(r.content).get("versions", "{}"))
         rows = decode_rows(r.content) if wire_dtype is not None else safetensors_array(r.content, "rows")
         return rows, {int(s): int(v) for s, v in versions.items()}

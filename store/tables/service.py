@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -236,14 +237,14 @@ class TableService:
         return out, spec, versions
 
     # ---- delta export (blocking reads; off the event loop) ---------------------------
-    def cursor(self, name: str, since: list[int]) -> list[int]:
+    def cursor(self, name: str, since: list[int], what: str = "since") -> list[int]:
         """`since` as one version per shard part: [0] means every part from 0."""
         if since == [0]:
             return [0] * self.shards
         if len(since) != self.shards:
             raise Unprocessable(
-                f"since: table {name!r} has {self.shards} shard parts; give one version per part, "
-                f"comma-separated in shard order (the X-Version of the last delta), or 0"
+                f"{what}: table {name!r} has {self.shards} shard parts; give one version per part, "
+                f"comma-separated in shard order (as X-Version of a delta, X-Versions of a lookup), or 0"
             )
         return since
 
@@ -295,6 +296,18 @@ class TableService:
                 self.host.unwatch_shard(s, key, f)
 
         return out, cancel
+
+    def reached(self, name: str, cursor: list[int]) -> tuple[Future[Any], Callable[[], None]]:
+        """A Future resolved once every part here has applied its version in
+        `cursor` (a min_version lookup), and a function that drops the waits."""
+        key = TABLE_WATCH + name
+        watches = [(s, self.host.watch_shard(s, key, v)) for s, v in enumerate(cursor) if v > 0]
+
+        def cancel() -> None:
+            for s, f in watches:
+                self.host.unwatch_shard(s, key, f)
+
+        return gather([f for _, f in watches]), cancel
 
     def info(self, name: str, digest: bool = False) -> dict[str, Any]:
         """The table as this replica holds it; `digest`: each shard part's
