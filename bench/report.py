@@ -241,6 +241,7 @@ def markdown(res: dict) -> str:
             peaks = ", ".join(f"{v:.0f}" for v in d["peak_rss_mb"].values())
             lines.append(f"| {s} | {d['held_mb']} MB | {peaks} MB | {_cell(d['ratio'], '{:.2f}')} | {d['pushes']} |")
         lines.append("")
+    lines += _tables(res.get("tables"))
     rows = []
     row = {s: res["failover"].get(s) for s in ("paramstore", "etcd", "pysyncobj")}
     if any(row.values()):
@@ -353,6 +354,36 @@ def plot(res: dict, path: Path) -> None:
     fig.suptitle(f"paramstore vs peers — {res['machine']['cores']} cores, {res['started']}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def _tables(t: dict | None) -> list[str]:
+    """Embedding tables (bench/tables.py): rows/s medians and ratios."""
+    if not t or "lookup" not in t:
+        return []
+    lk, pu = t["lookup"]["rows_s"], t["push"]["rows_s"]
+    ps_l, ps_p = lk["paramstore"]["median"], pu["paramstore"]["median"]
+    out = [
+        f"**Embedding tables: {t['rows']:,} rows x dim {t['dim']} float32, table cache {t['cap_mb']} MB, "
+        f"{(t.get('bytes_on_disk') or 0) / (1 << 20):.0f} MB on disk per replica; filled in {t['fill_s']:.0f} s**",
+        "",
+        "| rows/s, 4,096 per request | paramstore | redis | numpy gather | paramstore ÷ redis |",
+        "|---|---|---|---|---|",
+        f"| lookup on a replica | {ps_l:,.0f} | {lk['redis']['median']:,.0f} (MGET) | {lk['numpy']['median']:,.0f} | "
+        f"{ps_l / lk['redis']['median']:.2f}x |",
+        f"| push, rowwise_adagrad, on 3 replicas | {ps_p:,.0f} ({pu['paramstore (majority ack)']['median']:,.0f} "
+        f"acked) | {pu['redis']['median']:,.0f} (SET + WAIT 2) | | {ps_p / pu['redis']['median']:.2f}x |",
+        "",
+        f"Peak RSS per replica: {', '.join(f'{v:.0f}' for v in t['peak_rss_mb'].values())} MB "
+        f"(goal ≤ cap + 300 = {t['cap_mb'] + 300} MB).",
+    ]
+    j = t.get("join")
+    if j:
+        out.append(
+            f"A joining replica received {j['table_gb']:.2f} GB of tables in {j['tables_transfer_s'] or 0:.1f} s "
+            f"({j['s_per_gb'] or 0:.1f} s/GB), ready {j['ready_s']:.1f} s after start; the sources' RSS rose "
+            f"{j['source_extra_rss_mb']:.0f} MB at most; {j['elections']} election(s)."
+        )
+    return [*out, ""]
 
 
 def update_docs(path: Path, md: str) -> None:
