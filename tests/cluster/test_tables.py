@@ -73,6 +73,18 @@ def test_leader_killed_mid_push_restart_catches_up_to_identical_tables(make_clus
     wait_until(same, 60, "identical table digests on every replica", interval=0.5)
     assert survivors and victim in c.ids
 
+    # min_version: a lookup on any replica waits for the versions a push answered
+    hot = np.array([7919, 2 * 7919, 3 * 7919], dtype=np.int64)  # zipf's heaviest: admitted long ago
+    with Client(urls, timeout=5.0, deadline=60.0) as ps:
+        before = ps.lookup(name, hot, consistency="linearizable")
+        answer = ps.push_rows(name, hot, np.ones((3, 32), np.float32))
+    seen = []
+    for nid in c.ids:
+        with Client([c.urls[nid]], timeout=15.0) as one:
+            seen.append(one.lookup(name, hot, min_version=answer, timeout=10))
+    assert all(np.array_equal(rows, seen[0]) for rows in seen)
+    assert not np.array_equal(seen[0], before)
+
 
 def test_a_joining_replica_receives_the_tables_over_the_data_path(tmp_path) -> None:
     """A fourth replica joins: it downloads each shard's Raft snapshot and a
