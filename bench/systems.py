@@ -5,6 +5,7 @@ ports 11000-19999:
     etcd        client 12000-12002, peer 12100-12102   (data on /dev/shm: fsync is free)
     redis       13000 (primary), 13001-13002 (replicas)
     pysyncobj   raft 14000-14002, control 14100-14102
+    tables      http 15000-15003, raft/data 15100-15123 (bench/tables.py)
 """
 
 from __future__ import annotations

@@ -89,8 +89,10 @@ def set_replies(conn: BlockingRESP) -> int:
 class TableCluster(JoiningParamstore):
     """3 replicas (+ n4 to join later) with a table cache of `cap_mb`."""
 
+    PORTS = 15000  # HTTP 15000-15003, Raft/data 15100-15123: apart from the other benches' clusters
+
     def __init__(self, workdir: Path, cap_mb: int) -> None:
-        super().__init__(workdir, spares=1)
+        super().__init__(workdir, spares=1, ports=self.PORTS)
         from api.devcluster import dev_config
         from store.config import config_from_mapping, render_toml
 
