@@ -123,14 +123,20 @@ class TableCluster(JoiningParamstore):
         if st not in (200, 201):
             raise RuntimeError(f"create {name}: {st} {bytes(body)[:300]!r}")
 
-    def versions_at(self, node: str, name: str) -> dict[int, int]:
-        c = BlockingHTTP(*self.urls[node], timeout=10)
-        try:
-            _, body = c.request("GET", f"/v1/tables/{name}")
-            info = json.loads(bytes(body))
-        finally:
-            c.close()
-        return {int(s): int(p["version"]) for s, p in info["shards"].items()}
+    def wait_applied(self, conns: list[BlockingHTTP], name: str, want: dict[int, int]) -> None:
+        """Every replica has applied each shard part's version in `want`: a
+        one-ID lookup with min_version, which the replica holds until then."""
+        query = ",".join(f"{s}:{v}" for s, v in sorted(want.items()))
+        one = safetensors({"ids": np.zeros(1, np.int64)})
+        for c in conns:
+            st, body = c.request(
+                "POST",
+                f"/v1/tables/{name}:lookup?min_version={query}&timeout=60",
+                {"Content-Type": "application/x-safetensors"},
+                one,
+            )
+            if st != 200:
+                raise RuntimeError(f"lookup {name} min_version={query}: {st} {bytes(body)[:300]!r}")
 
 
 def lookup_rates(ps: TableCluster, rd: Redis, rows: np.ndarray, n: int, reps: int, log) -> dict:
@@ -174,6 +180,7 @@ def lookup_rates(ps: TableCluster, rd: Redis, rows: np.ndarray, n: int, reps: in
 def push_rates(ps: TableCluster, rd: Redis, n: int, reps: int, log) -> dict:
     ps.create("emb_ra", {"type": "rowwise_adagrad", "lr": 0.01})
     lead = ps.conn(ps.nodes[0])
+    others = [ps.conn(n) for n in ps.nodes]
     rc = rd.conn()
     rng = np.random.default_rng(11)
     out: dict[str, list[float]] = {"paramstore": [], "paramstore (majority ack)": [], "redis": []}
@@ -185,9 +192,7 @@ def push_rates(ps: TableCluster, rd: Redis, n: int, reps: int, log) -> dict:
         res = json.loads(bytes(ps.table_request(lead, "emb_ra", "push", body)))
         t_ack = time.perf_counter() - t
         want = {int(s): int(r["version"]) for s, r in res["shards"].items()}
-        for node in ps.nodes:  # applied on all 3 replicas
-            while any(ps.versions_at(node, "emb_ra").get(s, -1) < v for s, v in want.items()):
-                time.sleep(0.001)
+        ps.wait_applied(others, "emb_ra", want)  # applied on all 3 replicas
         t_all = time.perf_counter() - t
         pipe = b"".join(resp_command("SET", b"g:%d" % k, grads[j].tobytes()) for j, k in enumerate(ids))
         pipe += resp_command("WAIT", "2", "0")
@@ -202,7 +207,8 @@ def push_rates(ps: TableCluster, rd: Redis, n: int, reps: int, log) -> dict:
         out["paramstore"].append(BATCH / t_all)
         out["paramstore (majority ack)"].append(BATCH / t_ack)
         out["redis"].append(BATCH / t_rd)
-    lead.close()
+    for c in [lead, *others]:
+        c.close()
     rc.close()
     med = {k: float(np.median(v)) for k, v in out.items()}
     log(
