@@ -13,7 +13,7 @@ from store.config import Config
 from store.interface import StoreAPI
 from store.node import Store
 
-from . import batch, checkpoint, cluster, errors, fastpath, metrics, openapi, table_delta, tables, tensors, ui
+from . import batch, checkpoint, cluster, errors, fastpath, metrics, openapi, stats, table_delta, tables, tensors, ui
 from .auth import BearerAuth
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def create_app(cfg: Config, store: StoreAPI | None = None) -> FastAPI:
     app.include_router(cluster.router)
     app.include_router(checkpoint.router)  # /v1/checkpoint (api/checkpoint.py)
     app.include_router(ui.router)  # /ui dashboard (api/ui.py)
+    app.include_router(stats.router)  # /v1/stats: counters the dashboard charts (api/stats.py)
     fastpath.install(app, the_store)  # gradient pushes skip route matching, not the middleware
     metrics.install(app)  # /metrics and the HTTP metrics middleware
     if cfg.auth.enabled:

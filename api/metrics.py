@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from store.interface import ShardStats, StoreAPI
 
 from .table_metrics import TableCollector
+from .traffic_metrics import TrafficCollector
 
 ROLES = ("leader", "follower", "candidate")
 UNMATCHED = "<unmatched>"
@@ -51,7 +52,9 @@ class HttpMetrics:
         self.bytes_out = Counter(
             "paramstore_http_response_bytes", "Response body bytes sent", ("method", "route"), registry=registry
         )
-        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram, Counter, Counter]] = {}
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram, Counter, Counter, list[int]]] = {}
+        # (method, route) -> [requests, request bytes, response bytes]: what /v1/stats reads
+        self.totals: dict[tuple[str, str], list[int]] = {}
 
     def record(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
         """Count one answered request. The labelled children are looked up
@@ -65,15 +68,19 @@ class HttpMetrics:
                 self.latency.labels(method, route, code),
                 self.bytes_in.labels(method, route),
                 self.bytes_out.labels(method, route),
+                self.totals.setdefault((method, route), [0, 0, 0]),
             )
             self._children[key] = children
-        requests, latency, received, sent = children
+        requests, latency, received, sent, totals = children
         requests.inc()
         latency.observe(seconds)
+        totals[0] += 1
         if bytes_in:
             received.inc(bytes_in)
+            totals[1] += bytes_in
         if bytes_out:
             sent.inc(bytes_out)
+            totals[2] += bytes_out
 
 
 class MetricsMiddleware:
@@ -243,6 +250,7 @@ def install(app: FastAPI) -> None:
     http = HttpMetrics(registry)
     registry.register(StoreCollector(app.state.store))
     registry.register(TableCollector(app.state.store))  # embedding tables (api/table_metrics.py)
+    registry.register(TrafficCollector(app.state.store))  # bytes per peer, commit latency (api/traffic_metrics.py)
     app.state.metrics_registry = registry
     app.state.http_metrics = http
     app.add_middleware(MetricsMiddleware, metrics=http)

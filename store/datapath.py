@@ -27,6 +27,10 @@ both bound to the request's nonce); the receiver hashes while it receives
 and installs nothing that fails. `get` replies need no MAC: a payload's name
 is its SHA-256, checked on arrival. Bytes travel unencrypted
 (docs/reliability.md, "Security defaults").
+
+Payload bytes are counted per peer (store/traffic.py) for /metrics: a
+request's header may name the sending node (`from`, outside the MAC), which
+only labels them.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from .peer_auth import PeerAuth
 from .refusals import RefusalLog, clip
 from .tables.engine import receive_dir, send_dir, send_hashed
 from .threadnames import name_this_thread
+from .traffic import DataPathTraffic
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -134,8 +139,10 @@ class DataPathServer:
         max_size: int,
         snapshot_source: Callable[[int], Path] | None = None,
         tables_source: Callable[[int], Path] | None = None,
+        traffic: DataPathTraffic | None = None,
     ) -> None:
         self.payloads = payloads
+        self.traffic = traffic or DataPathTraffic()  # keyed by the sender's node id (header `from`)
         self.snapshot_source = snapshot_source
         self.tables_source = tables_source  # a fresh checkpoint of a shard's embedding tables
         outer = self
@@ -185,9 +192,11 @@ class DataPathServer:
                 return self._refuse(sock, peer, f"shard {clip(shard, 40)} is not hosted here")
             nonce = str(msg["nonce"])
             store = self.payloads[shard]
+            sender = str(msg.get("from", ""))[:64]  # only a label; the store maps unknown ones to "other"
             if op == "put":  # sent by replicas of earlier versions (rolling upgrades)
                 hasher = hashlib.sha256()
                 data = _recv_exact(sock, size, hasher)
+                self.traffic.add(sender, received=size)
                 store.put(data, pid, digest=hasher.hexdigest())
                 _send_line(sock, {"ok": True})
             elif op == "put_stream":
@@ -197,6 +206,7 @@ class DataPathServer:
                 sock.settimeout(STREAM_IDLE)
                 hasher = hashlib.sha256()
                 data = _recv_exact(sock, size, hasher)
+                self.traffic.add(sender, received=size)
                 trailer = _read_line(sock)
                 pid = str(trailer.get("id", ""))
                 if not self.auth.check_trailer(trailer, shard, size, nonce):
@@ -204,15 +214,16 @@ class DataPathServer:
                 store.put(data, pid, digest=hasher.hexdigest())
                 _send_line(sock, {"ok": True})
             elif op == "snapshot" and self.snapshot_source is not None:
-                self._send_snapshot(sock, shard, nonce, self.snapshot_source(shard))
+                self.traffic.add(sender, sent=self._send_snapshot(sock, shard, nonce, self.snapshot_source(shard)))
             elif op == "tables" and self.tables_source is not None:
-                self._send_tables(sock, shard, nonce, self.tables_source(shard))
+                self.traffic.add(sender, sent=self._send_tables(sock, shard, nonce, self.tables_source(shard)))
             elif op == "get":
                 held = store.get(pid)
                 if held is None:
                     return _send_line(sock, {"ok": False, "error": "not here"})
                 _send_line(sock, {"ok": True, "size": len(held)})
                 sock.sendall(as_buffer(held))
+                self.traffic.add(sender, sent=len(held))
             else:
                 self._refuse(sock, peer, f"unknown op {clip(op, 40)}")
         except (OSError, ConnectionError, ValueError, StoreError) as e:  # StoreError: CorruptData, Unavailable...
@@ -220,7 +231,7 @@ class DataPathServer:
             with contextlib.suppress(OSError):
                 _send_line(sock, {"ok": False, "error": clip(str(e))})
 
-    def _send_snapshot(self, sock: socket.socket, shard: int, nonce: str, path: Path) -> None:
+    def _send_snapshot(self, sock: socket.socket, shard: int, nonce: str, path: Path) -> int:
         # read, hashed and sent in one pass (no sendfile: the trailer signs the digest)
         with open(path, "rb") as f:  # an open file survives the next snapshot's rename
             size = os.fstat(f.fileno()).st_size
@@ -234,8 +245,9 @@ class DataPathServer:
                 raise ConnectionError(f"snapshot sending stopped at {sent} of {size} bytes")
             _send_line(sock, {"mac": self.auth.reply_end_mac("snapshot", shard, nonce, size, hasher.hexdigest())})
         log.info("sent the snapshot of shard %d (%d bytes) to a joining replica", shard, size)
+        return size
 
-    def _send_tables(self, sock: socket.socket, shard: int, nonce: str, checkpoint: Path) -> None:
+    def _send_tables(self, sock: socket.socket, shard: int, nonce: str, checkpoint: Path) -> int:
         try:
             _send_line(sock, {"ok": True, "mac": self.auth.reply_head_mac("tables", shard, nonce, None)})
             sock.settimeout(None)
@@ -246,6 +258,7 @@ class DataPathServer:
         finally:
             shutil.rmtree(checkpoint, ignore_errors=True)
         log.info("sent the tables of shard %d (%d bytes) to a joining replica", shard, hasher.size)
+        return hasher.size
 
 
 class _CountingHasher:
@@ -315,11 +328,21 @@ class DataPathClient:
         timeout: float = 30.0,
         source: tuple[str, int] | None = None,
         max_size: int | None = None,
+        origin: str = "",
+        traffic: DataPathTraffic | None = None,
     ) -> None:
         self.auth = PeerAuth(secret)
         self.max_size = max_size  # the largest payload a `get` reply may announce (None: no cap)
         self.timeout = timeout
         self.source = source
+        self.origin = origin  # this node's id, sent as `from` (a label for the peer's counts)
+        self.traffic = traffic or DataPathTraffic()  # keyed by the peer's data address, "host:port"
+
+    def _header(self, op: str, shard: int, payload_id: str, size: int) -> dict[str, Any]:
+        header = self.auth.header(op, shard, payload_id, size)
+        if self.origin:
+            header["from"] = self.origin
+        return header
 
     def _connect(self, addr: Address) -> socket.socket:
         sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout, source_address=self.source)
@@ -330,7 +353,7 @@ class DataPathClient:
         """The payload `payload_id` from the replica at `addr` (None: not
         there), verified against its name (SHA-256) as it arrives."""
         with self._connect(addr) as sock:
-            _send_line(sock, self.auth.header("get", shard, payload_id, 0))
+            _send_line(sock, self._header("get", shard, payload_id, 0))
             reply = _read_line(sock)
             if not reply.get("ok"):
                 return None
@@ -346,6 +369,7 @@ class DataPathClient:
             data = _recv_exact(sock, size, hasher)
             if hasher.hexdigest() != payload_id:  # a squatter on a dead peer's port, or bytes altered in transit
                 raise ConnectionError(f"{addr} sent bytes for payload {payload_id[:16]}… that hash to something else")
+            self.traffic.add(str(addr), received=size)
             return data
 
     def fetch_snapshot(
@@ -361,7 +385,7 @@ class DataPathClient:
         partial = dest.with_suffix(".fetching")
         with self._connect(addr) as sock:
             sock.settimeout(timeout)  # the source may first have to write the snapshot
-            header = self.auth.header("snapshot", shard, "", 0)
+            header = self._header("snapshot", shard, "", 0)
             _send_line(sock, header)
             reply = _read_line(sock)
             _signed_reply(self.auth, reply, "snapshot", shard, header["nonce"], addr)
@@ -389,6 +413,7 @@ class DataPathClient:
                 partial.unlink(missing_ok=True)
                 raise
         os.replace(partial, dest)
+        self.traffic.add(str(addr), received=size)
         return size
 
     def fetch_tables(self, addr: Address, shard: int, dest: Path, timeout: float = 600.0) -> int:
@@ -396,7 +421,7 @@ class DataPathClient:
         replica at `addr` into the new directory `dest`; returns its bytes."""
         with self._connect(addr) as sock:
             sock.settimeout(timeout)
-            header = self.auth.header("tables", shard, "", 0)
+            header = self._header("tables", shard, "", 0)
             _send_line(sock, header)
             reply = _read_line(sock)
             _signed_reply(self.auth, reply, "tables", shard, header["nonce"], addr)
@@ -412,7 +437,8 @@ class DataPathClient:
                 except BaseException:
                     shutil.rmtree(dest, ignore_errors=True)
                     raise
-            return size
+        self.traffic.add(str(addr), received=size)
+        return size
 
     def replicate(
         self, peers: Sequence[Address], shard: int, payload_id: str, data: Bytes, need: int, timeout: float
@@ -507,7 +533,7 @@ class PayloadStream:
         sock: socket.socket | None = None
         try:
             sock = client._connect(peer)
-            header = client.auth.header("put_stream", shard, "", size)
+            header = client._header("put_stream", shard, "", size)
             _send_line(sock, header)
             sent = 0
             while True:
@@ -522,6 +548,7 @@ class PayloadStream:
                     return
                 sock.sendall(item)
                 sent += len(item)
+                client.traffic.add(str(peer), sent=len(item))
             if sent != size:
                 raise ConnectionError(f"stream ended after {sent} of {size} bytes")
             pid = self.payload_id or ""  # set by finish(), which queued _END

@@ -48,6 +48,26 @@ class ShardStats:
     late_grads_refused: int = 0
 
 
+@dataclass(frozen=True)
+class LinkBytes:
+    """Bytes this replica exchanged with one peer on one channel since it started."""
+
+    channel: str  # "raft" (all shards' Raft connections) or "data" (payloads, snapshots, tables)
+    peer: str  # node id; "other" for a sender that named no known node
+    received: int
+    sent: int
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Network figures for /metrics and /ui (store/traffic.py)."""
+
+    links: list[LinkBytes]
+    commits: int  # writes whose commit was measured since start
+    commit_seconds: list[float]  # ascending: latencies (propose -> applied here) of the last `window` seconds
+    replication_lag: dict[int, int]  # shard -> entries the slowest member is behind (see Store.traffic)
+
+
 class StoreAPI(Protocol):
     """Writes, waits and barriers return Futures and never block on Raft;
     `add_member`/`remove_member` block (run them off the event loop)."""
@@ -107,6 +127,8 @@ class StoreAPI(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def shard_stats(self) -> list[ShardStats]: ...
+
+    def traffic(self, window: float) -> Traffic: ...
 
     # ---- membership administration (blocking)
     def add_member(self, node: NodeConfig, shards: list[int] | None = None) -> dict[str, Any]: ...

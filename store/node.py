@@ -28,13 +28,13 @@ from .commands import Batch, Command, Noop, TensorCommand
 from .config import Config, NodeConfig
 from .datapath import DataPathClient, DataPathServer, PayloadStream
 from .errors import ConfigError, Unavailable
-from .interface import ShardStats
+from .interface import ShardStats, Traffic
 from .journal import check_journal
 from .member_admin import MemberAdmin
 from .partitions import Layout, describe_partitioned, parse_part
 from .payloads import PayloadStore
 from .peer_auth import datapath_key
-from .pysyncobj_adapter import bind_outgoing_raft
+from .pysyncobj_adapter import bind_outgoing_raft, count_raft_bytes
 from .raft import ShardReplica
 from .record import Tensor
 from .round_timer import RoundTimer
@@ -74,7 +74,10 @@ class Store:
         self.started = time.monotonic()
         secret = datapath_key(cfg.raft.password)
         self.peer_client = DataPathClient(
-            secret, source=source_address(self.node.data.host), max_size=cfg.limits.max_body_bytes
+            secret,
+            source=source_address(self.node.data.host),
+            max_size=cfg.limits.max_body_bytes,
+            origin=self.node.id,
         )
         self._closed = threading.Event()
         self.routing = Routing(cfg)
@@ -142,6 +145,7 @@ class Store:
             if dump.exists():
                 preloaded[shard] = read_snapshot(dump, self.cfg.limits.dedupe_window)
         self.datapath.start()
+        count_raft_bytes()
         bind_outgoing_raft(self.node.raft.host)
         for shard, host in self.shards.items():
             host.replica = ShardReplica(
@@ -319,6 +323,14 @@ class Store:
 
     def shard_stats(self) -> list[ShardStats]:
         return status.hosted_stats(self.routing)
+
+    def traffic(self, window: float) -> Traffic:
+        """Bytes per peer, recent commit latencies and replication lag (store/traffic.py)."""
+        datapath = self.peer_client.traffic.snapshot()
+        for peer, (received, sent) in self.datapath.traffic.snapshot().items():
+            before = datapath.get(peer, (0, 0))
+            datapath[peer] = (before[0] + received, before[1] + sent)
+        return status.traffic(self.routing, datapath, window)
 
     # ---- membership (admin; blocking, run off the event loop) -------------------
     def add_member(self, node: NodeConfig, shards: list[int] | None = None) -> dict[str, Any]:

@@ -45,6 +45,7 @@ __all__ = [
     "PINNED_VERSION",
     "RELIES_ON",
     "SERIALIZER_STATE",
+    "CountingTransport",
     "ElectionSettings",
     "LinkFilterTransport",
     "SyncObjConf",
@@ -52,6 +53,7 @@ __all__ = [
     "Transport",
     "TunedSyncObj",
     "bind_outgoing_raft",
+    "count_raft_bytes",
     "dump_meta_from_json",
     "dump_meta_to_json",
     "fail_name",
@@ -106,6 +108,15 @@ RELIES_ON: list[tuple[str, str, str]] = [
     ("pysyncobj.transport:TCPTransport", "_onMessageReceived", "attr"),
     ("pysyncobj.transport:TCPTransport", "send", "attr"),
     ("pysyncobj.transport:TCPTransport", "_selfNode", "field"),
+    # byte counts per peer (CountingTransport, CountingSocket)
+    ("pysyncobj.tcp_server", "socket", "attr"),
+    ("pysyncobj.tcp_server:TcpServer.bind", "socket", "code"),
+    ("pysyncobj.tcp_connection:TcpConnection", "_TcpConnection__socket", "field"),
+    ("pysyncobj.transport:TCPTransport", "_connectIfNecessarySingle", "attr"),
+    ("pysyncobj.transport:TCPTransport", "_onIncomingMessageReceived", "attr"),
+    ("pysyncobj.transport:TCPTransport", "_connToNode", "attr"),
+    ("pysyncobj.transport:TCPTransport", "_connections", "field"),
+    ("pysyncobj.transport:TCPTransport", "_syncObj", "field"),
     # durability (the section "durable journal" below)
     ("pysyncobj.syncobj", "createJournal", "attr"),
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftLog", "field"),
@@ -170,6 +181,7 @@ if installed_version() != PINNED_VERSION:
 # Internal modules and classes, imported once the check above passed.
 _RAFT_STATE = _resolve("pysyncobj.syncobj:_RAFT_STATE")
 _tcp = _resolve("pysyncobj.tcp_connection")
+_tcp_server = _resolve("pysyncobj.tcp_server")
 _PipeNotifier = _resolve("pysyncobj.pipe_notifier:PipeNotifier")
 _syncobj_module = _resolve("pysyncobj.syncobj")
 
@@ -603,6 +615,23 @@ class TunedSyncObj(GuardedElections, SyncObj):  # type: ignore[misc]  # pysyncob
         match = self._SyncObj__raftMatchIndex
         return {n.id: match.get(n, 0) for n in self._SyncObj__otherNodes}
 
+    def replication_lag(self) -> int:
+        """Any thread. Leader: entries its commit index is ahead of the slowest
+        other member's match index; follower: entries the leader committed
+        that this replica has not applied yet."""
+        if not self._is_leader():
+            leader_commit = self._SyncObj__leaderCommitIndex or self.raftCommitIndex
+            return max(0, int(leader_commit) - int(self.raftLastApplied))
+        for _ in range(5):  # the tick thread may change the members while we read
+            try:
+                matches = list(self.match_indexes().values())
+                break
+            except RuntimeError:
+                continue
+        else:
+            return 0
+        return max(0, int(self.raftCommitIndex) - min(matches, default=int(self.raftCommitIndex)))
+
 
 # pysyncobj makes its journal with `createJournal(conf.journalFile)` inside
 # SyncObj.__init__ and offers no option for another class: its module's name is
@@ -638,7 +667,74 @@ def dump_meta_from_json(raft_meta: dict[str, Any]) -> tuple[Any, ...]:
     return entries[0], entries[1], {TCPNode(addr) for addr in raft_meta["cluster"]}
 
 
-class LinkFilterTransport(TCPTransport):  # type: ignore[misc]  # pysyncobj ships no types
+# ---- bytes per peer ------------------------------------------------------------------
+class CountingSocket(socket.socket):
+    """A socket that adds the size of each buffer it sends or receives to
+    `counts` ([received, sent]): one addition per call pysyncobj makes, no
+    work per byte. Until the transport knows the peer, a socket counts into
+    its own list; `attach` moves those counts to the peer's."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts: list[int] = [0, 0]
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        n = super().send(data, flags)
+        self.counts[1] += n
+        return n
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        self.counts[0] += len(data)
+        return data
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        """socket.accept, returning a CountingSocket (the stdlib's makes a plain one)."""
+        fd, addr = self._accept()  # type: ignore[attr-defined]  # the stdlib's own helper
+        sock = CountingSocket(self.family, self.type, self.proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        return sock, addr
+
+    def attach(self, counts: list[int]) -> None:
+        if self.counts is not counts:
+            counts[0] += self.counts[0]
+            counts[1] += self.counts[1]
+            self.counts = counts
+
+
+class CountingTransport(TCPTransport):  # type: ignore[misc]  # pysyncobj ships no types
+    """TCPTransport whose connections count bytes per peer into the SyncObj's
+    `link_bytes` (raft address -> [received, sent]; absent: no counting).
+    Each connection's socket is attached to its peer's counts once pysyncobj
+    knows the peer: when it connects out, or on an incoming connection's
+    first message (the peer's address). Only the tick thread writes them."""
+
+    def _attach(self, node: Any) -> None:
+        links = getattr(self._syncObj, "link_bytes", None)
+        conn = self._connections.get(node)
+        if links is None or conn is None or not isinstance(node, TCPNode):
+            return
+        sock = conn._TcpConnection__socket
+        if isinstance(sock, CountingSocket):
+            sock.attach(links.setdefault(node.id, [0, 0]))
+
+    def _connectIfNecessarySingle(self, node: Any) -> bool:
+        connected = bool(super()._connectIfNecessarySingle(node))
+        if connected:
+            self._attach(node)
+        return connected
+
+    def _onIncomingMessageReceived(self, conn: Any, message: Any) -> None:
+        super()._onIncomingMessageReceived(conn, message)
+        node = self._connToNode(conn)
+        if node is not None:
+            self._attach(node)
+
+
+class LinkFilterTransport(CountingTransport):
     """TCPTransport that drops messages on links `link_cut(src, dst)` names
     (hosts), in both directions, as a network drop rule would. pysyncobj
     delivers every received message through `_onMessageReceived`."""
@@ -657,17 +753,21 @@ class LinkFilterTransport(TCPTransport):  # type: ignore[misc]  # pysyncobj ship
         super()._onMessageReceived(node, message)
 
 
-# ---- outgoing connections from the node's own address -------------------------------
-class _BoundSocketModule:
-    def __init__(self, host: str) -> None:
+# ---- outgoing connections from the node's own address; counting sockets --------------
+class _RaftSocketModule:
+    """Stands in for the `socket` module of pysyncobj's connection and server
+    code: its sockets count bytes (CountingSocket) and, with `host`, outgoing
+    IPv4 ones bind to it first."""
+
+    def __init__(self, host: str | None) -> None:
         self._host = host
 
     def __getattr__(self, name: str) -> Any:
         return getattr(socket, name)
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, *args: Any) -> socket.socket:
-        s = socket.socket(family, type, *args)
-        if family == socket.AF_INET:
+        s = CountingSocket(family, type, *args)
+        if self._host is not None and family == socket.AF_INET:
             s.bind((self._host, 0))
         return s
 
@@ -681,7 +781,15 @@ def bind_outgoing_raft(host: str) -> None:
     (and the peers' view of who is calling) would be wrong. We swap that
     module's `socket` for one whose IPv4 sockets bind to `host` first."""
     if source_address(host) is not None:
-        _tcp.socket = _BoundSocketModule(host)
+        _tcp.socket = _RaftSocketModule(host)
+
+
+def count_raft_bytes() -> None:
+    """Process-wide: pysyncobj's sockets (outgoing, listening and so accepted)
+    are CountingSockets, so CountingTransport can report bytes per peer."""
+    if not isinstance(_tcp.socket, _RaftSocketModule):
+        _tcp.socket = _RaftSocketModule(None)
+    _tcp_server.socket = _RaftSocketModule(None)
 
 
 # ---- Raft frames from peers -------------------------------------------------------------

@@ -30,6 +30,7 @@ from .futures import forward, settle
 from .group_commit import GROUP_MAX_BYTES, GroupCommit
 from .pysyncobj_adapter import FAIL_REASON, ElectionSettings, SyncObjConf, TunedSyncObj, fail_name, replicated
 from .snapshotter import Snapshotter
+from .traffic import Counts, LatencyWindow
 from .transport import transport_class
 
 __all__ = ["GROUP_MAX_BYTES", "MAX_ATTEMPTS", "ShardReplica"]
@@ -67,6 +68,8 @@ class ShardReplica(TunedSyncObj):
         self.leader_changes = 0
         self._last_leader: Any = None
         self._pending: dict[int, tuple[Any, ...]] = {}  # id(outer future) -> (cmd, outer, attempt, leader then)
+        self.link_bytes: dict[str, Counts] = {}  # peer raft address -> [received, sent] (CountingTransport)
+        self.commit_latency = LatencyWindow()  # propose -> applied here, of writes (not barriers)
         self.snapshotter = Snapshotter(
             shard,
             shard_dir / "snapshot.bin",
@@ -143,7 +146,16 @@ class ShardReplica(TunedSyncObj):
             outer: Future[Any] = Future()
             self._attempt(cmd, outer, 1)
             return outer
-        return self._group_commit.add(cmd, _inline_bytes(cmd))
+        future = self._group_commit.add(cmd, _inline_bytes(cmd))
+        if not isinstance(cmd, Noop):
+            started, window = time.perf_counter(), self.commit_latency
+
+            def measured(f: Future[Any]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    window.add(time.perf_counter() - started)
+
+            future.add_done_callback(measured)
+        return future
 
     def _before_append(self) -> None:
         self._group_commit.flush()

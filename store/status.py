@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from .config import Config, NodeConfig
-from .interface import ShardStats
+from .interface import LinkBytes, ShardStats, Traffic
 from .routing import Routing
 from .shardhost import ShardHost
 
@@ -36,6 +36,42 @@ def shard_stats(host: ShardHost) -> ShardStats | None:
         rounds_closed=host.state.round_stats["closed"],
         rounds_timed_out=host.state.round_stats["timed_out"],
         late_grads_refused=host.state.round_stats["late_refused"],
+    )
+
+
+def traffic(routing: Routing, datapath: dict[str, tuple[int, int]], window: float) -> Traffic:
+    """Raft bytes per peer (summed over shards), data-path bytes per peer
+    (`datapath`: keys are peers' data addresses or the node ids they sent),
+    commit latencies of the last `window` seconds, replication lag per shard."""
+    links: dict[tuple[str, str], list[int]] = {}
+    by_data: dict[str, str] = {}
+    known: set[str] = set()
+    commits, latencies, lag = 0, [], {}
+    for shard, host in sorted(routing.shards.items()):
+        book = host.nodes_by_raft()
+        for n in book.values():
+            by_data[str(n.data)] = n.id
+            known.add(n.id)
+        r = host.replica
+        if r is None:
+            continue
+        for addr, (received, sent) in list(r.link_bytes.items()):
+            node = book.get(addr)
+            counts = links.setdefault(("raft", addr if node is None else node.id), [0, 0])
+            counts[0] += received
+            counts[1] += sent
+        commits += r.commit_latency.count
+        latencies.extend(r.commit_latency.recent(window))
+        lag[shard] = r.replication_lag()
+    for key, (received, sent) in datapath.items():
+        counts = links.setdefault(("data", by_data.get(key) or (key if key in known else "other")), [0, 0])
+        counts[0] += received
+        counts[1] += sent
+    return Traffic(
+        links=[LinkBytes(channel, peer, c[0], c[1]) for (channel, peer), c in sorted(links.items())],
+        commits=commits,
+        commit_seconds=sorted(latencies),
+        replication_lag=lag,
     )
 
 

@@ -1,6 +1,7 @@
 """The pysyncobj transport class named by `raft.transport` ("module:Class").
 
-Unset (the default) is pysyncobj's TCPTransport. The fault tests set it to a
+Unset (the default) is pysyncobj's TCPTransport counting bytes per peer
+(CountingTransport). The fault tests set it to a
 subclass that drops messages on links they cut, where network namespaces
 are not allowed (tests/faults/droptransport.py).
 """
@@ -10,12 +11,12 @@ from __future__ import annotations
 import importlib
 
 from .errors import ConfigError
-from .pysyncobj_adapter import TCPTransport, Transport
+from .pysyncobj_adapter import CountingTransport, Transport
 
 
 def transport_class(spec: str | None) -> type[Transport]:
     if not spec:
-        return TCPTransport  # type: ignore[no-any-return]  # pysyncobj ships no types
+        return CountingTransport
     module, _, name = spec.partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)

@@ -66,11 +66,10 @@ def test_placement_is_stable_and_spread():
 
 
 def test_raft_transport_loads_a_transport_class_or_says_why():
-    from pysyncobj.transport import TCPTransport
-
+    from store.pysyncobj_adapter import CountingTransport
     from store.transport import transport_class
 
-    assert transport_class(None) is TCPTransport
+    assert transport_class(None) is CountingTransport  # pysyncobj's TCPTransport, counting bytes per peer
     assert transport_class("tests.faults.droptransport:DropTransport").__name__ == "DropTransport"
     for spec in ("no.such.module:X", "store.config:Config", "tests.faults.droptransport:Nope"):
         with pytest.raises(ConfigError, match=r"raft\.transport"):
