@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from paramstore import Client
 from tests.cluster.harness import Cluster
 from tests.waiting import wait_until
 
@@ -32,7 +33,7 @@ def test_ui_is_served_self_contained(client):
     r = client.get("/ui")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
-    assert "/v1/cluster" in html and "/v1/tensors" in html
+    assert "/v1/cluster" in html and "/v1/tensors" in html and "/v1/stats" in html
     # no external assets: nothing loaded from another origin
     for marker in ("http://", "https://", "//cdn", "<link"):
         assert marker not in html, marker
@@ -51,6 +52,7 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages, read by the test
     for f in FLAGS:
         opts.add_argument(f)
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
@@ -60,10 +62,20 @@ def browser():
         driver.quit()
 
 
+def chart_points(browser, minimum: int) -> dict[str, int] | None:
+    """Points each chart drew, once every chart has at least `minimum` of them."""
+    counts = browser.execute_script(
+        "return Object.fromEntries(Array.from(document.querySelectorAll('.chart svg'))"
+        ".map(svg => [svg.id, Number(svg.dataset.points || 0)]));"
+    )
+    return counts if counts and all(n >= minimum for n in counts.values()) else None
+
+
 @pytest.mark.cluster
 def test_dashboard_fills_from_a_live_cluster(tmp_path, browser):
     cluster = Cluster(tmp_path, replicas=3, shards=4)
     stop = threading.Event()
+    closing: list = []
     try:
         cluster.start()
         cluster.wait_ready()
@@ -78,10 +90,23 @@ def test_dashboard_fills_from_a_live_cluster(tmp_path, browser):
             assert r.status_code == 201, r.text
         hot = names[0]
 
-        def traffic() -> None:  # steady pushes, so the page has a rate to derive
+        sdk = Client([cluster.urls[n] for n in cluster.ids])
+        closing.append(sdk.close)
+        sdk.create_table("emb", dim=16)
+
+        def traffic() -> None:  # steady pushes and pulls, so the page has rates to derive
             g = np.ones((64, 32), np.float32)
+            big = np.ones((64, 1024), np.float32)  # 256 KB: sideloaded over the data path
+            ids = np.arange(64, dtype=np.int64)
+            i = 0
             while not stop.is_set():
                 cluster.grad("n2", hot, g)
+                cluster.get("n1", hot)
+                if i % 4 == 0:
+                    cluster.grad("n3", names[5], big[:, : 32 * 6])
+                    sdk.push_rows("emb", ids, np.ones((64, 16), np.float32))
+                    sdk.lookup("emb", ids)
+                i += 1
 
         pusher = threading.Thread(target=traffic, daemon=True)
         pusher.start()
@@ -124,17 +149,65 @@ def test_dashboard_fills_from_a_live_cluster(tmp_path, browser):
         assert [r.split()[0] for r in page["replicas"]] == cluster.ids
         assert float(page["pps"]) > 0
         assert page["error"] == "none"
-        # a few more polls, so the pushes/s sparkline in the screenshot has a shape
-        polls = int(browser.execute_script("return document.body.dataset.polls"))
-        wait_until(
-            lambda: int(browser.execute_script("return document.body.dataset.polls")) >= polls + 8,
-            15,
-            "eight more polls",
+        charts = wait_until(
+            lambda: chart_points(browser, minimum=4), 30, "every chart to draw points from a few polls of /v1/stats"
         )
+        assert set(charts) == {"c-ops", "c-replicas", "c-links", "c-commit", "c-lag"}
+
+        # rates the page derived: pushes and pulls, MB/s on every link, commit latencies
+        def rates_shown():
+            legend = browser.execute_script(
+                "return Object.fromEntries(['l-ops', 'l-replicas', 'l-links', 'l-commit']"
+                ".map(id => [id, Array.from(document.getElementById(id).children).map(s => s.textContent)]));"
+            )
+            last = {k: {t.rsplit(" ", 1)[0]: float(t.rsplit(" ", 1)[1]) for t in v} for k, v in legend.items()}
+            ok = (
+                last["l-ops"]["pushes/s"] > 0
+                and last["l-ops"]["pulls/s"] > 0
+                and set(last["l-links"]) == {f"{a}→{b}" for a in cluster.ids for b in cluster.ids if a != b}
+                and max(last["l-links"].values()) > 0
+                and max(last["l-replicas"].values()) > 0
+                and last["l-commit"]["n2 p50"] > 0  # n2 proposes the pushes it receives
+            )
+            return last if ok else None
+
+        wait_until(rates_shown, 20, "pushes/s, pulls/s, link MB/s and commit latency above 0 on the charts")
+        table = wait_until(
+            lambda: browser.execute_script(
+                "const tr = document.querySelector('#tables tbody tr');"
+                "return tr && Number(tr.cells[6].textContent) > 0 ?"
+                " Array.from(tr.cells).map(td => td.textContent) : null;"
+            ),
+            20,
+            "the table row with pushes/s",
+        )
+        assert table[0] == "emb" and int(table[1]) == 64, table
+        # a leader change (a leader other than n1 frozen until another replica takes over), marked on the time axis
+        frozen = next(s["leader"] for s in cluster.status("n1")["shards"] if s["leader"] != "n1")
+        cluster.pause(frozen)
+        try:
+            wait_until(
+                lambda: browser.execute_script("return document.querySelectorAll('#c-ops line.leader').length") > 0,
+                20,
+                "a leader change marked on the charts",
+            )
+        finally:
+            cluster.resume(frozen)
+        # nothing but this replica was asked for anything, and nothing went wrong on the console
+        origins = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)"
+        )
+        assert set(origins) <= {cluster.urls["n1"]}, origins
+        errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        assert not errors, errors
         # docs/ui.png is refreshed only on request, so a test run leaves the tree clean
         shot = ROOT / "docs" / "ui.png" if os.environ.get("PARAMSTORE_UPDATE_DOCS") else tmp_path / "ui.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
     finally:
         stop.set()
+        if "pusher" in locals():
+            pusher.join(timeout=15)
+        for close in closing:
+            close()
         cluster.close()
