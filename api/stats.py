@@ -73,6 +73,7 @@ def local_stats(request: Request) -> dict[str, Any]:
     tables = []
     for info in service.list():
         lookups, lookup_rows, pushes, push_rows = served.get(info["name"], [0, 0, 0, 0])
+        hits, misses = service.cache_hits(info["name"])
         tables.append(
             {
                 **{k: info[k] for k in ("name", "rows", "bytes_in_memory", "bytes_on_disk", "refused", "evicted")},
@@ -80,6 +81,8 @@ def local_stats(request: Request) -> dict[str, Any]:
                 "lookup_rows": lookup_rows,
                 "pushes": pushes,
                 "push_rows": push_rows,
+                "cache_hits": hits,
+                "cache_misses": misses,
             }
         )
     budget = service.budget

@@ -337,6 +337,20 @@ class TableService:
             "shards": {str(s): {k: p[k] for k in ("version", "rows", "digest") if k in p} for s, p in parts},
         }
 
+    def cache_hits(self, name: str) -> tuple[int, int]:
+        """(hits, misses) in the block cache of this replica's reads of the
+        table, every shard part; local, so not in `info` (equal on replicas)."""
+        hits = misses = 0
+        for shard in range(self.shards):
+            tables = self.host.local_tables(shard)
+            if name in tables:
+                try:
+                    h, m = tables.get(name).cache_hits()
+                except NotFound:  # deleted meanwhile
+                    continue
+                hits, misses = hits + h, misses + m
+        return hits, misses
+
     def list(self) -> list[dict[str, Any]]:
         names: set[str] = set()
         for shard in range(self.shards):

@@ -210,6 +210,11 @@ class TableState:
         sketch_bytes = self.sketch.nbytes if self.sketch else 0
         return describe.info(self._meta, on_disk, in_memory + sketch_bytes, self.rec.itemsize)
 
+    def cache_hits(self) -> tuple[int, int]:
+        """(hits, misses) of this part's reads in the shared block cache, since opened here."""
+        with self.reading():
+            return self.store.cache_hits()
+
     # ---- snapshots -----------------------------------------------------------------
     def checkpoint(self, dest: Path) -> None:
         """A consistent copy of the table as it is now, in `dest` (hard links:

@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -193,6 +194,26 @@ def test_dashboard_fills_from_a_live_cluster(tmp_path, browser):
             )
         finally:
             cluster.resume(frozen)
+        # once the traffic stops, each link's two ends agree: what one replica counted as sent to
+        # a peer, the peer counted as received from it (data path exactly, Raft but for heartbeats)
+        stop.set()
+        pusher.join(timeout=30)
+
+        def ends_agree():
+            reps = {r["node"]: r for r in httpx.get(cluster.urls["n1"] + "/v1/stats?cluster=1").json()["replicas"]}
+            links = {(n, x["channel"], x["peer"]): x for n, r in reps.items() for x in r.get("links", [])}
+            for a in cluster.ids:
+                for b in cluster.ids:
+                    if a == b:
+                        continue
+                    data_out, data_in = links[a, "data", b]["bytes_out"], links[b, "data", a]["bytes_in"]
+                    raft_out, raft_in = links[a, "raft", b]["bytes_out"], links[b, "raft", a]["bytes_in"]
+                    if data_out != data_in or raft_out < 1000 or abs(raft_out - raft_in) > 64 << 10:
+                        return None
+            return links
+
+        links = wait_until(ends_agree, 20, "both ends of every link to count the same bytes")
+        assert links["n3", "data", "n1"]["bytes_out"] >= 64 * 192 * 4  # n3 forwarded sideloaded pushes
         # nothing but this replica was asked for anything, and nothing went wrong on the console
         origins = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)"
