@@ -37,7 +37,7 @@ class TableCollector(Collector):
         lookup_rows = CounterMetricFamily("paramstore_table_lookup_rows", "Rows looked up here", labels=lbl)
         pushes = CounterMetricFamily("paramstore_table_pushes", "Push requests received here", labels=lbl)
         push_rows = CounterMetricFamily("paramstore_table_push_rows", "Gradient rows received here", labels=lbl)
-        cache = CounterMetricFamily(
+        cache_reads = CounterMetricFamily(
             "paramstore_table_block_cache_reads",
             "Reads of the table's blocks in RocksDB's block cache (hit rate: hit / (hit + miss))",
             labels=[*lbl, "result"],
@@ -55,10 +55,10 @@ class TableCollector(Collector):
             for family, value in zip((lookups, lookup_rows, pushes, push_rows), served, strict=True):
                 family.add_metric(key, value)
             hits, misses = service.cache_hits(info["name"])
-            cache.add_metric([*key, "hit"], hits)
-            cache.add_metric([*key, "miss"], misses)
+            cache_reads.add_metric([*key, "hit"], hits)
+            cache_reads.add_metric([*key, "miss"], misses)
         yield from (rows, disk, memory, version, admitted, refused, evicted, lookups, lookup_rows, pushes, push_rows)
-        yield cache
+        yield cache_reads
         budget = service.budget
         if budget is not None:
             cache = GaugeMetricFamily(
