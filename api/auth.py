@@ -3,7 +3,7 @@
 Tokens come from the config (`[auth] read_tokens`, `write_tokens`) or the
 environment (PARAMSTORE_READ_TOKENS, PARAMSTORE_WRITE_TOKENS, comma-separated).
 Every token is compared in constant time. Probes (/healthz, /readyz),
-/metrics and the /ui page itself stay open; everything else needs a token: GET/HEAD (and a
+/metrics, the /ui page itself and its (empty) favicon stay open; everything else needs a token: GET/HEAD (and a
 table lookup, a POST that only reads) a read or write token, any other method a write token.
 """
 
@@ -22,7 +22,7 @@ from .errors import Forbidden, Unauthorized, error_response
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/ui")  # /ui holds no data; its fetches send the token
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/ui", "/favicon.ico")  # /ui holds no data; its fetches send the token
 READ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 

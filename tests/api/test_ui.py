@@ -39,6 +39,7 @@ def test_ui_is_served_self_contained(client):
     for marker in ("http://", "https://", "//cdn", "<link"):
         assert marker not in html, marker
     assert "src=" not in html.replace("script-src", "")
+    assert client.get("/favicon.ico").status_code == 204  # browsers ask; a 404 would be a console error
 
 
 @pytest.fixture
