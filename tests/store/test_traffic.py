@@ -18,6 +18,7 @@ from store.pysyncobj_adapter import CountingSocket
 from store.tables.engine import Batch, MemoryBudget, RowStore, row_keys
 from store.traffic import LatencyWindow, quantile
 from tests.ports import free_range
+from tests.waiting import wait_until
 
 
 def test_counting_sockets_count_what_each_side_sent_and_received():
@@ -57,7 +58,9 @@ def test_data_path_counts_payload_bytes_per_peer_on_both_ends(tmp_path):
         client.replicate([Address("127.0.0.1", port)], 0, pid, data, need=1, timeout=10)
         assert bytes(client.fetch(Address("127.0.0.1", port), 0, pid)) == data
         assert client.traffic.snapshot() == {f"127.0.0.1:{port}": (len(data), len(data))}
-        assert server.traffic.snapshot() == {"n1": (len(data), len(data))}  # labelled by the header's `from`
+        # labelled by the header's `from`; the server counts what it sent once sendall returned,
+        # which may be after the client has it all
+        wait_until(lambda: server.traffic.snapshot() == {"n1": (len(data), len(data))}, 10, "the server's counts")
     finally:
         server.close()
 
