@@ -5,6 +5,7 @@
     python -m bench --only small,pull --systems paramstore,redis
     python -m bench --only ctr --systems paramstore   # CTR training throughput (bench/ctr.py)
     python -m bench --only tables   # embedding tables vs Redis and numpy (bench/tables.py)
+    python -m bench --only gloo --systems paramstore  # issue 14: DDP over gloo vs the store (bench/gloo.py)
 
 Starts every system itself on 127.0.0.1 (ports 11000-19999), runs the
 workloads, tears everything down, prints the table, writes
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ctr, limits, report
+from . import ctr, gloo, limits, report
 from .load import BlockingHTTP, closed_loop, loopback_mb_s
 from .systems import ROOT, Etcd, Paramstore, RawSyncObj, Redis, cpu_seconds, raw_headers, rid, rss_peak_mb
 from .tables import run_tables
@@ -614,7 +615,7 @@ def main(argv=None) -> int:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 rep: a smoke run")
-    ap.add_argument("--only", default="limits,small,pull,push,memory,failover,recovery,ctr,tables")
+    ap.add_argument("--only", default="limits,small,pull,push,memory,failover,recovery,ctr,tables,gloo")
     ap.add_argument("--systems", default="paramstore,paramstore-nofsync,etcd,redis,pysyncobj,loopback")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0, help="measurement window per small-update run")
@@ -625,6 +626,7 @@ def main(argv=None) -> int:
     ap.add_argument("--failovers", type=int, default=20, help="paramstore leader kills (median and p99 over them)")
     ap.add_argument("--peer-failovers", type=int, default=5, help="leader kills of etcd and raw pysyncobj")
     ap.add_argument("--ctr-steps", type=int, default=150, help="CTR training steps per worker (bench/ctr.py)")
+    ap.add_argument("--gloo-steps", type=int, default=gloo.Config.steps, help="steps per worker (bench/gloo.py)")
     ap.add_argument("--recovery-reps", type=int, default=3)
     ap.add_argument("--etcd-max-request", type=int, default=200 * MB, help="the raised etcd --max-request-bytes")
     ap.add_argument("--raw-big-timeout", type=float, default=15.0)
@@ -639,6 +641,7 @@ def main(argv=None) -> int:
         args.failovers, args.peer_failovers, args.recovery_reps, args.raw_big_timeout = 2, 2, 1, 5.0
         args.ctr_steps = 40
         args.table_rows, args.table_cap_mb = 200_000, 32
+        args.gloo_steps = min(args.gloo_steps, 3)
     args.only = set(args.only.split(","))
     args.systems = args.systems.split(",")
     args.clients = [int(x) for x in args.clients.split(",")]
@@ -704,6 +707,9 @@ def main(argv=None) -> int:
         steps.append(("ctr", lambda: res.__setitem__("ctr", ctr.measure(work / "ctr", args.ctr_steps, log))))
     if "tables" in args.only and {"paramstore", "redis"} <= set(args.systems):
         steps.append(("tables", lambda: run_tables(args, res, el, work, log)))
+    if "paramstore" in args.systems and "gloo" in args.only:
+        gloo_cfg = gloo.Config(steps=args.gloo_steps, **({"hidden": 1024} if args.quick else {}))
+        steps.append(("gloo", lambda: res.__setitem__("gloo", gloo.run(gloo_cfg, work / "gloo", log))))
     if "redis" in args.systems and basic:
         steps.append(("redis", lambda: run_redis(args, res, el, work)))
     if "etcd" in args.systems:

@@ -270,6 +270,15 @@ def markdown(res: dict) -> str:
         from .ctr import markdown as ctr_markdown
 
         lines += ctr_markdown(res["ctr"])
+    if res.get("gloo"):
+        from .gloo import markdown as gloo_markdown
+
+        lines += [
+            "",
+            "**Issue 14: the article's gloo example, scaled (bench/gloo.py)**",
+            "",
+            gloo_markdown(res["gloo"]),
+        ]
     if res.get("failures"):
         lines += ["", "**Failures:** " + "; ".join(res["failures"])]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,507 @@
+"""Issue 14's benchmark: the article's gloo example, scaled.
+
+An MLP of ~10 M float32 parameters learns a fixed random teacher on synthetic
+data (fixed seeds: every setup sees the same samples in the same order), 4
+worker processes, trained four ways:
+
+    (a) ddp     torch.distributed DDP over gloo on 127.0.0.1 (the article's backend)
+    (b) async   through the store: pull params, push grads (3 replicas)
+    (c) sync    through the store in synchronous rounds (sync={"workers": 4})
+    (d) sync+c  (c) with float16 pulls and top-k 1% pushes (error feedback)
+
+Bytes on the wire are MEASURED per worker: each worker reads the kernel's
+TCP_INFO counters (tcpi_bytes_acked + tcpi_bytes_received: TCP payload, no
+headers) of every TCP socket it holds, before and after its timed steps. For
+the store, the replicas' own traffic (Raft replication, follower reads
+forwarded) is measured the same way from outside with `ss -ti` over the
+sockets between replica ports.
+
+    python -m bench --only gloo            # part of make bench
+    python -m bench.gloo --steps 4 ...     # alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MB = 1 << 20
+SETUPS = ("ddp", "async", "sync", "sync+compress")
+LABELS = {
+    "ddp": "(a) DDP over gloo",
+    "async": "(b) store, async",
+    "sync": "(c) store, sync rounds",
+    "sync+compress": "(d) (c) + float16 pulls, top-k 1% pushes",
+}
+
+
+@dataclass
+class Config:
+    workers: int = 4
+    steps: int = 20  # per worker; samples = steps * workers * batch
+    batch: int = 16  # per worker
+    dim_in: int = 256
+    hidden: int = 2880  # 256-2880-2880-256: 9.78 M parameters
+    dim_out: int = 256
+    lr: float = 0.05
+    seed: int = 14
+    eval_samples: int = 1024
+    topk: float = 0.01
+    timeout: float = 600.0  # per worker process
+
+    def params(self) -> int:
+        d = [self.dim_in, self.hidden, self.hidden, self.dim_out]
+        return sum(a * b + b for a, b in itertools.pairwise(d))
+
+
+# ------------------------------------------------------------ model, data --
+
+
+def make_model(cfg: Config) -> Any:
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(cfg.dim_in, cfg.hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(cfg.hidden, cfg.hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(cfg.hidden, cfg.dim_out),
+    )
+
+
+def batch(cfg: Config, step: int, rank: int, n: int | None = None) -> tuple[Any, Any]:
+    """Worker `rank`'s batch of `step` (rank -1: the evaluation set): x ~ N(0, 1),
+    y = tanh(x T1) T2 with a fixed random teacher, so the loss can fall."""
+    import torch
+
+    teacher = np.random.default_rng(cfg.seed)
+    t1 = teacher.standard_normal((cfg.dim_in, 64)) / np.sqrt(cfg.dim_in)
+    t2 = teacher.standard_normal((64, cfg.dim_out)) / np.sqrt(64)
+    x = np.random.default_rng([cfg.seed, step + 1, rank + 2]).standard_normal((n or cfg.batch, cfg.dim_in))
+    y = np.tanh(x @ t1) @ t2
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+
+
+def eval_loss(cfg: Config, model: Any) -> float:
+    import torch
+
+    x, y = batch(cfg, 0, -2, cfg.eval_samples)
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(model(x), y))
+
+
+def step_grad(cfg: Config, model: Any, step: int, rank: int) -> None:
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    x, y = batch(cfg, step, rank)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+
+# ------------------------------------------------------- measured bytes --
+
+
+_closed: dict[str, int] = {}  # socket inode -> its counters when this process closed it
+
+
+def tcp_bytes_of_own_sockets() -> dict[str, int]:
+    """{socket inode: payload bytes sent (acked) + received} of this process's TCP
+    sockets, open now or closed since `keep_counters_of_closed_sockets`."""
+    out = dict(_closed)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if not target.startswith("socket:"):
+            continue
+        try:
+            s = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue
+        try:
+            n = _counters(s)
+            if n is not None:
+                out[target] = n
+        finally:
+            _close(s)
+    return out
+
+
+def _counters(s: socket.socket) -> int | None:
+    if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(info) < 136:
+        return None
+    acked, received = struct.unpack_from("=QQ", info, 120)  # tcpi_bytes_acked, tcpi_bytes_received
+    return int(acked + received)
+
+
+_close = socket.socket.close
+
+
+def keep_counters_of_closed_sockets() -> None:
+    """Record a Python socket's counters as it closes: the SDK's connection pool
+    closes connections beyond its keep-alive limit (parallel part requests), and
+    their bytes must still count. gloo's C++ sockets stay open while timed."""
+
+    def close(self: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.fileno() >= 0 and (n := _counters(self)) is not None:
+                _closed[f"socket:[{os.fstat(self.fileno()).st_ino}]"] = n
+        _close(self)
+
+    socket.socket.close = close  # type: ignore[method-assign]
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> int:
+    """Bytes moved between two snapshots; a socket opened meanwhile counts from 0."""
+    return sum(v - before.get(k, 0) for k, v in after.items())
+
+
+def replica_link_bytes(pids: set[int], ports: set[int]) -> int:
+    """Payload bytes (both directions) on every TCP connection a replica process
+    (`pids`) opened to a replica port (`ports`): Raft, the data path and peer
+    calls between replicas, read with `ss -tinp` (the same TCP_INFO counters)."""
+    try:
+        text = subprocess.run(
+            ["ss", "-tinpH", "state", "established"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return -1
+    total = 0
+    # one socket = a line "recv-q send-q local peer users:(...)" then an indented line of counters
+    for head, info in re.findall(r"^(\S.*)\n\s+(.*)$", text, re.M):
+        fields = head.split()
+        if len(fields) < 4:
+            continue
+        peer = int(fields[3].rsplit(":", 1)[1]) if ":" in fields[3] else -1
+        owner = {int(x) for x in re.findall(r"pid=(\d+)", head)}
+        if peer in ports and owner & pids:
+            acked = re.search(r"bytes_acked:(\d+)", info)
+            received = re.search(r"bytes_received:(\d+)", info)
+            total += (int(acked.group(1)) if acked else 0) + (int(received.group(1)) if received else 0)
+    return total
+
+
+# --------------------------------------------------------------- workers --
+
+
+def _worker(cfg: Config, rank: int, plan: Any, barrier: Any, q: Any) -> None:
+    """Runs the setups `plan` hands it, one after the other (one spawn per
+    worker for all four: starting torch costs seconds on a loaded machine)."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        keep_counters_of_closed_sockets()
+        while (job := plan.get()) is not None:
+            setup, urls, gloo_port = job
+            q.put((rank, _train(setup, cfg, rank, urls, gloo_port, barrier)))
+    except BaseException as e:  # report, never hang the harness
+        q.put((rank, {"error": f"{e!r}\n{traceback.format_exc()}"}))
+        with contextlib.suppress(Exception):
+            barrier.abort()
+
+
+def _train(setup: str, cfg: Config, rank: int, urls: list[str], gloo_port: int, barrier: Any) -> dict[str, Any]:
+    import torch
+
+    model = make_model(cfg)
+    names = [f"gloo{SETUPS.index(setup)}.{n}" for n, _ in model.named_parameters()]
+    params = dict(zip(names, model.parameters(), strict=True))
+    if setup == "ddp":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank, world_size=cfg.workers)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        step_grad(cfg, ddp, -1, rank)  # connections up and buckets built before the timed steps
+        model.zero_grad(set_to_none=True)
+        dist.barrier()
+        barrier.wait()
+        b0, t0 = tcp_bytes_of_own_sockets(), time.perf_counter()
+        for step in range(cfg.steps):
+            step_grad(cfg, ddp, step, rank)
+            opt.step()
+        t1, b1 = time.perf_counter(), tcp_bytes_of_own_sockets()
+        barrier.wait()
+        loss = eval_loss(cfg, model) if rank == 0 else None
+        dist.destroy_process_group()
+        return {"t0": t0, "t1": t1, "bytes": delta(b0, b1), "loss": loss}
+
+    from paramstore import Client
+
+    client = Client(urls, timeout=300, deadline=600)
+    sync = setup != "async"
+    if rank == 0:
+        for n, p in params.items():
+            client.create(
+                n,
+                p.detach().numpy(),
+                optimizer={"type": "sgd", "lr": cfg.lr},
+                sync={"workers": cfg.workers, "round_timeout": 600} if sync else None,
+            )
+    barrier.wait()
+    wire = "float16" if setup == "sync+compress" else None
+    pulled = _pull(client, names, wire)
+    versions = _load(params, pulled)
+    barrier.wait()
+    b0, t0 = tcp_bytes_of_own_sockets(), time.perf_counter()
+    for step in range(cfg.steps):
+        step_grad(cfg, model, step, rank)
+        grads = {n: p.grad.numpy() for n, p in params.items()}
+        if setup == "async":
+            client.push_grads(grads)
+            versions = _load(params, _pull(client, names, None))
+        elif setup == "sync":
+            versions = _load(params, client.sync_step(grads, versions, timeout=600))
+        else:
+            for n, g in grads.items():
+                client.push_grad(n, g, base_version=versions[n], compress=f"topk:{cfg.topk}")  # type: ignore[call-arg]
+            for n in names:
+                while client.wait_for(n, versions[n], 60.0) is None:
+                    pass
+            versions = _load(params, _pull(client, names, wire))
+    t1, b1 = time.perf_counter(), tcp_bytes_of_own_sockets()
+    barrier.wait()
+    loss = None
+    if rank == 0:  # the store's final values, in full precision
+        _load(params, _pull(client, names, None))
+        loss = eval_loss(cfg, model)
+    client.close()
+    return {"t0": t0, "t1": t1, "bytes": delta(b0, b1), "loss": loss}
+
+
+def _pull(client: Any, names: list[str], wire: str | None) -> dict[str, tuple[np.ndarray, int]]:
+    if wire is None:
+        return client.pull_many(names)  # type: ignore[no-any-return]
+    return client.pull_many(names, wire_dtype=wire)  # type: ignore[no-any-return]
+
+
+def _load(params: dict[str, Any], pulled: dict[str, tuple[np.ndarray, int]]) -> dict[str, int]:
+    import torch
+
+    with torch.no_grad():
+        for n, (arr, _) in pulled.items():
+            params[n].copy_(torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(params[n].shape))
+    return {n: v for n, (_, v) in pulled.items()}
+
+
+def compression_available() -> bool:
+    from paramstore import Client
+
+    return "compress" in inspect.signature(Client.push_grad).parameters
+
+
+def free_base(count: int, low: int = 20000, high: int = 30000) -> int:
+    """A base port with base..base+count-1 free now (other benchmarks and test
+    clusters share this machine), below the usual ephemeral range."""
+    rng = np.random.default_rng()
+    for _ in range(500):
+        base = int(rng.integers(low, high - count))
+        if all(_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Workers:
+    """`cfg.workers` spawned processes; `run(setup, urls)` trains one setup on all of them."""
+
+    def __init__(self, cfg: Config) -> None:
+        ctx = mp.get_context("spawn")
+        self.cfg = cfg
+        self.plans = [ctx.Queue() for _ in range(cfg.workers)]
+        self.q = ctx.Queue()
+        barrier = ctx.Barrier(cfg.workers)
+        self.procs = [
+            ctx.Process(target=_worker, args=(cfg, r, self.plans[r], barrier, self.q), daemon=True)
+            for r in range(cfg.workers)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, setup: str, urls: list[str]) -> dict[str, Any]:
+        cfg = self.cfg
+        port = free_port()
+        for plan in self.plans:
+            plan.put((setup, urls, port))
+        results: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + cfg.timeout
+        while len(results) < cfg.workers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{setup}: workers did not finish in {cfg.timeout:.0f} s")
+            rank, out = self.q.get(timeout=left)
+            if "error" in out:
+                raise RuntimeError(f"{setup} worker {rank}: {out['error']}")
+            results[rank] = out
+        wall = max(r["t1"] for r in results.values()) - min(r["t0"] for r in results.values())
+        per_worker = [r["bytes"] / cfg.steps for r in results.values()]
+        return {
+            "steps_s": cfg.steps / wall,
+            "seconds": wall,
+            "worker_mb_per_step": float(np.mean(per_worker)) / MB,
+            "loss": results[0]["loss"],
+        }
+
+    def close(self, failed: bool = False) -> None:
+        for plan in self.plans:
+            plan.put(None)
+        for p in self.procs:
+            p.join(0 if failed else 30)  # a failed setup leaves the others waiting on a barrier or the store
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+
+
+# ------------------------------------------------------------------ run --
+
+
+def run(cfg: Config, work: Path, log: Any = print) -> dict[str, Any]:
+    """Every setup in turn; the store setups share one fresh 3-replica cluster
+    (on free ports: other sessions' clusters may hold bench's usual 11000-11117)."""
+    from .systems import Paramstore
+
+    res: dict[str, Any] = {"config": {**asdict(cfg), "params": cfg.params()}, "setups": {}, "notes": []}
+    log(
+        f"gloo: MLP {cfg.params() / 1e6:.2f} M params, {cfg.workers} workers x {cfg.steps} steps x "
+        f"batch {cfg.batch} ({cfg.steps * cfg.workers * cfg.batch} samples)"
+    )
+    t = time.perf_counter()
+    workers = Workers(cfg)
+    ps, failed = None, True
+    try:
+        res["setups"]["ddp"] = workers.run("ddp", [])
+        log(f"  {LABELS['ddp']}: {_fmt(res['setups']['ddp'])} ({time.perf_counter() - t:.0f} s)")
+        base = free_base(3 + 3 * (4 + 2))  # 3 HTTP ports, then each replica's 4 shards + data path + spare
+        ps_cls = type("GlooParamstore", (Paramstore,), {"HTTP": base, "RAFT": base + 3})
+        ps = ps_cls(work)
+        ps.start()
+        ports, pids = _replica_ports(ps), {p.pid for p in ps.procs.values()}
+        urls = [f"http://{h}:{p}" for h, p in ps.urls.values()]
+        for setup in SETUPS[1:]:
+            if setup == "sync+compress" and not compression_available():
+                res["notes"].append("(d) skipped: this paramstore has no compressed pushes (push_grad(compress=))")
+                log(f"  {res['notes'][-1]}")
+                continue
+            t = time.perf_counter()
+            r0 = replica_link_bytes(pids, ports)
+            out = workers.run(setup, urls)
+            r1 = replica_link_bytes(pids, ports)
+            out["replica_mb_per_step"] = (r1 - r0) / cfg.steps / MB if r0 >= 0 and r1 >= 0 else None
+            res["setups"][setup] = out
+            log(f"  {LABELS[setup]}: {_fmt(out)} ({time.perf_counter() - t:.0f} s)")
+        failed = False
+    finally:
+        workers.close(failed)
+        if ps is not None:
+            ps.stop()
+    return res
+
+
+def _replica_ports(ps: Any) -> set[int]:
+    """Every port a replica listens on: HTTP, the data path, each shard's Raft port."""
+    ports = set()
+    for n in ps.cfg.nodes:
+        ports |= {n.http.port, n.data.port, *(n.raft.port + k for k in range(64))}
+    return ports
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    return f"{r['steps_s']:.2f} steps/s, {r['worker_mb_per_step']:.1f} MB/step/worker, loss {r['loss']:.4f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    cfg = res["config"]
+    base = res["setups"].get("ddp")
+    lines = [
+        f"MLP {cfg['params'] / 1e6:.2f} M float32 parameters, {cfg['workers']} workers x {cfg['steps']} steps x "
+        f"batch {cfg['batch']} = {cfg['steps'] * cfg['workers'] * cfg['batch']} samples, SGD lr {cfg['lr']}; "
+        "bytes per step per worker measured from TCP_INFO of the worker's sockets (payload sent + received); "
+        "replica links: the replicas' traffic among themselves per step (ss -ti).",
+        "",
+        "| setup | steps/s | x (a) | MB/step/worker | x (a) | replica links MB/step | loss | x (a) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in SETUPS:
+        r = res["setups"].get(s)
+        if r is None:
+            lines.append(f"| {LABELS[s]} | not run | | | | | | |")
+            continue
+
+        def ratio(key: str, r: dict[str, Any] = r) -> str:
+            return f"{r[key] / base[key]:.2f}" if base and base[key] else "-"
+
+        rep = r.get("replica_mb_per_step")
+        lines.append(
+            f"| {LABELS[s]} | {r['steps_s']:.2f} | {ratio('steps_s')} | {r['worker_mb_per_step']:.1f} | "
+            f"{ratio('worker_mb_per_step')} | {'-' if rep is None else f'{rep:.1f}'} | {r['loss']:.4f} | "
+            f"{ratio('loss')} |"
+        )
+    for n in res["notes"]:
+        lines.append(f"\n{n}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gloo", description=__doc__)
+    d = Config()
+    for k, v in asdict(d).items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    cfg = Config(**{k: getattr(args, k) for k in asdict(d)})
+    work = Path(tempfile.mkdtemp(prefix="paramstore-gloo-"))
+    try:
+        res = run(cfg, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

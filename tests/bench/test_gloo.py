@@ -1,0 +1,27 @@
+"""bench/gloo.py (issue 14's benchmark) runs end to end in a tiny configuration, so it cannot rot."""
+
+import math
+
+import pytest
+
+from bench import gloo
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+
+def test_every_setup_runs_and_sync_rounds_compute_what_ddp_computes(tmp_path):
+    cfg = gloo.Config(workers=2, steps=2, batch=4, dim_in=16, hidden=32, dim_out=8, eval_samples=64, timeout=240)
+    res = gloo.run(cfg, tmp_path, log=lambda _msg: None)
+    ran = res["setups"]
+    expected = set(gloo.SETUPS) if gloo.compression_available() else set(gloo.SETUPS) - {"sync+compress"}
+    assert set(ran) == expected, res["notes"]
+    for setup, r in ran.items():
+        assert r["steps_s"] > 0 and r["worker_mb_per_step"] > 0, (setup, r)
+        assert math.isfinite(r["loss"]), (setup, r)
+    # every worker's sockets moved at least its gradients each step (float32, both directions counted)
+    assert ran["sync"]["worker_mb_per_step"] * gloo.MB >= 4 * cfg.params()
+    assert ran["sync"]["replica_mb_per_step"] > 0  # Raft carried the rounds to the followers
+    # the same samples, mean of the workers' gradients, one SGD step per round: DDP's arithmetic
+    assert ran["sync"]["loss"] == pytest.approx(ran["ddp"]["loss"], rel=1e-5)
+    table = gloo.markdown(res)
+    assert table.count("\n| (") == len(gloo.SETUPS)
