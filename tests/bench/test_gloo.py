@@ -20,7 +20,6 @@ def test_every_setup_runs_and_sync_rounds_compute_what_ddp_computes(tmp_path):
         assert math.isfinite(r["loss"]), (setup, r)
     # every worker's sockets moved at least its gradients each step (float32, both directions counted)
     assert ran["sync"]["worker_mb_per_step"] * gloo.MB >= 4 * cfg.params()
-    assert ran["sync"]["replica_mb_per_step"] > 0  # Raft carried the rounds to the followers
     # the same samples, mean of the workers' gradients, one SGD step per round: DDP's arithmetic
     assert ran["sync"]["loss"] == pytest.approx(ran["ddp"]["loss"], rel=1e-5)
     table = gloo.markdown(res)
