@@ -17,8 +17,8 @@ traffic among themselves (Raft replication of each push to the followers);
 their data-path connections are short-lived, so sampling them from outside
 (ss) misses most bytes, and the store has no per-peer byte metrics yet.
 
-    python -m bench --only gloo            # part of make bench
-    python -m bench.gloo --steps 4 ...     # alone
+    python -m bench --only gloo --systems paramstore   # part of make bench
+    python -m bench.gloo --steps 4 ...                 # alone
 """
 
 from __future__ import annotations
@@ -256,13 +256,9 @@ def _train(setup: str, cfg: Config, rank: int, urls: list[str], gloo_port: int, 
             versions = _load(params, _pull(client, names, None))
         elif setup == "sync":
             versions = _load(params, client.sync_step(grads, versions, timeout=600))
-        else:
-            for n, g in grads.items():
-                client.push_grad(n, g, base_version=versions[n], compress=f"topk:{cfg.topk}")  # type: ignore[call-arg]
-            for n in names:
-                while client.wait_for(n, versions[n], 60.0) is None:
-                    pass
-            versions = _load(params, _pull(client, names, wire))
+        else:  # top-k with error feedback (the SDK keeps each tensor's residual)
+            compressed = client.sync_step(grads, versions, 600, compress=f"topk:{cfg.topk}", pull_dtype=wire)
+            versions = _load(params, compressed)
     t1, b1 = time.perf_counter(), tcp_bytes_of_own_sockets()
     barrier.wait()
     loss = None
@@ -291,7 +287,7 @@ def _load(params: dict[str, Any], pulled: dict[str, tuple[np.ndarray, int]]) -> 
 def compression_available() -> bool:
     from paramstore import Client
 
-    return "compress" in inspect.signature(Client.push_grad).parameters
+    return "compress" in inspect.signature(Client.sync_step).parameters
 
 
 def free_base(count: int, low: int = 20000, high: int = 30000) -> int:
@@ -404,7 +400,7 @@ def run(cfg: Config, work: Path, log: Any = print) -> dict[str, Any]:
         urls = [f"http://{h}:{p}" for h, p in ps.urls.values()]
         for setup in SETUPS[1:]:
             if setup == "sync+compress" and not compression_available():
-                res["notes"].append("(d) skipped: this paramstore has no compressed pushes (push_grad(compress=))")
+                res["notes"].append("(d) skipped: this paramstore has no compressed rounds (sync_step(compress=))")
                 log(f"  {res['notes'][-1]}")
                 continue
             t = time.perf_counter()
