@@ -6,6 +6,7 @@
     python -m bench --only ctr --systems paramstore   # CTR training throughput (bench/ctr.py)
     python -m bench --only tables   # embedding tables vs Redis and numpy (bench/tables.py)
     python -m bench --only gloo --systems paramstore  # issue 14: DDP over gloo vs the store (bench/gloo.py)
+    python -m bench --only scaling [--full]           # how cost grows with the work (bench/scaling.py)
 
 Starts every system itself on 127.0.0.1 (ports 11000-19999), runs the
 workloads, tears everything down, prints the table, writes
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ctr, gloo, limits, report
+from . import ctr, gloo, limits, report, scaling
 from .load import BlockingHTTP, closed_loop, loopback_mb_s
 from .systems import ROOT, Etcd, Paramstore, RawSyncObj, Redis, cpu_seconds, raw_headers, rid, rss_peak_mb
 from .tables import run_tables
@@ -634,6 +635,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table-cap-mb", type=int, default=128, help="the replicas' table cache (memory cap), MB")
     ap.add_argument("--table-no-join", action="store_true", help="skip the joining replica (table snapshot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--full", action="store_true", help="scaling: every point of issue 15 item 6, not the 5-min subset")
     ap.add_argument("--no-docs", action="store_true", help="do not refresh docs/benchmarks.md")
     args = ap.parse_args(argv)
     if args.quick:
@@ -643,6 +645,8 @@ def main(argv=None) -> int:
         args.table_rows, args.table_cap_mb = 200_000, 32
         args.gloo_steps = min(args.gloo_steps, 3)
     args.only = set(args.only.split(","))
+    if args.only == {"scaling"}:  # its own results and plot; the comparison table is not touched
+        return scaling.main(["--seconds", str(args.seconds), "--reps", str(args.reps), *(["--full"] * args.full)])
     args.systems = args.systems.split(",")
     args.clients = [int(x) for x in args.clients.split(",")]
     args.sizes = [int(x) for x in args.sizes.split(",")]
@@ -710,6 +714,13 @@ def main(argv=None) -> int:
     if "paramstore" in args.systems and "gloo" in args.only:
         gloo_cfg = gloo.Config(steps=args.gloo_steps, **({"hidden": 1024} if args.quick else {}))
         steps.append(("gloo", lambda: res.__setitem__("gloo", gloo.run(gloo_cfg, work / "gloo", log))))
+    if "scaling" in args.only:  # not in the default --only: its own 5 min (python -m bench.scaling)
+
+        def scale():
+            res["scaling"] = scaling.measure(work / "scaling", args.full, args.seconds, 16, args.reps)
+            scaling.plot(res["scaling"], ROOT / "docs" / "scaling.png")
+
+        steps.append(("scaling", scale))
     if "redis" in args.systems and basic:
         steps.append(("redis", lambda: run_redis(args, res, el, work)))
     if "etcd" in args.systems:
