@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +28,7 @@ import numpy as np
 
 from .join import JoiningParamstore
 from .load import Job, closed_loop, http_request
-from .systems import ROOT, Paramstore, cpu_seconds, raw_headers
+from .systems import HOST, ROOT, Paramstore, cpu_seconds, raw_headers
 
 KB, MB = 1 << 10, 1 << 20
 T0 = time.monotonic()
@@ -35,7 +37,7 @@ DEFAULT = {
     "replicas": [3, 5],
     "sizes_kb": [64, 256, 1024, 4096, 16384],
     "counts": [100, 1000, 10000],
-    "held_mb": [128, 256],
+    "held_mb": [128, 256, 512],
 }
 FULL = {
     "shards": [1, 2, 4, 8, 16],
@@ -45,6 +47,7 @@ FULL = {
     "held_mb": [1024, 2048, 4096],
 }
 IDLE_WINDOW = 2.0
+PORT = int(os.environ.get("BENCH_SCALING_PORT", "21000"))
 SNAPSHOT_LINE = re.compile(r"shard (\d+): snapshot at index \d+, (\d+) bytes in ([\d.]+)s")
 
 
@@ -56,7 +59,8 @@ class FullyReplicated(Paramstore):
     """Every replica hosts every shard (Raft groups of `replicas` members; the
     harness's default is replication 3, whatever the replica count)."""
 
-    def __init__(self, workdir: Path, replicas: int, shards: int, name: str) -> None:
+    def __init__(self, workdir: Path, replicas: int, shards: int, name: str, port: int) -> None:
+        self.HTTP, self.RAFT = port, port + 100
         super().__init__(workdir, replicas=replicas, shards=shards, name=name)
         from api.devcluster import dev_config
         from store.config import config_from_mapping, render_toml
@@ -84,21 +88,21 @@ def one_per_shard(ps: Paramstore, shards: int, nbytes: int = 1024) -> list[str]:
     return [by_shard[s] for s in sorted(by_shard)]
 
 
-def small_writes(work: Path, replicas: int, shards: int, clients: int, seconds: float) -> dict:
+def small_writes(work: Path, replicas: int, shards: int, clients: int, seconds: float, port: int) -> dict:
     """`clients` closed-loop clients pushing 1 KB gradients, client i to tensor
     i % shards through replica i % replicas: the load spreads over every shard."""
-    ps = FullyReplicated(work, replicas, shards, f"small-{replicas}r{shards}s")
+    ps = FullyReplicated(work, replicas, shards, f"small-{replicas}r{shards}s", port)
     start(ps)
     try:
         names = one_per_shard(ps, shards)
         g = np.ones(256, np.float32)
         targets, reqs = [], []
         for i in range(clients):
-            host, port = ps.urls[ps.nodes[i % replicas]]
-            targets.append((host, port))
+            host, hport = ps.urls[ps.nodes[i % replicas]]
+            targets.append((host, hport))
             reqs.append(
                 http_request(
-                    "POST", f"/v1/tensors/{names[i % shards]}/grad", f"{host}:{port}", raw_headers(g), g.tobytes()
+                    "POST", f"/v1/tensors/{names[i % shards]}/grad", f"{host}:{hport}", raw_headers(g), g.tobytes()
                 )
             )
         pids = ps.pids()
@@ -135,7 +139,8 @@ def transfers(ps: Paramstore, sizes_kb: list[int], reps: int) -> dict:
         fol = next(n for n in ps.nodes if n != lead)
         pull_c, push_c = ps.conn(fol), ps.conn(lead)
         ps.get(pull_c, name, min_version=r["version"])
-        n = max(1, min(reps * 8, (64 * MB) // (kb * KB)))  # small tensors: more ops per figure
+        # >= 16 MB per figure up to 1 MB tensors: /proc counts CPU in 10 ms ticks
+        n = max(reps, min(256, (32 * MB) // (kb * KB)))
         row: dict[str, float] = {}
         for kind in ("pull", "push"):
             cpu0, t0 = cpu_seconds(pids), time.perf_counter()
@@ -266,14 +271,21 @@ def held(work: Path, mb: int, port: int) -> dict:
         shutil.rmtree(ps.dir, ignore_errors=True)
 
 
-def measure(work: Path, full: bool = False, seconds: float = 3.0, clients: int = 16, reps: int = 3) -> dict:
+def measure(
+    work: Path, full: bool = False, seconds: float = 3.0, clients: int = 16, reps: int = 3, port: int = PORT
+) -> dict:
+    """`port`: the first HTTP port (Raft from +100); not the harness's 11000, so
+    that a `python -m bench` running meanwhile is not measured instead."""
+    with socket.socket() as probe:
+        if probe.connect_ex((HOST, port)) == 0:
+            raise RuntimeError(f"something already listens on {HOST}:{port}: pick another --port")
     p = FULL if full else DEFAULT
     res: dict = {"config": {**p, "seconds": seconds, "clients": clients, "full": full}, "small": {}}
     free_gb = shutil.disk_usage(work).free / 2**30
     res["held_mb_skipped"] = [mb for mb in p["held_mb"] if mb * 5 / 1024 > free_gb - 10]  # 4 copies + snapshots
     for r in p["replicas"]:
         for s in p["shards"]:
-            row = small_writes(work, r, s, clients, seconds)
+            row = small_writes(work, r, s, clients, seconds, port)
             res["small"].setdefault(str(r), {})[str(s)] = row
             log(
                 f"  small writes {r} replicas {s:2d} shards: {row['ops_s']:6.0f} ops/s, "
@@ -282,7 +294,7 @@ def measure(work: Path, full: bool = False, seconds: float = 3.0, clients: int =
                 f"p50 {row['p50_ms']:.1f} ms, "
                 f"{row['errors']} errors, {row['elections']} elections"
             )
-    ps = Paramstore(work, name="scaling")
+    ps = FullyReplicated(work, 3, 4, "scaling", port)
     start(ps)
     try:
         res["transfer"] = transfers(ps, p["sizes_kb"], reps)
@@ -294,11 +306,49 @@ def measure(work: Path, full: bool = False, seconds: float = 3.0, clients: int =
     for mb in p["held_mb"]:
         if mb not in res["held_mb_skipped"]:
             try:
-                res["held"][str(mb)] = held(work, mb, Paramstore.HTTP)
+                res["held"][str(mb)] = held(work, mb, port)
             except RuntimeError as e:  # one size failing must not lose the other figures
                 res.setdefault("failures", []).append(f"held {mb} MB: {e}")
                 log(f"  {mb} MB held FAILED: {e}")
     return res
+
+
+def markdown(res: dict) -> str:
+    """The tables of docs/benchmarks.md's scaling section (verdicts are written by hand)."""
+
+    def f(v: float | None, fmt: str = "{:.0f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    out = ["| replicas | shards | ops/s | CPU-µs/write | above idle | idle CPU-s/s | p50 ms | elections |"]
+    out.append("|---|---|---|---|---|---|---|---|")
+    for r, rows in res["small"].items():
+        for s, v in rows.items():
+            out.append(
+                f"| {r} | {s} | {f(v['ops_s'])} | {f(v['cpu_us'])} | {f(v['cpu_us_marginal'])} | "
+                f"{f(v['idle_cpu_per_s'], '{:.2f}')} | {f(v['p50_ms'], '{:.1f}')} | {v['elections']} |"
+            )
+    out += ["", "| tensor | pull MB/s | pull CPU-ms/MB | push MB/s | push CPU-ms/MB |", "|---|---|---|---|---|"]
+    for kb, v in res.get("transfer", {}).items():
+        size = f"{int(kb) // 1024} MB" if int(kb) >= 1024 else f"{kb} KB"
+        out.append(
+            f"| {size} | {f(v['pull_mb_s'])} | {f(v['pull_cpu_ms_per_mb'], '{:.1f}')} | "
+            f"{f(v['push_mb_s'])} | {f(v['push_cpu_ms_per_mb'], '{:.1f}')} |"
+        )
+    out += ["", "| tensors (1 KB) | RSS per tensor | GET /v1/tensors | per listed tensor |", "|---|---|---|---|"]
+    for n, v in res.get("tensors", {}).items():
+        out.append(
+            f"| {int(n):,} | {f(v['rss_bytes_per_tensor'] / 1024, '{:.1f}')} KB | {f(v['list_ms'], '{:.1f}')} ms | "
+            f"{f(v['list_us_per_tensor'], '{:.1f}')} µs |"
+        )
+    out += ["", "| held | snapshot (slowest shard) | snapshots, all shards | restart to ready | new replica ready |"]
+    out.append("|---|---|---|---|---|")
+    for mb, v in res.get("held", {}).items():
+        out.append(
+            f"| {mb} MB | {f(v['snapshot_s_max'], '{:.2f}')} s | {f(v['snapshot_mb'])} MB in "
+            f"{f(v['snapshot_s_sum'], '{:.2f}')} s | {f(v['restart_s'], '{:.2f}')} s | "
+            f"{f(v['catch_up_s'], '{:.2f}')} s |"
+        )
+    return "\n".join(out)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -363,18 +413,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per small-write point")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--port", type=int, default=PORT, help="first HTTP port, Raft from +100 (env BENCH_SCALING_PORT)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaling.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "scaling.png"))
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="psbench-scaling-"))
     try:
-        res = measure(work, args.full, args.seconds, args.clients, args.reps)
+        res = measure(work, args.full, args.seconds, args.clients, args.reps, args.port)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["seconds"] = time.monotonic() - T0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     plot(res, Path(args.png))
+    print(markdown(res))
     log(f"done in {res['seconds']:.0f}s; wrote {args.out} and {args.png}")
     return 0
 
