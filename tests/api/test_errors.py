@@ -366,3 +366,13 @@ def test_an_error_quotes_at_most_200_bytes_of_its_input_and_all_of_its_words(cli
         assert after.endswith(")") and "float32" in after, detail[-200:]
     quoted = _quoted_input(detail, before, after)
     assert len(quoted.encode()) <= 200, len(quoted.encode())
+
+
+def test_tensor_list_pages(client):
+    for name in ("pg.a", "pg.b", "pg.c"):
+        raw_put(client, name, np.zeros(1, np.float32))
+    names = [d["name"] for d in client.get("/v1/tensors?after=pg.&limit=2").json()]
+    assert names == ["pg.a", "pg.b"]
+    rest = [d["name"] for d in client.get("/v1/tensors", params={"after": names[-1]}).json()]
+    assert rest[0] == "pg.c" and all(n > "pg.b" for n in rest)
+    assert_error(client.get("/v1/tensors?limit=0"), 400, "invalid_request")
