@@ -26,6 +26,8 @@ from paramstore.plan import (
     plan,
 )
 
+from .plan_parts import partition_shares, partitions_for_mb
+
 SAFETENSORS_DTYPES = {
     "F64": "float64",
     "F32": "float32",
@@ -64,6 +66,18 @@ def add_subcommand(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default="none",
         help="none | float16 | bfloat16 | int8 | topk:F (the option the main figures use; all are compared)",
     )
+    parts = p.add_mutually_exclusive_group()
+    parts.add_argument(
+        "--partitions",
+        type=int,
+        help="the model as one tensor cut into K parts, placed as the store places them (per-node traffic from "
+        "the real placement; default: the model spread evenly over the shards)",
+    )
+    parts.add_argument(
+        "--partition-mb", type=float, help="as --partitions, K chosen as the store does for parts of about M MB"
+    )
+    p.add_argument("--name", default="model", help="the partitioned tensor's name (placement hashes it)")
+    p.add_argument("--rows", help="its first dimension, which parts cut (default: the parameter count, 1-D)")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.add_argument(
         "--measure",
@@ -126,6 +140,10 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, list[str]]:
             f"each push to {where.replication - 1} replicas), pull {fmt_rate(m.pull_bytes_per_s)}; "
             f"{nodes} nodes, {where.shards} shards, replication {where.replication}, leaders as placed now"
         )
+    shards = kw.pop("shards", None) or args.shards or nodes
+    replication = kw.pop("replication", None) or args.replication or min(3, nodes)
+    if args.partitions is not None or args.partition_mb is not None:
+        kw.update(partitioned(args, params, args.dtype or file_dtype, nodes, shards, replication, notes))
     job = Job(
         params=params,
         dtype=args.dtype or file_dtype,
@@ -134,12 +152,33 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, list[str]]:
         latency=parse_duration(args.latency, 1e-3),
         step_time=parse_duration(args.step_time, 1.0),
         nodes=nodes,
-        shards=kw.pop("shards", None) or args.shards or nodes,
-        replication=kw.pop("replication", None) or args.replication or min(3, nodes),
+        shards=shards,
+        replication=replication,
         compress=args.compress,
         **kw,
     )
     return job, notes
+
+
+def partitioned(
+    args: argparse.Namespace, params: int, dtype: str, nodes: int, shards: int, replication: int, notes: list[str]
+) -> dict[str, Any]:
+    """lead_shares / host_shares for the model as one partitioned tensor."""
+    rows = parse_count(args.rows) if args.rows is not None else params
+    if not 1 <= rows <= params or params % rows:
+        raise PlanError(f"--rows {rows} must divide the parameter count {params:,}")
+    if min(shards, replication, nodes) < 1 or replication > nodes:
+        raise PlanError(f"{nodes} nodes, {shards} shards, replication {replication} place no tensor")
+    k = args.partitions
+    if k is None:
+        k = partitions_for_mb(rows, params * DTYPE_BYTES.get(dtype, 4), args.partition_mb, shards)
+    lead, host = partition_shares(args.name, rows, k, nodes, shards, replication)
+    used = sorted({i for i, f in enumerate(lead) if f})
+    notes.append(
+        f"{args.name!r} in {k} part(s) of {rows // k:,}-{-(-rows // k):,} rows over {shards} shards: pushes and "
+        f"pulls enter at node(s) {', '.join(str(i) for i in used)} of 0..{nodes - 1} (the bootstrap leaders)"
+    )
+    return {"lead_shares": lead, "host_shares": host}
 
 
 def count_model(path: Path) -> tuple[int, str]:

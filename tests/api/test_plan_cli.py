@@ -103,3 +103,58 @@ def test_placement_from_a_cluster_document() -> None:
     empty = placement({**doc, "shards": [{k: v for k, v in s.items() if k != "bytes"} for s in doc["shards"]]})
     assert empty.lead_shares == pytest.approx((1 / 3, 2 / 3, 0.0))  # by shard count; shard 1 -> its first replica
     assert shard_for(probe_name(doc), 3) in (0, 2)  # a shard n1 hosts: no redirect
+
+
+# Hand-computed placement: shard_for("model", 3) = 1, so part i of "model" sits in
+# shard (1 + i) mod 3; with replication 2 shard k is hosted by nodes k, k+1 (mod 3)
+# and led by node k. 10 rows in 4 parts: 3, 3, 2, 2 rows in shards 1, 2, 0, 1.
+PARTS = ["plan", "--params", "10M", "--rows", "10", "--workers", "4", "--bandwidth", "8", "--latency", "0"]
+PARTS += ["--replicas", "3", "--shards", "3", "--replication", "2", "--json"]
+
+
+def test_partitions_use_the_real_placement(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*PARTS, "--partitions", "4"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["job"]["lead_shares"] == pytest.approx([0.2, 0.5, 0.3])
+    assert doc["job"]["host_shares"] == pytest.approx([0.5, 0.7, 0.8])
+    # 4 workers x 40 MB: node 2 hosts 8/10 of the rows and receives 128 MB, in 0.128 s
+    # at 1 GB/s; node 1 leads 5/10 and serves 80 MB of pulls.
+    assert doc["node_received"] == pytest.approx([80e6, 112e6, 128e6])
+    assert doc["ps"]["push"] == pytest.approx(0.128)
+    assert doc["ps"]["pull"] == pytest.approx(0.080)
+
+
+def test_one_part_is_the_whole_tensor_on_one_shard(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*PARTS, "--partitions", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["job"]["lead_shares"] == [0.0, 1.0, 0.0]
+    assert doc["job"]["host_shares"] == [0.0, 1.0, 1.0]
+    assert doc["ps"]["push"] == pytest.approx(0.160)  # node 1 takes and forwards 4 x 40 MB
+    assert doc["ps"]["pull"] == pytest.approx(0.160)
+
+
+def test_partition_mb_picks_k_as_the_store_does(capsys: pytest.CaptureFixture[str]) -> None:
+    # 40 MB in parts of about 4 MB: 10 parts, at most one per shard: 3 (4, 3, 3 rows in shards 1, 2, 0).
+    assert main([*PARTS, "--partition-mb", "4"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["job"]["lead_shares"] == pytest.approx([0.3, 0.4, 0.3])
+    assert "3 part(s)" in doc["notes"][-1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--partitions", "0"], "partitions must be in 1..rows (10), got 0"),
+        (["--partitions", "11"], "partitions must be in 1..rows (10), got 11"),
+        (["--partitions", "2", "--rows", "7"], "--rows 7 must divide"),
+        (["--partition-mb", "0"], "--partition-mb must be positive"),
+    ],
+)
+def test_bad_partitions_are_a_clear_error(extra: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a for a in PARTS if a != "--json"]
+    if "--rows" in extra:
+        i = argv.index("--rows")
+        del argv[i : i + 2]
+    assert main([*argv, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("paramstore plan: ") and message in captured.err
