@@ -21,6 +21,8 @@ _BACKOFF_CAP = 1.0
 # e.g. for the session's min_version, or for a body that stalled in transit.
 # A retried write carries the same X-Request-Id, so it still applies at most once.
 _RETRY_STATUSES = (408, 503)
+# A replica answers 307 with the URL of one that hosts the tensor's shard.
+_MAX_REDIRECTS = 5
 
 
 class _Retry(Exception):
@@ -54,13 +56,21 @@ class Transport:
             httpx.Client(
                 base_url=u,
                 timeout=timeout,
-                follow_redirects=True,
+                follow_redirects=False,  # followed in _attempt, keeping the token for known replicas
                 headers=auth,
                 verify=verify,
                 limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
             )
             for u in urls
         ]
+
+    def _replica_of(self, url: httpx.URL) -> int | None:
+        """The index of the replica `url` is on (same scheme, host and port), if any."""
+        for j, c in enumerate(self.http):
+            b = c.base_url
+            if (b.scheme, b.host, b.port) == (url.scheme, url.host, url.port):
+                return j
+        return None
 
     def close(self) -> None:
         for c in self.http:
@@ -134,6 +144,20 @@ class Transport:
         try:
             request = http.build_request(method, path, headers=headers, params=params, content=content, timeout=timeout)
             r = http.send(request)
+            for _ in range(_MAX_REDIRECTS):
+                if r.status_code not in (307, 308) or "Location" not in r.headers:
+                    break
+                # httpx would drop Authorization on a redirect to another origin:
+                # one of this client's replicas gets the same request through its
+                # own pool, token included; any other host, without the token.
+                target = r.url.join(r.headers["Location"])
+                j = self._replica_of(target)
+                if j is not None:
+                    http = self.http[j]
+                request = http.build_request(method, target, headers=headers, content=content, timeout=timeout)
+                if j is None:
+                    request.headers.pop("Authorization", None)
+                r = http.send(request)
         except httpx.TransportError as e:  # refused, reset, timed out: outcome may be unknown
             raise _Retry(e) from e
         if r.status_code in ok:
