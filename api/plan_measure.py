@@ -64,7 +64,7 @@ def placement(doc: dict[str, Any]) -> Placement:
 
 def probe_name(doc: dict[str, Any]) -> str:
     """A fresh tensor name whose shard the answering replica hosts: no 307 to
-    another replica (on which httpx would drop the bearer token)."""
+    another replica, whose hop would be timed with the probe."""
     hosted = {s["shard"] for s in doc["shards"] if doc["node"] in s["replicas"]}
     while True:
         name = f"_plan_probe_{uuid.uuid4().hex[:12]}"
