@@ -34,7 +34,7 @@ import numpy as np
 
 from api.plan_measure import measure
 from api.plan_parts import partition_shares
-from paramstore import Client, InvalidError
+from paramstore import Client, InvalidError, ParamStoreError
 from paramstore.plan import Job, effective_push_bandwidth, gbit, ps_timing
 from store.placement import shard_for
 
@@ -136,7 +136,11 @@ def run_topology(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
         large = []
         for label, kw in LARGE_LAYOUTS if args.large_mb else []:
             log(f"{nodes} nodes: large tensor, {label}")
-            large.append(run_large(net, c, args.large_mb, label, kw, replicas, link, hosts))
+            try:
+                large.append(run_large(net, c, args.large_mb, label, kw, replicas, link, hosts))
+            except ParamStoreError as e:  # one layout's failure is a row of the table, not the end of the run
+                log(f"{nodes} nodes: {label} failed: {e}")
+                large.append({"layout": label, "error": str(e)[:300]})
     return {
         "nodes": nodes,
         "shards": shards,
@@ -384,6 +388,9 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ]
     for r in runs:
         for g in r["large"]:
+            if "error" in g:
+                lines.append(f"| {r['nodes']} nodes, {r['shards']} shards | {g['layout']} | failed: {g['error']} |")
+                continue
             mb = g["bytes"] / 1e6
             placed, boot = g["predicted"]["placed"], g["predicted"]["bootstrap"]
             lim_push, lim_pull = mb / placed["push_s"], mb / placed["pull_s"]
