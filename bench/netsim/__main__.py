@@ -34,7 +34,7 @@ import numpy as np
 
 from api.plan_measure import measure
 from api.plan_parts import partition_shares
-from paramstore import Client, InvalidError, ParamStoreError
+from paramstore import Client, ParamStoreError
 from paramstore.plan import Job, effective_push_bandwidth, gbit, ps_timing
 from store.placement import shard_for
 
@@ -276,14 +276,7 @@ def run_large(
     k = int(create_kw.get("partitions", 1))
 
     def go(client: Client) -> tuple[float, float]:
-        try:
-            client.create(name, value, optimizer={"type": "sgd", "lr": 1e-3}, **create_kw)
-        except InvalidError:
-            # Seen at load ~35: the SDK's retry of a partitioned create whose first
-            # try applied is refused (X-Partitions on an existing partitioned tensor).
-            if not any(t["name"] == name for t in client.list()):
-                raise
-            log(f"{name}: the create's retry was refused, the first try had applied")
+        client.create(name, value, optimizer={"type": "sgd", "lr": 1e-3}, **create_kw)
         pushes, pulls = [], []
         for _ in range(2):
             t0 = time.perf_counter()
