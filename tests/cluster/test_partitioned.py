@@ -53,7 +53,7 @@ def lead(c: Cluster, shard: int, nid: str) -> None:
         if leader == nid:
             return True
         source = str(c.cfg.node_by_id(leader).raft_address(shard))
-        TcpUtility(None, timeout=2.0).executeCommand(source, ["transfer", target])
+        TcpUtility(c.cfg.raft.password, timeout=2.0).executeCommand(source, ["transfer", target])
         return False
 
     wait_until(moved, 30, f"{nid} leads shard {shard}", interval=0.5)
