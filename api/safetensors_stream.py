@@ -4,13 +4,12 @@ a file larger than memory is never built whole (table dumps, checkpoints)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from paramstore._wire import safetensors_head
 from store.buffers import byte_view
 from store.errors import CorruptData
 
@@ -33,14 +32,7 @@ class Entry:
 def header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
     """The 8-byte length and the JSON header (padded to 8 bytes) of a file
     holding `entries` in this order."""
-    doc: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for e in entries:
-        doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    head = json.dumps(doc, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return len(head).to_bytes(8, "little") + head
+    return safetensors_head(((e.name, e.dtype, e.shape, e.nbytes) for e in entries), metadata)
 
 
 def stream(entries: list[Entry], metadata: dict[str, str]) -> Iterator[bytes | memoryview]:

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from paramstore._wire import safetensors_head
 from store.errors import InvalidRequest, Unprocessable, echo
 from store.tables import rowdtype
 from store.tables.ids import ids_from_json
@@ -186,16 +187,7 @@ def encode_rows(kind: str, rows: np.ndarray, dtype: str, metadata: dict[str, str
 
 
 def safetensors_bytes(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
-    """A safetensors file: u64 header length, JSON header (padded to 8 bytes),
-    the tensors' bytes. Written here because numpy has no bfloat16 for the
-    library's numpy front end."""
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, (st_dtype, arr) in tensors.items():
-        header[name] = {"dtype": st_dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return b"".join(
-        [len(head).to_bytes(8, "little"), head] + [np.ascontiguousarray(arr).tobytes() for _, arr in tensors.values()]
-    )
+    """A safetensors file of (dtype code, array) entries, written here because
+    numpy has no bfloat16 for the library's numpy front end."""
+    head = safetensors_head(((name, code, arr.shape, arr.nbytes) for name, (code, arr) in tensors.items()), metadata)
+    return b"".join([head, *(np.ascontiguousarray(arr).tobytes() for _, arr in tensors.values())])

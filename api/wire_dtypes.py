@@ -9,7 +9,6 @@ The codecs themselves are paramstore/_codecs.py, shared with the SDK.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import anyio
@@ -17,6 +16,7 @@ import numpy as np
 from starlette.responses import Response
 
 from paramstore._codecs import WIRE_DTYPES, narrow, quantize_int8, rows_of
+from paramstore._wire import safetensors_head
 from store import dtypes
 from store.errors import Unprocessable
 
@@ -66,14 +66,8 @@ async def off_loop(nbytes: int, fn: Any, *args: Any) -> Any:
 def safetensors_parts(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None) -> list[Any]:
     """A safetensors file as its header followed by the arrays' own buffers
     (no copy): u64 header length, JSON header padded to 8 bytes, the data."""
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for key, (code, arr) in tensors.items():
-        header[key] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return [len(head).to_bytes(8, "little") + head, *(wire.raw_view(a) for _, a in tensors.values())]
+    head = safetensors_head(((key, code, arr.shape, arr.nbytes) for key, (code, arr) in tensors.items()), metadata)
+    return [head, *(wire.raw_view(a) for _, a in tensors.values())]
 
 
 def narrowed(key: str, values: np.ndarray, wire_dtype: str) -> dict[str, tuple[str, np.ndarray]]:

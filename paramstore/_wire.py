@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -69,21 +70,27 @@ def safetensors_body(arrays: dict[str, np.ndarray]) -> bytes:
     return safetensors_file(entries)
 
 
-def safetensors_file(entries: dict[str, tuple[str, np.ndarray]]) -> bytes:
-    """A safetensors file of (dtype code, array) entries (BF16 as uint16 bits):
-    the format's documented framing, u64 header length, JSON header padded to
-    8 bytes, the data."""
-    header: dict[str, Any] = {}
-    parts = []
+def safetensors_head(
+    entries: Iterable[tuple[str, str, Sequence[int], int]], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The framing of a safetensors file whose tensors (name, dtype code,
+    shape, byte count) follow in this order: u64 header length, then the JSON
+    header padded to 8 bytes. The one writer of it, for the SDK and the server."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    for name, (code, value) in entries.items():
-        arr = le_contiguous(value)
-        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        parts.append(arr.tobytes())
-        offset += arr.nbytes
+    for name, code, shape, nbytes in entries:
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    return b"".join([len(head).to_bytes(8, "little"), head, *parts])
+    return len(head).to_bytes(8, "little") + head
+
+
+def safetensors_file(entries: dict[str, tuple[str, np.ndarray]]) -> bytes:
+    """A safetensors file of (dtype code, array) entries (BF16 as uint16 bits)."""
+    arrays = {name: (code, le_contiguous(value)) for name, (code, value) in entries.items()}
+    head = safetensors_head((name, code, arr.shape, arr.nbytes) for name, (code, arr) in arrays.items())
+    return b"".join([head, *(arr.tobytes() for _, arr in arrays.values())])
 
 
 def safetensors_entries(body: bytes) -> dict[str, tuple[str, np.ndarray]]:
