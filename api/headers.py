@@ -4,6 +4,7 @@ InvalidRequest (400) or Unprocessable (422), never a 500."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal, overload
 
 from store.errors import InvalidRequest, Unprocessable, echo
@@ -15,6 +16,11 @@ from . import json_input
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,255}$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+# Set by a replica writing one part of a partitioned tensor on a replica that
+# hosts the part's shard (api/part_forward.py): the part's name and request id
+# (`<rid>#p<i>`, as the entry replica's own part commands carry) are accepted.
+FORWARDED_PART = "X-Forwarded-Part"
+PART_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}#p[0-9]{1,6}$")
 # ASCII digits only (str.isdigit takes '²', which int() refuses), one optional
 # sign (int() refuses '--1'); values past int64 are refused, not stored.
 INTEGER_RE = re.compile(r"-?[0-9]{1,19}")
@@ -97,6 +103,18 @@ def optimizer(value: str | None) -> dict[str, Any] | None:
     spec = normalize_spec(json_input.loads(value, "X-Optimizer"))
     refuse_degenerate(spec)
     return spec
+
+
+def forwarded_part(hd: Mapping[str, str]) -> bool:
+    return hd.get(FORWARDED_PART.lower()) is not None
+
+
+def request_id_of(hd: Mapping[str, str]) -> str | None:
+    """X-Request-Id; a forwarded part's may end in `#p<i>`."""
+    value = hd.get("x-request-id")
+    if value is not None and forwarded_part(hd) and PART_REQUEST_ID_RE.match(value):
+        return value
+    return request_id(value)
 
 
 def request_id(value: str | None) -> str | None:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -19,7 +20,7 @@ from store.errors import NotFound, StoreError, Unavailable
 from store.interface import StoreAPI
 from store.partitions import Layout
 
-from . import wire, wire_dtypes
+from . import part_forward, wire, wire_dtypes
 from .bridge import wait, wait_within
 from .errors import WaitExpired
 from .partitioned import answer_headers, version_vector
@@ -40,13 +41,18 @@ async def pull(
     digest: bool,
     head_only: bool,
     wire_dtype: str | None = None,
+    auth: str | None = None,
 ) -> Response:
     """The whole tensor, its parts read in order; `min_version` and
-    `consistency=linearizable` apply to every part."""
+    `consistency=linearizable` apply to every part. A part whose shard is not
+    hosted here is read from a replica that hosts it with the caller's `auth`
+    (api/part_forward.py); `wait_version_gt` waits on the parts hosted here."""
     limits = store.cfg.limits
-    parts = lay.parts()
+    part_shards = lay.part_shards(store.cfg.shards)
+    here = [part_forward.is_local(store, s) for s in part_shards]
+    parts = [p for p, local in zip(lay.parts(), here, strict=True) if local]  # the others are read with their answer
     if linearizable:
-        shards = sorted(set(lay.part_shards(store.cfg.shards)))
+        shards = sorted({s for s, local in zip(part_shards, here, strict=True) if local})
         await asyncio.gather(
             *(
                 wait_within(store.barrier(s), max(deadline, limits.request_timeout), False, "linearizable read barrier")
@@ -59,10 +65,11 @@ async def pull(
             f"this replica has not applied version {min_version} of every part of {lay.name!r} within "
             f"{deadline:g}s; retry or read from another replica"
         )
+    read = Remote(auth, linearizable, min_version, deadline)
     if wait_version_gt is not None and not await _wait_all(store, parts, wait_version_gt + 1, deadline):
-        records = _records(store, lay)
+        records = await _records(store, lay, read)
         return Response(status_code=304, headers=answer_headers(store, lay, [t.version for t in records]))
-    records = _records(store, lay)
+    records = await _records(store, lay, read)
     versions = [t.version for t in records]
     hdrs = answer_headers(store, lay, versions)
     inm = if_none_match
@@ -105,18 +112,42 @@ def _sha256(values: list[np.ndarray]) -> str:
     return hasher.hexdigest()
 
 
-def _records(store: StoreAPI, lay: Layout) -> list[Any]:
-    out = []
-    for i, p in enumerate(lay.parts()):
+@dataclass(frozen=True)
+class Remote:
+    """How the parts hosted elsewhere are read: the caller's auth and consistency."""
+
+    auth: str | None
+    linearizable: bool
+    min_version: int | None
+    deadline: float
+
+
+async def _records(store: StoreAPI, lay: Layout, remote: Remote) -> list[Any]:
+    shards = lay.part_shards(store.cfg.shards)
+
+    async def one(i: int, p: str) -> Any:
+        if not part_forward.is_local(store, shards[i]):
+            return await part_forward.read(
+                store,
+                shards[i],
+                p,
+                lay.dtype,
+                lay.part_shape(i),
+                remote.auth,
+                linearizable=remote.linearizable,
+                min_version=remote.min_version,
+                deadline=remote.deadline,
+            )
         try:
-            out.append(store.get(p)[0])
+            return store.get(p)[0]
         except NotFound:
             raise Unavailable(
                 f"part {i} of {lay.name!r} is not on this replica (not applied here yet, or its creation "
                 "failed: retry the create with the same X-Request-Id, or delete the tensor)",
                 part=i,
             ) from None
-    return out
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(lay.parts()))))
 
 
 async def _wait_all(store: StoreAPI, parts: list[str], version: int, deadline: float) -> bool:

@@ -26,7 +26,16 @@ from starlette.responses import Response
 
 from store import dtypes
 from store.commands import Delete, Grad, LayoutCreate, Put
-from store.errors import InvalidRequest, NotFound, PreconditionFailed, StoreError, Unavailable, Unprocessable, echo
+from store.errors import (
+    InvalidRequest,
+    NotFound,
+    NotHosted,
+    PreconditionFailed,
+    StoreError,
+    Unavailable,
+    Unprocessable,
+    echo,
+)
 from store.interface import StoreAPI
 from store.partitions import (
     Layout,
@@ -38,7 +47,7 @@ from store.partitions import (
 from store.placement import shard_for
 
 from . import headers as h
-from . import wire
+from . import part_forward, wire
 from .bridge import wait
 
 FINITE_IN_THREAD_BYTES = 1 << 20
@@ -124,14 +133,20 @@ def _rid(rid: str | None) -> str:
     return rid if rid is not None else uuid.uuid4().hex
 
 
-async def fan_out(store: StoreAPI, lay: Layout, cmds: list[Any], what: str) -> list[dict[str, Any]]:
-    """Propose one command per part concurrently and wait for all. All
-    applied: their results in part order. Otherwise the first failure, with
-    `failed` (part, shard, error) and `applied` (part, shard, version)."""
+async def fan_out(
+    store: StoreAPI, lay: Layout, cmds: list[Any], what: str, auth: str | None = None
+) -> list[dict[str, Any]]:
+    """Propose one command per part concurrently and wait for all; a part
+    whose shard is not hosted here goes to a replica that hosts it, with the
+    caller's `auth` (api/part_forward.py). All applied: their results in part
+    order. Otherwise the first failure, with `failed` (part, shard, error) and
+    `applied` (part, shard, version)."""
     shards = lay.part_shards(store.cfg.shards)
     timeout = store.cfg.limits.request_timeout
 
     async def one(i: int, cmd: Any) -> dict[str, Any]:
+        if not part_forward.is_local(store, shards[i]):
+            return await part_forward.write(store, shards[i], cmd, auth, f"{what} of part {i} of {lay.name!r}")
         fut: Future[Any] = store.write(cmd)
         result: dict[str, Any] = await wait(fut, timeout, f"{what} of part {i} of {lay.name!r} (shard {shards[i]})")
         return result
@@ -169,10 +184,13 @@ def _array(t: wire.WireTensor) -> np.ndarray:
     return np.frombuffer(t.data, dtype=dtypes.dtype_of(t.dtype)).reshape(t.shape)
 
 
-async def create(store: StoreAPI, name: str, t: wire.WireTensor, k: int, options: dict[str, Any]) -> Response:
+async def create(
+    store: StoreAPI, name: str, t: wire.WireTensor, k: int, options: dict[str, Any], auth: str | None = None
+) -> Response:
     """Claim the name with the layout record (home shard), then create every
     part. A failure after the layout leaves the tensor with missing parts:
-    reads of it answer 503 until a retry (same X-Request-Id) or a DELETE."""
+    reads of it answer 503 until a retry (same X-Request-Id, which finds the
+    layout's and each applied part's recorded outcome) or a DELETE."""
     rid = _rid(options.pop("rid", None))
     counts = row_counts(t.shape[0], k)
     lay = Layout(name, t.dtype, tuple(t.shape), counts)
@@ -202,7 +220,7 @@ async def create(store: StoreAPI, name: str, t: wire.WireTensor, k: int, options
         )
         for i, p in enumerate(lay.parts())
     ]
-    results = await fan_out(store, lay, cmds, "create")
+    results = await fan_out(store, lay, cmds, "create", auth)
     return written(store, lay, [r["version"] for r in results], 201, created=True)
 
 
@@ -229,7 +247,7 @@ async def replace(
         )
         for i, p in enumerate(lay.parts())
     ]
-    results = await fan_out(store, lay, cmds, "replace")
+    results = await fan_out(store, lay, cmds, "replace", hd.get("authorization"))
     return written(store, lay, [r["version"] for r in results])
 
 
@@ -262,7 +280,7 @@ async def push(store: StoreAPI, lay: Layout, hd: Mapping[str, str], t: wire.Wire
         )
         for i, p in enumerate(lay.parts())
     ]
-    results = await fan_out(store, lay, cmds, "push")
+    results = await fan_out(store, lay, cmds, "push", hd.get("authorization"))
     versions = [r["version"] for r in results]
     out = {
         "name": lay.name,
@@ -286,7 +304,7 @@ async def delete(store: StoreAPI, lay: Layout, hd: Mapping[str, str]) -> Respons
         for i, p in enumerate(lay.parts())
     ]
     try:
-        results = await fan_out(store, lay, cmds, "delete")
+        results = await fan_out(store, lay, cmds, "delete", hd.get("authorization"))
         versions = [r["version"] for r in results]
     except NotFound as e:  # parts a failed create never made, or an earlier delete removed
         failed: list[dict[str, Any]] = list(e.extra.get("failed", []))  # type: ignore[call-overload]
@@ -307,18 +325,25 @@ def _same_shape(lay: Layout, t: wire.WireTensor, what: str) -> None:
 
 
 def _allows_nonfinite(store: StoreAPI, lay: Layout) -> bool:
-    try:
-        part, _ = store.peek(lay.parts()[0])
-    except StoreError:
-        return False
-    return part.allow_nonfinite
+    for p in lay.parts():  # every part has the same settings: the first one hosted here
+        try:
+            part, _ = store.peek(p)
+        except NotHosted:
+            continue
+        except StoreError:
+            return False
+        return part.allow_nonfinite
+    return False
 
 
 def _precheck(store: StoreAPI, lay: Layout, if_match: list[int]) -> None:
-    """If-Match against this replica's view of every part, before anything is
-    proposed; each part's command checks its own version again when applied."""
+    """If-Match against this replica's view of every part hosted here, before
+    anything is proposed; each part's command checks its own version again
+    when applied (the only check of a part hosted elsewhere)."""
     current = local_versions(store, lay)
-    if current != if_match:
+    shards = lay.part_shards(store.cfg.shards)
+    here = [i for i, s in enumerate(shards) if part_forward.is_local(store, s)]
+    if [current[i] for i in here] != [if_match[i] for i in here]:
         raise PreconditionFailed(
             f"tensor {lay.name!r} is at versions {current}, If-Match asked for {if_match}",
             current_version=min(v for v in current) if current else None,
@@ -327,10 +352,12 @@ def _precheck(store: StoreAPI, lay: Layout, if_match: list[int]) -> None:
 
 
 def local_versions(store: StoreAPI, lay: Layout) -> list[int]:
+    """Each part's version as seen here; 0 for a part that is absent or whose
+    shard is not hosted here."""
     out = []
     for p in lay.parts():
         try:
             out.append(store.peek(p)[0].version)
-        except NotFound:
+        except (NotFound, NotHosted):
             out.append(0)
     return out

@@ -16,6 +16,7 @@ from store import dtypes
 from store.commands import Delete, Grad, GradRows, Put
 from store.errors import InvalidRequest, NotFound, PreconditionFailed, Unavailable, Unprocessable, echo
 from store.interface import StoreAPI
+from store.partitions import Layout
 
 from . import grad_widen, partition_reads, partitioned, wire
 from . import headers as h
@@ -95,8 +96,11 @@ TensorName = Path(json_schema_extra={"pattern": oa.NAME_PATTERN}, description="1
 async def put_tensor(request: Request, name: str = TensorName) -> Response:
     """Create or replace a tensor (201 on create, 200 on replace)."""
     store = _store(request)
-    h.tensor_name(name)
     hd = request.headers
+    if h.forwarded_part(hd):  # one part of a partitioned tensor's create or replace (api/part_forward.py)
+        h.tensor_or_part_name(name)
+    else:
+        h.tensor_name(name)
     inm = hd.get("if-none-match")
     if inm is not None and inm.strip() != "*":
         raise InvalidRequest("If-None-Match on PUT only takes '*' (create only)")
@@ -107,7 +111,7 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
     staleness_policy = h.staleness_policy(hd.get("x-staleness-policy"))
     max_staleness = h.integer(hd.get("x-max-staleness"), "X-Max-Staleness")
     sync = h.sync(hd.get("x-sync"))
-    rid = h.request_id(hd.get("x-request-id"))
+    rid = h.request_id_of(hd)
     t = await _decode(request, store)
     options = {
         "optimizer": optimizer,
@@ -121,6 +125,8 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
         if sync is not None:
             raise Unprocessable(f"tensor {name!r} is partitioned; synchronous rounds (X-Sync) take whole tensors")
         if hd.get("x-partitions") is not None:
+            if rid is not None and _same_create(store, lay, hd, t):  # a retried create: each step finds its outcome
+                return await partitioned.create(store, name, t, lay.k, options, hd.get("authorization"))
             raise Unprocessable(
                 f"tensor {name!r} is partitioned in {lay.k} parts; repartition it through a checkpoint and reload"
             )
@@ -141,7 +147,7 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
                     f"tensor {name!r} is whole; partition it through a checkpoint and reload (docs/api.md)"
                 )
         elif k > 1 and if_match is None:
-            return await partitioned.create(store, name, t, k, options)
+            return await partitioned.create(store, name, t, k, options, hd.get("authorization"))
     cmd = Put(
         name=name,
         dtype=t.dtype,
@@ -158,6 +164,12 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
     )
     result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "write")
     return _written(result, 201 if result.get("created") else 200)
+
+
+def _same_create(store: StoreAPI, lay: Layout, hd: Mapping[str, str], t: wire.WireTensor) -> bool:
+    """The PUT asks for the layout the tensor already has (same K, dtype, shape)."""
+    k = partitioned.partitions_of(store, hd, t)
+    return (k, t.dtype, tuple(t.shape)) == (lay.k, lay.dtype, lay.shape)
 
 
 def _exists(store: StoreAPI, name: str) -> bool:
@@ -204,7 +216,7 @@ async def apply_grad(store: StoreAPI, name: str, hd: Mapping[str, str], read_bod
         local = None
     base_version = h.integer(hd.get("x-base-version"), "X-Base-Version")
     if_match = h.version_tag(hd.get("if-match"), "If-Match")
-    rid = h.request_id(hd.get("x-request-id"))
+    rid = h.request_id_of(hd)
     if local is not None:
         default: Default = (local.dtype, local.shape)
     else:
@@ -305,14 +317,17 @@ async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
 )
 async def delete_tensor(request: Request, name: str = TensorName) -> Response:
     store = _store(request)
-    h.tensor_name(name)
+    if h.forwarded_part(request.headers):  # one part of a partitioned tensor's delete (api/part_forward.py)
+        h.tensor_or_part_name(name)
+    else:
+        h.tensor_name(name)
     lay = store.layout(name)
     if lay is not None:
         return await partitioned.delete(store, lay, request.headers)
     cmd = Delete(
         name=name,
         if_match=h.version_tag(request.headers.get("if-match"), "If-Match"),
-        rid=h.request_id(request.headers.get("x-request-id")),
+        rid=h.request_id_of(request.headers),
     )
     result = await wait(store.write(cmd), store.cfg.limits.request_timeout, "delete")
     return _written(result)
@@ -387,6 +402,7 @@ async def get_tensor(
             digest=digest,
             head_only=request.method == "HEAD",
             wire_dtype=wire_dtype,
+            auth=request.headers.get("authorization"),
         )
     inm = h.version_tags(request.headers.get("if-none-match"), "If-None-Match")
     shard = store.shard_of(name)

@@ -34,13 +34,15 @@ class Cluster:
         base_port: int = 7000,
         env: dict[str, str] | None = None,
         spare_hosts: list[str] | None = None,
+        replication: int | None = None,
     ) -> None:
         """`hosts`: one loopback address per node (all share ports from
         `base_port` then); `launcher`: a command prefix (e.g. `ip netns exec
         NS`); `http`: an httpx.Client-like object that can reach the nodes;
         `env`: extra environment for the replica processes; `spare_hosts`:
         addresses of extra nodes (n4, ...) outside the bootstrap membership,
-        started with `start_joining`."""
+        started with `start_joining`; `replication`: replicas per shard
+        (default: every node)."""
         self.tmp = tmp
         self.launcher = launcher or []
         self.env = env or {}
@@ -70,7 +72,7 @@ class Cluster:
                     }
                 )
         raw: dict[str, Any] = {
-            "cluster": {"shards": shards, "replication": len(nodes)},
+            "cluster": {"shards": shards, "replication": replication or len(nodes)},
             "nodes": nodes,
             "auth": {"insecure_no_auth": True},
             "raft": {"password": secrets.token_hex(16), **(raft or {})},  # one secret per cluster

@@ -1,0 +1,156 @@
+"""Parts of a partitioned tensor whose shard this replica does not host (the
+replication is below the node count): their writes and reads go over HTTP to
+a replica that hosts the shard, as the part `<name>#p<i>` with the caller's
+Authorization and the part's request id `<rid>#p<i>`, so a retry through any
+replica finds each part's recorded outcome in its shard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+
+from store import dtypes
+from store.commands import Delete, Grad, Put
+from store.errors import StoreError, Unavailable
+from store.interface import StoreAPI
+
+from . import headers as h
+from . import wire
+
+
+@dataclass(frozen=True)
+class RemotePart:
+    """A part read from another replica: what partition_reads needs of a record."""
+
+    version: int
+    value: np.ndarray
+
+
+def is_local(store: StoreAPI, shard: int) -> bool:
+    return shard in store.hosted_shards()
+
+
+def _path(name: str) -> str:
+    return "/v1/tensors/" + quote(name, safe="")  # '#' escaped: it is part of the name
+
+
+def _urls(store: StoreAPI, shard: int) -> list[str]:
+    me = store.node.id
+    return [n.url for n in store.hosts_of(shard) if n.id != me]
+
+
+def _error(r: httpx.Response, what: str) -> StoreError:
+    try:
+        doc = r.json()
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and "error" in doc:
+        body = {k: v for k, v in doc.items() if k not in ("status", "path", "request_id")}
+        err = StoreError.from_dict(body)
+        if err.code != StoreError.code:
+            return err
+    return Unavailable(f"{what}: the replica hosting it answered HTTP {r.status_code}")
+
+
+async def _request(
+    store: StoreAPI, shard: int, method: str, name: str, what: str, suffix: str = "", **kw: Any
+) -> httpx.Response:
+    """The first of the shard's hosts that answers (a 307 is followed: it
+    names the replica that holds the data); a host that cannot be reached is
+    skipped. A 4xx/5xx answer is raised as the peer's own error."""
+    timeout = store.cfg.limits.request_timeout
+    verify: Any = store.cfg.tls.client_ca_file or True
+    last = f"{what}: no replica hosting shard {shard} could be reached"
+    async with httpx.AsyncClient(timeout=timeout + 5.0, verify=verify, follow_redirects=True) as client:
+        for url in _urls(store, shard):
+            try:
+                r = await client.request(method, url + _path(name) + suffix, **kw)
+            except httpx.TransportError as e:
+                last = f"{what}: {url} could not be reached ({type(e).__name__})"
+                continue
+            if r.status_code >= 400:
+                raise _error(r, what)
+            return r
+    raise Unavailable(last)
+
+
+def _auth(auth: str | None) -> dict[str, str]:
+    return {"Authorization": auth} if auth else {}
+
+
+def _tensor_headers(dtype: str, shape: tuple[int, ...]) -> dict[str, str]:
+    return {"Content-Type": wire.OCTET, "X-Dtype": dtype, "X-Shape": ",".join(str(d) for d in shape)}
+
+
+async def write(store: StoreAPI, shard: int, cmd: Any, auth: str | None, what: str) -> dict[str, Any]:
+    """One part's Put, Grad or Delete on a replica hosting its shard; the
+    answer's body (version, duplicate) as a local write's result."""
+    hd = {"Accept": "application/json", h.FORWARDED_PART: "1", **_auth(auth)}
+    if cmd.rid is not None:
+        hd["X-Request-Id"] = cmd.rid
+    if isinstance(cmd, Put):
+        if cmd.state_arrays is not None or cmd.sync is not None:
+            raise Unavailable(f"{what}: shard {shard} is not hosted here; send it to a replica that hosts it")
+        hd.update(_tensor_headers(cmd.dtype, cmd.shape), **{"X-Partitions": "1"})
+        if cmd.if_none_match:
+            hd["If-None-Match"] = "*"
+        if cmd.if_match is not None:
+            hd["If-Match"] = "*" if cmd.if_match == "*" else f'"{cmd.if_match}"'
+        if cmd.optimizer is not None:
+            hd["X-Optimizer"] = json.dumps(cmd.optimizer, separators=(",", ":"))
+        if cmd.allow_nonfinite is not None:
+            hd["X-Allow-Nonfinite"] = "true" if cmd.allow_nonfinite else "false"
+        if cmd.staleness_policy is not None:
+            hd["X-Staleness-Policy"] = cmd.staleness_policy
+        if cmd.max_staleness is not None:
+            hd["X-Max-Staleness"] = str(cmd.max_staleness)
+        r = await _request(store, shard, "PUT", cmd.name, what, headers=hd, content=bytes(cmd.data))  # type: ignore[arg-type]
+    elif isinstance(cmd, Grad):
+        hd.update(_tensor_headers(cmd.dtype, cmd.shape))
+        if cmd.base_version is not None:
+            hd["X-Base-Version"] = str(cmd.base_version)
+        if cmd.if_match is not None:
+            hd["If-Match"] = f'"{cmd.if_match}"'
+        r = await _request(store, shard, "POST", cmd.name, what, "/grad", headers=hd, content=bytes(cmd.data))  # type: ignore[arg-type]
+    elif isinstance(cmd, Delete):
+        if cmd.if_match is not None:
+            hd["If-Match"] = f'"{cmd.if_match}"'
+        r = await _request(store, shard, "DELETE", cmd.name, what, headers=hd)
+    else:
+        raise Unavailable(f"{what}: shard {shard} is not hosted here; send it to a replica that hosts it")
+    result: dict[str, Any] = r.json()
+    return result
+
+
+async def read(
+    store: StoreAPI,
+    shard: int,
+    part: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    auth: str | None,
+    *,
+    linearizable: bool,
+    min_version: int | None,
+    deadline: float,
+) -> RemotePart:
+    """One part's value and version from a replica hosting its shard, read
+    with the same consistency the caller asked of the whole tensor."""
+    params: dict[str, str] = {}
+    if linearizable:
+        params["consistency"] = "linearizable"
+    if min_version is not None:
+        params["min_version"] = str(min_version)
+        params["timeout"] = f"{deadline:g}"
+    hd = {"Accept": wire.OCTET, **_auth(auth)}
+    r = await _request(store, shard, "GET", part, f"read of part {part!r}", headers=hd, params=params)
+    want = dtypes.expected_nbytes(dtype, shape)
+    if len(r.content) != want:
+        raise Unavailable(f"read of part {part!r}: the replica hosting it sent {len(r.content)} bytes, not {want}")
+    value = np.frombuffer(r.content, dtype=dtypes.dtype_of(dtype)).reshape(shape)
+    return RemotePart(int(r.headers["x-version"]), value)

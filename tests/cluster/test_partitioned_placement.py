@@ -1,0 +1,73 @@
+"""A partitioned tensor on 4 nodes with replication 2 (issue 16): no replica
+hosts every part, so the entry replica forwards the parts it does not host to
+a replica that does; a retried create (same X-Request-Id, same layout) is
+idempotent."""
+
+import json
+
+import numpy as np
+import pytest
+
+from store.partitions import part_name, shard_of
+from store.placement import hosts_for
+from tests.cluster.harness import Cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
+
+NAME, SHAPE, K, SHARDS = "wide", (1001, 8), 4, 4
+LR = 0.5
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("partitioned-r2"), replicas=4, shards=SHARDS, replication=2)
+    c.start()
+    try:
+        c.wait_ready(timeout=60)
+        yield c
+    finally:
+        c.close()
+
+
+def hosts(c: Cluster, shard: int) -> set[str]:
+    return {n.id for n in hosts_for(shard, list(c.cfg.nodes), 2)}
+
+
+def test_create_push_pull_through_a_replica_missing_parts_and_retried_create(cluster):
+    c = cluster
+    part_shards = [shard_of(part_name(NAME, i), SHARDS) for i in range(K)]
+    entry = sorted(hosts(c, shard_of(NAME, SHARDS)))[0]  # hosts the layout, not every part
+    assert any(entry not in hosts(c, s) for s in part_shards)
+    init = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    opts = {"X-Partitions": str(K), "X-Optimizer": json.dumps({"type": "sgd", "lr": LR}), "X-Request-Id": "mk-1"}
+
+    r = c.put(entry, NAME, init, opts)
+    assert r.status_code == 201, r.text
+    assert r.json()["versions"] == [1] * K
+    again = c.put(entry, NAME, init, opts)  # the SDK's retry after a lost answer
+    assert again.status_code in (200, 201), again.text
+    assert again.json()["versions"] == [1] * K
+    other = c.put(entry, NAME, init, {**opts, "X-Partitions": "2"})  # another layout is still refused
+    assert other.status_code == 422, other.text
+
+    grad = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
+    r = c.grad(entry, NAME, grad, {"X-Request-Id": "push-1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["versions"] == [2] * K
+    r = c.grad(entry, NAME, grad, {"X-Request-Id": "push-1"})  # a retried push applies each part once
+    assert r.status_code == 200 and r.json()["versions"] == [2] * K, r.text
+
+    expected = init - np.float32(LR) * grad
+    for nid in sorted(hosts(c, shard_of(NAME, SHARDS))):  # every replica of the home shard serves it whole
+        value, version = c.get(nid, NAME, min_version=2)
+        assert version == 2
+        assert value.tobytes() == expected.tobytes()
+    value, version = c.get(entry, NAME, consistency="linearizable")
+    assert version == 2 and value.tobytes() == expected.tobytes()
+
+    r = c.http.delete(f"{c.urls[entry]}/v1/tensors/{NAME}")
+    assert r.status_code == 200, r.text
+    for i, s in enumerate(part_shards):  # every part is gone, wherever it was hosted
+        nid = sorted(hosts(c, s))[0]
+        got = c.http.get(f"{c.urls[nid]}/v1/tensors/{part_name(NAME, i).replace('#', '%23')}")
+        assert got.status_code == 404, (i, got.status_code, got.text)
