@@ -94,7 +94,7 @@ async def write(store: StoreAPI, shard: int, cmd: Any, auth: str | None, what: s
     if cmd.rid is not None:
         hd["X-Request-Id"] = cmd.rid
     if isinstance(cmd, Put):
-        if cmd.state_arrays is not None or cmd.sync is not None:
+        if cmd.state_arrays is not None or cmd.state_scalars is not None or cmd.sync is not None:  # no HTTP form
             raise Unavailable(f"{what}: shard {shard} is not hosted here; send it to a replica that hosts it")
         hd.update(_tensor_headers(cmd.dtype, cmd.shape), **{"X-Partitions": "1"})
         if cmd.if_none_match:
