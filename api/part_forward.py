@@ -7,6 +7,7 @@ replica finds each part's recorded outcome in its shard."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -58,7 +59,14 @@ def _error(r: httpx.Response, what: str) -> StoreError:
 
 
 async def _request(
-    store: StoreAPI, shard: int, method: str, name: str, what: str, suffix: str = "", **kw: Any
+    store: StoreAPI,
+    shard: int,
+    method: str,
+    name: str,
+    what: str,
+    suffix: str = "",
+    body: Body | None = None,
+    **kw: Any,
 ) -> httpx.Response:
     """The first of the shard's hosts that answers (a 307 is followed: it
     names the replica that holds the data); a host that cannot be reached is
@@ -69,7 +77,8 @@ async def _request(
     async with httpx.AsyncClient(timeout=timeout + 5.0, verify=verify, follow_redirects=True) as client:
         for url in _urls(store, shard):
             try:
-                r = await client.request(method, url + _path(name) + suffix, **kw)
+                content = None if body is None else body()
+                r = await client.request(method, url + _path(name) + suffix, content=content, **kw)
             except httpx.TransportError as e:
                 last = f"{what}: {url} could not be reached ({type(e).__name__})"
                 continue
@@ -77,6 +86,21 @@ async def _request(
                 raise _error(r, what)
             return r
     raise Unavailable(last)
+
+
+Body = Callable[[], AsyncIterator[bytes]]
+
+
+def _body(data: Any) -> tuple[Body, dict[str, str]]:
+    """A part's payload sent in chunks (never one copy of a large part on the
+    event loop), afresh for each host tried."""
+    view = memoryview(data).cast("B")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(view), wire.STREAM_CHUNK):
+            yield bytes(view[i : i + wire.STREAM_CHUNK])
+
+    return chunks, {"Content-Length": str(len(view))}
 
 
 def _auth(auth: str | None) -> dict[str, str]:
@@ -109,14 +133,16 @@ async def write(store: StoreAPI, shard: int, cmd: Any, auth: str | None, what: s
             hd["X-Staleness-Policy"] = cmd.staleness_policy
         if cmd.max_staleness is not None:
             hd["X-Max-Staleness"] = str(cmd.max_staleness)
-        r = await _request(store, shard, "PUT", cmd.name, what, headers=hd, content=bytes(cmd.data))  # type: ignore[arg-type]
+        body, length = _body(cmd.data)
+        r = await _request(store, shard, "PUT", cmd.name, what, headers={**hd, **length}, body=body)
     elif isinstance(cmd, Grad):
         hd.update(_tensor_headers(cmd.dtype, cmd.shape))
         if cmd.base_version is not None:
             hd["X-Base-Version"] = str(cmd.base_version)
         if cmd.if_match is not None:
             hd["If-Match"] = f'"{cmd.if_match}"'
-        r = await _request(store, shard, "POST", cmd.name, what, "/grad", headers=hd, content=bytes(cmd.data))  # type: ignore[arg-type]
+        body, length = _body(cmd.data)
+        r = await _request(store, shard, "POST", cmd.name, what, "/grad", headers={**hd, **length}, body=body)
     elif isinstance(cmd, Delete):
         if cmd.if_match is not None:
             hd["If-Match"] = f'"{cmd.if_match}"'
