@@ -8,10 +8,15 @@ its interface (pysyncobj calls `add`, `clear`, `deleteEntriesFrom`, ...), but:
 - appends are `pwrite`s into space reserved with `posix_fallocate`, so a full
   disk is an `OSError(ENOSPC)` before anything is written, not a signal, and
   `has_room` lets the replica refuse writes before it gets there;
-- nothing is synced per entry: `sync()` writes the header (end offset and
-  durable mark) and fdatasyncs once for every entry appended since the last
-  call; store/pysyncobj_adapter.py calls it before a follower answers an
-  append and before a leader counts its own log towards a commit;
+- nothing is synced per entry, and not on the Raft tick thread: with fsync
+  on, `request_sync()` hands the entries appended so far to the journal's
+  sync thread, which writes the header (end offset and durable mark) and
+  fdatasyncs once for everything requested meanwhile (group commit), then
+  raises `durable_index` and calls `on_durable`. The tick thread keeps
+  sending heartbeats and votes during the fdatasync (etcd's WAL does the
+  same; Raft thesis 10.2.1). store/pysyncobj_adapter.py acknowledges an
+  append and counts the leader's own log towards a commit only up to
+  `durable_index`. `sync()` is the blocking form (shutdown, tests);
 - term and vote are written to `.meta` with fsync, rename and a directory
   fsync before `setCurrentTerm` returns, i.e. before pysyncobj grants a vote
   or answers an append of a new term;
@@ -39,7 +44,9 @@ import logging
 import os
 import pickle
 import struct
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +129,27 @@ class DurableJournal:
         self._mark = self._end  # check_journal cut any torn tail: what is there is on disk
         self._disk_mark = HEADER.unpack(os.pread(self._fd, HEADER.size, 0))[1]
         self._allocated = os.fstat(self._fd).st_size
-        self._dirty = False
+        self._dirty = False  # entries added since the last sync request
         self._full_until = 0.0  # monotonic time before which has_room does not try again
+        # The sync thread: the tick thread appends and asks; the sync thread
+        # writes the header and fdatasyncs. `_io` is held by whoever writes the
+        # header, syncs or replaces the file; `_gen` counts truncations and
+        # compactions, so a request made before one is dropped (the
+        # truncation synced what survived it).
+        self._io = threading.Lock()
+        self._cv = threading.Condition()
+        self._gen = 0
+        self._request: tuple[int, int, int] | None = None  # (gen, end offset, last index)
+        self._durable_index = self._last_index()
+        self._error: OSError | None = None
+        self._closing = False
+        self._chores = False  # settle the mark, save the commit index: the sync thread's when idle
+        self._meta_lock = threading.Lock()  # the tick thread (term, vote) and the sync thread write .meta
+        self.on_durable: Callable[[], None] | None = None  # called on the sync thread after a sync
+        self._thread: threading.Thread | None = None
+        if fsync:
+            self._thread = threading.Thread(target=self._sync_loop, name=f"fsync {self.path.name}", daemon=True)
+            self._thread.start()
 
     # ---- reading ---------------------------------------------------------------
     def _load(self) -> int:
@@ -143,6 +169,18 @@ class DurableJournal:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _last_index(self) -> int:
+        return self._entries[-1][1] if self._entries else 0
+
+    @property
+    def durable_index(self) -> int:
+        """The last log index on stable storage (with fsync off: handed to the
+        OS). Raises what the sync thread failed with: nothing past it can be
+        acknowledged, as when the tick thread synced itself."""
+        if self._error is not None:
+            raise self._error
+        return self._durable_index
 
     # ---- writing ---------------------------------------------------------------
     @property
@@ -192,16 +230,70 @@ class DurableJournal:
             os.ftruncate(self._fd, size)  # a file system without fallocate (FUSE, tmpfs of old)
         self._allocated = size
 
-    def sync(self) -> None:
-        """Write the header and, with fsync on, fdatasync: every entry added
-        so far is on stable storage when this returns. One call covers a batch."""
+    def request_sync(self) -> None:
+        """Tick thread: make every entry added so far durable, without waiting
+        (with fsync off: at once, no fdatasync). Requests made while a sync
+        runs are covered together by the next one."""
         if not self._dirty:
             return
-        os.pwrite(self._fd, header_bytes(self._end, self._mark), 0)
+        if self._thread is None:
+            self.sync()
+            return
+        self._dirty = False
+        with self._cv:
+            self._request = (self._gen, self._end, self._last_index())
+            self._cv.notify()
+
+    def sync(self) -> None:
+        """Write the header and, with fsync on, fdatasync: every entry added
+        so far is on stable storage when this returns (blocking)."""
+        self._dirty = False
+        with self._io:
+            self._drop_request()  # covered by this one
+            self._sync_header(self._end, self._last_index())
+
+    def _drop_request(self) -> None:
+        with self._cv:
+            self._request = None
+
+    def _sync_header(self, end: int, last: int) -> None:
+        """With `_io` held."""
+        os.pwrite(self._fd, header_bytes(end, self._mark), 0)
         self._datasync()
         # on disk the mark lags one batch (it was written with this batch's records)
-        self._disk_mark, self._mark = self._mark, self._end
-        self._dirty = False
+        self._disk_mark, self._mark = self._mark, end
+        if last > self._durable_index:
+            self._durable_index = last
+
+    def _sync_loop(self) -> None:
+        """Syncs requested batches first; when none waits, settles the mark
+        and saves the commit index (also fdatasyncs, kept off the tick)."""
+        while True:
+            with self._cv:
+                while self._request is None and not self._chores and not self._closing:
+                    self._cv.wait()
+                request, self._request = self._request, None
+                chores = self._chores if request is None else False
+                self._chores = self._chores and not chores
+            if request is None and not chores:
+                return
+            try:
+                if request is not None:
+                    gen, end, last = request
+                    with self._io:
+                        if gen != self._gen:
+                            continue
+                        self._sync_header(end, last)
+                else:
+                    self._settle_mark()
+                    self._save_meta()
+            except OSError as e:  # EIO and the like: no later sync can vouch for these pages
+                log.critical("Raft journal %s: fdatasync failed (%s); acknowledging nothing more", self.path, e)
+                self._error = e
+                return
+            callback = self.on_durable
+            if request is not None and callback is not None:
+                callback()
 
     def _datasync(self) -> None:
         if self.fsync:
@@ -210,10 +302,15 @@ class DurableJournal:
     def _shrink(self, end: int) -> None:
         """Entries after `end` are gone. Durable at once: records written
         later over their place must not look like corruption of synced ones."""
-        self._end = end
-        self._mark = self._disk_mark = min(self._mark, end)
-        os.pwrite(self._fd, header_bytes(self._end, self._mark), 0)
-        self._datasync()
+        with self._io:
+            self._drop_request()
+            self._gen += 1
+            self._end = end
+            self._disk_mark = min(self._mark, end)
+            os.pwrite(self._fd, header_bytes(self._end, self._disk_mark), 0)
+            self._datasync()
+            self._mark = end  # what survived was synced just now
+            self._durable_index = self._last_index()
         self._dirty = False
 
     def clear(self) -> None:
@@ -232,23 +329,27 @@ class DurableJournal:
         body = b"".join(record_bytes(c, i, t) for c, i, t in kept)
         end = FIRST_RECORD + len(body)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.pwrite(fd, header_bytes(end, end) + body, 0)
+        with self._io:  # the sync thread must not sync (or reuse) the fd closed here
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.pwrite(fd, header_bytes(end, end) + body, 0)
+                if self.fsync:
+                    os.fdatasync(fd)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(tmp, self.path)
             if self.fsync:
-                os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, self.path)
-        if self.fsync:
-            fsync_dir(self.path.parent)
-        os.close(self._fd)
-        self._fd = fd
-        self._entries = kept
-        self._end = self._mark = self._disk_mark = end
-        self._allocated = end
+                fsync_dir(self.path.parent)
+            os.close(self._fd)
+            self._drop_request()
+            self._gen += 1
+            self._fd = fd
+            self._entries = kept
+            self._end = self._mark = self._disk_mark = end
+            self._allocated = end
+            self._durable_index = self._last_index()
         self._dirty = False
 
     # ---- term, vote, commit index ----------------------------------------------
@@ -273,24 +374,36 @@ class DurableJournal:
         return vote
 
     def onOneSecondTimer(self) -> None:
-        if not self._meta_saved:
-            self.sync()  # a stored commit index never points past the stored log
-            self._store_meta()
-        if not self._dirty:
+        if self._thread is None:
+            self._save_meta()
             self._settle_mark()
+        elif not self._meta_saved or self._disk_mark < self._mark:
+            with self._cv:
+                self._chores = True
+                self._cv.notify()
         self.has_room(RESERVE)  # followers too: space for the leader's entries is taken before the disk fills
 
     def _settle_mark(self) -> None:
-        """Idle: move the mark on disk up to the end, so that damage to the
-        last synced batch is refused as corruption, not cut as a torn tail."""
-        if self._disk_mark < self._end:
-            self._mark = self._disk_mark = self._end
-            os.pwrite(self._fd, header_bytes(self._end, self._mark), 0)
-            self._datasync()
+        """Move the mark on disk up to the end of the last sync, so that
+        damage to the last synced batch is refused as corruption, not cut as
+        a torn tail. The header names no later entries: they are not synced."""
+        with self._io:
+            if self._disk_mark < self._mark:
+                self._disk_mark = self._mark
+                os.pwrite(self._fd, header_bytes(self._mark, self._mark), 0)
+                self._datasync()
+
+    def _save_meta(self) -> None:
+        if not self._meta_saved:
+            self._store_meta()
 
     def _store_meta(self) -> None:
-        write_meta(self._meta_path, self._meta, self.fsync)
-        self._meta_saved = True
+        with self._meta_lock:
+            self._meta_saved = True  # before the copy: a change made meanwhile is saved next time
+            meta = dict(self._meta)
+            if "raftCommitIndex" in meta:  # a stored commit index never points past the durable log
+                meta["raftCommitIndex"] = min(meta["raftCommitIndex"], max(self._durable_index, 1))
+            write_meta(self._meta_path, meta, self.fsync)
 
     # ---- lifecycle ---------------------------------------------------------------
     def flush(self) -> None:
@@ -299,11 +412,17 @@ class DurableJournal:
     def _destroy(self) -> None:
         if self._fd < 0:
             return
+        thread = self._thread
+        if thread is not None:
+            with self._cv:
+                self._closing = True
+                self._cv.notify()
+            thread.join()
+            self._thread = None
         try:
             self.sync()
             self._settle_mark()
-            if not self._meta_saved:
-                self._store_meta()
+            self._save_meta()
         finally:
             os.close(self._fd)
             self._fd = -1

@@ -122,6 +122,7 @@ RELIES_ON: list[tuple[str, str, str]] = [
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftLog", "field"),
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__sendNextNodeIdx", "attr"),
     ("pysyncobj.syncobj:SyncObj", "_onTick", "attr"),
+    ("pysyncobj.syncobj:SyncObj", "_SyncObj__applyLogEntries", "attr"),
     # membership changes in the journal adopted at start (_adopt_logged_membership)
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__needLoadDumpFile", "field"),
     ("pysyncobj.syncobj:SyncObj", "_SyncObj__raftLastApplied", "field"),
@@ -408,6 +409,10 @@ class TunedSyncObj(GuardedElections, SyncObj):  # type: ignore[misc]  # pysyncob
         self._wake: Any = None  # pysyncobj PipeNotifier
         self._thread_name = thread_name
         self._journal: DurableJournal | None = None
+        self._held_acks: dict[Any, tuple[int, int]] = {}  # node -> (next index, term) awaiting the sync thread
+        self._held_since: dict[Any, float] = {}  # node -> when it last heard from us while an answer was held
+        self._keepalive = conf.connectionTimeout / 4
+        self._commit_cap: int | None = None
         self._full_logged = 0.0
         self._membership_adopted = not conf.dynamicMembershipChange
         if fsync is not None and conf.journalFile:
@@ -419,6 +424,7 @@ class TunedSyncObj(GuardedElections, SyncObj):  # type: ignore[misc]  # pysyncob
         journal = self._SyncObj__raftLog  # the journal createJournal made
         if isinstance(journal, DurableJournal):
             self._journal = journal
+            journal.on_durable = self.wake_tick
         self.addOnTickCallback(self._send_eagerly)
         self.addOnTickCallback(self._sync_journal)  # after _send_eagerly: our fdatasync overlaps the followers'
         self.addOnTickCallback(self._check_quorum)
@@ -513,18 +519,43 @@ class TunedSyncObj(GuardedElections, SyncObj):  # type: ignore[misc]  # pysyncob
             return
         SyncObj._SyncObj__tryLogCompaction(self)
 
-    # ---- durable journal (store/durable_journal.py): sync before acknowledging ------
+    # ---- durable journal (store/durable_journal.py): durable before acknowledging ----
     # Raft counts an entry towards a commit once it is on a replica's stable
     # storage. pysyncobj acknowledges an append (next_node_idx) right after
     # adding the entries to its journal, and the leader counts its own log
-    # without asking. We fdatasync the journal once per batch: before any
-    # next_node_idx leaves, after the tick that appended sent its entries,
-    # and before the tick computes the commit index. Term and vote are made
-    # durable by DurableJournal.setCurrentTerm itself.
+    # without asking. The journal's sync thread fdatasyncs once per batch
+    # while this (tick) thread keeps sending heartbeats and answering votes
+    # (Raft thesis 10.2.1): a successful next_node_idx leaves only once the
+    # entries it names are durable (held in `_held_acks` until then), and the
+    # leader's commit computation sees its own log only up to the durable
+    # index. Term and vote are made durable by DurableJournal.setCurrentTerm
+    # itself, synchronously.
     def _sync_journal(self) -> None:
+        """On-tick callback, after _send_eagerly: the leader's fdatasync
+        overlaps the followers'. Sends the answers the last sync released."""
         journal = self._journal
-        if journal is not None and journal.dirty:
-            journal.sync()
+        if journal is None:
+            return
+        journal.request_sync()
+        if self._held_acks:
+            self._release_acks(journal.durable_index)
+
+    def _release_acks(self, durable: int) -> None:
+        """Sends the held answers now durable. The others' leaders get an
+        empty answer (success and reset false: it moves nothing but the time
+        of their last answer) every quarter of the connection timeout, or
+        pysyncobj drops a connection that stays silent through a slow sync."""
+        term = self.raftCurrentTerm
+        now = time.monotonic()
+        for node, (next_idx, acked_term) in list(self._held_acks.items()):
+            if acked_term != term or next_idx - 1 <= durable:
+                del self._held_acks[node]
+                self._held_since.pop(node, None)
+                if acked_term == term:  # pysyncobj's answer names no term: never send one into a later term
+                    SyncObj._SyncObj__sendNextNodeIdx(self, node, False, next_idx, True)
+            elif now - self._held_since.setdefault(node, now) >= self._keepalive:
+                self._held_since[node] = now
+                SyncObj._SyncObj__sendNextNodeIdx(self, node, False, next_idx, False)
 
     def journal_has_room(self, headroom: int) -> bool:
         """False while the journal cannot reserve `headroom` more bytes (a full disk)."""
@@ -549,14 +580,50 @@ class TunedSyncObj(GuardedElections, SyncObj):  # type: ignore[misc]  # pysyncob
     def _SyncObj__sendNextNodeIdx(
         self, node: Any, reset: bool = False, nextNodeIdx: int | None = None, success: bool = False
     ) -> None:
-        """Every append answer (success or not) reports what is durable."""
-        self._sync_journal()
-        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset, nextNodeIdx, success)
+        """A successful append answer leaves once what it names is durable.
+        Failures move no match index and leave at once."""
+        journal = self._journal
+        if journal is None or not success:
+            SyncObj._SyncObj__sendNextNodeIdx(self, node, reset, nextNodeIdx, success)
+            return
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        journal.request_sync()
+        if nextNodeIdx - 1 <= journal.durable_index:
+            SyncObj._SyncObj__sendNextNodeIdx(self, node, reset, nextNodeIdx, success)
+            return
+        term = self.raftCurrentTerm
+        held = self._held_acks.get(node)
+        if held is None or held[1] != term or held[0] < nextNodeIdx:
+            self._held_acks[node] = (nextNodeIdx, term)
+
+    def _SyncObj__getCurrentLogIndex(self) -> int:
+        """pysyncobj's, capped (`_commit_cap`) while the leader computes its commit index."""
+        last: int = self._SyncObj__raftLog[-1][1]
+        cap = self._commit_cap
+        return last if cap is None or cap >= last else cap
+
+    def _SyncObj__applyLogEntries(self) -> bool:
+        """pysyncobj calls this right after the leader's commit computation:
+        the cap set in `_onTick` ends here, before anything appends or sends."""
+        self._commit_cap = None
+        return bool(SyncObj._SyncObj__applyLogEntries(self))
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
-        """The leader's commit computation at the start of the tick counts its own log."""
-        self._sync_journal()
-        SyncObj._onTick(self, timeToWait)
+        """The leader's commit computation at the start of the tick counts its
+        own log only up to the durable index."""
+        journal = self._journal
+        if (
+            journal is not None
+            and self._SyncObj__raftState == _RAFT_STATE.LEADER
+            and not self._SyncObj__needLoadDumpFile
+        ):
+            journal.request_sync()
+            self._commit_cap = journal.durable_index
+        try:
+            SyncObj._onTick(self, timeToWait)
+        finally:
+            self._commit_cap = None
         if not self._membership_adopted and not self._SyncObj__needLoadDumpFile:
             self._membership_adopted = True
             self._adopt_logged_membership()

@@ -84,6 +84,46 @@ def test_an_acknowledged_entry_is_on_disk_on_a_majority_first(tmp_path, monkeypa
             entry_end = leader._journal._end  # nothing else is appended meanwhile
             covered = [synced.get(str(p), 0) >= entry_end for p in paths]
             assert covered[nodes.index(leader)] and sum(covered) >= 2, (i, covered)
+            for n in nodes:  # a follower's answer never runs ahead of its disk (match read first: durable only grows)
+                if n is not leader:
+                    match = leader.match_indexes()[n.selfNode.id]
+                    assert match <= n._journal.durable_index, (i, match)
+    finally:
+        for n in nodes:
+            n.destroy_synchronous()
+
+
+@pytest.mark.timeout(90)
+def test_heartbeats_and_votes_go_on_while_the_journal_syncs(tmp_path, monkeypatch):
+    """Each journal fdatasync takes 0.5 s, longer than the election timeout
+    (0.15-0.3 s): synced on the Raft tick thread, followers would stop
+    hearing the leader and elect another. The sync thread does it beside the
+    tick, so writes commit (after their syncs) in one term, under one leader."""
+    real = os.fdatasync
+    slow = {"n": 0}
+
+    def slow_disk(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".bin"):
+            slow["n"] += 1
+            time.sleep(0.5)
+        real(fd)
+
+    addrs = [f"127.0.0.{i + 1}:{free_range(1)}" for i in range(3)]
+    nodes = [Node(tmp_path / f"n{i}.bin", a, [o for o in addrs if o != a]) for i, a in enumerate(addrs)]
+    try:
+        wait_until(lambda: any(n.role == "leader" for n in nodes), 20, "a leader")
+        leader = next(n for n in nodes if n.role == "leader")
+        write(leader, to_log(Noop()))
+        term = leader.raftCurrentTerm
+        wait_until(lambda: all(n.raftCurrentTerm == term for n in nodes), 10, "followers in the leader's term")
+        monkeypatch.setattr(os, "fdatasync", slow_disk)
+        start = time.monotonic()
+        for _ in range(4):
+            write(leader, to_log(Noop()))
+        took = time.monotonic() - start
+        assert slow["n"] >= 8 and took >= 4 * 0.5, (slow, took)  # the writes did wait for the slow syncs
+        assert [n.raftCurrentTerm for n in nodes] == [term] * 3
+        assert [n.role for n in nodes].count("leader") == 1 and leader.role == "leader"
     finally:
         for n in nodes:
             n.destroy_synchronous()
