@@ -101,6 +101,14 @@ def _options(budget: MemoryBudget) -> rocksdict.Options:
     return opts
 
 
+def _open(path: Path, options: rocksdict.Options, **kw: Any) -> rocksdict.Rdict:
+    # rocksdict opens an existing database's column families with default
+    # options unless each is named: without `column_families`, a reopened table
+    # (restart, joiner, frozen copy) read past the shared block cache (the cap)
+    # through RocksDB's own per-table default cache.
+    return rocksdict.Rdict(str(path), options, column_families={"default": options}, **kw)
+
+
 _CACHE_COUNTERS = re.compile(r"^rocksdb\.block\.cache\.(hit|miss) COUNT : (\d+)$", re.M)
 
 
@@ -124,7 +132,7 @@ class RowStore:
         self.record_size = record_size
         self.budget = budget
         self._options = _options(budget)
-        self.db = rocksdict.Rdict(str(self.path), self._options)
+        self.db = _open(self.path, self._options)
         self.wopt = rocksdict.WriteOptions()
         self.wopt.sync = sync
 
@@ -317,9 +325,7 @@ class FrozenTable:
         self.reader = RowStore.__new__(RowStore)
         self.reader.path, self.reader.record_size, self.reader.budget = self.path, store.record_size, store.budget
         try:
-            self.reader.db = rocksdict.Rdict(
-                str(self.path), _options(store.budget), access_type=rocksdict.AccessType.read_only()
-            )
+            self.reader.db = _open(self.path, _options(store.budget), access_type=rocksdict.AccessType.read_only())
         except BaseException:
             shutil.rmtree(self.path, ignore_errors=True)
             raise

@@ -332,3 +332,18 @@ def test_rows_read_stay_within_the_memory_cap(tmp_path: Path) -> None:
     assert t.store.db.property_int_value("rocksdb.block-cache-usage") <= cap
     grown = rss() - before
     assert grown <= cap + (16 << 20), f"RSS grew {grown / 2**20:.1f} MB reading a 54 MB table with an 8 MB cap"
+
+
+def test_a_reopened_table_reads_through_the_shared_cache(tmp_path: Path) -> None:
+    spec = parse_spec({"dim": 64})
+    t = TableState.create(tmp_path / "t", "emb", spec, budget=MemoryBudget(8 << 20))
+    t.push(np.arange(20_000), np.ones((20_000, 64), np.float32))
+    t.store.db.flush()
+    t.close()
+    budget = MemoryBudget(8 << 20)
+    t = TableState.open(tmp_path / "t", budget=budget)
+    t.lookup(np.arange(0, 20_000, 7))
+    # rocksdict ignored the options of a reopened database: usage stayed 0
+    assert budget.usage() > 1 << 20
+    assert t.store.cache_hits()[1] > 0  # its statistics are the options' too
+    t.close()
