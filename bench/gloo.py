@@ -7,7 +7,7 @@ worker processes, trained four ways:
     (a) ddp     torch.distributed DDP over gloo on 127.0.0.1 (the article's backend)
     (b) async   through the store: pull params, push grads (3 replicas)
     (c) sync    through the store in synchronous rounds (sync={"workers": 4})
-    (d) sync+c  (c) with float16 pulls and top-k 1% pushes (error feedback)
+    (d) sync+c  (c) with int8 pulls and top-k 5% pushes (error feedback)
 
 Bytes on the wire are MEASURED per worker: each worker reads the kernel's
 TCP_INFO counters (tcpi_bytes_acked + tcpi_bytes_received: TCP payload, no
@@ -38,7 +38,8 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ LABELS = {
     "ddp": "(a) DDP over gloo",
     "async": "(b) store, async",
     "sync": "(c) store, sync rounds",
-    "sync+compress": "(d) (c) + float16 pulls, top-k 1% pushes",
+    "sync+compress": "(d) (c) + narrow pulls, top-k pushes",
 }
 
 
@@ -66,7 +67,10 @@ class Config:
     lr: float = 3e-4
     seed: int = 14
     eval_samples: int = 1024
-    topk: float = 0.01
+    topk: float = 0.05  # with int8 pulls still <= 0.25x of (c)'s bytes; 1% lags (c)'s loss by 7% after 10 Adam steps
+    pull_dtype: str = "int8"  # (d)'s pulls: per-row int8 (a quarter of float32 plus one scale a row)
+    async_overlap: bool = False  # (b) pulls while it pushes (the pull then misses the worker's own push)
+    topk_warmup: int = 0  # (d)'s first steps push denser top-k (DGC's warm-up), see topk_at
     timeout: float = 600.0  # per worker process
 
     def params(self) -> int:
@@ -109,6 +113,15 @@ def eval_loss(cfg: Config, model: Any) -> float:
     x, y = batch(cfg, 0, -2, cfg.eval_samples)
     with torch.no_grad():
         return float(torch.nn.functional.mse_loss(model(x), y))
+
+
+def topk_at(cfg: Config, step: int) -> float:
+    """(d)'s top-k fraction at `step`: Deep Gradient Compression's warm-up (Lin et
+    al. 2018) starts at 25 % and divides the density by 4 each warm-up step, down
+    to `cfg.topk`; the residual carries whatever a sparser step leaves behind."""
+    if step >= cfg.topk_warmup:
+        return cfg.topk
+    return max(cfg.topk, 0.25 / 4**step)
 
 
 def step_grad(cfg: Config, model: Any, step: int, rank: int) -> None:
@@ -196,19 +209,21 @@ def _worker(cfg: Config, rank: int, plan: Any, barrier: Any, q: Any) -> None:
         torch.set_num_threads(1)
         keep_counters_of_closed_sockets()
         while (job := plan.get()) is not None:
-            setup, urls, gloo_port = job
-            q.put((rank, _train(setup, cfg, rank, urls, gloo_port, barrier)))
+            setup, tag, job_cfg, urls, gloo_port = job
+            q.put((rank, _train(setup, tag, job_cfg, rank, urls, gloo_port, barrier)))
     except BaseException as e:  # report, never hang the harness
         q.put((rank, {"error": f"{e!r}\n{traceback.format_exc()}"}))
         with contextlib.suppress(Exception):
             barrier.abort()
 
 
-def _train(setup: str, cfg: Config, rank: int, urls: list[str], gloo_port: int, barrier: Any) -> dict[str, Any]:
+def _train(
+    setup: str, tag: str, cfg: Config, rank: int, urls: list[str], gloo_port: int, barrier: Any
+) -> dict[str, Any]:
     import torch
 
     model = make_model(cfg)
-    names = [f"gloo{SETUPS.index(setup)}.{n}" for n, _ in model.named_parameters()]
+    names = [f"gloo{tag}.{n}" for n, _ in model.named_parameters()]
     params = dict(zip(names, model.parameters(), strict=True))
     if setup == "ddp":
         import torch.distributed as dist
@@ -220,15 +235,19 @@ def _train(setup: str, cfg: Config, rank: int, urls: list[str], gloo_port: int, 
         model.zero_grad(set_to_none=True)
         dist.barrier()
         barrier.wait()
-        b0, t0 = tcp_bytes_of_own_sockets(), time.perf_counter()
+        phases = dict.fromkeys(PHASES[setup], 0.0)
+        b0, c0, t0 = tcp_bytes_of_own_sockets(), time.process_time(), time.perf_counter()
         for step in range(cfg.steps):
-            step_grad(cfg, ddp, step, rank)
+            t = time.perf_counter()
+            step_grad(cfg, ddp, step, rank)  # DDP all-reduces the gradient buckets during backward
+            t = _lap(phases, "compute+allreduce", t)
             opt.step()
-        t1, b1 = time.perf_counter(), tcp_bytes_of_own_sockets()
+            _lap(phases, "optimizer", t)
+        t1, c1, b1 = time.perf_counter(), time.process_time(), tcp_bytes_of_own_sockets()
         barrier.wait()
         loss = eval_loss(cfg, model) if rank == 0 else None
         dist.destroy_process_group()
-        return {"t0": t0, "t1": t1, "bytes": delta(b0, b1), "loss": loss}
+        return {"t0": t0, "t1": t1, "bytes": delta(b0, b1), "loss": loss, "cpu": c1 - c0, "phases": phases}
 
     from paramstore import Client
 
@@ -243,30 +262,61 @@ def _train(setup: str, cfg: Config, rank: int, urls: list[str], gloo_port: int, 
                 sync={"workers": cfg.workers, "round_timeout": 600} if sync else None,
             )
     barrier.wait()
-    wire = "float16" if setup == "sync+compress" else None
+    wire = cfg.pull_dtype if setup == "sync+compress" else None
     pulled = _pull(client, names, wire)
     versions = _load(params, pulled)
     barrier.wait()
-    b0, t0 = tcp_bytes_of_own_sockets(), time.perf_counter()
+    phases = dict.fromkeys(PHASES[setup], 0.0)  # seconds, summed over the timed steps
+    pool = ThreadPoolExecutor(1) if setup == "async" and cfg.async_overlap else None
+    b0, c0, t0 = tcp_bytes_of_own_sockets(), time.process_time(), time.perf_counter()
     for step in range(cfg.steps):
+        t = time.perf_counter()
         step_grad(cfg, model, step, rank)
         grads = {n: p.grad.numpy() for n, p in params.items()}
-        if setup == "async":
+        t = _lap(phases, "compute", t)
+        if setup == "async" and pool is not None:
+            pulling = pool.submit(_pull, client, names, None)
             client.push_grads(grads)
-            versions = _load(params, _pull(client, names, None))
+            t = _lap(phases, "push", t)
+            pulled = pulling.result()
+            t = _lap(phases, "pull", t)  # what is left of the pull once the push is done
+        elif setup == "async":
+            client.push_grads(grads)
+            t = _lap(phases, "push", t)
+            pulled = _pull(client, names, None)
+            t = _lap(phases, "pull", t)
         elif setup == "sync":
-            versions = _load(params, client.sync_step(grads, versions, timeout=600))
+            pulled = client.sync_step(grads, versions, timeout=600)
+            t = _lap(phases, "round", t)
         else:  # top-k with error feedback (the SDK keeps each tensor's residual)
-            compressed = client.sync_step(grads, versions, 600, compress=f"topk:{cfg.topk}", pull_dtype=wire)
-            versions = _load(params, compressed)
-    t1, b1 = time.perf_counter(), tcp_bytes_of_own_sockets()
+            pulled = client.sync_step(grads, versions, 600, compress=f"topk:{topk_at(cfg, step)}", pull_dtype=wire)
+            t = _lap(phases, "round", t)
+        versions = _load(params, pulled)
+        _lap(phases, "load", t)
+    t1, c1, b1 = time.perf_counter(), time.process_time(), tcp_bytes_of_own_sockets()
+    if pool is not None:
+        pool.shutdown()
     barrier.wait()
     loss = None
     if rank == 0:  # the store's final values, in full precision
         _load(params, _pull(client, names, None))
         loss = eval_loss(cfg, model)
     client.close()
-    return {"t0": t0, "t1": t1, "bytes": delta(b0, b1), "loss": loss}
+    return {"t0": t0, "t1": t1, "bytes": delta(b0, b1), "loss": loss, "cpu": c1 - c0, "phases": phases}
+
+
+PHASES = {
+    "ddp": ("compute+allreduce", "optimizer"),
+    "async": ("compute", "push", "pull", "load"),
+    "sync": ("compute", "round", "load"),  # round: push, wait for the 4 workers' round, pull
+    "sync+compress": ("compute", "round", "load"),
+}
+
+
+def _lap(phases: dict[str, float], phase: str, since: float) -> float:
+    now = time.perf_counter()
+    phases[phase] += now - since
+    return now
 
 
 def _pull(client: Any, names: list[str], wire: str | None) -> dict[str, tuple[np.ndarray, int]]:
@@ -333,11 +383,13 @@ class Workers:
         for p in self.procs:
             p.start()
 
-    def run(self, setup: str, urls: list[str]) -> dict[str, Any]:
-        cfg = self.cfg
+    def run(self, setup: str, urls: list[str], cfg: Config | None = None, tag: str | None = None) -> dict[str, Any]:
+        """`cfg` overrides the workers' own for this run (a variant); `tag`
+        names its tensors apart from other runs' on the same store."""
+        cfg = cfg or self.cfg
         port = free_port()
         for plan in self.plans:
-            plan.put((setup, urls, port))
+            plan.put((setup, tag or str(SETUPS.index(setup)), cfg, urls, port))
         results: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + cfg.timeout
         while len(results) < cfg.workers:
@@ -356,11 +408,14 @@ class Workers:
             results[rank] = out
         wall = max(r["t1"] for r in results.values()) - min(r["t0"] for r in results.values())
         per_worker = [r["bytes"] / cfg.steps for r in results.values()]
+        phases = {k: float(np.mean([r["phases"][k] for r in results.values()])) / cfg.steps for k in PHASES[setup]}
         return {
             "steps_s": cfg.steps / wall,
             "seconds": wall,
             "worker_mb_per_step": float(np.mean(per_worker)) / MB,
             "loss": results[0]["loss"],
+            "phase_s_per_step": phases,  # each worker's wall time per step in each phase, mean over workers
+            "worker_cpu_s_per_step": float(np.mean([r["cpu"] for r in results.values()])) / cfg.steps,
         }
 
     def close(self, failed: bool = False) -> None:
@@ -376,9 +431,13 @@ class Workers:
 # ------------------------------------------------------------------ run --
 
 
-def run(cfg: Config, work: Path, log: Any = print) -> dict[str, Any]:
+def run(
+    cfg: Config, work: Path, log: Any = print, variants: dict[str, tuple[str, dict[str, Any]]] | None = None
+) -> dict[str, Any]:
     """Every setup in turn; the store setups share one fresh 3-replica cluster
-    (on free ports: other sessions' clusters may hold bench's usual 11000-11117)."""
+    (on free ports: other sessions' clusters may hold bench's usual 11000-11117).
+    `variants` ({name: (setup, Config overrides)}) re-run a setup with other
+    settings after the four, in res["variants"] (for trying levers in one run)."""
     from .systems import Paramstore
 
     res: dict[str, Any] = {"config": {**asdict(cfg), "params": cfg.params()}, "setups": {}, "notes": []}
@@ -403,16 +462,44 @@ def run(cfg: Config, work: Path, log: Any = print) -> dict[str, Any]:
                 res["notes"].append("(d) skipped: this paramstore has no compressed rounds (sync_step(compress=))")
                 log(f"  {res['notes'][-1]}")
                 continue
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), replicas_cpu(ps.pids())
             out = workers.run(setup, urls)
+            out["replicas_cpu_s_per_step"] = (replicas_cpu(ps.pids()) - cpu) / cfg.steps
             res["setups"][setup] = out
             log(f"  {LABELS[setup]}: {_fmt(out)} ({time.perf_counter() - t:.0f} s)")
+        res["variants"] = {}
+        for i, (name, (setup, over)) in enumerate((variants or {}).items()):
+            if setup in res["setups"]:
+                vcfg = replace(cfg, **over)
+                t, cpu = time.perf_counter(), replicas_cpu(ps.pids())
+                out = workers.run(setup, urls, vcfg, tag=f"v{i}")
+                out["replicas_cpu_s_per_step"] = (replicas_cpu(ps.pids()) - cpu) / vcfg.steps
+                res["variants"][name] = {"setup": setup, "overrides": over, **out}
+                log(f"  {name}: {_fmt(out)} ({time.perf_counter() - t:.0f} s)")
         failed = False
     finally:
         workers.close(failed)
         if ps is not None:
             ps.stop()
     return res
+
+
+def replicas_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the replica processes used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / tick
+
+
+def _label(setup: str, cfg: dict[str, Any]) -> str:
+    if setup != "sync+compress":
+        return LABELS[setup]
+    warmup = f" after {cfg['topk_warmup']} warm-up steps" if cfg.get("topk_warmup") else ""
+    return f"(d) (c) + {cfg.get('pull_dtype', 'float16')} pulls, top-k {cfg['topk']:.0%} pushes{warmup}"
 
 
 def _fmt(r: dict[str, Any]) -> str:
@@ -435,21 +522,44 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for s in SETUPS:
         r = res["setups"].get(s)
+        label = _label(s, cfg)
         if r is None:
-            lines.append(f"| {LABELS[s]} | not run | | | | | |")
+            lines.append(f"| {label} | not run | | | | | |")
             continue
 
         def ratio(key: str, r: dict[str, Any] = r) -> str:
             return f"{r[key] / base[key]:.2f}" if base and base[key] else "-"
 
         lines.append(
-            f"| {LABELS[s]} | {r['steps_s']:.2f} | {ratio('steps_s')} | {r['worker_mb_per_step']:.1f} | "
+            f"| {label} | {r['steps_s']:.2f} | {ratio('steps_s')} | {r['worker_mb_per_step']:.1f} | "
             f"{ratio('worker_mb_per_step')} | {r['loss']:.4f} | "
             f"{ratio('loss')} |"
         )
+    lines += ["", *breakdown(res)]
     for n in res["notes"]:
         lines.append(f"\n{n}")
     return "\n".join(lines)
+
+
+def breakdown(res: dict[str, Any]) -> list[str]:
+    """Where a step's time goes: each phase's wall seconds per step (mean over
+    the workers), and the CPU seconds per step of one worker and of all 3 replicas."""
+    lines = [
+        "| where a step goes | s/step per phase (mean of the workers) | worker CPU s/step | replicas' CPU s/step |",
+        "|---|---|---:|---:|",
+    ]
+    rows = [(s, res["setups"][s]) for s in SETUPS if s in res["setups"]]
+    rows += list(res.get("variants", {}).items())
+    for name, r in rows:
+        if "phase_s_per_step" not in r:  # results from before the breakdown
+            continue
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phase_s_per_step"].items())
+        cpu = r.get("replicas_cpu_s_per_step")
+        lines.append(
+            f"| {name} | {phases} (step {1 / r['steps_s']:.2f}) | {r['worker_cpu_s_per_step']:.2f} | "
+            f"{'-' if cpu is None else f'{cpu:.2f}'} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
