@@ -566,7 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gloo", description=__doc__)
     d = Config()
     for k, v in asdict(d).items():
-        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
+        if isinstance(v, bool):
+            ap.add_argument(f"--{k.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=v)
+        else:
+            ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     cfg = Config(**{k: getattr(args, k) for k in asdict(d)})
