@@ -207,21 +207,34 @@ async def create(
             raise
         # an existing partitioned tensor: its version is the lowest part's (the SDK's exist_ok reads it)
         raise PreconditionFailed(e.detail, current_version=min(local_versions(store, existing))) from None
-    parts = split(_array(t), counts)
-    cmds = [
+    cmds = _part_puts(lay, t, rid, options, if_none_match=True)
+    results = await fan_out(store, lay, cmds, "create", auth)
+    return written(store, lay, [r["version"] for r in results], 201, created=True)
+
+
+def _part_puts(
+    lay: Layout,
+    t: wire.WireTensor,
+    rid: str,
+    options: dict[str, Any],
+    if_none_match: bool = False,
+    if_match: list[int] | None = None,
+) -> list[Put]:
+    """One Put per part, each with the part's own request id (`<rid>#p<i>`)."""
+    parts = split(_array(t), lay.counts)
+    return [
         Put(
             name=p,
             dtype=t.dtype,
             shape=lay.part_shape(i),
             data=wire.raw_view(parts[i]),
-            if_none_match=True,
+            if_none_match=if_none_match,
+            if_match=None if if_match is None else if_match[i],
             rid=f"{rid}#p{i}",
             **options,
         )
         for i, p in enumerate(lay.parts())
     ]
-    results = await fan_out(store, lay, cmds, "create", auth)
-    return written(store, lay, [r["version"] for r in results], 201, created=True)
 
 
 async def replace(
@@ -234,19 +247,7 @@ async def replace(
     if if_match is not None:
         _precheck(store, lay, if_match)
     rid = _rid(options.pop("rid", None))
-    parts = split(_array(t), lay.counts)
-    cmds = [
-        Put(
-            name=p,
-            dtype=t.dtype,
-            shape=lay.part_shape(i),
-            data=wire.raw_view(parts[i]),
-            if_match=None if if_match is None else if_match[i],
-            rid=f"{rid}#p{i}",
-            **options,
-        )
-        for i, p in enumerate(lay.parts())
-    ]
+    cmds = _part_puts(lay, t, rid, options, if_match=if_match)
     results = await fan_out(store, lay, cmds, "replace", hd.get("authorization"))
     return written(store, lay, [r["version"] for r in results])
 
