@@ -141,6 +141,10 @@ def push_in_rank_order(clients: list[Client], prefix: str, step: int, before_las
             before_last()
         grads = worker_grads(params, step, rank)
         client.push_grads({prefix + k: g for k, g in grads.items()}, {prefix + k: v for k, v in versions.items()})
+    # The last worker's push closed the round; the replica clients[0] reads from
+    # may not have applied that yet: wait for it (the client then reads at least it).
+    for k, v in versions.items():
+        assert clients[0].wait_for(prefix + k, v, timeout=20) == v + 1, f"round of {k} not closed within 20 s"
     after, new_versions = pulled(clients[0], prefix)
     assert new_versions == {k: v + 1 for k, v in versions.items()}
     return after
