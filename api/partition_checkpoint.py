@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 
 from store.commands import LayoutCreate, Put
-from store.errors import InvalidRequest, NotFound, PreconditionFailed, StoreError, Unprocessable, echo
+from store.errors import InvalidRequest, PreconditionFailed, StoreError, Unprocessable, echo
 from store.interface import StoreAPI
 from store.partitions import Layout, assemble, auto_partitions, check_partitions, parse_part, row_counts, split
 from store.placement import shard_for
 from store.record import Tensor
 
 from .bridge import wait
-from .partitioned import fan_out, local_versions
+from .partitioned import fan_out, local_versions, whole_tensor_exists
 
 
 @dataclass
@@ -124,7 +124,7 @@ async def restore(
     lay = store.layout(name)
     counts = row_counts(t.shape[0], k) if k > 1 else None
     if lay is None:
-        if mode == "replace" and _exists(store, name):
+        if mode == "replace" and whole_tensor_exists(store, name):
             raise Unprocessable(f"tensor {name!r} is whole here; delete it first to restore it in {k} parts")
         assert counts is not None  # restore() is called for k > 1 or an existing layout
         create = LayoutCreate(name=name, dtype=t.dtype, shape=t.shape, counts=counts)
@@ -156,11 +156,3 @@ async def restore(
         cmds.append(make_put(part, "create" if created else "replace", versions is not None and not created))
     results = await fan_out(store, lay, cmds, "restore")
     return {"created": created, "version": min(r["version"] for r in results)}
-
-
-def _exists(store: StoreAPI, name: str) -> bool:
-    try:
-        store.peek(name)
-    except NotFound:
-        return False
-    return True

@@ -212,6 +212,15 @@ async def create(
     return written(store, lay, [r["version"] for r in results], 201, created=True)
 
 
+def whole_tensor_exists(store: StoreAPI, name: str) -> bool:
+    """A tensor stored whole under `name` on this replica (no layout record)."""
+    try:
+        store.peek(name)
+    except NotFound:
+        return False
+    return True
+
+
 def _part_puts(
     lay: Layout,
     t: wire.WireTensor,

@@ -141,7 +141,7 @@ async def put_tensor(request: Request, name: str = TensorName) -> Response:
             if asked:
                 raise Unprocessable("synchronous rounds (X-Sync) take whole tensors: X-Partitions must be 1")
             k = 1  # no automatic partitioning
-        if k > 1 and _exists(store, name):
+        if k > 1 and partitioned.whole_tensor_exists(store, name):
             if asked:
                 raise Unprocessable(
                     f"tensor {name!r} is whole; partition it through a checkpoint and reload (docs/api.md)"
@@ -170,14 +170,6 @@ def _same_create(store: StoreAPI, lay: Layout, hd: Mapping[str, str], t: wire.Wi
     """The PUT asks for the layout the tensor already has (same K, dtype, shape)."""
     k = partitioned.partitions_of(store, hd, t)
     return (k, t.dtype, tuple(t.shape)) == (lay.k, lay.dtype, lay.shape)
-
-
-def _exists(store: StoreAPI, name: str) -> bool:
-    try:
-        store.peek(name)
-    except NotFound:
-        return False
-    return True
 
 
 @router.post(

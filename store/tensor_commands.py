@@ -237,22 +237,25 @@ def _check_preconditions(
 
 
 def _lr_scale(t: Tensor, base: int | None) -> float:
-    """Bounded staleness: reject a push computed on too old a version, or
-    scale its learning rate by 1 / (1 + staleness)."""
+    return staleness_scale(f"tensor {t.name!r}", base, t.version, t.staleness_policy, t.max_staleness)
+
+
+def staleness_scale(subject: str, base: int | None, current: int, policy: str, max_staleness: int | None) -> float:
+    """Bounded staleness, for tensors and tables alike: reject an update computed
+    on too old a version (or on one from the future), or scale its learning
+    rate by 1 / (1 + staleness)."""
     if base is None:
         return 1.0
-    if base > t.version:
-        raise Conflict(
-            f"base_version {base} is newer than tensor {t.name!r} (version {t.version})", current_version=t.version
-        )
-    staleness = t.version - base
-    if t.staleness_policy == "scale":
+    if base > current:
+        raise Conflict(f"base_version {base} is newer than {subject} (version {current})", current_version=current)
+    staleness = current - base
+    if policy == "scale":
         return 1.0 / (1 + staleness)
-    if t.max_staleness is not None and staleness > t.max_staleness:
+    if max_staleness is not None and staleness > max_staleness:
         raise Conflict(
-            f"gradient for {t.name!r} was computed on version {base}, {staleness} versions behind "
-            f"{t.version} (max_staleness {t.max_staleness}); pull and recompute",
-            current_version=t.version,
+            f"update of {subject} was computed on version {base}, {staleness} versions behind "
+            f"{current} (max_staleness {max_staleness}); pull and recompute",
+            current_version=current,
         )
     return 1.0
 

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..errors import Conflict, Unprocessable
+from ..errors import Unprocessable
+from ..tensor_commands import staleness_scale
 from . import changes, rowdtype
 from .engine import Batch, RowStore
 from .initial import initial_rows
@@ -36,21 +37,7 @@ def check_grads(spec: TableSpec, name: str, grads: np.ndarray, n: int) -> np.nda
 
 
 def lr_scale(spec: TableSpec, name: str, current: int, base: int | None) -> float:
-    """Bounded staleness, as for tensors: reject, or scale lr by 1/(1+staleness)."""
-    if base is None:
-        return 1.0
-    if base > current:
-        raise Conflict(f"base_version {base} is newer than table {name!r} (version {current})", current_version=current)
-    staleness = current - base
-    if spec.staleness_policy == "scale":
-        return 1.0 / (1 + staleness)
-    if spec.max_staleness is not None and staleness > spec.max_staleness:
-        raise Conflict(
-            f"push to table {name!r} was computed on version {base}, {staleness} "
-            f"versions behind {current} (max_staleness {spec.max_staleness})",
-            current_version=current,
-        )
-    return 1.0
+    return staleness_scale(f"table {name!r}", base, current, spec.staleness_policy, spec.max_staleness)
 
 
 class PushPath:
