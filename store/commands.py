@@ -217,6 +217,19 @@ class TableDelete(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TableFence(Command):
+    """The first step of a conditional (If-Match) table delete: fence this
+    shard's part if it is at `version` (else 412), so that no push or load
+    lands on it until the delete or `release=True` (the check failed on
+    another shard) ends the fence."""
+
+    tag: ClassVar[str] = "table_fence"
+    name: str
+    version: int = 0
+    release: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LayoutCreate(Command):
     """Create the layout record of a partitioned tensor in its home shard
     (store/partitions.py); its parts are created by their own Puts."""
@@ -266,6 +279,7 @@ _TYPES: dict[str, type[Command]] = {
         TableCreate,
         TablePush,
         TableDelete,
+        TableFence,
         LayoutCreate,
         RoundClose,
         TableLoad,

@@ -38,6 +38,7 @@ from .commands import (
     RoundClose,
     TableCreate,
     TableDelete,
+    TableFence,
     TableLoad,
     TablePush,
 )
@@ -177,6 +178,7 @@ class ShardState:
         TableCreate: table_cmds.create,
         TablePush: table_cmds.push,
         TableDelete: table_cmds.delete,
+        TableFence: table_cmds.fence,
         RoundClose: sync_rounds.close,
         TableLoad: table_cmds.load,
     }

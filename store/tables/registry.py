@@ -91,6 +91,15 @@ class Tables:
                 return True
         return False
 
+    def fenced_at(self, name: str, stamp: int) -> bool:
+        """Whether a conditional delete held `name` fenced when the command at
+        `stamp` applied (the same answer during a replay)."""
+        entry = self.live.get(name)
+        for start, end in entry.get("fences", []) if entry else []:
+            if start < stamp and (end == 0 or stamp < end):
+                return True
+        return False
+
     # ---- changes (the applier thread) ------------------------------------------------
     def create(self, name: str, spec: TableSpec, stamp: int) -> Outcome:
         check_name(name)
@@ -134,6 +143,40 @@ class Tables:
         if table is not None:
             table.close()
         shutil.rmtree(self.root / entry["dir"], ignore_errors=True)
+        return Outcome(name, stamp)
+
+    def fence(self, name: str, stamp: int, version: int) -> Outcome:
+        """Fence the table if its version here is `version` (PreconditionFailed
+        otherwise): pushes and loads are refused until `release` or the delete."""
+        if stamp <= self.stamp:
+            return Outcome(name, stamp, replayed=True)
+        entry = self.live.get(name)
+        if entry is None:
+            raise NotFound(f"table {name!r} does not exist")
+        current = self.get(name).version
+        if current != version:
+            raise PreconditionFailed(
+                f"table {name!r} changed on shard part at version {current} (If-Match expected {version})",
+                current_version=current,
+            )
+        with self._lock:
+            fences = entry.setdefault("fences", [])
+            if not fences or fences[-1][1] != 0:
+                fences.append([stamp, 0])
+            self.stamp = stamp
+        self._write()
+        return Outcome(name, stamp)
+
+    def release(self, name: str, stamp: int) -> Outcome:
+        if stamp <= self.stamp:
+            return Outcome(name, stamp, replayed=True)
+        entry = self.live.get(name)
+        with self._lock:
+            fences = entry.get("fences", []) if entry else []
+            if fences and fences[-1][1] == 0:
+                fences[-1][1] = stamp
+            self.stamp = stamp
+        self._write()
         return Outcome(name, stamp)
 
     def close(self) -> None:

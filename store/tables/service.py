@@ -16,11 +16,11 @@ import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from ..commands import Command, TableCreate, TableDelete, TableLoad, TablePush
+from ..commands import Command, TableCreate, TableDelete, TableFence, TableLoad, TablePush
 from ..errors import Gone, NotFound, PreconditionFailed, StoreError, Unprocessable
 from ..futures import settle
 from . import export, rowdtype
@@ -76,6 +76,30 @@ def gather(futures: list[Future[Any]]) -> Future[list[Any]]:
     for i, f in enumerate(futures):
         f.add_done_callback(functools.partial(done, i))
     return out
+
+
+def _when_all_settled(futures: list[Future[Any]], fn: Callable[[None], None]) -> None:
+    """Call `fn` once every future is done, succeeded or not."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def done(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            fn(None)
+
+    for f in futures:
+        f.add_done_callback(done)
+
+
+def _forward(src: Future[Any], dst: Future[Any]) -> None:
+    def done(f: Future[Any]) -> None:
+        exc = f.exception()
+        settle(dst, None if exc is not None else f.result(), exc=exc)
+
+    src.add_done_callback(done)
 
 
 def then(fut: Future[Any], fn: Any) -> Future[Any]:
@@ -197,14 +221,53 @@ class TableService:
         return gather(futures)
 
     def delete(self, name: str, if_match: int | None = None, rid: str | None = None) -> Future[Any]:
-        """Delete every shard's part. `If-Match` is checked against the
-        table's version as this replica knows it (the sum over shards)."""
-        info = self.info(name)
-        if if_match is not None and info["version"] != if_match:
+        """Delete every shard's part. With `if_match` (the table's version, the
+        sum over its parts) the delete is all or nothing: after a barrier, each
+        part is fenced at the version this replica applied (TableFence; no push
+        lands on a fenced part), and only if every fence held are the parts
+        deleted; otherwise the fences are released and the answer is 412.
+        Blocks for the barrier: call it off the event loop."""
+        if if_match is None:
+            self.info(name)  # 404 before anything is proposed
+            return self._delete_parts(name, rid)
+        self.barrier()
+        versions = {s: self.host.local_tables(s).get(name).version for s in range(self.shards)}
+        if sum(versions.values()) != if_match:
             raise PreconditionFailed(
-                f"table {name!r} is at version {info['version']}, If-Match asked for {if_match}",
-                current_version=info["version"],
+                f"table {name!r} is at version {sum(versions.values())}, If-Match asked for {if_match}",
+                current_version=sum(versions.values()),
             )
+        fences = {s: self.host.submit_to(s, TableFence(name=name, version=v)) for s, v in versions.items()}
+        out: Future[Any] = Future()
+
+        def settled(_: Any) -> None:
+            failed = {s: f.exception() for s, f in fences.items() if f.exception() is not None}
+            if not failed:
+                _forward(self._delete_parts(name, rid), out)
+                return
+            for s, f in fences.items():
+                if f.exception() is None:
+                    self.host.submit_to(s, TableFence(name=name, release=True))
+            moved = {s: e for s, e in failed.items() if isinstance(e, PreconditionFailed)}
+            if not moved:
+                settle(out, exc=next(iter(failed.values())))
+                return
+            current = dict(versions)
+            for s, e in moved.items():
+                current[s] = int(cast(int, e.extra.get("current_version", versions[s])))
+            settle(
+                out,
+                exc=PreconditionFailed(
+                    f"table {name!r} changed to version {sum(current.values())} while it was being deleted "
+                    f"(If-Match {if_match}); nothing was deleted",
+                    current_version=sum(current.values()),
+                ),
+            )
+
+        _when_all_settled(list(fences.values()), settled)
+        return out
+
+    def _delete_parts(self, name: str, rid: str | None) -> Future[Any]:
         futures = [self.host.submit_to(s, TableDelete(name=name, rid=_rid(rid, s))) for s in range(self.shards)]
         return then(gather(futures), lambda _: {"name": name, "deleted": True})
 

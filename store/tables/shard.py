@@ -1,5 +1,5 @@
 """The table commands of a shard's state machine (store/state.py dispatches
-TableCreate, TablePush and TableDelete here). Each runs on the applier thread
+TableCreate, TablePush, TableLoad, TableFence and TableDelete here). Each runs on the applier thread
 with the state's `stamp`, the command's position in the log."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..commands import TableCreate, TableDelete, TableLoad, TablePush
-from ..errors import AlreadyExists, NotFound, Unprocessable
+from ..commands import TableCreate, TableDelete, TableFence, TableLoad, TablePush
+from ..errors import AlreadyExists, NotFound, Unavailable, Unprocessable
 from .registry import Tables
 from .spec import parse_spec
 
@@ -28,6 +28,14 @@ def _tables(state: ShardState) -> Tables:
     return state.tables
 
 
+def _refuse_if_fenced(tables: Tables, name: str, stamp: int) -> None:
+    if tables.fenced_at(name, stamp):
+        raise Unavailable(
+            f"table {name!r} is being deleted (a conditional DELETE holds it); retry, or DELETE it again "
+            "if the one that started stopped half-way"
+        )
+
+
 def create(state: ShardState, cmd: TableCreate, resolve: PayloadResolver) -> Result:
     tables = _tables(state)
     spec = parse_spec(cmd.config)
@@ -43,6 +51,7 @@ def push(state: ShardState, cmd: TablePush, resolve: PayloadResolver) -> Result:
         if tables.existed_at(cmd.name, state.stamp):  # replayed after the table was deleted
             return {"name": cmd.name, "shard": state.shard, "replayed": True}
         raise NotFound(f"table {cmd.name!r} does not exist")
+    _refuse_if_fenced(tables, cmd.name, state.stamp)
     table = tables.get(cmd.name)
     id_dtype = ID_DTYPES.get(cmd.id_dtype)
     if id_dtype is None:
@@ -68,6 +77,7 @@ def load(state: ShardState, cmd: TableLoad, resolve: PayloadResolver) -> Result:
         if tables.existed_at(cmd.name, state.stamp):
             return {"name": cmd.name, "shard": state.shard, "replayed": True}
         raise NotFound(f"table {cmd.name!r} does not exist")
+    _refuse_if_fenced(tables, cmd.name, state.stamp)
     table = tables.get(cmd.name)
     raw_ids, raw_recs = resolve(cmd.ids), resolve(cmd.records)
     size = table.rec.itemsize
@@ -86,3 +96,9 @@ def load(state: ShardState, cmd: TableLoad, resolve: PayloadResolver) -> Result:
 def delete(state: ShardState, cmd: TableDelete, resolve: PayloadResolver) -> Result:
     out = _tables(state).delete(cmd.name, state.stamp, if_match=cmd.if_match)
     return {"name": cmd.name, "shard": state.shard, "deleted": not out.replayed}
+
+
+def fence(state: ShardState, cmd: TableFence, resolve: PayloadResolver) -> Result:
+    tables = _tables(state)
+    out = tables.release(cmd.name, state.stamp) if cmd.release else tables.fence(cmd.name, state.stamp, cmd.version)
+    return {"name": cmd.name, "shard": state.shard, "fenced": not cmd.release, "replayed": out.replayed}

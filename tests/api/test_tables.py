@@ -16,6 +16,8 @@ from safetensors.numpy import save
 from safetensors.torch import load as load_torch
 from starlette.testclient import TestClient
 
+from store.commands import Inline, TableFence, TablePush
+from store.tables.ids import shard_of_keys
 from tests.helpers.apps import single_node_app
 from tests.waiting import wait_until
 
@@ -256,3 +258,48 @@ def test_tables_in_metrics(client: TestClient) -> None:
     assert lines[f"paramstore_table_push_rows_total{key}"] == 3
     assert lines[f"paramstore_table_disk_bytes{key}"] > 0
     assert 'paramstore_table_cache_bytes{kind="capacity",node="n0"}' in text
+
+
+def _on_shard(shard: int, shards: int = 2) -> int:
+    keys = np.arange(1, 64, dtype=np.uint64)
+    return int(keys[shard_of_keys(keys, shards) == shard][0])
+
+
+def test_a_conditional_delete_that_races_a_push_deletes_nothing(client: TestClient, monkeypatch: Any) -> None:
+    """A push commits on the last shard between the replica's version check and
+    that shard's fence: the fences already set are released, the answer is 412
+    with the new version, and the table keeps all its parts."""
+    name = create(client, optimizer={"type": "sgd", "lr": 1.0})
+    assert push_st(client, name, np.array([_on_shard(0), _on_shard(1)]), np.ones((2, 4), np.float32)).status_code == 200
+    version = client.get(f"/v1/tables/{name}").json()["version"]
+    host = client.app.state.store.tables.host  # type: ignore[attr-defined]
+    submit = host.submit_to
+
+    def push_first(shard: int, cmd: Any) -> Any:
+        if isinstance(cmd, TableFence) and not cmd.release and shard == 1:
+            ids = np.array([_on_shard(1)], "<i8")
+            racing = TablePush(name=name, n=1, id_dtype="int64", ids=Inline(ids.tobytes()), grads=Inline(b"\0" * 16))
+            submit(shard, racing).result(timeout=10)
+        return submit(shard, cmd)
+
+    monkeypatch.setattr(host, "submit_to", push_first)
+    r = client.delete(f"/v1/tables/{name}", headers={"If-Match": f'"{version}"'})
+    monkeypatch.undo()
+    assert_error(r, 412, "precondition_failed")
+    assert r.json()["current_version"] == version + 1
+    # nothing deleted, and the released fences let pushes through on both shards
+    r = push_st(client, name, np.array([_on_shard(0), _on_shard(1)]), np.ones((2, 4), np.float32))
+    assert r.status_code == 200, r.text
+    assert client.get(f"/v1/tables/{name}").json()["version"] == version + 3
+
+
+def test_a_fence_left_by_a_stopped_delete_refuses_pushes_until_deleted(client: TestClient) -> None:
+    name = create(client)
+    host = client.app.state.store.tables.host  # type: ignore[attr-defined]
+    host.submit_to(0, TableFence(name=name, version=0)).result(timeout=10)
+    before = snapshot(client, name)
+    r = push_st(client, name, np.array([_on_shard(0)]), np.ones((1, 4), np.float32))
+    assert_error(r, 503, "unavailable")
+    assert "being deleted" in r.json()["detail"] and snapshot(client, name) == before
+    assert client.delete(f"/v1/tables/{name}").status_code == 200
+    assert_error(client.post(f"/v1/tables/{name}:lookup", json={"ids": [1]}), 404, "not_found")

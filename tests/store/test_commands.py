@@ -24,6 +24,7 @@ from store.commands import (
     Stored,
     TableCreate,
     TableDelete,
+    TableFence,
     TableLoad,
     TablePush,
     decode,
@@ -83,6 +84,8 @@ EVERY = [
         name="emb", n=2, id_dtype="uint64", ids=Inline(b"\0" * 16), grads=Stored(SHA, 32), rid="r10", base_version=3
     ),
     TableDelete(name="emb", rid="r11", if_match=5),
+    TableFence(name="emb", version=4),
+    TableFence(name="emb", release=True),
     LayoutCreate(name="big", dtype="float32", shape=(10, 4), counts=(4, 3, 3), rid="r12"),
     Put(name="s", dtype="float32", shape=(2,), data=Inline(b"\0" * 8), sync={"workers": 3, "backup_workers": 1}),
     RoundClose(rounds=(("s", 4), ("t", 9)), rid="r13"),

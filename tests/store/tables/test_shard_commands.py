@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store.commands import Command, Group, Inline, Put, TableCreate, TableDelete, TablePush
-from store.errors import AlreadyExists, NotFound, Unprocessable
+from store.commands import Command, Group, Inline, Put, TableCreate, TableDelete, TableFence, TablePush
+from store.errors import AlreadyExists, NotFound, PreconditionFailed, Unavailable, Unprocessable
 from store.state import ShardState
 from store.tables.registry import Tables
 
@@ -126,3 +126,42 @@ def test_replaying_the_log_after_a_restart_changes_nothing(tmp_path: Path) -> No
     assert again.tables is not None
     assert {n: again.tables.get(n).digest() for n in again.tables.names()} == digests
     assert rows(again, "a", [1, 5]) == [[0, 0], [-1, -1]] and "t" in again.tensors
+
+
+def test_a_fence_holds_pushes_off_until_released(tmp_path: Path) -> None:
+    s = state(tmp_path)
+    apply(s, 1, TableCreate(name="emb", config=CONFIG))
+    apply(s, 2, push("emb", [1], [[1, 1]]))
+    with pytest.raises(PreconditionFailed) as moved:
+        apply(s, 3, TableFence(name="emb", version=0))
+    assert moved.value.extra["current_version"] == 1
+    apply(s, 4, push("emb", [1], [[1, 1]]))  # the failed fence fenced nothing
+    assert apply(s, 5, TableFence(name="emb", version=2))["fenced"]
+    with pytest.raises(Unavailable, match="being deleted"):
+        apply(s, 6, push("emb", [1], [[5, 5]]))
+    assert rows(s, "emb", [1]) == [[-2, -2]]
+    apply(s, 7, TableFence(name="emb", release=True))
+    assert apply(s, 8, push("emb", [1], [[1, 1]]))["version"] == 3
+
+
+def test_a_push_refused_by_a_fence_stays_refused_in_a_replay(tmp_path: Path) -> None:
+    """The fence's interval is kept, so a replay after the release answers as the first time."""
+    log: list[Command] = [
+        TableCreate(name="a", config=CONFIG),
+        TableFence(name="a", version=0),
+        push("a", [1], [[1, 1]]),
+        TableFence(name="a", release=True),
+    ]
+    first = state(tmp_path)
+    for i, cmd in enumerate(log, start=1):
+        try:
+            apply(first, i, cmd)
+        except Unavailable:
+            assert i == 3
+    assert first.tables is not None
+    first.tables.close()
+    again = state(tmp_path)
+    with pytest.raises(Unavailable):
+        for i, cmd in enumerate(log, start=1):
+            apply(again, i, cmd)
+    assert rows(again, "a", [1]) == [[0, 0]]
