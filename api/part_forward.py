@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 
 from store import dtypes
-from store.commands import Delete, Grad, Put
+from store.commands import Delete, Grad, GradRows, Put
 from store.errors import StoreError, Unavailable
 from store.interface import StoreAPI
 
@@ -143,6 +143,18 @@ async def write(store: StoreAPI, shard: int, cmd: Any, auth: str | None, what: s
             hd["If-Match"] = f'"{cmd.if_match}"'
         body, length = _body(cmd.data)
         r = await _request(store, shard, "POST", cmd.name, what, "/grad", headers={**hd, **length}, body=body)
+    elif isinstance(cmd, GradRows):
+        if cmd.base_version is not None:
+            hd["X-Base-Version"] = str(cmd.base_version)
+        if cmd.if_match is not None:
+            hd["If-Match"] = f'"{cmd.if_match}"'
+        raw_indices: Any = cmd.indices  # the bytes partition_rows built (never a stored payload here)
+        raw_values: Any = cmd.values
+        indices = np.frombuffer(raw_indices, dtype=np.int64)
+        values = np.frombuffer(raw_values, dtype=dtypes.dtype_of(cmd.dtype)).reshape(cmd.k, *cmd.row_shape)
+        body, length = _body(wire.encode_safetensors({"indices": indices, "values": values}, {}))
+        hd["Content-Type"] = wire.SAFETENSORS
+        r = await _request(store, shard, "POST", cmd.name, what, "/grad-rows", headers={**hd, **length}, body=body)
     elif isinstance(cmd, Delete):
         if cmd.if_match is not None:
             hd["If-Match"] = f'"{cmd.if_match}"'
@@ -180,3 +192,34 @@ async def read(
         raise Unavailable(f"read of part {part!r}: the replica hosting it sent {len(r.content)} bytes, not {want}")
     value = np.frombuffer(r.content, dtype=dtypes.dtype_of(dtype)).reshape(shape)
     return RemotePart(int(r.headers["x-version"]), value)
+
+
+async def read_rows(
+    store: StoreAPI,
+    shard: int,
+    part: str,
+    rows: np.ndarray,
+    dtype: str,
+    row_shape: tuple[int, ...],
+    auth: str | None,
+    *,
+    linearizable: bool,
+    min_version: int | None,
+    deadline: float,
+) -> RemotePart:
+    """Rows of one part from a replica hosting its shard (`rows` within the part)."""
+    params: dict[str, str] = {"rows": ",".join(str(int(r)) for r in rows)}
+    if linearizable:
+        params["consistency"] = "linearizable"
+    if min_version is not None:
+        params["min_version"] = str(min_version)
+        params["timeout"] = f"{deadline:g}"
+    hd = {"Accept": wire.OCTET, **_auth(auth)}
+    r = await _request(store, shard, "GET", part, f"rows of part {part!r}", headers=hd, params=params)
+    shape = (len(rows), *row_shape)
+    want = dtypes.expected_nbytes(dtype, shape)
+    if len(r.content) != want:
+        raise Unavailable(f"rows of part {part!r}: the replica hosting it sent {len(r.content)} bytes, not {want}")
+    return RemotePart(
+        int(r.headers["x-version"]), np.frombuffer(r.content, dtype=dtypes.dtype_of(dtype)).reshape(shape)
+    )

@@ -18,7 +18,7 @@ from store.errors import InvalidRequest, NotFound, PreconditionFailed, Unavailab
 from store.interface import StoreAPI
 from store.partitions import Layout
 
-from . import grad_widen, partition_reads, partitioned, wire
+from . import grad_widen, partition_reads, partition_rows, partitioned, wire
 from . import headers as h
 from . import openapi as oa
 from . import wire_dtypes as wd
@@ -274,7 +274,7 @@ async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
     """Sparse push: a safetensors body with `indices` (int64, k) and `values`
     (k x row shape); only those rows and their optimizer state change."""
     store = _store(request)
-    h.tensor_name(name)
+    h.tensor_or_part_name(name)
     hd = request.headers
     if wire.media_type(hd.get("content-type")) != wire.SAFETENSORS:
         raise UnsupportedMediaType(f"grad-rows takes {wire.SAFETENSORS} with 'indices' and 'values'")
@@ -287,6 +287,9 @@ async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
         raise Unprocessable("indices must be a 1-D int64 tensor")
     if not vals.shape or vals.shape[0] != idx.shape[0]:
         raise Unprocessable(f"values must have {idx.shape[0]} rows (one per index), shape is {list(vals.shape)}")
+    lay = store.layout(name)
+    if lay is not None:
+        return _written(await partition_rows.push_rows(store, lay, hd, idx, vals))
     cmd = GradRows(
         name=name,
         k=idx.shape[0],
@@ -294,7 +297,7 @@ async def push_grad_rows(request: Request, name: str = TensorName) -> Response:
         row_shape=vals.shape[1:],
         indices=idx.data,
         values=vals.data,
-        rid=h.request_id(hd.get("x-request-id")),
+        rid=h.request_id_of(hd),
         base_version=h.integer(hd.get("x-base-version"), "X-Base-Version"),
         if_match=h.version_tag(hd.get("if-match"), "If-Match"),
     )
@@ -381,7 +384,18 @@ async def get_tensor(
     lay = store.layout(name)
     if lay is not None:
         if rows is not None:
-            raise Unprocessable(f"rows= of a partitioned tensor ({name!r}) is not served; pull it whole")
+            return await partition_rows.get_rows(
+                store,
+                lay,
+                rows,
+                kind=kind,
+                head_only=request.method == "HEAD",
+                wire_dtype=wire_dtype,
+                linearizable=consistency == "linearizable",
+                min_version=min_version,
+                deadline=deadline,
+                auth=request.headers.get("authorization"),
+            )
         return await partition_reads.pull(
             store,
             lay,

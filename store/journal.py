@@ -104,6 +104,8 @@ class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("_codecs", "encode"):
             return _latin1  # how protocol 2 spells bytes
+        if (module, name) == ("__builtin__", "bytes"):
+            return _empty_bytes  # how protocol 2 spells b""
         if (module, name) in (("pysyncobj.node", "TCPNode"), ("pysyncobj.node", "Node")):
             import pysyncobj.node  # membership entries carry node objects (plain attributes)
 
@@ -118,6 +120,12 @@ def _latin1(text: str, encoding: str) -> bytes:
     if type(text) is not str or encoding != "latin1":
         raise pickle.UnpicklingError(f"encodes with {encoding!r}")
     return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    if args:
+        raise pickle.UnpicklingError("builds bytes from arguments")
+    return b""
 
 
 def plain_loads(data: bytes) -> Any:

@@ -65,6 +65,28 @@ def test_create_push_pull_through_a_replica_missing_parts_and_retried_create(clu
     value, version = c.get(entry, NAME, consistency="linearizable")
     assert version == 2 and value.tobytes() == expected.tobytes()
 
+    # sparse pushes and row reads through the same replica: parts it does not host are forwarded
+    from safetensors.numpy import save
+
+    starts = np.cumsum([0] + [SHAPE[0] // K + (1 if i < SHAPE[0] % K else 0) for i in range(K)])[:-1]
+    indices = np.array([int(starts[i]) + 1 for i in range(K)] + [int(starts[-1]) + 1], np.int64)
+    values = np.random.default_rng(3).standard_normal((len(indices), SHAPE[1])).astype(np.float32)
+    body = save({"indices": indices, "values": values})
+    sparse_hd = {"Content-Type": "application/x-safetensors", "X-Request-Id": "rows-1"}
+    for _ in range(2):  # the retry applies each part once
+        r = c.http.post(f"{c.urls[entry]}/v1/tensors/{NAME}/grad-rows", content=body, headers=sparse_hd)
+        assert r.status_code == 200 and r.json()["versions"] == [3] * K, r.text
+    summed = np.zeros_like(expected)
+    np.add.at(summed, indices, values)  # duplicate indices are summed first, as for a whole tensor
+    touched = np.unique(indices)
+    expected[touched] -= np.float32(LR) * summed[touched]
+    rows = ",".join(str(int(i)) for i in indices[::-1])
+    r = c.http.get(f"{c.urls[entry]}/v1/tensors/{NAME}", params={"rows": rows, "min_version": 3})
+    assert r.status_code == 200, r.text
+    got = np.frombuffer(r.content, np.float32).reshape(len(indices), SHAPE[1])
+    assert got.tobytes() == expected[indices[::-1]].tobytes()
+    assert json.loads(r.headers["X-Versions"]) == [3] * K
+
     r = c.http.delete(f"{c.urls[entry]}/v1/tensors/{NAME}")
     assert r.status_code == 200, r.text
     for i, s in enumerate(part_shards):  # every part is gone, wherever it was hosted

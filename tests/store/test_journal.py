@@ -192,3 +192,12 @@ def test_seal_is_canonical_and_strict():
     for bad in (np.float32(1), np.zeros(2), {1, 2}, object()):
         with pytest.raises(TypeError):
             seal(("put", bad))
+
+
+def test_empty_bytes_read_back_and_bytes_from_arguments_do_not() -> None:
+    from store.journal import plain_loads
+
+    assert plain_loads(pickle.dumps((b"", b"x"), 2)) == (b"", b"x")
+    built = b"\x80\x02c__builtin__\nbytes\nK\x05\x85R."  # bytes(5): arguments are refused
+    with pytest.raises(pickle.UnpicklingError, match="from arguments"):
+        plain_loads(built)

@@ -1,0 +1,173 @@
+"""Row reads (`GET ?rows=`) and sparse pushes (`POST .../grad-rows`) of a
+partitioned tensor. Parts are row ranges of the first dimension, so each row
+lives in exactly one part, at a row of its own.
+
+A sparse push goes to *every* part, an empty one (k = 0) to the parts it does
+not touch: every push then raises every part's version by one and steps every
+part's optimizer once, as a whole tensor's sparse push does, so version
+vectors stay aligned and `min_version` keeps meaning "after push N".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from starlette.responses import Response
+
+from store import dtypes
+from store.commands import GradRows
+from store.errors import InvalidRequest, Unavailable, Unprocessable
+from store.interface import StoreAPI
+from store.partitions import Layout, bounds
+from store.placement import shard_for
+
+from . import headers as h
+from . import part_forward, wire, wire_dtypes
+from .bridge import wait_optional, wait_within
+from .errors import WaitExpired
+from .partitioned import _allows_nonfinite, _precheck, _rid, fan_out, version_vector
+
+
+def parse_rows(text: str) -> np.ndarray:
+    try:
+        return np.array([int(r) for r in text.split(",") if r.strip()], dtype=np.int64)
+    except ValueError:
+        raise InvalidRequest("rows: expected comma-separated integers") from None
+
+
+def locate(lay: Layout, rows: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(part of each row, its row within that part); 422 for a row out of range."""
+    n = lay.shape[0]
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise Unprocessable(f"{what} must be in [0, {n}) for {lay.name!r}")
+    starts = np.array([a for a, _ in bounds(lay.counts)], dtype=np.int64)
+    part = np.searchsorted(starts, rows, side="right") - 1
+    return part, rows - starts[part]
+
+
+async def get_rows(
+    store: StoreAPI,
+    lay: Layout,
+    rows_text: str,
+    *,
+    kind: str,
+    head_only: bool,
+    wire_dtype: str | None,
+    linearizable: bool,
+    min_version: int | None,
+    deadline: float,
+    auth: str | None,
+) -> Response:
+    """The rows in the order asked; each part touched is read at its own
+    version with the caller's consistency. `X-Version` is the least version of
+    the parts read, `X-Versions` every part's (null: not read)."""
+    rows = parse_rows(rows_text)
+    part, local = locate(lay, rows, "rows")
+    out = np.empty((len(rows), *lay.shape[1:]), dtype=dtypes.dtype_of(lay.dtype))
+    shards = lay.part_shards(store.cfg.shards)
+    touched = [int(i) for i in np.unique(part)]
+
+    async def one(i: int) -> tuple[int, np.ndarray, int]:
+        sel = np.flatnonzero(part == i)
+        name = lay.parts()[i]
+        if part_forward.is_local(store, shards[i]):
+            await _consistent(store, shards[i], name, linearizable, min_version, deadline)
+            arr, t, _ = store.get_rows(name, local[sel])
+            return i, arr, t.version
+        got = await part_forward.read_rows(
+            store,
+            shards[i],
+            name,
+            local[sel],
+            lay.dtype,
+            lay.shape[1:],
+            auth,
+            linearizable=linearizable,
+            min_version=min_version,
+            deadline=deadline,
+        )
+        return i, got.value, got.version
+
+    versions: list[int | None] = [None] * lay.k
+    for i, arr, version in await asyncio.gather(*(one(i) for i in touched)):
+        out[part == i] = arr
+        versions[i] = version
+    read = [v for v in versions if v is not None]
+    hdrs = wire.tensor_headers(lay.dtype, out.shape, min(read) if read else 0, shard_for(lay.name, store.cfg.shards))
+    hdrs["X-Versions"] = json.dumps(versions, separators=(",", ":"))
+    if wire_dtype is not None:
+        return await wire_dtypes.tensor_response(lay.name, out, hdrs, wire_dtype, kind, head_only)
+    return wire.encode(kind, lay.name, out, hdrs, store.cfg.limits.json_max_elements, head_only=head_only)
+
+
+async def _consistent(
+    store: StoreAPI, shard: int, name: str, linearizable: bool, min_version: int | None, deadline: float
+) -> None:
+    if linearizable:
+        limits = store.cfg.limits
+        await wait_within(store.barrier(shard), max(deadline, limits.request_timeout), False, "linearizable barrier")
+    if min_version is None:
+        return
+    fut = store.watch(name, min_version)
+    if await wait_optional(fut, deadline):
+        return
+    store.unwatch(name, fut)
+    kind = WaitExpired if store.is_ready() else Unavailable
+    raise kind(
+        f"this replica has not applied version {min_version} of part {name!r} within {deadline:g}s; "
+        "retry or read from another replica"
+    )
+
+
+async def push_rows(
+    store: StoreAPI, lay: Layout, hd: Mapping[str, str], idx: wire.WireTensor, vals: wire.WireTensor
+) -> dict[str, Any]:
+    """A sparse gradient split by part, checked whole first (row shape and
+    dtype, indices in range, finiteness, If-Match against this replica's
+    view), so a bad push applies no part."""
+    if (vals.dtype, tuple(vals.shape[1:])) != (lay.dtype, lay.shape[1:]):
+        raise Unprocessable(
+            f"rows are {vals.dtype}{list(vals.shape[1:])} but rows of {lay.name!r} are "
+            f"{lay.dtype}{list(lay.shape[1:])} (partitioned in {lay.k} parts); no part was changed"
+        )
+    indices = np.frombuffer(idx.data, dtype=np.int64)
+    values = np.frombuffer(vals.data, dtype=dtypes.dtype_of(vals.dtype)).reshape(vals.shape)
+    part, local = locate(lay, indices, "row indices")
+    if not _allows_nonfinite(store, lay) and not dtypes.all_finite(values):
+        raise Unprocessable(f"gradient rows for {lay.name!r} contain NaN or Inf; no part was changed")
+    base = version_vector(hd.get("x-base-version"), "X-Base-Version", lay.k)
+    if_match = version_vector(hd.get("if-match"), "If-Match", lay.k)
+    if if_match is not None:
+        _precheck(store, lay, if_match)
+    rid = _rid(h.request_id(hd.get("x-request-id")))
+    cmds = []
+    for i, p in enumerate(lay.parts()):
+        sel = np.flatnonzero(part == i)
+        cmds.append(
+            GradRows(
+                name=p,
+                dtype=lay.dtype,
+                row_shape=lay.shape[1:],
+                k=len(sel),
+                indices=np.ascontiguousarray(local[sel]).tobytes(),
+                values=np.ascontiguousarray(values[sel]).tobytes(),
+                rid=f"{rid}#p{i}",
+                base_version=None if base is None else base[i],
+                if_match=None if if_match is None else if_match[i],
+            )
+        )
+    results = await fan_out(store, lay, cmds, "sparse push", hd.get("authorization"))
+    versions = [r["version"] for r in results]
+    out: dict[str, Any] = {
+        "name": lay.name,
+        "version": min(versions),
+        "versions": versions,
+        "shard": shard_for(lay.name, store.cfg.shards),
+    }
+    if all(r.get("duplicate") for r in results):
+        out["duplicate"] = True
+    return out
