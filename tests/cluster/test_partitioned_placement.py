@@ -80,12 +80,19 @@ def test_create_push_pull_through_a_replica_missing_parts_and_retried_create(clu
     np.add.at(summed, indices, values)  # duplicate indices are summed first, as for a whole tensor
     touched = np.unique(indices)
     expected[touched] -= np.float32(LR) * summed[touched]
-    rows = ",".join(str(int(i)) for i in indices[::-1])
-    r = c.http.get(f"{c.urls[entry]}/v1/tensors/{NAME}", params={"rows": rows, "min_version": 3})
+    one = save({"indices": np.array([0], np.int64), "values": values[:1]})  # the other parts get empty pushes
+    r = c.http.post(
+        f"{c.urls[entry]}/v1/tensors/{NAME}/grad-rows", content=one, headers=sparse_hd | {"X-Request-Id": "rows-2"}
+    )
+    assert r.status_code == 200 and r.json()["versions"] == [4] * K, r.text
+    expected[0] -= np.float32(LR) * values[0]
+    read = np.append(indices[::-1], 0)
+    rows = ",".join(str(int(i)) for i in read)
+    r = c.http.get(f"{c.urls[entry]}/v1/tensors/{NAME}", params={"rows": rows, "min_version": 4})
     assert r.status_code == 200, r.text
-    got = np.frombuffer(r.content, np.float32).reshape(len(indices), SHAPE[1])
-    assert got.tobytes() == expected[indices[::-1]].tobytes()
-    assert json.loads(r.headers["X-Versions"]) == [3] * K
+    got = np.frombuffer(r.content, np.float32).reshape(len(read), SHAPE[1])
+    assert got.tobytes() == expected[read].tobytes()
+    assert json.loads(r.headers["X-Versions"]) == [4] * K
 
     r = c.http.delete(f"{c.urls[entry]}/v1/tensors/{NAME}")
     assert r.status_code == 200, r.text
