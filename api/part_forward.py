@@ -165,6 +165,17 @@ async def write(store: StoreAPI, shard: int, cmd: Any, auth: str | None, what: s
     return result
 
 
+async def wait_past(store: StoreAPI, shard: int, part: str, version_gt: int, wait_s: float, auth: str | None) -> bool:
+    """Whether a part's version passed `version_gt` within `wait_s`: a long
+    poll (HEAD, `wait_version_gt`) on a replica hosting its shard."""
+    params = {"wait_version_gt": str(version_gt), "timeout": f"{max(wait_s, 0.0):g}"}
+    hd = {"Accept": wire.OCTET, **_auth(auth)}
+    what = f"wait on part {part!r}"
+    timeout = httpx.Timeout(store.cfg.limits.request_timeout + 5.0, read=wait_s + store.cfg.limits.request_timeout)
+    r = await _request(store, shard, "HEAD", part, what, headers=hd, params=params, timeout=timeout)
+    return r.status_code != 304
+
+
 async def read(
     store: StoreAPI,
     shard: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,8 @@ async def pull(
     """The whole tensor, its parts read in order; `min_version` and
     `consistency=linearizable` apply to every part. A part whose shard is not
     hosted here is read from a replica that hosts it with the caller's `auth`
-    (api/part_forward.py); `wait_version_gt` waits on the parts hosted here."""
+    (api/part_forward.py); so is the wait of `wait_version_gt`, which waits
+    until every part is past it."""
     limits = store.cfg.limits
     part_shards = lay.part_shards(store.cfg.shards)
     here = [part_forward.is_local(store, s) for s in part_shards]
@@ -66,7 +68,7 @@ async def pull(
             f"{deadline:g}s; retry or read from another replica"
         )
     read = Remote(auth, linearizable, min_version, deadline)
-    if wait_version_gt is not None and not await _wait_all(store, parts, wait_version_gt + 1, deadline):
+    if wait_version_gt is not None and not await _wait_every_part(store, lay, wait_version_gt, deadline, auth):
         records = await _records(store, lay, read)
         return Response(status_code=304, headers=answer_headers(store, lay, [t.version for t in records]))
     records = await _records(store, lay, read)
@@ -148,6 +150,24 @@ async def _records(store: StoreAPI, lay: Layout, remote: Remote) -> list[Any]:
             ) from None
 
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(lay.parts()))))
+
+
+async def _wait_every_part(store: StoreAPI, lay: Layout, version_gt: int, deadline: float, auth: str | None) -> bool:
+    """Whether every part passed `version_gt` within `deadline`: the parts
+    hosted here watched together, then each part hosted elsewhere long-polled
+    on a replica hosting it, one after another (versions only grow, so one
+    pass suffices, and a poll holds at most one connection to a peer)."""
+    until = time.monotonic() + deadline
+    shards = lay.part_shards(store.cfg.shards)
+    here = [p for p, s in zip(lay.parts(), shards, strict=True) if part_forward.is_local(store, s)]
+    if not await _wait_all(store, here, version_gt + 1, deadline):
+        return False
+    for p, s in zip(lay.parts(), shards, strict=True):
+        if not part_forward.is_local(store, s):
+            left = max(until - time.monotonic(), 0.0)  # 0: still asked, it may be past already
+            if not await part_forward.wait_past(store, s, p, version_gt, left, auth):
+                return False
+    return True
 
 
 async def _wait_all(store: StoreAPI, parts: list[str], version: int, deadline: float) -> bool:

@@ -1,10 +1,13 @@
 """A partitioned tensor on 4 nodes with replication 2 (issue 16): no replica
 hosts every part, so the entry replica forwards the parts it does not host to
 a replica that does; a retried create (same X-Request-Id, same layout) is
-idempotent."""
+idempotent; a long poll waits on the parts hosted elsewhere too."""
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 
@@ -100,3 +103,47 @@ def test_create_push_pull_through_a_replica_missing_parts_and_retried_create(clu
         nid = sorted(hosts(c, s))[0]
         got = c.http.get(f"{c.urls[nid]}/v1/tensors/{part_name(NAME, i).replace('#', '%23')}")
         assert got.status_code == 404, (i, got.status_code, got.text)
+
+
+def test_long_poll_waits_on_the_parts_hosted_elsewhere(cluster):
+    c = cluster
+    name = "polled"
+    part_shards = [shard_of(part_name(name, i), SHARDS) for i in range(K)]
+    entry = sorted(hosts(c, shard_of(name, SHARDS)))[0]
+    elsewhere = [i for i, s in enumerate(part_shards) if entry not in hosts(c, s)]
+    assert elsewhere, "the test needs a part the entry replica does not host"
+    j = elsewhere[0]
+    r = c.put(entry, name, np.zeros(SHAPE, np.float32), {"X-Partitions": str(K)})
+    assert r.status_code == 201, r.text
+    rows = [p["rows"] for p in r.json()["partitions"]]
+
+    def push_part(i: int) -> None:
+        grad = np.ones((rows[i][1] - rows[i][0], SHAPE[1]), np.float32)
+        got = c.grad(sorted(hosts(c, part_shards[i]))[0], part_name(name, i).replace("#", "%23"), grad)
+        assert got.status_code == 200 and got.json()["version"] == 2, got.text
+
+    def poll(timeout: float) -> tuple[httpx.Response, float]:
+        t0 = time.monotonic()
+        got = c.http.head(
+            f"{c.urls[entry]}/v1/tensors/{name}",
+            params={"wait_version_gt": 1, "timeout": timeout},
+            timeout=timeout + 10,
+        )
+        return got, time.monotonic() - t0
+
+    for i in range(K):
+        if i != j:
+            push_part(i)
+    # Every part but j is past 1: the poll waits for j on its host, and times out.
+    got, _ = poll(2.0)
+    assert got.status_code == 304, (got.status_code, got.headers)
+    versions = json.loads(got.headers["X-Versions"])
+    assert versions[j] == 1 and got.headers["X-Version"] == "1", versions
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(poll, 30.0)
+        push_part(j)
+        got, took = waiting.result(timeout=40)
+    assert got.status_code == 200, (got.status_code, got.headers)
+    assert json.loads(got.headers["X-Versions"]) == [2] * K and got.headers["X-Version"] == "2"
+    assert took < 25, took  # woken by the push, not by the timeout
