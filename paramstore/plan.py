@@ -39,12 +39,16 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Wire:
-    """Bytes per parameter on the wire for a push and for a pull."""
+    """Bytes per parameter on the wire for a push, for a pull, and for the
+    push's copies to the shard's other replicas."""
 
     name: str
     push: float
     pull: float
     allreduce: float | None  # None: not applicable to a ring all-reduce
+    # The entry replica widens a compressed push to the tensor's dtype before
+    # proposing it (api/grad_widen.py), so its copies go out full width.
+    replicated: float
 
 
 def wire(compress: str, dtype: str) -> Wire:
@@ -53,15 +57,16 @@ def wire(compress: str, dtype: str) -> Wire:
     per-row float32 scales left out: under 1% for rows of 400+ elements).
     topk:F pushes F of the entries as (index, value) pairs and pulls dense
     values. A ring all-reduce sums at every hop, so neither int8 nor top-k
-    carries over to it without re-quantizing (not modelled)."""
+    carries over to it without re-quantizing (not modelled). Whatever the
+    option, the store replicates a push at the model's width."""
     b = dtype_bytes(dtype)
     if compress == "none":
-        return Wire(compress, b, b, b)
+        return Wire(compress, b, b, b, b)
     if compress in ("float16", "bfloat16"):
         c = min(2, b)
-        return Wire(compress, c, c, c)
+        return Wire(compress, c, c, c, b)
     if compress == "int8":
-        return Wire(compress, min(1, b), min(1, b), None)
+        return Wire(compress, min(1, b), min(1, b), None, b)
     if compress.startswith("topk:"):
         try:
             frac = float(compress[5:])
@@ -69,7 +74,7 @@ def wire(compress: str, dtype: str) -> Wire:
             raise PlanError(f"compress {compress!r}: topk:F needs a number F in (0, 1]") from None
         if not 0 < frac <= 1:
             raise PlanError(f"compress {compress!r}: the top-k fraction must be in (0, 1]")
-        return Wire(compress, frac * (TOPK_INDEX_BYTES + b), b, None)
+        return Wire(compress, frac * (TOPK_INDEX_BYTES + b), b, None, b)
     raise PlanError(f"compress {compress!r}: expected one of none, float16, bfloat16, int8, topk:F")
 
 
@@ -162,8 +167,8 @@ def links(job: Job) -> Links:
     """Per step: each worker pushes its gradient for the whole model and pulls
     the whole model. A shard's entry replica takes its part of every worker's
     gradient and sends it on to the shard's replication-1 other replicas
-    (paramstore sideloads gradient bodies; only a digest goes through the Raft
-    log), and serves its part of every pull."""
+    (paramstore sideloads gradient bodies, widened if they came compressed;
+    only a digest goes through the Raft log), and serves its part of every pull."""
     w = wire(job.compress, job.dtype)
     lead, host = (
         (job.lead_shares, job.host_shares)
@@ -174,8 +179,9 @@ def links(job: Job) -> Links:
     return Links(
         worker_sent=p * w.push,
         worker_received=p * w.pull,
-        node_sent=tuple(n * p * f * (w.pull + (job.replication - 1) * w.push) for f in lead),
-        node_received=tuple(n * p * h * w.push for h in host),
+        node_sent=tuple(n * p * f * (w.pull + (job.replication - 1) * w.replicated) for f in lead),
+        # From the workers at the entry, from the entry (widened) at the other hosts.
+        node_received=tuple(n * p * (f * w.push + (h - f) * w.replicated) for f, h in zip(lead, host, strict=True)),
     )
 
 
@@ -197,7 +203,7 @@ def ps_timing(job: Job) -> Timing:
     b_push = job.push_bandwidth or job.bandwidth
     b_pull = job.pull_bandwidth or job.bandwidth
     n, p = job.workers, job.params
-    replicated = max(n * p * f * (job.replication - 1) * w.push for f in lead)
+    replicated = max(n * p * f * (job.replication - 1) * w.replicated for f in lead)
     push = max(lk.worker_sent, max(lk.node_received), replicated) / b_push + PUSH_HOPS * job.latency
     pulled = max(n * p * f * w.pull for f in lead)
     pull = max(lk.worker_received, pulled) / b_pull + PULL_HOPS * job.latency

@@ -120,6 +120,18 @@ def test_compression_bytes_per_parameter(compress: str, dtype: str, push: float,
     assert (w.push, w.pull, w.allreduce) == (pytest.approx(push), pull, ar)
 
 
+@pytest.mark.parametrize(("compress", "c_push"), [("float16", 2), ("int8", 1), ("topk:0.01", 0.01 * 12)])
+def test_compressed_pushes_are_replicated_full_width(compress: str, c_push: float) -> None:
+    # 3 nodes, replication 3: each node is the entry of 1/3 (gradients as sent) and
+    # a follower of 2/3 (gradients widened to 4 bytes by their entry).
+    job = Job(params=1000, workers=2, bandwidth=1000.0, step_time=1.0, compress=compress)
+    lk = links(job)
+    assert lk.node_received == pytest.approx((2 * 1000 * (c_push / 3 + 2 / 3 * 4),) * 3)
+    pull = wire(compress, "float32").pull
+    assert lk.node_sent == pytest.approx((2 * 1000 / 3 * (pull + 2 * 4),) * 3)
+    assert ps_timing(job).push == pytest.approx(2 * 1000 * (c_push / 3 + 2 / 3 * 4) / 1000.0)
+
+
 def test_plan_compares_every_option_and_says_which_fits() -> None:
     job = Job(params=100_000_000, workers=4, bandwidth=10 * GBIT, step_time=1.0, nodes=4, shards=4, replication=1)
     p = plan(job)
