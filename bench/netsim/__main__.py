@@ -12,6 +12,11 @@ placement; the links' nominal rate, and the rates `plan --measure` measures
 on the simulated cluster). Then a large tensor pushed and pulled by one worker, in each layout
 of LARGE_LAYOUTS (whole, 4 and 12 parts), beside the plan's times for its placement.
 `--steps 0` runs the large tensor only; `--shards 12` gives 12 parts 12 shards.
+`--compress none,float16,topk:0.01/float16` runs the job once per setup, on the
+same cluster: PUSH[/PULL], PUSH one of none, float16, bfloat16, int8, topk:F
+(push_grad's wire_dtype or compress), PULL a pull wire dtype (default: PUSH's
+dtype, none after topk); beside each, the plan's push phase for PUSH and pull
+phase for PULL (`paramstore plan --compress`).
 Results: stdout (markdown) and bench/results/netsim-<rate>mbit[-large].json.
 """
 
@@ -24,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,7 @@ import numpy as np
 from api.plan_measure import measure
 from api.plan_parts import partition_shares
 from paramstore import Client, ParamStoreError
-from paramstore.plan import Job, effective_push_bandwidth, gbit, ps_timing
+from paramstore.plan import Job, PlanError, effective_push_bandwidth, gbit, ps_timing, wire
 from store.placement import shard_for
 
 from .cluster import SimCluster
@@ -52,6 +57,34 @@ LARGE_LAYOUTS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+@dataclass(frozen=True)
+class Setup:
+    """One compression setup of the job: what the workers send and what the
+    plan is asked (its push phase for `plan_push`, pull phase for `plan_pull`)."""
+
+    label: str
+    push_kw: dict[str, str]
+    pull_wire_dtype: str | None
+    plan_push: str
+    plan_pull: str
+
+
+def parse_setup(text: str) -> Setup:
+    push, _, pull = text.strip().partition("/")
+    wire(push, "float32")  # PlanError names the accepted forms
+    if push.startswith("topk:"):
+        push_kw = {"compress": push}
+        pull = pull or "none"
+    else:
+        push_kw = {} if push == "none" else {"wire_dtype": push}
+        pull = pull or push
+    if pull.startswith("topk:"):
+        raise PlanError(f"setup {text!r}: pulls are dense (none, float16, bfloat16 or int8)")
+    wire(pull, "float32")
+    label = push if pull == (push if not push.startswith("topk:") else "none") else f"{push}/{pull}"
+    return Setup(label, push_kw, None if pull == "none" else pull, push, pull)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.netsim", description=__doc__)
     p.add_argument("--nodes", default="3,5", help="store sizes to run, comma-separated")
@@ -64,9 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=0, help="shards (default: one per node)")
     p.add_argument("--large-mb", type=float, default=256.0, help="the large tensor, MB (0: skip)")
     p.add_argument(
+        "--compress",
+        default="none",
+        help="job setups, comma-separated: PUSH[/PULL], e.g. none,float16,topk:0.01/float16 (see above)",
+    )
+    p.add_argument(
         "--report", metavar="JSON", help="only print the tables of a saved run (bench/results/netsim-*.json)"
     )
     args = p.parse_args(argv)
+    try:
+        setups = [parse_setup(t) for t in args.compress.split(",")]
+    except PlanError as e:
+        p.error(str(e))
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         print(report(saved["runs"], argparse.Namespace(**saved["args"])))
@@ -79,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (timeout, kill) unwinds like Ctrl-C: the SimNet's teardown runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs = []
-    out = RESULTS / f"netsim-{args.rate:g}mbit{'' if args.steps else '-large'}.json"
+    tag = "" if args.compress == "none" else "-compress"
+    out = RESULTS / f"netsim-{args.rate:g}mbit{tag if args.steps else '-large'}.json"
     try:
         for nodes in (int(n) for n in args.nodes.split(",")):
             with tempfile.TemporaryDirectory(prefix="psim-bench-") as tmp:
-                runs.append(run_topology(nodes, args, Path(tmp)))
+                runs.append(run_topology(nodes, args, setups, Path(tmp)))
             RESULTS.mkdir(exist_ok=True)
             out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))  # after each, in case
     except NetsimUnavailable as e:
@@ -93,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_topology(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def run_topology(nodes: int, args: argparse.Namespace, setups: list[Setup], tmp: Path) -> dict[str, Any]:
     replicas = [f"r{i + 1}" for i in range(nodes)]
     workers = [f"w{i + 1}" for i in range(args.workers)]
     shape = Shape(rate_mbit=args.rate, delay_ms=args.delay, required=False)
@@ -122,17 +165,21 @@ def run_topology(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, A
         if args.steps:
             m = net.call("w1", measure, list(c.urls.values()), 64_000_000, 3, c.token)
             rates = f"push {m.push_bytes_per_s / 1e6:.0f} MB/s, pull {m.pull_bytes_per_s / 1e6:.0f} MB/s"
-            log(f"{nodes} nodes: plan --measure: {rates}; running the job")
-            steps = run_job(net, c, workers, names, numel, entries, shard_of, args.steps, tmp)
-            later = steps[1:] or steps
-            job = {
-                "measured_push": m.push_bytes_per_s,
-                "measured_pull": m.pull_bytes_per_s,
-                "steps": steps,
-                "step": statistics.mean(s["step"] for s in later),
-                "push": statistics.mean(s["push"] for s in later),
-                "pull": statistics.mean(s["pull"] for s in later),
-            }
+            job = {"measured_push": m.push_bytes_per_s, "measured_pull": m.pull_bytes_per_s, "setups": []}
+            for setup in setups:
+                log(f"{nodes} nodes: plan --measure: {rates}; running the job, {setup.label}")
+                steps = run_job(net, c, workers, names, numel, entries, shard_of, args.steps, setup, tmp)
+                later = steps[1:] or steps
+                result = {
+                    "setup": setup.label,
+                    "steps": steps,
+                    "step": statistics.mean(s["step"] for s in later),
+                    "push": statistics.mean(s["push"] for s in later),
+                    "pull": statistics.mean(s["pull"] for s in later),
+                }
+                job["setups"].append(result)
+                if setup.label == "none":  # the uncompressed job's figures where earlier runs kept them
+                    job.update({k: v for k, v in result.items() if k != "setup"})
         large = []
         for label, kw in LARGE_LAYOUTS if args.large_mb else []:
             log(f"{nodes} nodes: large tensor, {label}")
@@ -229,6 +276,7 @@ def run_job(
     entries: dict[int, str],
     shard_of: dict[str, int],
     steps: int,
+    setup: Setup,
     tmp: Path,
 ) -> list[dict[str, float]]:
     """Every worker's steps (worker.py), started together; the step of the job
@@ -237,7 +285,15 @@ def run_job(
     start_at = time.time() + 15  # after every worker process has imported and built its gradients
     procs = []
     for i, w in enumerate(workers):
-        spec = {"token": c.token, "urls": list(c.urls.values()), "steps": steps, "start_at": start_at, "seed": i}
+        spec = {
+            "token": c.token,
+            "urls": list(c.urls.values()),
+            "steps": steps,
+            "start_at": start_at,
+            "seed": i,
+            "push": setup.push_kw,
+            "pull_wire_dtype": setup.pull_wire_dtype,
+        }
         (tmp / f"{w}.spec.json").write_text(json.dumps({**spec, "tensors": tensors}))
         cmd = [sys.executable, "-m", "bench.netsim.worker", str(tmp / f"{w}.spec.json"), str(tmp / f"{w}.json")]
         log_file = open(tmp / f"{w}.log", "wb")  # noqa: SIM115 (closed below, after the worker exits)
@@ -336,6 +392,25 @@ def predictions(run: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str
     return asdict(ps_timing(job)), asdict(ps_timing(measured))
 
 
+def setup_prediction(run: dict[str, Any], args: argparse.Namespace, setup: Setup) -> dict[str, float]:
+    """The plan's push phase with the setup's push compression and pull phase
+    with its pull's, on the nominal links and on the measured rates, and the
+    bytes one worker sends and receives per step."""
+    job = job_of(run, args)
+    measured = replace(
+        job,
+        push_bandwidth=effective_push_bandwidth(run["measured_push"], job.replication),
+        pull_bandwidth=run["measured_pull"],
+    )
+    out: dict[str, float] = {}
+    for tag, j in (("", job), ("measured_", measured)):
+        push = ps_timing(replace(j, compress=setup.plan_push)).push
+        pull = ps_timing(replace(j, compress=setup.plan_pull)).pull
+        out.update({f"{tag}push": push, f"{tag}pull": pull, f"{tag}total": push + pull})
+    out["worker_bytes"] = job.params * (wire(setup.plan_push, job.dtype).push + wire(setup.plan_pull, job.dtype).pull)
+    return out
+
+
 def job_of(run: dict[str, Any], args: argparse.Namespace) -> Job:
     """The job a run measured, as the plan sees it (its real placement)."""
     return Job(
@@ -373,6 +448,23 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{p['total']:.1f} s ({p['push']:.1f} + {p['pull']:.1f}) | {r['step'] / p['total']:.2f}x | "
             f"{pm['total']:.1f} s | {r['step'] / pm['total']:.2f}x | {p['bottleneck']} | {leaders} |"
         )
+    compressed = [r for r in jobs if any(s["setup"] != "none" for s in r.get("setups", []))]
+    if compressed:
+        lines += [
+            "",
+            "| store | setup (push/pull) | worker's bytes per step | measured step (push + pull) | "
+            "plan, nominal links | measured / plan | plan --measure | measured / plan --measure |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    for r in compressed:
+        for res in r["setups"]:
+            q = setup_prediction(r, args, parse_setup(res["setup"]))
+            lines.append(
+                f"| {r['nodes']} nodes | {res['setup']} | {q['worker_bytes'] / 1e6:.1f} MB | {res['step']:.1f} s "
+                f"({res['push']:.1f} + {res['pull']:.1f}) | {q['total']:.1f} s ({q['push']:.1f} + {q['pull']:.1f}) | "
+                f"{res['step'] / q['total']:.2f}x | {q['measured_total']:.1f} s | "
+                f"{res['step'] / q['measured_total']:.2f}x |"
+            )
     lines += [
         "",
         "| store | large tensor | push MB/s | limit | of limit | pull MB/s | limit | of limit | "

@@ -7,7 +7,9 @@ is busy at once (as paramstore plan models a step).
     python -m bench.netsim.worker SPEC.json RESULT.json
 
 SPEC: {"token", "urls", "steps", "start_at" (time.time() to begin),
-"tensors": [{"name", "numel", "url"}]}. RESULT: per step, push and pull seconds.
+"tensors": [{"name", "numel", "url"}], optional "push": push_grad's
+compression keywords ({"wire_dtype", "compress"}), "pull_wire_dtype"}.
+RESULT: per step, push and pull seconds.
 """
 
 from __future__ import annotations
@@ -37,13 +39,16 @@ def main(spec_path: str, result_path: str) -> None:
         for url in by_url
     }
 
+    push_kw: dict[str, str] = spec.get("push") or {}
+    pull_wire_dtype: str | None = spec.get("pull_wire_dtype")
+
     def push(url: str) -> None:
         for t in by_url[url]:
-            clients[url].push_grad(t["name"], grads[t["name"]])
+            clients[url].push_grad(t["name"], grads[t["name"]], **push_kw)
 
     def pull(url: str) -> None:
         for t in by_url[url]:
-            clients[url].pull(t["name"])
+            clients[url].pull(t["name"], wire_dtype=pull_wire_dtype)
 
     steps = []
     with ThreadPoolExecutor(len(by_url)) as pool:
