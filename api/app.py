@@ -13,7 +13,21 @@ from store.config import Config
 from store.interface import StoreAPI
 from store.node import Store
 
-from . import batch, checkpoint, cluster, errors, fastpath, metrics, openapi, stats, table_delta, tables, tensors, ui
+from . import (
+    batch,
+    checkpoint,
+    cluster,
+    errors,
+    fastpath,
+    metrics,
+    openapi,
+    part_forward,
+    stats,
+    table_delta,
+    tables,
+    tensors,
+    ui,
+)
 from .auth import BearerAuth
 
 log = logging.getLogger(__name__)
@@ -32,6 +46,7 @@ def create_app(cfg: Config, store: StoreAPI | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await part_forward.aclose(the_store)
             if owned:
                 await anyio.to_thread.run_sync(the_store.close)
 

@@ -2,10 +2,13 @@
 replication is below the node count): their writes and reads go over HTTP to
 a replica that hosts the shard, as the part `<name>#p<i>` with the caller's
 Authorization and the part's request id `<rid>#p<i>`, so a retry through any
-replica finds each part's recorded outcome in its shard."""
+replica finds each part's recorded outcome in its shard. One pooled client per
+replica (and event loop) carries them, its connections kept alive between
+requests; the app closes it on shutdown (`aclose`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,6 +33,27 @@ class RemotePart:
 
     version: int
     value: np.ndarray
+
+
+# (id of the store, id of the event loop) -> that replica's pooled client. Keyed by
+# the loop too: an httpx connection belongs to the loop that opened it.
+_clients: dict[tuple[int, int], httpx.AsyncClient] = {}
+
+
+def _client(store: StoreAPI) -> httpx.AsyncClient:
+    key = (id(store), id(asyncio.get_running_loop()))
+    client = _clients.get(key)
+    if client is None or client.is_closed:
+        verify: Any = store.cfg.tls.client_ca_file or True
+        timeout = store.cfg.limits.request_timeout + 5.0
+        client = _clients[key] = httpx.AsyncClient(timeout=timeout, verify=verify, follow_redirects=True)
+    return client
+
+
+async def aclose(store: StoreAPI) -> None:
+    """Close `store`'s pooled clients (the app's shutdown)."""
+    for key in [k for k in _clients if k[0] == id(store)]:
+        await _clients.pop(key).aclose()
 
 
 def is_local(store: StoreAPI, shard: int) -> bool:
@@ -71,20 +95,18 @@ async def _request(
     """The first of the shard's hosts that answers (a 307 is followed: it
     names the replica that holds the data); a host that cannot be reached is
     skipped. A 4xx/5xx answer is raised as the peer's own error."""
-    timeout = store.cfg.limits.request_timeout
-    verify: Any = store.cfg.tls.client_ca_file or True
+    client = _client(store)
     last = f"{what}: no replica hosting shard {shard} could be reached"
-    async with httpx.AsyncClient(timeout=timeout + 5.0, verify=verify, follow_redirects=True) as client:
-        for url in _urls(store, shard):
-            try:
-                content = None if body is None else body()
-                r = await client.request(method, url + _path(name) + suffix, content=content, **kw)
-            except httpx.TransportError as e:
-                last = f"{what}: {url} could not be reached ({type(e).__name__})"
-                continue
-            if r.status_code >= 400:
-                raise _error(r, what)
-            return r
+    for url in _urls(store, shard):
+        try:
+            content = None if body is None else body()
+            r = await client.request(method, url + _path(name) + suffix, content=content, **kw)
+        except httpx.TransportError as e:
+            last = f"{what}: {url} could not be reached ({type(e).__name__})"
+            continue
+        if r.status_code >= 400:
+            raise _error(r, what)
+        return r
     raise Unavailable(last)
 
 
