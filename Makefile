@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: run run-ctr lint test test-fast test-cluster test-faults bench bench-join bench-net install clean
+.PHONY: run run-ctr lint test test-fast test-cluster test-faults bench bench-all bench-join bench-net install clean
 
 $(PY):
 	python3 -m venv $(VENV) || (apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv $(VENV))
@@ -71,8 +71,13 @@ $(BENCH_STAMP): bench/requirements.txt Makefile $(STAMP)
 	$(PY) -m pip install -q -r bench/requirements.txt
 	touch $@
 
+## The sections with an issue-15 target and issue 12's tables, interleaved across systems (<= 10 min on 2 cores).
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+## make bench + memory, recovery, CTR training and the gloo comparison at full size (~30 min).
+bench-all: $(BENCH_STAMP)
+	$(PY) -m bench --only all $(BENCH_ARGS)
 
 ## A 4th replica joins a cluster holding 512 MB, under write load (~2 min).
 bench-join: $(BENCH_STAMP)

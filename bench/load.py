@@ -154,13 +154,23 @@ def _worker(job: Job, indexes: list[int], seconds: float, ready, go, start_at, q
     q.put((lat, [str(e) for e in errors[:5]], len(errors)))
 
 
+def _load_context():
+    """Worker processes forked from a server that has imported this module: a
+    window's clients start in milliseconds, where spawning 4 fresh interpreters
+    took ~2 s of the machine's 2 cores per window (a third of make bench's small
+    section). The server is single-threaded, so forking it is safe."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None, probe=None) -> dict:
     """Run `clients` closed-loop clients for `seconds`; ops/s counts replies
     received inside the window (after a common start instant). `probe()`, if
     given, is read at the window's start and end; "probed" is the difference
     (e.g. the servers' CPU seconds spent inside the window)."""
     procs = procs or min(clients, int(os.environ.get("BENCH_LOAD_PROCS", "4")))
-    ctx = mp.get_context("spawn")
+    ctx = _load_context()
     q, ready, go, start_at = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     ps = [
         ctx.Process(target=_worker, args=(job, list(range(p, clients, procs)), seconds, ready, go, start_at, q))
@@ -170,7 +180,7 @@ def closed_loop(job: Job, clients: int, seconds: float, procs: int | None = None
         p.start()
     for _ in ps:
         ready.get(timeout=120)
-    start = time.time() + 1.0  # every client connected and waiting
+    start = time.time() + 0.5  # every client connected and waiting
     end = start + seconds
     start_at.value = start
     go.set()
@@ -352,7 +362,7 @@ def _sink(port_q, nbytes, reps):
 
 def loopback_mb_s(nbytes: int, reps: int) -> list[float]:
     """Bytes pushed through one loopback socket to another process, MB/s."""
-    ctx = mp.get_context("spawn")
+    ctx = _load_context()
     q = ctx.Queue()
     p = ctx.Process(target=_sink, args=(q, nbytes, reps))
     p.start()

@@ -33,22 +33,50 @@ def _ratios(ps, row: dict, peers: list[str], lower_better=False) -> str:
     return ", ".join(out) or "–"
 
 
-SMALL = ["paramstore", "paramstore-nofsync", "etcd", "redis WAIT 2", "redis plain", "pysyncobj"]
+SMALL = ["paramstore", "paramstore-nofsync", "etcd", "etcd-tmpfs", "redis WAIT 2", "redis plain", "pysyncobj"]
+# (ours, peer): each ratio names its pair. Durable with durable: paramstore (journal
+# fdatasynced) ÷ etcd with its data dir on the same disk; neither syncing to a disk:
+# paramstore-nofsync ÷ etcd on tmpfs; Redis does not persist, raw pysyncobj is the floor.
+SMALL_PAIRS = [
+    ("paramstore", "etcd"),
+    ("paramstore-nofsync", "etcd-tmpfs"),
+    ("paramstore", "redis WAIT 2"),
+    ("paramstore-nofsync", "redis WAIT 2"),
+    ("paramstore", "pysyncobj"),
+]
 PULL = ["paramstore", "etcd", "redis", "loopback TCP"]
 PUSH = [
     "paramstore",
     "paramstore (majority ack)",
     "paramstore-nofsync",
-    "etcd",
+    "etcd (default limit)",
     "etcd (limit raised)",
+    "etcd-tmpfs (limit raised)",
     "redis WAIT 2",
     "redis plain",
     "pysyncobj",
 ]
+PUSH_PAIRS = [
+    ("paramstore", "etcd (limit raised)"),
+    ("paramstore-nofsync", "etcd-tmpfs (limit raised)"),
+    ("paramstore", "redis WAIT 2"),
+    ("paramstore-nofsync", "redis WAIT 2"),
+]
 
 
-def _table(title: str, cols: list[str], rows: list[tuple[str, dict, str]], fmt="{:.0f}") -> list[str]:
-    lines = [f"**{title}**", "", "| | " + " | ".join(cols) + " | paramstore ÷ peer |", "|---" * (len(cols) + 2) + "|"]
+def _pair_ratios(row: dict, pairs: list[tuple[str, str]], lower_better: bool = False) -> str:
+    out = []
+    for ours, peer in pairs:
+        r = _ratio(row.get(ours), row.get(peer), lower_better)
+        if r is not None:
+            out.append(f"{ours} ÷ {peer} {r:.2f}×")
+    return "; ".join(out) or "–"
+
+
+def _table(
+    title: str, cols: list[str], rows: list[tuple[str, dict, str]], fmt="{:.0f}", ratio_head="paramstore ÷ peer"
+) -> list[str]:
+    lines = [f"**{title}**", "", "| | " + " | ".join(cols) + f" | {ratio_head} |", "|---" * (len(cols) + 2) + "|"]
     for label, row, ratios in rows:
         lines.append(f"| {label} | " + " | ".join(_cell(row.get(c), fmt) for c in cols) + f" | {ratios} |")
     return [*lines, ""]
@@ -62,26 +90,27 @@ def targets(res: dict) -> list[tuple[str, bool | None, str]]:
             d = (d or {}).get(k)
         return (d or {}).get("median")
 
-    ps64 = med(res["small"], "paramstore", "64", "ops_s")
-    for peer, want in (("etcd", 1.0), ("pysyncobj", 0.5)):
-        other = med(res["small"], peer, "64", "ops_s")
-        r = ps64 / other if ps64 and other else None
+    pairs = (("paramstore", "etcd", 1.0), ("paramstore-nofsync", "etcd-tmpfs", 1.0), ("paramstore", "pysyncobj", 0.5))
+    for ours, peer, want in pairs:
+        mine, other = med(res["small"], ours, "64", "ops_s"), med(res["small"], peer, "64", "ops_s")
+        r = mine / other if mine and other else None
         out.append(
             (
-                f"small pushes @64 clients ≥ {want}× {peer}",
+                f"small pushes @64 clients: {ours} ≥ {want}× {peer}",
                 None if r is None else r >= want,
                 "not measured" if r is None else f"{r:.2f}×",
             )
         )
-    cpu, cpu_etcd = med(res["small"], "paramstore", "64", "cpu_us"), med(res["small"], "etcd", "64", "cpu_us")
-    if cpu and cpu_etcd:
-        out.append(
-            (
-                "CPU per small push @64 clients ≤ etcd's",
-                cpu <= cpu_etcd,
-                f"{cpu:.0f} vs {cpu_etcd:.0f} µs ({cpu / cpu_etcd:.2f}×)",
+    for ours, peer, _ in pairs[:2]:
+        cpu, cpu_peer = med(res["small"], ours, "64", "cpu_us"), med(res["small"], peer, "64", "cpu_us")
+        if cpu and cpu_peer:
+            out.append(
+                (
+                    f"CPU per small push @64 clients: {ours} ≤ {peer}'s",
+                    cpu <= cpu_peer,
+                    f"{cpu:.0f} vs {cpu_peer:.0f} µs ({cpu / cpu_peer:.2f}×)",
+                )
             )
-        )
     pull = med(res["pull"], "paramstore", "64")
     for peer, want in ((IPERF1, 0.5), ("redis", 1.0)):
         other = med(res.get("limits"), peer) if peer == IPERF1 else med(res["pull"], peer, "64")
@@ -200,35 +229,64 @@ def markdown(res: dict) -> str:
         f"Took {res.get('seconds', 0):.0f} s. Figures: median (min–max) of {res['config']['reps']} runs.",
         "",
     ]
+    if any(res[k] for k in ("small", "pull", "push", "failover")):
+        lines += [
+            "Failover, small writes, pulls and pushes ran with every system up at once and their repetitions "
+            "interleaved (repetition r runs each system once, the order rotated by r: A B C, B C A, ...), so that "
+            "drift in the machine's load hits every system alike; each ratio names the pair it compares.",
+            "",
+        ]
+    sec = res.get("section_seconds") or {}
+    if sec:
+        lines += [
+            "Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in sec.items()) + ".",
+            "",
+        ]
     for n in res.get("notes", []):
         lines += [f"> {n}", ""]
     small = res["small"]
     rows = []
+    cols = [s for s in SMALL if s in small]
     for c in map(str, res["config"]["clients"]):
-        row = {s: (small.get(s) or {}).get(c, {}).get("ops_s") for s in SMALL}
-        rows.append((f"{c} clients, ops/s", row, _ratios(row["paramstore"], row, SMALL[1:])))
+        row = {s: (small.get(s) or {}).get(c, {}).get("ops_s") for s in cols}
+        rows.append((f"{c} clients, ops/s", row, _pair_ratios(row, SMALL_PAIRS)))
         for q, what in (("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("cpu_us", "CPU µs per write")):
-            row = {s: (small.get(s) or {}).get(c, {}).get(q) for s in SMALL}
+            row = {s: (small.get(s) or {}).get(c, {}).get(q) for s in cols}
             if any(row.values()):
-                rows.append((f"{c} clients, {what}", row, _ratios(row["paramstore"], row, SMALL[1:], True)))
-    lines += _table("1. Small updates: 1 KB gradient pushes, committed (closed loop)", SMALL, rows, "{:.1f}")
-    lines += [
-        "CPU µs per write: user + system CPU of all replicas/members (/proc) inside the window ÷ committed writes.",
-        "paramstore syncs its journal (raft.fsync, the default); paramstore-nofsync does not; etcd's data is on",
-        "tmpfs (its fsync is free); Redis does not persist.",
-        "",
-    ]
+                rows.append((f"{c} clients, {what}", row, _pair_ratios(row, SMALL_PAIRS, True)))
+    if small:
+        lines += _table(
+            "1. Small updates: 1 KB gradient pushes, committed (closed loop)", cols, rows, "{:.1f}", "ratios (pair)"
+        )
+        lines += [
+            "CPU µs per write: user + system CPU of all replicas/members (/proc) inside the window ÷ committed writes.",
+            "Durable pair: paramstore fdatasyncs its journal before acknowledging (raft.fsync, the default) and etcd",
+            "(data dir on the same disk) fsyncs its WAL. Neither syncs to a disk: paramstore-nofsync and etcd-tmpfs",
+            "(data on /dev/shm, its fsync is free). Redis does not persist (WAIT 2: in the replicas' memory).",
+            "",
+        ]
     rows = []
     for mb in map(str, res["config"]["sizes"]):
         row = {s: (res["pull"].get(s) or {}).get(mb) for s in PULL}
         rows.append((f"{mb} MB, MB/s", row, _ratios(row["paramstore"], row, PULL[1:])))
-    lines += _table("2. Pulls: GET of a tensor from a follower/replica", PULL, rows)
+    if res["pull"]:
+        lines += _table("2. Pulls: GET of a tensor from a follower/replica", PULL, rows)
     lines += _limits(res)
     rows = []
+    cols = [s for s in PUSH if s in res["push"]]
     for mb in map(str, res["config"]["sizes"]):
-        row = {s: (res["push"].get(s) or {}).get(mb) for s in PUSH}
-        rows.append((f"{mb} MB, MB/s", row, _ratios(row["paramstore"], row, PUSH[2:])))
-    lines += _table("3. Large pushes committed on 3 replicas", PUSH, rows, "{:.1f}")
+        row = {s: (res["push"].get(s) or {}).get(mb) for s in cols}
+        rows.append((f"{mb} MB, MB/s", row, _pair_ratios(row, PUSH_PAIRS)))
+    if res["push"]:
+        lines += _table("3. Large pushes committed on 3 replicas", cols, rows, "{:.1f}", "ratios (pair)")
+    if res["push"]:
+        lines += [
+            "paramstore and etcd (limit raised) sync to the disk; paramstore-nofsync and etcd-tmpfs do not; Redis",
+            "does not persist: paramstore-nofsync ÷ redis WAIT 2 is the pair where neither syncs. etcd-tmpfs (limit",
+            "raised) and etcd (default limit: one attempt per size on a fresh cluster; it refuses over 1.5 MiB) run",
+            "with --only all.",
+            "",
+        ]
     mem = res["memory"]
     if mem:
         lines += [
@@ -246,7 +304,7 @@ def markdown(res: dict) -> str:
     row = {s: res["failover"].get(s) for s in ("paramstore", "etcd", "pysyncobj")}
     if any(row.values()):
         lines += _table(
-            "5. Failover: SIGKILL of the leader → first committed write (s)",
+            "5. Failover: SIGKILL of the leader → first committed write (s; etcd on disk)",
             ["paramstore", "etcd", "pysyncobj"],
             [("seconds", row, _ratios(row["paramstore"], row, ["etcd", "pysyncobj"], True))],
             "{:.2f}",

@@ -2,7 +2,9 @@
 ports 11000-19999:
 
     paramstore  http 11000-11002, raft/data 11100-11117
-    etcd        client 12000-12002, peer 12100-12102   (data on /dev/shm: fsync is free)
+    paramstore-nofsync (the variant, up at the same time) http 11500-11502, raft/data 11600-11617
+    etcd        client 12000-12002, peer 12100-12102   (data dir on the disk paramstore writes to)
+    etcd-tmpfs  client 12500-12502, peer 12600-12602   (data on /dev/shm: fsync is free)
     redis       13000 (primary), 13001-13002 (replicas)
     pysyncobj   raft 14000-14002, control 14100-14102
     tables      http 15000-15003, raft/data 15100-15123 (bench/tables.py)
@@ -90,13 +92,22 @@ class Paramstore:
     HTTP, RAFT = 11000, 11100
 
     def __init__(
-        self, workdir: Path, replicas: int = 3, shards: int = 4, name: str = "paramstore", env: dict | None = None
+        self,
+        workdir: Path,
+        replicas: int = 3,
+        shards: int = 4,
+        name: str = "paramstore",
+        env: dict | None = None,
+        ports: tuple[int, int] | None = None,
     ):
         """`name`, `env`: a variant of the defaults (e.g. "paramstore-nofsync"
-        with PARAMSTORE_RAFT__FSYNC=false), run on the same ports."""
+        with PARAMSTORE_RAFT__FSYNC=false); `ports`: (first HTTP, first Raft) port
+        instead of the class's, so that a variant can run beside the defaults."""
         from api.devcluster import dev_config
         from store.config import config_from_mapping, render_toml
 
+        if ports:
+            self.HTTP, self.RAFT = ports
         self.name = name
         self.env = env or {}
         self.dir = workdir / name
@@ -258,10 +269,24 @@ class Etcd:
     name = "etcd"
     CLIENT, PEER = 12000, 12100
 
-    def __init__(self, workdir: Path, max_request_bytes: int | None = None, members: int = 3):
+    def __init__(
+        self,
+        workdir: Path,
+        max_request_bytes: int | None = None,
+        members: int = 3,
+        on_disk: bool = True,
+        name: str = "etcd",
+        ports: tuple[int, int] | None = None,
+    ):
+        """`on_disk`: the data dir under `workdir`, the disk paramstore's replicas
+        write to, so that etcd's fsync per commit costs what paramstore's does;
+        otherwise on /dev/shm (tmpfs: fsync is free). `ports`: (client, peer)."""
+        if ports:
+            self.CLIENT, self.PEER = ports
+        self.name = name
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
-        self.dir = shm / f"paramstore-bench-etcd-{os.getpid()}"
-        self.logdir = workdir / "etcd"
+        self.dir = (workdir if on_disk else shm) / f"paramstore-bench-{name}-{os.getpid()}"
+        self.logdir = workdir / name
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.max_request_bytes = max_request_bytes
         self.members = [f"m{i}" for i in range(members)]
