@@ -361,6 +361,7 @@ def main(argv=None) -> int:
         for workload, n in d.items():
             res["elections"].setdefault(name, {})[workload] = n
     res["seconds"] = time.monotonic() - T0
+    res["load_avg_at_end"] = os.getloadavg()
     if res["failures"]:
         log(f"kept {work} (logs) because something failed")
     else:

@@ -225,7 +225,8 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [
         f"Run {res['started']} on {m['cpu']}, {m['cores']} cores, {m['mem_mb']} MB RAM, Linux {m['kernel']}, "
-        f"Python {m['python']}; {m['etcd']}; {m['redis']}; load average at start {m['load_avg_at_start']}. "
+        f"Python {m['python']}; {m['etcd']}; {m['redis']}; load average at start {m['load_avg_at_start']}"
+        f"{', at end ' + str(res['load_avg_at_end']) if res.get('load_avg_at_end') else ''}. "
         f"Took {res.get('seconds', 0):.0f} s. Figures: median (min–max) of {res['config']['reps']} runs.",
         "",
     ]
