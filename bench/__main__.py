@@ -213,6 +213,17 @@ def machine() -> dict:
     }
 
 
+def ports_in_use(ports: list[int]) -> list[int]:
+    import socket
+
+    busy = []
+    for p in ports:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", p)) == 0:
+                busy.append(p)
+    return busy
+
+
 def mem_available_mb() -> int:
     return int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemAvailable"))) // 1024
 
@@ -317,6 +328,10 @@ def main(argv=None) -> int:
     if args.only & {"small", "pull", "push", "failover"}:
 
         def compared():
+            ours = [11000, 11500, 12000, 12500, *Redis.PORTS, 14100]
+            busy = ports_in_use(ours)
+            if busy:
+                raise RuntimeError(f"ports {busy} are in use by another process")
             sy = interleaved.Systems(args, work, log)
             try:
                 t = time.monotonic()
@@ -330,7 +345,16 @@ def main(argv=None) -> int:
 
         steps.append(("compared", compared))
     if "tables" in args.only and {"paramstore", "redis"} <= set(args.systems):
-        steps.append(("tables", lambda: run_tables(args, res, el, work, log)))
+
+        def tables():
+            from .tables import TableCluster
+
+            busy = ports_in_use([TableCluster.PORTS + i for i in range(4)] + list(Redis.PORTS))
+            if busy:  # another run's cluster would answer in place of ours
+                raise RuntimeError(f"ports {busy} are in use by another process")
+            run_tables(args, res, el, work, log)
+
+        steps.append(("tables", tables))
     if "paramstore" in args.systems and args.only & {"memory", "recovery"}:
         steps.append(("memory", lambda: run_memory_paramstore(args, res, el, work)))
     if "redis" in args.systems and args.only & {"memory", "recovery"}:

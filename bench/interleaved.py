@@ -298,10 +298,10 @@ def _pull_size(sy: Systems, res: dict[str, Any], mb: int) -> None:
     if ps:
         put = ps.put(ps.nodes[0], name, v, {"type": "assign"})
         lead = ps.leader_of(put["shard"])
-        c = ps.conn(next(n for n in ps.nodes if n != lead))
-        ps.get(c, name, min_version=put["version"])
-        once["paramstore"] = lambda ps=ps, c=c: mb / _timed(partial(ps.get, c, name))
-        closers.append(c)
+        live = LiveConn(ps, next(n for n in ps.nodes if n != lead))
+        ps.get(live.conn, name, min_version=put["version"])
+        once["paramstore"] = lambda ps=ps, live=live: mb / _timed(partial(ps.get, live.alive(name), name))
+        closers.append(live)
     et = sy.etcd.get("etcd")
     if et:
         c = BlockingHTTP(*et.client(et.leader()))
@@ -336,6 +336,30 @@ def _pull_size(sy: Systems, res: dict[str, Any], mb: int) -> None:
         log(f"  {label:14s} pull {mb:3d} MB: {np.median(rs):7.0f} MB/s")
 
 
+class LiveConn:
+    """A keep-alive connection to a replica, reopened if the replica closed it
+    while other systems ran (uvicorn closes connections idle for 5 s)."""
+
+    def __init__(self, ps: Paramstore, node: str) -> None:
+        self.ps, self.node = ps, node
+        self.conn = ps.conn(node)
+
+    def alive(self, name: str) -> BlockingHTTP:
+        """The connection, checked with a HEAD of `name` (untimed)."""
+        try:
+            st, _ = self.conn.request("HEAD", f"/v1/tensors/{name}")
+            if st == 200:
+                return self.conn
+        except OSError:
+            pass
+        self.conn.close()
+        self.conn = self.ps.conn(self.node)
+        return self.conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 # ==================================================================== push ==
 
 
@@ -343,10 +367,13 @@ def _paramstore_push(ps: Paramstore, name: str, v: np.ndarray, mb: int) -> Calla
     """One push to the shard leader, timed to its 200 (majority ack) and until
     the version is applied on all 3 replicas (HEAD ?min_version on each)."""
     put = ps.put(ps.nodes[0], name, v, {"type": "sgd", "lr": 0.01})
-    c = ps.conn(ps.leader_of(put["shard"]))
-    others = {n: ps.conn(n) for n in ps.nodes}
+    lead = LiveConn(ps, ps.leader_of(put["shard"]))
+    others = {n: LiveConn(ps, n) for n in ps.nodes}
 
     def once() -> dict[str, float]:
+        c = lead.alive(name)
+        for oc in others.values():
+            oc.alive(name)
         t = time.perf_counter()
         st, body = ps.push(c, name, v)
         t_ack = time.perf_counter() - t
@@ -354,7 +381,7 @@ def _paramstore_push(ps: Paramstore, name: str, v: np.ndarray, mb: int) -> Calla
             raise RuntimeError(f"push {name}: {st} {body!r}")
         ver = json.loads(body)["version"]
         for n, oc in others.items():
-            s2, _ = oc.request("HEAD", f"/v1/tensors/{name}?min_version={ver}&timeout=60")
+            s2, _ = oc.conn.request("HEAD", f"/v1/tensors/{name}?min_version={ver}&timeout=60")
             if s2 != 200:
                 raise RuntimeError(f"HEAD {name} on {n}: {s2}")
         return {"all": mb / (time.perf_counter() - t), "ack": mb / t_ack}
