@@ -89,15 +89,23 @@ def run_memory_paramstore(args, res, el: Elections, work: Path) -> None:
         grad = (arr * 1e-3).astype(np.float32)
         conns = {n: ps.conn(n) for n in ps.nodes}
 
+        def push(n: str, name: str):
+            try:
+                return ps.push(conns[n], name, grad)
+            except OSError:  # uvicorn closes a connection left idle for 5 s (slow 64 MB pushes to the others)
+                conns[n].close()
+                conns[n] = ps.conn(n)
+                return ps.push(conns[n], name, grad)
+
         def fill_and_push():
             for i in range(count):
-                ps.put(ps.nodes[i % 3], f"p{i}", arr, {"type": "adam", "lr": 1e-3}, conn=conns[ps.nodes[i % 3]])
+                ps.put(ps.nodes[i % 3], f"p{i}", arr, {"type": "adam", "lr": 1e-3})
             log(f"  loaded {count} x {tsize} MB; pushing {tsize} MB gradients for {args.mem_seconds:.0f} s")
             t_end = time.monotonic() + args.mem_seconds
             pushes = 0
             while time.monotonic() < t_end:
                 n = ps.nodes[pushes % 3]
-                st, body = ps.push(conns[n], f"p{pushes % count}", grad)
+                st, body = push(n, f"p{pushes % count}")
                 if st != 200:
                     raise RuntimeError(f"memory push: {st} {body!r}")
                 pushes += 1
@@ -213,7 +221,9 @@ def machine() -> dict:
     }
 
 
-def ports_in_use(ports: list[int]) -> list[int]:
+def free_ports(ports: list[int]) -> None:
+    """Raise if another process listens on one of `ports`: its cluster would
+    answer in place of ours (another session's bench, run at the same time)."""
     import socket
 
     busy = []
@@ -221,7 +231,8 @@ def ports_in_use(ports: list[int]) -> list[int]:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", p)) == 0:
                 busy.append(p)
-    return busy
+    if busy:
+        raise RuntimeError(f"ports {busy} are in use by another process")
 
 
 def mem_available_mb() -> int:
@@ -328,10 +339,7 @@ def main(argv=None) -> int:
     if args.only & {"small", "pull", "push", "failover"}:
 
         def compared():
-            ours = [11000, 11500, 12000, 12500, *Redis.PORTS, 14100]
-            busy = ports_in_use(ours)
-            if busy:
-                raise RuntimeError(f"ports {busy} are in use by another process")
+            free_ports([11000, 11500, 12000, 12500, *Redis.PORTS, 14100])
             sy = interleaved.Systems(args, work, log)
             try:
                 t = time.monotonic()
@@ -349,16 +357,14 @@ def main(argv=None) -> int:
         def tables():
             from .tables import TableCluster
 
-            busy = ports_in_use([TableCluster.PORTS + i for i in range(4)] + list(Redis.PORTS))
-            if busy:  # another run's cluster would answer in place of ours
-                raise RuntimeError(f"ports {busy} are in use by another process")
+            free_ports([TableCluster.PORTS + i for i in range(4)] + list(Redis.PORTS))
             run_tables(args, res, el, work, log)
 
         steps.append(("tables", tables))
     if "paramstore" in args.systems and args.only & {"memory", "recovery"}:
-        steps.append(("memory", lambda: run_memory_paramstore(args, res, el, work)))
+        steps.append(("memory", lambda: free_ports([11000]) or run_memory_paramstore(args, res, el, work)))
     if "redis" in args.systems and args.only & {"memory", "recovery"}:
-        steps.append(("redis memory", lambda: run_memory_redis(args, res, work)))
+        steps.append(("redis memory", lambda: free_ports(list(Redis.PORTS)) or run_memory_redis(args, res, work)))
     if "paramstore" in args.systems and "ctr" in args.only:
         steps.append(("ctr", lambda: res.__setitem__("ctr", ctr.measure(work / "ctr", args.ctr_steps, log))))
     if "paramstore" in args.systems and "gloo" in args.only:
