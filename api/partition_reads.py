@@ -68,10 +68,10 @@ async def pull(
             f"{deadline:g}s; retry or read from another replica"
         )
     read = Remote(auth, linearizable, min_version, deadline)
-    if wait_version_gt is not None and not await _wait_every_part(store, lay, wait_version_gt, deadline, auth):
-        records = await _records(store, lay, read)
+    if wait_version_gt is not None and not await wait_every_part(store, lay, wait_version_gt, deadline, auth):
+        records = await records_of(store, lay, read)
         return Response(status_code=304, headers=answer_headers(store, lay, [t.version for t in records]))
-    records = await _records(store, lay, read)
+    records = await records_of(store, lay, read)
     versions = [t.version for t in records]
     hdrs = answer_headers(store, lay, versions)
     inm = if_none_match
@@ -124,7 +124,7 @@ class Remote:
     deadline: float
 
 
-async def _records(store: StoreAPI, lay: Layout, remote: Remote) -> list[Any]:
+async def records_of(store: StoreAPI, lay: Layout, remote: Remote) -> list[Any]:
     shards = lay.part_shards(store.cfg.shards)
 
     async def one(i: int, p: str) -> Any:
@@ -152,7 +152,7 @@ async def _records(store: StoreAPI, lay: Layout, remote: Remote) -> list[Any]:
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(lay.parts()))))
 
 
-async def _wait_every_part(store: StoreAPI, lay: Layout, version_gt: int, deadline: float, auth: str | None) -> bool:
+async def wait_every_part(store: StoreAPI, lay: Layout, version_gt: int, deadline: float, auth: str | None) -> bool:
     """Whether every part passed `version_gt` within `deadline`: the parts
     hosted here watched together, then each part hosted elsewhere long-polled
     on a replica hosting it, one after another (versions only grow, so one

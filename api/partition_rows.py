@@ -26,10 +26,10 @@ from store.partitions import Layout, bounds
 from store.placement import shard_for
 
 from . import headers as h
-from . import part_forward, wire, wire_dtypes
+from . import part_forward, partition_reads, wire, wire_dtypes
 from .bridge import wait_optional, wait_within
 from .errors import WaitExpired
-from .partitioned import _allows_nonfinite, _precheck, _rid, fan_out, version_vector
+from .partitioned import _allows_nonfinite, _precheck, _rid, answer_headers, fan_out, version_vector
 
 
 def parse_rows(text: str) -> np.ndarray:
@@ -59,14 +59,23 @@ async def get_rows(
     wire_dtype: str | None,
     linearizable: bool,
     min_version: int | None,
+    wait_version_gt: int | None,
     deadline: float,
     auth: str | None,
 ) -> Response:
     """The rows in the order asked; each part touched is read at its own
     version with the caller's consistency. `X-Version` is the least version of
-    the parts read, `X-Versions` every part's (null: not read)."""
+    the parts read, `X-Versions` every part's (null: not read).
+    `wait_version_gt` waits, as for a whole pull, until every part passed it
+    (304 with the whole tensor's headers if not within the deadline)."""
     rows = parse_rows(rows_text)
     part, local = locate(lay, rows, "rows")
+    if wait_version_gt is not None and not await partition_reads.wait_every_part(
+        store, lay, wait_version_gt, deadline, auth
+    ):
+        remote = partition_reads.Remote(auth, linearizable, min_version, deadline)
+        versions_now = [t.version for t in await partition_reads.records_of(store, lay, remote)]
+        return Response(status_code=304, headers=answer_headers(store, lay, versions_now))
     out = np.empty((len(rows), *lay.shape[1:]), dtype=dtypes.dtype_of(lay.dtype))
     shards = lay.part_shards(store.cfg.shards)
     touched = [int(i) for i in np.unique(part)]

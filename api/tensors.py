@@ -393,6 +393,7 @@ async def get_tensor(
                 wire_dtype=wire_dtype,
                 linearizable=consistency == "linearizable",
                 min_version=min_version,
+                wait_version_gt=wait_version_gt,
                 deadline=deadline,
                 auth=request.headers.get("authorization"),
             )

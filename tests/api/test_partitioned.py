@@ -244,3 +244,14 @@ def test_rows_and_sparse_pushes_of_a_partitioned_tensor_equal_the_whole_tensors(
     assert r.status_code == 422 and "no part was changed" in r.json()["detail"]
     assert client.get("/v1/tensors/rw_cut", params={"rows": "3,10"}).status_code == 422
     assert pull(client, "rw_cut")[0].tobytes() == before.tobytes()
+
+
+def test_a_row_long_poll_waits_for_every_part(client):
+    init = np.zeros((6, 2), np.float32)
+    r = client.put("/v1/tensors/rw_poll", **raw(init, **{"X-Partitions": "2", "X-Optimizer": SGD}))
+    assert r.status_code == 201, r.text
+    r = client.get("/v1/tensors/rw_poll", params={"rows": "0,5", "wait_version_gt": 1, "timeout": 0})
+    assert r.status_code == 304 and json.loads(r.headers["X-Versions"]) == [1, 1], r.text
+    assert client.post("/v1/tensors/rw_poll/grad", **raw(np.ones((6, 2), np.float32))).status_code == 200
+    got, r = pull(client, "rw_poll", rows="5,0", wait_version_gt=1, timeout=5)
+    assert got.tolist() == [[-0.5, -0.5], [-0.5, -0.5]] and json.loads(r.headers["X-Versions"]) == [2, 2]
