@@ -1,7 +1,9 @@
 """Many tensors per request, as safetensors: batch pulls and batch pushes.
 
 A batch push is grouped by shard; each shard's group is one Raft entry,
-applied atomically (all or none). Different shards commit independently.
+applied atomically (all or none). Different shards commit independently. A
+partitioned tensor in a batch is pushed and pulled as on its own route: its
+parts apply each atomically, and it reads at the least of its parts' versions.
 """
 
 from __future__ import annotations
@@ -10,19 +12,21 @@ import asyncio
 import json
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
 from store.commands import Batch, Grad
-from store.errors import InvalidRequest, StoreError
+from store.errors import InvalidRequest, StoreError, Unavailable
 from store.interface import StoreAPI
+from store.partitions import Layout
 
-from . import grad_widen, json_input, wire
+from . import grad_widen, json_input, part_forward, partition_reads, partitioned, wire
 from . import headers as h
 from . import openapi as oa
 from . import wire_dtypes as wd
 from .bridge import wait
-from .errors import UnsupportedMediaType, error_response
+from .errors import UnsupportedMediaType, WaitExpired, error_response
 from .tensors import wait_version
 
 router = APIRouter()
@@ -54,24 +58,37 @@ async def pull_batch(
     limits = store.cfg.limits
     deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
     min_versions = _versions_header(request.headers.get("x-min-versions"), "X-Min-Versions")
+    layouts = {n: lay for n in wanted if (lay := store.layout(n)) is not None}
     for name, version in min_versions.items():
-        await wait_version(store, name, version, deadline)
+        if name not in layouts:
+            await wait_version(store, name, version, deadline)
     if consistency == "linearizable":
-        shards = {store.shard_of(n) for n in wanted}
+        shards = {store.shard_of(n) for n in wanted if n not in layouts}
         await asyncio.gather(
             *(
                 wait(store.barrier(s), max(deadline, limits.request_timeout), "linearizable read barrier", write=False)
                 for s in shards
             )
         )
+    auth = request.headers.get("authorization")
+    linearizable = consistency == "linearizable"
+    whole_parts = {  # partitioned tensors: their parts, each read as a whole pull reads it
+        n: await _partitioned(store, lay, linearizable, min_versions.get(n), deadline, auth)
+        for n, lay in layouts.items()
+    }
 
     def build() -> bytes:
         arrays, versions = {}, {}
         for n in wanted:
-            t, _ = store.get(n)
+            if n in whole_parts:
+                values, part_versions = whole_parts[n]
+                dtype, value, version = layouts[n].dtype, np.concatenate(values), min(part_versions)
+            else:
+                t, _ = store.get(n)
+                dtype, value, version = t.dtype, t.value, t.version
             if wire_dtype is not None:
-                wd.check_float(n, t.dtype, wire_dtype)
-            arrays[n], versions[n] = t.value, t.version
+                wd.check_float(n, dtype, wire_dtype)
+            arrays[n], versions[n] = value, version
         if wire_dtype is not None:
             return wd.batch_body(arrays, wire_dtype, {"versions": json.dumps(versions)})
         return wire.encode_safetensors(arrays, {"versions": json.dumps(versions)})
@@ -104,11 +121,17 @@ async def push_batch(request: Request) -> Response:
     if not grads:
         raise InvalidRequest("the safetensors body holds no tensors")
     by_shard: dict[int, list[Grad]] = {}
+    cut: dict[str, tuple[Layout, wire.WireTensor]] = {}
     for name, t in grads.items():
         h.tensor_name(name)
+        lay = store.layout(name)
+        if lay is not None:  # its parts go to their shards as a push of its own (per-part atomic)
+            cut[name] = (lay, t)
+            continue
         cmd = Grad(name=name, dtype=t.dtype, shape=t.shape, data=t.data, base_version=base_versions.get(name))
         by_shard.setdefault(store.shard_of(name), []).append(cmd)
     shards = sorted(by_shard)
+    auth = hd.get("authorization")
     outcomes = await asyncio.gather(
         *(
             wait(
@@ -117,6 +140,10 @@ async def push_batch(request: Request) -> Response:
                 f"batch push to shard {s}",
             )
             for s in shards
+        ),
+        *(
+            partitioned.push(store, lay, _part_headers(rid, name, base_versions.get(name), auth), t)
+            for name, (lay, t) in cut.items()
         ),
         return_exceptions=True,
     )
@@ -127,6 +154,9 @@ async def push_batch(request: Request) -> Response:
             continue
         if isinstance(outcome, BaseException):
             raise outcome
+        if "versions" in outcome:  # a partitioned tensor's push
+            versions[outcome["name"]] = outcome["version"]
+            continue
         for r in outcome["results"]:
             versions[r["name"]] = r["version"]
     if failure is not None:  # report the shards that did commit too
@@ -136,10 +166,52 @@ async def push_batch(request: Request) -> Response:
 
 def _local_dtype(store: StoreAPI, name: str) -> str | None:
     """The dtype of `name` if this replica holds it (narrow gradients are widened to it)."""
+    lay = store.layout(name)
+    if lay is not None:
+        return lay.dtype
     try:
         return store.peek(name)[0].dtype
     except StoreError:
         return None
+
+
+async def _partitioned(
+    store: StoreAPI, lay: Layout, linearizable: bool, min_version: int | None, deadline: float, auth: str | None
+) -> tuple[list[np.ndarray], list[int]]:
+    """A partitioned tensor's parts (values, versions), with the consistency a whole pull gives them."""
+    shards = lay.part_shards(store.cfg.shards)
+    here = [(p, s) for p, s in zip(lay.parts(), shards, strict=True) if part_forward.is_local(store, s)]
+    if linearizable:
+        limits = store.cfg.limits
+        await asyncio.gather(
+            *(
+                wait(store.barrier(s), max(deadline, limits.request_timeout), "linearizable read barrier", write=False)
+                for s in sorted({s for _, s in here})
+            )
+        )
+    if min_version is not None and not await partition_reads.wait_all(
+        store, [p for p, _ in here], min_version, deadline
+    ):
+        kind = WaitExpired if store.is_ready() else Unavailable
+        raise kind(
+            f"this replica has not applied version {min_version} of every part of {lay.name!r} within {deadline:g}s"
+        )
+    records = await partition_reads.records_of(
+        store, lay, partition_reads.Remote(auth, linearizable, min_version, deadline)
+    )
+    return [t.value for t in records], [t.version for t in records]
+
+
+def _part_headers(rid: str | None, name: str, base_version: int | None, auth: str | None) -> dict[str, str]:
+    """The headers `partitioned.push` reads, for one tensor of a batch."""
+    hd = {}
+    if rid is not None:
+        hd["x-request-id"] = f"{rid}:{name}"
+    if base_version is not None:
+        hd["x-base-version"] = str(base_version)
+    if auth is not None:
+        hd["authorization"] = auth
+    return hd
 
 
 def _versions_header(value: str | None, header: str) -> dict[str, int]:

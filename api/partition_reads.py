@@ -61,7 +61,7 @@ async def pull(
                 for s in shards
             )
         )
-    if min_version is not None and not await _wait_all(store, parts, min_version, deadline):
+    if min_version is not None and not await wait_all(store, parts, min_version, deadline):
         kind_ = WaitExpired if store.is_ready() else Unavailable
         raise kind_(
             f"this replica has not applied version {min_version} of every part of {lay.name!r} within "
@@ -160,7 +160,7 @@ async def wait_every_part(store: StoreAPI, lay: Layout, version_gt: int, deadlin
     until = time.monotonic() + deadline
     shards = lay.part_shards(store.cfg.shards)
     here = [p for p, s in zip(lay.parts(), shards, strict=True) if part_forward.is_local(store, s)]
-    if not await _wait_all(store, here, version_gt + 1, deadline):
+    if not await wait_all(store, here, version_gt + 1, deadline):
         return False
     for p, s in zip(lay.parts(), shards, strict=True):
         if not part_forward.is_local(store, s):
@@ -170,7 +170,7 @@ async def wait_every_part(store: StoreAPI, lay: Layout, version_gt: int, deadlin
     return True
 
 
-async def _wait_all(store: StoreAPI, parts: list[str], version: int, deadline: float) -> bool:
+async def wait_all(store: StoreAPI, parts: list[str], version: int, deadline: float) -> bool:
     async def one(p: str) -> bool:
         fut = store.watch(p, version)
         try:

@@ -255,3 +255,33 @@ def test_a_row_long_poll_waits_for_every_part(client):
     assert client.post("/v1/tensors/rw_poll/grad", **raw(np.ones((6, 2), np.float32))).status_code == 200
     got, r = pull(client, "rw_poll", rows="5,0", wait_version_gt=1, timeout=5)
     assert got.tolist() == [[-0.5, -0.5], [-0.5, -0.5]] and json.loads(r.headers["X-Versions"]) == [2, 2]
+
+
+def test_batch_pushes_and_pulls_take_partitioned_tensors(client):
+    from safetensors.numpy import load, save
+
+    init = np.arange(24, dtype=np.float32).reshape(8, 3)
+    for name, k in (("bt_cut", "3"), ("bt_whole", "1")):
+        r = client.put(f"/v1/tensors/{name}", **raw(init, **{"X-Partitions": k, "X-Optimizer": SGD}))
+        assert r.status_code == 201, r.text
+    grad = np.ones((8, 3), np.float32)
+    body = save({"bt_cut": grad, "bt_whole": grad})
+    r = client.post("/v1/grads:batch", content=body, headers={"Content-Type": "application/x-safetensors"})
+    assert r.status_code == 200 and r.json()["versions"] == {"bt_cut": 2, "bt_whole": 2}, r.text
+    narrow = save({"bt_cut": grad.astype(np.float16)})  # narrowed like any float tensor's gradient
+    r = client.post("/v1/grads:batch", content=narrow, headers={"Content-Type": "application/x-safetensors"})
+    assert r.status_code == 200 and r.json()["versions"] == {"bt_cut": 3}, r.text
+    r = client.get(
+        "/v1/tensors:batch",
+        params={"names": "bt_cut,bt_whole", "consistency": "linearizable"},
+        headers={"X-Min-Versions": json.dumps({"bt_cut": 3, "bt_whole": 2})},
+    )
+    assert r.status_code == 200, r.text
+    got = load(r.content)
+    assert got["bt_cut"].tolist() == (init - 1.0).tolist() and got["bt_whole"].tolist() == (init - 0.5).tolist()
+    r = client.post(
+        "/v1/grads:batch",
+        content=save({"bt_cut": np.ones((2, 3), np.float32)}),
+        headers={"Content-Type": "application/x-safetensors"},
+    )
+    assert r.status_code == 422 and "no part was changed" in r.json()["detail"], r.text

@@ -97,6 +97,20 @@ def test_create_push_pull_through_a_replica_missing_parts_and_retried_create(clu
     assert got.tobytes() == expected[read].tobytes()
     assert json.loads(r.headers["X-Versions"]) == [4] * K
 
+    batch = save({NAME: np.ones(SHAPE, np.float32)})  # a batch push and pull through the same replica
+    r = c.http.post(
+        f"{c.urls[entry]}/v1/grads:batch", content=batch, headers={"Content-Type": "application/x-safetensors"}
+    )
+    assert r.status_code == 200 and r.json()["versions"] == {NAME: 5}, r.text
+    expected -= np.float32(LR)
+    r = c.http.get(
+        f"{c.urls[entry]}/v1/tensors:batch", params={"names": NAME}, headers={"X-Min-Versions": json.dumps({NAME: 5})}
+    )
+    assert r.status_code == 200, r.text
+    from safetensors.numpy import load
+
+    assert load(r.content)[NAME].tobytes() == expected.tobytes()
+
     r = c.http.delete(f"{c.urls[entry]}/v1/tensors/{NAME}")
     assert r.status_code == 200, r.text
     for i, s in enumerate(part_shards):  # every part is gone, wherever it was hosted
