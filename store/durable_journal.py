@@ -29,9 +29,12 @@ pysyncobj wrote, which FileJournal never reads). Everything before the mark
 was fdatasynced before the header that names it was written, so a damaged
 record at or past the mark is the torn tail of an unsynced batch (truncated
 at start by `check_journal`), and one before it is corruption. The mark on
-disk trails the end by the last batch until the log is idle for a second
-(or closed): damage to that batch is cut as a torn tail too, and the entries
-come back from the peers.
+disk trails the end by the last batch until the sync thread settles it, once
+a second between two batches (or at close): damage to that batch is cut as
+a torn tail too, and the entries come back from the peers. That once-a-second
+chore (a header sync and the meta file's sync, rename and directory sync)
+also runs under continuous load; a batch that arrives meanwhile waits for it
+(~1 ms on an SSD, measured in docs/benchmarks.md's small-write notes).
 
 With `fsync=False` the same writes happen without fdatasync: a process
 crash loses nothing, a power cut can lose what the page cache held.
@@ -143,7 +146,7 @@ class DurableJournal:
         self._durable_index = self._last_index()
         self._error: OSError | None = None
         self._closing = False
-        self._chores = False  # settle the mark, save the commit index: the sync thread's when idle
+        self._chores = False  # settle the mark, save the commit index: the sync thread's, between batches
         self._meta_lock = threading.Lock()  # the tick thread (term, vote) and the sync thread write .meta
         self.on_durable: Callable[[], None] | None = None  # called on the sync thread after a sync
         self._thread: threading.Thread | None = None
