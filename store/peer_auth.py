@@ -11,8 +11,9 @@ stream. Replicas' clocks must agree within `WINDOW` (NTP does far better).
 
 Replies that carry state (`snapshot`, `tables`) are signed too, bound to the
 request's nonce: a head MAC before the first byte, and a trailer MAC over the
-SHA-256 of every byte streamed, which the receiver hashes as they arrive and
-checks before it installs anything. Someone who binds a dead peer's data port
+digest of every byte streamed (keyed BLAKE3, or SHA-256 with replicas of
+earlier versions: store/stream_digest.py), which the receiver computes as the
+bytes arrive and checks before it installs anything. Someone who binds a dead peer's data port
 cannot feed a joiner a forged snapshot, nor replay an old authentic one.
 """
 
@@ -25,6 +26,8 @@ import threading
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from .stream_digest import StreamDigest, stream_key
 
 WINDOW = 60.0  # seconds a header stays valid either side of the server's clock
 MAX_REMEMBERED = 1_000_000  # nonces held at once (~8,000 requests/s over 2 windows); beyond, refuse
@@ -40,6 +43,7 @@ class PeerAuth:
         if not secret:
             raise ValueError("the data path needs a non-empty cluster secret")
         self._secret = secret
+        self._stream_key = stream_key(secret)
         self.window = window
         self._max = max_remembered
         self._seen: dict[str, float] = {}  # nonce -> when it may be forgotten (its timestamp + window)
@@ -74,8 +78,13 @@ class PeerAuth:
         when the length is not known in advance)."""
         return self._mac(op + "_reply", shard, nonce, size)
 
+    def stream_digest(self, alg: str) -> StreamDigest:
+        """A hasher for a signed reply's bytes (`alg`: store/stream_digest.py), keyed by the cluster secret."""
+        return StreamDigest(alg, self._stream_key)
+
     def reply_end_mac(self, op: str, shard: int, nonce: str, size: int, digest: str) -> str:
-        """The MAC of the trailer after a reply's `size` bytes hashing to `digest` (SHA-256)."""
+        """The MAC of the trailer after a reply's `size` bytes with `digest`
+        (StreamDigest.hexdigest: the algorithm's name is part of it)."""
         return self._mac(op + "_reply_end", shard, nonce, size, digest)
 
     @staticmethod

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from store import joining
+from store import joining, stream_digest
 from store.config import Address, NodeConfig
 from store.datapath import DataPathClient, DataPathServer
 from store.membership import JoinPlan
@@ -105,17 +105,26 @@ def tampering_proxy(target: Address, flip_after: bytes) -> tuple[Address, Callab
     return fake_server(answer)
 
 
-def forged_snapshot(secret: bytes | None, body: bytes) -> Callable[[bytes], bytes]:
-    """Answers a snapshot request with `body`, signed under `secret` (None: unsigned, the old format)."""
+def forged_snapshot(
+    secret: bytes | None, body: bytes, alg: str = stream_digest.SHA256, announce: str | None = None
+) -> Callable[[bytes], bytes]:
+    """Answers a snapshot request with `body`, signed under `secret` (None:
+    unsigned, the old format) over its `alg` digest; the head names `announce`
+    (default: `alg`, and nothing for SHA-256, as replicas before BLAKE3 do)."""
 
     def answer(line: bytes) -> bytes:
         nonce = json.loads(line)["nonce"]
         head: dict[str, object] = {"ok": True, "size": len(body)}
+        named = announce if announce is not None else (None if alg == stream_digest.SHA256 else alg)
+        if named is not None:
+            head["digest"] = named
         end: dict[str, object] = {}
         if secret is not None:
             auth = PeerAuth(secret)
             head["mac"] = auth.reply_head_mac("snapshot", 0, nonce, len(body))
-            end["mac"] = auth.reply_end_mac("snapshot", 0, nonce, len(body), hashlib.sha256(body).hexdigest())
+            hasher = auth.stream_digest(alg)
+            hasher.update(body)
+            end["mac"] = auth.reply_end_mac("snapshot", 0, nonce, len(body), hasher.hexdigest())
         return json.dumps(head).encode() + b"\n" + body + json.dumps(end).encode() + b"\n"
 
     return answer
@@ -136,8 +145,9 @@ def test_an_authentic_snapshot_and_tables_arrive_whole(real: Address, tmp_path: 
     [
         forged_snapshot(None, b"forged" * 1000),
         forged_snapshot(b"not-the-cluster-secret", b"forged" * 1000),
+        forged_snapshot(b"not-the-cluster-secret", b"forged" * 1000, alg=stream_digest.B3),
     ],
-    ids=["unsigned", "other-secret"],
+    ids=["unsigned", "other-secret", "other-secret-b3"],
 )
 def test_a_fake_server_on_a_dead_peers_port_cannot_feed_a_joiner(
     forger: Callable[[bytes], bytes], tmp_path: Path
@@ -247,3 +257,97 @@ def test_a_get_reply_announcing_more_than_the_payload_cap_is_refused_before_allo
         assert str(fake) in str(refused.value)
     finally:
         close()
+
+
+def relay(target: Address, seen: list[bytes]) -> tuple[Address, Callable[[], None]]:
+    """A faithful relay to `target` that records each request line and answer."""
+
+    def answer(line: bytes) -> bytes:
+        with socket.create_connection((target.host, target.port), timeout=10) as s:
+            s.sendall(line)
+            got = bytearray()
+            while chunk := s.recv(1 << 16):
+                got += chunk
+        seen.extend([line, bytes(got)])
+        return bytes(got)
+
+    return fake_server(answer)
+
+
+def _head(answer: bytes) -> dict[str, object]:
+    head = json.loads(answer[: answer.index(b"\n")])
+    assert isinstance(head, dict)
+    return head
+
+
+@pytest.mark.parametrize("asks", [stream_digest.B3, None], ids=["b3", "sha256-like-an-earlier-joiner"])
+def test_a_replica_answers_in_the_digest_its_joiner_asks_for(real: Address, tmp_path: Path, asks: str | None) -> None:
+    """BLAKE3 by default; a joiner of an earlier version (no `digest` field)
+    gets the SHA-256 form it knows. Each arrives whole and verified."""
+    seen: list[bytes] = []
+    addr, close = relay(real, seen)
+    client = DataPathClient(SECRET, timeout=10)
+    client.stream_digest = asks
+    try:
+        assert client.fetch_snapshot(addr, 0, tmp_path / "s.bin") == len(SNAPSHOT)
+        client.fetch_tables(addr, 0, tmp_path / "tables")
+    finally:
+        close()
+    assert (tmp_path / "s.bin").read_bytes() == SNAPSHOT
+    assert (tmp_path / "tables" / "t@1" / "000001.sst").read_bytes() == TABLE_FILE
+    for request, answer in zip(seen[::2], seen[1::2], strict=True):
+        assert json.loads(request).get("digest") == asks
+        assert _head(answer).get("digest") == asks  # absent for SHA-256: what earlier joiners read
+
+
+def test_a_snapshot_from_a_replica_of_an_earlier_version_is_accepted(tmp_path: Path) -> None:
+    """Rolling upgrades: a source that ignores `digest` and signs SHA-256."""
+    body = os.urandom(50_000)
+    addr, close = fake_server(forged_snapshot(SECRET, body))
+    try:
+        assert DataPathClient(SECRET, timeout=10).fetch_snapshot(addr, 0, tmp_path / "s.bin") == len(body)
+    finally:
+        close()
+    assert (tmp_path / "s.bin").read_bytes() == body
+
+
+@pytest.mark.parametrize(
+    ("alg", "announce", "refusal"),
+    [
+        (stream_digest.SHA256, stream_digest.B3, "do not match the signed digest"),  # head altered: b3 added
+        (stream_digest.B3, stream_digest.SHA256, "do not match the signed digest"),  # head altered: b3 removed
+        (stream_digest.B3, "md5", "unknown digest"),
+    ],
+    ids=["sha256-signed-b3-announced", "b3-signed-sha256-announced", "unknown"],
+)
+def test_a_reply_whose_head_misnames_its_digest_is_refused(
+    tmp_path: Path, alg: str, announce: str, refusal: str
+) -> None:
+    """The trailer MAC signs the algorithm's name with the digest: a head
+    changed in transit to name another algorithm installs nothing."""
+    addr, close = fake_server(forged_snapshot(SECRET, os.urandom(50_000), alg=alg, announce=announce))
+    try:
+        with pytest.raises(ConnectionError, match=refusal):
+            DataPathClient(SECRET, timeout=10).fetch_snapshot(addr, 0, tmp_path / "s.bin")
+    finally:
+        close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_b3_digest_is_keyed_by_the_cluster_secret() -> None:
+    """Without the secret nobody computes the digest a trailer signs (a MAC by
+    itself), and one flipped byte changes it."""
+    data = bytearray(os.urandom(1 << 20))
+
+    def digest(secret: bytes, data: bytes | bytearray) -> str:
+        hasher = PeerAuth(secret).stream_digest(stream_digest.B3)
+        hasher.update(memoryview(data))
+        assert hasher.size == len(data)
+        return hasher.hexdigest()
+
+    mine = digest(SECRET, data)
+    assert mine.startswith("b3:") and len(mine) == 3 + 64
+    assert mine == digest(SECRET, bytes(data))
+    assert mine != digest(b"another-secret", data)
+    data[12345] ^= 1
+    assert mine != digest(SECRET, data)
