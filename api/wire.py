@@ -7,7 +7,6 @@ serves the stored, read-only array buffer without copying it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -19,7 +18,7 @@ from numpy.lib import format as npf
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from store import dtypes
+from store import content_id, dtypes
 from store.buffers import LARGE, Bytes, byte_view, receive_buffer
 from store.errors import InvalidRequest, Unprocessable, echo
 
@@ -46,11 +45,12 @@ class WireTensor:
 
 class HashedBody(np.ndarray):
     """A large request body (bytes in a numpy buffer: see store/buffers.py)
-    with the SHA-256 computed while it arrived: a sideloaded payload is named
-    by it (store/staging.py reads `sha256`), and its cut-through `stream` to the
+    with its payload id (store/content_id.py) computed while it arrived: a
+    sideloaded payload is named by it (store/staging.py reads `content_id`),
+    and its cut-through `stream` to the
     shard's peers, if one was opened (api/tensors.py)."""
 
-    sha256: str | None = None
+    content_id: str | None = None
     stream: PayloadStream | None = None
 
 
@@ -83,7 +83,8 @@ async def read_stream(
         if length >= HASH_WHILE_READING:  # receive_buffer's numpy case (from LARGE bytes on)
             hashed = receive_buffer(length).view(HashedBody)  # type: ignore[union-attr]
         buf = bytearray(length) if hashed is None else hashed
-        hasher = None if hashed is None else hashlib.sha256()
+        kind = content_id.new_kind()
+        hasher = None if hashed is None else content_id.hasher(kind)
         view = byte_view(buf)
         got = 0
         async for chunk in chunks:
@@ -98,7 +99,7 @@ async def read_stream(
         if got != length:
             raise InvalidRequest(f"body ended after {got} of {length} bytes")
         if hashed is not None and hasher is not None:
-            hashed.sha256 = hasher.hexdigest()
+            hashed.content_id = content_id.name(kind, hasher)
         return buf
     buf = bytearray()
     async for chunk in chunks:

@@ -7,7 +7,9 @@ compression. One request per connection:
     put_stream: client sends `size` raw bytes (as they arrive from its own
           client, or all at once), then a trailer line {"id", "mac"} naming
           them; server answers {"ok": true} once the bytes are stored and their
-          SHA-256 matches `id` (hashed while they arrive). Every payload goes
+          hash matches `id` (hashed while they arrive, with the algorithm the
+          header's `digest` names: "b3", or none for SHA-256; see
+          store/content_id.py). Every payload goes
           this way (PayloadStream, DataPathClient.replicate).
     put:  the same with `id` in the header; sent by earlier versions
     get:  server answers {"ok": true, "size": n} and the n raw bytes
@@ -27,7 +29,7 @@ both bound to the request's nonce): keyed BLAKE3 when the request asks for it
 with `"digest": "b3"` and the head answers the same, else SHA-256, the form
 replicas of earlier versions know (store/stream_digest.py); the receiver
 hashes while it receives and installs nothing that fails. `get` replies need no MAC: a payload's name
-is its SHA-256, checked on arrival. Bytes travel unencrypted
+is its hash (store/content_id.py), checked on arrival. Bytes travel unencrypted
 (docs/reliability.md, "Security defaults").
 
 Payload bytes are counted per peer (store/traffic.py) for /metrics: a
@@ -38,7 +40,6 @@ only labels them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import mmap
@@ -51,10 +52,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
+from . import content_id
 from .buffers import Bytes, as_buffer, receive_buffer
 from .config import Address
 from .errors import CorruptData, StoreError, Unavailable
@@ -65,9 +67,6 @@ from .stream_digest import B3, StreamDigest, announced, requested
 from .tables.engine import receive_dir, send_dir
 from .threadnames import name_this_thread
 from .traffic import DataPathTraffic
-
-if TYPE_CHECKING:
-    from hashlib import _Hash
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +111,8 @@ def _send_line(sock: socket.socket, msg: Mapping[str, Any]) -> None:
     sock.sendall(json.dumps(msg).encode() + b"\n")
 
 
-def _recv_exact(sock: socket.socket, size: int, hasher: _Hash | None = None) -> np.ndarray | bytearray:
-    """`size` bytes (a buffer: see store/buffers.py); `hasher` (hashlib) is fed
+def _recv_exact(sock: socket.socket, size: int, hasher: content_id.Hasher | None = None) -> np.ndarray | bytearray:
+    """`size` bytes (a buffer: see store/buffers.py); `hasher` is fed
     as they arrive, overlapping the hashing with the transfer."""
     buf = receive_buffer(size)
     view = memoryview(as_buffer(buf))
@@ -198,24 +197,29 @@ class DataPathServer:
             store = self.payloads[shard]
             sender = str(msg.get("from", ""))[:64]  # only a label; the store maps unknown ones to "other"
             if op == "put":  # sent by replicas of earlier versions (rolling upgrades)
-                hasher = hashlib.sha256()
+                kind = content_id.kind_of(pid)
+                if kind is None:
+                    return self._refuse(sock, peer, f"invalid payload id {clip(pid, 80)}")
+                hasher = content_id.hasher(kind)
                 data = _recv_exact(sock, size, hasher)
                 self.traffic.add(sender, received=size)
-                store.put(data, pid, digest=hasher.hexdigest())
+                store.put(data, pid, digest=content_id.name(kind, hasher))
                 _send_line(sock, {"ok": True})
             elif op == "put_stream":
                 # the bytes first, then a trailer naming them: the sender
                 # forwards a body while it still arrives (see PayloadStream),
                 # as fast as its client sends it
                 sock.settimeout(STREAM_IDLE)
-                hasher = hashlib.sha256()
+                # the id's algorithm is announced up front (no field: SHA-256, as earlier versions send)
+                kind = content_id.B3 if msg.get("digest") == content_id.B3 else content_id.SHA256
+                hasher = content_id.hasher(kind)
                 data = _recv_exact(sock, size, hasher)
                 self.traffic.add(sender, received=size)
                 trailer = _read_line(sock)
                 pid = str(trailer.get("id", ""))
                 if not self.auth.check_trailer(trailer, shard, size, nonce):
                     return self._refuse(sock, peer, "authentication failed (trailer)")
-                store.put(data, pid, digest=hasher.hexdigest())
+                store.put(data, pid, digest=content_id.name(kind, hasher))
                 _send_line(sock, {"ok": True})
             elif op == "snapshot" and self.snapshot_source is not None:
                 sent = self._send_snapshot(sock, shard, nonce, requested(msg), self.snapshot_source(shard))
@@ -381,7 +385,7 @@ class DataPathClient:
 
     def fetch(self, addr: Address, shard: int, payload_id: str) -> np.ndarray | bytearray | None:
         """The payload `payload_id` from the replica at `addr` (None: not
-        there), verified against its name (SHA-256) as it arrives."""
+        there), verified against its name (its hash) as it arrives."""
         with self._connect(addr) as sock:
             _send_line(sock, self._header("get", shard, payload_id, 0))
             reply = _read_line(sock)
@@ -395,9 +399,14 @@ class DataPathClient:
                 or (self.max_size is not None and size > self.max_size)
             ):  # checked before a buffer of that size is allocated
                 raise ConnectionError(f"{addr} answered payload {payload_id[:16]}… with a bad size {clip(size, 40)}")
-            hasher = hashlib.sha256()
+            kind = content_id.kind_of(payload_id)
+            if kind is None:
+                raise ValueError(f"invalid payload id {clip(payload_id, 80)}")
+            hasher = content_id.hasher(kind)
             data = _recv_exact(sock, size, hasher)
-            if hasher.hexdigest() != payload_id:  # a squatter on a dead peer's port, or bytes altered in transit
+            if (
+                content_id.name(kind, hasher) != payload_id
+            ):  # a squatter on a dead peer's port, or bytes altered in transit
                 raise ConnectionError(f"{addr} sent bytes for payload {payload_id[:16]}… that hash to something else")
             self.traffic.add(str(addr), received=size)
             return data
@@ -477,15 +486,16 @@ class DataPathClient:
         that misses it fetches it at apply. The same `put_stream` as a body
         forwarded while it arrives, with all of it queued at once."""
         view = memoryview(as_buffer(data)).cast("B")
-        stream = self.stream(peers, shard, view.nbytes)
+        stream = self.stream(peers, shard, view.nbytes, content_id.kind_of(payload_id))
         stream.feed(view)
         stream.finish(payload_id)
         stream.wait(need, timeout)
 
-    def stream(self, peers: Sequence[Address], shard: int, size: int) -> PayloadStream:
+    def stream(self, peers: Sequence[Address], shard: int, size: int, kind: str | None = None) -> PayloadStream:
         """Start forwarding a payload of `size` bytes to every peer while it
-        is still arriving; see PayloadStream."""
-        return PayloadStream(self, peers, shard, size)
+        is still arriving, to be named by a `kind` id (store/content_id.py;
+        default: what new payloads get); see PayloadStream."""
+        return PayloadStream(self, peers, shard, size, kind or content_id.new_kind())
 
 
 class _Signal:
@@ -499,7 +509,7 @@ STREAM_IDLE = 120.0  # seconds a sender waits for the next chunk before giving u
 class PayloadStream:
     """Cut-through replication of one payload: the bytes go to the peers as
     they arrive from the client, so the transfer to the peers overlaps the
-    body's intake instead of following it. Its name (SHA-256) is only known at
+    body's intake instead of following it. Its name (its hash) is only known at
     the end and travels in a trailer (`put_stream`); each peer hashes while
     receiving and refuses bytes that do not match.
 
@@ -511,10 +521,11 @@ class PayloadStream:
     uploads must not starve other pushes of pool threads.
     """
 
-    def __init__(self, client: DataPathClient, peers: Sequence[Address], shard: int, size: int) -> None:
+    def __init__(self, client: DataPathClient, peers: Sequence[Address], shard: int, size: int, kind: str) -> None:
         self.client = client
         self.shard = shard
         self.size = size
+        self.kind = kind  # of the id finish() will give: each peer hashes with it while receiving
         self.payload_id: str | None = None
         self._queues: list[queue.SimpleQueue[memoryview | _Signal]] = [queue.SimpleQueue() for _ in peers]
         self._cond = threading.Condition()
@@ -562,6 +573,8 @@ class PayloadStream:
         try:
             sock = client._connect(peer)
             header = client._header("put_stream", shard, "", size)
+            if self.kind == content_id.B3:  # absent: SHA-256, all a replica of an earlier version reads
+                header["digest"] = content_id.B3
             _send_line(sock, header)
             sent = 0
             while True:

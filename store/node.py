@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import joining, membership, status
+from . import content_id, joining, membership, status
 from .applier import Applier
 from .commands import Batch, Command, Noop, TensorCommand
 from .config import Config, NodeConfig
@@ -68,6 +68,7 @@ class Store:
                 "`paramstore dev` generates one)"
             )
         self.cfg = cfg
+        content_id.choose(cfg.limits.payload_ids)  # one setting for the process: api/wire.py names bodies too
         self.node: NodeConfig = cfg.node
         self.data_dir = Path(cfg.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Content-addressed payload store of one shard: tensor bytes that travel beside Raft.
 
-A payload is named by the SHA-256 of its bytes. It is written to the data dir
+A payload is named by the hash of its bytes (BLAKE3, or SHA-256 for those
+named by earlier versions: store/content_id.py). It is written to the data dir
 (temp file + rename) and kept in memory until the command that names it has
 been applied, so the common path never reads it back from disk. Files are
 removed once a snapshot covers the command that used them.
@@ -8,7 +9,6 @@ removed once a snapshot covers the command that used them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from . import content_id
 from .buffers import Bytes, as_buffer
 from .durable_journal import fsync_dir
 from .errors import CorruptData
@@ -24,12 +25,8 @@ from .writeback import start_writeback
 log = logging.getLogger(__name__)
 
 
-def digest_of(data: Bytes) -> str:
-    return hashlib.sha256(as_buffer(data)).hexdigest()
-
-
 def _valid_id(payload_id: str) -> bool:
-    return len(payload_id) == 64 and all(c in "0123456789abcdef" for c in payload_id)
+    return content_id.kind_of(payload_id) is not None
 
 
 class PayloadStore:
@@ -53,9 +50,9 @@ class PayloadStore:
 
     def put(self, data: Bytes, payload_id: str | None = None, digest: str | None = None) -> str:
         """Store bytes; verifies them against `payload_id` when one is given.
-        `digest`: their SHA-256, if the caller already computed it from these
-        very bytes (e.g. while they arrived)."""
-        actual = digest or digest_of(data)
+        `digest`: their id (in `payload_id`'s algorithm), if the caller already
+        computed it from these very bytes (e.g. while they arrived)."""
+        actual = digest or content_id.id_of(data, None if payload_id is None else content_id.kind_of(payload_id))
         if payload_id is not None and actual != payload_id:
             raise CorruptData(f"payload bytes hash to {actual[:16]}…, expected {payload_id[:16]}…")
         target = self.path(actual)
@@ -99,7 +96,7 @@ class PayloadStore:
                 data = f.read()
         except FileNotFoundError:
             return None
-        if digest_of(data) != payload_id:
+        if content_id.id_of(data, content_id.kind_of(payload_id)) != payload_id:
             log.error("payload %s on disk is corrupt; discarding it", payload_id)
             self.path(payload_id).unlink(missing_ok=True)
             return None

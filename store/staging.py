@@ -11,13 +11,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from . import commands
+from . import commands, content_id
 from .commands import Command, Inline, Stored
 from .config import Config
 from .datapath import DataPathClient, PayloadStream
 from .errors import StoreError, Unavailable
 from .futures import forward
-from .payloads import PayloadStore, digest_of
+from .payloads import PayloadStore
 from .routing import Routing
 from .shardhost import ShardHost
 from .threadnames import name_this_thread
@@ -61,7 +61,7 @@ class PayloadStaging:
             try:
                 for path, blob in large:
                     # the local copy is written while the peers receive theirs
-                    payload_id = getattr(blob, "sha256", None) or digest_of(blob)
+                    payload_id = getattr(blob, "content_id", None) or content_id.id_of(blob)
                     local = self._payload_writer.submit(host.payloads.put, blob, payload_id, payload_id)
                     stream = getattr(blob, "stream", None)  # already on its way to the peers
                     if stream is not None:

@@ -7,7 +7,6 @@ is left where the joiner would install it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from store import joining, stream_digest
+from store import content_id, joining, stream_digest
 from store.config import Address, NodeConfig
 from store.datapath import DataPathClient, DataPathServer
 from store.membership import JoinPlan
@@ -230,10 +229,12 @@ def test_tables_altered_in_transit_or_forged_are_refused(real: Address, tmp_path
         shutil.rmtree(tmp_path / "tables.fetching", ignore_errors=True)
 
 
-def test_a_payload_that_does_not_hash_to_its_name_is_refused_naming_the_peer(real: Address) -> None:
-    """`get` replies are checked by content: a squatter's bytes raise (the
-    applier then asks the next peer) instead of reaching the payload store."""
-    wanted = hashlib.sha256(b"the real payload").hexdigest()
+@pytest.mark.parametrize("kind", [content_id.B3, content_id.SHA256])
+def test_a_payload_that_does_not_hash_to_its_name_is_refused_naming_the_peer(real: Address, kind: str) -> None:
+    """`get` replies are checked by content, in the algorithm the id names: a
+    squatter's bytes raise (the applier then asks the next peer) instead of
+    reaching the payload store."""
+    wanted = content_id.id_of(b"the real payload", kind)
     forged = b"a forged payload"
     fake, close = fake_server(lambda line: json.dumps({"ok": True, "size": len(forged)}).encode() + b"\n" + forged)
     try:
@@ -244,8 +245,8 @@ def test_a_payload_that_does_not_hash_to_its_name_is_refused_naming_the_peer(rea
         close()
     data = b"a payload a real peer holds"
     client = DataPathClient(SECRET, timeout=10)
-    client.replicate([real], 0, hashlib.sha256(data).hexdigest(), data, need=1, timeout=10)
-    assert bytes(client.fetch(real, 0, hashlib.sha256(data).hexdigest()) or b"") == data
+    client.replicate([real], 0, content_id.id_of(data, kind), data, need=1, timeout=10)
+    assert bytes(client.fetch(real, 0, content_id.id_of(data, kind)) or b"") == data
 
 
 def test_a_get_reply_announcing_more_than_the_payload_cap_is_refused_before_allocating() -> None:

@@ -29,6 +29,7 @@ def test_defaults_and_derived_data_port():
         ({"nodes": NODES, "raft": {"min_timeout": 0.1}}, "raft.min_timeout"),
         ({"nodes": NODES, "limits": {"inline_payload_bytes": 1 << 20}}, "limits.inline_payload_bytes"),
         ({"nodes": NODES, "limits": {"header_timeout": -1}}, "limits.header_timeout"),
+        ({"nodes": NODES, "limits": {"payload_ids": "md5"}}, "limits.payload_ids"),
         ({"nodes": NODES, "raft": {"transport": "no colon"}}, "raft.transport"),
         ({"nodes": NODES, "node": {"id": "zz"}}, "node"),
     ],

@@ -1,12 +1,11 @@
 """Cut-through payload replication (store/datapath.py PayloadStream) against
 real data-path servers on loopback."""
 
-import hashlib
 import os
 
 import pytest
 
-from store import datapath
+from store import content_id, datapath
 from store.config import Address
 from store.datapath import DataPathClient, DataPathServer
 from store.errors import Unavailable
@@ -38,17 +37,54 @@ def _feed(stream, data: bytes, piece: int = 1 << 16) -> None:
         stream.feed(view[i : i + piece])
 
 
-def test_a_streamed_payload_lands_on_every_peer(peers):
+@pytest.mark.parametrize("kind", [content_id.B3, content_id.SHA256])
+def test_a_streamed_payload_lands_on_every_peer(peers, kind):
+    """BLAKE3 ids by default; SHA-256 ones as replicas of earlier versions (or
+    `limits.payload_ids = "sha256"`) name them."""
     client, addrs, stores = peers
     data = os.urandom(3 << 20)
-    pid = hashlib.sha256(data).hexdigest()
-    stream = client.stream(addrs, 0, len(data))
+    pid = content_id.id_of(data, kind)
+    assert pid.startswith("b3-") == (kind == content_id.B3)
+    stream = client.stream(addrs, 0, len(data), kind)
     _feed(stream, data)
     stream.finish(pid)
     stream.wait(2, 10)
     for store in stores:
         assert bytes(store.get(pid)) == data
         assert store.path(pid).read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("announced", "named"), [(content_id.B3, content_id.SHA256), (content_id.SHA256, content_id.B3)]
+)
+def test_a_stream_named_in_another_algorithm_than_announced_is_refused(peers, announced, named):
+    """Each peer hashes with the algorithm the header announces; a trailer
+    naming the bytes in another (even correctly) stores nothing."""
+    client, addrs, stores = peers
+    data = os.urandom(1 << 20)
+    pid = content_id.id_of(data, named)
+    stream = client.stream(addrs, 0, len(data), announced)
+    _feed(stream, data)
+    stream.finish(pid)
+    with pytest.raises(Unavailable, match="refused payload"):
+        stream.wait(1, 10)
+    for store in stores:
+        assert store.get(pid) is None
+
+
+@pytest.mark.parametrize("kind", [content_id.B3, content_id.SHA256])
+def test_a_byte_changed_on_the_way_is_refused(peers, kind):
+    client, addrs, stores = peers
+    data = bytearray(os.urandom(1 << 20))
+    pid = content_id.id_of(data, kind)
+    data[4321] ^= 1
+    stream = client.stream(addrs, 0, len(data), kind)
+    _feed(stream, bytes(data))
+    stream.finish(pid)
+    with pytest.raises(Unavailable, match="refused payload"):
+        stream.wait(1, 10)
+    for store in stores:
+        assert store.get(pid) is None
 
 
 def test_an_aborted_stream_leaves_nothing(peers):
@@ -66,7 +102,7 @@ def test_an_aborted_stream_leaves_nothing(peers):
 def test_bytes_that_do_not_match_their_name_are_refused(peers):
     client, addrs, stores = peers
     data = os.urandom(1 << 20)
-    wrong = hashlib.sha256(b"something else").hexdigest()
+    wrong = content_id.id_of(b"something else")
     stream = client.stream(addrs, 0, len(data))
     _feed(stream, data)
     stream.finish(wrong)
@@ -79,7 +115,7 @@ def test_bytes_that_do_not_match_their_name_are_refused(peers):
 def test_a_sender_without_the_secret_is_refused(peers):
     _, addrs, stores = peers
     data = os.urandom(1 << 20)
-    pid = hashlib.sha256(data).hexdigest()
+    pid = content_id.id_of(data)
     intruder = DataPathClient(b"not the secret", timeout=10)
     stream = intruder.stream(addrs, 0, len(data))
     _feed(stream, data)
@@ -108,22 +144,22 @@ def test_many_open_streams_do_not_starve_each_other(peers):
     for stream, body in zip(streams, bodies, strict=True):
         _feed(stream, body)
     for stream, body in reversed(list(zip(streams, bodies, strict=True))):
-        stream.finish(hashlib.sha256(body).hexdigest())
+        stream.finish(content_id.id_of(body))
         stream.wait(2, 5)
     for body in bodies:
-        assert bytes(stores[0].get(hashlib.sha256(body).hexdigest())) == body
+        assert bytes(stores[0].get(content_id.id_of(body))) == body
 
 
 def test_replicate_sends_a_complete_payload_the_same_way(peers):
     client, addrs, stores = peers
     data = os.urandom(2 << 20)
-    pid = hashlib.sha256(data).hexdigest()
+    pid = content_id.id_of(data)
     client.replicate(addrs, 0, pid, data, need=2, timeout=10)
     for store in stores:
         assert bytes(store.get(pid)) == data
     down = Address("127.0.0.1", free_range(1))  # nobody listens there
     other = os.urandom(1 << 16)
-    other_id = hashlib.sha256(other).hexdigest()
+    other_id = content_id.id_of(other)
     client.replicate([addrs[0], down], 0, other_id, other, need=1, timeout=10)
     assert bytes(stores[0].get(other_id)) == other
     with pytest.raises(Unavailable, match=r"of the 2 peers a majority needs.*Connection refused"):
