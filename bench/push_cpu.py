@@ -1,6 +1,7 @@
 """Replica CPU per committed large push, A/B between paramstore trees, interleaved.
 
     python -m bench.push_cpu --tree A=/work/main --tree B=. [--mb 64] [--pushes 8] [--rounds 2]
+    python -m bench.push_cpu --tree sha=. --tree b3=. --env sha:PARAMSTORE_LIMITS__PAYLOAD_IDS=sha256
 
 Each round starts a fresh 3-replica cluster of every tree in turn (A B, then
 B A, ...), creates one `--mb` MB float32 tensor (sgd), sends `--pushes`
@@ -32,11 +33,11 @@ class Cluster(systems.Paramstore):
     HTTP, RAFT = 22000, 22100
 
 
-def measure(tree: Path, mb: int, pushes: int) -> dict[str, float]:
+def measure(tree: Path, env: dict[str, str], mb: int, pushes: int) -> dict[str, float]:
     old_root, old_path = systems.PS_ROOT, systems.PS_PATH
     systems.PS_ROOT, systems.PS_PATH = tree, str(tree)
     work = Path(tempfile.mkdtemp(prefix="paramstore-pushcpu-"))
-    ps = Cluster(work)
+    ps = Cluster(work, env=env)
     try:
         ps.start()
         arr = np.random.default_rng(0).standard_normal(mb * MB // 4).astype(np.float32)
@@ -66,15 +67,21 @@ def measure(tree: Path, mb: int, pushes: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", action="append", required=True, help="LABEL=PATH")
+    ap.add_argument("--env", action="append", default=[], help="LABEL:NAME=VALUE, for that tree's replicas")
     ap.add_argument("--mb", type=int, default=64)
     ap.add_argument("--pushes", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     trees = dict(t.split("=", 1) for t in a.tree)
+    envs: dict[str, dict[str, str]] = {label: {} for label in trees}
+    for e in a.env:
+        label, _, kv = e.partition(":")
+        k, _, v = kv.partition("=")
+        envs[label][k] = v
     results: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
     for rnd in range(a.rounds):
         for label in list(trees) if rnd % 2 == 0 else list(reversed(trees)):
-            r = measure(Path(trees[label]).resolve(), a.mb, a.pushes)
+            r = measure(Path(trees[label]).resolve(), envs[label], a.mb, a.pushes)
             results[label].append(r)
             print(
                 f"round {rnd + 1} {label}: {r['mb_s']:6.0f} MB/s  {r['cpu_s_per_push']:.3f} CPU-s/push "
