@@ -74,6 +74,7 @@ def local_stats(request: Request) -> dict[str, Any]:
     for info in service.list():
         lookups, lookup_rows, pushes, push_rows = served.get(info["name"], [0, 0, 0, 0])
         hits, misses = service.cache_hits(info["name"])
+        row_hits, row_misses = service.row_cache_hits(info["name"])
         tables.append(
             {
                 **{k: info[k] for k in ("name", "rows", "bytes_in_memory", "bytes_on_disk", "refused", "evicted")},
@@ -83,6 +84,8 @@ def local_stats(request: Request) -> dict[str, Any]:
                 "push_rows": push_rows,
                 "cache_hits": hits,
                 "cache_misses": misses,
+                "row_cache_hits": row_hits,
+                "row_cache_misses": row_misses,
             }
         )
     budget = service.budget

@@ -24,7 +24,7 @@ class TableCollector(Collector):
         disk = GaugeMetricFamily("paramstore_table_disk_bytes", "Bytes of the table's files here", labels=lbl)
         memory = GaugeMetricFamily(
             "paramstore_table_memory_bytes",
-            "Memtables, table readers and admission counters outside the shared block cache",
+            "Row caches, memtables, table readers and admission counters (not the shared block cache)",
             labels=lbl,
         )
         version = GaugeMetricFamily("paramstore_table_version", "Pushes applied, summed over shards", labels=lbl)
@@ -42,6 +42,11 @@ class TableCollector(Collector):
             "Reads of the table's blocks in RocksDB's block cache (hit rate: hit / (hit + miss))",
             labels=[*lbl, "result"],
         )
+        row_reads = CounterMetricFamily(
+            "paramstore_table_row_cache_reads",
+            "Record reads in the table's row caches, in front of RocksDB (hit rate: hit / (hit + miss))",
+            labels=[*lbl, "result"],
+        )
         for info in service.list():
             key = [node, info["name"]]
             rows.add_metric(key, info["rows"])
@@ -57,13 +62,16 @@ class TableCollector(Collector):
             hits, misses = service.cache_hits(info["name"])
             cache_reads.add_metric([*key, "hit"], hits)
             cache_reads.add_metric([*key, "miss"], misses)
+            hits, misses = service.row_cache_hits(info["name"])
+            row_reads.add_metric([*key, "hit"], hits)
+            row_reads.add_metric([*key, "miss"], misses)
         yield from (rows, disk, memory, version, admitted, refused, evicted, lookups, lookup_rows, pushes, push_rows)
-        yield cache_reads
+        yield from (cache_reads, row_reads)
         budget = service.budget
         if budget is not None:
             cache = GaugeMetricFamily(
                 "paramstore_table_cache_bytes",
-                "The tables' shared block cache: capacity and usage",
+                "The tables' memory cap (limits.table_cache_bytes) and its usage: block cache plus row caches",
                 labels=["node", "kind"],
             )
             cache.add_metric([node, "capacity"], budget.cache_bytes)

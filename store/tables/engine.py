@@ -14,10 +14,17 @@ push when `sync` is set (`raft.fsync`, on by default, as for the Raft
 journal); without it a process crash loses nothing but a power loss may lose
 the last pushes. Opening a table reads its meta keys only.
 
-Memory: the process's tables share one block cache (`MemoryBudget`) that also
-holds index and filter blocks; memtables are bounded per table. Reads go
-through that cache and the kernel's page cache, never a map of the table, so
-the process's RSS stays near the cap whatever the table's size.
+Memory: the process's tables share one budget (`MemoryBudget`, the cap):
+part of it is the block cache (also index and filter blocks), the rest the
+row caches (store/tables/rowcache.py) in front of each table; memtables are
+bounded per table. Reads go through those caches and the kernel's page
+cache, never a map of the table, so the process's RSS stays near the cap
+whatever the table's size.
+
+The row cache is write-through: `write` applies a batch's record puts and
+deletes to it, in batch order, after RocksDB took the batch, under the
+store's lock, and bumps the store's generation. Digests, checkpoints,
+iteration and snapshots read RocksDB only.
 
 Snapshots: `checkpoint` (a RocksDB checkpoint: hard links to the immutable
 table files, plus a flush) pins the table in O(files); `send_dir` streams the
@@ -32,6 +39,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
@@ -40,6 +48,7 @@ import numpy as np
 import rocksdict
 
 from ..errors import CorruptData
+from .rowcache import RowCache, RowPool
 
 
 class Hasher(Protocol):
@@ -53,15 +62,24 @@ CHANGE = b"c"
 WRITE_BUFFER_BYTES = 16 << 20
 
 
-class MemoryBudget:
-    """The block cache shared by all tables of a process (rows, index, filters)."""
+# The row caches' share of the cap; the block cache keeps the rest (index and
+# filter blocks, the blocks of rows read past the row caches). Measured in
+# docs/benchmarks.md ("Embedding tables", the split).
+ROW_SHARE = 0.75
 
-    def __init__(self, cache_bytes: int) -> None:
+
+class MemoryBudget:
+    """The memory all tables of a process share: one block cache and the row caches' pool."""
+
+    def __init__(self, cache_bytes: int, row_share: float = ROW_SHARE) -> None:
         self.cache_bytes = cache_bytes
-        self.cache = rocksdict.Cache(cache_bytes)
+        self.rows = RowPool(int(cache_bytes * row_share))
+        self.block_bytes = cache_bytes - self.rows.capacity
+        self.cache = rocksdict.Cache(max(self.block_bytes, 1 << 20))
 
     def usage(self) -> int:
-        return int(self.cache.get_usage())
+        """Block cache usage plus the bytes the row caches hold."""
+        return int(self.cache.get_usage()) + self.rows.reserved
 
 
 DEFAULT_BUDGET = MemoryBudget(256 << 20)
@@ -117,6 +135,8 @@ class Batch:
 
     def __init__(self) -> None:
         self.wb = rocksdict.WriteBatch(raw_mode=True)
+        # record writes in order, for the row cache: (keys, records) put, or (keys, None) deleted
+        self.rows: list[tuple[np.ndarray, np.ndarray | None]] = []
 
     def put(self, key: bytes, value: bytes) -> None:
         self.wb.put(key, value)
@@ -125,23 +145,77 @@ class Batch:
         self.wb.delete(key)
 
 
+READ_RETRIES = 3  # cache-then-RocksDB reads overtaken by a write before reading under the lock
+
+
 class RowStore:
     def __init__(self, path: Path, record_size: int, budget: MemoryBudget = DEFAULT_BUDGET, sync: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.record_size = record_size
         self.budget = budget
         self._options = _options(budget)
         self.db = _open(self.path, self._options)
         self.wopt = rocksdict.WriteOptions()
         self.wopt.sync = sync
+        self._lock = threading.Lock()  # writes, and every use of the row cache
+        self._generation = 0  # writes so far
+        self.cache: RowCache | None = None
+        self.record_size = record_size
+
+    @property
+    def record_size(self) -> int:
+        return self._record_size
+
+    @record_size.setter
+    def record_size(self, size: int) -> None:
+        """(Re)sizing records empties the row cache."""
+        with self._lock:
+            self._record_size = size
+            if self.cache is not None:
+                self.cache.close()
+            self.cache = RowCache(size, self.budget.rows) if size else None
 
     # ---- reads (any thread) ------------------------------------------------------
     def get_records(
         self, keys: np.ndarray, meta: tuple[bytes, ...] = ()
     ) -> tuple[np.ndarray, np.ndarray, list[bytes | None]]:
         """(found mask, records as (n, record_size) uint8 with zeros where
-        absent, values of the `meta` keys), all read at one point in time."""
+        absent, values of the `meta` keys), all as of one write.
+
+        The row cache's hits are copied under the lock with the generation
+        (writes so far); the misses and the meta keys are read from RocksDB
+        in one multi-get (one RocksDB snapshot) outside it; back under the
+        lock, if the generation is unchanged no write happened in between,
+        so both halves are of that generation and the misses are cached.
+        Otherwise the read is redone, and after READ_RETRIES it is done
+        under the lock, which writes wait for."""
+        keys = np.asarray(keys, np.uint64)
+        cache = self.cache
+        if cache is None:
+            return self._read_db(keys, meta)
+        for _ in range(READ_RETRIES):
+            with self._lock:
+                generation = self._generation
+                hit, hit_recs = cache.get(keys)
+            miss = np.flatnonzero(~hit)
+            found, recs, metas = self._read_db(keys[miss], meta)
+            with self._lock:
+                if self._generation == generation:
+                    cache.put(keys[miss][found], recs[found])
+                    return _merge(hit, hit_recs, miss, found, recs, metas)
+        with self._lock:
+            hit, hit_recs = cache.get(keys)
+            miss = np.flatnonzero(~hit)
+            found, recs, metas = self._read_db(keys[miss], meta)
+            cache.put(keys[miss][found], recs[found])
+            return _merge(hit, hit_recs, miss, found, recs, metas)
+
+    def _read_db(
+        self, keys: np.ndarray, meta: tuple[bytes, ...] = ()
+    ) -> tuple[np.ndarray, np.ndarray, list[bytes | None]]:
+        """`get_records` from RocksDB alone: one multi-get."""
+        if not len(keys) and not meta:
+            return np.zeros(0, bool), np.zeros((0, self.record_size), np.uint8), []
         enc = row_keys(keys)
         got = cast(list[bytes | None], self.db.get(cast(Any, [META + m for m in meta] + enc)))
         metas, vals = got[: len(meta)], got[len(meta) :]
@@ -213,17 +287,36 @@ class RowStore:
 
     # ---- writes (the applier thread only) ---------------------------------------
     def write(self, batch: Batch) -> None:
-        self.db.write(batch.wb, self.wopt)
+        """Commit the batch; the row cache follows it (see the module's docstring)."""
+        with self._lock:
+            try:
+                self.db.write(batch.wb, self.wopt)
+            except BaseException:
+                if self.cache is not None and batch.rows:  # not knowing what RocksDB kept, forget
+                    self.cache.clear()
+                raise
+            finally:
+                self._generation += 1
+            if self.cache is not None:
+                for keys, records in batch.rows:
+                    if records is None:
+                        self.cache.drop(keys)
+                    else:
+                        self.cache.put(keys, records)
 
     def put_records(self, batch: Batch, keys: np.ndarray, records: np.ndarray) -> None:
-        raw = np.ascontiguousarray(records, dtype=np.uint8).tobytes()
+        """Records must not change until the batch is written."""
+        records = np.ascontiguousarray(records, dtype=np.uint8).reshape(len(keys), self.record_size)
+        raw = records.tobytes()
         n = self.record_size
         for i, k in enumerate(row_keys(keys)):
             batch.put(k, raw[i * n : (i + 1) * n])
+        batch.rows.append((np.asarray(keys, np.uint64), records))
 
     def delete_records(self, batch: Batch, keys: np.ndarray) -> None:
         for k in row_keys(keys):
             batch.delete(k)
+        batch.rows.append((np.asarray(keys, np.uint64), None))
 
     def lru_move(self, batch: Batch, keys: np.ndarray, old_versions: np.ndarray | None, new_version: int) -> None:
         if old_versions is not None and len(old_versions):
@@ -257,8 +350,8 @@ class RowStore:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
     def memory_bytes(self) -> int:
-        """Memtables and table readers outside the shared block cache."""
-        total = 0
+        """The row cache, memtables and table readers (not the shared block cache)."""
+        total = self.cache.nbytes if self.cache is not None else 0
         for prop in ("rocksdb.cur-size-all-mem-tables", "rocksdb.estimate-table-readers-mem"):
             total += int(self.db.property_int_value(prop) or 0)
         return total
@@ -268,8 +361,36 @@ class RowStore:
         counts = dict(_CACHE_COUNTERS.findall(self._options.get_statistics() or ""))
         return int(counts.get("hit", 0)), int(counts.get("miss", 0))
 
+    def row_cache_hits(self) -> tuple[int, int]:
+        """(hits, misses) of record reads in this table's row cache since it was opened."""
+        cache = self.cache
+        return (cache.hits, cache.misses) if cache is not None else (0, 0)
+
     def close(self) -> None:
+        with self._lock:
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
         self.db.close()
+
+
+def _merge(
+    hit: np.ndarray,
+    hit_recs: np.ndarray,
+    miss: np.ndarray,
+    found: np.ndarray,
+    recs: np.ndarray,
+    metas: list[bytes | None],
+) -> tuple[np.ndarray, np.ndarray, list[bytes | None]]:
+    """`get_records`' answer from the cache's hits and RocksDB's reads of the misses (positions `miss`)."""
+    if not len(miss):
+        return hit, hit_recs, metas
+    out = np.zeros((len(hit), recs.shape[1]), dtype=np.uint8)
+    out[hit] = hit_recs
+    out[miss] = recs
+    mask = hit.copy()
+    mask[miss] = found
+    return mask, out, metas
 
 
 class TableView:
@@ -323,7 +444,8 @@ class FrozenTable:
         self.path = Path(dest)
         store.checkpoint(self.path)
         self.reader = RowStore.__new__(RowStore)
-        self.reader.path, self.reader.record_size, self.reader.budget = self.path, store.record_size, store.budget
+        self.reader.path, self.reader.budget = self.path, store.budget
+        self.reader._record_size, self.reader.cache = store.record_size, None  # read once: no row cache
         try:
             self.reader.db = _open(self.path, _options(store.budget), access_type=rocksdict.AccessType.read_only())
         except BaseException:

@@ -30,6 +30,7 @@ from .push import check_grads
 from .registry import Tables
 from .shard import TABLE_WATCH
 from .spec import TableSpec, check_name, parse_spec
+from .table import TableState
 
 MAX_IDS_PER_REQUEST = 1 << 20
 
@@ -403,12 +404,19 @@ class TableService:
     def cache_hits(self, name: str) -> tuple[int, int]:
         """(hits, misses) in the block cache of this replica's reads of the
         table, every shard part; local, so not in `info` (equal on replicas)."""
+        return self._sum_parts(name, lambda t: t.cache_hits())
+
+    def row_cache_hits(self, name: str) -> tuple[int, int]:
+        """(hits, misses) of record reads in the table's row caches here, every shard part."""
+        return self._sum_parts(name, lambda t: t.row_cache_hits())
+
+    def _sum_parts(self, name: str, read: Callable[[TableState], tuple[int, int]]) -> tuple[int, int]:
         hits = misses = 0
         for shard in range(self.shards):
             tables = self.host.local_tables(shard)
             if name in tables:
                 try:
-                    h, m = tables.get(name).cache_hits()
+                    h, m = read(tables.get(name))
                 except NotFound:  # deleted meanwhile
                     continue
                 hits, misses = hits + h, misses + m

@@ -215,6 +215,10 @@ class TableState:
         with self.reading():
             return self.store.cache_hits()
 
+    def row_cache_hits(self) -> tuple[int, int]:
+        """(hits, misses) of this part's record reads in its row cache, since opened here."""
+        return self.store.row_cache_hits()
+
     # ---- snapshots -----------------------------------------------------------------
     def checkpoint(self, dest: Path) -> None:
         """A consistent copy of the table as it is now, in `dest` (hard links:

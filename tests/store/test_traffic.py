@@ -81,7 +81,7 @@ def test_quantiles_are_nearest_rank_over_the_recent_window(monkeypatch):
 
 
 def test_a_tables_block_cache_reads_are_counted(tmp_path):
-    store = RowStore(tmp_path / "t", record_size=16, budget=MemoryBudget(8 << 20))
+    store = RowStore(tmp_path / "t", record_size=16, budget=MemoryBudget(8 << 20, row_share=0.0))
     try:
         keys = np.arange(2000, dtype=np.uint64)
         batch = Batch()
@@ -95,5 +95,27 @@ def test_a_tables_block_cache_reads_are_counted(tmp_path):
         store.get_records(keys[:500])  # the same blocks again: hits
         second = store.cache_hits()
         assert sum(first) > 0 and second[0] > first[0] and second[1] == first[1], (first, second)
+        assert store.row_cache_hits() == (0, 1000)  # no row cache in this budget: every read misses it
+    finally:
+        store.close()
+
+
+def test_a_tables_row_cache_reads_are_counted_and_spare_the_block_cache(tmp_path):
+    store = RowStore(tmp_path / "t", record_size=16, budget=MemoryBudget(8 << 20))
+    try:
+        keys = np.arange(2000, dtype=np.uint64)
+        batch = Batch()
+        for key in row_keys(keys):
+            batch.put(key, b"r" * 16)
+        store.write(batch)
+        store.db.flush()
+        store.get_records(keys[:500])
+        blocks = store.cache_hits()
+        assert sum(blocks) > 0 and store.row_cache_hits() == (0, 500)
+        store.get_records(keys[:500])  # the same rows again: from the row cache (a few may have been crowded out)
+        hits, misses = store.row_cache_hits()
+        assert hits + misses == 1000 and hits >= 450, (hits, misses)
+        again = store.cache_hits()
+        assert sum(again) - sum(blocks) < sum(blocks), (blocks, again)  # block reads only for the rows not cached
     finally:
         store.close()
