@@ -152,10 +152,9 @@ class RowCache:
     def drop(self, keys: np.ndarray) -> None:
         if self.sets == 0 or len(keys) == 0:
             return
-        s, way, hit, _, _ = self._probe(np.asarray(keys, np.uint64))
-        s, way = s[hit], way[hit]
-        self.count -= int((self.ticks[s, way] != 0).sum())  # a key given twice is dropped once
-        self.ticks[s, way] = 0
+        s, way, hit, _, _ = self._probe(np.unique(np.asarray(keys, np.uint64)))
+        self.count -= int(hit.sum())
+        self.ticks[s[hit], way[hit]] = 0
 
     def _grow(self, want_sets: int) -> None:
         """Use up to `want_sets` sets, as far as the pool grants their bytes."""
