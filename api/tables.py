@@ -8,6 +8,7 @@ Bodies: api/table_wire.py. A push is one Raft command per shard it touches.
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 from typing import Any
 
 import anyio
@@ -240,25 +241,34 @@ async def lookup_rows(
     accept = request.headers.get("accept")
     kind = wire.negotiate(accept, (tw.SAFETENSORS,)) if wire_dtype else tw.negotiate(accept)
     body = await wire.read_body(request, limits.max_body_bytes)
-    ids = await anyio.to_thread.run_sync(tw.decode_lookup, request.headers.get("content-type"), body)
-    _check_count(ids, limits.table_max_ids)
     service = _service(request)
+    content_type = request.headers.get("content-type")
+
+    def decode() -> np.ndarray:
+        ids = tw.decode_lookup(content_type, body)
+        _check_count(ids, limits.table_max_ids)
+        return ids
+
+    def answer(ids: np.ndarray) -> Response:
+        rows, spec, versions = service.lookup(name, ids)
+        meta = {"versions": json.dumps({str(k): v for k, v in sorted(versions.items())})}
+        hdrs = {"X-Versions": meta["versions"], "X-Dtype": spec.dtype}
+        if wire_dtype is not None:
+            payload = wd.rows_body(rowdtype.decode(rows, spec.dtype), wire_dtype, meta)
+            return Response(payload, media_type=kind, headers={**hdrs, "X-Wire-Dtype": wire_dtype})
+        return Response(tw.encode_rows(kind, rows, spec.dtype, meta), media_type=kind, headers=hdrs)
+
+    if consistency == "local" and min_version is None:
+        # one trip to a worker thread: each hop waits for the scheduler twice, which a loaded host makes slow
+        return await anyio.to_thread.run_sync(lambda: answer(decode()))
+    ids = await anyio.to_thread.run_sync(decode)
     if consistency == "linearizable":
         await anyio.to_thread.run_sync(service.barrier)
     if min_version is not None:
         cursor = await anyio.to_thread.run_sync(table_min_version.cursor, service, name, min_version)
         deadline = min(timeout if timeout is not None else limits.request_timeout, limits.max_wait_seconds)
         await table_min_version.wait_parts(service, name, cursor, deadline, request.app.state.store.is_ready())
-    rows, spec, versions = await anyio.to_thread.run_sync(service.lookup, name, ids)
-    meta = {"versions": json.dumps({str(k): v for k, v in sorted(versions.items())})}
-    hdrs = {"X-Versions": meta["versions"], "X-Dtype": spec.dtype}
-    if wire_dtype is not None:
-        payload = await anyio.to_thread.run_sync(
-            lambda: wd.rows_body(rowdtype.decode(rows, spec.dtype), wire_dtype, meta)
-        )
-        return Response(payload, media_type=kind, headers={**hdrs, "X-Wire-Dtype": wire_dtype})
-    payload = await anyio.to_thread.run_sync(tw.encode_rows, kind, rows, spec.dtype, meta)
-    return Response(payload, media_type=kind, headers=hdrs)
+    return await anyio.to_thread.run_sync(answer, ids)
 
 
 @router.post(
@@ -274,10 +284,14 @@ async def push_rows(request: Request, name: str = TableName) -> Response:
     limits = _limits(request)
     hd = request.headers
     body = await wire.read_body(request, limits.max_body_bytes)
-    ids, grads = await anyio.to_thread.run_sync(tw.decode_push, hd.get("content-type"), body)
-    _check_count(ids, limits.table_max_ids)
-    base = h.integer(hd.get("x-base-version"), "X-Base-Version")
-    rid = h.request_id(hd.get("x-request-id"))
     service = _service(request)
-    fut = await anyio.to_thread.run_sync(lambda: service.push(name, ids, grads, base, rid))
+
+    def propose() -> Future[Any]:
+        ids, grads = tw.decode_push(hd.get("content-type"), body)
+        _check_count(ids, limits.table_max_ids)
+        base = h.integer(hd.get("x-base-version"), "X-Base-Version")
+        rid = h.request_id(hd.get("x-request-id"))
+        return service.push(name, ids, grads, base, rid)
+
+    fut = await anyio.to_thread.run_sync(propose)  # decoding and proposing in one trip to a worker thread
     return _json(await wait(fut, limits.request_timeout, "table push"))

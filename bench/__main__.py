@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--table-rows", type=int, default=1_000_000, help="rows of the dim-64 table (tables)")
     ap.add_argument("--table-cap-mb", type=int, default=128, help="the replicas' table cache (memory cap), MB")
+    ap.add_argument("--table-fit-cap-mb", type=int, default=0, help="the cap that holds the table (0: from the rows)")
     ap.add_argument("--table-no-join", action="store_true", help="skip the joining replica (table snapshot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--full", action="store_true", help="scaling: every point of issue 15 item 6, not the 5-min subset")
