@@ -125,8 +125,8 @@ class LimitSettings:
     json_max_elements: int = 1 << 16
     inline_payload_bytes: int = 16 << 10
     dedupe_window: int = 100_000
-    # embedding tables (store/tables): the block cache all tables of a replica share (their
-    # memory cap), and the most IDs one lookup or push may carry (413 beyond)
+    # embedding tables (store/tables): the memory all tables of a replica share (their cap:
+    # row caches and RocksDB's block cache), and the most IDs one lookup or push may carry (413 beyond)
     table_cache_bytes: int = 256 << 20
     table_max_ids: int = 1 << 20
     # partitioned tensors (store/partitions.py): tensors over partition_auto_bytes (0: never) are cut
