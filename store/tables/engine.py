@@ -65,7 +65,7 @@ WRITE_BUFFER_BYTES = 16 << 20
 # The row caches' share of the cap; the block cache keeps the rest (index and
 # filter blocks, the blocks of rows read past the row caches). Measured in
 # docs/benchmarks.md ("Embedding tables", the split).
-ROW_SHARE = 0.75
+ROW_SHARE = 0.9
 
 
 class MemoryBudget:
