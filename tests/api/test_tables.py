@@ -258,6 +258,11 @@ def test_tables_in_metrics(client: TestClient) -> None:
     assert lines[f"paramstore_table_push_rows_total{key}"] == 3
     assert lines[f"paramstore_table_disk_bytes{key}"] > 0
     assert 'paramstore_table_cache_bytes{kind="capacity",node="n0"}' in text
+    # the push read IDs 1 and 2 (no rows yet: misses) and wrote row 2 through to the row cache;
+    # the lookup then found 2 there and missed 1 and 3
+    hit, miss = (f'{{node="n0",result="{r}",table="{name}"}}' for r in ("hit", "miss"))
+    assert lines[f"paramstore_table_row_cache_reads_total{hit}"] == 1
+    assert lines[f"paramstore_table_row_cache_reads_total{miss}"] == 4
 
 
 def _on_shard(shard: int, shards: int = 2) -> int:
