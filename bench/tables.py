@@ -91,7 +91,7 @@ def set_replies(conn: BlockingRESP) -> int:
 
 def fit_cap_mb(rows: int) -> int:
     """A table memory cap that holds a table of `rows` in its row caches
-    (75% of the cap; ~400 bytes a 264-byte record takes there, growth
+    (90% of the cap; ~400 bytes a 264-byte record takes there, growth
     slack included) with room for the push table and the block cache."""
     return int(rows * 560 / MB) + 64
 
