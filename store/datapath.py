@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import mmap
 import os
 import queue
 import shutil
@@ -60,6 +59,7 @@ from . import content_id
 from .buffers import Bytes, as_buffer, receive_buffer
 from .config import Address
 from .errors import CorruptData, StoreError, Unavailable
+from .hashed_send import send_file_hashed
 from .payloads import PayloadStore
 from .peer_auth import PeerAuth
 from .refusals import RefusalLog, clip
@@ -255,7 +255,7 @@ class DataPathServer:
             _send_line(sock, self._reply_head("snapshot", shard, nonce, size, alg))
             sock.settimeout(None)
             hasher = self.auth.stream_digest(alg)
-            _send_file_hashed(f, sock, size, hasher)
+            send_file_hashed(f, sock, size, hasher)
             _send_line(sock, {"mac": self.auth.reply_end_mac("snapshot", shard, nonce, size, hasher.hexdigest())})
         log.info("sent the snapshot of shard %d (%d bytes, %s) to a joining replica", shard, size, alg)
         return size
@@ -265,39 +265,13 @@ class DataPathServer:
             _send_line(sock, self._reply_head("tables", shard, nonce, None, alg))
             sock.settimeout(None)
             hasher = self.auth.stream_digest(alg)
-            send_dir(checkpoint, sock, hasher)  # read, hashed and sent in one pass (engine.send_hashed)
+            send_dir(checkpoint, sock, hasher)  # hashed from a mapping and sent with sendfile
             mac = self.auth.reply_end_mac("tables", shard, nonce, hasher.size, hasher.hexdigest())
             _send_line(sock, {"mac": mac})
         finally:
             shutil.rmtree(checkpoint, ignore_errors=True)
         log.info("sent the tables of shard %d (%d bytes) to a joining replica", shard, hasher.size)
         return hasher.size
-
-
-def _send_file_hashed(f: BinaryIO, sock: socket.socket, size: int, hasher: StreamDigest) -> None:
-    """Send `size` bytes of `f` with sendfile, each slice fed to `hasher` first
-    from a read-only mapping: the bytes go from the page cache to the hasher
-    and to the socket without a copy into this process (~2x less CPU per GB
-    than read + hash + sendall, bench/hashes.py). The file is never written
-    in place (snapshots are renamed over), so the mapping cannot lose pages."""
-    if size == 0:
-        return
-    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
-        mapped.madvise(mmap.MADV_SEQUENTIAL)
-        view = memoryview(mapped)
-        try:
-            offset = 0
-            while offset < size:
-                n = min(CHUNK, size - offset)
-                hasher.update(view[offset : offset + n])
-                end = offset + n
-                while offset < end:
-                    sent = sock.sendfile(f, offset, end - offset)
-                    if sent == 0:
-                        raise ConnectionError(f"snapshot sending stopped at {offset} of {size} bytes")
-                    offset += sent
-        finally:
-            view.release()
 
 
 class _HashingReader:

@@ -48,6 +48,7 @@ import numpy as np
 import rocksdict
 
 from ..errors import CorruptData
+from ..hashed_send import send_file_hashed
 from .rowcache import RowCache, RowPool
 
 
@@ -477,7 +478,7 @@ def send_dir(src: Path, out: BinaryIO | socket.socket, hasher: Hasher | None = N
     """Stream every file under `src` to `out` (sendfile: the bytes go from
     the page cache to the socket or file without passing through this process).
     With `hasher`, every byte sent (file heads included) is fed to it on the
-    way instead: read, hashed and sent in one pass, for a signed stream."""
+    way, hashed from a read-only mapping (store/hashed_send.py), for a signed stream."""
     sent = 0
     files = _files(src)
     out_fd = out.fileno()
@@ -487,8 +488,9 @@ def send_dir(src: Path, out: BinaryIO | socket.socket, hasher: Hasher | None = N
         _send_all(out, (json.dumps({"name": rel, "size": size}) + "\n").encode(), hasher)
         with open(f, "rb") as src_file:
             if hasher is not None:
-                if send_hashed(src_file, out, size, hasher) != size:
+                if os.fstat(src_file.fileno()).st_size < size:
                     raise CorruptData(f"{f} shrank while being sent")
+                send_file_hashed(src_file, out, size, hasher)
                 sent += size
                 continue
             offset = 0
@@ -504,21 +506,6 @@ def send_dir(src: Path, out: BinaryIO | socket.socket, hasher: Hasher | None = N
         sent += size
     _send_all(out, (json.dumps({"end": len(files)}) + "\n").encode(), hasher)
     return sent
-
-
-def send_hashed(src: BinaryIO, out: BinaryIO | socket.socket, size: int, hasher: Hasher, chunk: int = 1 << 20) -> int:
-    """Copy up to `size` bytes of `src` to `out`, feeding them to `hasher`; returns the bytes copied."""
-    buf = bytearray(min(chunk, max(size, 1)))
-    view = memoryview(buf)
-    done = 0
-    while done < size:
-        n = src.readinto(view[: min(len(buf), size - done)])  # type: ignore[attr-defined]
-        if not n:
-            break
-        hasher.update(view[:n])
-        _send_all(out, view[:n])
-        done += n
-    return done
 
 
 def _send_all(out: BinaryIO | socket.socket, data: bytes | memoryview, hasher: Hasher | None = None) -> None:
