@@ -4,8 +4,10 @@ fed to the hasher from the mapping, and sent with sendfile (the kernel moves
 the same page-cache pages to the socket). ~2x less CPU per GB than read +
 hash + sendall (bench/hashes.py).
 
-Windows bound what the mapping adds to the process's RSS (mapped file pages
-count while mapped): 64 MB, whatever the file's size.
+Mapped file pages count in the process's RSS while mapped: each slice is
+dropped from the mapping (MADV_DONTNEED: the page cache keeps it) once
+hashed and sent, so a send adds about one slice to the RSS, whatever the
+file's size; 64 MB windows bound the address space.
 
 The file must not be written in place while it is sent: Raft snapshots are
 renamed over, table checkpoints are hard links to immutable RocksDB files
@@ -20,7 +22,7 @@ import socket
 from typing import BinaryIO, Protocol
 
 WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
-SLICE = 1 << 20
+SLICE = 1 << 20  # a multiple of the page size (madvise)
 
 
 class Hasher(Protocol):
@@ -41,6 +43,8 @@ def send_file_hashed(f: BinaryIO, out: socket.socket | BinaryIO, size: int, hash
                     end = min(start + SLICE, length)
                     hasher.update(view[start:end])
                     _sendfile(f, out, window_start + start, end - start, size)
+                    # out of this process's RSS at once (the page cache keeps the pages)
+                    mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
             finally:
                 view.release()
         window_start += length
