@@ -212,19 +212,7 @@ async def read(
 ) -> RemotePart:
     """One part's value and version from a replica hosting its shard, read
     with the same consistency the caller asked of the whole tensor."""
-    params: dict[str, str] = {}
-    if linearizable:
-        params["consistency"] = "linearizable"
-    if min_version is not None:
-        params["min_version"] = str(min_version)
-        params["timeout"] = f"{deadline:g}"
-    hd = {"Accept": wire.OCTET, **_auth(auth)}
-    r = await _request(store, shard, "GET", part, f"read of part {part!r}", headers=hd, params=params)
-    want = dtypes.expected_nbytes(dtype, shape)
-    if len(r.content) != want:
-        raise Unavailable(f"read of part {part!r}: the replica hosting it sent {len(r.content)} bytes, not {want}")
-    value = np.frombuffer(r.content, dtype=dtypes.dtype_of(dtype)).reshape(shape)
-    return RemotePart(int(r.headers["x-version"]), value)
+    return await _read(store, shard, part, dtype, shape, auth, {}, linearizable, min_version, deadline)
 
 
 async def read_rows(
@@ -241,18 +229,33 @@ async def read_rows(
     deadline: float,
 ) -> RemotePart:
     """Rows of one part from a replica hosting its shard (`rows` within the part)."""
-    params: dict[str, str] = {"rows": ",".join(str(int(r)) for r in rows)}
+    params = {"rows": ",".join(str(int(r)) for r in rows)}
+    shape = (len(rows), *row_shape)
+    return await _read(store, shard, part, dtype, shape, auth, params, linearizable, min_version, deadline)
+
+
+async def _read(
+    store: StoreAPI,
+    shard: int,
+    part: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    auth: str | None,
+    params: dict[str, str],
+    linearizable: bool,
+    min_version: int | None,
+    deadline: float,
+) -> RemotePart:
     if linearizable:
         params["consistency"] = "linearizable"
     if min_version is not None:
         params["min_version"] = str(min_version)
         params["timeout"] = f"{deadline:g}"
     hd = {"Accept": wire.OCTET, **_auth(auth)}
-    r = await _request(store, shard, "GET", part, f"rows of part {part!r}", headers=hd, params=params)
-    shape = (len(rows), *row_shape)
+    what = f"read of part {part!r}"
+    r = await _request(store, shard, "GET", part, what, headers=hd, params=params)
     want = dtypes.expected_nbytes(dtype, shape)
     if len(r.content) != want:
-        raise Unavailable(f"rows of part {part!r}: the replica hosting it sent {len(r.content)} bytes, not {want}")
-    return RemotePart(
-        int(r.headers["x-version"]), np.frombuffer(r.content, dtype=dtypes.dtype_of(dtype)).reshape(shape)
-    )
+        raise Unavailable(f"{what}: the replica hosting it sent {len(r.content)} bytes, not {want}")
+    value = np.frombuffer(r.content, dtype=dtypes.dtype_of(dtype)).reshape(shape)
+    return RemotePart(int(r.headers["x-version"]), value)

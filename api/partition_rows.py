@@ -29,7 +29,7 @@ from . import headers as h
 from . import part_forward, partition_reads, wire, wire_dtypes
 from .bridge import wait_optional, wait_within
 from .errors import WaitExpired
-from .partitioned import _allows_nonfinite, _precheck, _rid, answer_headers, fan_out, version_vector
+from .partitioned import _allows_nonfinite, _precheck, _rid, answer_headers, fan_out, pushed, version_vector
 
 
 def parse_rows(text: str) -> np.ndarray:
@@ -169,14 +169,4 @@ async def push_rows(
                 if_match=None if if_match is None else if_match[i],
             )
         )
-    results = await fan_out(store, lay, cmds, "sparse push", hd.get("authorization"))
-    versions = [r["version"] for r in results]
-    out: dict[str, Any] = {
-        "name": lay.name,
-        "version": min(versions),
-        "versions": versions,
-        "shard": shard_for(lay.name, store.cfg.shards),
-    }
-    if all(r.get("duplicate") for r in results):
-        out["duplicate"] = True
-    return out
+    return pushed(store, lay, await fan_out(store, lay, cmds, "sparse push", hd.get("authorization")))

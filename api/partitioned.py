@@ -290,9 +290,13 @@ async def push(store: StoreAPI, lay: Layout, hd: Mapping[str, str], t: wire.Wire
         )
         for i, p in enumerate(lay.parts())
     ]
-    results = await fan_out(store, lay, cmds, "push", hd.get("authorization"))
+    return pushed(store, lay, await fan_out(store, lay, cmds, "push", hd.get("authorization")))
+
+
+def pushed(store: StoreAPI, lay: Layout, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The answer to a push whose every part applied (`results` in part order)."""
     versions = [r["version"] for r in results]
-    out = {
+    out: dict[str, Any] = {
         "name": lay.name,
         "version": min(versions),
         "versions": versions,

@@ -20,6 +20,7 @@ import os
 import shutil
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from . import systems
@@ -60,30 +61,51 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    trees = dict(t.split("=", 1) for t in a.tree)
+    trees, envs = trees_and_envs(a.tree, a.env)
+    alternate(
+        trees,
+        a.rounds,
+        lambda label: measure(Path(trees[label]), envs[label], a.clients, a.seconds),
+        lambda r: f"{r['ops_s']:7.0f} ops/s  {r['cpu_us_per_write']:6.0f} CPU-us/write  errors {r['errors']}",
+        [("cpu_us_per_write", "CPU-us/write", "{:.0f}"), ("ops_s", "ops/s", "{:.0f}")],
+    )
+
+
+def trees_and_envs(tree_args: list[str], env_args: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """`LABEL=PATH` and `LABEL:NAME=VALUE` options: each tree's path and its replicas' environment."""
+    trees = dict(t.split("=", 1) for t in tree_args)
     envs: dict[str, dict[str, str]] = {label: {} for label in trees}
-    for e in a.env:
+    for e in env_args:
         label, _, kv = e.partition(":")
         k, _, v = kv.partition("=")
         envs[label][k] = v
+    return trees, envs
+
+
+def alternate(
+    trees: dict[str, str],
+    rounds: int,
+    run: Callable[[str], dict[str, float]],
+    show: Callable[[dict[str, float]], str],
+    summary: list[tuple[str, str, str]],
+) -> dict[str, list[dict[str, float]]]:
+    """Run every tree once per round, the order reversed every other round
+    (A B, B A, ...), print each result and the medians of the `summary`
+    fields (key, label, format)."""
     results: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
-    for rnd in range(a.rounds):
-        order = list(trees) if rnd % 2 == 0 else list(reversed(trees))
-        for label in order:
-            r = measure(Path(trees[label]), envs[label], a.clients, a.seconds)
+    for rnd in range(rounds):
+        for label in list(trees) if rnd % 2 == 0 else list(reversed(trees)):
+            r = run(label)
             results[label].append(r)
-            print(
-                f"round {rnd + 1} {label}: {r['ops_s']:7.0f} ops/s  {r['cpu_us_per_write']:6.0f} CPU-us/write"
-                f"  errors {r['errors']}  load {os.getloadavg()[0]:.1f}",
-                flush=True,
-            )
+            print(f"round {rnd + 1} {label}: {show(r)}  load {os.getloadavg()[0]:.1f}", flush=True)
     for label, rs in results.items():
-        cpu = [r["cpu_us_per_write"] for r in rs]
-        ops = [r["ops_s"] for r in rs]
-        print(
-            f"{label}: CPU-us/write median {statistics.median(cpu):.0f} ({min(cpu):.0f}-{max(cpu):.0f}), "
-            f"ops/s median {statistics.median(ops):.0f} ({min(ops):.0f}-{max(ops):.0f})"
-        )
+        parts = []
+        for key, name, fmt in summary:
+            vals = [r[key] for r in rs]
+            med, lo, hi = (fmt.format(x) for x in (statistics.median(vals), min(vals), max(vals)))
+            parts.append(f"{name} median {med} ({lo}-{hi})")
+        print(f"{label}: " + ", ".join(parts))
+    return results
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ Ports 22000-22999, away from `python -m bench`'s and bench.cpu_ab's.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import systems
+from .cpu_ab import alternate, trees_and_envs
 
 MB = 1 << 20
 
@@ -72,29 +71,14 @@ def main() -> None:
     ap.add_argument("--pushes", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    trees = dict(t.split("=", 1) for t in a.tree)
-    envs: dict[str, dict[str, str]] = {label: {} for label in trees}
-    for e in a.env:
-        label, _, kv = e.partition(":")
-        k, _, v = kv.partition("=")
-        envs[label][k] = v
-    results: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
-    for rnd in range(a.rounds):
-        for label in list(trees) if rnd % 2 == 0 else list(reversed(trees)):
-            r = measure(Path(trees[label]).resolve(), envs[label], a.mb, a.pushes)
-            results[label].append(r)
-            print(
-                f"round {rnd + 1} {label}: {r['mb_s']:6.0f} MB/s  {r['cpu_s_per_push']:.3f} CPU-s/push "
-                f"({r['cpu_s_per_gb']:.2f} CPU-s/GB)  load {os.getloadavg()[0]:.1f}",
-                flush=True,
-            )
-    for label, rs in results.items():
-        cpu = [r["cpu_s_per_push"] for r in rs]
-        rate = [r["mb_s"] for r in rs]
-        print(
-            f"{label}: CPU-s per {a.mb} MB push median {statistics.median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f}), "
-            f"MB/s median {statistics.median(rate):.0f} ({min(rate):.0f}-{max(rate):.0f})"
-        )
+    trees, envs = trees_and_envs(a.tree, a.env)
+    alternate(
+        trees,
+        a.rounds,
+        lambda label: measure(Path(trees[label]).resolve(), envs[label], a.mb, a.pushes),
+        lambda r: f"{r['mb_s']:6.0f} MB/s  {r['cpu_s_per_push']:.3f} CPU-s/push ({r['cpu_s_per_gb']:.2f} CPU-s/GB)",
+        [("cpu_s_per_push", f"CPU-s per {a.mb} MB push", "{:.3f}"), ("mb_s", "MB/s", "{:.0f}")],
+    )
 
 
 if __name__ == "__main__":
