@@ -11,6 +11,7 @@ import numpy as np
 
 from tests.faults import netns
 from tests.faults.history import History
+from tests.waiting import wait_until
 
 RAW = {"Content-Type": "application/octet-stream", "X-Dtype": "int64", "X-Shape": "1"}
 
@@ -26,8 +27,16 @@ class Workload:
         self.futures = []
 
     def start(self) -> Workload:
-        r = self.c.put("n1", self.tensor, np.array([0], np.int64))
-        assert r.status_code == 201, r.text
+        # the first write of a fresh cluster may outlast the short request timeout these clusters use
+        # (its fdatasyncs go through a FUSE disk): retried with its request id, it applies once
+        answers: list[httpx.Response] = []
+
+        def created() -> bool:
+            answers.append(self.c.put("n1", self.tensor, np.array([0], np.int64), {"X-Request-Id": "workload-start"}))
+            return answers[-1].status_code != 503
+
+        wait_until(created, 30, "the workload's first write")
+        assert answers[-1].status_code == 201, answers[-1].text
         op = self.history.begin(-1, "write", self.tensor, value=0)
         History.end(op, "ok", version=1)
         self.futures = [self.faults.submit(self._loop, i) for i in range(self.clients)]
