@@ -2,7 +2,7 @@
 
     python -m bench.scaling            # default: <= 5 min on 2 cores (fewer points, smaller sizes)
     python -m bench.scaling --full     # every point of the issue (1-16 shards, 3/5 replicas,
-                                       # 64 KB-256 MB, 100 K tensors, 1/2/4 GB held)
+                                       # 64 KB-1 GB, 100 K tensors, 1/2/4 GB held)
     python -m bench --only scaling     # the same, as a section of the harness
 
 Every figure sits next to the servers' CPU per operation (utime + stime of all
@@ -42,7 +42,7 @@ DEFAULT = {
 FULL = {
     "shards": [1, 2, 4, 8, 16],
     "replicas": [3, 5],
-    "sizes_kb": [64 * 4**i for i in range(8)],  # 64 KB ... 256 MB
+    "sizes_kb": [64 * 4**i for i in range(8)],  # 64 KB ... 1 GB
     "counts": [100, 10_000, 100_000],
     "held_mb": [1024, 2048, 4096],
 }
