@@ -17,16 +17,16 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
 from store.commands import Batch, Grad
-from store.errors import InvalidRequest, StoreError, Unavailable
+from store.errors import InvalidRequest, StoreError
 from store.interface import StoreAPI
 from store.partitions import Layout
 
-from . import grad_widen, json_input, part_forward, partition_reads, partitioned, wire
+from . import grad_widen, json_input, partition_reads, partitioned, wire
 from . import headers as h
 from . import openapi as oa
 from . import wire_dtypes as wd
 from .bridge import wait
-from .errors import UnsupportedMediaType, WaitExpired, error_response
+from .errors import UnsupportedMediaType, error_response
 from .tensors import wait_version
 
 router = APIRouter()
@@ -179,23 +179,7 @@ async def _partitioned(
     store: StoreAPI, lay: Layout, linearizable: bool, min_version: int | None, deadline: float, auth: str | None
 ) -> tuple[list[np.ndarray], list[int]]:
     """A partitioned tensor's parts (values, versions), with the consistency a whole pull gives them."""
-    shards = lay.part_shards(store.cfg.shards)
-    here = [(p, s) for p, s in zip(lay.parts(), shards, strict=True) if part_forward.is_local(store, s)]
-    if linearizable:
-        limits = store.cfg.limits
-        await asyncio.gather(
-            *(
-                wait(store.barrier(s), max(deadline, limits.request_timeout), "linearizable read barrier", write=False)
-                for s in sorted({s for _, s in here})
-            )
-        )
-    if min_version is not None and not await partition_reads.wait_all(
-        store, [p for p, _ in here], min_version, deadline
-    ):
-        kind = WaitExpired if store.is_ready() else Unavailable
-        raise kind(
-            f"this replica has not applied version {min_version} of every part of {lay.name!r} within {deadline:g}s"
-        )
+    await partition_reads.settle_here(store, lay, range(lay.k), linearizable, min_version, deadline)
     records = await partition_reads.records_of(
         store, lay, partition_reads.Remote(auth, linearizable, min_version, deadline)
     )

@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import io
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,23 +50,7 @@ async def pull(
     (api/part_forward.py); so is the wait of `wait_version_gt`, which waits
     until every part is past it."""
     limits = store.cfg.limits
-    part_shards = lay.part_shards(store.cfg.shards)
-    here = [part_forward.is_local(store, s) for s in part_shards]
-    parts = [p for p, local in zip(lay.parts(), here, strict=True) if local]  # the others are read with their answer
-    if linearizable:
-        shards = sorted({s for s, local in zip(part_shards, here, strict=True) if local})
-        await asyncio.gather(
-            *(
-                wait_within(store.barrier(s), max(deadline, limits.request_timeout), False, "linearizable read barrier")
-                for s in shards
-            )
-        )
-    if min_version is not None and not await wait_all(store, parts, min_version, deadline):
-        kind_ = WaitExpired if store.is_ready() else Unavailable
-        raise kind_(
-            f"this replica has not applied version {min_version} of every part of {lay.name!r} within "
-            f"{deadline:g}s; retry or read from another replica"
-        )
+    await settle_here(store, lay, range(lay.k), linearizable, min_version, deadline)
     read = Remote(auth, linearizable, min_version, deadline)
     if wait_version_gt is not None and not await wait_every_part(store, lay, wait_version_gt, deadline, auth):
         records = await records_of(store, lay, read)
@@ -122,6 +106,37 @@ class Remote:
     linearizable: bool
     min_version: int | None
     deadline: float
+
+
+async def settle_here(
+    store: StoreAPI,
+    lay: Layout,
+    parts: Iterable[int],
+    linearizable: bool,
+    min_version: int | None,
+    deadline: float,
+) -> None:
+    """The caller's consistency for those of `parts` (indices) hosted here: a
+    barrier on their shards (`linearizable`), then every one at `min_version`
+    or later (408, or 503 on a replica that is not ready, if not within
+    `deadline`). Parts hosted elsewhere get it with their forwarded read."""
+    shards = lay.part_shards(store.cfg.shards)
+    here = [i for i in parts if part_forward.is_local(store, shards[i])]
+    if linearizable:
+        timeout = max(deadline, store.cfg.limits.request_timeout)
+        await asyncio.gather(
+            *(
+                wait_within(store.barrier(s), timeout, False, "linearizable read barrier")
+                for s in sorted({shards[i] for i in here})
+            )
+        )
+    names = lay.parts()
+    if min_version is not None and not await wait_all(store, [names[i] for i in here], min_version, deadline):
+        kind = WaitExpired if store.is_ready() else Unavailable
+        raise kind(
+            f"this replica has not applied version {min_version} of every part of {lay.name!r} within "
+            f"{deadline:g}s; retry or read from another replica"
+        )
 
 
 async def records_of(store: StoreAPI, lay: Layout, remote: Remote) -> list[Any]:

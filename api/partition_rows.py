@@ -20,15 +20,13 @@ from starlette.responses import Response
 
 from store import dtypes
 from store.commands import GradRows
-from store.errors import InvalidRequest, Unavailable, Unprocessable
+from store.errors import InvalidRequest, Unprocessable
 from store.interface import StoreAPI
 from store.partitions import Layout, bounds
 from store.placement import shard_for
 
 from . import headers as h
 from . import part_forward, partition_reads, wire, wire_dtypes
-from .bridge import wait_optional, wait_within
-from .errors import WaitExpired
 from .partitioned import _allows_nonfinite, _precheck, _rid, answer_headers, fan_out, pushed, version_vector
 
 
@@ -79,12 +77,12 @@ async def get_rows(
     out = np.empty((len(rows), *lay.shape[1:]), dtype=dtypes.dtype_of(lay.dtype))
     shards = lay.part_shards(store.cfg.shards)
     touched = [int(i) for i in np.unique(part)]
+    await partition_reads.settle_here(store, lay, touched, linearizable, min_version, deadline)
 
     async def one(i: int) -> tuple[int, np.ndarray, int]:
         sel = np.flatnonzero(part == i)
         name = lay.parts()[i]
         if part_forward.is_local(store, shards[i]):
-            await _consistent(store, shards[i], name, linearizable, min_version, deadline)
             arr, t, _ = store.get_rows(name, local[sel])
             return i, arr, t.version
         got = await part_forward.read_rows(
@@ -111,25 +109,6 @@ async def get_rows(
     if wire_dtype is not None:
         return await wire_dtypes.tensor_response(lay.name, out, hdrs, wire_dtype, kind, head_only)
     return wire.encode(kind, lay.name, out, hdrs, store.cfg.limits.json_max_elements, head_only=head_only)
-
-
-async def _consistent(
-    store: StoreAPI, shard: int, name: str, linearizable: bool, min_version: int | None, deadline: float
-) -> None:
-    if linearizable:
-        limits = store.cfg.limits
-        await wait_within(store.barrier(shard), max(deadline, limits.request_timeout), False, "linearizable barrier")
-    if min_version is None:
-        return
-    fut = store.watch(name, min_version)
-    if await wait_optional(fut, deadline):
-        return
-    store.unwatch(name, fut)
-    kind = WaitExpired if store.is_ready() else Unavailable
-    raise kind(
-        f"this replica has not applied version {min_version} of part {name!r} within {deadline:g}s; "
-        "retry or read from another replica"
-    )
 
 
 async def push_rows(
