@@ -79,12 +79,12 @@ async def get_rows(
     touched = [int(i) for i in np.unique(part)]
     await partition_reads.settle_here(store, lay, touched, linearizable, min_version, deadline)
 
-    async def one(i: int) -> tuple[int, np.ndarray, int]:
+    async def one(i: int) -> tuple[int, np.ndarray, np.ndarray, int]:
         sel = np.flatnonzero(part == i)
         name = lay.parts()[i]
         if part_forward.is_local(store, shards[i]):
             arr, t, _ = store.get_rows(name, local[sel])
-            return i, arr, t.version
+            return i, sel, arr, t.version
         got = await part_forward.read_rows(
             store,
             shards[i],
@@ -97,11 +97,11 @@ async def get_rows(
             min_version=min_version,
             deadline=deadline,
         )
-        return i, got.value, got.version
+        return i, sel, got.value, got.version
 
     versions: list[int | None] = [None] * lay.k
-    for i, arr, version in await asyncio.gather(*(one(i) for i in touched)):
-        out[part == i] = arr
+    for i, sel, arr, version in await asyncio.gather(*(one(i) for i in touched)):
+        out[sel] = arr
         versions[i] = version
     read = [v for v in versions if v is not None]
     hdrs = wire.tensor_headers(lay.dtype, out.shape, min(read) if read else 0, shard_for(lay.name, store.cfg.shards))

@@ -229,7 +229,7 @@ class TableService:
         deleted; otherwise the fences are released and the answer is 412.
         Blocks for the barrier: call it off the event loop."""
         if if_match is None:
-            self.info(name)  # 404 before anything is proposed
+            self.spec(name)  # 404 before anything is proposed
             return self._delete_parts(name, rid)
         self.barrier()
         versions = {s: self.host.local_tables(s).get(name).version for s in range(self.shards)}
