@@ -27,7 +27,7 @@ from store.placement import shard_for
 
 from . import headers as h
 from . import part_forward, partition_reads, wire, wire_dtypes
-from .partitioned import _allows_nonfinite, _precheck, _rid, answer_headers, fan_out, pushed, version_vector
+from .partitioned import _precheck, _rid, answer_headers, fan_out, pushed, refuse_nonfinite, version_vector
 
 
 def parse_rows(text: str) -> np.ndarray:
@@ -125,8 +125,7 @@ async def push_rows(
     indices = np.frombuffer(idx.data, dtype=np.int64)
     values = np.frombuffer(vals.data, dtype=dtypes.dtype_of(vals.dtype)).reshape(vals.shape)
     part, local = locate(lay, indices, "row indices")
-    if not _allows_nonfinite(store, lay) and not dtypes.all_finite(values):
-        raise Unprocessable(f"gradient rows for {lay.name!r} contain NaN or Inf; no part was changed")
+    await refuse_nonfinite(store, lay, values, "gradient rows")
     base = version_vector(hd.get("x-base-version"), "X-Base-Version", lay.k)
     if_match = version_vector(hd.get("if-match"), "If-Match", lay.k)
     if if_match is not None:
