@@ -50,6 +50,11 @@ def send_file_hashed(f: BinaryIO, out: socket.socket | BinaryIO, size: int, hash
         window_start += length
 
 
+def send_file(f: BinaryIO, out: socket.socket | BinaryIO, size: int) -> None:
+    """Send bytes [0, size) of `f` to `out` with sendfile, unhashed."""
+    _sendfile(f, out, 0, size, size)
+
+
 def _sendfile(f: BinaryIO, out: socket.socket | BinaryIO, offset: int, count: int, size: int) -> None:
     end = offset + count
     while offset < end:

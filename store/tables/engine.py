@@ -34,6 +34,7 @@ this process's memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,19 +43,14 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import rocksdict
 
 from ..errors import CorruptData
-from ..hashed_send import send_file_hashed
+from ..hashed_send import Hasher, send_file, send_file_hashed
 from .rowcache import RowCache, RowPool
-
-
-class Hasher(Protocol):
-    def update(self, data: bytes | memoryview, /) -> None: ...
-
 
 ROW = b"r"
 LRU = b"l"
@@ -161,6 +157,7 @@ class RowStore:
         self._lock = threading.Lock()  # writes, and every use of the row cache
         self._generation = 0  # writes so far
         self.cache: RowCache | None = None
+        self._record_size = 0
         self.record_size = record_size
 
     @property
@@ -171,6 +168,8 @@ class RowStore:
     def record_size(self, size: int) -> None:
         """(Re)sizing records empties the row cache."""
         with self._lock:
+            if self.cache is not None and size == self._record_size:
+                return
             self._record_size = size
             if self.cache is not None:
                 self.cache.close()
@@ -178,7 +177,7 @@ class RowStore:
 
     # ---- reads (any thread) ------------------------------------------------------
     def get_records(
-        self, keys: np.ndarray, meta: tuple[bytes, ...] = ()
+        self, keys: np.ndarray, meta: tuple[bytes, ...] = (), fill: bool = True
     ) -> tuple[np.ndarray, np.ndarray, list[bytes | None]]:
         """(found mask, records as (n, record_size) uint8 with zeros where
         absent, values of the `meta` keys), all as of one write.
@@ -187,29 +186,40 @@ class RowStore:
         (writes so far); the misses and the meta keys are read from RocksDB
         in one multi-get (one RocksDB snapshot) outside it; back under the
         lock, if the generation is unchanged no write happened in between,
-        so both halves are of that generation and the misses are cached.
-        Otherwise the read is redone, and after READ_RETRIES it is done
-        under the lock, which writes wait for."""
+        so both halves are of that generation and the misses are cached
+        (with `fill`; a push, which writes its rows through the cache
+        anyway, reads without). Otherwise the read is redone, and after
+        READ_RETRIES it is done under the lock, which writes wait for."""
         keys = np.asarray(keys, np.uint64)
         cache = self.cache
         if cache is None:
             return self._read_db(keys, meta)
         for _ in range(READ_RETRIES):
-            with self._lock:
-                generation = self._generation
-                hit, hit_recs = cache.get(keys)
-            miss = np.flatnonzero(~hit)
-            found, recs, metas = self._read_db(keys[miss], meta)
-            with self._lock:
-                if self._generation == generation:
-                    cache.put(keys[miss][found], recs[found])
-                    return _merge(hit, hit_recs, miss, found, recs, metas)
+            out = self._read_through(cache, keys, meta, fill, held=False)
+            if out is not None:
+                return out
         with self._lock:
+            out = self._read_through(cache, keys, meta, fill, held=True)
+        assert out is not None
+        return out
+
+    def _read_through(
+        self, cache: RowCache, keys: np.ndarray, meta: tuple[bytes, ...], fill: bool, held: bool
+    ) -> tuple[np.ndarray, np.ndarray, list[bytes | None]] | None:
+        """One attempt of `get_records`; None if a write came in between
+        (never when the caller `held` the lock throughout)."""
+        lock = contextlib.nullcontext() if held else self._lock
+        with lock:
+            generation = self._generation
             hit, hit_recs = cache.get(keys)
-            miss = np.flatnonzero(~hit)
-            found, recs, metas = self._read_db(keys[miss], meta)
-            cache.put(keys[miss][found], recs[found])
-            return _merge(hit, hit_recs, miss, found, recs, metas)
+        miss = np.flatnonzero(~hit)
+        found, recs, metas = self._read_db(keys[miss], meta)
+        with lock:
+            if self._generation != generation:
+                return None
+            if fill:
+                cache.put(keys[miss][found], recs[found])
+        return _merge(hit, hit_recs, miss, found, recs, metas)
 
     def _read_db(
         self, keys: np.ndarray, meta: tuple[bytes, ...] = ()
@@ -481,28 +491,17 @@ def send_dir(src: Path, out: BinaryIO | socket.socket, hasher: Hasher | None = N
     way, hashed from a read-only mapping (store/hashed_send.py), for a signed stream."""
     sent = 0
     files = _files(src)
-    out_fd = out.fileno()
     for f in files:
         size = f.stat().st_size
         rel = f.relative_to(src).as_posix()
         _send_all(out, (json.dumps({"name": rel, "size": size}) + "\n").encode(), hasher)
         with open(f, "rb") as src_file:
+            if os.fstat(src_file.fileno()).st_size < size:
+                raise CorruptData(f"{f} shrank while being sent")
             if hasher is not None:
-                if os.fstat(src_file.fileno()).st_size < size:
-                    raise CorruptData(f"{f} shrank while being sent")
                 send_file_hashed(src_file, out, size, hasher)
-                sent += size
-                continue
-            offset = 0
-            while offset < size:
-                if isinstance(out, socket.socket):
-                    n = out.sendfile(src_file, offset, size - offset)
-                else:
-                    out.flush()
-                    n = os.sendfile(out_fd, src_file.fileno(), offset, size - offset)
-                if n == 0:
-                    raise CorruptData(f"{f} shrank while being sent")
-                offset += n
+            else:
+                send_file(src_file, out, size)
         sent += size
     _send_all(out, (json.dumps({"end": len(files)}) + "\n").encode(), hasher)
     return sent

@@ -39,7 +39,7 @@ def delta(table: TableState, since: int, limit: int) -> DeltaPart:
         if raw_meta is None:
             raise NotFound(f"table {table.name!r} has no state")
         ch = changed_since(view, Meta.from_bytes(raw_meta), since, limit)
-        found, raw, _ = table.store.get_records(ch.keys)
+        found, raw, _ = table.store.get_records(ch.keys, fill=False)
     recs = raw.view(table.rec).reshape(-1)
     return DeltaPart(ch.keys[found], np.array(recs["row"][found]), ch.keys[~found], ch.complete, ch.version)
 

@@ -61,7 +61,7 @@ class PushPath:
     ) -> tuple[PushResult, Meta]:
         """`ukeys` distinct, `summed` their gradients, `counts` how often each was pushed."""
         version, step = meta.version + 1, meta.step + 1
-        found, raw, _ = self.store.get_records(ukeys)
+        found, raw, _ = self.store.get_records(ukeys, fill=False)
         recs = raw.view(self.rec).reshape(-1)
         touch = found.copy()
         new = ~found

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..commands import Command, TableCreate, TableDelete, TableFence, TableLoad, TablePush
 from ..errors import Gone, NotFound, PreconditionFailed, StoreError, Unprocessable
-from ..futures import settle
+from ..futures import forward, settle
 from . import export, rowdtype
 from .engine import MemoryBudget
 from .ids import split_by_shard, table_keys
@@ -93,14 +93,6 @@ def _when_all_settled(futures: list[Future[Any]], fn: Callable[[None], None]) ->
 
     for f in futures:
         f.add_done_callback(done)
-
-
-def _forward(src: Future[Any], dst: Future[Any]) -> None:
-    def done(f: Future[Any]) -> None:
-        exc = f.exception()
-        settle(dst, None if exc is not None else f.result(), exc=exc)
-
-    src.add_done_callback(done)
 
 
 def then(fut: Future[Any], fn: Any) -> Future[Any]:
@@ -244,7 +236,7 @@ class TableService:
         def settled(_: Any) -> None:
             failed = {s: f.exception() for s, f in fences.items() if f.exception() is not None}
             if not failed:
-                _forward(self._delete_parts(name, rid), out)
+                forward(self._delete_parts(name, rid), out)
                 return
             for s, f in fences.items():
                 if f.exception() is None:

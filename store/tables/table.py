@@ -180,7 +180,7 @@ class TableState:
             raise Unprocessable(f"load into table {self.name!r}: rows or optimizer state are not finite")
         new_version = max(meta.version + 1, version)
         batch = Batch()
-        found, raw, _ = self.store.get_records(keys)
+        found, raw, _ = self.store.get_records(keys, fill=False)
         if self.spec.eviction is not None:
             self.store.lru_delete(batch, raw.view(self.rec).reshape(-1)["v"][found], keys[found])
             for v in np.unique(recs["v"]):
