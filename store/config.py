@@ -20,6 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from . import content_id
 from .errors import ConfigError
 
 ENV_PREFIX = "PARAMSTORE_"
@@ -303,8 +304,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
     limits = _settings(LimitSettings, raw.get("limits", {}), "limits")
     if limits.inline_payload_bytes > 32 << 10:
         raise ConfigError("limits.inline_payload_bytes: at most 32768 (pysyncobj mangles entries >= 64 KB)")
-    if limits.payload_ids not in ("b3", "sha256"):
-        raise ConfigError(f"limits.payload_ids: 'b3' or 'sha256', got {limits.payload_ids!r}")
+    if limits.payload_ids not in content_id.KINDS:
+        raise ConfigError(f"limits.payload_ids: one of {list(content_id.KINDS)}, got {limits.payload_ids!r}")
     auth = _settings(AuthSettings, raw.get("auth", {}), "auth")
     tls = _settings(TlsSettings, raw.get("tls", {}), "tls")
     if bool(tls.cert_file) != bool(tls.key_file):

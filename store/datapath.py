@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -63,7 +63,7 @@ from .hashed_send import send_file_hashed
 from .payloads import PayloadStore
 from .peer_auth import PeerAuth
 from .refusals import RefusalLog, clip
-from .stream_digest import B3, StreamDigest, announced, requested
+from .stream_digest import StreamDigest, announced, requested
 from .tables.engine import receive_dir, send_dir
 from .threadnames import name_this_thread
 from .traffic import DataPathTraffic
@@ -84,13 +84,7 @@ def _read_line(sock: socket.socket) -> dict[str, Any]:
         buf += chunk
         if len(buf) > MAX_HEADER:
             raise ConnectionError("header too long")
-    try:
-        msg = json.loads(buf)
-    except (ValueError, RecursionError):  # RecursionError: nesting, not a ValueError; the line is capped
-        raise ConnectionError("header is not a JSON object") from None
-    if not isinstance(msg, dict):
-        raise ConnectionError("header is not an object")
-    return msg
+    return _parse_line(buf, "header")
 
 
 def _read_line_from(stream: BinaryIO) -> dict[str, Any]:
@@ -98,12 +92,16 @@ def _read_line_from(stream: BinaryIO) -> dict[str, Any]:
     line = stream.readline(MAX_HEADER + 1)
     if not line.endswith(b"\n"):
         raise ConnectionError("connection closed or header too long while reading a trailer")
+    return _parse_line(line, "trailer")
+
+
+def _parse_line(line: bytes | bytearray, what: str) -> dict[str, Any]:
     try:
         msg = json.loads(line)
-    except (ValueError, RecursionError):
-        raise ConnectionError("trailer is not a JSON object") from None
+    except (ValueError, RecursionError):  # RecursionError: nesting, not a ValueError; the line is capped
+        raise ConnectionError(f"{what} is not a JSON object") from None
     if not isinstance(msg, dict):
-        raise ConnectionError("trailer is not an object")
+        raise ConnectionError(f"{what} is not an object")
     return msg
 
 
@@ -211,7 +209,7 @@ class DataPathServer:
                 # as fast as its client sends it
                 sock.settimeout(STREAM_IDLE)
                 # the id's algorithm is announced up front (no field: SHA-256, as earlier versions send)
-                kind = content_id.B3 if msg.get("digest") == content_id.B3 else content_id.SHA256
+                kind = requested(msg)
                 hasher = content_id.hasher(kind)
                 data = _recv_exact(sock, size, hasher)
                 self.traffic.add(sender, received=size)
@@ -245,7 +243,7 @@ class DataPathServer:
         head: dict[str, Any] = {"ok": True, "mac": self.auth.reply_head_mac(op, shard, nonce, size)}
         if size is not None:
             head["size"] = size
-        if alg == B3:  # absent: SHA-256, all a replica of an earlier version reads
+        if alg == content_id.B3:  # absent: SHA-256, all a replica of an earlier version reads
             head["digest"] = alg
         return head
 
@@ -272,24 +270,6 @@ class DataPathServer:
             shutil.rmtree(checkpoint, ignore_errors=True)
         log.info("sent the tables of shard %d (%d bytes) to a joining replica", shard, hasher.size)
         return hasher.size
-
-
-class _HashingReader:
-    """A binary stream's `read` / `readline`, feeding what they return to a hasher."""
-
-    def __init__(self, stream: BinaryIO, hasher: StreamDigest) -> None:
-        self._stream = stream
-        self._hasher = hasher
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n)
-        self._hasher.update(data)
-        return data
-
-    def readline(self, limit: int = -1) -> bytes:
-        line = self._stream.readline(limit)
-        self._hasher.update(line)
-        return line
 
 
 def _signed_reply(
@@ -342,7 +322,8 @@ class DataPathClient:
         self.source = source
         self.origin = origin  # this node's id, sent as `from` (a label for the peer's counts)
         self.traffic = traffic or DataPathTraffic()  # keyed by the peer's data address, "host:port"
-        self.stream_digest: str | None = B3  # asked for in signed replies; None: SHA-256, as earlier versions
+        # asked for in signed replies; None: SHA-256, as earlier versions
+        self.stream_digest: str | None = content_id.B3
 
     def _header(self, op: str, shard: int, payload_id: str, size: int) -> dict[str, Any]:
         header = self.auth.header(op, shard, payload_id, size)
@@ -439,7 +420,7 @@ class DataPathClient:
             hasher = _signed_reply(self.auth, reply, "tables", shard, header["nonce"], addr)
             with sock.makefile("rb") as stream:
                 try:
-                    size = receive_dir(cast(BinaryIO, _HashingReader(stream, hasher)), dest)
+                    size = receive_dir(stream, dest, hasher=hasher)
                 except CorruptData as e:  # receive_dir removed dest
                     raise ConnectionError(f"{addr} sent the tables of shard {shard}: {e}") from None
                 try:

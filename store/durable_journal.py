@@ -186,10 +186,6 @@ class DurableJournal:
         return self._durable_index
 
     # ---- writing ---------------------------------------------------------------
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
-
     def add(self, command: bytes, idx: int, term: int) -> None:
         record = record_bytes(bytes(command), idx, term)
         self._reserve(self._end + len(record))

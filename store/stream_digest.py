@@ -22,8 +22,8 @@ from typing import Any
 
 import blake3
 
-B3 = "b3"  # keyed BLAKE3
-SHA256 = "sha256"  # replicas before B3: no `digest` field
+from .content_id import B3, SHA256  # keyed BLAKE3; SHA-256: replicas before B3 (no `digest` field)
+
 KNOWN = (B3, SHA256)
 _CONTEXT = "paramstore 2026 data-path stream digest"
 

@@ -524,14 +524,17 @@ def _safe_relative(name: Any) -> Path:
     return Path(*parts)
 
 
-def receive_dir(src: BinaryIO, dest: Path, chunk: int = 1 << 20) -> int:
-    """Write a `send_dir` stream into `dest` (created; must not exist)."""
+def receive_dir(src: BinaryIO, dest: Path, chunk: int = 1 << 20, hasher: Hasher | None = None) -> int:
+    """Write a `send_dir` stream into `dest` (created; must not exist); with
+    `hasher`, every byte read (file heads included) is fed to it."""
     dest = Path(dest)
     dest.mkdir(parents=True)
     received = files = 0
     try:
         while True:
             line = src.readline(4096)
+            if hasher is not None:
+                hasher.update(line)
             if not line.endswith(b"\n"):
                 raise CorruptData("table stream ended early")
             head: dict[str, Any] = json.loads(line)
@@ -550,6 +553,8 @@ def receive_dir(src: BinaryIO, dest: Path, chunk: int = 1 << 20) -> int:
                     data = src.read(min(chunk, left))
                     if not data:
                         raise CorruptData("table stream ended early")
+                    if hasher is not None:
+                        hasher.update(data)
                     f.write(data)
                     left -= len(data)
             received += size

@@ -86,19 +86,13 @@ class Tables:
 
     def existed_at(self, name: str, stamp: int) -> bool:
         """Whether `name` was a table when the command at `stamp` applied."""
-        for created, deleted in self.history.get(name, []):
-            if created < stamp and (deleted == 0 or stamp < deleted):
-                return True
-        return False
+        return _covers(self.history.get(name, []), stamp)
 
     def fenced_at(self, name: str, stamp: int) -> bool:
         """Whether a conditional delete held `name` fenced when the command at
         `stamp` applied (the same answer during a replay)."""
         entry = self.live.get(name)
-        for start, end in entry.get("fences", []) if entry else []:
-            if start < stamp and (end == 0 or stamp < end):
-                return True
-        return False
+        return entry is not None and _covers(entry.get("fences", []), stamp)
 
     # ---- changes (the applier thread) ------------------------------------------------
     def create(self, name: str, spec: TableSpec, stamp: int) -> Outcome:
@@ -225,3 +219,8 @@ class Tables:
 
     def describe(self) -> dict[str, Any]:
         return {"stamp": self.stamp, "live": dict(self.live)}
+
+
+def _covers(intervals: list[list[int]], stamp: int) -> bool:
+    """Whether `stamp` falls in one of the [start, end) stamp intervals (end 0: still open)."""
+    return any(start < stamp and (end == 0 or stamp < end) for start, end in intervals)
