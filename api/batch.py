@@ -9,7 +9,9 @@ parts apply each atomically, and it reads at the least of its parts' versions.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import uuid
 
 import anyio
 import numpy as np
@@ -62,8 +64,11 @@ async def pull_batch(
     for name, version in min_versions.items():
         if name not in layouts:
             await wait_version(store, name, version, deadline)
-    if consistency == "linearizable":
+    linearizable = consistency == "linearizable"
+    if linearizable:  # one barrier per shard hosted here, whole tensors' and parts' alike
         shards = {store.shard_of(n) for n in wanted if n not in layouts}
+        hosted = set(store.hosted_shards())
+        shards |= {s for lay in layouts.values() for s in lay.part_shards(store.cfg.shards) if s in hosted}
         await asyncio.gather(
             *(
                 wait(store.barrier(s), max(deadline, limits.request_timeout), "linearizable read barrier", write=False)
@@ -71,11 +76,10 @@ async def pull_batch(
             )
         )
     auth = request.headers.get("authorization")
-    linearizable = consistency == "linearizable"
-    whole_parts = {  # partitioned tensors: their parts, each read as a whole pull reads it
-        n: await _partitioned(store, lay, linearizable, min_versions.get(n), deadline, auth)
-        for n, lay in layouts.items()
-    }
+    read = await asyncio.gather(
+        *(_partitioned(store, lay, linearizable, min_versions.get(n), deadline, auth) for n, lay in layouts.items())
+    )
+    whole_parts = dict(zip(layouts, read, strict=True))  # partitioned tensors: their parts, read as a whole pull does
 
     def build() -> bytes:
         arrays, versions = {}, {}
@@ -142,7 +146,14 @@ async def push_batch(request: Request) -> Response:
             for s in shards
         ),
         *(
-            partitioned.push(store, lay, _part_headers(rid, name, base_versions.get(name), auth), t)
+            partitioned.push_parts(
+                store,
+                lay,
+                t,
+                rid=_tensor_rid(rid, name),
+                base=None if name not in base_versions else [base_versions[name]] * lay.k,
+                auth=auth,
+            )
             for name, (lay, t) in cut.items()
         ),
         return_exceptions=True,
@@ -178,24 +189,22 @@ def _local_dtype(store: StoreAPI, name: str) -> str | None:
 async def _partitioned(
     store: StoreAPI, lay: Layout, linearizable: bool, min_version: int | None, deadline: float, auth: str | None
 ) -> tuple[list[np.ndarray], list[int]]:
-    """A partitioned tensor's parts (values, versions), with the consistency a whole pull gives them."""
-    await partition_reads.settle_here(store, lay, range(lay.k), linearizable, min_version, deadline)
+    """A partitioned tensor's parts (values, versions), with the consistency
+    a whole pull gives them (the barriers on the shards hosted here: done)."""
+    await partition_reads.settle_here(store, lay, range(lay.k), False, min_version, deadline)
     records = await partition_reads.records_of(
         store, lay, partition_reads.Remote(auth, linearizable, min_version, deadline)
     )
     return [t.value for t in records], [t.version for t in records]
 
 
-def _part_headers(rid: str | None, name: str, base_version: int | None, auth: str | None) -> dict[str, str]:
-    """The headers `partitioned.push` reads, for one tensor of a batch."""
-    hd = {}
-    if rid is not None:
-        hd["x-request-id"] = f"{rid}:{name}"
-    if base_version is not None:
-        hd["x-base-version"] = str(base_version)
-    if auth is not None:
-        hd["authorization"] = auth
-    return hd
+def _tensor_rid(rid: str | None, name: str) -> str:
+    """The request id of a partitioned tensor's push within a batch: derived
+    from the batch's (a retry finds each part's outcome) and the name, and
+    short enough whatever the name's length; a fresh one without a batch id."""
+    if rid is None:
+        return uuid.uuid4().hex
+    return hashlib.blake2b(f"{rid}\0{name}".encode(), digest_size=16).hexdigest()
 
 
 def _versions_header(value: str | None, header: str) -> dict[str, int]:

@@ -262,13 +262,33 @@ async def replace(
 
 
 async def push(store: StoreAPI, lay: Layout, hd: Mapping[str, str], t: wire.WireTensor) -> dict[str, Any]:
-    """A gradient of the whole tensor, split by part: checked whole first
-    (shape, finiteness, If-Match against this replica's view), so a bad push
-    applies no part."""
+    """A gradient of the whole tensor (POST .../grad), split by part."""
     _same_shape(lay, t, "a gradient")
-    base = version_vector(hd.get("x-base-version"), "X-Base-Version", lay.k)
-    if_match = version_vector(hd.get("if-match"), "If-Match", lay.k)
-    rid = _rid(h.request_id(hd.get("x-request-id")))
+    return await push_parts(
+        store,
+        lay,
+        t,
+        rid=_rid(h.request_id(hd.get("x-request-id"))),
+        base=version_vector(hd.get("x-base-version"), "X-Base-Version", lay.k),
+        if_match=version_vector(hd.get("if-match"), "If-Match", lay.k),
+        auth=hd.get("authorization"),
+    )
+
+
+async def push_parts(
+    store: StoreAPI,
+    lay: Layout,
+    t: wire.WireTensor,
+    *,
+    rid: str,
+    base: list[int] | None = None,
+    if_match: list[int] | None = None,
+    auth: str | None = None,
+) -> dict[str, Any]:
+    """A gradient split by part, checked whole first (shape, finiteness,
+    If-Match against this replica's view), so a bad push applies no part;
+    part i's command carries the request id `<rid>#p<i>`."""
+    _same_shape(lay, t, "a gradient")
     grad = _array(t)
     await refuse_nonfinite(store, lay, grad, "gradient")
     if if_match is not None:
@@ -286,7 +306,7 @@ async def push(store: StoreAPI, lay: Layout, hd: Mapping[str, str], t: wire.Wire
         )
         for i, p in enumerate(lay.parts())
     ]
-    return pushed(store, lay, await fan_out(store, lay, cmds, "push", hd.get("authorization")))
+    return pushed(store, lay, await fan_out(store, lay, cmds, "push", auth))
 
 
 def pushed(store: StoreAPI, lay: Layout, results: list[dict[str, Any]]) -> dict[str, Any]:

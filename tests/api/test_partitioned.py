@@ -285,3 +285,16 @@ def test_batch_pushes_and_pulls_take_partitioned_tensors(client):
         headers={"Content-Type": "application/x-safetensors"},
     )
     assert r.status_code == 422 and "no part was changed" in r.json()["detail"], r.text
+
+
+def test_a_batch_push_of_a_long_named_partitioned_tensor_with_a_long_request_id_applies_once(client):
+    from safetensors.numpy import save
+
+    name = "long_" + "n" * 200
+    r = client.put(f"/v1/tensors/{name}", **raw(np.zeros((4, 2), np.float32), **{"X-Partitions": "2"}))
+    assert r.status_code == 201, r.text
+    body = save({name: np.ones((4, 2), np.float32)})
+    headers = {"Content-Type": "application/x-safetensors", "X-Request-Id": "r" * 128}
+    for _ in range(2):  # the retry finds each part's recorded outcome
+        r = client.post("/v1/grads:batch", content=body, headers=headers)
+        assert r.status_code == 200 and r.json()["versions"] == {name: 2}, r.text
