@@ -1,4 +1,5 @@
-"""Awaiting the store's concurrent Futures from the event loop, with deadlines."""
+"""Awaiting the store from the event loop: its concurrent Futures, with
+deadlines, and reads that may copy a large tensor."""
 
 from __future__ import annotations
 
@@ -6,11 +7,25 @@ import asyncio
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import anyio
+
 from store.errors import Timeout
+from store.interface import StoreAPI
+from store.record import Tensor
 
 from .errors import WaitExpired
 
 T = TypeVar("T")
+COPY_IN_THREAD_BYTES = 1 << 20
+
+
+async def read_tensor(store: StoreAPI, name: str) -> tuple[Tensor, int]:
+    """`store.get(name)` without stalling the loop: a tensor that sparse
+    pushes update in place is copied by the read, in a worker thread if large."""
+    live, _ = store.peek(name)
+    if live.in_place and live.nbytes > COPY_IN_THREAD_BYTES:
+        return await anyio.to_thread.run_sync(store.get, name)
+    return store.get(name)
 
 
 async def wait(fut: Future[T], timeout: float, what: str, write: bool = True) -> T:

@@ -22,7 +22,7 @@ from store.interface import StoreAPI
 from store.partitions import Layout
 
 from . import part_forward, wire, wire_dtypes
-from .bridge import wait, wait_within
+from .bridge import read_tensor, wait, wait_within
 from .errors import WaitExpired
 from .partitioned import answer_headers, version_vector
 
@@ -156,7 +156,7 @@ async def records_of(store: StoreAPI, lay: Layout, remote: Remote) -> list[Any]:
                 deadline=remote.deadline,
             )
         try:
-            return store.get(p)[0]
+            return (await read_tensor(store, p))[0]
         except NotFound:
             raise Unavailable(
                 f"part {i} of {lay.name!r} is not on this replica (not applied here yet, or its creation "

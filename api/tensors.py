@@ -22,7 +22,7 @@ from . import grad_widen, partition_reads, partition_rows, partitioned, wire
 from . import headers as h
 from . import openapi as oa
 from . import wire_dtypes as wd
-from .bridge import wait, wait_optional
+from .bridge import read_tensor, wait, wait_optional
 from .errors import UnsupportedMediaType, WaitExpired
 
 if TYPE_CHECKING:
@@ -420,7 +420,7 @@ async def get_tensor(
     if min_version is not None:
         await wait_version(store, name, min_version, deadline, must=True)
     if wait_version_gt is not None and not await wait_version(store, name, wait_version_gt + 1, deadline, must=False):
-        t, shard = store.get(name)
+        t, shard = store.peek(name)  # headers only: no copy of a tensor updated in place
         return Response(status_code=304, headers=wire.tensor_headers(t.dtype, t.shape, t.version, shard))
     if rows is not None:
         return await _get_rows(store, name, rows, kind, request.method == "HEAD", wire_dtype)
@@ -428,10 +428,7 @@ async def get_tensor(
     hdrs = wire.tensor_headers(live.dtype, live.shape, live.version, shard)
     if inm == "*" or (isinstance(inm, list) and live.version in inm):
         return Response(status_code=304, headers=hdrs)
-    if live.in_place and live.nbytes > DECODE_IN_THREAD_BYTES:
-        t, shard = await anyio.to_thread.run_sync(store.get, name)  # a copy: don't stall the loop
-    else:
-        t, shard = store.get(name)
+    t, shard = await read_tensor(store, name)
     hdrs = wire.tensor_headers(t.dtype, t.shape, t.version, shard)
     if digest:
         value = t.value
