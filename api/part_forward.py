@@ -198,6 +198,13 @@ async def wait_past(store: StoreAPI, shard: int, part: str, version_gt: int, wai
     return r.status_code != 304
 
 
+async def version_of(store: StoreAPI, shard: int, part: str, auth: str | None) -> int:
+    """A part's version on a replica hosting its shard (a HEAD: no body)."""
+    hd = {"Accept": wire.OCTET, **_auth(auth)}
+    r = await _request(store, shard, "HEAD", part, f"version of part {part!r}", headers=hd)
+    return int(r.headers["x-version"])
+
+
 async def read(
     store: StoreAPI,
     shard: int,

@@ -24,7 +24,7 @@ from store.partitions import Layout
 from . import part_forward, wire, wire_dtypes
 from .bridge import read_tensor, wait, wait_within
 from .errors import WaitExpired
-from .partitioned import answer_headers, version_vector
+from .partitioned import answer_headers, local_versions, version_vector
 
 CHUNK = wire.STREAM_CHUNK
 
@@ -53,8 +53,7 @@ async def pull(
     await settle_here(store, lay, range(lay.k), linearizable, min_version, deadline)
     read = Remote(auth, linearizable, min_version, deadline)
     if wait_version_gt is not None and not await wait_every_part(store, lay, wait_version_gt, deadline, auth):
-        records = await records_of(store, lay, read)
-        return Response(status_code=304, headers=answer_headers(store, lay, [t.version for t in records]))
+        return await not_modified(store, lay, auth)
     records = await records_of(store, lay, read)
     versions = [t.version for t in records]
     hdrs = answer_headers(store, lay, versions)
@@ -137,6 +136,21 @@ async def settle_here(
             f"this replica has not applied version {min_version} of every part of {lay.name!r} within "
             f"{deadline:g}s; retry or read from another replica"
         )
+
+
+async def not_modified(store: StoreAPI, lay: Layout, auth: str | None) -> Response:
+    """The 304 of a long poll that ran out: every part's version now (a HEAD
+    for a part hosted elsewhere: no part's bytes are read)."""
+    shards = lay.part_shards(store.cfg.shards)
+    here = local_versions(store, lay)
+
+    async def one(i: int, p: str) -> int:
+        if part_forward.is_local(store, shards[i]):
+            return here[i]
+        return await part_forward.version_of(store, shards[i], p, auth)
+
+    versions = await asyncio.gather(*(one(i, p) for i, p in enumerate(lay.parts())))
+    return Response(status_code=304, headers=answer_headers(store, lay, list(versions)))
 
 
 async def records_of(store: StoreAPI, lay: Layout, remote: Remote) -> list[Any]:

@@ -27,7 +27,7 @@ from store.placement import shard_for
 
 from . import headers as h
 from . import part_forward, partition_reads, wire, wire_dtypes
-from .partitioned import _precheck, _rid, answer_headers, fan_out, pushed, refuse_nonfinite, version_vector
+from .partitioned import _precheck, _rid, fan_out, pushed, refuse_nonfinite, version_vector
 
 
 def parse_rows(text: str) -> np.ndarray:
@@ -71,9 +71,7 @@ async def get_rows(
     if wait_version_gt is not None and not await partition_reads.wait_every_part(
         store, lay, wait_version_gt, deadline, auth
     ):
-        remote = partition_reads.Remote(auth, linearizable, min_version, deadline)
-        versions_now = [t.version for t in await partition_reads.records_of(store, lay, remote)]
-        return Response(status_code=304, headers=answer_headers(store, lay, versions_now))
+        return await partition_reads.not_modified(store, lay, auth)
     out = np.empty((len(rows), *lay.shape[1:]), dtype=dtypes.dtype_of(lay.dtype))
     shards = lay.part_shards(store.cfg.shards)
     touched = [int(i) for i in np.unique(part)]
