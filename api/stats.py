@@ -20,6 +20,7 @@ from store.interface import StoreAPI
 from store.traffic import quantile
 
 from . import openapi as oa
+from . import part_forward
 
 router = APIRouter()
 
@@ -112,7 +113,7 @@ def local_stats(request: Request) -> dict[str, Any]:
 
 async def peer_stats(client: httpx.AsyncClient, node: str, url: str, headers: dict[str, str]) -> dict[str, Any]:
     try:
-        r = await client.get(url.rstrip("/") + "/v1/stats", headers=headers)
+        r = await client.get(url.rstrip("/") + "/v1/stats", headers=headers, timeout=PEER_TIMEOUT)
         if r.status_code != 200:
             return {"node": node, "error": f"HTTP {r.status_code}"}
         body: dict[str, Any] = r.json()
@@ -132,7 +133,8 @@ async def stats(request: Request, cluster: bool = Query(False)) -> dict[str, Any
     store: StoreAPI = request.app.state.store
     auth = request.headers.get("authorization")
     headers = {"Accept": "application/json", **({"Authorization": auth} if auth else {})}
-    others = [(n["id"], n["url"]) for n in store.status().get("nodes", []) if n["id"] != here["node"]]
-    async with httpx.AsyncClient(timeout=PEER_TIMEOUT) as client:
-        answers = await asyncio.gather(*(peer_stats(client, node, url, headers) for node, url in others))
+    # every replica hosting some shard (with replication below the node count, not only this one's peers)
+    others = {n.id: n.url for s in range(store.cfg.shards) for n in store.hosts_of(s) if n.id != here["node"]}
+    client = part_forward.peer_client(store)
+    answers = await asyncio.gather(*(peer_stats(client, node, url, headers) for node, url in sorted(others.items())))
     return {"replicas": [here, *answers]}
