@@ -129,17 +129,19 @@ async def push_rows(
     if if_match is not None:
         _precheck(store, lay, if_match)
     rid = _rid(h.request_id(hd.get("x-request-id")))
+    order = np.argsort(part, kind="stable")  # each part's positions, in the order given
+    starts = np.searchsorted(part[order], np.arange(lay.k + 1))
     cmds = []
     for i, p in enumerate(lay.parts()):
-        sel = np.flatnonzero(part == i)
+        sel = order[starts[i] : starts[i + 1]]
         cmds.append(
             GradRows(
                 name=p,
                 dtype=lay.dtype,
                 row_shape=lay.shape[1:],
                 k=len(sel),
-                indices=np.ascontiguousarray(local[sel]).tobytes(),
-                values=np.ascontiguousarray(values[sel]).tobytes(),
+                indices=wire.raw_view(local[sel]),  # fancy indexing made contiguous copies: no more
+                values=wire.raw_view(values[sel]),
                 rid=f"{rid}#p{i}",
                 base_version=None if base is None else base[i],
                 if_match=None if if_match is None else if_match[i],
