@@ -12,7 +12,6 @@ the rows changed or evicted after `since` (store/tables/changes.py), and
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,6 @@ from fastapi import APIRouter, Query, Request
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from store.errors import Unprocessable, echo
 from store.tables.export import DeltaPart, PartDump
 from store.tables.service import TableService
 from store.tables.spec import TableSpec
@@ -30,13 +28,13 @@ from store.tables.spec import TableSpec
 from . import openapi as oa
 from . import safetensors_stream as sts
 from .bridge import wait_optional
+from .table_min_version import parse_cursor
 from .table_wire import _ST_OF_STORAGE, SAFETENSORS, safetensors_bytes
 from .tables import TableName  # also registers the {name:table} convertor
 
 router = APIRouter()
 
 FORMAT = "paramstore.table_delta"
-_CURSOR = re.compile(r"[0-9]{1,19}(,[0-9]{1,19}){0,4095}")
 _HEADERS = {
     "X-Version": {
         "description": "the cursor this answer is complete up to (the next `since`)",
@@ -53,15 +51,6 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
     304: {"description": "nothing changed within the wait (wait=1)", "headers": _HEADERS},
     **oa.answers(400, 404, 410, 422, 503),
 }
-
-
-def parse_cursor(raw: str) -> list[int]:
-    """`since`: versions >= 0, comma-separated; 422 otherwise."""
-    if not _CURSOR.fullmatch(raw) or any(int(v) > oa.MAX_VERSION for v in raw.split(",")):
-        raise Unprocessable(
-            f"since: expected a version >= 0, or one per shard part comma-separated (e.g. 12,40), got {echo(raw)}"
-        )
-    return [int(v) for v in raw.split(",")]
 
 
 def _text(cursor: list[int]) -> str:
@@ -102,7 +91,7 @@ async def table_delta(
     """Rows changed or evicted after `since`, or every row (`since=0`)."""
     service: TableService = request.app.state.store.tables
     limits = request.app.state.store.cfg.limits
-    asked = parse_cursor(since)
+    asked = parse_cursor(since, "since", "a version >= 0, or one per shard part comma-separated (e.g. 12,40)")
     cursor = await anyio.to_thread.run_sync(service.cursor, name, asked)
     if not any(cursor):
         return await _full(service, name, cursor)

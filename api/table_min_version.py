@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from store.errors import Unavailable, Unprocessable
+from store.errors import Unavailable, Unprocessable, echo
 from store.tables.service import TableService
 
 from . import openapi as oa
@@ -35,12 +35,15 @@ def cursor(service: TableService, name: str, raw: str) -> list[int]:
                 raise Unprocessable(f"min_version: {pair!r}: table {name!r} has shard parts 0-{service.shards - 1}")
             out[shard] = max(out[shard], version)
         return out
+    expected = "one version per shard part in shard order (e.g. 12,0,40,7) or shard:version pairs (e.g. 0:12,2:40)"
+    return service.cursor(name, parse_cursor(raw, "min_version", expected), "min_version")
+
+
+def parse_cursor(raw: str, what: str, expected: str) -> list[int]:
+    """Versions >= 0, comma-separated (one per shard part); 422 naming `what` otherwise."""
     if not _CURSOR.fullmatch(raw) or any(int(v) > oa.MAX_VERSION for v in raw.split(",")):
-        raise Unprocessable(
-            f"min_version: expected one version per shard part in shard order (e.g. 12,0,40,7) "
-            f"or shard:version pairs (e.g. 0:12,2:40); got {raw[:100]!r}"
-        )
-    return service.cursor(name, [int(v) for v in raw.split(",")], "min_version")
+        raise Unprocessable(f"{what}: expected {expected}, got {echo(raw)}")
+    return [int(v) for v in raw.split(",")]
 
 
 async def wait_parts(service: TableService, name: str, cursor: list[int], deadline: float, ready: bool) -> None:

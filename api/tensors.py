@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
@@ -443,11 +442,7 @@ async def get_tensor(
 async def _get_rows(
     store: StoreAPI, name: str, rows_text: str, kind: str, head_only: bool, wire_dtype: str | None = None
 ) -> Response:
-    try:
-        rows = np.array([int(r) for r in rows_text.split(",") if r.strip()], dtype=np.int64)
-    except ValueError:
-        raise InvalidRequest("rows: expected comma-separated integers") from None
-    arr, t, shard = store.get_rows(name, rows)
+    arr, t, shard = store.get_rows(name, partition_rows.parse_rows(rows_text))
     hdrs = wire.tensor_headers(t.dtype, arr.shape, t.version, shard)
     if wire_dtype is not None:
         return await wd.tensor_response(name, arr, hdrs, wire_dtype, kind, head_only)
