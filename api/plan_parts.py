@@ -34,7 +34,7 @@ def partition_shares(
     lead = [0.0] * nodes
     host = [0.0] * nodes
     for i, count in enumerate(row_counts(rows, partitions)):
-        shard = shard_of(part_name(name, i) if partitions > 1 else name, shards)
+        shard = shard_of(part_name(name, i), shards)  # part 0 sits on the tensor's own shard
         hosts = hosts_for(shard, range(nodes), replication)
         entry = (leaders or {}).get(shard, hosts[0])
         lead[entry] += count / rows

@@ -120,7 +120,9 @@ class Layout:
         return (self.counts[i], *self.shape[1:])
 
     def part_shards(self, shards: int) -> list[int]:
-        return [shard_of(p, shards) for p in self.parts()]
+        """`shard_of` each part: its tensor's home shard hashed once, not once per part."""
+        home = placement.shard_for(self.name, shards)
+        return [(home + i) % shards for i in range(self.k)]
 
     def describe(self, shards: int, versions: Sequence[int | None] | None = None) -> list[dict[str, Any]]:
         """Each part's shard and [start, stop) row range (and version, if known)."""

@@ -153,3 +153,11 @@ def test_apply_step_is_element_wise_for_every_float_rule():
             apply_step(norm, {}, a, b).value for a, b in zip(np.split(p, [3, 5]), np.split(g, [3, 5]), strict=True)
         ]
         assert np.concatenate(parts).tobytes() == whole.tobytes()
+
+
+@pytest.mark.parametrize("shards", [1, 3, 16])
+def test_a_layouts_part_shards_are_where_each_part_name_is_placed(shards: int) -> None:
+    lay = partitions.Layout("some.tensor", "float32", (40, 2), partitions.row_counts(40, 12))
+    assert lay.part_shards(shards) == [
+        partitions.shard_of(partitions.part_name(lay.name, i), shards) for i in range(12)
+    ]
