@@ -21,6 +21,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
+from paramstore._wire import safetensors_file
 from store.tables.export import DeltaPart, PartDump
 from store.tables.service import TableService
 from store.tables.spec import TableSpec
@@ -29,7 +30,7 @@ from . import openapi as oa
 from . import safetensors_stream as sts
 from .bridge import wait_optional
 from .table_min_version import parse_cursor
-from .table_wire import _ST_OF_STORAGE, SAFETENSORS, safetensors_bytes
+from .table_wire import _ST_OF_STORAGE, SAFETENSORS
 from .tables import TableName  # also registers the {name:table} convertor
 
 router = APIRouter()
@@ -115,7 +116,7 @@ def _encode_delta(name: str, spec: TableSpec, since: list[int], parts: list[Delt
     rows = np.concatenate([p.rows for p in parts]).reshape(len(keys), spec.dim)
     removed = np.concatenate([p.removed for p in parts])
     ids = _id_code(spec)
-    body = safetensors_bytes(
+    body = safetensors_file(
         {
             "ids": (ids, keys.astype("<u8")),
             "rows": (_ST_OF_STORAGE[spec.dtype], rows),

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from paramstore._wire import safetensors_head
+from paramstore._wire import safetensors_file
 from store.errors import InvalidRequest, Unprocessable, echo
 from store.tables import rowdtype
 from store.tables.ids import ids_from_json
@@ -177,17 +177,10 @@ def encode_rows(kind: str, rows: np.ndarray, dtype: str, metadata: dict[str, str
     """Rows (storage dtype; bfloat16 as uint16 bits) in the negotiated format."""
     rows = np.ascontiguousarray(rows)
     if kind == SAFETENSORS:
-        return safetensors_bytes({"rows": (_ST_OF_STORAGE[dtype], rows)}, metadata)
+        return safetensors_file({"rows": (_ST_OF_STORAGE[dtype], rows)}, metadata)
     if kind == NPY:
         out = io.BytesIO()
         # numpy has no bfloat16: such rows go out as the float32 values they hold
         np.save(out, rowdtype.decode(rows, dtype) if dtype == "bfloat16" else rows, allow_pickle=False)
         return out.getvalue()
     return json.dumps({"rows": rowdtype.decode(rows, dtype).tolist(), **metadata}).encode()
-
-
-def safetensors_bytes(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
-    """A safetensors file of (dtype code, array) entries, written here because
-    numpy has no bfloat16 for the library's numpy front end."""
-    head = safetensors_head(((name, code, arr.shape, arr.nbytes) for name, (code, arr) in tensors.items()), metadata)
-    return b"".join([head, *(np.ascontiguousarray(arr).tobytes() for _, arr in tensors.values())])

@@ -86,10 +86,10 @@ def safetensors_head(
     return len(head).to_bytes(8, "little") + head
 
 
-def safetensors_file(entries: dict[str, tuple[str, np.ndarray]]) -> bytes:
+def safetensors_file(entries: dict[str, tuple[str, np.ndarray]], metadata: Mapping[str, str] | None = None) -> bytes:
     """A safetensors file of (dtype code, array) entries (BF16 as uint16 bits)."""
     arrays = {name: (code, le_contiguous(value)) for name, (code, value) in entries.items()}
-    head = safetensors_head((name, code, arr.shape, arr.nbytes) for name, (code, arr) in arrays.items())
+    head = safetensors_head([(name, code, arr.shape, arr.nbytes) for name, (code, arr) in arrays.items()], metadata)
     return b"".join([head, *(arr.tobytes() for _, arr in arrays.values())])
 
 
