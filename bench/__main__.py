@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ctr, gloo, interleaved, limits, report, scaling
+from .interleaved import summary
 from .systems import ROOT, Paramstore, Redis, rss_peak_mb
 from .tables import run_tables
 
@@ -49,13 +50,6 @@ T0 = time.monotonic()
 
 def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.0f}s] {msg}", flush=True)
-
-
-def summary(values: list[float]) -> dict:
-    v = [x for x in values if x is not None and x == x]
-    if not v:
-        return {"median": None, "min": None, "max": None, "runs": values}
-    return {"median": float(np.median(v)), "min": float(min(v)), "max": float(max(v)), "runs": values}
 
 
 class Elections:
@@ -140,7 +134,6 @@ def run_memory_paramstore(args, res, el: Elections, work: Path) -> None:
                 times.append(t1 - t0)
                 log(f"  paramstore recovery {k + 1}: {node} holding {held} MB ready after {t1 - t0:.1f} s")
             res["recovery"]["paramstore"] = {**summary(times), "held_mb": held}
-        res["elections"].setdefault("paramstore", {})["memory"] = el.by_system["paramstore"].get("memory")
     finally:
         ps.stop()
         log("paramstore memory cluster: stopped")

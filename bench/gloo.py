@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import itertools
 import json
 import multiprocessing as mp
@@ -320,8 +319,6 @@ def _lap(phases: dict[str, float], phase: str, since: float) -> float:
 
 
 def _pull(client: Any, names: list[str], wire: str | None) -> dict[str, tuple[np.ndarray, int]]:
-    if wire is None:
-        return client.pull_many(names)  # type: ignore[no-any-return]
     return client.pull_many(names, wire_dtype=wire)  # type: ignore[no-any-return]
 
 
@@ -332,12 +329,6 @@ def _load(params: dict[str, Any], pulled: dict[str, tuple[np.ndarray, int]]) -> 
         for n, (arr, _) in pulled.items():
             params[n].copy_(torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(params[n].shape))
     return {n: v for n, (_, v) in pulled.items()}
-
-
-def compression_available() -> bool:
-    from paramstore import Client
-
-    return "compress" in inspect.signature(Client.sync_step).parameters
 
 
 def free_base(count: int, low: int = 20000, high: int = 30000) -> int:
@@ -438,7 +429,7 @@ def run(
     (on free ports: other sessions' clusters may hold bench's usual 11000-11117).
     `variants` ({name: (setup, Config overrides)}) re-run a setup with other
     settings after the four, in res["variants"] (for trying levers in one run)."""
-    from .systems import Paramstore
+    from .systems import Paramstore, cpu_seconds
 
     res: dict[str, Any] = {"config": {**asdict(cfg), "params": cfg.params()}, "setups": {}, "notes": []}
     log(
@@ -453,27 +444,22 @@ def run(
         res["setups"]["ddp"] = workers.run("ddp", [])
         log(f"  {LABELS['ddp']}: {_fmt(res['setups']['ddp'])} ({time.perf_counter() - t:.0f} s)")
         base = free_base(3 + 3 * (4 + 2))  # 3 HTTP ports, then each replica's 4 shards + data path + spare
-        ps_cls = type("GlooParamstore", (Paramstore,), {"HTTP": base, "RAFT": base + 3})
-        ps = ps_cls(work)
+        ps = Paramstore(work, ports=(base, base + 3))
         ps.start()
         urls = [f"http://{h}:{p}" for h, p in ps.urls.values()]
         for setup in SETUPS[1:]:
-            if setup == "sync+compress" and not compression_available():
-                res["notes"].append("(d) skipped: this paramstore has no compressed rounds (sync_step(compress=))")
-                log(f"  {res['notes'][-1]}")
-                continue
-            t, cpu = time.perf_counter(), replicas_cpu(ps.pids())
+            t, cpu = time.perf_counter(), cpu_seconds(ps.pids())
             out = workers.run(setup, urls)
-            out["replicas_cpu_s_per_step"] = (replicas_cpu(ps.pids()) - cpu) / cfg.steps
+            out["replicas_cpu_s_per_step"] = (cpu_seconds(ps.pids()) - cpu) / cfg.steps
             res["setups"][setup] = out
             log(f"  {LABELS[setup]}: {_fmt(out)} ({time.perf_counter() - t:.0f} s)")
         res["variants"] = {}
         for i, (name, (setup, over)) in enumerate((variants or {}).items()):
             if setup in res["setups"]:
                 vcfg = replace(cfg, **over)
-                t, cpu = time.perf_counter(), replicas_cpu(ps.pids())
+                t, cpu = time.perf_counter(), cpu_seconds(ps.pids())
                 out = workers.run(setup, urls, vcfg, tag=f"v{i}")
-                out["replicas_cpu_s_per_step"] = (replicas_cpu(ps.pids()) - cpu) / vcfg.steps
+                out["replicas_cpu_s_per_step"] = (cpu_seconds(ps.pids()) - cpu) / vcfg.steps
                 res["variants"][name] = {"setup": setup, "overrides": over, **out}
                 log(f"  {name}: {_fmt(out)} ({time.perf_counter() - t:.0f} s)")
         failed = False
@@ -482,17 +468,6 @@ def run(
         if ps is not None:
             ps.stop()
     return res
-
-
-def replicas_cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) the replica processes used so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total / tick
 
 
 def _label(setup: str, cfg: dict[str, Any]) -> str:

@@ -363,12 +363,16 @@ class LiveConn:
 # ==================================================================== push ==
 
 
-def _paramstore_push(ps: Paramstore, name: str, v: np.ndarray, mb: int) -> Callable[[], dict[str, float]]:
+def _paramstore_push(
+    ps: Paramstore, name: str, v: np.ndarray, mb: int, closers: list[Any]
+) -> Callable[[], dict[str, float]]:
     """One push to the shard leader, timed to its 200 (majority ack) and until
-    the version is applied on all 3 replicas (HEAD ?min_version on each)."""
+    the version is applied on all 3 replicas (HEAD ?min_version on each); its
+    connections go to `closers`."""
     put = ps.put(ps.nodes[0], name, v, {"type": "sgd", "lr": 0.01})
     lead = LiveConn(ps, ps.leader_of(put["shard"]))
     others = {n: LiveConn(ps, n) for n in ps.nodes}
+    closers.extend([lead, *others.values()])
 
     def once() -> dict[str, float]:
         c = lead.alive(name)
@@ -420,8 +424,9 @@ def _push_size(sy: Systems, res: dict[str, Any], mb: int) -> None:
     v = np.random.default_rng(mb).standard_normal(mb * MB // 4).astype(np.float32) * 1e-3
     name = f"push{mb}"
     once: dict[str, Callable[[], Any]] = {}
+    closers: list[Any] = []
     for label, ps in sy.ps.items():
-        once[label] = _paramstore_push(ps, name, v, mb)
+        once[label] = _paramstore_push(ps, name, v, mb, closers)
     for label, et in sy.etcd.items():
         if label == "etcd" or a.push_etcd_tmpfs:
             once[f"{label} (limit raised)"] = _etcd_push(et, name, v, mb)
@@ -450,17 +455,21 @@ def _push_size(sy: Systems, res: dict[str, Any], mb: int) -> None:
         once["pysyncobj"] = raw_once
     runs: dict[str, list[Any]] = {k: [] for k in once}
     errors: dict[str, str] = {}
-    for r in range(a.reps):
-        for label in rotated(list(once), r):
-            if label in errors:
-                continue
-            try:
-                runs[label].append(once[label]())
-            except (RuntimeError, OSError) as e:
-                errors[label] = str(e)
-                log(f"  {label} push {mb} MB: {e}")
-    if sy.redis:
-        rc.close()
+    try:
+        for r in range(a.reps):
+            for label in rotated(list(once), r):
+                if label in errors:
+                    continue
+                try:
+                    runs[label].append(once[label]())
+                except (RuntimeError, OSError) as e:
+                    errors[label] = str(e)
+                    log(f"  {label} push {mb} MB: {e}")
+    finally:
+        for c in closers:
+            c.close()
+        if sy.redis:
+            rc.close()
     for label, rs in runs.items():
         if label in errors and not rs:
             out.setdefault("redis WAIT 2" if label == "redis" else label, {})[str(mb)] = {

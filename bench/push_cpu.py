@@ -28,15 +28,14 @@ from .cpu_ab import alternate, trees_and_envs
 MB = 1 << 20
 
 
-class Cluster(systems.Paramstore):
-    HTTP, RAFT = 22000, 22100
+PORTS = (22000, 22100)  # HTTP, Raft: apart from `make bench`'s clusters
 
 
 def measure(tree: Path, env: dict[str, str], mb: int, pushes: int) -> dict[str, float]:
     old_root, old_path = systems.PS_ROOT, systems.PS_PATH
     systems.PS_ROOT, systems.PS_PATH = tree, str(tree)
     work = Path(tempfile.mkdtemp(prefix="paramstore-pushcpu-"))
-    ps = Cluster(work, env=env)
+    ps = systems.Paramstore(work, env=env, ports=PORTS)
     try:
         ps.start()
         arr = np.random.default_rng(0).standard_normal(mb * MB // 4).astype(np.float32)

@@ -280,7 +280,6 @@ def markdown(res: dict) -> str:
         rows.append((f"{mb} MB, MB/s", row, _pair_ratios(row, PUSH_PAIRS)))
     if res["push"]:
         lines += _table("3. Large pushes committed on 3 replicas", cols, rows, "{:.1f}", "ratios (pair)")
-    if res["push"]:
         lines += [
             "paramstore and etcd (limit raised) sync to the disk; paramstore-nofsync and etcd-tmpfs do not; Redis",
             "does not persist: paramstore-nofsync ÷ redis WAIT 2 is the pair where neither syncs. etcd-tmpfs (limit",

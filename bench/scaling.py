@@ -28,7 +28,7 @@ import numpy as np
 
 from .join import JoiningParamstore
 from .load import Job, closed_loop, http_request
-from .systems import HOST, ROOT, Paramstore, cpu_seconds, raw_headers
+from .systems import HOST, ROOT, Paramstore, cpu_seconds, raw_headers, rss_mb
 
 KB, MB = 1 << 10, 1 << 20
 T0 = time.monotonic()
@@ -163,13 +163,6 @@ def transfers(ps: Paramstore, sizes_kb: list[int], reps: int) -> dict:
             f"push {row['push_mb_s']:6.0f} MB/s ({row['push_cpu_ms_per_mb']:5.1f} CPU-ms/MB)"
         )
     return out
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def many_tensors(ps: Paramstore, counts: list[int], reps: int) -> dict:

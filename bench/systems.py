@@ -48,8 +48,18 @@ def cpu_seconds(pids) -> float:
 
 def rss_peak_mb(pid: int) -> float:
     """VmHWM: the process's peak resident set since it started."""
+    return proc_status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS: the process's resident set now."""
+    return proc_status_mb(pid, "VmRSS")
+
+
+def proc_status_mb(pid: int, field: str) -> float:
+    """A kB field of /proc/<pid>/status, in MB (NaN if absent)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 

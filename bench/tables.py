@@ -31,33 +31,16 @@ from typing import Any
 
 import numpy as np
 
+from paramstore._wire import safetensors_body
+
 from .join import JoiningParamstore
 from .load import BlockingHTTP, BlockingRESP, resp_command
-from .systems import Redis, rss_peak_mb
+from .systems import Redis, rss_mb, rss_peak_mb
 
 MB = 1 << 20
 DIM = 64
 BATCH = 4096
 FILL_CHUNK = 65536
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def safetensors(tensors: dict[str, np.ndarray]) -> bytes:
-    header: dict[str, Any] = {}
-    off = 0
-    for k, a in tensors.items():
-        dt = {"int64": "I64", "float32": "F32"}[str(a.dtype)]
-        header[k] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    return len(h).to_bytes(8, "little") + h + b"".join(a.tobytes() for a in tensors.values())
 
 
 def read_rows(body: memoryview) -> np.ndarray:
@@ -146,7 +129,7 @@ class TableCluster(JoiningParamstore):
         """Every replica has applied each shard part's version in `want`: a
         one-ID lookup with min_version, which the replica holds until then."""
         query = ",".join(f"{s}:{v}" for s, v in sorted(want.items()))
-        one = safetensors({"ids": np.zeros(1, np.int64)})
+        one = safetensors_body({"ids": np.zeros(1, np.int64)})
         for c in conns:
             st, body = c.request(
                 "POST",
@@ -168,7 +151,7 @@ def lookup_rates(ps: TableCluster, rd: Redis, rows: np.ndarray, n: int, reps: in
     out: dict[str, list[float]] = {"paramstore": [], "redis": [], "numpy": []}
     for i in range(reps + 1):  # the first round warms connections and caches up and is not counted
         ids = rng.choice(n, BATCH, replace=False).astype(np.int64)
-        body = safetensors({"ids": ids})
+        body = safetensors_body({"ids": ids})
         t = time.perf_counter()
         got = read_rows(ps.table_request(conn, "emb", "lookup", body))
         t_ps = time.perf_counter() - t
@@ -210,7 +193,7 @@ def push_rates(ps: TableCluster, rd: Redis, n: int, reps: int, log) -> dict:
     for i in range(reps + 1):
         ids = rng.choice(n, BATCH, replace=False).astype(np.int64)
         grads = rng.standard_normal((BATCH, DIM), dtype=np.float32)
-        body = safetensors({"ids": ids, "grads": grads})
+        body = safetensors_body({"ids": ids, "grads": grads})
         t = time.perf_counter()
         res = json.loads(bytes(ps.table_request(lead, "emb_ra", "push", body)))
         t_ack = time.perf_counter() - t
@@ -306,7 +289,7 @@ def run_tables(args, res: dict, el, work: Path, log) -> None:
         t = time.perf_counter()
         for s in range(0, n, FILL_CHUNK):
             ids = np.arange(s, min(n, s + FILL_CHUNK), dtype=np.int64)
-            ps.table_request(conn, "emb", "push", safetensors({"ids": ids, "grads": -rows[ids]}))
+            ps.table_request(conn, "emb", "push", safetensors_body({"ids": ids, "grads": -rows[ids]}))
         out["fill_s"] = time.perf_counter() - t
         conn.close()
         log(f"  paramstore filled {n:,} rows in {out['fill_s']:.1f} s ({n / out['fill_s']:,.0f} rows/s)")
@@ -349,7 +332,6 @@ def run_tables(args, res: dict, el, work: Path, log) -> None:
         rd.stop()
         if not args.table_no_join:
             out["join"] = join_snapshot(ps, log)
-        res["elections"].setdefault("paramstore", {}).update(el.by_system.get("paramstore", {}))
     finally:
         rd.stop()
         ps.stop()

@@ -386,12 +386,7 @@ def predictions(run: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str
     """`paramstore plan`'s push and pull phases for a run's topology: on the
     links' nominal rate, and on the rates its --measure found (recomputed
     from the saved figures, so a report always uses the current model)."""
-    job = job_of(run, args)
-    measured = replace(
-        job,
-        push_bandwidth=effective_push_bandwidth(run["measured_push"], job.replication),
-        pull_bandwidth=run["measured_pull"],
-    )
+    job, measured = nominal_and_measured(run, args)
     return asdict(ps_timing(job)), asdict(ps_timing(measured))
 
 
@@ -399,12 +394,7 @@ def setup_prediction(run: dict[str, Any], args: argparse.Namespace, setup: Setup
     """The plan's push phase with the setup's push compression and pull phase
     with its pull's, on the nominal links and on the measured rates, and the
     bytes one worker sends and receives per step."""
-    job = job_of(run, args)
-    measured = replace(
-        job,
-        push_bandwidth=effective_push_bandwidth(run["measured_push"], job.replication),
-        pull_bandwidth=run["measured_pull"],
-    )
+    job, measured = nominal_and_measured(run, args)
     out: dict[str, float] = {}
     for tag, j in (("", job), ("measured_", measured)):
         push = ps_timing(replace(j, compress=setup.plan_push)).push
@@ -412,6 +402,17 @@ def setup_prediction(run: dict[str, Any], args: argparse.Namespace, setup: Setup
         out.update({f"{tag}push": push, f"{tag}pull": pull, f"{tag}total": push + pull})
     out["worker_bytes"] = job.params * (wire(setup.plan_push, job.dtype).push + wire(setup.plan_pull, job.dtype).pull)
     return out
+
+
+def nominal_and_measured(run: dict[str, Any], args: argparse.Namespace) -> tuple[Job, Job]:
+    """The run's job on the links' nominal rate, and on the rates its --measure found."""
+    job = job_of(run, args)
+    measured = replace(
+        job,
+        push_bandwidth=effective_push_bandwidth(run["measured_push"], job.replication),
+        pull_bandwidth=run["measured_pull"],
+    )
+    return job, measured
 
 
 def job_of(run: dict[str, Any], args: argparse.Namespace) -> Job:
@@ -451,7 +452,8 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{p['total']:.1f} s ({p['push']:.1f} + {p['pull']:.1f}) | {r['step'] / p['total']:.2f}x | "
             f"{pm['total']:.1f} s | {r['step'] / pm['total']:.2f}x | {p['bottleneck']} | {leaders} |"
         )
-    compressed = [r for r in jobs if any(s["setup"] != "none" for s in r.get("setups", []))]
+    # every run with a compressed setup (a run without "none" has no uncompressed row above)
+    compressed = [r for r in runs if any(s["setup"] != "none" for s in r.get("setups", []))]
     if compressed:
         lines += [
             "",
