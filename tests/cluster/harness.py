@@ -7,6 +7,8 @@ import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,17 @@ class Cluster:
     def restart(self, nid: str, timeout: float = 30.0) -> None:
         self.start(nid)
         self.wait_ready([nid], timeout)
+
+    @contextmanager
+    def running(self, timeout: float = 30.0) -> Iterator[Cluster]:
+        """Started, and ready within `timeout`, for the `with` block; closed
+        after it, whatever happens (a fixture's whole life)."""
+        self.start()
+        try:
+            self.wait_ready(timeout=timeout)
+            yield self
+        finally:
+            self.close()
 
     def close(self) -> None:
         for p in self.procs.values():

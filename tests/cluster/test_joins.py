@@ -39,12 +39,8 @@ def cluster(tmp_path_factory):
         base_port=free_range(4, *HOSTS, SPARE),
         limits={"max_wait_seconds": 8.0, "request_timeout": 3.0},
     )
-    c.start()
-    try:
-        c.wait_ready()
+    with c.running():
         yield c
-    finally:
-        c.close()
 
 
 class Writer:

@@ -32,12 +32,8 @@ def cluster(tmp_path_factory):
         raft={"min_timeout": 2.5, "max_timeout": 3.0, "connection_timeout": 3.5},
         limits={"request_timeout": 1.5},
     )
-    c.start()
-    try:
-        c.wait_ready(timeout=60)
+    with c.running(timeout=60):
         yield c
-    finally:
-        c.close()
 
 
 def part_shards() -> list[int]:

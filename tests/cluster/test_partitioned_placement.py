@@ -24,12 +24,8 @@ LR = 0.5
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("partitioned-r2"), replicas=4, shards=SHARDS, replication=2)
-    c.start()
-    try:
-        c.wait_ready(timeout=60)
+    with c.running(timeout=60):
         yield c
-    finally:
-        c.close()
 
 
 def hosts(c: Cluster, shard: int) -> set[str]:

@@ -25,12 +25,8 @@ LIMITS = {"first_byte_timeout": 10.0, "max_connections": 64, "max_connections_pe
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory: pytest.TempPathFactory):
     c = Cluster(tmp_path_factory.mktemp("caps"), replicas=1, shards=1, limits=LIMITS)
-    c.start()
-    try:
-        c.wait_ready()
+    with c.running():
         yield c
-    finally:
-        c.close()
 
 
 def _request(addr: tuple[str, int], src: str, path: str) -> tuple[bytes, dict[str, str], bytes, bool]:

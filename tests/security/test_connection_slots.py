@@ -33,12 +33,8 @@ LIMITS = {
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("slots"), replicas=1, shards=1, limits=LIMITS)
-    c.start()
-    try:
-        c.wait_ready()
+    with c.running():
         yield c
-    finally:
-        c.close()
 
 
 def _addr(c: Cluster) -> tuple[str, int]:

@@ -23,12 +23,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("limits"), replicas=3, shards=1)
-    c.start()
-    try:
-        c.wait_ready()
+    with c.running():
         yield c
-    finally:
-        c.close()
 
 
 def rss_mb(pid: int) -> float:

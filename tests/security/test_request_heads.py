@@ -22,12 +22,8 @@ HEADER_TIMEOUT = 30.0  # far longer than the test: the cap, not the timeout, mus
 @pytest.fixture
 def replica(tmp_path):
     c = Cluster(tmp_path, replicas=1, shards=1, limits={"header_timeout": HEADER_TIMEOUT})
-    c.start()
-    try:
-        c.wait_ready()
+    with c.running():
         yield c
-    finally:
-        c.close()
 
 
 def _stream_header(addr: tuple[str, int], head: bytes) -> tuple[bytes, int, float]:

@@ -93,12 +93,8 @@ def replica(tmp_path):
         shards=1,
         limits={"header_timeout": TIMEOUT, "body_idle_timeout": TIMEOUT, "max_body_bytes": 1 << 20},
     )
-    c.start()
-    try:
-        c.wait_ready()
+    with c.running():
         yield c
-    finally:
-        c.close()
 
 
 def http_addr(c: Cluster) -> tuple[str, int]:
