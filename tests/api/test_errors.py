@@ -319,30 +319,12 @@ def _quoted_input(detail: str, before: str, after: str) -> str:
             "",
         ),
         (  # 10 KB of UTF-8 on the wire: 200 bytes is ~100 characters of it
-            lambda c, n: c.put(
-                f"/v1/tensors/{n}",
-                content=b"\0" * 24,
-                headers={
-                    "Content-Type": RAW,
-                    "X-Dtype": "float32",
-                    "X-Shape": "2,3",
-                    "X-Staleness-Policy": b"\xc3\xa9" * 5_000,
-                },
-            ),
+            lambda c, n: raw_put(c, n, np.zeros((2, 3), np.float32), X_Staleness_Policy=b"\xc3\xa9" * 5_000),
             "X-Staleness-Policy: ",
             " is not one of reject, scale",
         ),
         (
-            lambda c, n: c.put(
-                f"/v1/tensors/{n}",
-                content=b"\0" * 24,
-                headers={
-                    "Content-Type": RAW,
-                    "X-Dtype": "float32",
-                    "X-Shape": "2,3",
-                    "X-Optimizer": json.dumps({"type": "é" * 5_000}),
-                },
-            ),
+            lambda c, n: raw_put(c, n, np.zeros((2, 3), np.float32), X_Optimizer=json.dumps({"type": "é" * 5_000})),
             "optimizer.type: ",
             " is not one of ",
         ),

@@ -13,6 +13,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,11 @@ def real(tmp_path: Path) -> Iterator[Address]:
     srv.close()
 
 
-def fake_server(answer: Callable[[bytes], bytes]) -> tuple[Address, Callable[[], None]]:
+@contextmanager
+def fake_server(answer: Callable[[bytes], bytes]) -> Iterator[Address]:
     """A server on a free port that reads one header line and answers
-    `answer(header line)` whatever it says: someone squatting a dead peer's port."""
+    `answer(header line)` whatever it says: someone squatting a dead peer's
+    port. Closed after the block."""
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -79,29 +82,34 @@ def fake_server(answer: Callable[[bytes], bytes]) -> tuple[Address, Callable[[],
                 conn.sendall(answer(line))
 
     threading.Thread(target=serve, daemon=True).start()
-
-    def close() -> None:
+    try:
+        yield Address("127.0.0.1", listener.getsockname()[1])
+    finally:
         stop.set()
         listener.close()
 
-    return Address("127.0.0.1", listener.getsockname()[1]), close
+
+def exchange(target: Address, line: bytes) -> bytearray:
+    """`line` sent to `target`, and all it answers."""
+    with socket.create_connection((target.host, target.port), timeout=10) as s:
+        s.sendall(line)
+        got = bytearray()
+        while chunk := s.recv(1 << 16):
+            got += chunk
+    return got
 
 
-def tampering_proxy(target: Address, flip_after: bytes) -> tuple[Address, Callable[[], None]]:
+def tampering(target: Address, flip_after: bytes) -> Callable[[bytes], bytes]:
     """Relays requests to `target` and its answers back, with the byte just
     after the first `flip_after` in the answer flipped: a change in transit."""
 
     def answer(line: bytes) -> bytes:
-        with socket.create_connection((target.host, target.port), timeout=10) as s:
-            s.sendall(line)
-            got = bytearray()
-            while chunk := s.recv(1 << 16):
-                got += chunk
+        got = exchange(target, line)
         at = got.index(flip_after) + len(flip_after)
         got[at] ^= 0x01
         return bytes(got)
 
-    return fake_server(answer)
+    return answer
 
 
 def forged_snapshot(
@@ -151,8 +159,7 @@ def test_an_authentic_snapshot_and_tables_arrive_whole(real: Address, tmp_path: 
 def test_a_fake_server_on_a_dead_peers_port_cannot_feed_a_joiner(
     forger: Callable[[bytes], bytes], tmp_path: Path
 ) -> None:
-    addr, close = fake_server(forger)
-    try:
+    with fake_server(forger) as addr:
         node = NodeConfig("n2", Address("127.0.0.1", 1), Address("127.0.0.1", 2), addr)
         plan = JoinPlan(shards={0: (node,)}, snapshot_sources={0: node})
         client = DataPathClient(SECRET, timeout=10)
@@ -160,72 +167,49 @@ def test_a_fake_server_on_a_dead_peers_port_cannot_feed_a_joiner(
             joining.download_snapshots(plan, client, lambda shard: tmp_path)
         assert str(addr) in str(refused.value)  # the joiner names the peer
         assert list(tmp_path.iterdir()) == []  # neither snapshot.bin nor a partial one
-    finally:
-        close()
 
 
 def test_an_authentic_reply_replayed_to_another_request_is_refused(real: Address, tmp_path: Path) -> None:
-    captured = bytearray()
-
-    def record(line: bytes) -> bytes:
-        with socket.create_connection((real.host, real.port), timeout=10) as s:
-            s.sendall(line)
-            while chunk := s.recv(1 << 16):
-                captured.extend(chunk)
-        return bytes(captured)
-
-    addr, close = fake_server(record)
+    seen: list[bytes] = []
     client = DataPathClient(SECRET, timeout=10)
-    try:
+    with fake_server(relaying(real, seen)) as addr:
         client.fetch_snapshot(addr, 0, tmp_path / "first.bin")  # relayed faithfully: accepted
-    finally:
-        close()
-    replayer, close = fake_server(lambda line: bytes(captured))
-    try:
+    captured = seen[1]
+    with fake_server(lambda line: captured) as replayer:
         with pytest.raises(ConnectionError, match="failed authentication") as refused:
             client.fetch_snapshot(replayer, 0, tmp_path / "second.bin")
         assert str(replayer) in str(refused.value)
         assert not (tmp_path / "second.bin").exists()
-    finally:
-        close()
 
 
 def test_a_snapshot_altered_in_transit_is_refused_after_the_last_byte(real: Address, tmp_path: Path) -> None:
-    addr, close = tampering_proxy(real, b"SNAPSHOT-MARK")
     joiner = tmp_path / "joiner"
     joiner.mkdir()
-    try:
+    with fake_server(tampering(real, b"SNAPSHOT-MARK")) as addr:
         with pytest.raises(ConnectionError, match="do not match the signed digest") as refused:
             DataPathClient(SECRET, timeout=10).fetch_snapshot(addr, 0, joiner / "snapshot.bin")
         assert str(addr) in str(refused.value)
         assert list(joiner.iterdir()) == []
-    finally:
-        close()
 
 
 def test_tables_altered_in_transit_or_forged_are_refused(real: Address, tmp_path: Path) -> None:
     client = DataPathClient(SECRET, timeout=10)
-    proxy, close = tampering_proxy(real, b"TABLE-BYTES" * 10)
-    try:
+    with fake_server(tampering(real, b"TABLE-BYTES" * 10)) as proxy:
         with pytest.raises(ConnectionError, match="do not match the signed digest") as refused:
             client.fetch_tables(proxy, 0, tmp_path / "tables.fetching")
         assert str(proxy) in str(refused.value)
         assert not (tmp_path / "tables.fetching").exists()
-    finally:
-        close()
 
     def forged(line: bytes) -> bytes:  # the old, unsigned format of a real table stream
         head = json.dumps({"name": "t@1/000001.sst", "size": 4}).encode()
         return b'{"ok": true}\n' + head + b"\nEVIL" + b'{"end": 1}\n'
 
-    fake, close = fake_server(forged)
     try:
-        with pytest.raises(ConnectionError, match="failed authentication") as refused:
+        with fake_server(forged) as fake, pytest.raises(ConnectionError, match="failed authentication") as refused:
             client.fetch_tables(fake, 0, tmp_path / "tables.fetching")
         assert str(fake) in str(refused.value)
         assert not (tmp_path / "tables.fetching").exists()
     finally:
-        close()
         shutil.rmtree(tmp_path / "tables.fetching", ignore_errors=True)
 
 
@@ -236,13 +220,10 @@ def test_a_payload_that_does_not_hash_to_its_name_is_refused_naming_the_peer(rea
     reaching the payload store."""
     wanted = content_id.id_of(b"the real payload", kind)
     forged = b"a forged payload"
-    fake, close = fake_server(lambda line: json.dumps({"ok": True, "size": len(forged)}).encode() + b"\n" + forged)
-    try:
+    with fake_server(lambda line: json.dumps({"ok": True, "size": len(forged)}).encode() + b"\n" + forged) as fake:
         with pytest.raises(ConnectionError, match="hash to something else") as refused:
             DataPathClient(SECRET, timeout=10).fetch(fake, 0, wanted)
         assert str(fake) in str(refused.value)
-    finally:
-        close()
     data = b"a payload a real peer holds"
     client = DataPathClient(SECRET, timeout=10)
     client.replicate([real], 0, content_id.id_of(data, kind), data, need=1, timeout=10)
@@ -251,28 +232,21 @@ def test_a_payload_that_does_not_hash_to_its_name_is_refused_naming_the_peer(rea
 
 def test_a_get_reply_announcing_more_than_the_payload_cap_is_refused_before_allocating() -> None:
     announced = 1 << 40  # a buffer this size would exhaust memory, or fail allocating it
-    fake, close = fake_server(lambda line: json.dumps({"ok": True, "size": announced}).encode() + b"\n")
-    try:
+    with fake_server(lambda line: json.dumps({"ok": True, "size": announced}).encode() + b"\n") as fake:
         with pytest.raises(ConnectionError, match="bad size") as refused:
             DataPathClient(SECRET, timeout=10, max_size=1 << 20).fetch(fake, 0, "0" * 64)
         assert str(fake) in str(refused.value)
-    finally:
-        close()
 
 
-def relay(target: Address, seen: list[bytes]) -> tuple[Address, Callable[[], None]]:
+def relaying(target: Address, seen: list[bytes]) -> Callable[[bytes], bytes]:
     """A faithful relay to `target` that records each request line and answer."""
 
     def answer(line: bytes) -> bytes:
-        with socket.create_connection((target.host, target.port), timeout=10) as s:
-            s.sendall(line)
-            got = bytearray()
-            while chunk := s.recv(1 << 16):
-                got += chunk
-        seen.extend([line, bytes(got)])
-        return bytes(got)
+        got = bytes(exchange(target, line))
+        seen.extend([line, got])
+        return got
 
-    return fake_server(answer)
+    return answer
 
 
 def _head(answer: bytes) -> dict[str, object]:
@@ -286,14 +260,11 @@ def test_a_replica_answers_in_the_digest_its_joiner_asks_for(real: Address, tmp_
     """BLAKE3 by default; a joiner of an earlier version (no `digest` field)
     gets the SHA-256 form it knows. Each arrives whole and verified."""
     seen: list[bytes] = []
-    addr, close = relay(real, seen)
     client = DataPathClient(SECRET, timeout=10)
     client.stream_digest = asks
-    try:
+    with fake_server(relaying(real, seen)) as addr:
         assert client.fetch_snapshot(addr, 0, tmp_path / "s.bin") == len(SNAPSHOT)
         client.fetch_tables(addr, 0, tmp_path / "tables")
-    finally:
-        close()
     assert (tmp_path / "s.bin").read_bytes() == SNAPSHOT
     assert (tmp_path / "tables" / "t@1" / "000001.sst").read_bytes() == TABLE_FILE
     for request, answer in zip(seen[::2], seen[1::2], strict=True):
@@ -304,11 +275,8 @@ def test_a_replica_answers_in_the_digest_its_joiner_asks_for(real: Address, tmp_
 def test_a_snapshot_from_a_replica_of_an_earlier_version_is_accepted(tmp_path: Path) -> None:
     """Rolling upgrades: a source that ignores `digest` and signs SHA-256."""
     body = os.urandom(50_000)
-    addr, close = fake_server(forged_snapshot(SECRET, body))
-    try:
+    with fake_server(forged_snapshot(SECRET, body)) as addr:
         assert DataPathClient(SECRET, timeout=10).fetch_snapshot(addr, 0, tmp_path / "s.bin") == len(body)
-    finally:
-        close()
     assert (tmp_path / "s.bin").read_bytes() == body
 
 
@@ -326,12 +294,9 @@ def test_a_reply_whose_head_misnames_its_digest_is_refused(
 ) -> None:
     """The trailer MAC signs the algorithm's name with the digest: a head
     changed in transit to name another algorithm installs nothing."""
-    addr, close = fake_server(forged_snapshot(SECRET, os.urandom(50_000), alg=alg, announce=announce))
-    try:
-        with pytest.raises(ConnectionError, match=refusal):
-            DataPathClient(SECRET, timeout=10).fetch_snapshot(addr, 0, tmp_path / "s.bin")
-    finally:
-        close()
+    forger = forged_snapshot(SECRET, os.urandom(50_000), alg=alg, announce=announce)
+    with fake_server(forger) as addr, pytest.raises(ConnectionError, match=refusal):
+        DataPathClient(SECRET, timeout=10).fetch_snapshot(addr, 0, tmp_path / "s.bin")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,7 +19,7 @@ from store.durable_journal import HEADER, DurableJournal
 from store.errors import CorruptData
 from store.journal import check_journal
 from tests.ports import free_range
-from tests.store.journal_nodes import Node, on_disk, one_node, write
+from tests.store.journal_nodes import Node, on_disk, one_node, slow_journal_syncs, three_nodes, write
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,12 +73,8 @@ def test_an_acknowledged_entry_is_on_disk_on_a_majority_first(tmp_path, monkeypa
         synced[path] = max(synced.get(path, 0), end)
 
     monkeypatch.setattr(os, "fdatasync", slow_disk)
-    addrs = [f"127.0.0.{i + 1}:{free_range(1)}" for i in range(3)]
     paths = [tmp_path / f"n{i}.bin" for i in range(3)]
-    nodes = [Node(p, a, [o for o in addrs if o != a]) for p, a in zip(paths, addrs, strict=True)]
-    try:
-        wait_until(lambda: any(n.role == "leader" for n in nodes), 20, "a leader")
-        leader = next(n for n in nodes if n.role == "leader")
+    with three_nodes(tmp_path) as (nodes, leader):
         for i in range(20):
             write(leader, to_log(Noop()))
             entry_end = leader._journal._end  # nothing else is appended meanwhile
@@ -88,9 +84,6 @@ def test_an_acknowledged_entry_is_on_disk_on_a_majority_first(tmp_path, monkeypa
                 if n is not leader:
                     match = leader.match_indexes()[n.selfNode.id]
                     assert match <= n._journal.durable_index, (i, match)
-    finally:
-        for n in nodes:
-            n.destroy_synchronous()
 
 
 @pytest.mark.timeout(90)
@@ -99,24 +92,9 @@ def test_heartbeats_and_votes_go_on_while_the_journal_syncs(tmp_path, monkeypatc
     (0.15-0.3 s): synced on the Raft tick thread, followers would stop
     hearing the leader and elect another. The sync thread does it beside the
     tick, so writes commit (after their syncs) in one term, under one leader."""
-    real = os.fdatasync
-    slow = {"n": 0}
-
-    def slow_disk(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".bin"):
-            slow["n"] += 1
-            time.sleep(0.5)
-        real(fd)
-
-    addrs = [f"127.0.0.{i + 1}:{free_range(1)}" for i in range(3)]
-    nodes = [Node(tmp_path / f"n{i}.bin", a, [o for o in addrs if o != a]) for i, a in enumerate(addrs)]
-    try:
-        wait_until(lambda: any(n.role == "leader" for n in nodes), 20, "a leader")
-        leader = next(n for n in nodes if n.role == "leader")
-        write(leader, to_log(Noop()))
+    with three_nodes(tmp_path, settled=True) as (nodes, leader):
         term = leader.raftCurrentTerm
-        wait_until(lambda: all(n.raftCurrentTerm == term for n in nodes), 10, "followers in the leader's term")
-        monkeypatch.setattr(os, "fdatasync", slow_disk)
+        slow = slow_journal_syncs(monkeypatch, 0.5)
         start = time.monotonic()
         for _ in range(4):
             write(leader, to_log(Noop()))
@@ -124,9 +102,6 @@ def test_heartbeats_and_votes_go_on_while_the_journal_syncs(tmp_path, monkeypatc
         assert slow["n"] >= 8 and took >= 4 * 0.5, (slow, took)  # the writes did wait for the slow syncs
         assert [n.raftCurrentTerm for n in nodes] == [term] * 3
         assert [n.role for n in nodes].count("leader") == 1 and leader.role == "leader"
-    finally:
-        for n in nodes:
-            n.destroy_synchronous()
 
 
 @pytest.mark.timeout(90)
@@ -138,23 +113,10 @@ def test_the_leader_syncs_its_journal_while_the_followers_sync_theirs(tmp_path, 
     once-a-second chores (settling the mark, saving the commit index) are off
     here: one running when an entry arrives delays it by a sync of its own."""
     delay = 0.2
-    real = os.fdatasync
-
-    def slow_disk(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".bin"):
-            time.sleep(delay)
-        real(fd)
-
-    addrs = [f"127.0.0.{i + 1}:{free_range(1)}" for i in range(3)]
-    nodes = [Node(tmp_path / f"n{i}.bin", a, [o for o in addrs if o != a]) for i, a in enumerate(addrs)]
-    try:
-        wait_until(lambda: any(n.role == "leader" for n in nodes), 20, "a leader")
-        leader = next(n for n in nodes if n.role == "leader")
-        write(leader, to_log(Noop()))
+    with three_nodes(tmp_path, settled=True) as (nodes, leader):
         term = leader.raftCurrentTerm
-        wait_until(lambda: all(n.raftCurrentTerm == term for n in nodes), 10, "followers in the leader's term")
         monkeypatch.setattr(DurableJournal, "onOneSecondTimer", lambda self: None)
-        monkeypatch.setattr(os, "fdatasync", slow_disk)
+        slow_journal_syncs(monkeypatch, delay)
         took = []
         for _ in range(7):
             start = time.monotonic()
@@ -163,9 +125,6 @@ def test_the_leader_syncs_its_journal_while_the_followers_sync_theirs(tmp_path, 
         assert min(took) >= delay, took  # each write did wait for a sync
         assert sorted(took)[3] < 1.5 * delay, took  # the median: one sync, not the leader's then a follower's
         assert [n.raftCurrentTerm for n in nodes] == [term] * 3
-    finally:
-        for n in nodes:
-            n.destroy_synchronous()
 
 
 def test_group_commit_syncs_once_per_batch(tmp_path, monkeypatch):
