@@ -40,7 +40,7 @@ class RemotePart:
 _clients: dict[tuple[int, int], httpx.AsyncClient] = {}
 
 
-def peer_client(store: StoreAPI) -> httpx.AsyncClient:
+def http_to_replicas(store: StoreAPI) -> httpx.AsyncClient:
     """This process's pooled client to the other replicas (the cluster's TLS CA; closed by `aclose`)."""
     key = (id(store), id(asyncio.get_running_loop()))
     client = _clients.get(key)
@@ -96,7 +96,7 @@ async def _request(
     """The first of the shard's hosts that answers (a 307 is followed: it
     names the replica that holds the data); a host that cannot be reached is
     skipped. A 4xx/5xx answer is raised as the peer's own error."""
-    client = peer_client(store)
+    client = http_to_replicas(store)
     last = f"{what}: no replica hosting shard {shard} could be reached"
     for url in _urls(store, shard):
         try:

@@ -135,6 +135,6 @@ async def stats(request: Request, cluster: bool = Query(False)) -> dict[str, Any
     headers = {"Accept": "application/json", **({"Authorization": auth} if auth else {})}
     # every replica hosting some shard (with replication below the node count, not only this one's peers)
     others = {n.id: n.url for s in range(store.cfg.shards) for n in store.hosts_of(s) if n.id != here["node"]}
-    client = part_forward.peer_client(store)
+    client = part_forward.http_to_replicas(store)
     answers = await asyncio.gather(*(peer_stats(client, node, url, headers) for node, url in sorted(others.items())))
     return {"replicas": [here, *answers]}
